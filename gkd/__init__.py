@@ -1,0 +1,3 @@
+"""gkd: asynchronous on-policy knowledge distillation for language models."""
+
+__version__ = "0.1.0"

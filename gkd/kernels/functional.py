@@ -1,0 +1,145 @@
+"""Public distillation losses: top-k KL family (logits or fused lm_head), token log-probs, sampled
+reverse KL. Each picks its backend per call from the tensors' device ("auto": Triton for CUDA tensors,
+torch otherwise); nothing is decided at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.kernels._common import (
+    BACKENDS,
+    REDUCTIONS,
+    LossSpec,
+    check_choice,
+    check_topk_inputs,
+    default_chunk_rows,
+    row_weights,
+)
+from gkd.kernels.topk_torch import topk_chunk_
+
+
+def _chunk_fn(backend: str, device: torch.device):
+    """The function that computes values and dlogits for one chunk of rows."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return _torch_chunk
+    from gkd.kernels.topk_triton import topk_chunk_triton_
+
+    return topk_chunk_triton_
+
+
+def _torch_chunk(logits, ids, lp, valid, scale, spec: LossSpec, need_grad: bool):
+    """Torch backend on a chunk the caller owns: returns (values [C] fp32, dlogits [C, V] fp32 or None)."""
+    # no copy when already fp32/fp64: the chunk is ours to overwrite
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    inv_t = 1.0 / spec.temperature
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    values = topk_chunk_(z, ids, lp, valid, scale, spec, need_grad)
+    if not need_grad:
+        return values, None
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return values, z
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Loss arithmetic runs in fp32 (fp64 when the inputs are fp64, e.g. for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(vocab, n, teacher_ids, teacher_logprobs, mask, device, check, dtype):
+    check_topk_inputs(vocab, n, teacher_ids, teacher_logprobs, mask, check_values=check)
+    lp = teacher_logprobs.to(device=device, dtype=compute_dtype(dtype))
+    valid = lp > float("-inf")
+    ids = torch.where(valid, teacher_ids.to(device=device, dtype=torch.long), 0)
+    return ids, lp, valid
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    return values if reduction == "none" else values.sum()
+
+
+class TopKDistillFunction(torch.autograd.Function):
+    """Top-k distillation loss on given logits.
+
+    value_i = w_i * D(P_i, Q_i) with D the divergence of ``spec`` over the teacher's top-k outcomes
+    (plus the tail bucket), Q = softmax(logits / T). For scalar reductions dlogits is computed during
+    forward (chunk by chunk, so temporaries stay O(chunk x V)) and backward only scales it; for
+    ``reduction="none"`` backward recomputes it with the per-row upstream gradient folded into w.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, lp, valid, w, spec, reduction, chunk, chunk_fn):
+        n = logits.shape[0]
+        need_grad = ctx.needs_input_grad[0] and reduction != "none"
+        values = torch.empty(n, dtype=compute_dtype(logits.dtype), device=logits.device)
+        grad = torch.empty_like(logits) if need_grad else None
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            part = logits[sl].clone()  # the chunk functions work in place; never on the caller's tensor
+            values[sl], g = chunk_fn(part, ids[sl], lp[sl], valid[sl], w[sl], spec, need_grad)
+            if need_grad:
+                grad[sl] = g
+        ctx.spec, ctx.reduction, ctx.chunk, ctx.chunk_fn = spec, reduction, chunk, chunk_fn
+        if reduction == "none":
+            ctx.save_for_backward(logits, ids, lp, valid, w)
+        else:
+            ctx.save_for_backward(grad)
+        return _reduce(values, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction != "none":
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_out.to(grad.dtype),) + (None,) * 8
+        logits, ids, lp, valid, w = ctx.saved_tensors
+        scale = w * grad_out.to(w.dtype)
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            sl = slice(start, min(start + ctx.chunk, logits.shape[0]))
+            _, grad[sl] = ctx.chunk_fn(logits[sl].clone(), ids[sl], lp[sl], valid[sl], scale[sl], ctx.spec, True)
+        return (grad,) + (None,) * 8
+
+
+def topk_distill_loss(
+    student_logits: torch.Tensor,  # [N, V] float32 / bf16 / fp16
+    teacher_ids: torch.Tensor,  # [N, K] int32 / int64, ids in [0, V)
+    teacher_logprobs: torch.Tensor,  # [N, K] teacher log-probs; -inf marks an unused slot
+    mask: torch.Tensor | None = None,  # [N] bool or float token weights
+    *,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    normalize_jsd: bool = False,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    reduction: str = "sum",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Distillation loss between the student's full-vocabulary distribution and the teacher's top-k.
+
+    q = softmax(student_logits / temperature); p = exp(teacher_logprobs); S = sum p, Q = sum q[ids].
+    tail="bucket": divergences over K+1 outcomes (the K ids + one bucket with 1-S / 1-Q).
+    tail="renorm": p/S against q/Q over the K ids. tail="none": forward_kl = sum p (log p - log q[ids]).
+    loss: "forward_kl" KL(P||Q), "reverse_kl" KL(Q||P), "jsd" beta KL(P||M) + (1-beta) KL(Q||M) with
+    M = beta P + (1-beta) Q (beta=0 -> forward KL, beta=1 -> reverse KL; normalize_jsd divides by
+    beta (1-beta)). Returns a scalar ("sum", "mean" over unmasked tokens) or [N] ("none").
+    ``check_inputs=False`` skips the value checks (a host sync) in trusted hot loops.
+    """
+    spec = LossSpec(loss=loss, tail=tail, beta=beta, normalize_jsd=normalize_jsd, temperature=temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must have shape [N, V], got {tuple(student_logits.shape)}")
+    n, vocab = student_logits.shape
+    ids, lp, valid = _prepare(
+        vocab, n, teacher_ids, teacher_logprobs, mask, student_logits.device, check_inputs, student_logits.dtype
+    )
+    w = row_weights(mask, n, student_logits.device, reduction, lp.dtype)
+    chunk = chunk_size or default_chunk_rows(vocab, n)
+    fn = _chunk_fn(backend, student_logits.device)
+    return TopKDistillFunction.apply(student_logits, ids, lp, valid, w, spec, reduction, chunk, fn)

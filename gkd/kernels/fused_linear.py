@@ -1,0 +1,210 @@
+"""Fused lm_head + loss: ``hidden @ W.T`` is computed one row chunk at a time inside the autograd
+Function, so ``[N, V]`` logits never exist in full; memory beyond the inputs and their gradients is
+O(chunk x V).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.kernels._common import REDUCTIONS, LossSpec, check_choice, default_chunk_rows, row_weights
+from gkd.kernels.functional import _chunk_fn, _prepare, _reduce, compute_dtype
+
+
+def _check_linear(hidden, weight, bias):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape [N, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"lm_head_weight must have shape [V, H={hidden.shape[1]}], got {tuple(weight.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"lm_head_bias must have shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and lm_head_weight ({weight.dtype}) must share a dtype")
+
+
+def _logits(hidden_c, weight, bias):
+    """[C, V] logits of one chunk, in the input dtype (the GEMM accumulates in fp32)."""
+    if bias is None:
+        return hidden_c @ weight.t()
+    return torch.addmm(bias, hidden_c, weight.t())
+
+
+def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk_fn, grads: tuple[bool, ...]):
+    """One pass over the row chunks. Returns (values [N], grad_hidden, grad_weight, grad_bias), the
+    gradients of ``sum(values)`` (None where not requested). Weight/bias gradients accumulate in fp32."""
+    n = hidden.shape[0]
+    need_h, need_w, need_b = grads
+    need_grad = need_h or need_w or need_b
+    acc = compute_dtype(hidden.dtype)
+    values = torch.empty(n, dtype=acc, device=hidden.device)
+    g_h = torch.empty_like(hidden) if need_h else None
+    g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        h = hidden[sl]
+        values[sl], d = chunk_fn(_logits(h, weight, bias), ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
+        if not need_grad:
+            continue
+        d = d.to(hidden.dtype)  # [C, V]
+        if need_h:
+            torch.mm(d, weight, out=g_h[sl])
+        if need_w:
+            if g_w.dtype == d.dtype:
+                g_w.addmm_(d.t(), h)
+            else:
+                g_w += (d.t() @ h).to(acc)
+        if need_b:
+            g_b += d.sum(0, dtype=acc)
+    if g_w is not None:
+        g_w = g_w.to(weight.dtype)
+    if g_b is not None:
+        g_b = g_b.to(bias.dtype)
+    return values, g_h, g_w, g_b
+
+
+class FusedLinearTopKDistillFunction(torch.autograd.Function):
+    """loss = reduce_i w_i D(P_i, softmax((hidden_i W^T + b) / T)) over the teacher's top-k outcomes.
+
+    Scalar reductions: gradients of hidden, W and b are computed in the forward pass (one GEMM pass) and
+    backward scales them by the upstream gradient. ``reduction="none"``: backward recomputes the chunks
+    with the per-row upstream gradient folded into the row weights.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, lp, valid, w, spec, reduction, chunk, chunk_fn):
+        grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        eager = reduction != "none" and any(grads)
+        values, g_h, g_w, g_b = _linear_pass(
+            hidden, weight, bias, ids, lp, valid, w, spec, chunk, chunk_fn, grads if eager else (False,) * 3
+        )
+        ctx.spec, ctx.reduction, ctx.chunk, ctx.chunk_fn, ctx.grads = spec, reduction, chunk, chunk_fn, grads
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, ids, lp, valid, w)
+        else:
+            ctx.save_for_backward(g_h, g_w, g_b)
+        return _reduce(values, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction != "none":
+            g_h, g_w, g_b = ctx.saved_tensors
+            scale = lambda g: None if g is None else g * grad_out.to(g.dtype)
+            return (scale(g_h), scale(g_w), scale(g_b)) + (None,) * 8
+        hidden, weight, bias, ids, lp, valid, w = ctx.saved_tensors
+        _, g_h, g_w, g_b = _linear_pass(
+            hidden, weight, bias, ids, lp, valid, w * grad_out.to(w.dtype), ctx.spec, ctx.chunk, ctx.chunk_fn, ctx.grads
+        )
+        return (g_h, g_w, g_b) + (None,) * 8
+
+
+def fused_linear_topk_distill_loss(
+    hidden: torch.Tensor,  # [N, H]
+    lm_head_weight: torch.Tensor,  # [V, H]
+    teacher_ids: torch.Tensor,  # [N, K] int32 / int64
+    teacher_logprobs: torch.Tensor,  # [N, K]; -inf marks an unused slot
+    mask: torch.Tensor | None = None,  # [N] bool or float weights
+    *,
+    lm_head_bias: torch.Tensor | None = None,  # [V]
+    chunk_size: int | None = None,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    normalize_jsd: bool = False,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    reduction: str = "sum",
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """``topk_distill_loss(hidden @ lm_head_weight.T + lm_head_bias, ...)`` without materialising the
+    logits: rows are processed ``chunk_size`` at a time (default: about 4M logits per chunk)."""
+    spec = LossSpec(loss=loss, tail=tail, beta=beta, normalize_jsd=normalize_jsd, temperature=temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_linear(hidden, lm_head_weight, lm_head_bias)
+    n, vocab = hidden.shape[0], lm_head_weight.shape[0]
+    ids, lp, valid = _prepare(vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, hidden.dtype)
+    w = row_weights(mask, n, hidden.device, reduction, lp.dtype)
+    chunk = chunk_size or default_chunk_rows(vocab, n)
+    fn = _chunk_fn(backend, hidden.device)
+    return FusedLinearTopKDistillFunction.apply(
+        hidden, lm_head_weight, lm_head_bias, ids, lp, valid, w, spec, reduction, chunk, fn
+    )
+
+
+class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
+    """logq_i = z_i[y_i] - logsumexp(z_i), z_i = (hidden_i W^T + b) / T. Backward recomputes the chunks:
+    dlogq_i/dz_i = onehot(y_i) - softmax(z_i)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk):
+        n = hidden.shape[0]
+        acc = compute_dtype(hidden.dtype)
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            z = _logits(hidden[sl], weight, bias).to(acc) / temperature
+            out[sl] = z.gather(1, tokens[sl, None])[:, 0] - torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g_h = torch.empty_like(hidden) if need_h else None
+        acc = compute_dtype(hidden.dtype)
+        g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        inv_t = 1.0 / ctx.temperature
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(start, min(start + ctx.chunk, hidden.shape[0]))
+            h = hidden[sl]
+            z = _logits(h, weight, bias).to(acc).mul_(inv_t)
+            go = grad_out[sl].to(acc)[:, None] * inv_t  # [C, 1]
+            d = torch.softmax(z, dim=-1).mul_(-go)  # -g softmax
+            d.scatter_add_(1, tokens[sl, None], go)
+            d = d.to(hidden.dtype)
+            if need_h:
+                torch.mm(d, weight, out=g_h[sl])
+            if need_w:
+                g_w += (d.t() @ h).to(acc)
+            if need_b:
+                g_b += d.sum(0, dtype=acc)
+        return (
+            g_h,
+            None if g_w is None else g_w.to(weight.dtype),
+            None if g_b is None else g_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,  # [N, H]
+    lm_head_weight: torch.Tensor,  # [V, H]
+    token_ids: torch.Tensor,  # [N] int
+    *,
+    lm_head_bias: torch.Tensor | None = None,  # [V]
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """[N] fp32 log q(token_ids) under softmax((hidden W^T + b) / T), differentiable, without full logits."""
+    _check_linear(hidden, lm_head_weight, lm_head_bias)
+    n, vocab = hidden.shape[0], lm_head_weight.shape[0]
+    if token_ids.shape != (n,):
+        raise ValueError(f"token_ids must have shape [N={n}], got {tuple(token_ids.shape)}")
+    if token_ids.is_floating_point():
+        raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if n and bool(((token_ids < 0) | (token_ids >= vocab)).any()):
+        bad = int(((token_ids < 0) | (token_ids >= vocab)).nonzero()[0])
+        raise ValueError(f"token_ids[{bad}] = {int(token_ids[bad])} is outside [0, V={vocab})")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    chunk = chunk_size or default_chunk_rows(vocab, n)
+    return FusedLinearTokenLogprobsFunction.apply(
+        hidden, lm_head_weight, lm_head_bias, token_ids.long(), float(temperature), chunk
+    )

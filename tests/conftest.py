@@ -1,0 +1,23 @@
+"""Test setup: Triton runs in its interpreter when there is no CUDA device, RNGs are seeded.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before gkd.kernels
+is imported by a test module, which is why it happens here at import time of conftest.
+"""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
