@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gkd.kernels._common import LOG_TAIL_FLOOR, REDUCTIONS, TAIL_FLOOR, LossSpec, check_choice
+from gkd.kernels._common import LOG_TAIL_FLOOR, REDUCTIONS, TAIL_FLOOR, LossSpec, check_choice, weighted_mean
 
 
 def _divergence(s: torch.Tensor, t: torch.Tensor, present: torch.Tensor, spec: LossSpec) -> torch.Tensor:
@@ -24,8 +24,10 @@ def _divergence(s: torch.Tensor, t: torch.Tensor, present: torch.Tensor, spec: L
     if kind == "reverse_kl":  # KL(Q || P)
         return (q * (s - t)).sum(-1)
     beta = spec.beta  # JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
-    log_m = torch.logaddexp(t + torch.log(torch.tensor(beta, dtype=t.dtype)),
-                            s + torch.log(torch.tensor(1.0 - beta, dtype=s.dtype)))
+    log_m = torch.logaddexp(
+        t + torch.log(torch.tensor(beta, dtype=t.dtype)),
+        s + torch.log(torch.tensor(1.0 - beta, dtype=s.dtype)),
+    )
     value = beta * (p * (t - log_m)).sum(-1) + (1.0 - beta) * (q * (s - log_m)).sum(-1)
     return value * spec.jsd_scale
 
@@ -66,8 +68,9 @@ def topk_distill_loss_reference(
         t = t - torch.logsumexp(t, dim=-1, keepdim=True)
         per_row = _divergence(s, t, valid, spec)
     else:  # bucket: K teacher ids + one bucket with all remaining vocabulary mass
-        member = torch.zeros(n, vocab, dtype=torch.bool, device=logq.device)
-        member.scatter_(1, ids, valid)
+        # counts, not a bool scatter: unused slots may repeat a used id and must not overwrite it
+        counts = torch.zeros(n, vocab, dtype=logq.dtype, device=logq.device)
+        member = counts.scatter_add_(1, ids, valid.to(logq.dtype)) > 0
         s_tail = torch.logsumexp(logq.masked_fill(member, float("-inf")), dim=-1)  # log(1 - Q), exact
         mass = torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum(-1)  # S
         t_tail = torch.log(torch.clamp(1.0 - mass, min=TAIL_FLOOR))
@@ -78,15 +81,11 @@ def topk_distill_loss_reference(
         present = torch.cat([valid, has_tail[:, None]], dim=1)
         per_row = _divergence(s, t, present, spec)
 
-    if mask is None:
-        w = torch.ones(n, dtype=dtype, device=per_row.device)
-    else:
-        w = mask.to(dtype)
+    w = torch.ones(n, dtype=dtype, device=per_row.device) if mask is None else mask.to(dtype)
     per_row = torch.where(w != 0, per_row * w, torch.zeros_like(per_row))
     if reduction == "none":
         return per_row
     total = per_row.sum()
     if reduction == "mean":
-        denom = w.sum()
-        return torch.where(denom > 0, total / torch.where(denom > 0, denom, torch.ones_like(denom)), total * 0)
+        return weighted_mean(total, w.sum())
     return total
