@@ -25,8 +25,10 @@ def main(n=512, hidden_size=64, vocab=4096, k=32, steps=300, seed=0):
             student_logp = torch.log_softmax(hidden @ weight.t(), dim=-1)
             return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean().item()
 
-    print(f"synthetic workload: N={n} H={hidden_size} V={vocab} K={k}; teacher top-{k} mass "
-          f"{top_lp.exp().sum(-1).mean():.3f}")
+    print(
+        f"synthetic workload: N={n} H={hidden_size} V={vocab} K={k}; teacher top-{k} mass "
+        f"{top_lp.exp().sum(-1).mean():.3f}"
+    )
     t0 = time.perf_counter()
     for step in range(steps + 1):
         if step % 50 == 0:

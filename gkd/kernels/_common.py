@@ -96,7 +96,9 @@ def check_topk_inputs(
     if not teacher_logprobs.is_floating_point():
         raise ValueError(f"teacher_logprobs must be floating point, got {teacher_logprobs.dtype}")
     if teacher_ids.shape[1] > vocab:
-        raise ValueError(f"teacher_ids has K={teacher_ids.shape[1]} slots, more than the vocabulary V={vocab}")
+        raise ValueError(
+            f"teacher_ids has K={teacher_ids.shape[1]} slots, more than the vocabulary V={vocab}"
+        )
     if mask is not None and (mask.dim() != 1 or mask.shape[0] != n):
         raise ValueError(f"mask must have shape [N={n}], got {tuple(mask.shape)}")
     if not check_values or teacher_ids.numel() == 0:
@@ -110,14 +112,20 @@ def check_topk_inputs(
             "ids must index the student's vocabulary (mark unused slots with teacher_logprobs = -inf)"
         )
     if bool(torch.isnan(teacher_logprobs).any()) or bool((teacher_logprobs > 1e-3).any()):
-        raise ValueError("teacher_logprobs must be log-probabilities (<= 0, or -inf for unused slots); got NaN or > 0")
+        raise ValueError(
+            "teacher_logprobs must be log-probabilities (<= 0, or -inf for unused slots); got NaN or > 0"
+        )
     # Unique ids among used slots: a repeated id would count its student mass twice.
-    ids = torch.where(used, teacher_ids.long(), -1 - torch.arange(teacher_ids.shape[1], device=teacher_ids.device))
+    ids = torch.where(
+        used, teacher_ids.long(), -1 - torch.arange(teacher_ids.shape[1], device=teacher_ids.device)
+    )
     srt = ids.sort(dim=1).values
     dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
     if bool(dup.any()):
         row = int(dup.any(dim=1).nonzero()[0])
-        raise ValueError(f"teacher_ids row {row} repeats an id among its used slots; ids must be unique per row")
+        raise ValueError(
+            f"teacher_ids row {row} repeats an id among its used slots; ids must be unique per row"
+        )
 
 
 def row_weights(
@@ -140,3 +148,11 @@ def default_chunk_rows(vocab: int, n: int, target_elems: int = 1 << 22) -> int:
     rows = max(8, target_elems // max(vocab, 1))
     rows = 1 << (rows.bit_length() - 1)  # a power of two keeps GEMM shapes regular
     return max(1, min(rows, max(n, 1)))
+
+
+def weighted_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
+    """``total / weight_sum``, or 0 when nothing is weighted (an all-masked batch), never NaN."""
+    positive = weight_sum > 0
+    return torch.where(
+        positive, total / torch.where(positive, weight_sum, torch.ones_like(weight_sum)), total * 0
+    )

@@ -101,7 +101,9 @@ class TopKDistillFunction(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk):
             sl = slice(start, min(start + ctx.chunk, logits.shape[0]))
-            _, grad[sl] = ctx.chunk_fn(logits[sl].clone(), ids[sl], lp[sl], valid[sl], scale[sl], ctx.spec, True)
+            _, grad[sl] = ctx.chunk_fn(
+                logits[sl].clone(), ids[sl], lp[sl], valid[sl], scale[sl], ctx.spec, True
+            )
         return (grad,) + (None,) * 8
 
 
@@ -137,7 +139,14 @@ def topk_distill_loss(
         raise ValueError(f"student_logits must have shape [N, V], got {tuple(student_logits.shape)}")
     n, vocab = student_logits.shape
     ids, lp, valid = _prepare(
-        vocab, n, teacher_ids, teacher_logprobs, mask, student_logits.device, check_inputs, student_logits.dtype
+        vocab,
+        n,
+        teacher_ids,
+        teacher_logprobs,
+        mask,
+        student_logits.device,
+        check_inputs,
+        student_logits.dtype,
     )
     w = row_weights(mask, n, student_logits.device, reduction, lp.dtype)
     chunk = chunk_size or default_chunk_rows(vocab, n)

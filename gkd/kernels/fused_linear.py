@@ -45,7 +45,9 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         h = hidden[sl]
-        values[sl], d = chunk_fn(_logits(h, weight, bias), ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
+        values[sl], d = chunk_fn(
+            _logits(h, weight, bias), ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad
+        )
         if not need_grad:
             continue
         d = d.to(hidden.dtype)  # [C, V]
@@ -75,7 +77,11 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, lp, valid, w, spec, reduction, chunk, chunk_fn):
-        grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grads = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         eager = reduction != "none" and any(grads)
         values, g_h, g_w, g_b = _linear_pass(
             hidden, weight, bias, ids, lp, valid, w, spec, chunk, chunk_fn, grads if eager else (False,) * 3
@@ -95,7 +101,17 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
             return (scale(g_h), scale(g_w), scale(g_b)) + (None,) * 8
         hidden, weight, bias, ids, lp, valid, w = ctx.saved_tensors
         _, g_h, g_w, g_b = _linear_pass(
-            hidden, weight, bias, ids, lp, valid, w * grad_out.to(w.dtype), ctx.spec, ctx.chunk, ctx.chunk_fn, ctx.grads
+            hidden,
+            weight,
+            bias,
+            ids,
+            lp,
+            valid,
+            w * grad_out.to(w.dtype),
+            ctx.spec,
+            ctx.chunk,
+            ctx.chunk_fn,
+            ctx.grads,
         )
         return (g_h, g_w, g_b) + (None,) * 8
 
@@ -124,7 +140,9 @@ def fused_linear_topk_distill_loss(
     check_choice("reduction", reduction, REDUCTIONS)
     _check_linear(hidden, lm_head_weight, lm_head_bias)
     n, vocab = hidden.shape[0], lm_head_weight.shape[0]
-    ids, lp, valid = _prepare(vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, hidden.dtype)
+    ids, lp, valid = _prepare(
+        vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, hidden.dtype
+    )
     w = row_weights(mask, n, hidden.device, reduction, lp.dtype)
     chunk = chunk_size or default_chunk_rows(vocab, n)
     fn = _chunk_fn(backend, hidden.device)

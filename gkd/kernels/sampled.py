@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gkd.kernels._common import REDUCTIONS, check_choice
+from gkd.kernels._common import REDUCTIONS, check_choice, weighted_mean
 
 
 def sampled_reverse_kl_loss(
@@ -26,9 +26,14 @@ def sampled_reverse_kl_loss(
     """
     check_choice("reduction", reduction, REDUCTIONS)
     n = student_logprobs.shape
-    for name, t in (("rollout_logprobs", rollout_logprobs), ("teacher_token_logprobs", teacher_token_logprobs)):
+    for name, t in (
+        ("rollout_logprobs", rollout_logprobs),
+        ("teacher_token_logprobs", teacher_token_logprobs),
+    ):
         if t.shape != n:
-            raise ValueError(f"{name} must have the shape of student_logprobs {tuple(n)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of student_logprobs {tuple(n)}, got {tuple(t.shape)}"
+            )
     if mask is not None and mask.shape != n:
         raise ValueError(f"mask must have the shape of student_logprobs {tuple(n)}, got {tuple(mask.shape)}")
     if ratio_clip is not None and not ratio_clip > 0:
@@ -49,6 +54,5 @@ def sampled_reverse_kl_loss(
         return per_token
     total = per_token.sum()
     if reduction == "mean":
-        denom = w.sum()
-        return torch.where(denom > 0, total / torch.where(denom > 0, denom, torch.ones_like(denom)), total * 0)
+        return weighted_mean(total, w.sum())
     return total

@@ -92,7 +92,9 @@ def topk_chunk_(
             lse_rest = torch.logsumexp(z, dim=-1, keepdim=True)
             has_tail = torch.isfinite(lse_rest)
             log_mass = torch.logsumexp(torch.where(valid, lp, neg), dim=-1, keepdim=True)  # log S
-            t_tail = torch.log(-torch.expm1(log_mass)).nan_to_num(nan=LOG_TAIL_FLOOR).clamp_min(LOG_TAIL_FLOOR)
+            t_tail = (
+                torch.log(-torch.expm1(log_mass)).nan_to_num(nan=LOG_TAIL_FLOOR).clamp_min(LOG_TAIL_FLOOR)
+            )
             s_all = torch.cat([s_top, lse_rest - lse], dim=1)
             t_all = torch.cat([lp, t_tail], dim=1)
             present = torch.cat([valid, has_tail], dim=1)
@@ -106,7 +108,9 @@ def topk_chunk_(
             else:
                 # non-members: exp(z_v - lse_rest) (g_tail - G exp(lse_rest - lse)); members hold -inf -> 0
                 safe_rest = torch.where(has_tail, lse_rest, torch.zeros_like(lse_rest))
-                coef = torch.where(has_tail, g_tail - big_g * (lse_rest - lse).exp(), torch.zeros_like(g_tail))
+                coef = torch.where(
+                    has_tail, g_tail - big_g * (lse_rest - lse).exp(), torch.zeros_like(g_tail)
+                )
                 z.sub_(safe_rest).exp_().mul_(coef)
             g_mem = torch.where(valid, g_top - big_g * s_top.exp(), torch.zeros_like(g_top))
             if g_tail is None:
