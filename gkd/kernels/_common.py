@@ -156,3 +156,14 @@ def weighted_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor
     return torch.where(
         positive, total / torch.where(positive, weight_sum, torch.ones_like(weight_sum)), total * 0
     )
+
+
+def take_eager_grads(ctx, grad_out: torch.Tensor) -> tuple:
+    """Scale the gradients computed during forward by the scalar upstream gradient, in place.
+
+    In place because a scaled copy would be one more gradient-sized buffer (for an lm_head: V x H) at
+    the memory peak. The buffers are handed to autograd once; ``ctx.eager_grads`` is cleared so that a
+    further backward through a retained graph recomputes instead of returning them scaled twice.
+    """
+    grads, ctx.eager_grads = ctx.eager_grads, None
+    return tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)

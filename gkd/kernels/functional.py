@@ -15,6 +15,7 @@ from gkd.kernels._common import (
     check_topk_inputs,
     default_chunk_rows,
     row_weights,
+    take_eager_grads,
 )
 from gkd.kernels.topk_torch import topk_chunk_
 
@@ -68,8 +69,9 @@ class TopKDistillFunction(torch.autograd.Function):
 
     value_i = w_i * D(P_i, Q_i) with D the divergence of ``spec`` over the teacher's top-k outcomes
     (plus the tail bucket), Q = softmax(logits / T). For scalar reductions dlogits is computed during
-    forward (chunk by chunk, so temporaries stay O(chunk x V)) and backward only scales it; for
-    ``reduction="none"`` backward recomputes it with the per-row upstream gradient folded into w.
+    forward (chunk by chunk, so temporaries stay O(chunk x V)) and the first backward only scales it in
+    place; for ``reduction="none"`` (and any further backward of a retained graph) backward recomputes it
+    with the upstream gradient folded into w.
     """
 
     @staticmethod
@@ -85,17 +87,16 @@ class TopKDistillFunction(torch.autograd.Function):
             if need_grad:
                 grad[sl] = g
         ctx.spec, ctx.reduction, ctx.chunk, ctx.chunk_fn = spec, reduction, chunk, chunk_fn
-        if reduction == "none":
-            ctx.save_for_backward(logits, ids, lp, valid, w)
-        else:
-            ctx.save_for_backward(grad)
+        ctx.save_for_backward(logits, ids, lp, valid, w)  # references only: recompute if needed
+        ctx.eager_grads = (grad,) if need_grad else None
         return _reduce(values, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction != "none":
-            (grad,) = ctx.saved_tensors
-            return (grad * grad_out.to(grad.dtype),) + (None,) * 8
+        if ctx.eager_grads is not None:
+            return take_eager_grads(ctx, grad_out) + (None,) * 8
+        # reduction="none", or a second backward through a retained graph: recompute the chunks with
+        # the upstream gradient folded into the row weights
         logits, ids, lp, valid, w = ctx.saved_tensors
         scale = w * grad_out.to(w.dtype)
         grad = torch.empty_like(logits)

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from gkd.kernels._common import REDUCTIONS, LossSpec, check_choice, default_chunk_rows, row_weights
+from gkd.kernels._common import (
+    REDUCTIONS,
+    LossSpec,
+    check_choice,
+    default_chunk_rows,
+    row_weights,
+    take_eager_grads,
+)
 from gkd.kernels.functional import _chunk_fn, _prepare, _reduce, compute_dtype
 
 
@@ -33,7 +40,11 @@ def _logits(hidden_c, weight, bias):
 
 def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk_fn, grads: tuple[bool, ...]):
     """One pass over the row chunks. Returns (values [N], grad_hidden, grad_weight, grad_bias), the
-    gradients of ``sum(values)`` (None where not requested). Weight/bias gradients accumulate in fp32."""
+    gradients of ``sum(values)`` (None where not requested).
+
+    Peak memory beyond inputs and gradients: one [C, V] logits/dlogits chunk plus a logsumexp temporary.
+    bf16/fp16 weights add an fp32 accumulator and one reused [V, H] product buffer in the input dtype
+    (together 3 bytes x V x H), so that per-chunk sums do not round to bf16."""
     n = hidden.shape[0]
     need_h, need_w, need_b = grads
     need_grad = need_h or need_w or need_b
@@ -42,6 +53,7 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk
     g_h = torch.empty_like(hidden) if need_h else None
     g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    prod = None  # [V, H] chunk product, reused across chunks when weights are bf16/fp16
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         h = hidden[sl]
@@ -56,8 +68,9 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk
         if need_w:
             if g_w.dtype == d.dtype:
                 g_w.addmm_(d.t(), h)
-            else:
-                g_w += (d.t() @ h).to(acc)
+            else:  # bf16/fp16 weights: chunk products in the input dtype, summed in fp32
+                prod = torch.mm(d.t(), h, out=prod) if prod is not None else d.t() @ h
+                g_w += prod
         if need_b:
             g_b += d.sum(0, dtype=acc)
     if g_w is not None:
@@ -71,8 +84,9 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
     """loss = reduce_i w_i D(P_i, softmax((hidden_i W^T + b) / T)) over the teacher's top-k outcomes.
 
     Scalar reductions: gradients of hidden, W and b are computed in the forward pass (one GEMM pass) and
-    backward scales them by the upstream gradient. ``reduction="none"``: backward recomputes the chunks
-    with the per-row upstream gradient folded into the row weights.
+    the first backward scales them in place by the upstream gradient. ``reduction="none"`` (and a further
+    backward of a retained graph): backward recomputes the chunks with the upstream gradient folded into
+    the row weights.
     """
 
     @staticmethod
@@ -87,18 +101,15 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
             hidden, weight, bias, ids, lp, valid, w, spec, chunk, chunk_fn, grads if eager else (False,) * 3
         )
         ctx.spec, ctx.reduction, ctx.chunk, ctx.chunk_fn, ctx.grads = spec, reduction, chunk, chunk_fn, grads
-        if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, ids, lp, valid, w)
-        else:
-            ctx.save_for_backward(g_h, g_w, g_b)
+        ctx.save_for_backward(hidden, weight, bias, ids, lp, valid, w)  # references only
+        ctx.eager_grads = (g_h, g_w, g_b) if eager else None
         return _reduce(values, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction != "none":
-            g_h, g_w, g_b = ctx.saved_tensors
-            scale = lambda g: None if g is None else g * grad_out.to(g.dtype)
-            return (scale(g_h), scale(g_w), scale(g_b)) + (None,) * 8
+        if ctx.eager_grads is not None:
+            return take_eager_grads(ctx, grad_out) + (None,) * 8
+        # reduction="none", or a second backward through a retained graph: recompute
         hidden, weight, bias, ids, lp, valid, w = ctx.saved_tensors
         _, g_h, g_w, g_b = _linear_pass(
             hidden,

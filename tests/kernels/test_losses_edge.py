@@ -237,3 +237,13 @@ def test_duplicate_ids_and_linear_shapes_are_rejected():
         )
     with pytest.raises(ValueError, match=r"token_ids\[1\] = 30 is outside"):
         fused_linear_token_logprobs(torch.randn(2, 8), torch.randn(30, 8), torch.tensor([0, 30]))
+
+
+def test_retained_graph_second_backward_recomputes():
+    ids, lp, _ = teacher_topk(6, 40, 4, holes=False)
+    hid = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    out = fused_linear_topk_distill_loss(hid, w, ids, lp)
+    first = torch.autograd.grad(out, (hid, w), torch.tensor(2.0, dtype=torch.float64), retain_graph=True)
+    second = torch.autograd.grad(out, (hid, w), torch.tensor(3.0, dtype=torch.float64))
+    assert all(max_err(a * 1.5, b) < 1e-12 for a, b in zip(first, second, strict=True))
