@@ -1,0 +1,163 @@
+"""The one bridge to the compiled extension ``gkd._C``, with torch fallbacks of the same behaviour.
+
+Nothing else in gkd imports ``gkd._C``. ``HAS_EXT`` says whether it loaded; every function takes
+``use_ext`` (``None``: the extension when it is present and the tensors are on the CPU) so tests and
+benchmarks can run both paths side by side without a global switch.
+
+Checksum: CRC-32 as zlib computes it (reflected polynomial 0xEDB88320, init/final xor 0xFFFFFFFF). The
+extension computes it slicing-by-8 on several threads and combines the chunk CRCs exactly; the fallback is
+the standard library's ``zlib.crc32``, so the two agree bit for bit by construction, not by a second
+reimplementation. (crc32c would need a Python reimplementation; xxhash64 does not vectorise in numpy.)
+
+Rebuild the extension in place (faster than ``pip install -e .``)::
+
+    cmake -S . -B build/ext -DPython_EXECUTABLE=.venv/bin/python -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$PWD/gkd \\
+      -DCMAKE_PREFIX_PATH=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)') \\
+      && cmake --build build/ext -j
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+try:
+    from gkd import _C
+except ImportError as exc:  # built with GKD_SKIP_EXT=1, or no compiler at install time
+    _C = None
+    EXT_ERROR: str | None = (
+        f"gkd._C is not available ({exc}); using torch fallbacks (no page-locked host memory on CPU-only "
+        "torch, single-threaded checksums). Reinstall without GKD_SKIP_EXT=1 to build it."
+    )
+else:
+    EXT_ERROR = None
+
+HAS_EXT: bool = _C is not None
+
+__all__ = ["EXT_ERROR", "HAS_EXT", "HostMemory", "PinWarning", "alloc_host", "checksum", "pack", "unpack"]
+
+
+class PinWarning(RuntimeWarning):
+    """Host memory was asked to be page-locked and could not be (see ``HostMemory.error``)."""
+
+
+class HostMemory(NamedTuple):
+    tensor: torch.Tensor  # [nbytes] uint8, CPU
+    pinned: bool  # page-locked (mlock) and, when CUDA is available, registered with CUDA
+    error: str  # why pinning was refused; "" when it was not asked for or succeeded
+
+
+def _want_ext(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
+    if use_ext is None:
+        return HAS_EXT and all(t.device.type == "cpu" for t in tensors)
+    if use_ext and not HAS_EXT:
+        raise RuntimeError(EXT_ERROR)
+    return use_ext
+
+
+def alloc_host(nbytes: int, *, pin: bool = False, use_ext: bool | None = None) -> HostMemory:
+    """Zero-filled host memory as a uint8 tensor ``[nbytes]`` that frees itself.
+
+    With the extension the memory is page-aligned (mmap); ``pin=True`` mlocks it and, when
+    ``torch.cuda.is_available()``, registers it with CUDA so host-to-device copies are asynchronous. When
+    the kernel refuses (RLIMIT_MEMLOCK) a ``PinWarning`` is issued and ``pinned`` is False; the memory still
+    works.
+    The fallback uses torch's allocator (64-byte aligned) and can pin only through CUDA torch.
+    """
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    cuda = torch.cuda.is_available()
+    if _want_ext(use_ext):
+        tensor, locked, registered, error = _C.alloc_host(nbytes, pin, cuda)
+        pinned = locked and (registered or not cuda)
+    elif pin and cuda:
+        tensor, pinned, error = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), True, ""
+    else:
+        tensor, pinned = torch.zeros(nbytes, dtype=torch.uint8), False
+        why = EXT_ERROR or "no extension"
+        error = f"cannot page-lock memory: CPU-only torch and {why}" if pin else ""
+    if pin and not pinned:
+        warnings.warn(f"pinned host buffer of {nbytes} bytes is not page-locked: {error}", PinWarning,
+                      stacklevel=2)
+    return HostMemory(tensor, pin and pinned, error if pin and not pinned else "")
+
+
+def _check_args(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor,
+                what: str) -> None:
+    # The same checks, in the same words, as csrc/bindings.cpp.
+    if len(tensors) != len(offsets):
+        raise RuntimeError(f"{what} and offsets must have equal lengths, got {len(tensors)} and "
+                           f"{len(offsets)}")
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
+    for i, (t, off) in enumerate(zip(tensors, offsets, strict=True)):
+        if not t.is_contiguous():
+            raise RuntimeError(f"{what}[{i}] must be contiguous (call .contiguous() first)")
+        if off < 0 or off + t.nbytes > buffer.numel():
+            raise RuntimeError(f"offsets[{i}] = {off} with {t.nbytes} bytes does not fit in a buffer of "
+                               f"{buffer.numel()} bytes")
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def pack(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, *,
+         num_threads: int = 0, use_ext: bool | None = None) -> None:
+    """Copy contiguous tensors (any dtype and shape) into ``buffer`` (uint8 ``[N]``) at byte ``offsets``.
+
+    Bytes between tensors are left as they are. The extension copies on ``num_threads`` threads
+    (``<= 0``: ``torch.get_num_threads()``) without the GIL; the fallback runs one ``torch.cat`` when the
+    offsets ascend without overlap (gaps filled with zeros), else one ``copy_`` per tensor.
+    """
+    if _want_ext(use_ext, buffer, *tensors):
+        _C.pack(list(tensors), list(offsets), buffer, num_threads)
+        return
+    _check_args(tensors, offsets, buffer, "tensors")
+    order = sorted(range(len(tensors)), key=lambda i: offsets[i])
+    pieces, pos = [], offsets[order[0]] if order else 0
+    start = pos
+    for i in order:
+        if offsets[i] < pos:  # overlapping layout: no single cat
+            for t, off in zip(tensors, offsets, strict=True):
+                buffer[off:off + t.nbytes].copy_(_as_bytes(t))
+            return
+        if offsets[i] > pos:
+            pieces.append(torch.zeros(offsets[i] - pos, dtype=torch.uint8, device=buffer.device))
+        pieces.append(_as_bytes(tensors[i]).to(buffer.device))
+        pos = offsets[i] + tensors[i].nbytes
+    if pieces:
+        torch.cat(pieces, out=buffer[start:pos])
+
+
+def unpack(buffer: torch.Tensor, offsets: Sequence[int], dests: Sequence[torch.Tensor], *,
+           num_threads: int = 0, use_ext: bool | None = None) -> None:
+    """Copy bytes of ``buffer`` at byte ``offsets`` into the contiguous tensors ``dests`` (pack reversed)."""
+    if _want_ext(use_ext, buffer, *dests):
+        _C.unpack(buffer, list(offsets), list(dests), num_threads)
+        return
+    _check_args(dests, offsets, buffer, "dests")
+    for t, off in zip(dests, offsets, strict=True):
+        _as_bytes(t).copy_(buffer[off:off + t.nbytes])
+
+
+def checksum(buffer: torch.Tensor, offset: int = 0, nbytes: int = -1, *, num_threads: int = 0,
+             use_ext: bool | None = None) -> int:
+    """CRC-32 (zlib's) of ``buffer[offset:offset + nbytes]``, in [0, 2**32); ``nbytes < 0``: to the end.
+
+    A CUDA buffer is copied to the host first (a sync point).
+    """
+    if nbytes < 0:
+        nbytes = buffer.numel() - offset
+    if _want_ext(use_ext, buffer):
+        return _C.checksum(buffer, offset, nbytes, num_threads)
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
+    if offset < 0 or offset + nbytes > buffer.numel():
+        raise RuntimeError(f"offset = {offset} with {nbytes} bytes does not fit in a buffer of "
+                           f"{buffer.numel()} bytes")
+    return zlib.crc32(buffer[offset:offset + nbytes].cpu().contiguous().numpy())

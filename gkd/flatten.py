@@ -1,0 +1,285 @@
+"""Flat byte buffers holding many tensors, their metadata, and bucket plans.
+
+A :class:`FlatBuffer` is one uint8 tensor plus a list of :class:`TensorMeta` (name, dtype, shape, byte
+offset, byte count). Packing copies every tensor in once (threaded, in C++ when ``gkd._C`` is built);
+:meth:`FlatBuffer.unpack` gives views without copying; :meth:`FlatBuffer.copy_into` writes into existing
+tensors (e.g. an inference model's parameters) and is strict about names, shapes and dtypes.
+
+Dtypes travel as they are: bf16 stays bf16, nothing is cast. Input tensors must be contiguous; a
+non-contiguous tensor is rejected with its name (call ``.contiguous()``), never silently copied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gkd import _ext
+
+__all__ = ["DTYPES", "Bucket", "FlatBuffer", "MetadataMismatch", "TensorMeta", "diff_metas", "layout",
+           "plan_buckets"]
+
+# The dtypes a buffer (and the weight wire format) may carry, by their wire names.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+    "float16": torch.float16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_ITEMSIZE = 8
+
+
+class MetadataMismatch(ValueError):
+    """Two tensor layouts disagree; the message lists missing, unexpected and mismatched names."""
+
+
+def _dtype_name(dtype: torch.dtype, name: str) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise TypeError(f"tensor {name!r} has dtype {dtype}, not one of {sorted(DTYPES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives in a flat buffer. ``offset`` and ``nbytes`` are in bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int = 0
+    nbytes: int = -1  # -1: derived from dtype and shape
+
+    def __post_init__(self) -> None:
+        _dtype_name(self.dtype, self.name)
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if any(s < 0 for s in self.shape):
+            raise ValueError(f"tensor {self.name!r} has a negative dimension in {self.shape}")
+        size = math.prod(self.shape) * self.dtype.itemsize
+        if self.nbytes == -1:
+            object.__setattr__(self, "nbytes", size)
+        elif self.nbytes != size:
+            raise ValueError(f"tensor {self.name!r}: nbytes={self.nbytes} but {self.dtype}{list(self.shape)} "
+                             f"takes {size}")
+        if self.offset < 0:
+            raise ValueError(f"tensor {self.name!r} has a negative offset {self.offset}")
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, offset: int = 0) -> TensorMeta:
+        return cls(name, tensor.dtype, tuple(tensor.shape), offset)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def to_json(self) -> dict:
+        """A JSON-able dict (the weight handshake sends these; never pickle)."""
+        return {"name": self.name, "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> TensorMeta:
+        """Inverse of :meth:`to_json`; validates types, the dtype allow-list and the byte count."""
+        try:
+            name, dtype, shape = d["name"], d["dtype"], d["shape"]
+            offset, nbytes = d["offset"], d["nbytes"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"bad tensor metadata {d!r}: missing {exc}") from exc
+        if not isinstance(name, str) or dtype not in DTYPES or not isinstance(shape, list):
+            raise ValueError(f"bad tensor metadata {d!r}: need a str name, a dtype in {sorted(DTYPES)} and "
+                             "a list shape")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in [*shape, offset, nbytes]):
+            raise ValueError(f"bad tensor metadata {d!r}: shape, offset and nbytes must be ints")
+        return cls(name, DTYPES[dtype], tuple(shape), offset, nbytes)
+
+
+def _align_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _check_alignment(alignment: int) -> None:
+    # >= 8 so every offset suits every dtype's element size and views need no copy.
+    if alignment < _MAX_ITEMSIZE or alignment & (alignment - 1):
+        raise ValueError(f"alignment must be a power of two >= {_MAX_ITEMSIZE}, got {alignment}")
+
+
+def layout(metas: Iterable[TensorMeta], alignment: int = 256) -> tuple[list[TensorMeta], int]:
+    """Lay tensors out back to back, each offset a multiple of ``alignment``.
+
+    Returns the metas with their offsets set and the buffer size: the end of the last tensor, exact (not
+    rounded up), so nothing past the last byte is ever sent.
+    """
+    _check_alignment(alignment)
+    out, pos, end, seen = [], 0, 0, set()
+    for m in metas:
+        if m.name in seen:
+            raise ValueError(f"tensor name {m.name!r} appears twice")
+        seen.add(m.name)
+        pos = _align_up(pos, alignment)
+        out.append(TensorMeta(m.name, m.dtype, m.shape, pos))
+        pos += m.nbytes
+        end = pos
+    return out, end
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A run of consecutive tensors sent as one flat buffer. Meta offsets are relative to the bucket."""
+
+    index: int
+    metas: tuple[TensorMeta, ...]
+    nbytes: int  # exact: end of the last tensor
+
+
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int, alignment: int = 256) -> list[Bucket]:
+    """Split ``metas`` (in order) into buckets of consecutive tensors whose aligned layout is at most
+    ``bucket_bytes``; a tensor larger than that gets a bucket of its own. Every tensor is in exactly one
+    bucket; an empty ``metas`` gives no buckets."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    _check_alignment(alignment)
+    groups: list[list[TensorMeta]] = []
+    size = 0
+    for m in metas:
+        start = _align_up(size, alignment)
+        if groups and start + m.nbytes <= bucket_bytes:
+            groups[-1].append(m)
+            size = start + m.nbytes
+        else:
+            groups.append([m])
+            size = m.nbytes
+    buckets = []
+    for i, group in enumerate(groups):
+        laid, nbytes = layout(group, alignment)
+        buckets.append(Bucket(i, tuple(laid), nbytes))
+    return buckets
+
+
+def diff_metas(expected: Iterable[TensorMeta], actual: Iterable[TensorMeta]) -> str | None:
+    """``None`` when both list the same names with the same dtypes and shapes (offsets ignored), else a
+    human-readable diff: missing (expected, not in actual), unexpected, and mismatched tensors."""
+    exp = {m.name: m for m in expected}
+    act = {m.name: m for m in actual}
+    missing = [n for n in exp if n not in act]
+    unexpected = [n for n in act if n not in exp]
+    mismatched = [f"{n}: expected {exp[n].dtype}{list(exp[n].shape)}, got {act[n].dtype}{list(act[n].shape)}"
+                  for n in exp if n in act and (exp[n].dtype, exp[n].shape) != (act[n].dtype, act[n].shape)]
+    if not (missing or unexpected or mismatched):
+        return None
+
+    def section(title: str, items: list[str]) -> str:
+        shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+        return f"{title} ({len(items)}): " + ", ".join(shown)
+
+    sections = (("missing", missing), ("unexpected", unexpected), ("shape/dtype mismatch", mismatched))
+    parts = [section(t, items) for t, items in sections if items]
+    return "; ".join(parts)
+
+
+def _named(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
+    return list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+
+
+class FlatBuffer:
+    """One uint8 buffer ``[nbytes]`` holding tensors at the offsets in ``metas``.
+
+    ``pinned`` is True when the host memory is page-locked; when pinning was asked for and refused (e.g.
+    RLIMIT_MEMLOCK) it is False and ``pin_error`` says why (a ``PinWarning`` was issued too).
+    """
+
+    def __init__(self, buffer: torch.Tensor, metas: Sequence[TensorMeta], *, pinned: bool = False,
+                 pin_error: str = ""):
+        end = max((m.end for m in metas), default=0)
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < end:
+            raise ValueError(f"buffer must be uint8 [>= {end}], got {buffer.dtype}{list(buffer.shape)}")
+        self.buffer = buffer  # [nbytes] uint8
+        self.metas = list(metas)
+        self.pinned = pinned
+        self.pin_error = pin_error
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    @classmethod
+    def empty(cls, metas: Sequence[TensorMeta], nbytes: int | None = None, *, pin: bool = False,
+              device: torch.device | str = "cpu", use_ext: bool | None = None) -> FlatBuffer:
+        """A zero-filled buffer for an existing layout (host memory from the extension on CPU)."""
+        nbytes = max((m.end for m in metas), default=0) if nbytes is None else nbytes
+        if torch.device(device).type == "cpu":
+            mem = _ext.alloc_host(nbytes, pin=pin, use_ext=use_ext)
+            return cls(mem.tensor, metas, pinned=mem.pinned, pin_error=mem.error)
+        return cls(torch.zeros(nbytes, dtype=torch.uint8, device=device), metas)
+
+    @classmethod
+    def pack(cls, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+             alignment: int = 256, pin: bool = False, device: torch.device | str | None = None,
+             num_threads: int = 0, use_ext: bool | None = None) -> FlatBuffer:
+        """Lay out and copy ``named_tensors`` into a new buffer (on ``device``, default: the tensors')."""
+        items = _named(named_tensors)
+        metas, nbytes = layout((TensorMeta.of(n, t) for n, t in items), alignment)
+        if device is None:
+            device = items[0][1].device if items else "cpu"
+        fb = cls.empty(metas, nbytes, pin=pin, device=device, use_ext=use_ext)
+        fb.write(items, num_threads=num_threads, use_ext=use_ext)
+        return fb
+
+    def write(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+              num_threads: int = 0, use_ext: bool | None = None) -> None:
+        """Copy ``named_tensors`` (exactly this buffer's names, dtypes, shapes) into the buffer."""
+        items = _named(named_tensors)
+        self._check_names_match(items, "source")
+        by_name = dict(items)
+        tensors = [by_name[m.name] for m in self.metas]
+        for m, t in zip(self.metas, tensors, strict=True):
+            if not t.is_contiguous():
+                raise ValueError(f"tensor {m.name!r} is not contiguous; pass t.contiguous() (gkd never "
+                                 "copies behind your back)")
+        if tensors and any(t.device != self.buffer.device for t in tensors):
+            tensors = [t.to(self.buffer.device) for t in tensors]
+        _ext.pack(tensors, [m.offset for m in self.metas], self.buffer, num_threads=num_threads,
+                  use_ext=use_ext)
+
+    def view(self, meta: TensorMeta) -> torch.Tensor:
+        """The tensor ``meta`` describes, as a view into the buffer (no copy)."""
+        return self.buffer[meta.offset:meta.end].view(meta.dtype).view(meta.shape)
+
+    def unpack(self) -> dict[str, torch.Tensor]:
+        """name -> view into ``buffer`` with the original dtype and shape; no copy."""
+        return {m.name: self.view(m) for m in self.metas}
+
+    def copy_into(self, dest: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+                  num_threads: int = 0, use_ext: bool | None = None) -> None:
+        """Copy every tensor into the same-named tensor of ``dest`` (e.g. ``model.named_parameters()``).
+
+        Strict: missing or extra names, or a shape/dtype mismatch, raise :class:`MetadataMismatch` naming
+        them before anything is written. Contiguous CPU destinations are filled by one threaded call; the rest
+        (GPU, non-contiguous) by ``copy_`` per tensor (asynchronous from pinned memory).
+        """
+        items = _named(dest)
+        self._check_names_match(items, "destination")
+        by_name = dict(items)
+        fast, slow = [], []
+        for m in self.metas:
+            t = by_name[m.name]
+            plain = t.device.type == "cpu" and t.is_contiguous() and self.buffer.device.type == "cpu"
+            (fast if plain else slow).append((m, t))
+        with torch.no_grad():
+            if fast:
+                _ext.unpack(self.buffer, [m.offset for m, _ in fast], [t.detach() for _, t in fast],
+                            num_threads=num_threads, use_ext=use_ext)
+            for m, t in slow:
+                t.copy_(self.view(m), non_blocking=self.pinned)
+
+    def checksum(self, *, use_ext: bool | None = None) -> int:
+        """CRC-32 of the whole buffer (see :mod:`gkd._ext`)."""
+        return _ext.checksum(self.buffer, use_ext=use_ext)
+
+    def _check_names_match(self, items: list[tuple[str, torch.Tensor]], what: str) -> None:
+        if len({n for n, _ in items}) != len(items):
+            raise MetadataMismatch(f"{what} tensors repeat a name")
+        diff = diff_metas(self.metas, [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in items])
+        if diff is not None:
+            raise MetadataMismatch(f"{what} tensors do not match the buffer: {diff}")

@@ -1,0 +1,167 @@
+"""gkd._ext: the extension and the torch fallback agree bit for bit; checks name their argument."""
+
+import ctypes
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+from gkd import _ext
+
+PATHS = [pytest.param(False, id="fallback"),
+         pytest.param(True, id="ext", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR)))]
+needs_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR))
+
+
+def _random_bytes(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("n, offset", [(0, 0), (1, 0), (7, 3), (4099, 17), (9 * 2**20 + 3, 5)])
+@pytest.mark.parametrize("num_threads", [1, 4])
+def test_checksum_is_zlib_crc32(use_ext, n, offset, num_threads):
+    # Above 2 MiB per thread the extension splits the range and combines chunk CRCs: must still be exact.
+    buf = _random_bytes(n + offset + 11)
+    want = zlib.crc32(buf[offset:offset + n].numpy())
+    assert _ext.checksum(buf, offset, n, num_threads=num_threads, use_ext=use_ext) == want
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_checksum_detects_one_flipped_bit(use_ext):
+    buf = _random_bytes(3 * 2**20)
+    before = _ext.checksum(buf, use_ext=use_ext)
+    buf[1_234_567] ^= 4
+    assert _ext.checksum(buf, use_ext=use_ext) != before
+
+
+def _mixed_tensors():
+    return [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.randn(2, 3, 1).half(),
+            torch.randint(-2**40, 2**40, (5,)), torch.randint(-9, 9, (3,), dtype=torch.int32),
+            torch.rand(13) > 0.5, torch.randint(0, 255, (9,), dtype=torch.uint8), torch.empty(0, 4),
+            torch.tensor(3.5)]
+
+
+@needs_ext
+def test_pack_unpack_ext_equals_fallback():
+    tensors = _mixed_tensors()
+    offsets, pos = [], 0
+    for t in tensors:
+        offsets.append(pos)
+        pos = (pos + t.nbytes + 63) // 64 * 64
+    a, b = torch.zeros(pos, dtype=torch.uint8), torch.zeros(pos, dtype=torch.uint8)
+    _ext.pack(tensors, offsets, a, use_ext=True)
+    _ext.pack(tensors, offsets, b, use_ext=False)
+    assert torch.equal(a, b)
+    for use_ext in (True, False):
+        dests = [torch.empty_like(t) for t in tensors]
+        _ext.unpack(a, offsets, dests, num_threads=3, use_ext=use_ext)
+        for d, t in zip(dests, tensors, strict=True):
+            assert torch.equal(d.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+@needs_ext
+def test_threaded_pack_of_large_tensors_matches_fallback():
+    tensors = [torch.randn(1_500_000), torch.randn(3, 700_001).half(), torch.randn(11)]
+    offsets = [0, 6_000_128, 10_200_256]
+    a, b = torch.zeros(10_200_300, dtype=torch.uint8), torch.zeros(10_200_300, dtype=torch.uint8)
+    _ext.pack(tensors, offsets, a, num_threads=4, use_ext=True)
+    _ext.pack(tensors, offsets, b, use_ext=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_errors_name_the_argument(use_ext):
+    buf = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be contiguous"):
+        _ext.pack([torch.ones(2), torch.ones(4, 4).t()], [0, 16], buf, use_ext=use_ext)
+    with pytest.raises(RuntimeError, match=r"offsets\[0\] = 40 with 32 bytes does not fit"):
+        _ext.pack([torch.ones(8)], [40], buf, use_ext=use_ext)
+    with pytest.raises(RuntimeError, match="buffer must be a 1-D uint8 tensor"):
+        _ext.unpack(torch.zeros(16), [0], [torch.ones(1)], use_ext=use_ext)
+    with pytest.raises(RuntimeError, match="dests and offsets must have equal lengths"):
+        _ext.unpack(buf, [0, 8], [torch.ones(1)], use_ext=use_ext)
+    with pytest.raises(RuntimeError, match="offset = 60 with 8 bytes does not fit"):
+        _ext.checksum(buf, 60, 8, use_ext=use_ext)
+
+
+@needs_ext
+@pytest.mark.parametrize("nbytes", [0, 1, 5000, 3 * 4096])
+def test_alloc_host_is_page_aligned_and_zeroed(nbytes):
+    mem = _ext.alloc_host(nbytes, pin=True, use_ext=True)
+    assert mem.tensor.shape == (nbytes,) and mem.tensor.dtype == torch.uint8
+    assert mem.tensor.data_ptr() % os.sysconf("SC_PAGESIZE") == 0
+    assert int(mem.tensor.sum()) == 0
+    mem.tensor.fill_(7)  # writable to the last byte
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(l for l in f if l.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@needs_ext
+def test_alloc_host_memory_is_freed_with_the_tensor():
+    before = _rss_bytes()
+    for _ in range(24):  # 1.5 GiB touched and locked in total: a leak shows in RSS
+        mem = _ext.alloc_host(64 << 20, pin=True, use_ext=True)
+        mem.tensor.fill_(1)
+        del mem
+    assert _rss_bytes() - before < 256 << 20
+
+
+_REFUSED_LOCK = textwrap.dedent("""
+    import warnings
+    from gkd import _ext
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mem = _ext.alloc_host(1 << 20, pin=True, use_ext=True)
+    assert not mem.pinned and "RLIMIT_MEMLOCK" in mem.error, mem
+    assert any(issubclass(w.category, _ext.PinWarning) for w in caught), caught
+    mem.tensor.fill_(3)
+    print("OK")
+""")
+
+
+def _no_memlock():
+    # In the child before exec: no lockable memory and, as root, no CAP_IPC_LOCK (it overrides the limit).
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+    if os.geteuid() == 0:
+        pr_capbset_drop, cap_ipc_lock = 24, 14
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_capbset_drop, cap_ipc_lock, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_IPC_LOCK) failed")
+
+
+@needs_ext
+def test_refused_page_lock_warns_and_flags():
+    out = subprocess.run([sys.executable, "-c", _REFUSED_LOCK], capture_output=True, text=True, timeout=60,
+                         preexec_fn=_no_memlock)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+_NO_EXT = textwrap.dedent("""
+    import sys, warnings
+    sys.modules["gkd._C"] = None  # as if installed with GKD_SKIP_EXT=1
+    import torch
+    from gkd import _ext
+    from gkd.flatten import FlatBuffer
+    assert not _ext.HAS_EXT and "GKD_SKIP_EXT" in _ext.EXT_ERROR
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fb = FlatBuffer.pack({"a": torch.arange(5.0), "b": torch.ones(3, dtype=torch.bfloat16)}, pin=True)
+    assert not fb.pinned and fb.pin_error and any(issubclass(w.category, _ext.PinWarning) for w in caught)
+    assert torch.equal(fb.unpack()["a"], torch.arange(5.0))
+    print("OK")
+""")
+
+
+def test_without_extension_everything_falls_back():
+    out = subprocess.run([sys.executable, "-c", _NO_EXT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
