@@ -166,6 +166,13 @@ def encode(
     return frames
 
 
+def with_id(frames: Sequence[Any], new_id: int | str | None) -> list[Any]:
+    """The same message under another request id (re-packs only the small header frame)."""
+    header = msgpack.unpackb(_frame_view(frames[0]), raw=False)
+    header["id"] = new_id
+    return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
 def reply_frames(request_id, fields=None, tensors=None) -> list[bytes | memoryview]:
     """Frames of a successful reply to request ``request_id``."""
     return encode(REPLY, request_id, fields, tensors)

@@ -1,0 +1,360 @@
+"""Client: futures over one DEALER socket owned by a background I/O thread.
+
+    with Client("127.0.0.1:15555", timeout_s=30, retries=2) as client:
+        fut = client.submit("score", {"top_k": 64}, {"input_ids": ids, "lengths": lens})
+        msg = fut.result()            # codec.Message: msg.fields, msg.tensors
+        client.info()                 # the broker's info: workers, protocol, counters
+
+- ``submit`` is thread-safe (any number of threads); it validates and encodes in the caller's thread
+  (so a malformed request raises there), then hands the frames to the I/O thread. Tensors are sent
+  zero-copy: do not modify them until the future is done.
+- Every attempt gets a fresh wire id; a reply whose id is not awaited (the answer to an attempt that timed
+  out) is dropped and counted in ``stats["late_replies"]``, so a future resolves exactly once.
+- Per-attempt timeout ``timeout_s``; up to ``retries`` more attempts. On a timeout the socket is replaced
+  at once (new connection, new identity) and the request resent on it; the old socket only drains the
+  replies still owed to it and is closed when they arrive or time out -- a timed-out socket is never
+  reused for new requests. ``busy`` errors are retried after ``backoff_s``; other error replies fail the
+  future with ``RemoteError`` (``code``: ``bad_request``, ``handler_error``, ``no_workers``, ...).
+- ``submit_split``/``plan_chunks``: split a large batch into micro-requests (spread over workers by the
+  broker) and get the replies back in the original order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import queue
+import socket as _socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from gkd.transport import auth as _auth
+from gkd.transport.auth import Auth, AuthError
+from gkd.transport.codec import (
+    DEFAULT_LIMITS,
+    ERROR,
+    REPLY_OPS,
+    Limits,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    peek_id,
+    with_id,
+)
+from gkd.transport.protocol import tcp_address
+
+
+class RemoteError(RuntimeError):
+    """The service answered with an error; ``code`` is machine-readable, the text says what was wrong."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"[{code}] {message}")
+        self.code, self.message = code, message
+
+
+class ClientClosed(RuntimeError):
+    """The client was closed before the request completed."""
+
+
+class _Request:
+    def __init__(self, op: str, frames: list, timeout_s: float, retries: int, future: Future):
+        self.op, self.frames, self.timeout_s, self.retries = op, frames, timeout_s, retries
+        self.future = future
+        self.attempts = 0
+
+
+class Client:
+    """Thread-safe request/reply client of a broker frontend."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 2,
+        auth: Auth | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        backoff_s: float = 0.1,
+        context: zmq.Context | None = None,
+    ):
+        self.address = tcp_address(address)
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.auth, self.limits = auth, limits
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self.stats = {"sent": 0, "retries": 0, "reconnects": 0, "late_replies": 0, "bad_replies": 0}
+        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = _socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._io_loop, name="gkd-client-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------ public API
+
+    def submit(
+        self,
+        op: str,
+        fields: Mapping[str, Any] | None = None,
+        tensors: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> Future[Message]:
+        """Send one request; the future resolves to the reply ``Message`` or raises ``RemoteError``,
+        ``TimeoutError`` (after all attempts), ``ProtocolError`` (malformed reply) or ``ClientClosed``."""
+        frames = encode(op, None, fields, tensors)  # caller mistakes raise here, in the caller's thread
+        future: Future[Message] = Future()
+        request = _Request(
+            op, frames, self.timeout_s if timeout_s is None else timeout_s,
+            self.retries if retries is None else retries, future,
+        )
+        with self._lock:  # close() takes it too: a request is either queued before close or refused
+            if self._closed.is_set():
+                raise ClientClosed("client is closed")
+            self._inbox.put(request)
+        self._wake()
+        return future
+
+    def call(self, op: str, fields=None, tensors=None, **kwargs: Any) -> Message:
+        """``submit(...).result()``; the future itself enforces the timeout, so no extra wait here."""
+        return self.submit(op, fields, tensors, **kwargs).result()
+
+    def info(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The broker's ``info`` reply fields (protocol, workers and their info, queue, counters)."""
+        return self.call("info", timeout_s=timeout_s, retries=0).fields
+
+    def submit_split(
+        self,
+        op: str,
+        parts: Sequence[tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]],
+        **kwargs: Any,
+    ) -> Future[list[Message]]:
+        """Submit micro-requests at once (the broker spreads them over idle workers); the returned future
+        resolves to their replies *in the order of* ``parts``, or to the first failure (with its index)."""
+        futures = [self.submit(op, fields, tensors, **kwargs) for fields, tensors in parts]
+        combined: Future[list[Message]] = Future()
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def on_done(_: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] or combined.done():
+                    return
+            for i, f in enumerate(futures):
+                err = f.exception()
+                if err is not None:
+                    err.add_note(f"(micro-request {i} of {len(futures)})")
+                    combined.set_exception(err)
+                    return
+            combined.set_result([f.result() for f in futures])
+
+        if not futures:
+            combined.set_result([])
+        for f in futures:
+            f.add_done_callback(on_done)
+        return combined
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the I/O thread; unfinished futures fail with ``ClientClosed``."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._inbox.put(None)
+        self._wake()
+        self._thread.join(timeout_s)
+        if self._own_ctx and not self._thread.is_alive():
+            self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ I/O thread
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # pipe full of wake-ups already: the loop will run
+            self._wake_w.send(b"\0")
+
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 4096)
+        sock.connect(self.address)
+        return sock
+
+    def _io_loop(self) -> None:
+        ids = itertools.count(1)
+        current = self._new_socket()
+        owed: dict[zmq.Socket, set[int]] = {current: set()}  # wire ids each socket still awaits
+        attempts: dict[int, tuple[_Request, zmq.Socket, float]] = {}
+        deadlines: list[tuple[float, int]] = []  # heap; stale entries skipped
+        delayed: list[tuple[float, int, _Request]] = []  # heap of (when, tiebreak, request) resends
+        tiebreak = itertools.count()
+
+        def send(req: _Request) -> None:
+            if req.future.done():  # cancelled or failed meanwhile
+                return
+            wid = next(ids)
+            try:
+                frames = _auth.sign(self.auth, with_id(req.frames, wid), _auth.CLIENT_TO_BROKER)
+                current.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # send queue full: try again shortly rather than block the loop
+                heapq.heappush(delayed, (time.monotonic() + 0.01, next(tiebreak), req))
+                return
+            req.attempts += 1
+            self.stats["sent"] += 1
+            deadline = time.monotonic() + req.timeout_s
+            attempts[wid] = (req, current, deadline)
+            owed[current].add(wid)
+            heapq.heappush(deadlines, (deadline, wid))
+
+        def retry_or_fail(req: _Request, error: BaseException, delay: float = 0.0) -> None:
+            if req.attempts <= req.retries and not self._closed.is_set():
+                self.stats["retries"] += 1
+                heapq.heappush(delayed, (time.monotonic() + delay, next(tiebreak), req))
+            elif not req.future.done():
+                req.future.set_exception(error)
+
+        def settle(wid: int) -> _Request | None:
+            entry = attempts.pop(wid, None)
+            if entry is None:
+                return None
+            owed[entry[1]].discard(wid)
+            return entry[0]
+
+        poller = zmq.Poller()
+        poller.register(current, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                now = time.monotonic()
+                horizon = min([now + 0.1] + [d[0] for d in deadlines[:1]] + [d[0] for d in delayed[:1]])
+                events = dict(poller.poll(max(0.0, horizon - now) * 1000))
+                if self._wake_r.fileno() in events:  # raw sockets are reported by fd
+                    with contextlib.suppress(BlockingIOError):
+                        while self._wake_r.recv(4096):
+                            pass
+                stopping = False
+                while True:
+                    try:
+                        req = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if req is None:
+                        stopping = True
+                    elif req.future.set_running_or_notify_cancel():
+                        send(req)
+                if stopping:
+                    return
+                for sock in [s for s in owed if s in events]:
+                    for _ in range(256):
+                        try:
+                            raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_reply(raw, settle, retry_or_fail)
+                now = time.monotonic()
+                while deadlines and deadlines[0][0] <= now:
+                    _, wid = heapq.heappop(deadlines)
+                    entry = attempts.get(wid)
+                    if entry is None:
+                        continue
+                    req, sock, _ = entry
+                    settle(wid)
+                    if sock is current:  # replace the socket that timed out; the old one only drains
+                        current = self._new_socket()
+                        owed[current] = set()
+                        poller.register(current, zmq.POLLIN)
+                        self.stats["reconnects"] += 1
+                    retry_or_fail(req, TimeoutError(
+                        f"no reply to {req.op!r} from {self.address} within {req.timeout_s}s "
+                        f"({req.attempts} attempt(s)); is the service up? (`gkd teacher ping`)"
+                    ))
+                while delayed and delayed[0][0] <= now:
+                    send(heapq.heappop(delayed)[2])
+                for sock in [s for s, pending in owed.items() if not pending and s is not current]:
+                    poller.unregister(sock)
+                    sock.close(0)
+                    del owed[sock]
+        finally:
+            for req, _, _ in list(attempts.values()):
+                if not req.future.done():
+                    req.future.set_exception(ClientClosed("client closed before the reply arrived"))
+            for _, _, req in delayed:
+                if not req.future.done():
+                    req.future.set_exception(ClientClosed("client closed before the reply arrived"))
+            while True:
+                try:
+                    req = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if req is not None and req.future.set_running_or_notify_cancel():
+                    req.future.set_exception(ClientClosed("client closed before the request was sent"))
+            for sock in owed:
+                sock.close(0)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _on_reply(self, raw: list, settle, retry_or_fail) -> None:
+        try:
+            frames = _auth.verify(self.auth, raw, _auth.BROKER_TO_CLIENT)
+        except AuthError:
+            self.stats["bad_replies"] += 1
+            return
+        try:
+            msg = decode(frames, ops=REPLY_OPS, limits=self.limits)
+        except ProtocolError as e:
+            rid = peek_id(frames)
+            req = settle(rid) if isinstance(rid, int) else None
+            if req is None:
+                self.stats["bad_replies"] += 1
+            elif not req.future.done():
+                req.future.set_exception(ProtocolError(f"malformed reply from {self.address}: {e}"))
+            return
+        req = settle(msg.id) if isinstance(msg.id, int) else None
+        if req is None:
+            self.stats["late_replies"] += 1  # the answer to an attempt we gave up on: never a duplicate
+            return
+        if req.future.done():
+            return
+        if msg.op == ERROR:
+            code, text = str(msg.fields.get("code", "error")), str(msg.fields.get("message", ""))
+            if code == "busy":
+                retry_or_fail(req, RemoteError(code, text), delay=self.backoff_s * req.attempts)
+            else:
+                req.future.set_exception(RemoteError(code, text))
+        else:
+            req.future.set_result(msg)
+
+
+def plan_chunks(sizes: Sequence[int], *, max_items: int, max_tokens: int | None = None) -> list[range]:
+    """Split items (with token counts ``sizes``) into consecutive ranges of at most ``max_items`` items and
+    ``max_tokens`` tokens (an item bigger than ``max_tokens`` gets a range of its own). Order-preserving:
+    concatenating the per-range results in order gives the per-item results in the original order."""
+    if max_items < 1:
+        raise ValueError("max_items must be >= 1")
+    chunks: list[range] = []
+    start, tokens = 0, 0
+    for i, n in enumerate(sizes):
+        full = i - start >= max_items or (max_tokens is not None and tokens + n > max_tokens and i > start)
+        if full:
+            chunks.append(range(start, i))
+            start, tokens = i, 0
+        tokens += n
+    if start < len(sizes):
+        chunks.append(range(start, len(sizes)))
+    return chunks

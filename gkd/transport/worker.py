@@ -1,0 +1,226 @@
+"""Worker base: serves one request at a time from a broker's backend through a handler callable.
+
+    def handle(header: dict, tensors: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor] | None]:
+        ...  # header = the request's full header (header["op"], header["id"], op-specific fields)
+        return {"n": 3}, {"out": out}  # reply fields and tensors (contiguous CPU tensors / numpy arrays)
+
+    Worker("tcp://broker:15556", handle, ops=("score",), info={"model": ..., "vocab_size": ...}).run()
+
+The worker connects a DEALER to the backend (so workers on other machines can join), announces READY with
+its ``info`` (plus pid, host, ops, protocol), and then loops: the socket is owned by the loop's thread;
+the handler runs in a separate thread so heartbeats keep flowing while it works (a long request is not a
+dead worker). A handler exception becomes a ``handler_error`` reply and a request that fails decoding a
+``bad_request`` reply; either way the worker keeps serving. If the broker is not heard from for
+``heartbeat_timeout_s``, the worker replaces its socket and announces itself again (the broker restarted
+or the network dropped); an unfinished request is still answered on the new socket, and the broker
+drops that reply if the request was given to someone else meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket as _socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+
+from gkd.transport import auth as _auth
+from gkd.transport.auth import Auth, AuthError
+from gkd.transport.codec import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    Limits,
+    ProtocolError,
+    decode,
+    error_frames,
+    peek_id,
+    reply_frames,
+)
+from gkd.transport.protocol import BYE, HEARTBEAT, READY, REPLY, REQUEST, RESET, ServiceThread, tcp_address
+
+Handler = Callable[
+    [dict[str, Any], dict[str, torch.Tensor]],
+    tuple[Mapping[str, Any] | None, Mapping[str, Any] | None],
+]
+
+
+class _Job:
+    """One request being handled in its own thread; ``frames`` holds the reply once ``done`` is set."""
+
+    def __init__(self, jid: bytes, rid: Any):
+        self.jid, self.rid = jid, rid
+        self.frames: list | None = None
+        self.done = threading.Event()
+
+
+class Worker:
+    """Serve ``handler`` behind a broker backend; ``run(stop)`` blocks, ``start()``/``stop()`` thread it."""
+
+    def __init__(
+        self,
+        address: str,
+        handler: Handler,
+        *,
+        ops: Collection[str],
+        info: Mapping[str, Any] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        auth: Auth | None = None,
+        heartbeat_interval_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        context: zmq.Context | None = None,
+    ):
+        self.address = tcp_address(address)
+        self.handler = handler
+        self.ops = frozenset(ops)
+        self.info = {
+            **(info or {}),
+            "pid": os.getpid(),
+            "host": _socket.gethostname(),
+            "ops": sorted(self.ops),
+            "protocol": PROTOCOL_VERSION,
+        }
+        self.limits, self.auth = limits, auth
+        self.heartbeat_interval_s, self.heartbeat_timeout_s = heartbeat_interval_s, heartbeat_timeout_s
+        self._ctx = context
+        self.served = 0
+        self.auth_failures = 0
+        self.reconnects = 0
+        self._service: ServiceThread | None = None
+
+    def start(self) -> Worker:
+        self._service = ServiceThread(self.run, name="gkd-worker")
+        self._service.start()
+        return self
+
+    def stop(self) -> None:
+        if self._service is not None:
+            self._service.stop()
+            self._service = None
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
+        """Serve until ``stop`` is set (checked at least every 100 ms); says BYE on the way out."""
+        stop = stop or threading.Event()
+        ctx = self._ctx or zmq.Context()
+        # The handler thread wakes the loop through this pair the moment a reply is ready.
+        wake_r, wake_w = _socket.socketpair()
+        wake_r.setblocking(False)
+        sock = self._connect(ctx)
+        job: _Job | None = None
+        announce = False  # the broker asked us (RESET) to announce ourselves again once idle
+        try:
+            self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
+            if ready is not None:
+                ready.set()
+            last_heard = time.monotonic()
+            next_beat = last_heard + self.heartbeat_interval_s
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(wake_r, zmq.POLLIN)
+            while not stop.is_set():
+                wait_s = min(max(0.0, next_beat - time.monotonic()), 0.1)
+                events = dict(poller.poll(wait_s * 1000))
+                if sock in events:
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            frames = _auth.verify(self.auth, frames, _auth.BROKER_TO_WORKER)
+                        except AuthError:
+                            self.auth_failures += 1
+                            continue
+                        last_heard = time.monotonic()
+                        kind = frames[0].bytes
+                        if kind == REQUEST and len(frames) >= 3:
+                            if job is not None:  # the broker never does this; answer rather than stall it
+                                rid = peek_id(frames[2:])
+                                self._send(sock, [REPLY, frames[1].bytes, *error_frames(rid, "busy", "busy")])
+                            else:
+                                job = self._start_job(frames[1].bytes, frames[2:], wake_w)
+                        elif kind == RESET:
+                            announce = True
+                if wake_r.fileno() in events:  # raw sockets are reported by fd
+                    _drain_wakeups(wake_r)
+                if job is not None and job.done.is_set():
+                    self._send(sock, [REPLY, job.jid, *job.frames])
+                    self.served += 1
+                    job = None
+                now = time.monotonic()
+                if now - last_heard > self.heartbeat_timeout_s:
+                    poller.unregister(sock)
+                    sock.close(0)  # a silent broker: replace the socket, never keep a possibly-broken one
+                    sock = self._connect(ctx)
+                    poller.register(sock, zmq.POLLIN)
+                    self.reconnects += 1
+                    announce, last_heard = True, now
+                if announce and job is None:
+                    self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
+                    announce = False
+                if now >= next_beat:
+                    self._send(sock, [HEARTBEAT])
+                    next_beat = now + self.heartbeat_interval_s
+            self._send(sock, [BYE])
+        finally:
+            sock.close(linger=100)  # give BYE a moment to leave
+            wake_r.close()
+            wake_w.close()
+            if self._ctx is None:
+                ctx.term()
+
+    def _connect(self, ctx: zmq.Context) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 4096)
+        sock.connect(self.address)
+        return sock
+
+    def _send(self, sock: zmq.Socket, frames: list) -> None:
+        sock.send_multipart(_auth.sign(self.auth, frames, _auth.WORKER_TO_BROKER), copy=False)
+
+    def _start_job(self, jid: bytes, frames: list, wake: _socket.socket) -> _Job:
+        """Decode in the loop thread; run the handler in its own (daemon) thread."""
+        if len(jid) != 8:
+            jid = struct.pack(">Q", 0)
+        try:
+            msg = decode(frames, ops=self.ops, limits=self.limits)
+        except ProtocolError as e:
+            job = _Job(jid, peek_id(frames))
+            job.frames = error_frames(job.rid, "bad_request", str(e))
+            job.done.set()
+            return job
+        job = _Job(jid, msg.id)
+
+        def run_handler() -> None:
+            try:
+                fields, tensors = self.handler(msg.header, msg.tensors)
+                job.frames = reply_frames(job.rid, fields, tensors)
+            except Exception as e:  # any handler failure is the requester's answer, not the worker's death
+                job.frames = error_frames(job.rid, "handler_error", f"{type(e).__name__}: {e}")
+            job.done.set()
+            with contextlib.suppress(OSError):  # the loop already shut down; nobody waits for this reply
+                wake.send(b"\0")
+
+        threading.Thread(target=run_handler, name="gkd-handler", daemon=True).start()
+        return job
+
+
+def _drain_wakeups(sock: _socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while sock.recv(4096):
+            pass
