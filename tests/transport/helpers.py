@@ -47,6 +47,7 @@ class Service:
 
     def __init__(self, broker_kwargs=None):
         kwargs = {**FAST, **(broker_kwargs or {})}
+        self.auth = kwargs.get("auth")
         self.broker = Broker(OPS, frontend_port=0, backend_port=0, **kwargs).start()
         self.workers: dict[str, Worker] = {}
         self.clients: list[Client] = []
@@ -60,7 +61,7 @@ class Service:
         handler_kwargs = {k: kwargs.pop(k) for k in ("delay_s", "release") if k in kwargs}
         worker = Worker(
             self.broker.backend_address, make_handler(name, **handler_kwargs), ops=OPS,
-            info={"name": name}, **{**FAST, **kwargs},
+            info={"name": name}, **{**FAST, "auth": self.auth, **kwargs},
         ).start()
         self.workers[name] = worker
         if wait:
@@ -69,7 +70,7 @@ class Service:
         return worker
 
     def client(self, **kwargs) -> Client:
-        client = Client(self.broker.frontend_address, **{"timeout_s": 10.0, **kwargs})
+        client = Client(self.broker.frontend_address, **{"timeout_s": 10.0, "auth": self.auth, **kwargs})
         self.clients.append(client)
         return client
 
