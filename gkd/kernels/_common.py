@@ -143,10 +143,13 @@ def row_weights(
     return w
 
 
-def default_chunk_rows(vocab: int, n: int, target_elems: int = 1 << 22) -> int:
-    """Rows per chunk so one fp32 [rows, V] buffer holds about ``target_elems`` elements (16 MiB)."""
-    rows = max(8, target_elems // max(vocab, 1))
-    rows = 1 << (rows.bit_length() - 1)  # a power of two keeps GEMM shapes regular
+def default_chunk_rows(vocab: int, n: int, target_elems: int = 1 << 24) -> int:
+    """Rows per GEMM chunk so one fp32 [rows, V] logits chunk holds about ``target_elems`` (64 MiB).
+
+    Large enough that the three lm_head GEMMs per chunk stay efficient (each chunk re-reads the V x H
+    weight), small against the [N, V] buffers of an unfused loss. A multiple of 16 rows.
+    """
+    rows = max(16, (target_elems // max(vocab, 1)) // 16 * 16)
     return max(1, min(rows, max(n, 1)))
 
 

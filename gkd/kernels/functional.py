@@ -33,18 +33,25 @@ def _chunk_fn(backend: str, device: torch.device):
 
 
 def _torch_chunk(logits, ids, lp, valid, scale, spec: LossSpec, need_grad: bool):
-    """Torch backend on a chunk the caller owns: returns (values [C] fp32, dlogits [C, V] fp32 or None)."""
+    """Torch backend on a chunk the caller owns: returns (values [C], dlogits [C, V] or None).
+
+    The vocabulary-wide passes run on blocks of rows of about 1 MiB, so each block's several passes stay
+    in cache and no chunk-sized temporary is allocated (the GEMM chunk itself can stay large).
+    """
     # no copy when already fp32/fp64: the chunk is ours to overwrite
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     inv_t = 1.0 / spec.temperature
-    if inv_t != 1.0:
-        z.mul_(inv_t)
-    values = topk_chunk_(z, ids, lp, valid, scale, spec, need_grad)
-    if not need_grad:
-        return values, None
-    if inv_t != 1.0:
-        z.mul_(inv_t)
-    return values, z
+    values = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+    rows = max(1, (1 << 20) // max(1, z.shape[1] * z.element_size()))
+    for start in range(0, z.shape[0], rows):
+        sl = slice(start, start + rows)
+        block = z[sl]
+        if inv_t != 1.0:
+            block.mul_(inv_t)
+        values[sl] = topk_chunk_(block, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
+        if need_grad and inv_t != 1.0:
+            block.mul_(inv_t)
+    return values, (z if need_grad else None)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
