@@ -1,0 +1,401 @@
+"""Weight sync from trainer rank 0 to every rollout worker: versioned, bucketed, single-shot, verified.
+
+Group: :func:`init_weight_group` builds a process group of its own (TCPStore rendezvous; gloo on CPU, NCCL
+on GPU) between trainer rank 0 (rank 0 here) and the rollout workers (ranks 1..N). It never touches
+``torch.distributed``'s default group, which belongs to the trainer's torchrun world.
+
+Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes:
+
+1. Handshake, once: the metadata (names, dtypes, shapes, offsets, bucket plan). Every receiver diffs it
+   against the tensors its engine expects; then an all-reduce of per-rank status, so every rank fails
+   together, the sender with each receiver's diff, before any weight moves.
+2. Per sync: a header ``int64 [magic, version, n_buckets, op]``; then each bucket as one broadcast of
+   exactly its bytes (verl sends the full bucket capacity every time) plus a 16-byte trailer
+   ``int64 [version, index << 32 | crc32]``; then an all-reduce of per-rank status. A receiver that sees a
+   bad checksum keeps its previous weights and raises :class:`WeightSyncError`; so does the sender.
+
+Dtypes are sent as they are (bf16 stays bf16). Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from threading import Lock
+
+import torch
+import torch.distributed as dist
+
+from gkd import _ext
+from gkd.flatten import Bucket, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, plan_buckets
+
+__all__ = ["PROTOCOL_VERSION", "WeightGroup", "WeightReceiver", "WeightSender", "WeightSyncError",
+           "init_weight_group", "named_weights"]
+
+PROTOCOL_VERSION = 1
+_MAGIC = 0x676B6477  # "gkdw"
+_OP_WEIGHTS, _OP_STOP = 0, 1
+_TRAILER_BYTES = 16
+_MAX_METADATA_BYTES = 64 << 20
+
+NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightSyncError(RuntimeError):
+    """A sync or handshake failed on some rank; receivers keep the weights they had."""
+
+
+@dataclass
+class WeightGroup:
+    """The weight channel: a process group of trainer rank 0 (rank 0) and the rollout workers."""
+
+    pg: dist.ProcessGroup  # gloo or NCCL backend object, not registered with torch.distributed
+    store: dist.Store
+    rank: int
+    world_size: int
+    device: torch.device  # where bucket buffers live: cpu for gloo, cuda for NCCL
+    timeout: timedelta
+
+    def broadcast(self, tensor: torch.Tensor) -> dist.Work:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        return self.pg.broadcast([tensor], opts)
+
+    def wait(self, work: dist.Work, what: str, timeout: timedelta | None = None) -> None:
+        timeout = timeout or self.timeout
+        try:
+            work.wait(timeout)
+        except RuntimeError as exc:
+            raise WeightSyncError(f"weight group rank {self.rank}: {what} failed or timed out after "
+                                  f"{timeout.total_seconds():.0f}s: {exc}") from exc
+
+    def agree(self, ok: bool, what: str) -> list[int]:
+        """All-reduce one status per rank; returns the ranks that reported failure."""
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = 0 if ok else 1
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        self.wait(self.pg.allreduce([flags], opts), what)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+def init_weight_group(host: str, port: int, rank: int, world_size: int, *, backend: str | None = None,
+                      timeout: timedelta = timedelta(minutes=30)) -> WeightGroup:
+    """Join the weight channel: ``rank`` 0 is trainer rank 0 (it hosts the TCPStore on ``host:port``),
+    ranks ``1..world_size-1`` are rollout workers. ``backend``: "gloo" or "nccl" (default: NCCL when CUDA
+    is available). ``timeout`` bounds the rendezvous and every collective."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore("gkd_weights/", store)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        # Loopback rendezvous: bind gloo there too (hostname resolution may pick an unreachable address).
+        local = host in ("127.0.0.1", "localhost")
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if local
+                         else dist.ProcessGroupGloo.create_default_device()]
+        opts._timeout = timeout
+        pg, device = dist.ProcessGroupGloo(prefixed, rank, world_size, opts), torch.device("cpu")
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        device = torch.device("cuda", torch.cuda.current_device())
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    else:
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    return WeightGroup(pg, store, rank, world_size, device, timeout)
+
+
+def named_weights(source: torch.nn.Module | NamedTensors) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs to sync: a module's parameters (a DDP wrapper's ``module.`` dropped), detached."""
+    if isinstance(source, torch.nn.parallel.DistributedDataParallel):
+        source = source.module
+    if isinstance(source, torch.nn.Module):
+        return [(n, p.detach()) for n, p in source.named_parameters()]
+    return list(source.items() if isinstance(source, Mapping) else source)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _gather_to_root(t: torch.Tensor) -> torch.Tensor | None:
+    """Full tensor of a DTensor on mesh rank 0 (None elsewhere). Dim-0 shards (FSDP2) go through one
+    ``gather`` to rank 0 only; other placements fall back to ``full_tensor()`` (an all-gather)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        full = t.full_tensor()
+        return full if mesh.get_local_rank() == 0 else None
+    pg = mesh.get_group()
+    world, me = pg.size(), dist.get_rank(pg)
+    rows = -(-t.shape[0] // world)  # torch.chunk's chunk size, which FSDP2 shards by
+    local = t.to_local()
+    padded = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=local.device)
+    padded[:local.shape[0]].copy_(local)
+    root = dist.get_global_rank(pg, 0)
+    if me == 0:
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.gather(padded, pieces, dst=root, group=pg)
+        return torch.cat(pieces)[:t.shape[0]]
+    dist.gather(padded, None, dst=root, group=pg)
+    return None
+
+
+def _trailer(version: int, index: int, crc: int) -> torch.Tensor:
+    return torch.tensor([version, (index << 32) | crc], dtype=torch.int64).view(torch.uint8)
+
+
+def _metadata_bytes(buckets: Sequence[Bucket], alignment: int) -> bytes:
+    doc = {"v": PROTOCOL_VERSION, "alignment": alignment,
+           "buckets": [{"nbytes": b.nbytes, "tensors": [m.to_json() for m in b.metas]} for b in buckets]}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _parse_metadata(payload: bytes) -> list[Bucket]:
+    doc = json.loads(payload)
+    if not isinstance(doc, dict) or doc.get("v") != PROTOCOL_VERSION:
+        raise WeightSyncError(f"weight metadata protocol {doc.get('v') if isinstance(doc, dict) else doc!r}, "
+                              f"this side speaks {PROTOCOL_VERSION}")
+    buckets = []
+    for i, b in enumerate(doc["buckets"]):
+        metas = tuple(TensorMeta.from_json(m) for m in b["tensors"])
+        nbytes = b["nbytes"]
+        if not isinstance(nbytes, int) or any(m.end > nbytes for m in metas) or nbytes > 1 << 40:
+            raise WeightSyncError(f"weight metadata: bucket {i} declares {nbytes!r} bytes, inconsistent")
+        buckets.append(Bucket(i, metas, nbytes))
+    return buckets
+
+
+class WeightSender:
+    """Sends a model's weights; constructed and called on *every* trainer rank.
+
+    ``group`` is the weight group on trainer rank 0 and ``None`` on the other trainer ranks. With plain
+    tensors (single process, DDP) only rank 0 does anything. With FSDP2 (DTensor parameters) every trainer
+    rank takes part in gathering each bucket's tensors to rank 0 (``gather``, not all-gather).
+
+    Peak memory: rank 0 holds its shard + the full tensors of one bucket + two bucket buffers (one being
+    broadcast while the next is packed): shard + 3 x ``bucket_bytes``. Other trainer ranks hold their shard
+    + one padded shard of one tensor.
+    """
+
+    def __init__(self, group: WeightGroup | None, source: torch.nn.Module | NamedTensors, *,
+                 bucket_bytes: int = 256 << 20, alignment: int = 256, pin: bool = False):
+        self.group = group
+        self._source = source
+        tensors = named_weights(source)
+        self._sharded = any(_is_dtensor(t) for _, t in tensors)
+        metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in tensors]
+        self.buckets = plan_buckets(metas, bucket_bytes, alignment)
+        self.alignment = alignment
+        self.bucket_hook: Callable[[int, torch.Tensor], None] | None = None  # test hook, see tests
+        self._buffers: list[torch.Tensor] = []
+        if group is not None:
+            biggest = max((b.nbytes for b in self.buckets), default=0) + _TRAILER_BYTES
+            for _ in range(min(2, len(self.buckets))):
+                self._buffers.append(FlatBuffer.empty([], biggest, pin=pin, device=group.device).buffer)
+
+    def handshake(self) -> None:
+        """Send the metadata; raise :class:`WeightSyncError` with every receiver's diff if any rejects it."""
+        if self.group is None:
+            return
+        g = self.group
+        meta = _metadata_bytes(self.buckets, self.alignment)
+        payload = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+        g.wait(g.broadcast(torch.tensor([payload.numel()], dtype=torch.int64, device=g.device)),
+               "handshake size")
+        g.wait(g.broadcast(payload.to(g.device)), "handshake metadata")
+        failed = g.agree(True, "handshake status")
+        if failed:
+            diffs = [f"rank {r}: {g.store.get(f'handshake/{r}').decode()}" for r in failed]
+            raise WeightSyncError("rollout workers rejected the weight metadata: " + " | ".join(diffs))
+
+    def sync(self, version: int) -> dict[str, float]:
+        """Send version ``version`` of the weights. Returns {"bytes", "buckets", "seconds"} on rank 0."""
+        start = time.perf_counter()
+        if self.group is None and not self._sharded:
+            return {"bytes": 0.0, "buckets": 0.0, "seconds": 0.0}
+        tensors = dict(named_weights(self._source))
+        g = self.group
+        if g is not None:
+            header = torch.tensor([_MAGIC, version, len(self.buckets), _OP_WEIGHTS], dtype=torch.int64)
+            g.wait(g.broadcast(header.to(g.device)), f"version {version} header")
+        in_flight: list[dist.Work | None] = [None] * len(self._buffers)
+        sent = 0
+        for bucket in self.buckets:
+            full = {m.name: _gather_to_root(tensors[m.name]) if self._sharded else tensors[m.name]
+                    for m in bucket.metas}
+            if g is None:
+                continue  # a non-root FSDP rank: it only helps gather
+            slot = bucket.index % len(self._buffers)
+            if in_flight[slot] is not None:  # the buffer's previous bucket must have left
+                g.wait(in_flight[slot], f"version {version} bucket {bucket.index - len(self._buffers)}")
+            buf = self._buffers[slot][:bucket.nbytes + _TRAILER_BYTES]
+            FlatBuffer(buf, bucket.metas).write(full)
+            crc = _ext.checksum(buf, 0, bucket.nbytes)
+            buf[bucket.nbytes:].copy_(_trailer(version, bucket.index, crc))
+            if self.bucket_hook is not None:
+                self.bucket_hook(bucket.index, buf)
+            in_flight[slot] = g.broadcast(buf)
+            sent += buf.numel()
+        if g is None:
+            return {"bytes": 0.0, "buckets": 0.0, "seconds": time.perf_counter() - start}
+        for i, work in enumerate(in_flight):
+            if work is not None:
+                g.wait(work, f"version {version} bucket slot {i}")
+        failed = g.agree(True, f"version {version} status")
+        if failed:
+            why = [f"rank {r}: {g.store.get(f'sync/{version}/{r}').decode()}" for r in failed]
+            raise WeightSyncError(f"version {version} was rejected (receivers keep their previous weights): "
+                                  + " | ".join(why))
+        return {"bytes": float(sent), "buckets": float(len(self.buckets)),
+                "seconds": time.perf_counter() - start}
+
+    def close(self) -> None:
+        """Tell the receivers there are no more versions (their ``receive()`` returns ``None``)."""
+        if self.group is not None:
+            header = torch.tensor([_MAGIC, -1, 0, _OP_STOP], dtype=torch.int64, device=self.group.device)
+            self.group.wait(self.group.broadcast(header), "stop header")
+
+
+class WeightReceiver:
+    """Receives weights on a rollout worker, double-buffered against the engine's own weights.
+
+    ``expected``: what the engine holds, as named tensors, a module, or ``TensorMeta``s. :meth:`receive`
+    stages a whole version in host (or device) buffers and verifies every bucket's checksum while the
+    next bucket is still arriving; the engine is untouched, so it can keep generating with the old
+    version (:meth:`receive_async` does this on a background thread). :meth:`apply` then copies the
+    staged version into the engine at a batch boundary. A version is applied whole or not at all, which
+    is why buckets are staged rather than copied into the engine as they arrive.
+
+    Memory: one full copy of the weights (the staging buffers), pinned with ``pin=True``.
+    """
+
+    def __init__(self, group: WeightGroup, expected: torch.nn.Module | NamedTensors | Sequence[TensorMeta], *,
+                 pin: bool = False):
+        self.group = group
+        items = list(expected) if not isinstance(expected, torch.nn.Module | Mapping) else None
+        if items and isinstance(items[0], TensorMeta):
+            self.expected = items
+        else:
+            self.expected = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named_weights(
+                expected if items is None else items)]
+        self.pin = pin
+        self.buckets: list[Bucket] = []
+        self._staging: list[FlatBuffer] = []
+        self.staged_version: int | None = None
+        self.applied_version: int | None = None
+        self._handshaken = False
+        self._lock = Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def handshake(self) -> None:
+        """Receive the metadata and check it against ``expected``; raise with the diff on mismatch."""
+        g = self.group
+        size = torch.zeros(1, dtype=torch.int64, device=g.device)
+        g.wait(g.broadcast(size), "handshake size")
+        n = int(size.item())
+        if not 0 < n <= _MAX_METADATA_BYTES:
+            raise WeightSyncError(f"weight metadata of {n} bytes is outside (0, {_MAX_METADATA_BYTES}]")
+        payload = torch.zeros(n, dtype=torch.uint8, device=g.device)
+        g.wait(g.broadcast(payload), "handshake metadata")
+        problem = None
+        try:
+            buckets = _parse_metadata(payload.cpu().numpy().tobytes())
+            diff = diff_metas(self.expected, [m for b in buckets for m in b.metas])
+            if diff is not None:
+                problem = f"sender's weights do not match this engine: {diff}"
+        except (ValueError, KeyError, TypeError, WeightSyncError) as exc:
+            problem = f"unreadable weight metadata: {exc}"
+        g.store.set(f"handshake/{g.rank}", problem or "")
+        failed = g.agree(problem is None, "handshake status")
+        if problem is not None:
+            raise MetadataMismatch(problem)
+        if failed:
+            raise WeightSyncError(f"weight handshake failed on ranks {failed}; see their errors")
+        self.buckets = buckets
+        self._staging = [FlatBuffer.empty(b.metas, b.nbytes + _TRAILER_BYTES, pin=self.pin, device=g.device)
+                         for b in buckets]
+        self._handshaken = True
+
+    def receive(self, timeout: timedelta | None = None) -> int | None:
+        """Block until the next version is staged and verified; return it, or ``None`` when the sender
+        closed. ``timeout`` bounds the wait for the version to start (default: the group's)."""
+        if not self._handshaken:
+            raise WeightSyncError("call handshake() before receive()")
+        g = self.group
+        with self._lock:
+            header = torch.zeros(4, dtype=torch.int64, device=g.device)
+            g.wait(g.broadcast(header), "version header", timeout)
+            magic, version, n_buckets, op = header.tolist()
+            if magic != _MAGIC or op not in (_OP_WEIGHTS, _OP_STOP):
+                raise WeightSyncError(f"bad version header {header.tolist()} (not from a gkd WeightSender?)")
+            if op == _OP_STOP:
+                return None
+            if n_buckets != len(self.buckets):
+                raise WeightSyncError(f"version {version} has {n_buckets} buckets, handshake said "
+                                      f"{len(self.buckets)}")
+            self.staged_version = None  # the staging buffers are being overwritten
+            # Post every bucket at once: bucket i is verified while later ones are still arriving.
+            works = [g.broadcast(fb.buffer) for fb in self._staging]
+            bad = []
+            for bucket, fb, work in zip(self.buckets, self._staging, works, strict=True):
+                g.wait(work, f"version {version} bucket {bucket.index}")
+                bad += self._verify(version, bucket, fb)
+            g.store.set(f"sync/{version}/{g.rank}", "; ".join(bad))
+            failed = g.agree(not bad, f"version {version} status")
+            if bad:
+                raise WeightSyncError(f"version {version} rejected, keeping version {self.applied_version}: "
+                                      + "; ".join(bad))
+            if failed:
+                raise WeightSyncError(f"version {version} was rejected by ranks {failed}; keeping version "
+                                      f"{self.applied_version}")
+            self.staged_version = version
+            return version
+
+    @staticmethod
+    def _verify(version: int, bucket: Bucket, fb: FlatBuffer) -> list[str]:
+        # The trailer follows the exact payload, so it may sit at any byte offset: copy before the view.
+        got_version, tag = fb.buffer[bucket.nbytes:].cpu().clone().view(torch.int64).tolist()
+        index, crc = tag >> 32, tag & 0xFFFFFFFF
+        if (got_version, index) != (version, bucket.index):
+            return [f"bucket {bucket.index} is tagged version {got_version} bucket {index}"]
+        actual = _ext.checksum(fb.buffer, 0, bucket.nbytes)
+        if actual != crc:
+            return [f"bucket {bucket.index} checksum {actual:#010x} != sent {crc:#010x}"]
+        return []
+
+    def receive_async(self, timeout: timedelta | None = None) -> Future:
+        """:meth:`receive` on a background thread; the engine keeps running with its current weights."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gkd-weights")
+        return self._executor.submit(self.receive, timeout)
+
+    def apply(self, engine) -> int:
+        """Copy the staged version into ``engine`` and return its number.
+
+        ``engine``: an object with ``load_weights(iterable of (name, tensor))`` (gets views into the staging
+        buffers and must copy them), a module, or named tensors (filled strictly, threaded).
+        """
+        with self._lock:
+            if self.staged_version is None:
+                raise WeightSyncError("no verified version is staged; call receive() first")
+            if hasattr(engine, "load_weights") and callable(engine.load_weights):
+                engine.load_weights((n, t) for fb in self._staging for n, t in fb.unpack().items())
+            else:
+                dest = dict(named_weights(engine))
+                diff = diff_metas(self.expected, [TensorMeta.of(n, t) for n, t in dest.items()])
+                if diff is not None:
+                    raise MetadataMismatch(f"engine does not match the received weights: {diff}")
+                for fb in self._staging:
+                    fb.copy_into({m.name: dest[m.name] for m in fb.metas})
+            self.applied_version = self.staged_version
+            return self.applied_version
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,185 @@
+"""gkd.weights over gloo on 127.0.0.1: handshake, bucketed verified syncs, corruption, FSDP2 gather-to-root.
+
+Each test spawns its processes once and runs several scenarios in them (process start and the
+``transformers`` import dominate the cost). Every collective waits at most ``_GROUP_TIMEOUT``; the parent
+kills the processes after ``_TEST_TIMEOUT``.
+"""
+
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gkd.flatten import FlatBuffer, MetadataMismatch
+from gkd.weights import WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+
+_GROUP_TIMEOUT = timedelta(seconds=60)
+_TEST_TIMEOUT = 150.0
+_INPUT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Workers fork from one server process that has imported these once: on a 2-core machine, three
+# processes each importing torch and transformers cost more than the tests themselves.
+_PRELOAD = ["torch", "torch.distributed.fsdp", "transformers", "transformers.models.llama.modeling_llama",
+            "gkd.weights"]
+
+
+def _spawn(fn, nprocs: int, *args) -> None:
+    mp.set_forkserver_preload(_PRELOAD)
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+    deadline = time.monotonic() + _TEST_TIMEOUT
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{fn.__name__} did not finish in {_TEST_TIMEOUT}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _tiny_lm(seed: int, intermediate: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_INPUT).logits.float()
+
+
+def _publish(group, key: str, t: torch.Tensor) -> None:
+    group.store.set(key, t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+
+
+def _fetch(group, key: str, like: torch.Tensor) -> torch.Tensor:
+    raw = bytearray(group.store.get(key))  # raw bytes from the store, never unpickled
+    return torch.frombuffer(raw, dtype=torch.uint8).view(like.dtype).view(like.shape)
+
+
+def _perturb(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+
+
+def _lm_worker(rank: int, port: int, port2: int) -> None:
+    torch.set_num_threads(1)
+    group = init_weight_group("127.0.0.1", port, rank, 3, backend="gloo", timeout=_GROUP_TIMEOUT)
+    model = _tiny_lm(seed=rank)  # every rank starts from different weights
+    if rank == 0:
+        sender = WeightSender(group, model, bucket_bytes=16 << 10, alignment=64)
+        assert len(sender.buckets) > 3
+        sender.handshake()
+        for version in (1, 2, 3):
+            _perturb(model, seed=version)
+            if version == 2:  # flip one byte of bucket 1 after its checksum: corruption in flight
+                sender.bucket_hook = lambda i, buf: buf[5].bitwise_xor_(0xFF) if i == 1 else None
+                with pytest.raises(WeightSyncError, match=r"version 2 was rejected.*bucket 1 checksum"):
+                    sender.sync(version)
+                sender.bucket_hook = None
+            else:
+                stats = sender.sync(version)
+                assert stats["buckets"] == len(sender.buckets)
+            _publish(group, f"logits/{version}", _logits(model))
+        sender.close()
+    else:
+        receiver = WeightReceiver(group, model)
+        receiver.handshake()
+        assert receiver.receive() == 1
+        assert receiver.apply(model) == 1
+        v1 = _logits(model)
+        assert torch.equal(v1, _fetch(group, "logits/1", v1))
+        with pytest.raises(WeightSyncError, match="version 2 rejected, keeping version 1"):
+            receiver.receive()
+        with pytest.raises(WeightSyncError, match="no verified version is staged"):
+            receiver.apply(model)
+        assert torch.equal(_logits(model), v1)  # the old weights, untouched
+        pending = receiver.receive_async()  # stage v3 while the "engine" keeps generating with v1
+        assert torch.equal(_logits(model), v1)
+        assert pending.result(timeout=_GROUP_TIMEOUT.total_seconds()) == 3
+        assert receiver.apply(model) == 3
+        assert torch.equal(_logits(model), _fetch(group, "logits/3", v1))
+        assert receiver.receive() is None  # sender closed
+        receiver.close()
+
+    # A second channel where rank 2 runs a different model: everyone fails at the handshake.
+    group2 = init_weight_group("127.0.0.1", port2, rank, 3, backend="gloo", timeout=_GROUP_TIMEOUT)
+    if rank == 0:
+        want = r"rank 2: .*unexpected \(9\): model.layers.1.*mismatch \(3\)"
+        with pytest.raises(WeightSyncError, match=want):
+            WeightSender(group2, model, bucket_bytes=16 << 10).handshake()
+    elif rank == 1:
+        with pytest.raises(WeightSyncError, match=r"handshake failed on ranks \[2\]"):
+            WeightReceiver(group2, model).handshake()
+    else:
+        other = _tiny_lm(seed=0, intermediate=48, layers=1)
+        with pytest.raises(MetadataMismatch, match=r"model.layers.0.mlp.up_proj.weight: expected "
+                                                   r"torch.bfloat16\[48, 32\], got torch.bfloat16\[64, 32\]"):
+            WeightReceiver(group2, other).handshake()
+
+
+def test_sync_tiny_lm_one_sender_two_receivers():
+    pytest.importorskip("transformers")
+    _spawn(_lm_worker, 3, _free_port(), _free_port())
+
+
+def _fsdp_worker(rank: int, trainer_port: int, weight_port: int) -> None:
+    # Ranks 0 and 1: the trainer (its own default group, FSDP2); rank 2: a rollout worker.
+    torch.set_num_threads(1)
+    mlp = lambda: torch.nn.Sequential(torch.nn.Linear(6, 33), torch.nn.GELU(), torch.nn.Linear(33, 5))
+    torch.manual_seed(0)
+    model = mlp()
+    if rank < 2:
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{trainer_port}", rank=rank,
+                                world_size=2, timeout=_GROUP_TIMEOUT)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(4, 6)).square().sum().backward()  # the weights change; shards differ per rank
+        opt.step()
+        group = None
+        if rank == 0:
+            group = init_weight_group("127.0.0.1", weight_port, 0, 2, timeout=_GROUP_TIMEOUT)
+        sender = WeightSender(group, model, bucket_bytes=512, alignment=64)
+        assert len(sender.buckets) >= 2
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        sender.handshake()
+        sender.sync(1)
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}  # all-gather, for the check only
+        if rank == 0:
+            _publish(group, "full", FlatBuffer.pack(full).buffer)
+            sender.close()
+        dist.destroy_process_group()
+    else:
+        group = init_weight_group("127.0.0.1", weight_port, 1, 2, timeout=_GROUP_TIMEOUT)
+        receiver = WeightReceiver(group, model)
+        receiver.handshake()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert receiver.receive() == 1
+        receiver.apply(model)
+        got = FlatBuffer.pack({n: p.detach() for n, p in model.named_parameters()}).buffer
+        assert torch.equal(got, _fetch(group, "full", got))
+        assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        assert receiver.receive() is None
+
+
+def test_fsdp2_gather_to_root():
+    _spawn(_fsdp_worker, 3, _free_port(), _free_port())
