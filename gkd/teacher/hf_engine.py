@@ -1,0 +1,125 @@
+"""Teacher engine on a transformers causal LM (any ``AutoModelForCausalLM`` folder or a GGUF file).
+
+Sequences are right-padded into batches under a token budget; the decoder runs once per batch and the
+lm_head + log-softmax run only at the positions that predict response tokens (never at prompt
+positions, never as full ``[batch, seq, vocab]`` logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_sequences
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices (longest first) so each padded batch holds at most ``max_batch_tokens``
+    tokens (batch size x longest length); a sequence longer than the budget gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class HFTeacherEngine:
+    """``score(sequences, top_k, temperature) -> list[TeacherOutput]`` with a transformers model."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_batch_tokens: int = 8192,
+        max_top_k: int = 128,
+        logprob_dtype: str = "float32",
+        max_len: int | None = None,
+    ):
+        if logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"logprob_dtype={logprob_dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.dtype = TORCH_DTYPES[dtype]
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_top_k = int(max_top_k)
+        self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
+        config = model.config
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_len = int(max_len or getattr(config, "max_position_embeddings", 4096))
+        self.model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, gguf_file: str | None = None, dtype: str = "float32", **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], **extra)
+        model.to(kwargs.get("device", "cpu"))
+        return cls(model, dtype=dtype, **kwargs)
+
+    def info(self) -> dict:
+        return {
+            "model": self.model_name,
+            "vocab_size": self.vocab_size,
+            "max_top_k": self.max_top_k,
+            "max_len": self.max_len,
+            "engine": "hf",
+        }
+
+    @torch.inference_mode()
+    def score(
+        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int, temperature: float = 1.0
+    ) -> list[TeacherOutput]:
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be positive")
+        check_sequences(
+            sequences, vocab_size=self.vocab_size, max_len=self.max_len, top_k=top_k, max_top_k=self.max_top_k
+        )
+        lengths = [len(p) + len(r) for p, r in sequences]
+        outputs: list[TeacherOutput | None] = [None] * len(sequences)
+        for batch in plan_batches(lengths, self.max_batch_tokens):
+            for i, out in zip(
+                batch, self._score_batch([sequences[i] for i in batch], top_k, temperature), strict=True
+            ):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def _score_batch(self, seqs, top_k: int, temperature: float) -> list[TeacherOutput]:
+        width = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attn = torch.zeros(len(seqs), width, dtype=torch.long)
+        rows, cols, targets, counts = [], [], [], []
+        for b, (prompt, response) in enumerate(seqs):
+            full = list(prompt) + list(response)
+            ids[b, : len(full)] = torch.tensor(full)
+            attn[b, : len(full)] = 1
+            start = len(prompt) - 1  # the position that predicts response[0]
+            rows.append(torch.full((len(response),), b))
+            cols.append(torch.arange(start, start + len(response)))
+            targets.append(torch.tensor(list(response)))
+            counts.append(len(response))
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, T, H]
+        rows_t, cols_t = torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)
+        selected = hidden[rows_t, cols_t]  # [sum R, H]
+        logits = self.model.get_output_embeddings()(selected).float()  # [sum R, V]
+        if temperature != 1.0:
+            logits.div_(temperature)
+        logp = torch.log_softmax(logits, dim=-1)
+        top_lp, top_ids = logp.topk(top_k, dim=-1)
+        tok_lp = logp.gather(1, torch.cat(targets).to(self.device)[:, None])[:, 0]
+        top_ids, top_lp, tok_lp = top_ids.int().cpu(), top_lp.to(self.logprob_dtype).cpu(), tok_lp.cpu()
+        return [
+            TeacherOutput(a, b, c)
+            for a, b, c in zip(top_ids.split(counts), top_lp.split(counts), tok_lp.split(counts), strict=True)
+        ]
