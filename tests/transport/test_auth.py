@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gkd.transport.auth import CLIENT_TO_BROKER, WORKER_TO_BROKER, Auth, AuthError
+from gkd.transport.client import Client
 from gkd.transport.codec import encode
+from tests.transport.helpers import tensors_for, wait_for
 
 SECRET = b"0123456789abcdef-test-secret"
 
@@ -74,3 +76,27 @@ def test_property_any_mutation_of_a_signed_message_is_rejected(data):
     signed[i][j] ^= data.draw(st.integers(1, 255))
     with pytest.raises(AuthError):
         auth.verify([bytes(f) for f in signed], CLIENT_TO_BROKER)
+
+
+# ------------------------------------------------------------------------------------- on a service
+
+
+def test_service_with_auth_drops_and_counts_strangers_and_serves_members(make_service):
+    svc = make_service(auth=Auth(SECRET))
+    svc.add_worker("w0")
+    member = svc.client()
+    assert member.call("sum", {"tag": 1}, tensors_for(1)).fields["tag"] == 1
+
+    address = svc.broker.frontend_address
+    strangers = [Client(address, timeout_s=0.3, retries=0),  # no auth at all
+                 Client(address, timeout_s=0.3, retries=0, auth=Auth(b"not-the-shared-secret!"))]
+    for stranger in strangers:
+        with stranger, pytest.raises(TimeoutError):  # dropped without a reply
+            stranger.call("sum", {"tag": 2}, tensors_for(2))
+    # A worker with the wrong secret cannot join (its READY and heartbeats are dropped and counted).
+    svc.add_worker("intruder", wait=False, auth=Auth(b"not-the-shared-secret!"))
+    info = wait_for(lambda: (i := member.info())["stats"]["auth_failures"] >= 4 and i, what="auth failures")
+    assert [w["info"]["name"] for w in info["workers"]] == ["w0"] and info["auth"] is True
+    assert info["stats"]["requests"] == 1  # nothing from a stranger got as far as a request
+    # Members are still served.
+    assert member.call("sum", {"tag": 3}, tensors_for(3)).fields["tag"] == 3
