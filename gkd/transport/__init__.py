@@ -1,1 +1,58 @@
-"""ZeroMQ messaging shared by the teacher and rollout services: codec, auth, broker, worker, client."""
+"""ZeroMQ messaging shared by the teacher and rollout services.
+
+Pieces (each module's docstring has the details):
+- ``codec``    -- ``encode(op, id, fields, tensors) -> frames``; ``decode(frames, ops=..., limits=...) ->
+  Message`` (``.op``, ``.id``, ``.fields``, ``.tensors``); ``Limits``; ``ProtocolError``. msgpack header
+  + one raw frame per tensor; zero-copy both ways; never pickle.
+- ``broker``   -- ``Broker(ops, host=..., frontend_port=15555, backend_port=15556, auth=...)``:
+  load-balancing by readiness, heartbeats, re-queue on worker death, bounded queue, ``info``/``ping``.
+  ``.run(stop_event)`` in a process, or ``.start()``/``.stop()`` in a background thread.
+- ``worker``   -- ``Worker(backend_address, handler, ops=..., info=...)`` with
+  ``handler(header, tensors) -> (fields, tensors)``; one request at a time, heartbeats while busy.
+- ``client``   -- ``Client(frontend_address, timeout_s=..., retries=..., auth=...)``:
+  ``submit(op, fields, tensors) -> Future[Message]``, ``call``, ``info``, ``submit_split``;
+  ``plan_chunks`` for order-preserving micro-batching; ``RemoteError`` (``.code``) for error replies.
+- ``auth``     -- ``Auth(secret)`` / ``Auth.from_file(path)``: HMAC-SHA256 over every frame, with a
+  timestamp + nonce against replay. Pass the same object kind to broker, workers and clients.
+
+A service built on this (teacher, rollout) defines its ops and field/tensor names, a handler around its
+engine, and a thin typed client that packs requests and unpacks ``Message`` replies.
+"""
+
+from gkd.transport.auth import Auth, AuthError
+from gkd.transport.broker import Broker
+from gkd.transport.client import Client, ClientClosed, RemoteError, plan_chunks
+from gkd.transport.codec import (
+    PROTOCOL_VERSION,
+    Limits,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    error_frames,
+    reply_frames,
+)
+from gkd.transport.protocol import DEFAULT_BACKEND_PORT, DEFAULT_FRONTEND_PORT, tcp_address
+from gkd.transport.worker import Worker
+
+__all__ = [
+    "DEFAULT_BACKEND_PORT",
+    "DEFAULT_FRONTEND_PORT",
+    "PROTOCOL_VERSION",
+    "Auth",
+    "AuthError",
+    "Broker",
+    "Client",
+    "ClientClosed",
+    "Limits",
+    "Message",
+    "ProtocolError",
+    "RemoteError",
+    "Worker",
+    "decode",
+    "encode",
+    "error_frames",
+    "plan_chunks",
+    "reply_frames",
+    "tcp_address",
+]

@@ -68,6 +68,8 @@ class _Request:
         self.op, self.frames, self.timeout_s, self.retries = op, frames, timeout_s, retries
         self.future = future
         self.attempts = 0
+        # Covers the case where no attempt can even be queued (socket full, broker unreachable).
+        self.give_up_at = time.monotonic() + timeout_s * (retries + 1)
 
 
 class Client:
@@ -213,7 +215,13 @@ class Client:
                 frames = _auth.sign(self.auth, with_id(req.frames, wid), _auth.CLIENT_TO_BROKER)
                 current.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:  # send queue full: try again shortly rather than block the loop
-                heapq.heappush(delayed, (time.monotonic() + 0.01, next(tiebreak), req))
+                if time.monotonic() > req.give_up_at:
+                    req.future.set_exception(TimeoutError(
+                        f"could not even queue {req.op!r} for {self.address} within its time budget "
+                        "(send queue full; is the broker reachable?)"
+                    ))
+                else:
+                    heapq.heappush(delayed, (time.monotonic() + 0.01, next(tiebreak), req))
                 return
             req.attempts += 1
             self.stats["sent"] += 1

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import pytest
 import torch
 
-from gkd.transport.client import RemoteError, plan_chunks
+from gkd.transport.client import Client, RemoteError, plan_chunks
 from gkd.transport.codec import PROTOCOL_VERSION
 from tests.transport.helpers import tensors_for
 
@@ -158,3 +158,21 @@ def test_thread_safe_submit_and_clean_close(service):
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         client.submit("sum", None, tensors_for(0))
+
+
+def test_busy_worker_keeps_heartbeating_and_is_not_declared_dead(service):
+    """A request 3x longer than the heartbeat timeout: the worker's loop beats while the handler runs."""
+    service.add_worker("w0")
+    client = service.client()
+    timeout = service.broker.heartbeat_timeout_s
+    assert client.call("sum", {"tag": 1, "sleep": 3 * timeout}, tensors_for(1)).fields["tag"] == 1
+    stats = service.info()["stats"]
+    assert stats["workers_lost"] == 0 and stats["requeued"] == 0
+
+
+def test_client_times_out_cleanly_without_a_broker():
+    with Client("127.0.0.1:1", timeout_s=0.2, retries=1) as client:  # nothing listens on port 1
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no reply .* \(2 attempt"):
+            client.call("sum", None, tensors_for(1))
+        assert time.monotonic() - start < 2.0 and client.stats["reconnects"] == 2

@@ -165,3 +165,20 @@ def test_worker_reconnects_when_the_broker_goes_silent(make_service):
     svc.probe = svc.client(timeout_s=5.0)
     wait_for(lambda: svc.info()["workers"], timeout_s=10, what="worker to re-register")
     assert svc.client().call("sum", {"tag": 3}, tensors_for(3)).fields["worker"] == "w0"
+
+
+def test_request_that_every_worker_drops_fails_after_max_attempts(make_service):
+    svc = make_service(max_attempts=2)
+    fut = svc.client().submit("sum", {"tag": 1}, tensors_for(1))  # queued until a worker shows up
+    fakes = [FakeWorker(svc.broker.backend_address)]
+    try:
+        fakes[0].recv(REQUEST)
+        time.sleep(FAST["heartbeat_timeout_s"] / 2)  # the second one joins later, so it is dropped later
+        fakes.append(FakeWorker(svc.broker.backend_address))
+        fakes[1].recv(REQUEST)  # the re-queued request, which it drops too
+        with pytest.raises(RemoteError, match="given to 2 workers and each died") as err:
+            fut.result(timeout=10)
+        assert err.value.code == "worker_failed"
+    finally:
+        for fake in fakes:
+            fake.close()
