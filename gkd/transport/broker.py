@@ -259,7 +259,8 @@ class Broker:
         )
 
     def info(self) -> dict[str, Any]:
-        """What ``info``/``ping`` return (also handy in-process)."""
+        """What ``info``/``ping`` return. Reads state owned by the broker's thread: from any other thread
+        ask over the wire (``Client.info()``) instead."""
         now = time.monotonic()
         workers = [
             {

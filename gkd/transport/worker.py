@@ -61,7 +61,11 @@ class _Job:
 
 
 class Worker:
-    """Serve ``handler`` behind a broker backend; ``run(stop)`` blocks, ``start()``/``stop()`` thread it."""
+    """Serve ``handler`` behind a broker backend; ``run(stop)`` blocks, ``start()``/``stop()`` thread it.
+
+    Use the broker's heartbeat settings: the worker declares the broker gone after ``heartbeat_timeout_s``
+    without a message from it, so that must exceed the broker's ``heartbeat_interval_s`` several times.
+    """
 
     def __init__(
         self,
