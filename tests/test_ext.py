@@ -24,7 +24,9 @@ def _random_bytes(n: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
-@pytest.mark.parametrize("n, offset", [(0, 0), (1, 0), (7, 3), (4099, 17), (9 * 2**20 + 3, 5)])
+# 255/256/257/320 straddle where the carry-less-multiply path starts (256 B) and its 64/16-byte steps.
+@pytest.mark.parametrize("n, offset", [(0, 0), (1, 0), (7, 3), (255, 1), (256, 0), (257, 2), (320, 0),
+                                       (4099, 17), (9 * 2**20 + 3, 5)])
 @pytest.mark.parametrize("num_threads", [1, 4])
 def test_checksum_is_zlib_crc32(use_ext, n, offset, num_threads):
     # Above 2 MiB per thread the extension splits the range and combines chunk CRCs: must still be exact.

@@ -82,6 +82,7 @@ def _perturb(model, seed: int) -> None:
 def _lm_worker(rank: int, port: int, port2: int) -> None:
     torch.set_num_threads(1)
     group = init_weight_group("127.0.0.1", port, rank, 3, backend="gloo", timeout=_GROUP_TIMEOUT)
+    assert not dist.is_initialized()  # the weight channel leaves the default group alone
     model = _tiny_lm(seed=rank)  # every rank starts from different weights
     if rank == 0:
         sender = WeightSender(group, model, bucket_bytes=16 << 10, alignment=64)

@@ -1,0 +1,281 @@
+"""Weight transfer: packing into flat buffers and gloo syncs, every variant against its baseline in one run.
+
+Run: ``.venv/bin/python -m pytest bench/bench_weights.py --benchmark-only -s``
+(``GKD_BENCH_SIZE=small`` for a quick check; ``GKD_BENCH_ROUNDS`` rounds per variant, default 5).
+Not part of CI. Ratios are printed at the end and written to bench/results/weights.json.
+
+- pack of a Qwen2-0.5B-shaped bf16 state dict (~1 GB): extension vs torch fallback vs a Python
+  ``copy_`` loop vs one ``copy_`` of the same byte count (the memory-bandwidth limit);
+- pack of 20,000 tensors of 4 KB: extension vs fallback vs the Python loop;
+- gloo broadcast to 2 receiver processes of a SmolLM2-135M-shaped bf16 state (273 tensors, ~270 MB):
+  one broadcast per tensor vs bucketed single-shot vs one raw broadcast of the whole byte count vs a full
+  gkd sync (pack + checksum + broadcast + verify + copy into the receivers' tensors).
+Destination buffers are allocated and touched once, outside the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gkd import _ext
+from gkd.flatten import FlatBuffer, TensorMeta, layout, plan_buckets
+from gkd.weights import WeightReceiver, WeightSender, init_weight_group
+
+SMALL = os.environ.get("GKD_BENCH_SIZE", "full") == "small"
+ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "5"))
+RESULTS = Path(__file__).resolve().parent / "results" / "weights.json"
+BUCKET_BYTES = 64 << 20
+_TIMEOUT = timedelta(seconds=120)  # rendezvous and every collective
+_TIMES: dict[str, float] = {}  # variant -> median seconds, filled by the benchmarks, read by the report
+
+
+def _lm_shapes(vocab: int, hidden: int, layers: int, inter: int, heads: int, kv_heads: int,
+               bias: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a Llama/Qwen2-style decoder with tied embeddings."""
+    head_dim = hidden // heads
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)),
+                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden))]
+        if bias:
+            shapes += [(p + "self_attn.q_proj.bias", (hidden,)),
+                       (p + "self_attn.k_proj.bias", (kv_heads * head_dim,)),
+                       (p + "self_attn.v_proj.bias", (kv_heads * head_dim,))]
+        shapes += [(p + "self_attn.o_proj.weight", (hidden, hidden)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter)),
+                   (p + "input_layernorm.weight", (hidden,)),
+                   (p + "post_attention_layernorm.weight", (hidden,))]
+    return shapes + [("model.norm.weight", (hidden,))]
+
+
+def qwen2_05b() -> list[tuple[str, tuple[int, ...]]]:
+    return _lm_shapes(151936 // (8 if SMALL else 1), 896, 4 if SMALL else 24, 4864, 14, 2, bias=True)
+
+
+def smollm2_135m() -> list[tuple[str, tuple[int, ...]]]:
+    return _lm_shapes(49152 // (8 if SMALL else 1), 576, 4 if SMALL else 30, 1536, 9, 3, bias=False)
+
+
+def make_state(shapes, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random bf16 tensors, all views into one flat tensor (so the bandwidth baseline can copy it at once)."""
+    numels = [int(torch.Size(s).numel()) for _, s in shapes]
+    flat = torch.empty(sum(numels), dtype=torch.bfloat16)
+    flat.view(torch.int16).random_(generator=torch.Generator().manual_seed(seed))
+    views, pos = {}, 0
+    for (name, shape), n in zip(shapes, numels, strict=True):
+        views[name] = flat[pos:pos + n].view(shape)
+        pos += n
+    return flat, views
+
+
+def _record(benchmark, key: str) -> None:
+    if benchmark.stats is not None:
+        _TIMES[key] = benchmark.stats.stats.median
+
+
+def _python_loop(views: dict[str, torch.Tensor], metas: list[TensorMeta], buf: torch.Tensor) -> None:
+    for m in metas:
+        buf[m.offset:m.end].copy_(views[m.name].reshape(-1).view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- pack
+@pytest.fixture(scope="module")
+def qwen_state():
+    flat, views = make_state(qwen2_05b())
+    metas, nbytes = layout((TensorMeta.of(n, t) for n, t in views.items()), 256)
+    buf = _ext.alloc_host(nbytes).tensor
+    buf.fill_(0)  # fault the pages in once, outside every timing
+    return flat, views, metas, buf
+
+
+PACK_VARIANTS = ["ext", "fallback", "loop", "memcpy_torch", "memcpy_ext"]
+
+
+@pytest.mark.parametrize("variant", PACK_VARIANTS)
+def test_pack_qwen2_05b(benchmark, qwen_state, variant):
+    flat, views, metas, buf = qwen_state
+    tensors, offsets = [views[m.name] for m in metas], [m.offset for m in metas]
+    benchmark.group = f"pack Qwen2-0.5B shapes, {flat.nbytes / 2**20:.0f} MiB bf16"
+    benchmark.extra_info["bytes"] = flat.nbytes
+    fn = {"ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
+          "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
+          "loop": lambda: _python_loop(views, metas, buf),
+          # the limit: one copy of the same byte count, by torch and by the extension's threaded memcpy
+          "memcpy_torch": lambda: buf[:flat.nbytes].copy_(flat.view(torch.uint8)),
+          "memcpy_ext": lambda: _ext.pack([flat], [0], buf, use_ext=True)}[variant]
+    if variant in ("ext", "memcpy_ext") and not _ext.HAS_EXT:
+        pytest.skip(_ext.EXT_ERROR)
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, f"pack_large/{variant}")
+
+
+@pytest.fixture(scope="module")
+def small_state():
+    views = {f"t{i}": t for i, t in enumerate(torch.randn(20_000, 1024).unbind(0))}  # 20,000 x 4 KB
+    metas, nbytes = layout((TensorMeta.of(n, t) for n, t in views.items()), 256)
+    buf = _ext.alloc_host(nbytes).tensor
+    buf.fill_(0)
+    return views, metas, buf
+
+
+@pytest.mark.parametrize("variant", ["ext", "fallback", "loop"])
+def test_pack_20k_small(benchmark, small_state, variant):
+    views, metas, buf = small_state
+    tensors, offsets = [views[m.name] for m in metas], [m.offset for m in metas]
+    benchmark.group = "pack 20,000 x 4 KB"
+    if variant == "ext" and not _ext.HAS_EXT:
+        pytest.skip(_ext.EXT_ERROR)
+    fn = {"ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
+          "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
+          "loop": lambda: _python_loop(views, metas, buf)}[variant]
+    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, f"pack_small/{variant}")
+
+
+# ------------------------------------------------------------------------------------------- broadcast
+# The benchmark process is rank 0 (the sender); two receiver processes follow its commands, each a
+# header broadcast [op, arg]; every op ends with an all-reduce so rank 0 times the whole transfer.
+_OP_QUIT, _OP_PER_TENSOR, _OP_BUCKETED, _OP_RAW, _OP_SYNC = range(5)
+
+
+def _done(group) -> None:
+    group.wait(group.pg.allreduce([torch.zeros(1)]), "done")
+
+
+def _bcast(group, t: torch.Tensor) -> None:
+    group.wait(group.broadcast(t), "broadcast")
+
+
+def _receiver(index: int, port: int) -> None:
+    torch.set_num_threads(1)
+    group = init_weight_group("127.0.0.1", port, index + 1, 3, timeout=_TIMEOUT)
+    shapes = smollm2_135m()
+    model = {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes}
+    metas = [TensorMeta.of(n, t) for n, t in model.items()]
+    buckets = plan_buckets(metas, BUCKET_BYTES)
+    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in buckets]
+    raw = torch.zeros(sum(m.nbytes for m in metas), dtype=torch.uint8)
+    rx = WeightReceiver(group, metas)
+    rx.handshake()
+    header = torch.zeros(2, dtype=torch.int64)
+    while True:
+        _bcast(group, header)
+        op = int(header[0])
+        if op == _OP_QUIT:
+            return
+        if op == _OP_PER_TENSOR:
+            for t in model.values():
+                _bcast(group, t)
+        elif op == _OP_BUCKETED:
+            for fb in staging:
+                _bcast(group, fb.buffer)
+                fb.copy_into({m.name: model[m.name] for m in fb.metas})
+        elif op == _OP_RAW:
+            _bcast(group, raw)
+        elif op == _OP_SYNC:
+            rx.receive()
+            rx.apply(model)
+        _done(group)
+
+
+@pytest.fixture(scope="module")
+def channel():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_receiver, args=(port,), nprocs=2, join=False, start_method="spawn")
+    group = init_weight_group("127.0.0.1", port, 0, 3, timeout=_TIMEOUT)
+    flat, state = make_state(smollm2_135m(), seed=1)
+    sender = WeightSender(group, state, bucket_bytes=BUCKET_BYTES)
+    sender.handshake()
+    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in sender.buckets]
+    yield group, flat, state, sender, staging
+    _bcast(group, torch.tensor([_OP_QUIT, 0]))
+    ctx.join(timeout=60)
+
+
+def _command(group, op: int, arg: int = 0) -> None:
+    _bcast(group, torch.tensor([op, arg], dtype=torch.int64))
+
+
+def _per_tensor(group, state, *_):
+    _command(group, _OP_PER_TENSOR)
+    for t in state.values():
+        _bcast(group, t)
+    _done(group)
+
+
+def _bucketed(group, state, sender, staging):
+    _command(group, _OP_BUCKETED)
+    for fb in staging:
+        fb.write({m.name: state[m.name] for m in fb.metas})
+        _bcast(group, fb.buffer)
+    _done(group)
+
+
+def _raw(group, state, sender, staging, flat):
+    _command(group, _OP_RAW)
+    _bcast(group, flat.view(torch.uint8))
+    _done(group)
+
+
+def _full_sync(group, state, sender, staging, version=[0]):  # noqa: B006 -- a round counter
+    version[0] += 1
+    _command(group, _OP_SYNC)
+    sender.sync(version[0])
+    _done(group)
+
+
+@pytest.mark.parametrize("variant", ["per_tensor", "bucketed", "raw", "full_sync"])
+def test_broadcast_smollm2(benchmark, channel, variant):
+    group, flat, state, sender, staging = channel
+    benchmark.group = f"gloo broadcast to 2 receivers, {len(state)} tensors, {flat.nbytes / 2**20:.0f} MiB"
+    fn = {"per_tensor": _per_tensor, "bucketed": _bucketed, "full_sync": _full_sync,
+          "raw": lambda *a: _raw(*a, flat)}[variant]
+    benchmark.pedantic(fn, args=(group, state, sender, staging), rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, f"broadcast/{variant}")
+
+
+# ---------------------------------------------------------------------------------------------- report
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """After the module's benchmarks: print the ratios and write them to RESULTS (a fixture, not a test,
+    so that ``--benchmark-only`` does not skip it)."""
+    yield
+    t = _TIMES
+    ratios = {}
+
+    def ratio(name, num, den):
+        if num in t and den in t:
+            ratios[name] = t[num] / t[den]
+
+    ratio("pack_large: ext / one threaded memcpy (the limit)", "pack_large/memcpy_ext", "pack_large/ext")
+    ratio("pack_large: ext / one torch copy_", "pack_large/memcpy_torch", "pack_large/ext")
+    ratio("pack_large: fallback / one threaded memcpy", "pack_large/memcpy_ext", "pack_large/fallback")
+    ratio("pack_large: loop / one threaded memcpy", "pack_large/memcpy_ext", "pack_large/loop")
+    ratio("pack_large: ext speed-up over loop", "pack_large/loop", "pack_large/ext")
+    ratio("pack_small: ext speed-up over loop", "pack_small/loop", "pack_small/ext")
+    ratio("pack_small: fallback speed-up over loop", "pack_small/loop", "pack_small/fallback")
+    ratio("broadcast: bucketed speed-up over per-tensor", "broadcast/per_tensor", "broadcast/bucketed")
+    ratio("broadcast: full-sync speed-up over per-tensor", "broadcast/per_tensor", "broadcast/full_sync")
+    ratio("sync efficiency (raw broadcast / full sync)", "broadcast/raw", "broadcast/full_sync")
+    if not ratios:
+        return  # --benchmark-disable, or a selection without both sides of any ratio
+    print("\nweight-transfer ratios" + (" (GKD_BENCH_SIZE=small)" if SMALL else ""))
+    for name, r in ratios.items():
+        print(f"  {name:55s} {r:7.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"size": "small" if SMALL else "full", "threads": torch.get_num_threads(),
+                                   "median_seconds": t, "ratios": ratios}, indent=2))
+
