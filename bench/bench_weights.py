@@ -7,9 +7,11 @@ Not part of CI. Ratios are printed at the end and written to bench/results/weigh
 - pack of a Qwen2-0.5B-shaped bf16 state dict (~1 GB): extension vs torch fallback vs a Python
   ``copy_`` loop vs one ``copy_`` of the same byte count (the memory-bandwidth limit);
 - pack of 20,000 tensors of 4 KB: extension vs fallback vs the Python loop;
-- gloo broadcast to 2 receiver processes of a SmolLM2-135M-shaped bf16 state (273 tensors, ~270 MB):
-  one broadcast per tensor vs bucketed single-shot vs one raw broadcast of the whole byte count vs a full
-  gkd sync (pack + checksum + broadcast + verify + copy into the receivers' tensors).
+- gloo broadcast to 2 receiver processes of a SmolLM2-135M-shaped bf16 state (272 tensors, 257 MiB) and
+  of 300 tensors of 16 KB: one broadcast per tensor vs bucketed single-shot vs one raw broadcast of the
+  whole byte count vs a full gkd sync (pack + checksum + broadcast + verify + copy into the receivers'
+  tensors). The sender is unsharded, so "gather" is free here (FSDP2 gathering is tested, not timed).
+Torch-side loops are also timed with one torch thread (``_1t``): see ``_one_thread``.
 Destination buffers are allocated and touched once, outside the timings.
 """
 
@@ -67,6 +69,14 @@ def smollm2_135m() -> list[tuple[str, tuple[int, ...]]]:
     return _lm_shapes(49152 // (8 if SMALL else 1), 576, 4 if SMALL else 30, 1536, 9, 3, bias=False)
 
 
+def small_300() -> list[tuple[str, tuple[int, ...]]]:
+    """300 tensors of 16 KB (bf16): a state where per-message latency, not bandwidth, dominates."""
+    return [(f"t{i}", (64, 128)) for i in range(300)]
+
+
+BROADCAST_STATES = {"smollm2": smollm2_135m, "small300": small_300}
+
+
 def make_state(shapes, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Random bf16 tensors, all views into one flat tensor (so the bandwidth baseline can copy it at once)."""
     numels = [int(torch.Size(s).numel()) for _, s in shapes]
@@ -99,7 +109,20 @@ def qwen_state():
     return flat, views, metas, buf
 
 
-PACK_VARIANTS = ["ext", "fallback", "loop", "memcpy_torch", "memcpy_ext"]
+PACK_VARIANTS = ["ext", "fallback", "fallback_1t", "loop", "loop_1t", "memcpy_torch", "memcpy_ext"]
+
+
+def _one_thread(fn):
+    """fn with torch on one thread: on an oversubscribed machine each of torch's OpenMP regions can cost
+    milliseconds, which a loop of ~300 copy_ calls multiplies (measured: 8x on this 2-core box)."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
 
 
 @pytest.mark.parametrize("variant", PACK_VARIANTS)
@@ -110,7 +133,9 @@ def test_pack_qwen2_05b(benchmark, qwen_state, variant):
     benchmark.extra_info["bytes"] = flat.nbytes
     fn = {"ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
           "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
+          "fallback_1t": _one_thread(lambda: _ext.pack(tensors, offsets, buf, use_ext=False)),
           "loop": lambda: _python_loop(views, metas, buf),
+          "loop_1t": _one_thread(lambda: _python_loop(views, metas, buf)),
           # the limit: one copy of the same byte count, by torch and by the extension's threaded memcpy
           "memcpy_torch": lambda: buf[:flat.nbytes].copy_(flat.view(torch.uint8)),
           "memcpy_ext": lambda: _ext.pack([flat], [0], buf, use_ext=True)}[variant]
@@ -129,7 +154,7 @@ def small_state():
     return views, metas, buf
 
 
-@pytest.mark.parametrize("variant", ["ext", "fallback", "loop"])
+@pytest.mark.parametrize("variant", ["ext", "fallback", "loop", "loop_1t"])
 def test_pack_20k_small(benchmark, small_state, variant):
     views, metas, buf = small_state
     tensors, offsets = [views[m.name] for m in metas], [m.offset for m in metas]
@@ -138,7 +163,8 @@ def test_pack_20k_small(benchmark, small_state, variant):
         pytest.skip(_ext.EXT_ERROR)
     fn = {"ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
           "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
-          "loop": lambda: _python_loop(views, metas, buf)}[variant]
+          "loop": lambda: _python_loop(views, metas, buf),
+          "loop_1t": _one_thread(lambda: _python_loop(views, metas, buf))}[variant]
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, f"pack_small/{variant}")
 
@@ -157,23 +183,28 @@ def _bcast(group, t: torch.Tensor) -> None:
     group.wait(group.broadcast(t), "broadcast")
 
 
+class _ReceiverState:
+    def __init__(self, group, shapes):
+        self.model = {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes}
+        metas = [TensorMeta.of(n, t) for n, t in self.model.items()]
+        self.staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in plan_buckets(metas, BUCKET_BYTES)]
+        self.raw = torch.zeros(sum(m.nbytes for m in metas), dtype=torch.uint8)
+        self.rx = WeightReceiver(group, metas)
+        self.rx.handshake()
+
+
 def _receiver(index: int, port: int) -> None:
     torch.set_num_threads(1)
     group = init_weight_group("127.0.0.1", port, index + 1, 3, timeout=_TIMEOUT)
-    shapes = smollm2_135m()
-    model = {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes}
-    metas = [TensorMeta.of(n, t) for n, t in model.items()]
-    buckets = plan_buckets(metas, BUCKET_BYTES)
-    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in buckets]
-    raw = torch.zeros(sum(m.nbytes for m in metas), dtype=torch.uint8)
-    rx = WeightReceiver(group, metas)
-    rx.handshake()
+    states = [_ReceiverState(group, shapes()) for shapes in BROADCAST_STATES.values()]
     header = torch.zeros(2, dtype=torch.int64)
     while True:
         _bcast(group, header)
         op = int(header[0])
         if op == _OP_QUIT:
             return
+        st = states[int(header[1])]
+        model, staging, raw, rx = st.model, st.staging, st.raw, st.rx
         if op == _OP_PER_TENSOR:
             for t in model.values():
                 _bcast(group, t)
@@ -196,55 +227,62 @@ def channel():
         port = s.getsockname()[1]
     ctx = mp.start_processes(_receiver, args=(port,), nprocs=2, join=False, start_method="spawn")
     group = init_weight_group("127.0.0.1", port, 0, 3, timeout=_TIMEOUT)
-    flat, state = make_state(smollm2_135m(), seed=1)
-    sender = WeightSender(group, state, bucket_bytes=BUCKET_BYTES)
-    sender.handshake()
-    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in sender.buckets]
-    yield group, flat, state, sender, staging
+    states = {}
+    for key, shapes in BROADCAST_STATES.items():  # handshakes in the receivers' order
+        flat, state = make_state(shapes(), seed=1)
+        sender = WeightSender(group, state, bucket_bytes=BUCKET_BYTES)
+        sender.handshake()
+        staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in sender.buckets]
+        states[key] = (flat, state, sender, staging)
+    yield group, states
     _bcast(group, torch.tensor([_OP_QUIT, 0]))
     ctx.join(timeout=60)
 
 
-def _command(group, op: int, arg: int = 0) -> None:
+def _command(group, op: int, arg: int) -> None:
     _bcast(group, torch.tensor([op, arg], dtype=torch.int64))
 
 
-def _per_tensor(group, state, *_):
-    _command(group, _OP_PER_TENSOR)
+def _per_tensor(group, key, state, *_):
+    _command(group, _OP_PER_TENSOR, key)
     for t in state.values():
         _bcast(group, t)
     _done(group)
 
 
-def _bucketed(group, state, sender, staging):
-    _command(group, _OP_BUCKETED)
+def _bucketed(group, key, state, sender, staging):
+    _command(group, _OP_BUCKETED, key)
     for fb in staging:
         fb.write({m.name: state[m.name] for m in fb.metas})
         _bcast(group, fb.buffer)
     _done(group)
 
 
-def _raw(group, state, sender, staging, flat):
-    _command(group, _OP_RAW)
+def _raw(group, key, state, sender, staging, flat):
+    _command(group, _OP_RAW, key)
     _bcast(group, flat.view(torch.uint8))
     _done(group)
 
 
-def _full_sync(group, state, sender, staging, version=[0]):  # noqa: B006 -- a round counter
+def _full_sync(group, key, state, sender, staging, version=[0]):  # noqa: B006 -- a round counter
     version[0] += 1
-    _command(group, _OP_SYNC)
+    _command(group, _OP_SYNC, key)
     sender.sync(version[0])
     _done(group)
 
 
+@pytest.mark.parametrize("key", list(BROADCAST_STATES))
 @pytest.mark.parametrize("variant", ["per_tensor", "bucketed", "raw", "full_sync"])
-def test_broadcast_smollm2(benchmark, channel, variant):
-    group, flat, state, sender, staging = channel
-    benchmark.group = f"gloo broadcast to 2 receivers, {len(state)} tensors, {flat.nbytes / 2**20:.0f} MiB"
+def test_broadcast(benchmark, channel, key, variant):
+    group, states = channel
+    flat, state, sender, staging = states[key]
+    size = f"{len(state)} tensors, {flat.nbytes / 2**20:.1f} MiB"
+    benchmark.group = f"gloo broadcast to 2 receivers, {key}: {size}"
     fn = {"per_tensor": _per_tensor, "bucketed": _bucketed, "full_sync": _full_sync,
           "raw": lambda *a: _raw(*a, flat)}[variant]
-    benchmark.pedantic(fn, args=(group, state, sender, staging), rounds=ROUNDS, warmup_rounds=1)
-    _record(benchmark, f"broadcast/{variant}")
+    index = list(BROADCAST_STATES).index(key)
+    benchmark.pedantic(fn, args=(group, index, state, sender, staging), rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, f"broadcast_{key}/{variant}")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -264,12 +302,18 @@ def report():
     ratio("pack_large: ext / one torch copy_", "pack_large/memcpy_torch", "pack_large/ext")
     ratio("pack_large: fallback / one threaded memcpy", "pack_large/memcpy_ext", "pack_large/fallback")
     ratio("pack_large: loop / one threaded memcpy", "pack_large/memcpy_ext", "pack_large/loop")
+    ratio("pack_large: loop (1 torch thread) / one threaded memcpy", "pack_large/memcpy_ext",
+          "pack_large/loop_1t")
+    ratio("pack_large: ext speed-up over loop (1 torch thread)", "pack_large/loop_1t", "pack_large/ext")
     ratio("pack_large: ext speed-up over loop", "pack_large/loop", "pack_large/ext")
     ratio("pack_small: ext speed-up over loop", "pack_small/loop", "pack_small/ext")
+    ratio("pack_small: ext speed-up over loop (1 torch thread)", "pack_small/loop_1t", "pack_small/ext")
     ratio("pack_small: fallback speed-up over loop", "pack_small/loop", "pack_small/fallback")
-    ratio("broadcast: bucketed speed-up over per-tensor", "broadcast/per_tensor", "broadcast/bucketed")
-    ratio("broadcast: full-sync speed-up over per-tensor", "broadcast/per_tensor", "broadcast/full_sync")
-    ratio("sync efficiency (raw broadcast / full sync)", "broadcast/raw", "broadcast/full_sync")
+    for key in BROADCAST_STATES:
+        b = f"broadcast_{key}/"
+        ratio(f"{key}: bucketed speed-up over per-tensor broadcast", b + "per_tensor", b + "bucketed")
+        ratio(f"{key}: full-sync speed-up over per-tensor broadcast", b + "per_tensor", b + "full_sync")
+        ratio(f"{key}: sync efficiency (raw broadcast / full sync)", b + "raw", b + "full_sync")
     if not ratios:
         return  # --benchmark-disable, or a selection without both sides of any ratio
     print("\nweight-transfer ratios" + (" (GKD_BENCH_SIZE=small)" if SMALL else ""))

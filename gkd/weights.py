@@ -178,9 +178,10 @@ class WeightSender:
     tensors (single process, DDP) only rank 0 does anything. With FSDP2 (DTensor parameters) every trainer
     rank takes part in gathering each bucket's tensors to rank 0 (``gather``, not all-gather).
 
-    Peak memory: rank 0 holds its shard + the full tensors of one bucket + two bucket buffers (one being
-    broadcast while the next is packed): shard + 3 x ``bucket_bytes``. Other trainer ranks hold their shard
-    + one padded shard of one tensor.
+    Peak memory, FSDP2: rank 0 holds its shard + the gathered full tensors of one bucket + two bucket
+    buffers (one being broadcast while the next is packed), i.e. shard + 3 x ``bucket_bytes`` (+ twice the
+    largest tensor while it is gathered, if that exceeds a bucket); other trainer ranks hold their shard + one
+    padded shard of one tensor. Unsharded (DDP): the model + 2 x ``bucket_bytes`` on rank 0 only.
     """
 
     def __init__(self, group: WeightGroup | None, source: torch.nn.Module | NamedTensors, *,
@@ -311,7 +312,8 @@ class WeightReceiver:
                 problem = f"sender's weights do not match this engine: {diff}"
         except (ValueError, KeyError, TypeError, WeightSyncError) as exc:
             problem = f"unreadable weight metadata: {exc}"
-        g.store.set(f"handshake/{g.rank}", problem or "")
+        if problem is not None:  # read by the sender when the all-reduce names this rank
+            g.store.set(f"handshake/{g.rank}", problem)
         failed = g.agree(problem is None, "handshake status")
         if problem is not None:
             raise MetadataMismatch(problem)
@@ -346,7 +348,8 @@ class WeightReceiver:
             for bucket, fb, work in zip(self.buckets, self._staging, works, strict=True):
                 g.wait(work, f"version {version} bucket {bucket.index}")
                 bad += self._verify(version, bucket, fb)
-            g.store.set(f"sync/{version}/{g.rank}", "; ".join(bad))
+            if bad:  # read by the sender when the all-reduce names this rank
+                g.store.set(f"sync/{version}/{g.rank}", "; ".join(bad))
             failed = g.agree(not bad, f"version {version} status")
             if bad:
                 raise WeightSyncError(f"version {version} rejected, keeping version {self.applied_version}: "
