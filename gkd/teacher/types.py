@@ -33,11 +33,16 @@ def check_sequences(
     max_len: int,
     top_k: int,
     max_top_k: int,
+    index_offset: int = 0,
 ) -> None:
-    """Reject bad requests before any compute, naming the sequence index and the problem."""
+    """Reject bad requests before any compute, naming the sequence index and the problem.
+
+    ``index_offset`` is added to the indices in messages: a service scoring one micro-request of a split
+    batch names the sequence by its index in the caller's whole batch.
+    """
     if not 1 <= top_k <= max_top_k:
         raise ValueError(f"top_k={top_k} is outside [1, {max_top_k}] (the maximum this teacher serves)")
-    for i, seq in enumerate(sequences):
+    for i, seq in enumerate(sequences, start=index_offset):
         if len(seq) != 2:
             raise ValueError(f"sequence {i}: expected (prompt_ids, response_ids), got {len(seq)} parts")
         prompt, response = seq

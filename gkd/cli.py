@@ -1,0 +1,115 @@
+"""``gkd`` command line. Each subcommand group registers its parser here and dispatches to a library
+function; the work lives in those functions (``gkd.teacher.service`` for ``gkd teacher ...``).
+
+    gkd teacher serve --model PATH [--backend hf|vllm] [--workers N] [--port 15555] [--backend-port 15556]
+    gkd teacher join  --broker HOST:15556 --model PATH [--workers N]
+    gkd teacher ping  HOST:15555
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher engine")
+    g.add_argument("--model", required=True, help="model folder (transformers layout) or hub-style path")
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load instead")
+    g.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="engine (default: hf)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--top-k", type=int, default=64, help="maximum (and default) top-k served (default 64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="default teacher temperature")
+    g.add_argument(
+        "--logprob-dtype",
+        choices=("float16", "float32"),
+        default="float32",
+        help="top-k log-probs on the wire (token log-probs are always float32)",
+    )
+    g.add_argument("--max-batch-tokens", type=int, default=8192, help="hf engine: padded tokens per batch")
+    g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
+    g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
+
+
+def _engine_spec(args: argparse.Namespace):
+    from gkd.teacher.service import EngineSpec
+
+    return EngineSpec(
+        model=args.model,
+        backend=args.backend,
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        logprob_dtype=args.logprob_dtype,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+
+
+def _teacher_serve(args: argparse.Namespace) -> int:
+    from gkd.teacher import service
+
+    service.configure_logging(args.log_level)
+    return service.serve(
+        _engine_spec(args),
+        host=args.host,
+        port=args.port,
+        backend_port=args.backend_port,
+        workers=args.workers,
+        auth_secret_file=args.auth_secret_file,
+    )
+
+
+def _teacher_join(args: argparse.Namespace) -> int:
+    from gkd.teacher import service
+
+    service.configure_logging(args.log_level)
+    return service.join(
+        _engine_spec(args), args.broker, workers=args.workers, auth_secret_file=args.auth_secret_file
+    )
+
+
+def _teacher_ping(args: argparse.Namespace) -> int:
+    from gkd.teacher import service
+
+    return service.ping(args.address, timeout_s=args.timeout, auth_secret_file=args.auth_secret_file)
+
+
+def _add_teacher(sub: argparse._SubParsersAction) -> None:
+    teacher = sub.add_parser("teacher", help="the teacher scoring service")
+    tsub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="{serve,join,ping}")
+
+    serve = tsub.add_parser("serve", help="start a broker and N teacher worker processes")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=15555, help="client (frontend) port")
+    serve.add_argument("--backend-port", type=int, default=15556, help="worker (backend) port")
+    serve.set_defaults(func=_teacher_serve)
+
+    join = tsub.add_parser("join", help="add teacher workers to a running broker (e.g. from another machine)")
+    join.add_argument("--broker", required=True, help="the broker's backend, HOST:PORT (default port 15556)")
+    _add_engine_args(join)
+    join.set_defaults(func=_teacher_join)
+
+    ping = tsub.add_parser("ping", help="print a teacher service's state; exit 0 if healthy, 1 if not")
+    ping.add_argument("address", help="the broker's client port, HOST:PORT (default port 15555)")
+    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    ping.add_argument("--auth-secret-file", default=None)
+    ping.set_defaults(func=_teacher_ping)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gkd", description="asynchronous on-policy knowledge distillation")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher}")
+    _add_teacher(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""Teacher service entry points behind ``gkd teacher serve|join|ping``.
+
+- ``serve``: a broker (frontend ``--port`` for clients, backend ``--backend-port`` for workers) in this
+  process, plus N worker processes (each ``gkd teacher join --workers 1`` holding one engine). SIGINT or
+  SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period) and the broker.
+- ``join``: worker processes that connect to a broker's backend, possibly from another machine.
+- ``ping``: asks the broker for its info and prints model, vocab size, tokenizer fingerprint, max top-k,
+  protocol version and live workers; exit status 0 when healthy, 1 with the reason otherwise.
+
+A child worker is told its supervisor's pid (``GKD_PARENT_PID``) and exits when it is orphaned, so a
+SIGKILLed ``serve`` does not leave engines holding memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gkd.teacher.wire import LIMITS, OPS, make_handler
+from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
+
+log = logging.getLogger("gkd.teacher")
+
+BACKENDS = ("hf", "vllm")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_PARENT_ENV = "GKD_PARENT_PID"
+_STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build one teacher engine; also what a worker announces (``info``)."""
+
+    model: str
+    backend: str = "hf"
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    top_k: int = 64  # the maximum top-k served, and the default when a request gives none
+    temperature: float = 1.0  # the default when a request gives none
+    logprob_dtype: str = "float32"
+    max_batch_tokens: int = 8192
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.top_k < 1 or not self.temperature > 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 1 and temperature={self.temperature} > 0")
+
+    def build(self):
+        """Load the engine (slow: reads the weights)."""
+        common = {"dtype": self.dtype, "max_top_k": self.top_k, "logprob_dtype": self.logprob_dtype}
+        if self.backend == "vllm":
+            from gkd.teacher.vllm_engine import VLLMTeacherEngine
+
+            return VLLMTeacherEngine(self.model, gguf_file=self.gguf_file, **common)
+        from gkd.teacher.hf_engine import HFTeacherEngine
+
+        return HFTeacherEngine.from_pretrained(
+            self.model, gguf_file=self.gguf_file, max_batch_tokens=self.max_batch_tokens, **common
+        )
+
+    def to_argv(self) -> list[str]:
+        """The ``gkd teacher join`` options that rebuild this spec in a child process."""
+        argv = ["--model", self.model, "--backend", self.backend, "--dtype", self.dtype]
+        argv += ["--top-k", str(self.top_k), "--temperature", repr(self.temperature)]
+        argv += ["--logprob-dtype", self.logprob_dtype, "--max-batch-tokens", str(self.max_batch_tokens)]
+        return argv + (["--gguf-file", self.gguf_file] if self.gguf_file else [])
+
+
+def tokenizer_fingerprint(model: str, gguf_file: str | None = None) -> str:
+    """``sha256:<16 hex>`` of the tokenizer's vocabulary (sorted token -> id pairs), or ``none`` when the
+    model folder has no tokenizer. Two services with equal fingerprints map text to the same ids."""
+    folder = Path(model)
+    if not folder.is_dir() or not (gguf_file or any((folder / f).exists() for f in _TOKENIZER_FILES)):
+        return "none"
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, KeyError) as e:  # shown by `ping`; scoring needs ids, not the tokenizer
+        log.warning("could not load the tokenizer in %s: %s", folder, e)
+        return f"unreadable ({type(e).__name__})"
+    pairs = sorted(tokenizer.get_vocab().items())
+    return "sha256:" + hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def worker_info(spec: EngineSpec, engine) -> dict[str, Any]:
+    return {
+        **engine.info(),
+        "tokenizer": tokenizer_fingerprint(spec.model, spec.gguf_file),
+        "default_temperature": spec.temperature,
+        "logprob_dtype": spec.logprob_dtype,
+    }
+
+
+def make_worker(spec: EngineSpec, broker: str, *, auth: Auth | None = None, engine=None, **kwargs) -> Worker:
+    """A ``Worker`` serving ``spec``'s engine (built here unless given) behind ``broker``'s backend."""
+    engine = engine if engine is not None else spec.build()
+    handler = make_handler(
+        engine,
+        default_top_k=spec.top_k,
+        default_temperature=spec.temperature,
+        logprob_dtype=spec.logprob_dtype,
+    )
+    info = worker_info(spec, engine)
+    return Worker(broker, handler, ops=OPS, info=info, limits=LIMITS, auth=auth, **kwargs)
+
+
+def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = None, **kwargs) -> Broker:
+    return Broker(
+        OPS, host=host, frontend_port=port, backend_port=backend_port, limits=LIMITS, auth=auth, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM (installed in the main thread)."""
+    stop = threading.Event()
+
+    def handle(signum, _frame):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def _orphaned() -> bool:
+    parent = os.environ.get(_PARENT_ENV)
+    return parent is not None and os.getppid() != int(parent)
+
+
+def _spawn_worker(spec: EngineSpec, broker: str, auth_secret_file: str | None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "gkd.cli", "teacher", "join", "--broker", broker, "--workers", "1"]
+    argv += spec.to_argv() + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
+    return subprocess.Popen(argv, env={**os.environ, _PARENT_ENV: str(os.getpid())})
+
+
+def _supervise(children: list[subprocess.Popen], stop: threading.Event) -> int:
+    """Wait for a stop signal (-> 0), or for every child to exit (-> 1); then stop the rest."""
+    reported: set[int] = set()
+    try:
+        while not stop.wait(0.5):
+            for child in children:
+                if child.poll() is not None and child.pid not in reported:
+                    reported.add(child.pid)
+                    log.error("worker process %d exited with status %d", child.pid, child.returncode)
+            if len(reported) == len(children):
+                log.error("all worker processes have exited")
+                return 1
+            if _orphaned():
+                log.error("supervisor is gone; exiting")
+                return 1
+        return 0
+    finally:
+        _stop_children(children)
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d ignored SIGTERM for %.0fs; killing it", child.pid, _STOP_GRACE_S)
+            child.kill()
+            child.wait()
+
+
+def _auth(auth_secret_file: str | None) -> Auth | None:
+    return Auth.from_file(auth_secret_file) if auth_secret_file else None
+
+
+def serve(
+    spec: EngineSpec,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 15555,
+    backend_port: int = 15556,
+    workers: int = 1,
+    auth_secret_file: str | None = None,
+) -> int:
+    """Run a broker and ``workers`` worker processes until SIGINT/SIGTERM; returns the exit status."""
+    if workers < 1:
+        raise ValueError("--workers must be >= 1")
+    stop = _stop_on_signals()
+    broker = make_broker(host=host, port=port, backend_port=backend_port, auth=_auth(auth_secret_file))
+    broker.start()
+    # Children reach the backend on loopback even when it is bound to 0.0.0.0.
+    backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
+    log.info(
+        "teacher broker up: clients %s, workers %s (auth %s); starting %d %s worker(s) for %s",
+        broker.frontend_address,
+        broker.backend_address,
+        "on" if auth_secret_file else "off",
+        workers,
+        spec.backend,
+        spec.model,
+    )
+    children = [_spawn_worker(spec, backend_local, auth_secret_file) for _ in range(workers)]
+    try:
+        return _supervise(children, stop)
+    finally:
+        broker.stop()
+        log.info("teacher service stopped")
+
+
+def join(spec: EngineSpec, broker: str, *, workers: int = 1, auth_secret_file: str | None = None) -> int:
+    """Serve ``spec`` behind ``broker``'s backend (HOST:PORT) with ``workers`` engines until stopped."""
+    if workers < 1:
+        raise ValueError("--workers must be >= 1")
+    stop = _stop_on_signals()
+    if workers > 1:
+        return _supervise([_spawn_worker(spec, broker, auth_secret_file) for _ in range(workers)], stop)
+    start = time.monotonic()
+    worker = make_worker(spec, broker, auth=_auth(auth_secret_file))
+    log.info(
+        "worker %d: %s engine for %s loaded in %.1fs; serving %s",
+        os.getpid(),
+        spec.backend,
+        spec.model,
+        time.monotonic() - start,
+        worker.address,
+    )
+    worker.start()
+    try:
+        while not stop.wait(0.5):
+            if _orphaned():
+                log.error("worker %d: supervisor is gone; exiting", os.getpid())
+                return 1
+        return 0
+    finally:
+        worker.stop()
+
+
+def ping(address: str, *, timeout_s: float = 5.0, auth_secret_file: str | None = None, out=None) -> int:
+    """Print the service's state; return 0 when healthy, 1 (reason on stderr) otherwise."""
+    out = out or sys.stdout
+    try:
+        with Client(address, timeout_s=timeout_s, retries=0, auth=_auth(auth_secret_file)) as client:
+            info = client.info(timeout_s=timeout_s)
+    except TimeoutError:
+        hint = "is `gkd teacher serve` running there"
+        hint += "" if auth_secret_file else ", and does it require --auth-secret-file"
+        return _unhealthy(f"no reply from {address} within {timeout_s}s ({hint}?)")
+    except (RemoteError, ProtocolError, ValueError) as e:
+        return _unhealthy(f"bad reply from {address}: {e}")
+    workers = info.get("workers", [])
+    print(f"address: {address}", file=out)
+    print(f"protocol: {info.get('protocol')} (this client: {PROTOCOL_VERSION})", file=out)
+    busy = sum(bool(w.get("busy")) for w in workers)
+    print(f"workers: {len(workers)} live ({busy} busy), queue {info.get('queue')}", file=out)
+    infos = [w.get("info", {}) for w in workers]
+    keys = ("model", "engine", "vocab_size", "tokenizer", "max_top_k", "max_len", "logprob_dtype")
+    for key in keys:
+        values = sorted({str(i.get(key)) for i in infos})
+        print(f"{key}: {', '.join(values) if values else '-'}", file=out)
+    for w, i in zip(workers, infos, strict=True):
+        print(
+            f"  worker {i.get('host')}:{i.get('pid')} busy={w.get('busy')} served={w.get('served')}", file=out
+        )
+    if info.get("protocol") != PROTOCOL_VERSION:
+        return _unhealthy(f"protocol {info.get('protocol')} differs from this client's {PROTOCOL_VERSION}")
+    if not workers:
+        return _unhealthy("no live workers connected to the broker")
+    for key in ("model", "vocab_size", "tokenizer", "max_top_k"):
+        if len({str(i.get(key)) for i in infos}) > 1:
+            return _unhealthy(f"workers disagree on {key}")
+    print("healthy", file=out)
+    return 0
+
+
+def _unhealthy(reason: str) -> int:
+    print(f"unhealthy: {reason}", file=sys.stderr)
+    return 1
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+    )

@@ -1,0 +1,173 @@
+"""The teacher service's wire format and its worker handler.
+
+One op, ``score``. Request (fields + int32 tensors, all flat)::
+
+    fields   top_k: int | None, temperature: float | None   (None: the service's default)
+             offset: int  (index of the first sequence in the caller's whole batch, for error messages)
+    tensors  input_ids      [sum(P + R)] int32   each sequence's prompt then response, back to back
+             prompt_lens    [S] int32
+             response_lens  [S] int32
+
+Reply (response positions only; row j of a sequence predicts its response token j)::
+
+    fields   top_k, temperature (as applied)
+    tensors  topk_ids        [sum R, K] int32
+             topk_logprobs   [sum R, K] float16 | float32 (the service's ``--logprob-dtype``)
+             token_logprobs  [sum R] float32
+             response_lens   [S] int32 (echoed, so the client can check the reply fits its request)
+
+An input the engine refuses (``check_sequences``: ids outside the vocabulary, empty prompt/response, too
+long, top_k above the served maximum) becomes an error reply whose message names the sequence by its
+index in the caller's batch; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_sequences
+from gkd.transport import Limits, Message, ProtocolError
+
+OP_SCORE = "score"
+OPS = (OP_SCORE,)
+
+#: Per-message bounds, enforced by the broker (before queueing) and the worker (before decoding). The
+#: client splits bigger batches into micro-requests far below these.
+LIMITS = Limits(
+    max_sequences=1 << 14,
+    max_tokens=1 << 21,
+    sequence_tensors=("prompt_lens", "response_lens"),
+    token_tensors=("input_ids",),
+)
+
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def _flat_ids(part: Any) -> torch.Tensor:
+    t = (
+        torch.as_tensor(part)
+        if len(part) or isinstance(part, torch.Tensor)
+        else torch.empty(0, dtype=torch.long)
+    )
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got {t.dtype}")
+    return t.reshape(-1)
+
+
+def pack_request(
+    sequences: Sequence[tuple[Any, Any]], top_k: int | None, temperature: float | None, offset: int = 0
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(prompt_ids, response_ids)`` pairs (lists or 1-D integer tensors) -> request fields + tensors."""
+    parts: list[torch.Tensor] = []
+    prompt_lens, response_lens = [], []
+    for i, seq in enumerate(sequences):
+        if len(seq) != 2:
+            raise ValueError(
+                f"sequence {offset + i}: expected (prompt_ids, response_ids), got {len(seq)} parts"
+            )
+        prompt, response = _flat_ids(seq[0]), _flat_ids(seq[1])
+        parts += [prompt, response]
+        prompt_lens.append(prompt.numel())
+        response_lens.append(response.numel())
+    ids = torch.cat(parts).long() if parts else torch.empty(0, dtype=torch.long)
+    if ids.numel() and (int(ids.min()) < _INT32[0] or int(ids.max()) > _INT32[1]):
+        raise ValueError("token ids must fit in int32")
+    fields = {"top_k": top_k, "temperature": temperature, "offset": int(offset)}
+    tensors = {
+        "input_ids": ids.to(torch.int32),
+        "prompt_lens": torch.tensor(prompt_lens, dtype=torch.int32),
+        "response_lens": torch.tensor(response_lens, dtype=torch.int32),
+    }
+    return fields, tensors
+
+
+def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[tuple[list, list]]:
+    """Request tensors -> ``(prompt_ids, response_ids)`` lists; raises ``ValueError`` on inconsistency."""
+    missing = {"input_ids", "prompt_lens", "response_lens"} - set(tensors)
+    if missing:
+        raise ValueError(f"request lacks tensors {sorted(missing)}")
+    ids, plens, rlens = tensors["input_ids"], tensors["prompt_lens"], tensors["response_lens"]
+    for name, t in (("input_ids", ids), ("prompt_lens", plens), ("response_lens", rlens)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {t.dtype}{list(t.shape)}")
+    if plens.numel() != rlens.numel():
+        raise ValueError(f"prompt_lens has {plens.numel()} entries but response_lens {rlens.numel()}")
+    if plens.numel() and (int(plens.min()) < 0 or int(rlens.min()) < 0):
+        raise ValueError("sequence lengths must be non-negative")
+    lens = torch.stack([plens, rlens], 1).reshape(-1).long()  # [2S]: p0, r0, p1, r1, ...
+    if int(lens.sum()) != ids.numel():
+        raise ValueError(f"lengths add up to {int(lens.sum())} tokens but input_ids has {ids.numel()}")
+    pieces = ids.long().split(lens.tolist())
+    return [(pieces[2 * i].tolist(), pieces[2 * i + 1].tolist()) for i in range(plens.numel())]
+
+
+def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0, logprob_dtype: str):
+    """The worker handler around ``engine.score`` (one request at a time, as the Worker calls it)."""
+    out_dtype = LOGPROB_DTYPES[logprob_dtype]
+
+    def handle(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        top_k = header.get("top_k")
+        top_k = default_top_k if top_k is None else top_k
+        temperature = header.get("temperature")
+        temperature = default_temperature if temperature is None else temperature
+        offset = header.get("offset", 0)
+        if type(top_k) is not int or not isinstance(temperature, int | float) or type(offset) is not int:
+            raise ValueError("fields top_k and offset must be ints and temperature a number")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be positive")
+        sequences = unpack_request(header, tensors)
+        info = engine.info()
+        check_sequences(
+            sequences,
+            vocab_size=info["vocab_size"],
+            max_len=info["max_len"],
+            top_k=top_k,
+            max_top_k=info["max_top_k"],
+            index_offset=offset,
+        )
+        outputs = engine.score(sequences, top_k, float(temperature)) if sequences else []
+        k = top_k
+        if outputs:
+            topk_ids = torch.cat([o.topk_ids for o in outputs]).to(torch.int32)
+            topk_lp = torch.cat([o.topk_logprobs for o in outputs]).to(out_dtype)
+            token_lp = torch.cat([o.token_logprobs for o in outputs]).float()
+        else:
+            topk_ids, topk_lp = torch.empty(0, k, dtype=torch.int32), torch.empty(0, k, dtype=out_dtype)
+            token_lp = torch.empty(0)
+        fields = {"top_k": top_k, "temperature": float(temperature)}
+        reply = {
+            "topk_ids": topk_ids,
+            "topk_logprobs": topk_lp,
+            "token_logprobs": token_lp,
+            "response_lens": tensors["response_lens"].clone(),
+        }
+        return fields, reply
+
+    return handle
+
+
+def unpack_reply(msg: Message, response_lens: torch.Tensor) -> list[TeacherOutput]:
+    """Reply -> one ``TeacherOutput`` per sequence (views into the received frames, no copy)."""
+    t = msg.tensors
+    missing = {"topk_ids", "topk_logprobs", "token_logprobs", "response_lens"} - set(t)
+    if missing:
+        raise ProtocolError(f"teacher reply lacks tensors {sorted(missing)}")
+    if not torch.equal(t["response_lens"].long(), response_lens.long()):
+        raise ProtocolError("teacher reply's response_lens do not match the request")
+    rows = int(response_lens.sum())
+    ids, lp, tok = t["topk_ids"], t["topk_logprobs"], t["token_logprobs"]
+    if ids.dim() != 2 or ids.shape[0] != rows or lp.shape != ids.shape or tok.shape != (rows,):
+        shapes = [list(ids.shape), list(lp.shape), list(tok.shape)]
+        raise ProtocolError(f"teacher reply shapes {shapes} do not fit {rows} response tokens")
+    if ids.dtype != torch.int32 or lp.dtype not in LOGPROB_DTYPES.values() or tok.dtype != torch.float32:
+        raise ProtocolError(
+            f"teacher reply dtypes {ids.dtype}, {lp.dtype}, {tok.dtype} are not the contract's"
+        )
+    counts = response_lens.tolist()
+    return [
+        TeacherOutput(a, b, c)
+        for a, b, c in zip(ids.split(counts), lp.split(counts), tok.split(counts), strict=True)
+    ]
