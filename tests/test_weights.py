@@ -79,6 +79,19 @@ def _perturb(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
 
 
+class _Engine:
+    """The rollout engines' contract: ``load_weights(iterable of (name, tensor))``, copying."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def load_weights(self, weights) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in weights:
+                params[name].copy_(t)
+
+
 def _lm_worker(rank: int, port: int, port2: int) -> None:
     torch.set_num_threads(1)
     group = init_weight_group("127.0.0.1", port, rank, 3, backend="gloo", timeout=_GROUP_TIMEOUT)
@@ -100,6 +113,7 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
                 assert stats["buckets"] == len(sender.buckets)
             _publish(group, f"logits/{version}", _logits(model))
         sender.close()
+        group.store.wait(["timeout-checked"], _GROUP_TIMEOUT)  # stay alive while rank 1 times out
     else:
         receiver = WeightReceiver(group, model)
         receiver.handshake()
@@ -115,9 +129,15 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
         pending = receiver.receive_async()  # stage v3 while the "engine" keeps generating with v1
         assert torch.equal(_logits(model), v1)
         assert pending.result(timeout=_GROUP_TIMEOUT.total_seconds()) == 3
-        assert receiver.apply(model) == 3
+        assert receiver.apply(_Engine(model) if rank == 2 else model) == 3
         assert torch.equal(_logits(model), _fetch(group, "logits/3", v1))
         assert receiver.receive() is None  # sender closed
+        if rank == 1:  # nothing more comes: the wait ends at its timeout with an error
+            start = time.monotonic()
+            with pytest.raises(WeightSyncError, match="version header failed or timed out after 1s"):
+                receiver.receive(timeout=timedelta(seconds=1))
+            assert time.monotonic() - start < 10
+            group.store.set("timeout-checked", "1")
         receiver.close()
 
     # A second channel where rank 2 runs a different model: everyone fails at the handshake.
