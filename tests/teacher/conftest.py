@@ -25,17 +25,20 @@ def tiny_config():
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def save_tiny_model(path) -> str:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(1234)
     model = LlamaForCausalLM(tiny_config())
     with torch.no_grad():  # sharper distributions than the default init: top-k ids are then well separated
         model.lm_head.weight.mul_(8.0)
-    path = tmp_path_factory.mktemp("tiny-teacher")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-teacher"))
 
 
 def random_sequences(n, seed=0, max_prompt=20, max_response=24):

@@ -1,0 +1,139 @@
+"""``gkd teacher serve`` in a subprocess (2 worker processes, auth, free ports, SIGTERM shutdown) checked with
+``gkd teacher ping`` and a TeacherClient."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gkd.cli import build_parser, main
+from gkd.teacher.client import TeacherClient
+from gkd.teacher.hf_engine import HFTeacherEngine
+from gkd.transport import Auth
+from tests.teacher.conftest import assert_outputs_equal, random_sequences, save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model; spare the shared cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-teacher"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
+    port, backend_port = _free_port(), _free_port()
+    secret = tmp_path / "secret"
+    secret.write_text("cli-test-secret-0123456789abcdef\n")
+    address = f"127.0.0.1:{port}"
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gkd.cli",
+            "teacher",
+            "serve",
+            "--model",
+            tiny_model_dir,
+            "--workers",
+            "2",
+            "--top-k",
+            "16",
+            "--port",
+            str(port),
+            "--backend-port",
+            str(backend_port),
+            "--auth-secret-file",
+            str(secret),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    auth = Auth.from_file(secret)
+    try:
+        with TeacherClient(address, timeout_s=2, retries=0, auth=auth) as probe:  # wait cheaply, in-process
+            deadline = time.monotonic() + 60
+            while serve.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    if len(probe.info(timeout_s=2)["workers"]) == 2:
+                        break
+                time.sleep(0.2)
+        # ping in-process (the same main() the console script calls; a subprocess would only add imports)
+        status = main(["teacher", "ping", address, "--timeout", "5", "--auth-secret-file", str(secret)])
+        out, err = capsys.readouterr()
+        assert status == 0, out + err
+        for line in (
+            f"model: {tiny_model_dir}",
+            "vocab_size: 300",
+            "tokenizer: none",
+            "max_top_k: 16",
+            "protocol: 1",
+            "workers: 2 live",
+            "healthy",
+        ):
+            assert line in out, out
+        pids = [int(line.rsplit(":", 1)[1].split()[0]) for line in out.splitlines() if "worker " in line]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+
+        # Unauthenticated: no reply (dropped), so unhealthy with the reason.
+        assert main(["teacher", "ping", address, "--timeout", "0.3"]) == 1
+        assert "unhealthy: no reply" in capsys.readouterr().err
+
+        seqs = random_sequences(5, seed=21)
+        with TeacherClient(address, timeout_s=30, auth=auth) as client:
+            got = client.score(seqs, top_k=6, temperature=0.9)
+        assert_outputs_equal(got, HFTeacherEngine.from_pretrained(tiny_model_dir).score(seqs, 6, 0.9))
+
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(20) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "worker processes outlived serve"
+        assert "teacher service stopped" in serve.stderr.read()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        serve.wait(10)
+
+
+def test_ping_nothing_there_is_unhealthy_with_reason(capsys):
+    assert main(["teacher", "ping", f"127.0.0.1:{_free_port()}", "--timeout", "0.3"]) == 1
+    assert "unhealthy: no reply from 127.0.0.1" in capsys.readouterr().err
+
+
+def test_parser_structure():
+    parser = build_parser()
+    args = parser.parse_args(["teacher", "serve", "--model", "m", "--backend", "vllm", "--workers", "3"])
+    assert (args.command, args.teacher_command, args.backend, args.workers, args.port) == (
+        "teacher",
+        "serve",
+        "vllm",
+        3,
+        15555,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["teacher", "serve", "--model", "m", "--backend", "tgi"])
