@@ -165,8 +165,9 @@ def _parse_metadata(payload: bytes) -> list[Bucket]:
     for i, b in enumerate(doc["buckets"]):
         metas = tuple(TensorMeta.from_json(m) for m in b["tensors"])
         nbytes = b["nbytes"]
-        if not isinstance(nbytes, int) or any(m.end > nbytes for m in metas) or nbytes > 1 << 40:
-            raise WeightSyncError(f"weight metadata: bucket {i} declares {nbytes!r} bytes, inconsistent")
+        if nbytes != max((m.end for m in metas), default=0):  # buckets are exact: no slack, no overrun
+            raise WeightSyncError(f"weight metadata: bucket {i} declares {nbytes!r} bytes, but its tensors "
+                                  f"end at {max((m.end for m in metas), default=0)}")
         buckets.append(Bucket(i, metas, nbytes))
     return buckets
 

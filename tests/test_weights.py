@@ -204,3 +204,22 @@ def _fsdp_worker(rank: int, trainer_port: int, weight_port: int) -> None:
 
 def test_fsdp2_gather_to_root():
     _spawn(_fsdp_worker, 3, _free_port(), _free_port())
+
+
+def test_metadata_round_trip_and_rejection():
+    from gkd.flatten import TensorMeta, plan_buckets
+    from gkd.weights import _metadata_bytes, _parse_metadata
+
+    metas = [TensorMeta(f"w{i}", dt, (i + 1, 3)) for i, dt in enumerate([torch.bfloat16, torch.float32] * 3)]
+    buckets = plan_buckets(metas, 64, alignment=16)
+    assert _parse_metadata(_metadata_bytes(buckets, 16)) == buckets
+    with pytest.raises(ValueError):
+        _parse_metadata(b"\x80\x03not json")  # e.g. a pickle: never unpickled, just unreadable
+    with pytest.raises(WeightSyncError, match="protocol 99"):
+        _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"v":1', b'"v":99'))
+    exact = f'"nbytes":{buckets[0].nbytes},'.encode()  # bucket 0's size comes first in the JSON
+    lying = _metadata_bytes(buckets, 16).replace(exact, b'"nbytes":4096,', 1)
+    with pytest.raises(WeightSyncError, match="bucket 0 declares 4096 bytes"):
+        _parse_metadata(lying)
+    with pytest.raises(ValueError, match="dtype"):
+        _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"bfloat16"', b'"object"'))
