@@ -48,9 +48,7 @@ def _torch_chunk(logits, ids, lp, valid, scale, spec: LossSpec, need_grad: bool)
         block = z[sl]
         if inv_t != 1.0:
             block.mul_(inv_t)
-        values[sl] = topk_chunk_(block, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
-        if need_grad and inv_t != 1.0:
-            block.mul_(inv_t)
+        values[sl] = topk_chunk_(block, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad, inv_t)
     return values, (z if need_grad else None)
 
 

@@ -73,6 +73,7 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk
                 g_w += prod
         if need_b:
             g_b += d.sum(0, dtype=acc)
+        del d  # free this chunk's buffer before the next chunk's GEMM allocates its own
     if g_w is not None:
         g_w = g_w.to(weight.dtype)
     if g_b is not None:

@@ -62,64 +62,55 @@ def topk_chunk_(
     scale: torch.Tensor,  # [C] float32 row weights (mask, mean and upstream gradient folded in)
     spec: LossSpec,
     need_grad: bool,
+    grad_scale: float = 1.0,  # extra factor on the gradient only (1/temperature for raw logits)
 ) -> torch.Tensor:
     """Return per-row values ``[C]`` (already multiplied by ``scale``); if ``need_grad``, ``z`` holds
-    ``d(sum values)/dz`` on return (multiply by 1/temperature for the gradient of raw logits)."""
+    ``grad_scale * d(sum values)/dz`` on return. Rows with ``scale == 0`` give 0 and a 0 gradient.
+
+    Vocabulary-wide passes: bucket = one logsumexp over the non-members + one exp pass for the
+    gradient; none = one logsumexp + one exp pass; renorm = none (only the K gathered logits matter).
+    All per-row factors are folded into [C, 1] / [C, K] coefficients before touching the V axis.
+    """
     neg = torch.full_like(lp, _NEG_INF)
-    z_top = z.gather(1, ids)  # [C, K]
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    keep = (scale != 0)[:, None]
+    row_g = torch.where(keep, scale[:, None] * grad_scale, zero)  # [C, 1]
+    z_raw = z.gather(1, ids)  # [C, K]
+    z_top = torch.where(valid, z_raw, neg)
     if spec.tail == "renorm":
-        z_top = torch.where(valid, z_top, neg)
-        lse_top = torch.logsumexp(z_top, dim=-1, keepdim=True)
-        s = z_top - lse_top
-        log_s = torch.logsumexp(torch.where(valid, lp, neg), dim=-1, keepdim=True)
-        t = lp - log_s
+        s = z_top - torch.logsumexp(z_top, dim=-1, keepdim=True)
+        t = lp - torch.logsumexp(torch.where(valid, lp, neg), dim=-1, keepdim=True)
         value, g = outcome_terms(s, t, valid, spec)
         if need_grad:
-            big_g = g.sum(-1, keepdim=True)
-            g_top = torch.where(valid, g - big_g * s.exp(), torch.zeros_like(g))
-            z.zero_().scatter_add_(1, ids, g_top)
-    else:
+            g_top = torch.where(valid, g - g.sum(-1, keepdim=True) * s.exp(), zero)
+            z.zero_().scatter_add_(1, ids, g_top * row_g)
+    elif spec.tail == "none":
         lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [C, 1]
-        s_top = z_top - lse
-        if spec.tail == "none":
-            p = torch.where(valid, lp.exp(), torch.zeros_like(lp))
-            value = (p * torch.where(valid, lp - s_top, torch.zeros_like(lp))).sum(-1)
-            g_top, g_tail, big_g, lse_rest = -p, None, -p.sum(-1, keepdim=True), lse
-        else:
-            # Remove the members from the chunk (their logits are kept in z_top) to get the exact
-            # log-mass of the rest; 1 - Q by subtraction would lose it when Q is close to 1.
-            z.scatter_reduce_(1, ids, torch.where(valid, neg, z_top), reduce="amin")
-            lse_rest = torch.logsumexp(z, dim=-1, keepdim=True)
-            has_tail = torch.isfinite(lse_rest)
-            log_mass = torch.logsumexp(torch.where(valid, lp, neg), dim=-1, keepdim=True)  # log S
-            t_tail = (
-                torch.log(-torch.expm1(log_mass)).nan_to_num(nan=LOG_TAIL_FLOOR).clamp_min(LOG_TAIL_FLOOR)
-            )
-            s_all = torch.cat([s_top, lse_rest - lse], dim=1)
-            t_all = torch.cat([lp, t_tail], dim=1)
-            present = torch.cat([valid, has_tail], dim=1)
-            value, g = outcome_terms(s_all, t_all, present, spec)
-            g_top, g_tail = g[:, :-1], g[:, -1:]
-            big_g = g.sum(-1, keepdim=True)
+        p = torch.where(valid, lp.exp(), zero)
+        value = (p * torch.where(valid, lp - (z_top - lse), zero)).sum(-1)
         if need_grad:
-            if g_tail is None:
-                # non-members: -G q_v
-                z.sub_(lse).exp_().mul_(-big_g)
-            else:
-                # non-members: exp(z_v - lse_rest) (g_tail - G exp(lse_rest - lse)); members hold -inf -> 0
-                safe_rest = torch.where(has_tail, lse_rest, torch.zeros_like(lse_rest))
-                coef = torch.where(
-                    has_tail, g_tail - big_g * (lse_rest - lse).exp(), torch.zeros_like(g_tail)
-                )
-                z.sub_(safe_rest).exp_().mul_(coef)
-            g_mem = torch.where(valid, g_top - big_g * s_top.exp(), torch.zeros_like(g_top))
-            if g_tail is None:
-                # members currently hold -G q_v; add g_k
-                z.scatter_add_(1, ids, torch.where(valid, g_top, torch.zeros_like(g_top)))
-            else:
-                z.scatter_add_(1, ids, g_mem)
-    keep = scale != 0
-    value = torch.where(keep, value * scale, torch.zeros_like(value))
-    if need_grad:
-        z.mul_(scale[:, None]).masked_fill_(~keep[:, None], 0.0)
-    return value
+            # dz_v = -G q_v with G = -S, plus g_k = -p_k at the members
+            z.sub_(lse).exp_().mul_(p.sum(-1, keepdim=True) * row_g)
+            z.scatter_add_(1, ids, -p * row_g)
+    else:
+        # Remove the members (their logits are kept in z_top) to get the exact log-mass of the rest;
+        # 1 - Q by subtraction would lose it when Q is close to 1. The full logsumexp then follows from
+        # the two parts without another pass over the vocabulary.
+        # unused slots write their own value back (a no-op), even when their id is a used one's
+        z.scatter_reduce_(1, ids, torch.where(valid, neg, z_raw), reduce="amin")
+        lse_rest = torch.logsumexp(z, dim=-1, keepdim=True)  # [C, 1]
+        lse = torch.logaddexp(torch.logsumexp(z_top, dim=-1, keepdim=True), lse_rest)
+        has_tail = torch.isfinite(lse_rest)
+        log_mass = torch.logsumexp(torch.where(valid, lp, neg), dim=-1, keepdim=True)  # log S
+        t_tail = torch.log(-torch.expm1(log_mass)).nan_to_num(nan=LOG_TAIL_FLOOR).clamp_min(LOG_TAIL_FLOOR)
+        s_top = z_top - lse
+        s_all = torch.cat([s_top, lse_rest - lse], dim=1)
+        present = torch.cat([valid, has_tail], dim=1)
+        value, g = outcome_terms(s_all, torch.cat([lp, t_tail], dim=1), present, spec)
+        if need_grad:
+            g_top, g_tail, big_g = g[:, :-1], g[:, -1:], g.sum(-1, keepdim=True)
+            # non-members: exp(z_v - lse_rest) (g_tail - G exp(lse_rest - lse)); members hold -inf -> 0
+            coef = torch.where(has_tail, (g_tail - big_g * (lse_rest - lse).exp()) * row_g, zero)
+            z.sub_(torch.where(has_tail, lse_rest, zero)).exp_().mul_(coef)
+            z.scatter_add_(1, ids, torch.where(valid, g_top - big_g * s_top.exp(), zero) * row_g)
+    return torch.where(keep[:, 0], value * scale, zero)
