@@ -1,0 +1,79 @@
+"""The rollout engine contract: sampling settings in, samples (tagged with their policy version) out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample responses.
+
+    ``temperature=0`` is greedy decoding. ``top_k=0`` and ``top_p=1`` disable those filters. With ``seed``
+    set, prompt i of a request samples from its own generator seeded with ``seed + i`` (the caller passes
+    ``seed_offset`` when it splits a batch), so results do not depend on how prompts were batched.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass
+class Sample:
+    """One sampled response. ``response_logprobs[j]`` is log softmax(logits / T)[response_ids[j]] of the
+    policy that sampled it, over the full vocabulary, i.e. before top-k/top-p truncation (T = 1 for
+    greedy). ``policy_version`` is the single weight version that produced every token."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: torch.Tensor  # [R] float32
+    finish_reason: str  # "stop" (a stop token, included in response_ids) | "length"
+    policy_version: int
+    extra: dict = field(default_factory=dict)
+
+
+def check_named_tensors(
+    expected: dict[str, torch.Tensor], named: Iterable[tuple[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Strict name/shape check of an incoming state against the engine's parameters, before any copy.
+
+    Raises ValueError listing missing names, unexpected names and shape mismatches.
+    """
+    incoming = dict(named)
+    missing = sorted(set(expected) - set(incoming))
+    unexpected = sorted(set(incoming) - set(expected))
+    shapes = [
+        f"{k}: engine {tuple(expected[k].shape)} vs given {tuple(incoming[k].shape)}"
+        for k in sorted(set(expected) & set(incoming))
+        if tuple(expected[k].shape) != tuple(incoming[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:10]}")
+        raise ValueError(
+            "load_weights: the given state does not match the engine's parameters: " + "; ".join(parts)
+        )
+    return incoming
