@@ -31,11 +31,13 @@ def _check_linear(hidden, weight, bias):
         raise ValueError(f"hidden ({hidden.dtype}) and lm_head_weight ({weight.dtype}) must share a dtype")
 
 
-def _logits(hidden_c, weight, bias):
-    """[C, V] logits of one chunk, in the input dtype (the GEMM accumulates in fp32)."""
+def _logits(hidden_c, weight, bias, buf=None):
+    """[C, V] logits of one chunk, in the input dtype (the GEMM accumulates in fp32), written into
+    ``buf`` (a reusable [chunk, V] buffer) when given: fresh pages for every chunk cost page faults."""
+    out = None if buf is None else buf[: hidden_c.shape[0]]
     if bias is None:
-        return hidden_c @ weight.t()
-    return torch.addmm(bias, hidden_c, weight.t())
+        return torch.mm(hidden_c, weight.t(), out=out)
+    return torch.addmm(bias, hidden_c, weight.t(), out=out)
 
 
 def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk_fn, grads: tuple[bool, ...]):
@@ -54,11 +56,13 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk
     g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
     prod = None  # [V, H] chunk product, reused across chunks when weights are bf16/fp16
+    # one logits buffer for all chunks; the chunk functions overwrite it with dlogits in place
+    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device) if n else None
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         h = hidden[sl]
         values[sl], d = chunk_fn(
-            _logits(h, weight, bias), ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad
+            _logits(h, weight, bias, buf), ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad
         )
         if not need_grad:
             continue
@@ -73,7 +77,7 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk
                 g_w += prod
         if need_b:
             g_b += d.sum(0, dtype=acc)
-        del d  # free this chunk's buffer before the next chunk's GEMM allocates its own
+        del d  # (a view of buf, or an fp32 copy for low-precision inputs: free it before the next GEMM)
     if g_w is not None:
         g_w = g_w.to(weight.dtype)
     if g_b is not None:
