@@ -40,6 +40,8 @@ class HFRolloutEngine:
         self.pad_token_id = int(pad_token_id)
         self.policy_version = 0
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # prompt + response positions the model supports (the rollout service refuses longer requests)
+        self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 31))
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", device: str = "cpu", **kwargs):

@@ -1,0 +1,115 @@
+"""``RolloutClient``: sample responses on a running rollout service.
+
+    with RolloutClient("127.0.0.1:15557", timeout_s=120, retries=2) as rollout:
+        fut = rollout.submit(prompts, SamplingConfig(max_new_tokens=256, seed=7), min_version=3)
+        samples = fut.result()        # list[Sample], in the order of the prompts, each with policy_version
+        rollout.info()                # broker info: workers (model, vocab_size, max_len...), counters
+
+A batch is split into micro-requests of at most ``max_prompts_per_request`` prompts (spread over idle
+workers by the broker) and the samples come back in the original order. Each micro-request carries its
+first prompt's index as ``seed_offset``, so seeded results do not depend on the split. With
+``min_version``, a worker waits up to ``min_version_wait_s`` for that version and then answers with an
+error; keep that below ``timeout_s`` (the per-attempt timeout). Errors: ``RemoteError`` (e.g.
+``[handler_error] ValueError: prompt 17: token id 70000 is outside the vocabulary [0, 32000)``),
+``TimeoutError`` after all retries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from gkd.rollout.types import Sample, SamplingConfig
+from gkd.rollout.wire import LIMITS, OP_GENERATE, pack_request, unpack_reply
+from gkd.transport import Auth, Client, Message, plan_chunks
+
+
+class RolloutClient:
+    """Thread-safe client of a rollout service (one ZeroMQ socket, futures)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 2,
+        auth: Auth | None = None,
+        max_prompts_per_request: int = 16,
+        max_tokens_per_request: int | None = None,
+        min_version_wait_s: float | None = None,
+    ):
+        self.max_prompts_per_request = max_prompts_per_request
+        self.max_tokens_per_request = max_tokens_per_request  # prompt + max_new_tokens per micro-request
+        self.min_version_wait_s = timeout_s / 2 if min_version_wait_s is None else min_version_wait_s
+        self._client = Client(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The transport client's counters (sent, retries, reconnects, late_replies, bad_replies)."""
+        return self._client.stats
+
+    def info(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The broker's info: ``protocol``, ``workers`` (each with the worker's ``info``: model, vocab_size,
+        max_len, weight_channel, ...), ``queue``, ``stats``."""
+        return self._client.info(timeout_s=timeout_s)
+
+    def submit(
+        self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None
+    ) -> Future[list[Sample]]:
+        """Sample one response per prompt (lists or 1-D integer tensors of token ids)."""
+        sizes = [_length(p) + sampling.max_new_tokens for p in prompts]
+        chunks = plan_chunks(
+            sizes, max_items=self.max_prompts_per_request, max_tokens=self.max_tokens_per_request
+        )
+        wait_s = None if min_version is None else self.min_version_wait_s
+        parts = [
+            pack_request(
+                [prompts[i] for i in chunk],
+                sampling,
+                offset=chunk.start,
+                seed_offset=chunk.start,
+                min_version=min_version,
+                wait_s=wait_s,
+            )
+            for chunk in chunks
+        ]
+        result: Future[list[Sample]] = Future()
+        if not parts:
+            result.set_result([])
+            return result
+
+        def done(fut: Future[list[Message]]) -> None:
+            try:
+                replies = fut.result()
+                samples = [
+                    s
+                    for msg, chunk in zip(replies, chunks, strict=True)
+                    for s in unpack_reply(msg, [prompts[i] for i in chunk])
+                ]
+            except BaseException as e:  # handed to the caller through the future, never swallowed
+                result.set_exception(e)
+                return
+            result.set_result(samples)
+
+        self._client.submit_split(OP_GENERATE, parts).add_done_callback(done)
+        return result
+
+    def generate(self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None):
+        """``submit(...).result()``."""
+        return self.submit(prompts, sampling, min_version).result()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _length(ids: Any) -> int:
+    shape = getattr(ids, "shape", None)
+    return math.prod(shape) if shape is not None else len(ids)

@@ -1,0 +1,484 @@
+"""Rollout service: broker + worker processes, each an engine behind the transport and a member of the
+weight channel; entry points behind ``gkd rollout serve|join``.
+
+A worker (``make_worker``) wraps its engine in a :class:`VersionedEngine`:
+
+- A background thread joins the weight channel (rank ``1..N``; trainer rank 0 sends), receives each new
+  version into the ``WeightReceiver``'s staging buffers while requests keep generating with the current
+  weights, and then applies it at the next batch boundary: it takes the engine lock, which a request holds
+  from its first token to its last. A request therefore never sees half-loaded or mixed weights, and every
+  sample reports the single version that produced it.
+- The receiver has one set of staging buffers, so the worker stages at most one version ahead: the
+  trainer's ``sync(v + 2)`` waits until ``v + 1`` has been applied (at most one request's duration).
+- A request with ``min_version`` waits (at most ``wait_s``, capped by the worker's ``--max-wait``) until
+  the worker holds that version; on timeout it gets an error reply saying which version it has and the
+  channel's state.
+
+``serve`` runs the broker in this process and N ``join`` children with consecutive weight ranks; SIGINT or
+SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period) and the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from gkd.rollout.wire import LIMITS, OPS, check_prompts, pack_reply, unpack_request
+
+# Process supervision is the teacher service's, shared as is (signals, orphan check, child shutdown).
+from gkd.teacher.service import _PARENT_ENV, _auth, _orphaned, _stop_on_signals, _supervise, configure_logging
+from gkd.transport import Auth, Broker, Worker
+
+log = logging.getLogger("gkd.rollout")
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How to build one rollout engine."""
+
+    model: str
+    backend: str = "hf"
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_batch_size: int = 64
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+
+    def build(self):
+        """Load the engine (slow: reads the weights)."""
+        if self.backend == "vllm":
+            from gkd.rollout import vllm_engine  # imports vllm lazily, with an install hint
+
+            return vllm_engine.VLLMRolloutEngine(self.model, dtype=self.dtype)
+        from gkd.rollout.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine.from_pretrained(
+            self.model, dtype=self.dtype, device=self.device, max_batch_size=self.max_batch_size
+        )
+
+    def to_argv(self) -> list[str]:
+        """The ``join`` options that rebuild this spec in a child process."""
+        argv = ["--model", self.model, "--backend", self.backend, "--dtype", self.dtype]
+        return argv + ["--device", self.device, "--max-batch-size", str(self.max_batch_size)]
+
+
+@dataclass(frozen=True)
+class WeightChannel:
+    """This worker's place in the weight channel (``gkd.weights``): trainer rank 0 hosts the TCPStore on
+    ``host:port``; rollout workers are ranks ``1..world_size-1``."""
+
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    backend: str | None = None  # gloo | nccl; default: NCCL when CUDA is available
+    timeout_s: float = 1800.0  # rendezvous and every collective, including the wait for the next version
+
+    def __post_init__(self):
+        if not 1 <= self.rank < self.world_size:
+            raise ValueError(f"weight rank {self.rank} must lie in [1, {self.world_size}) (0 is the trainer)")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+class _AtVersion:
+    """Hands ``WeightReceiver.apply`` an engine whose ``load_weights`` also sets the policy version."""
+
+    def __init__(self, engine, version: int):
+        self.engine, self.version = engine, version
+
+    def load_weights(self, named):
+        return self.engine.load_weights(named, version=self.version)
+
+
+class VersionedEngine:
+    """An engine whose weights change only between requests; see the module docstring."""
+
+    def __init__(self, engine, channel: WeightChannel | None = None, *, pin: bool = False):
+        self.engine, self.channel, self.pin = engine, channel, pin
+        self._batch = threading.Lock()  # held for a whole request: weights change only between requests
+        self._changed = threading.Condition()
+        self.state = "off" if channel is None else "connecting"  # -> ready -> closed | failed
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def version(self) -> int:
+        return int(self.engine.policy_version)
+
+    def start(self) -> VersionedEngine:
+        if self.channel is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._receive_loop, name="gkd-weights", daemon=True)
+            self._thread.start()
+        return self
+
+    def wait_for(self, min_version: int, timeout_s: float) -> int:
+        """Block until the engine holds at least ``min_version``; ``TimeoutError`` after ``timeout_s``."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version >= min_version or self.state == "failed", timeout_s)
+            if self.version >= min_version:
+                return self.version
+        why = f"; weight channel {self.state}" + (f": {self.error}" if self.error else "")
+        if self.channel is None:
+            why = "; this worker has no weight channel (--weight-channel)"
+        raise TimeoutError(
+            f"policy version {min_version} did not arrive within {timeout_s:g}s (this worker holds "
+            f"version {self.version}{why})"
+        )
+
+    def generate(self, prompts, sampling, *, seed_offset: int = 0):
+        """``(samples, version)``; the staged next version cannot be applied until this returns."""
+        with self._batch:
+            version = self.version
+            samples = self.engine.generate(prompts, sampling, seed_offset=seed_offset) if prompts else []
+        if any(s.policy_version != version for s in samples):  # the engine broke the contract; never ship it
+            raise RuntimeError(
+                f"engine reported versions {sorted({s.policy_version for s in samples})} "
+                f"for a batch generated with version {version}"
+            )
+        return samples, version
+
+    def _notify(self, **state: Any) -> None:
+        with self._changed:
+            for k, v in state.items():
+                setattr(self, k, v)
+            self._changed.notify_all()
+
+    def _receive_loop(self) -> None:
+        from gkd.weights import WeightReceiver, init_weight_group
+
+        ch = self.channel
+        try:
+            timeout = timedelta(seconds=ch.timeout_s)
+            group = init_weight_group(
+                ch.host, ch.port, ch.rank, ch.world_size, backend=ch.backend, timeout=timeout
+            )
+            receiver = WeightReceiver(group, self.engine.parameters_spec(), pin=self.pin)
+            receiver.handshake()
+            self._notify(state="ready")
+            log.info("weight channel %s: rank %d of %d ready", ch.address, ch.rank, ch.world_size)
+            while True:
+                version = receiver.receive()  # staged while requests keep generating with the old weights
+                if version is None:
+                    self._notify(state="closed")
+                    log.info("weight channel closed by the sender; keeping version %d", self.version)
+                    return
+                start = time.perf_counter()
+                with self._batch:  # the batch boundary
+                    receiver.apply(_AtVersion(self.engine, version))
+                    self._notify()
+                log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
+        except Exception as e:  # the worker keeps serving its current version; min_version waits report this
+            log.exception("weight channel %s failed; no further updates", ch.address)
+            self._notify(state="failed", error=f"{type(e).__name__}: {e}")
+
+
+def make_handler(engine: VersionedEngine, *, max_wait_s: float = 600.0):
+    """The worker handler: validate, wait for ``min_version`` if asked, generate one batch."""
+    inner = engine.engine
+    max_len = int(getattr(inner, "max_len", 1 << 31))
+
+    def handle(header: dict[str, Any], tensors: dict[str, Any]):
+        prompts, sampling, extra = unpack_request(header, tensors)
+        check_prompts(
+            prompts,
+            vocab_size=int(inner.vocab_size),
+            max_len=max_len,
+            max_new_tokens=sampling.max_new_tokens,
+            offset=extra["offset"],
+        )
+        if extra["min_version"] is not None:
+            wait_s = max_wait_s if extra["wait_s"] is None else min(max(extra["wait_s"], 0.0), max_wait_s)
+            engine.wait_for(extra["min_version"], wait_s)
+        samples, version = engine.generate(prompts, sampling, seed_offset=extra["seed_offset"])
+        return pack_reply(samples, version)
+
+    return handle
+
+
+def make_worker(
+    spec: RolloutSpec,
+    broker: str,
+    *,
+    channel: WeightChannel | None = None,
+    auth: Auth | None = None,
+    engine=None,
+    max_wait_s: float = 600.0,
+    **kwargs,
+) -> Worker:
+    """A ``Worker`` serving ``spec``'s engine (built here unless given) behind ``broker``'s backend. The
+    weight channel thread starts here; the ``VersionedEngine`` is ``worker.versioned``."""
+    engine = engine if engine is not None else spec.build()
+    versioned = VersionedEngine(engine, channel).start()
+    info = {
+        "model": spec.model,
+        "engine": spec.backend,
+        "vocab_size": int(engine.vocab_size),
+        "max_len": int(getattr(engine, "max_len", 0)) or None,
+        "weight_channel": None if channel is None else f"{channel.address} rank {channel.rank}",
+    }
+    handler = make_handler(versioned, max_wait_s=max_wait_s)
+    worker = Worker(broker, handler, ops=OPS, info=info, limits=LIMITS, auth=auth, **kwargs)
+    worker.versioned = versioned
+    return worker
+
+
+def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = None, **kwargs) -> Broker:
+    return Broker(
+        OPS, host=host, frontend_port=port, backend_port=backend_port, limits=LIMITS, auth=auth, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def _channel_argv(address: str | None, rank: int, world_size: int, backend: str | None, timeout_s: float):
+    if address is None:
+        return []
+    argv = ["--weight-channel", address, "--weight-rank", str(rank), "--weight-world-size", str(world_size)]
+    return argv + ["--weight-timeout", repr(timeout_s)] + (["--weight-backend", backend] if backend else [])
+
+
+def _spawn_worker(spec: RolloutSpec, broker: str, channel_argv: list[str], auth_secret_file: str | None):
+    argv = [
+        sys.executable,
+        "-m",
+        "gkd.rollout.service",
+        "rollout",
+        "join",
+        "--broker",
+        broker,
+        "--workers",
+        "1",
+    ]
+    argv += (
+        spec.to_argv() + channel_argv + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
+    )
+    return subprocess.Popen(argv, env={**os.environ, _PARENT_ENV: str(os.getpid())})
+
+
+def serve(
+    spec: RolloutSpec,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 15557,
+    backend_port: int = 15558,
+    workers: int = 1,
+    weight_channel: str | None = None,
+    weight_backend: str | None = None,
+    weight_timeout_s: float = 1800.0,
+    auth_secret_file: str | None = None,
+) -> int:
+    """Run a broker and ``workers`` worker processes (weight ranks 1..workers of a channel of
+    ``workers + 1``) until SIGINT/SIGTERM; returns the exit status."""
+    if workers < 1:
+        raise ValueError("--workers must be >= 1")
+    if weight_channel is not None:
+        parse_host_port(weight_channel)
+    stop = _stop_on_signals()
+    broker = make_broker(host=host, port=port, backend_port=backend_port, auth=_auth(auth_secret_file))
+    broker.start()
+    backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
+    log.info(
+        "rollout broker up: clients %s, workers %s (auth %s, weight channel %s); "
+        "starting %d %s worker(s) for %s",
+        broker.frontend_address,
+        broker.backend_address,
+        "on" if auth_secret_file else "off",
+        weight_channel or "off",
+        workers,
+        spec.backend,
+        spec.model,
+    )
+    children = [
+        _spawn_worker(
+            spec,
+            backend_local,
+            _channel_argv(weight_channel, i + 1, workers + 1, weight_backend, weight_timeout_s),
+            auth_secret_file,
+        )
+        for i in range(workers)
+    ]
+    try:
+        return _supervise(children, stop)
+    finally:
+        broker.stop()
+        log.info("rollout service stopped")
+
+
+def join(
+    spec: RolloutSpec,
+    broker: str,
+    *,
+    workers: int = 1,
+    weight_channel: str | None = None,
+    weight_rank: int = 1,
+    weight_world_size: int | None = None,
+    weight_backend: str | None = None,
+    weight_timeout_s: float = 1800.0,
+    max_wait_s: float = 600.0,
+    auth_secret_file: str | None = None,
+) -> int:
+    """Serve ``spec`` behind ``broker``'s backend with ``workers`` engines (weight ranks ``weight_rank``,
+    ``weight_rank + 1``, ...) until stopped."""
+    if workers < 1:
+        raise ValueError("--workers must be >= 1")
+    world = weight_world_size if weight_world_size is not None else weight_rank + workers
+    stop = _stop_on_signals()
+    if workers > 1:
+        children = [
+            _spawn_worker(
+                spec,
+                broker,
+                _channel_argv(weight_channel, weight_rank + i, world, weight_backend, weight_timeout_s),
+                auth_secret_file,
+            )
+            for i in range(workers)
+        ]
+        return _supervise(children, stop)
+    channel = None
+    if weight_channel is not None:
+        host, port = parse_host_port(weight_channel)
+        channel = WeightChannel(host, port, weight_rank, world, weight_backend, weight_timeout_s)
+    start = time.monotonic()
+    worker = make_worker(spec, broker, channel=channel, auth=_auth(auth_secret_file), max_wait_s=max_wait_s)
+    log.info(
+        "worker %d: %s engine for %s loaded in %.1fs; serving %s",
+        os.getpid(),
+        spec.backend,
+        spec.model,
+        time.monotonic() - start,
+        worker.address,
+    )
+    worker.start()
+    try:
+        while not stop.wait(0.5):
+            if _orphaned():
+                log.error("worker %d: supervisor is gone; exiting", os.getpid())
+                return 1
+        return 0
+    finally:
+        worker.stop()
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rollout engine")
+    g.add_argument("--model", required=True, help="student model folder (transformers layout)")
+    g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
+    g.add_argument("--max-batch-size", type=int, default=64, help="hf engine: prompts per decoding batch")
+    g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
+    g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
+    w = p.add_argument_group("weight channel")
+    w.add_argument(
+        "--weight-channel",
+        default=None,
+        metavar="HOST:PORT",
+        help="the trainer's weight-channel store (trainer rank 0 is rank 0); off when omitted",
+    )
+    w.add_argument("--weight-backend", choices=("gloo", "nccl"), default=None, help="default: nccl with CUDA")
+    w.add_argument(
+        "--weight-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds for the rendezvous and for each collective, including the wait for a version",
+    )
+
+
+def _spec(args: argparse.Namespace) -> RolloutSpec:
+    return RolloutSpec(args.model, args.backend, args.dtype, args.device, args.max_batch_size)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    return serve(
+        _spec(args),
+        host=args.host,
+        port=args.port,
+        backend_port=args.backend_port,
+        workers=args.workers,
+        weight_channel=args.weight_channel,
+        weight_backend=args.weight_backend,
+        weight_timeout_s=args.weight_timeout,
+        auth_secret_file=args.auth_secret_file,
+    )
+
+
+def _join(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    return join(
+        _spec(args),
+        args.broker,
+        workers=args.workers,
+        weight_channel=args.weight_channel,
+        weight_rank=args.weight_rank,
+        weight_world_size=args.weight_world_size,
+        weight_backend=args.weight_backend,
+        weight_timeout_s=args.weight_timeout,
+        max_wait_s=args.max_wait,
+        auth_secret_file=args.auth_secret_file,
+    )
+
+
+def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``gkd rollout serve|join`` (the top-level parser must define ``--log-level``)."""
+    rollout = subparsers.add_parser("rollout", help="the student rollout (generation) service")
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="{serve,join}")
+
+    s = rsub.add_parser("serve", help="start a broker and N rollout worker processes")
+    _add_common(s)
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=15557, help="client (frontend) port (default 15557)")
+    s.add_argument("--backend-port", type=int, default=15558, help="worker (backend) port (default 15558)")
+    s.set_defaults(func=_serve)
+
+    j = rsub.add_parser("join", help="add rollout workers to a running broker (e.g. from another machine)")
+    j.add_argument("--broker", required=True, help="the broker's backend, HOST:PORT")
+    _add_common(j)
+    j.add_argument("--weight-rank", type=int, default=1, help="weight rank of the first worker (default 1)")
+    j.add_argument(
+        "--weight-world-size",
+        type=int,
+        default=None,
+        help="trainer rank 0 + all rollout workers (default: weight-rank + workers)",
+    )
+    j.add_argument("--max-wait", type=float, default=600.0, help="longest min_version wait, seconds")
+    j.set_defaults(func=_join)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gkd.rollout.service rollout serve ...``: the same commands without ``gkd.cli``."""
+    parser = argparse.ArgumentParser(prog="gkd")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_rollout_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

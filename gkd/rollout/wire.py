@@ -1,0 +1,201 @@
+"""The rollout service's wire format.
+
+One op, ``generate``. Request (fields + int32 tensors, all flat)::
+
+    fields   max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed   (a SamplingConfig)
+             seed_offset: int  prompt i samples with seed + seed_offset + i (the chunk's place in the batch)
+             offset: int       index of the first prompt in the caller's whole batch, for error messages
+             min_version: int | None   start only once the worker holds at least this policy version
+             wait_s: float | None      how long to wait for min_version before an error reply
+    tensors  prompt_ids    [sum P] int32   the prompts back to back
+             prompt_lens   [S] int32
+
+Reply::
+
+    fields   policy_version: int   the one version that produced every sample of this reply
+    tensors  response_ids       [sum R] int32
+             response_lens      [S] int32
+             response_logprobs  [sum R] float32   log softmax(logits / T) of each sampled token
+             finish_codes       [S] uint8         index into FINISH_REASONS
+             policy_versions    [S] int64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from gkd.rollout.types import Sample, SamplingConfig
+from gkd.transport import Limits, Message, ProtocolError
+
+OP_GENERATE = "generate"
+OPS = (OP_GENERATE,)
+FINISH_REASONS = ("length", "stop")
+
+#: Per-message bounds, enforced by the broker (before queueing) and the worker (before decoding).
+LIMITS = Limits(
+    max_sequences=1 << 14,
+    max_tokens=1 << 22,
+    sequence_tensors=("prompt_lens", "response_lens", "finish_codes", "policy_versions"),
+    token_tensors=("prompt_ids", "response_ids", "response_logprobs"),
+)
+
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "seed")
+
+
+def _flat_ids(i: int, prompt: Any) -> torch.Tensor:
+    t = torch.as_tensor(prompt) if len(prompt) or isinstance(prompt, torch.Tensor) else torch.empty(0)
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"prompt {i}: token ids must be integers, got {t.dtype}")
+    return t.reshape(-1).long()
+
+
+def pack_request(
+    prompts: Sequence[Any],
+    sampling: SamplingConfig,
+    *,
+    offset: int = 0,
+    seed_offset: int = 0,
+    min_version: int | None = None,
+    wait_s: float | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Prompts (lists or 1-D integer tensors) + sampling -> request fields and tensors."""
+    parts = [_flat_ids(offset + i, p) for i, p in enumerate(prompts)]
+    ids = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    if ids.numel() and (int(ids.min()) < _INT32[0] or int(ids.max()) > _INT32[1]):
+        raise ValueError("token ids must fit in int32")
+    fields = {k: v for k, v in asdict(sampling).items() if k in _SAMPLING_FIELDS}
+    fields["stop_token_ids"] = list(sampling.stop_token_ids)
+    fields.update(offset=int(offset), seed_offset=int(seed_offset), min_version=min_version, wait_s=wait_s)
+    tensors = {
+        "prompt_ids": ids.to(torch.int32),
+        "prompt_lens": torch.tensor([p.numel() for p in parts], dtype=torch.int32),
+    }
+    return fields, tensors
+
+
+def _int_field(header: dict[str, Any], name: str, default: Any) -> Any:
+    value = header.get(name, default)
+    if value is not None and type(value) is not int:
+        raise ValueError(f"field {name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """Request -> ``(prompts, sampling, extra)``; ``extra`` has offset, seed_offset, min_version, wait_s.
+    Raises ``ValueError`` on an inconsistent or ill-typed request."""
+    missing = {"prompt_ids", "prompt_lens"} - set(tensors)
+    if missing:
+        raise ValueError(f"request lacks tensors {sorted(missing)}")
+    ids, lens = tensors["prompt_ids"], tensors["prompt_lens"]
+    for name, t in (("prompt_ids", ids), ("prompt_lens", lens)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor, got {t.dtype}{list(t.shape)}")
+    if lens.numel() and int(lens.min()) < 0:
+        raise ValueError("prompt lengths must be non-negative")
+    if int(lens.long().sum()) != ids.numel():
+        raise ValueError(
+            f"prompt_lens add up to {int(lens.long().sum())} tokens but prompt_ids has {ids.numel()}"
+        )
+    stop = header.get("stop_token_ids") or []
+    if not isinstance(stop, list) or any(type(t) is not int for t in stop):
+        raise ValueError("field stop_token_ids must be a list of ints")
+    temperature, top_p, wait_s = (
+        header.get("temperature", 1.0),
+        header.get("top_p", 1.0),
+        header.get("wait_s"),
+    )
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("wait_s", wait_s)):
+        if v is not None and (type(v) is bool or not isinstance(v, int | float)):
+            raise ValueError(f"field {name} must be a number")
+    sampling = SamplingConfig(
+        max_new_tokens=_int_field(header, "max_new_tokens", 256),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=_int_field(header, "top_k", 0),
+        stop_token_ids=tuple(stop),
+        seed=_int_field(header, "seed", None),
+    )
+    extra = {
+        "offset": _int_field(header, "offset", 0),
+        "seed_offset": _int_field(header, "seed_offset", 0),
+        "min_version": _int_field(header, "min_version", None),
+        "wait_s": None if wait_s is None else float(wait_s),
+    }
+    prompts = [p.tolist() for p in ids.long().split(lens.tolist())] if lens.numel() else []
+    return prompts, sampling, extra
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]], *, vocab_size: int, max_len: int, max_new_tokens: int, offset: int = 0
+) -> None:
+    """Raise ``ValueError`` naming the first bad prompt by its index in the caller's batch: empty, a token
+    id outside ``[0, vocab_size)``, or ``len(prompt) + max_new_tokens`` beyond the engine's context."""
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {offset + i} is empty")
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"prompt {offset + i}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+            )
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(
+                f"prompt {offset + i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the engine's "
+                f"context of {max_len}"
+            )
+
+
+def pack_reply(samples: Sequence[Sample], version: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    parts = [torch.as_tensor(s.response_ids, dtype=torch.int32).reshape(-1) for s in samples]
+    lps = [s.response_logprobs.float().reshape(-1) for s in samples]
+    tensors = {
+        "response_ids": torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32),
+        "response_lens": torch.tensor([p.numel() for p in parts], dtype=torch.int32),
+        "response_logprobs": torch.cat(lps) if lps else torch.empty(0),
+        "finish_codes": torch.tensor(
+            [FINISH_REASONS.index(s.finish_reason) for s in samples], dtype=torch.uint8
+        ),
+        "policy_versions": torch.tensor([s.policy_version for s in samples], dtype=torch.int64),
+    }
+    return {"policy_version": int(version)}, tensors
+
+
+def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
+    """Reply -> one ``Sample`` per prompt (in order); raises ``ProtocolError`` if it does not fit."""
+    t = msg.tensors
+    names = ("response_ids", "response_lens", "response_logprobs", "finish_codes", "policy_versions")
+    missing = set(names) - set(t)
+    if missing:
+        raise ProtocolError(f"rollout reply lacks tensors {sorted(missing)}")
+    ids, lens, lps, codes, versions = (t[n] for n in names)
+    dtypes = (torch.int32, torch.int32, torch.float32, torch.uint8, torch.int64)
+    if any(
+        x.dtype != d or x.dim() != 1 for x, d in zip((ids, lens, lps, codes, versions), dtypes, strict=True)
+    ):
+        raise ProtocolError("rollout reply tensors are not 1-D with the contract's dtypes")
+    n = len(prompts)
+    if lens.numel() != n or codes.numel() != n or versions.numel() != n:
+        raise ProtocolError(f"rollout reply has {lens.numel()} samples for {n} prompts")
+    if int(lens.long().sum()) != ids.numel() or lps.numel() != ids.numel() or (n and int(lens.min()) < 0):
+        raise ProtocolError("rollout reply's response_lens do not fit its response tensors")
+    if n and int(codes.max()) >= len(FINISH_REASONS):
+        raise ProtocolError(f"rollout reply has an unknown finish code {int(codes.max())}")
+    counts = lens.tolist()
+    return [
+        Sample(_as_list(p), r.tolist(), lp, FINISH_REASONS[c], v)
+        for p, r, lp, c, v in zip(
+            prompts, ids.split(counts), lps.split(counts), codes.tolist(), versions.tolist(), strict=True
+        )
+    ]
+
+
+def _as_list(prompt: Any) -> list[int]:
+    return prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else [int(x) for x in prompt]
