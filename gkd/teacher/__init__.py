@@ -1,5 +1,13 @@
-"""Teacher engines (transformers, vLLM) and the teacher service."""
+"""Teacher engines (transformers, vLLM) and the teacher service.
 
+- ``types``: ``TeacherOutput``, ``check_sequences`` (the engine contract).
+- ``hf_engine.HFTeacherEngine`` / ``vllm_engine.VLLMTeacherEngine`` (vllm imported there only, lazily).
+- ``wire``: the ``score`` op's request/reply layout and the worker handler around an engine.
+- ``client.TeacherClient``: ``submit(sequences, top_k, temperature) -> Future[list[TeacherOutput]]``.
+- ``service``: ``EngineSpec``, ``serve``/``join``/``ping`` (behind ``gkd teacher ...``).
+"""
+
+from gkd.teacher.client import TeacherClient
 from gkd.teacher.types import TeacherOutput, check_sequences
 
-__all__ = ["TeacherOutput", "check_sequences"]
+__all__ = ["TeacherClient", "TeacherOutput", "check_sequences"]

@@ -15,7 +15,8 @@ sampling processors, so ``SamplingParams.temperature`` does not reach them. The 
 model's logit scale (``logits_processor.scale``, applied to the logits before the log-softmax, in every
 vLLM model) to ``base / temperature`` before each call. That is per engine, not per request, which is
 exactly how a teacher worker uses it (one request at a time); ``score`` restores nothing because every
-call sets the scale it needs.
+call sets the scale it needs. The scale is set through ``collective_rpc`` with a function, which works with
+the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, made the default here).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class VLLMTeacherEngine:
     ):
         if logprob_dtype not in LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
+        # The engine core runs in this process unless the caller decided otherwise: a gkd teacher worker is
+        # already a process of its own, and the logit-scale RPC (temperature) passes a function, which
+        # vLLM's inter-process channel refuses to serialise.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm, self._TokensPrompt = _import_vllm()
         self._SamplingParams = vllm.SamplingParams
         path = os.path.join(model, gguf_file) if gguf_file else model
@@ -104,7 +109,13 @@ class VLLMTeacherEngine:
     def _set_temperature(self, temperature: float) -> None:
         factor = 1.0 / temperature
         if factor != self._scale_factor:
-            self.llm.collective_rpc(_set_logit_scale, args=(factor,))
+            try:
+                self.llm.collective_rpc(_set_logit_scale, args=(factor,))
+            except TypeError as e:  # "Object of type function is not serializable"
+                raise ValueError(
+                    f"temperature={temperature} != 1 needs the vLLM engine in-process "
+                    "(VLLM_ENABLE_V1_MULTIPROCESSING=0, the default gkd sets)"
+                ) from e
             self._scale_factor = factor
 
     def score(
