@@ -1,0 +1,141 @@
+"""Weight updates while the rollout service generates: the test thread is trainer rank 0 of a gloo weight
+channel (127.0.0.1, free port) and pushes versions 1..5 to two in-process workers while a client streams
+requests. Every sample must be explained by exactly the version it reports: re-scored with that version's
+weights, its log-probs equal a forward pass and its greedy tokens equal the argmax."""
+
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import torch
+
+from gkd.rollout.service import WeightChannel
+from gkd.rollout.types import SamplingConfig
+from gkd.transport import RemoteError
+from gkd.weights import WeightSender, init_weight_group
+from tests.rollout.conftest import random_prompts
+from tests.rollout.test_service import Service
+from tests.transport.helpers import wait_for
+
+TIMEOUT = timedelta(seconds=60)
+# Generation shares the GIL with the weight threads here: a generous heartbeat timeout keeps a busy worker
+# from being declared dead (which would be correct, just a slower test).
+HEARTBEAT = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 3.0}
+GREEDY = SamplingConfig(max_new_tokens=10, temperature=0)
+SAMPLED = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=50, seed=3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _perturb(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1 * p.std())
+
+
+def _rescore(model, sample, temperature: float):
+    """Log-probs of the sample's tokens under softmax(logits / T) and the argmax at each position."""
+    full = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = model(full).logits[0, len(sample.prompt_ids) - 1 : -1].float()
+    logp = torch.log_softmax(logits / (temperature or 1.0), -1)
+    tokens = torch.tensor(sample.response_ids)
+    return logp.gather(1, tokens[:, None])[:, 0], logits.argmax(-1)
+
+
+def test_versions_pushed_during_a_stream_of_requests_explain_every_sample(student_dir):
+    from transformers import LlamaForCausalLM
+
+    port = _free_port()
+    channels = [WeightChannel("127.0.0.1", port, r, 3, "gloo", TIMEOUT.total_seconds()) for r in (1, 2)]
+    svc = Service(student_dir, channels=channels, heartbeat=HEARTBEAT)
+    trainer = LlamaForCausalLM.from_pretrained(student_dir).eval()
+    states = {0: {k: v.clone() for k, v in trainer.state_dict().items()}}
+    stop, results, errors = threading.Event(), [], []
+    try:
+        group = init_weight_group("127.0.0.1", port, 0, 3, backend="gloo", timeout=TIMEOUT)
+        sender = WeightSender(group, trainer, bucket_bytes=64 << 10)
+        sender.handshake()
+        wait_for(lambda: all(w.versioned.state == "ready" for w in svc.workers), what="receivers ready")
+        client = svc.client(min_version_wait_s=20)
+        # Waits for version 1 (not pushed yet), holding one worker while the other serves the stream.
+        early = client.submit(random_prompts(2, seed=99), GREEDY, min_version=1)
+
+        def stream():
+            i = 0
+            while not stop.is_set() and i < 200:
+                s = (GREEDY, SAMPLED)[i % 2]
+                try:
+                    results.append((s, client.generate(random_prompts(3, seed=i), s)))
+                except Exception as e:  # reported by the main thread
+                    errors.append(e)
+                    return
+                i += 1
+
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        time.sleep(0.3)
+        assert not early.done()
+        for version in range(1, 6):
+            _perturb(trainer, seed=version)
+            states[version] = {k: v.clone() for k, v in trainer.state_dict().items()}
+            sender.sync(version)
+            time.sleep(0.15)  # let a few requests run on this version
+        stop.set()
+        streamer.join(60)
+        assert not streamer.is_alive() and not errors, errors
+        assert all(x.policy_version >= 1 for x in early.result(30))
+        last = client.generate(random_prompts(4, seed=1000), SAMPLED, min_version=5)
+        assert all(x.policy_version == 5 for x in last)
+        results.append((SAMPLED, last))
+        sender.close()
+        wait_for(lambda: all(w.versioned.state == "closed" for w in svc.workers), what="channel closed")
+    finally:
+        stop.set()
+        svc.close()
+
+    seen = sorted({x.policy_version for _, batch in results for x in batch})
+    assert len(results) >= 6 and len(seen) >= 3, seen  # the stream really spanned several versions
+    models = {}
+    for s, batch in results:
+        versions = {x.policy_version for x in batch}
+        assert len(versions) == 1  # one request, one version
+        for sample in batch:
+            v = sample.policy_version
+            if v not in models:
+                models[v] = LlamaForCausalLM.from_pretrained(student_dir).eval()
+                models[v].load_state_dict(states[v])
+            logp, argmax = _rescore(models[v], sample, s.temperature)
+            torch.testing.assert_close(sample.response_logprobs, logp, atol=1e-4, rtol=1e-4)
+            if s.temperature == 0:
+                assert sample.response_ids == argmax.tolist()
+    # and the re-scoring does tell versions apart: a neighbouring version does not explain the samples
+    sample = next(x for _, b in results for x in b if x.policy_version == seen[-1])
+    other = LlamaForCausalLM.from_pretrained(student_dir).eval()
+    other.load_state_dict(states[seen[-1] - 1])
+    assert not torch.allclose(_rescore(other, sample, 0.7)[0], sample.response_logprobs, atol=1e-3)
+
+
+def test_a_failed_channel_is_reported_to_min_version_requests(student_dir):
+    # nobody hosts the store: the rendezvous fails after its timeout and the worker keeps serving version 0
+    channel = WeightChannel("127.0.0.1", _free_port(), 1, 2, "gloo", timeout_s=0.5)
+    svc = Service(student_dir, workers=1, channels=[channel])
+    try:
+        wait_for(lambda: svc.workers[0].versioned.state == "failed", timeout_s=20, what="channel failure")
+        client = svc.client(min_version_wait_s=5)
+        start = time.monotonic()
+        try:
+            client.generate(random_prompts(1), GREEDY, min_version=1)
+            raise AssertionError("expected an error")
+        except RemoteError as e:
+            assert "policy version 1 did not arrive" in str(e) and "weight channel failed" in str(e)
+        assert time.monotonic() - start < 4  # a failed channel ends the wait at once
+        assert client.generate(random_prompts(1), GREEDY)[0].policy_version == 0
+    finally:
+        svc.close()
