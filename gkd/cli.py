@@ -101,7 +101,7 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gkd", description="asynchronous on-policy knowledge distillation")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher}")
+    sub = parser.add_subparsers(dest="command", required=True)  # later groups: rollout, train, demo
     _add_teacher(sub)
     return parser
 
