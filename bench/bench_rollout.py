@@ -1,0 +1,176 @@
+"""Rollout: the CPU engine against plain ``transformers`` ``generate``, and applying a weight version.
+
+Run: ``.venv/bin/python -m pytest bench/bench_rollout.py --benchmark-only -s`` (not part of CI).
+Results go to bench/results/rollout.json.
+
+Model: a SmolLM-135M-shaped Llama built from a config (vocab 49152, hidden 576, 6 layers instead of 30,
+tied embeddings), float32 on CPU, ``GKD_BENCH_THREADS`` intra-op threads (default 1: on a shared 2-core
+machine a 2-thread OpenMP team mostly measures contention).
+
+- Generation: 8 prompts x 64 tokens, 64 new tokens each, temperature 1, no top-k/top-p. Baseline:
+  ``model.generate(do_sample=True, top_k=0, output_scores=True, return_dict_in_generate=True)`` plus
+  ``compute_transition_scores(normalize_logits=True)`` for the sampled tokens' log-probs (what the engine
+  returns), EOS disabled so both produce exactly 64 tokens per row. The engine runs unseeded (one
+  multinomial per step, as generate) and seeded (one generator per prompt). Rounds are interleaved; the
+  figure is generate's median time over the engine's (target >= 1.0).
+- Weight apply: the staged version (the ``WeightReceiver``'s flat bucket buffers, 256 MiB buckets) copied
+  into the engine by ``engine.load_weights`` (strict name/shape check + per-tensor copies), against one
+  raw ``copy_`` of the same number of bytes between two flat buffers. Figure: apply / raw copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.flatten import FlatBuffer, TensorMeta, plan_buckets
+from gkd.rollout.hf_engine import HFRolloutEngine
+from gkd.rollout.types import SamplingConfig
+
+ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "5"))
+THREADS = int(os.environ.get("GKD_BENCH_THREADS", "1"))
+BATCH, PROMPT, NEW = 8, 64, 64
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "rollout.json"
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # both sides generate exactly NEW tokens per row
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _save(name: str, report: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[name] = report
+    RESULTS.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(THREADS)
+    return _model()
+
+
+def test_engine_vs_transformers_generate(benchmark, model):
+    engine = HFRolloutEngine(model, max_batch_size=BATCH)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, engine.vocab_size, (BATCH, PROMPT), generator=g)
+    prompts = ids.tolist()
+    unseeded = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
+    seeded = SamplingConfig(max_new_tokens=NEW, temperature=1.0, seed=7)
+
+    @torch.no_grad()
+    def hf_generate():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=NEW,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        assert logprobs.shape == (BATCH, NEW)
+        return out.sequences, logprobs
+
+    def engine_unseeded():
+        samples = engine.generate(prompts, unseeded)
+        assert all(len(s.response_ids) == NEW for s in samples)
+
+    def engine_seeded():
+        engine.generate(prompts, seeded)
+
+    variants = {"generate": hf_generate, "engine": engine_unseeded, "engine_seeded": engine_seeded}
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(ROUNDS):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    benchmark.pedantic(engine_unseeded, rounds=1, iterations=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {
+        "batch": f"{BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, vocab {engine.vocab_size}, 6 layers",
+        "torch_threads": THREADS,
+        "rounds": ROUNDS,
+        **{f"{k}_s": round(v, 4) for k, v in med.items()},
+        "speedup_vs_generate": round(med["generate"] / med["engine"], 3),
+        "speedup_seeded_vs_generate": round(med["generate"] / med["engine_seeded"], 3),
+        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+    }
+    benchmark.extra_info.update(report)
+    _save("engine_vs_generate", report)
+    print(json.dumps(report, indent=2))
+
+
+def test_apply_version_vs_raw_copy(benchmark, model):
+    engine = HFRolloutEngine(model)
+    params = engine.parameters_spec()
+    metas = [TensorMeta(n, p.dtype, tuple(p.shape)) for n, p in params.items()]
+    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in plan_buckets(metas, 256 << 20, 256)]
+    with torch.no_grad():
+        for fb in staging:  # a "new version": the current weights, perturbed
+            fb.write({m.name: params[m.name] + 0.01 for m in fb.metas})
+    nbytes = sum(p.numel() * p.element_size() for p in params.values())
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    dst.fill_(0)
+
+    def apply():
+        engine.load_weights(((n, t) for fb in staging for n, t in fb.unpack().items()), version=1)
+
+    def raw_copy():
+        dst.copy_(src)
+
+    apply()
+    first = next(iter(staging[0].metas))
+    assert torch.equal(params[first.name], staging[0].unpack()[first.name])
+    times = {"apply": [], "raw_copy": []}
+    for _ in range(max(ROUNDS, 5)):
+        for name, fn in (("apply", apply), ("raw_copy", raw_copy)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    benchmark.pedantic(apply, rounds=1, iterations=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {
+        "bytes": nbytes,
+        "tensors": len(params),
+        "torch_threads": THREADS,
+        "apply_s": round(med["apply"], 4),
+        "raw_copy_s": round(med["raw_copy"], 4),
+        "apply_over_raw_copy": round(med["apply"] / med["raw_copy"], 3),
+        "apply_GBps": round(nbytes / med["apply"] / 1e9, 2),
+        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+    }
+    benchmark.extra_info.update(report)
+    _save("apply_version", report)
+    print(json.dumps(report, indent=2))
