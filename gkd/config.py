@@ -1,0 +1,371 @@
+"""Typed run configuration: every key and its default lives in the dataclasses below (OmegaConf
+structured config). A run is ``defaults <- YAML file(s) <- key=value overrides``, checked once:
+
+    cfg = load_config(["configs/cpu_tiny.yaml"], ["trainer.scheduler=two_step_off", "optim.lr=1e-5"])
+    cfg.trainer.staleness  # -> 2
+
+Unknown keys are errors that list the valid keys of their section; a value of the wrong type is an error
+that names the key; ``choices`` and ranges are checked by :func:`validate`. :func:`load_config` returns
+plain dataclass instances (``Config``), so the trainer reads ``cfg.optim.lr`` with no OmegaConf types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+__all__ = [
+    "SCHEDULERS",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_scheduler",
+    "to_yaml",
+    "validate",
+]
+
+SCHEDULERS = {"sync": 0, "one_step_off": 1, "two_step_off": 2}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file or override it came from)."""
+
+
+def _choice(default: str, *choices: str) -> Any:
+    """A string field restricted to ``choices`` (checked by :func:`validate`)."""
+    assert default in choices, (default, choices)
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    student_path: str = ""  # required: a transformers model folder (weights + config + tokenizer)
+    dtype: str = _choice("bfloat16", "float32", "bfloat16", "float16")  # parameter dtype on GPU
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    server_ip: str = "127.0.0.1"
+    server_port: int = 15555  # the teacher broker's client (frontend) port
+    backend_port: int = 15556  # where teacher workers connect (used when teacher.launch)
+    top_k: int = 64  # teacher top-k per response position
+    temperature: float = 1.0
+    launch: bool = False  # start a local teacher service with the settings below
+    model_path: str = ""  # required when launch
+    backend: str = _choice("hf", "hf", "vllm")
+    workers: int = 1
+    auth_secret_file: str | None = None
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _choice("hf", "hf", "vllm")
+    server_ip: str = "127.0.0.1"
+    server_port: int = 15557  # the rollout broker's client (frontend) port
+    backend_port: int = 15558  # where rollout workers connect (used when rollout.launch)
+    weight_port: int = 29600  # TCPStore of the weight channel, hosted by trainer rank 0
+    n_gpus_per_node: int = 0  # 0 = CPU engines
+    nnodes: int = 1
+    workers: int = 1  # engine processes per node
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    launch: bool = False  # start a local rollout service
+    auth_secret_file: str | None = None
+
+
+@dataclass
+class TrainerConfig:
+    scheduler: str = "one_step_off"  # sync | one_step_off | two_step_off | an integer staleness k >= 0
+    n_gpus_per_node: int = 0  # 0 = CPU (gloo); otherwise torchrun --nproc-per-node
+    nnodes: int = 1
+    nproc_per_node: int = 1  # CPU only: trainer processes when n_gpus_per_node == 0
+    total_steps: int | None = None  # when set, wins over total_epochs
+    total_epochs: int = 1
+    save_freq: int = 100  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | PATH to a checkpoint
+    output_dir: str = "runs/gkd"
+    strategy: str = _choice("ddp", "ddp", "fsdp2")
+    seed: int = 0
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun ``--nproc-per-node``: one process per GPU, else ``nproc_per_node`` CPU processes."""
+        return self.n_gpus_per_node or self.nproc_per_node
+
+    @property
+    def staleness(self) -> int:
+        """The bounded staleness ``k`` that ``scheduler`` names."""
+        return parse_scheduler(self.scheduler)
+
+
+@dataclass
+class LossConfig:
+    name: str = _choice("forward_kl", "forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
+    tail: str = _choice("bucket", "bucket", "renorm", "none")
+    beta: float = 0.5  # jsd mixture weight
+    temperature: float = 1.0  # student logit temperature
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # max global grad norm; 0 = no clipping
+    warmup_steps: int = 0
+    schedule: str = _choice("constant", "constant", "cosine")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # parquet paths or globs (required)
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"  # column: a string or a chat-message list [{role, content}, ...]
+    max_prompt_length: int = 512  # tokens, after the chat template
+    max_response_length: int = 512  # tokens
+    train_batch_size: int = 8  # prompts per step
+    truncation: str = _choice("error", "error", "left", "right")
+    micro_batch_tokens: int = 8192  # token budget of one forward/backward micro-batch
+    seed: int = 0  # shuffle seed; epoch e uses (seed, e)
+    shuffle: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True  # OUTPUT_DIR/metrics.jsonl; always written, this only names the intent
+    tensorboard: bool = False  # OUTPUT_DIR/tensorboard (needs `pip install gkd[tensorboard]`)
+    progress_bar: bool = True
+    trace: bool = True  # OUTPUT_DIR/trace.json (Chrome/Perfetto)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def parse_scheduler(value: str | int) -> int:
+    """``sync`` -> 0, ``one_step_off`` -> 1, ``two_step_off`` -> 2, ``"3"`` or 3 -> 3."""
+    s = str(value).strip()
+    if s in SCHEDULERS:
+        return SCHEDULERS[s]
+    if s.lstrip("+").isdigit():
+        return int(s)
+    raise ConfigError(
+        f"trainer.scheduler={value!r}: expected one of {', '.join(SCHEDULERS)} or an integer staleness k >= 0"
+    )
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _valid_keys(full_key: str | None) -> str:
+    """The sentence listing valid keys for the section an unknown ``full_key`` was found in."""
+    parts = (full_key or "").split(".")
+    sections = _sections()
+    if len(parts) >= 2 and parts[0] in sections:
+        names = [f.name for f in dataclasses.fields(sections[parts[0]])]
+        return f"valid keys in '{parts[0]}': {', '.join(names)}"
+    return f"valid sections: {', '.join(sections)}"
+
+
+def _wrap_list_scalars(raw: DictConfig) -> None:
+    """``data.train_files: a.parquet`` means a one-element list (in YAML and on the command line)."""
+    for name, cls in _sections().items():
+        section = raw.get(name) if isinstance(raw, DictConfig) else None
+        if not isinstance(section, DictConfig):
+            continue
+        hints = typing.get_type_hints(cls)
+        for key, tp in hints.items():
+            if typing.get_origin(tp) is list and isinstance(section.get(key), str | int | float):
+                section[key] = [section[key]]
+
+
+def _merge(base: DictConfig, raw: DictConfig, source: str) -> DictConfig:
+    _wrap_list_scalars(raw)
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(base, raw))
+    except ConfigKeyError as e:
+        raise ConfigError(f"{source}: unknown config key '{e.full_key}'; {_valid_keys(e.full_key)}") from None
+    except OmegaConfBaseException as e:
+        msg = str(e.msg).splitlines()[0] if e.msg else str(e)
+        key = f" '{e.full_key}'" if e.full_key else ""
+        raise ConfigError(f"{source}: bad value for config key{key}: {msg}") from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip() or key.startswith("-"):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        if "." not in key:
+            raise ConfigError(f"override {item!r}: name a key inside a section; {_valid_keys(key)}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command line override: {e}") from None
+
+
+def _load_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"config file {path}: cannot parse YAML: {e}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_config(
+    paths: Sequence[str] | str = (), overrides: Sequence[str] = (), *, check: bool = True
+) -> Config:
+    """Defaults, then each YAML file in order, then ``key=value`` overrides; validated unless ``check`` is
+    False (tests that build partial configs). Raises :class:`ConfigError`."""
+    if isinstance(paths, str):
+        paths = [paths]
+    cfg = OmegaConf.structured(Config)
+    for path in paths:
+        cfg = _merge(cfg, _load_yaml(str(path)), f"config file {path}")
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "command line override")
+    try:
+        obj = typing.cast(Config, OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e.msg or e).splitlines()[0]} (key '{e.full_key}')") from None
+    if check:
+        validate(obj)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written next to checkpoints; loadable by :func:`load_config`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {need}")
+
+
+def validate(cfg: Config) -> None:
+    """Choices, ranges and cross-key rules; each failure names the key."""
+    for name in _sections():
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                v = getattr(section, f.name)
+                _check(v in choices, f"{name}.{f.name}", v, f"expected one of {', '.join(choices)}")
+
+    m, t, r, tr, lo, o, d = cfg.model, cfg.teacher, cfg.rollout, cfg.trainer, cfg.loss, cfg.optim, cfg.data
+    _check(
+        bool(m.student_path), "model.student_path", m.student_path, "required (a transformers model folder)"
+    )
+    for key, port in [
+        ("teacher.server_port", t.server_port),
+        ("teacher.backend_port", t.backend_port),
+        ("rollout.server_port", r.server_port),
+        ("rollout.backend_port", r.backend_port),
+        ("rollout.weight_port", r.weight_port),
+    ]:
+        _check(0 < port < 65536, key, port, "a TCP port in 1..65535")
+    _check(t.top_k >= 1, "teacher.top_k", t.top_k, "must be >= 1")
+    _check(t.temperature > 0, "teacher.temperature", t.temperature, "must be > 0")
+    _check(t.workers >= 1, "teacher.workers", t.workers, "must be >= 1")
+    _check(
+        not t.launch or bool(t.model_path), "teacher.model_path", t.model_path, "required when teacher.launch"
+    )
+
+    _check(r.workers >= 1, "rollout.workers", r.workers, "must be >= 1")
+    _check(r.nnodes >= 1, "rollout.nnodes", r.nnodes, "must be >= 1")
+    _check(r.n_gpus_per_node >= 0, "rollout.n_gpus_per_node", r.n_gpus_per_node, "must be >= 0 (0 = CPU)")
+    _check(
+        r.backend != "vllm" or r.n_gpus_per_node > 0,
+        "rollout.n_gpus_per_node",
+        r.n_gpus_per_node,
+        "rollout.backend=vllm needs GPUs",
+    )
+    _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must lie in (0, 1]")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _check(
+        r.max_new_tokens <= d.max_response_length,
+        "rollout.max_new_tokens",
+        r.max_new_tokens,
+        f"must be <= data.max_response_length ({d.max_response_length})",
+    )
+
+    k = parse_scheduler(tr.scheduler)
+    _check(k >= 0, "trainer.scheduler", tr.scheduler, "staleness must be >= 0")
+    _check(tr.n_gpus_per_node >= 0, "trainer.n_gpus_per_node", tr.n_gpus_per_node, "must be >= 0 (0 = CPU)")
+    _check(tr.nproc_per_node >= 1, "trainer.nproc_per_node", tr.nproc_per_node, "must be >= 1")
+    _check(tr.nnodes >= 1, "trainer.nnodes", tr.nnodes, "must be >= 1")
+    _check(
+        tr.total_steps is None or tr.total_steps >= 1,
+        "trainer.total_steps",
+        tr.total_steps,
+        "must be >= 1 (or null: use trainer.total_epochs)",
+    )
+    _check(tr.total_epochs >= 1, "trainer.total_epochs", tr.total_epochs, "must be >= 1")
+    _check(tr.save_freq >= 0, "trainer.save_freq", tr.save_freq, "must be >= 0 (0 = final checkpoint only)")
+    _check(tr.keep_last >= 1, "trainer.keep_last", tr.keep_last, "must be >= 1")
+    _check(bool(tr.output_dir), "trainer.output_dir", tr.output_dir, "required")
+    _check(
+        tr.resume in ("auto", "never") or os.path.exists(tr.resume),
+        "trainer.resume",
+        tr.resume,
+        "expected auto, never or the path of an existing checkpoint",
+    )
+
+    _check(0 <= lo.beta <= 1, "loss.beta", lo.beta, "must lie in [0, 1]")
+    _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be > 0")
+
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 = no clipping)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        o.betas,
+        "expected two values in [0, 1)",
+    )
+
+    _check(len(d.train_files) > 0, "data.train_files", d.train_files, "required (parquet paths or globs)")
+    _check(bool(d.prompt_key), "data.prompt_key", d.prompt_key, "required")
+    _check(d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length, "must be >= 1")
+    _check(d.max_response_length >= 1, "data.max_response_length", d.max_response_length, "must be >= 1")
+    _check(d.train_batch_size >= 1, "data.train_batch_size", d.train_batch_size, "must be >= 1")
+    need = d.max_prompt_length + d.max_response_length
+    _check(
+        d.micro_batch_tokens >= need,
+        "data.micro_batch_tokens",
+        d.micro_batch_tokens,
+        f"must hold one full sequence (>= data.max_prompt_length + data.max_response_length = {need})",
+    )
