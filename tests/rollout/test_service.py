@@ -11,7 +11,7 @@ import torch
 
 from gkd.rollout.client import RolloutClient
 from gkd.rollout.hf_engine import HFRolloutEngine
-from gkd.rollout.service import RolloutSpec, make_broker, make_worker
+from gkd.rollout.service import RolloutSpec, WeightChannel, make_broker, make_worker
 from gkd.rollout.types import SamplingConfig
 from gkd.rollout.wire import OP_GENERATE, pack_request
 from gkd.transport import Client, RemoteError
@@ -160,3 +160,21 @@ def test_empty_batch_and_tensor_prompts(service, engine):
     prompts = [torch.tensor([4, 5, 6]), torch.tensor([9], dtype=torch.int32)]
     s = SamplingConfig(max_new_tokens=5, temperature=0)
     assert_samples_equal(client.generate(prompts, s), engine.generate([[4, 5, 6], [9]], s))
+
+
+def test_spec_and_channel_round_trip_through_join_options(student_dir):
+    import argparse
+
+    from gkd.rollout.service import _channel_argv, _spec, add_rollout_cli
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-level", default="INFO")
+    add_rollout_cli(parser.add_subparsers(dest="command", required=True))
+    spec = RolloutSpec(model=student_dir, dtype="bfloat16", max_batch_size=7)
+    channel = _channel_argv("10.0.0.1:29600", 3, 5, "gloo", 12.5)
+    args = parser.parse_args(["rollout", "join", "--broker", "h:1", *spec.to_argv(), *channel])
+    assert _spec(args) == spec
+    assert (args.weight_channel, args.weight_rank, args.weight_world_size) == ("10.0.0.1:29600", 3, 5)
+    assert (args.weight_backend, args.weight_timeout) == ("gloo", 12.5)
+    with pytest.raises(ValueError, match=r"weight rank 0 must lie in \[1, 3\)"):
+        WeightChannel("127.0.0.1", 1, 0, 3)
