@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command", required=True)  # later groups: rollout, train, demo
     _add_teacher(sub)
+    __import__("gkd.rollout.service", fromlist=["*"]).add_rollout_cli(sub)  # gkd rollout serve|join
     return parser
 
 
