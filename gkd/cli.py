@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)  # later groups: rollout, train, demo
     _add_teacher(sub)
     __import__("gkd.rollout.service", fromlist=["*"]).add_rollout_cli(sub)  # gkd rollout serve|join
+    __import__("gkd.timeline", fromlist=["*"]).add_timeline_cli(sub)  # gkd timeline RUN_DIR -o PNG
     return parser
 
 
