@@ -8,7 +8,7 @@ is a pure function of ``b`` (``loader.batch(b)``): no prompt is skipped at an ep
 straddle two epochs), and a checkpoint only needs the index of the next batch to train.
 
     ds = PromptDataset.from_config(cfg.data, tokenizer)
-    loader = PromptLoader(ds, cfg.data.train_batch_size, seed=cfg.data.seed)
+    loader = PromptLoader.from_config(ds, cfg.data)  # train_batch_size, seed, shuffle
     batch = next(loader)            # PromptBatch(index=0, epoch=0, prompt_ids=[[...], ...], rows=[...])
     state = loader.state_dict()     # {"epoch": 0, "index": 8, "batch": 1, ...}: the next prompt/batch
     loader.load_state_dict(state)   # continue exactly there: no repeat, no gap
@@ -209,6 +209,11 @@ class PromptLoader:
         self.shuffle = shuffle
         self.next_batch = 0  # the iterator's position, as a global batch index
         self._perms: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_config(cls, dataset: PromptDataset, data_cfg) -> PromptLoader:
+        """From ``cfg.data`` (``train_batch_size``, ``seed``, ``shuffle``)."""
+        return cls(dataset, data_cfg.train_batch_size, seed=data_cfg.seed, shuffle=data_cfg.shuffle)
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:

@@ -109,8 +109,9 @@ class MetricsLogger:
     """Per-step metrics to ``OUTPUT_DIR/metrics.jsonl`` (always), ``OUTPUT_DIR/tensorboard`` (when
     ``tensorboard``) and a tqdm progress bar (steps, ETA, kl_loss, tokens/s, staleness).
 
-    ``start_step > 0`` (a resume) drops lines with ``step >= start_step`` left by the interrupted run, so
-    each step appears once. ``required`` names metrics every ``log`` call must contain.
+    Lines already in the file with ``step >= start_step`` are dropped (a resume from the checkpoint of step
+    ``start_step`` repeats the steps the interrupted run logged after it; a fresh run, ``start_step=0``,
+    starts the file anew), so each step appears once. ``required``: metrics every ``log`` call must hold.
     """
 
     def __init__(

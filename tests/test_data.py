@@ -102,6 +102,10 @@ def test_shuffle_is_deterministic_per_seed_and_differs_per_epoch(tmp_path, tok):
     assert sorted(rows_a[:20]) == sorted(rows_a[20:]) == list(range(20))  # each epoch: every row once
     assert rows_a[:20] != rows_a[20:]  # reshuffled
     assert rows_a[:20] != list(range(20))
+    from gkd.config import DataConfig
+
+    via_cfg = PromptLoader.from_config(ds, DataConfig(train_batch_size=5, seed=3))
+    assert [r for _ in range(8) for r in next(via_cfg).rows] == rows_a
     unshuffled = PromptLoader(ds, 5, seed=3, shuffle=False)
     assert next(unshuffled).rows == [0, 1, 2, 3, 4]
 
