@@ -1,7 +1,9 @@
 """Rollout: the CPU engine against plain ``transformers`` ``generate``, and applying a weight version.
 
 Run: ``.venv/bin/python -m pytest bench/bench_rollout.py --benchmark-only -s`` (not part of CI).
-Results go to bench/results/rollout.json.
+Results go to bench/results/rollout.json. The vLLM section runs where vllm is importable (skipped
+elsewhere): ``VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest bench/bench_rollout.py -k vllm
+--benchmark-only -s`` (needs ``pytest-benchmark`` in that venv).
 
 Model: a SmolLM-135M-shaped Llama built from a config (vocab 49152, hidden 576, 6 layers instead of 30,
 tied embeddings), float32 on CPU, ``GKD_BENCH_THREADS`` intra-op threads (default 1: on a shared 2-core
@@ -16,10 +18,15 @@ machine a 2-thread OpenMP team mostly measures contention).
 - Weight apply: the staged version (the ``WeightReceiver``'s flat bucket buffers, 256 MiB buckets) copied
   into the engine by ``engine.load_weights`` (strict name/shape check + per-tensor copies), against one
   raw ``copy_`` of the same number of bytes between two flat buffers. Figure: apply / raw copy.
+- vLLM (same model, saved to a temporary folder, ``enforce_eager=True`` unless ``GKD_BENCH_VLLM_EAGER=0``):
+  the weight apply as above through ``VLLMRolloutEngine.load_weights`` (on CPU: the worker's
+  ``reload_weights``, which rebuilds the oneDNN-packed layers, + the tied head + a prefix-cache reset)
+  against the same raw copy; and generation (the batch above, seeded) against the CPU engine, interleaved.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -173,4 +180,114 @@ def test_apply_version_vs_raw_copy(benchmark, model):
     }
     benchmark.extra_info.update(report)
     _save("apply_version", report)
+    print(json.dumps(report, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- vLLM
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+
+
+def _staged_version(params: dict[str, torch.Tensor]) -> list[FlatBuffer]:
+    """The WeightReceiver's staging buffers holding a "new version": the given weights, perturbed."""
+    metas = [TensorMeta(n, p.dtype, tuple(p.shape)) for n, p in params.items()]
+    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in plan_buckets(metas, 256 << 20, 256)]
+    with torch.no_grad():
+        for fb in staging:
+            fb.write({m.name: params[m.name] + 0.01 for m in fb.metas})
+    return staging
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(model, tmp_path_factory):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from gkd.rollout.vllm_engine import VLLMRolloutEngine
+
+    path = tmp_path_factory.mktemp("bench-student")
+    model.save_pretrained(path)
+    eager = os.environ.get("GKD_BENCH_VLLM_EAGER", "1") == "1"
+    start = time.perf_counter()
+    engine = VLLMRolloutEngine(str(path), enforce_eager=eager, max_model_len=PROMPT + NEW)
+    return engine, {"vllm_start_s": round(time.perf_counter() - start, 1), "enforce_eager": eager}
+
+
+@needs_vllm
+def test_vllm_apply_version_vs_raw_copy(benchmark, model, vllm_engine):
+    engine, info = vllm_engine
+    hf_params = dict(model.named_parameters())
+    staging = _staged_version(hf_params)
+    nbytes = sum(p.numel() * p.element_size() for p in hf_params.values())
+    src = torch.full((nbytes,), 1, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+
+    def apply():
+        engine.load_weights(((n, t) for fb in staging for n, t in fb.unpack().items()), version=1)
+
+    def raw_copy():
+        dst.copy_(src)
+
+    apply()
+    assert engine.policy_version == 1
+    times = {"apply": [], "raw_copy": []}
+    for _ in range(max(ROUNDS, 5)):
+        for name, fn in (("apply", apply), ("raw_copy", raw_copy)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    benchmark.pedantic(apply, rounds=1, iterations=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {
+        **info,
+        "bytes": nbytes,
+        "tensors": len(hf_params),
+        "on_cpu": engine.on_cpu,
+        "apply_s": round(med["apply"], 4),
+        "raw_copy_s": round(med["raw_copy"], 4),
+        "apply_over_raw_copy": round(med["apply"] / med["raw_copy"], 3),
+        "apply_GBps": round(nbytes / med["apply"] / 1e9, 2),
+        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+    }
+    benchmark.extra_info.update(report)
+    _save("vllm_apply_version", report)
+    print(json.dumps(report, indent=2))
+
+
+@needs_vllm
+def test_vllm_vs_cpu_engine(benchmark, model, vllm_engine):
+    engine, info = vllm_engine
+    hf = HFRolloutEngine(model, max_batch_size=BATCH)
+    if engine.policy_version != 0:  # the apply benchmark left perturbed weights: back to the model's
+        engine.load_weights(hf.parameters_spec().items(), version=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, engine.vocab_size, (BATCH, PROMPT), generator=g).tolist()
+    seeded = SamplingConfig(max_new_tokens=NEW, temperature=1.0, seed=7)
+
+    def run_vllm():
+        assert all(len(s.response_ids) == NEW for s in engine.generate(prompts, seeded))
+
+    def run_hf():
+        hf.generate(prompts, seeded)
+
+    variants = {"cpu_engine": run_hf, "vllm": run_vllm}
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(ROUNDS):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    benchmark.pedantic(run_vllm, rounds=1, iterations=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {
+        **info,
+        "batch": f"{BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, seeded, vocab {engine.vocab_size}",
+        "torch_threads": THREADS,
+        **{f"{k}_s": round(v, 4) for k, v in med.items()},
+        "vllm_speedup_vs_cpu_engine": round(med["cpu_engine"] / med["vllm"], 3),
+        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+    }
+    benchmark.extra_info.update(report)
+    _save("vllm_vs_cpu_engine", report)
     print(json.dumps(report, indent=2))
