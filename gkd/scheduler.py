@@ -137,6 +137,7 @@ class Step:
 class _Batch:
     index: int
     min_version: int
+    run: int  # which run() made it: callbacks of an abandoned run are ignored
     gen_attempts: int = 0
     gen_first: float = 0.0  # first submission (clock)
     gen_start: float = 0.0  # current attempt
@@ -206,7 +207,7 @@ class Scheduler:
         self._batches: dict[int, _Batch] = {}
         self._spans: list[Span] = []
         self._failure: PhaseFailed | None = None
-        self._closed = True
+        self._closed, self._run_id = True, 0
         self._state = SchedulerState()
 
     @property
@@ -228,7 +229,7 @@ class Scheduler:
         with self._cond:
             if not self._closed:
                 raise RuntimeError("Scheduler.run is already running; one run at a time")
-            self._closed, self._failure = False, None
+            self._closed, self._failure, self._run_id = False, None, self._run_id + 1
             self._batches, self._spans = {}, []
             self._state = state
         self._start, self._end = state.next_batch, end
@@ -307,7 +308,7 @@ class Scheduler:
     def _submit_generations(self, version: int) -> None:
         while self._next_gen < self._end and self._next_gen - self.k <= version:
             b = self._next_gen
-            rec = _Batch(b, max(self._start, b - self.k))
+            rec = _Batch(b, max(self._start, b - self.k), self._run_id)
             with self._cond:
                 self._batches[b] = rec
             self._next_gen += 1
@@ -328,16 +329,17 @@ class Scheduler:
         if isinstance(out, Future):
             with self._cond:
                 self._transfer = out
-            out.add_done_callback(lambda f: self._sync_done(f, version, t0))
+            run = self._run_id
+            out.add_done_callback(lambda f: self._sync_done(f, version, t0, run))
 
     def _transfer_done(self) -> bool:
         return self._transfer is None or self._transfer.done()
 
-    def _sync_done(self, fut: Future, version: int, issued: float) -> None:
+    def _sync_done(self, fut: Future, version: int, issued: float, run: int) -> None:
         exc = _exception(fut)
         with self._cond:
             self._spans.append(Span("sync_transfer", "weights", version, issued, self._clock()))
-            if exc is not None and not self._closed:
+            if exc is not None and not self._closed and run == self._run_id:
                 self._fail(PhaseFailed("sync", version, exc))
             self._cond.notify_all()
 
@@ -380,7 +382,7 @@ class Scheduler:
 
     def _submit_gen(self, rec: _Batch) -> None:
         with self._cond:
-            if self._closed:
+            if self._closed or rec.run != self._run_id:
                 return
             rec.gen_attempts += 1
             rec.gen_start = self._clock()
@@ -418,7 +420,7 @@ class Scheduler:
             self._spans.append(
                 Span("generate" if ok else "generate_failed", "rollout", rec.index, rec.gen_start, now)
             )
-            if self._closed:
+            if self._closed or rec.run != self._run_id:
                 return
             if not ok:
                 if fatal or rec.gen_attempts > self.max_retries:
@@ -434,7 +436,7 @@ class Scheduler:
 
     def _submit_score(self, rec: _Batch) -> None:
         with self._cond:
-            if self._closed:
+            if self._closed or rec.run != self._run_id:
                 return
             rec.score_attempts += 1
             rec.score_start = self._clock()
@@ -456,7 +458,7 @@ class Scheduler:
             self._spans.append(
                 Span("score" if ok else "score_failed", "teacher", rec.index, rec.score_start, now)
             )
-            if self._closed:
+            if self._closed or rec.run != self._run_id:
                 return
             if ok:
                 rec.scored, rec.done, rec.score_end = fut.result(), True, now

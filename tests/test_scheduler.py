@@ -321,6 +321,17 @@ def test_resume_continues_without_gap_or_repeat():
         h2.run(12, SchedulerState(3, 4))
 
 
+def test_abandoned_run_is_ignored_by_the_next():
+    # Batch 4's teacher fails 3 times: once for the abandoned run (ignored, no retry), twice for the new one.
+    h = Harness(2, G=1, T=2, U=1, S=0.5, score_fails=[(4, 0), (4, 1), (4, 2)], max_retries=2)
+    it = h.sched.run(10)
+    first = [next(it) for _ in range(3)]
+    it.close()  # the trainer stopped iterating; its requests are still in flight
+    second = list(h.sched.run(10, first[-1].state))
+    assert h.trained == list(range(10)) and [s.batch for s in second] == list(range(3, 10))
+    assert all(s.metrics["staleness"] <= 2 for s in second) and second[1].metrics["scheduler/retries"] == 2
+
+
 def test_real_threads():
     # The default idle (a condition variable) with futures completed by other threads.
     pool = ThreadPoolExecutor(4)
