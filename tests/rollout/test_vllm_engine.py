@@ -74,7 +74,7 @@ def _prompts():
     return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in (5, 12, 150, 1, 33)]
 
 
-def _reference_logprobs(model, sample, temperature: float) -> torch.Tensor:
+def _reference_logprobs(model, sample, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log softmax(logits / T) of the sampled tokens [R], of the whole vocabulary [R, V]) from one
     transformers forward pass."""
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
