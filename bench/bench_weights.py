@@ -39,25 +39,33 @@ _TIMEOUT = timedelta(seconds=120)  # rendezvous and every collective
 _TIMES: dict[str, float] = {}  # variant -> median seconds, filled by the benchmarks, read by the report
 
 
-def _lm_shapes(vocab: int, hidden: int, layers: int, inter: int, heads: int, kv_heads: int,
-               bias: bool) -> list[tuple[str, tuple[int, ...]]]:
+def _lm_shapes(
+    vocab: int, hidden: int, layers: int, inter: int, heads: int, kv_heads: int, bias: bool
+) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter names and shapes of a Llama/Qwen2-style decoder with tied embeddings."""
     head_dim = hidden // heads
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)),
-                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden))]
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+        ]
         if bias:
-            shapes += [(p + "self_attn.q_proj.bias", (hidden,)),
-                       (p + "self_attn.k_proj.bias", (kv_heads * head_dim,)),
-                       (p + "self_attn.v_proj.bias", (kv_heads * head_dim,))]
-        shapes += [(p + "self_attn.o_proj.weight", (hidden, hidden)),
-                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                   (p + "mlp.down_proj.weight", (hidden, inter)),
-                   (p + "input_layernorm.weight", (hidden,)),
-                   (p + "post_attention_layernorm.weight", (hidden,))]
+            shapes += [
+                (p + "self_attn.q_proj.bias", (hidden,)),
+                (p + "self_attn.k_proj.bias", (kv_heads * head_dim,)),
+                (p + "self_attn.v_proj.bias", (kv_heads * head_dim,)),
+            ]
+        shapes += [
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
     return shapes + [("model.norm.weight", (hidden,))]
 
 
@@ -84,7 +92,7 @@ def make_state(shapes, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Ten
     flat.view(torch.int16).random_(generator=torch.Generator().manual_seed(seed))
     views, pos = {}, 0
     for (name, shape), n in zip(shapes, numels, strict=True):
-        views[name] = flat[pos:pos + n].view(shape)
+        views[name] = flat[pos : pos + n].view(shape)
         pos += n
     return flat, views
 
@@ -96,7 +104,7 @@ def _record(benchmark, key: str) -> None:
 
 def _python_loop(views: dict[str, torch.Tensor], metas: list[TensorMeta], buf: torch.Tensor) -> None:
     for m in metas:
-        buf[m.offset:m.end].copy_(views[m.name].reshape(-1).view(torch.uint8))
+        buf[m.offset : m.end].copy_(views[m.name].reshape(-1).view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------- pack
@@ -115,6 +123,7 @@ PACK_VARIANTS = ["ext", "fallback", "fallback_1t", "loop", "loop_1t", "memcpy_to
 def _one_thread(fn):
     """fn with torch on one thread: on an oversubscribed machine each of torch's OpenMP regions can cost
     milliseconds, which a loop of ~300 copy_ calls multiplies (measured: 8x on this 2-core box)."""
+
     def run():
         before = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -122,6 +131,7 @@ def _one_thread(fn):
             fn()
         finally:
             torch.set_num_threads(before)
+
     return run
 
 
@@ -131,14 +141,16 @@ def test_pack_qwen2_05b(benchmark, qwen_state, variant):
     tensors, offsets = [views[m.name] for m in metas], [m.offset for m in metas]
     benchmark.group = f"pack Qwen2-0.5B shapes, {flat.nbytes / 2**20:.0f} MiB bf16"
     benchmark.extra_info["bytes"] = flat.nbytes
-    fn = {"ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
-          "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
-          "fallback_1t": _one_thread(lambda: _ext.pack(tensors, offsets, buf, use_ext=False)),
-          "loop": lambda: _python_loop(views, metas, buf),
-          "loop_1t": _one_thread(lambda: _python_loop(views, metas, buf)),
-          # the limit: one copy of the same byte count, by torch and by the extension's threaded memcpy
-          "memcpy_torch": lambda: buf[:flat.nbytes].copy_(flat.view(torch.uint8)),
-          "memcpy_ext": lambda: _ext.pack([flat], [0], buf, use_ext=True)}[variant]
+    fn = {
+        "ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
+        "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
+        "fallback_1t": _one_thread(lambda: _ext.pack(tensors, offsets, buf, use_ext=False)),
+        "loop": lambda: _python_loop(views, metas, buf),
+        "loop_1t": _one_thread(lambda: _python_loop(views, metas, buf)),
+        # the limit: one copy of the same byte count, by torch and by the extension's threaded memcpy
+        "memcpy_torch": lambda: buf[: flat.nbytes].copy_(flat.view(torch.uint8)),
+        "memcpy_ext": lambda: _ext.pack([flat], [0], buf, use_ext=True),
+    }[variant]
     if variant in ("ext", "memcpy_ext") and not _ext.HAS_EXT:
         pytest.skip(_ext.EXT_ERROR)
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
@@ -161,10 +173,12 @@ def test_pack_20k_small(benchmark, small_state, variant):
     benchmark.group = "pack 20,000 x 4 KB"
     if variant == "ext" and not _ext.HAS_EXT:
         pytest.skip(_ext.EXT_ERROR)
-    fn = {"ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
-          "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
-          "loop": lambda: _python_loop(views, metas, buf),
-          "loop_1t": _one_thread(lambda: _python_loop(views, metas, buf))}[variant]
+    fn = {
+        "ext": lambda: _ext.pack(tensors, offsets, buf, use_ext=True),
+        "fallback": lambda: _ext.pack(tensors, offsets, buf, use_ext=False),
+        "loop": lambda: _python_loop(views, metas, buf),
+        "loop_1t": _one_thread(lambda: _python_loop(views, metas, buf)),
+    }[variant]
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, f"pack_small/{variant}")
 
@@ -278,8 +292,12 @@ def test_broadcast(benchmark, channel, key, variant):
     flat, state, sender, staging = states[key]
     size = f"{len(state)} tensors, {flat.nbytes / 2**20:.1f} MiB"
     benchmark.group = f"gloo broadcast to 2 receivers, {key}: {size}"
-    fn = {"per_tensor": _per_tensor, "bucketed": _bucketed, "full_sync": _full_sync,
-          "raw": lambda *a: _raw(*a, flat)}[variant]
+    fn = {
+        "per_tensor": _per_tensor,
+        "bucketed": _bucketed,
+        "full_sync": _full_sync,
+        "raw": lambda *a: _raw(*a, flat),
+    }[variant]
     index = list(BROADCAST_STATES).index(key)
     benchmark.pedantic(fn, args=(group, index, state, sender, staging), rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, f"broadcast_{key}/{variant}")
@@ -302,8 +320,11 @@ def report():
     ratio("pack_large: ext / one torch copy_", "pack_large/memcpy_torch", "pack_large/ext")
     ratio("pack_large: fallback / one threaded memcpy", "pack_large/memcpy_ext", "pack_large/fallback")
     ratio("pack_large: loop / one threaded memcpy", "pack_large/memcpy_ext", "pack_large/loop")
-    ratio("pack_large: loop (1 torch thread) / one threaded memcpy", "pack_large/memcpy_ext",
-          "pack_large/loop_1t")
+    ratio(
+        "pack_large: loop (1 torch thread) / one threaded memcpy",
+        "pack_large/memcpy_ext",
+        "pack_large/loop_1t",
+    )
     ratio("pack_large: ext speed-up over loop (1 torch thread)", "pack_large/loop_1t", "pack_large/ext")
     ratio("pack_large: ext speed-up over loop", "pack_large/loop", "pack_large/ext")
     ratio("pack_small: ext speed-up over loop", "pack_small/loop", "pack_small/ext")
@@ -320,6 +341,14 @@ def report():
     for name, r in ratios.items():
         print(f"  {name:55s} {r:7.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"size": "small" if SMALL else "full", "threads": torch.get_num_threads(),
-                                   "median_seconds": t, "ratios": ratios}, indent=2))
-
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "size": "small" if SMALL else "full",
+                "threads": torch.get_num_threads(),
+                "median_seconds": t,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )

@@ -82,33 +82,44 @@ def alloc_host(nbytes: int, *, pin: bool = False, use_ext: bool | None = None) -
         why = EXT_ERROR or "no extension"
         error = f"cannot page-lock memory: CPU-only torch and {why}" if pin else ""
     if pin and not pinned:
-        warnings.warn(f"pinned host buffer of {nbytes} bytes is not page-locked: {error}", PinWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"pinned host buffer of {nbytes} bytes is not page-locked: {error}", PinWarning, stacklevel=2
+        )
     return HostMemory(tensor, pin and pinned, error if pin and not pinned else "")
 
 
-def _check_args(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor,
-                what: str) -> None:
+def _check_args(
+    tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, what: str
+) -> None:
     # The same checks, in the same words, as csrc/bindings.cpp.
     if len(tensors) != len(offsets):
-        raise RuntimeError(f"{what} and offsets must have equal lengths, got {len(tensors)} and "
-                           f"{len(offsets)}")
+        raise RuntimeError(
+            f"{what} and offsets must have equal lengths, got {len(tensors)} and {len(offsets)}"
+        )
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
         raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
     for i, (t, off) in enumerate(zip(tensors, offsets, strict=True)):
         if not t.is_contiguous():
             raise RuntimeError(f"{what}[{i}] must be contiguous (call .contiguous() first)")
         if off < 0 or off + t.nbytes > buffer.numel():
-            raise RuntimeError(f"offsets[{i}] = {off} with {t.nbytes} bytes does not fit in a buffer of "
-                               f"{buffer.numel()} bytes")
+            raise RuntimeError(
+                f"offsets[{i}] = {off} with {t.nbytes} bytes does not fit in a buffer of "
+                f"{buffer.numel()} bytes"
+            )
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def pack(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, *,
-         num_threads: int = 0, use_ext: bool | None = None) -> None:
+def pack(
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    buffer: torch.Tensor,
+    *,
+    num_threads: int = 0,
+    use_ext: bool | None = None,
+) -> None:
     """Copy contiguous tensors (any dtype and shape) into ``buffer`` (uint8 ``[N]``) at byte ``offsets``.
 
     Bytes between tensors are left as they are. The extension copies on ``num_threads`` threads
@@ -125,7 +136,7 @@ def pack(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.
     for i in order:
         if offsets[i] < pos:  # overlapping layout: no single cat
             for t, off in zip(tensors, offsets, strict=True):
-                buffer[off:off + t.nbytes].copy_(_as_bytes(t))
+                buffer[off : off + t.nbytes].copy_(_as_bytes(t))
             return
         if offsets[i] > pos:
             pieces.append(torch.zeros(offsets[i] - pos, dtype=torch.uint8, device=buffer.device))
@@ -135,19 +146,31 @@ def pack(tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.
         torch.cat(pieces, out=buffer[start:pos])
 
 
-def unpack(buffer: torch.Tensor, offsets: Sequence[int], dests: Sequence[torch.Tensor], *,
-           num_threads: int = 0, use_ext: bool | None = None) -> None:
+def unpack(
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    dests: Sequence[torch.Tensor],
+    *,
+    num_threads: int = 0,
+    use_ext: bool | None = None,
+) -> None:
     """Copy bytes of ``buffer`` at byte ``offsets`` into the contiguous tensors ``dests`` (pack reversed)."""
     if _want_ext(use_ext, buffer, *dests):
         _C.unpack(buffer, list(offsets), list(dests), num_threads)
         return
     _check_args(dests, offsets, buffer, "dests")
     for t, off in zip(dests, offsets, strict=True):
-        _as_bytes(t).copy_(buffer[off:off + t.nbytes])
+        _as_bytes(t).copy_(buffer[off : off + t.nbytes])
 
 
-def checksum(buffer: torch.Tensor, offset: int = 0, nbytes: int = -1, *, num_threads: int = 0,
-             use_ext: bool | None = None) -> int:
+def checksum(
+    buffer: torch.Tensor,
+    offset: int = 0,
+    nbytes: int = -1,
+    *,
+    num_threads: int = 0,
+    use_ext: bool | None = None,
+) -> int:
     """CRC-32 (zlib's) of ``buffer[offset:offset + nbytes]``, in [0, 2**32); ``nbytes < 0``: to the end.
 
     A CUDA buffer is copied to the host first (a sync point).
@@ -159,6 +182,7 @@ def checksum(buffer: torch.Tensor, offset: int = 0, nbytes: int = -1, *, num_thr
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
         raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
     if offset < 0 or offset + nbytes > buffer.numel():
-        raise RuntimeError(f"offset = {offset} with {nbytes} bytes does not fit in a buffer of "
-                           f"{buffer.numel()} bytes")
-    return zlib.crc32(buffer[offset:offset + nbytes].cpu().contiguous().numpy())
+        raise RuntimeError(
+            f"offset = {offset} with {nbytes} bytes does not fit in a buffer of {buffer.numel()} bytes"
+        )
+    return zlib.crc32(buffer[offset : offset + nbytes].cpu().contiguous().numpy())

@@ -19,14 +19,29 @@ import torch
 
 from gkd import _ext
 
-__all__ = ["DTYPES", "Bucket", "FlatBuffer", "MetadataMismatch", "TensorMeta", "diff_metas", "layout",
-           "plan_buckets"]
+__all__ = [
+    "DTYPES",
+    "Bucket",
+    "FlatBuffer",
+    "MetadataMismatch",
+    "TensorMeta",
+    "diff_metas",
+    "layout",
+    "plan_buckets",
+]
 
 # The dtypes a buffer (and the weight wire format) may carry, by their wire names.
 DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
-    "float16": torch.float16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_ITEMSIZE = 8
@@ -61,8 +76,9 @@ class TensorMeta:
         if self.nbytes == -1:
             object.__setattr__(self, "nbytes", size)
         elif self.nbytes != size:
-            raise ValueError(f"tensor {self.name!r}: nbytes={self.nbytes} but {self.dtype}{list(self.shape)} "
-                             f"takes {size}")
+            raise ValueError(
+                f"tensor {self.name!r}: nbytes={self.nbytes} but {self.dtype}{list(self.shape)} takes {size}"
+            )
         if self.offset < 0:
             raise ValueError(f"tensor {self.name!r} has a negative offset {self.offset}")
 
@@ -76,8 +92,13 @@ class TensorMeta:
 
     def to_json(self) -> dict:
         """A JSON-able dict (the weight handshake sends these; never pickle)."""
-        return {"name": self.name, "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape),
-                "offset": self.offset, "nbytes": self.nbytes}
+        return {
+            "name": self.name,
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping) -> TensorMeta:
@@ -88,8 +109,9 @@ class TensorMeta:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad tensor metadata {d!r}: missing {exc}") from exc
         if not isinstance(name, str) or dtype not in DTYPES or not isinstance(shape, list):
-            raise ValueError(f"bad tensor metadata {d!r}: need a str name, a dtype in {sorted(DTYPES)} and "
-                             "a list shape")
+            raise ValueError(
+                f"bad tensor metadata {d!r}: need a str name, a dtype in {sorted(DTYPES)} and a list shape"
+            )
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in [*shape, offset, nbytes]):
             raise ValueError(f"bad tensor metadata {d!r}: shape, offset and nbytes must be ints")
         return cls(name, DTYPES[dtype], tuple(shape), offset, nbytes)
@@ -164,8 +186,11 @@ def diff_metas(expected: Iterable[TensorMeta], actual: Iterable[TensorMeta]) -> 
     act = {m.name: m for m in actual}
     missing = [n for n in exp if n not in act]
     unexpected = [n for n in act if n not in exp]
-    mismatched = [f"{n}: expected {exp[n].dtype}{list(exp[n].shape)}, got {act[n].dtype}{list(act[n].shape)}"
-                  for n in exp if n in act and (exp[n].dtype, exp[n].shape) != (act[n].dtype, act[n].shape)]
+    mismatched = [
+        f"{n}: expected {exp[n].dtype}{list(exp[n].shape)}, got {act[n].dtype}{list(act[n].shape)}"
+        for n in exp
+        if n in act and (exp[n].dtype, exp[n].shape) != (act[n].dtype, act[n].shape)
+    ]
     if not (missing or unexpected or mismatched):
         return None
 
@@ -189,8 +214,9 @@ class FlatBuffer:
     RLIMIT_MEMLOCK) it is False and ``pin_error`` says why (a ``PinWarning`` was issued too).
     """
 
-    def __init__(self, buffer: torch.Tensor, metas: Sequence[TensorMeta], *, pinned: bool = False,
-                 pin_error: str = ""):
+    def __init__(
+        self, buffer: torch.Tensor, metas: Sequence[TensorMeta], *, pinned: bool = False, pin_error: str = ""
+    ):
         end = max((m.end for m in metas), default=0)
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < end:
             raise ValueError(f"buffer must be uint8 [>= {end}], got {buffer.dtype}{list(buffer.shape)}")
@@ -204,8 +230,15 @@ class FlatBuffer:
         return self.buffer.numel()
 
     @classmethod
-    def empty(cls, metas: Sequence[TensorMeta], nbytes: int | None = None, *, pin: bool = False,
-              device: torch.device | str = "cpu", use_ext: bool | None = None) -> FlatBuffer:
+    def empty(
+        cls,
+        metas: Sequence[TensorMeta],
+        nbytes: int | None = None,
+        *,
+        pin: bool = False,
+        device: torch.device | str = "cpu",
+        use_ext: bool | None = None,
+    ) -> FlatBuffer:
         """A zero-filled buffer for an existing layout (host memory from the extension on CPU)."""
         nbytes = max((m.end for m in metas), default=0) if nbytes is None else nbytes
         if torch.device(device).type == "cpu":
@@ -214,9 +247,16 @@ class FlatBuffer:
         return cls(torch.zeros(nbytes, dtype=torch.uint8, device=device), metas)
 
     @classmethod
-    def pack(cls, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
-             alignment: int = 256, pin: bool = False, device: torch.device | str | None = None,
-             num_threads: int = 0, use_ext: bool | None = None) -> FlatBuffer:
+    def pack(
+        cls,
+        named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        *,
+        alignment: int = 256,
+        pin: bool = False,
+        device: torch.device | str | None = None,
+        num_threads: int = 0,
+        use_ext: bool | None = None,
+    ) -> FlatBuffer:
         """Lay out and copy ``named_tensors`` into a new buffer (on ``device``, default: the tensors')."""
         items = _named(named_tensors)
         metas, nbytes = layout((TensorMeta.of(n, t) for n, t in items), alignment)
@@ -226,8 +266,13 @@ class FlatBuffer:
         fb.write(items, num_threads=num_threads, use_ext=use_ext)
         return fb
 
-    def write(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
-              num_threads: int = 0, use_ext: bool | None = None) -> None:
+    def write(
+        self,
+        named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        *,
+        num_threads: int = 0,
+        use_ext: bool | None = None,
+    ) -> None:
         """Copy ``named_tensors`` (exactly this buffer's names, dtypes, shapes) into the buffer."""
         items = _named(named_tensors)
         self._check_names_match(items, "source")
@@ -235,23 +280,31 @@ class FlatBuffer:
         tensors = [by_name[m.name] for m in self.metas]
         for m, t in zip(self.metas, tensors, strict=True):
             if not t.is_contiguous():
-                raise ValueError(f"tensor {m.name!r} is not contiguous; pass t.contiguous() (gkd never "
-                                 "copies behind your back)")
+                raise ValueError(
+                    f"tensor {m.name!r} is not contiguous; pass t.contiguous() (gkd never "
+                    "copies behind your back)"
+                )
         if tensors and any(t.device != self.buffer.device for t in tensors):
             tensors = [t.to(self.buffer.device) for t in tensors]
-        _ext.pack(tensors, [m.offset for m in self.metas], self.buffer, num_threads=num_threads,
-                  use_ext=use_ext)
+        _ext.pack(
+            tensors, [m.offset for m in self.metas], self.buffer, num_threads=num_threads, use_ext=use_ext
+        )
 
     def view(self, meta: TensorMeta) -> torch.Tensor:
         """The tensor ``meta`` describes, as a view into the buffer (no copy)."""
-        return self.buffer[meta.offset:meta.end].view(meta.dtype).view(meta.shape)
+        return self.buffer[meta.offset : meta.end].view(meta.dtype).view(meta.shape)
 
     def unpack(self) -> dict[str, torch.Tensor]:
         """name -> view into ``buffer`` with the original dtype and shape; no copy."""
         return {m.name: self.view(m) for m in self.metas}
 
-    def copy_into(self, dest: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
-                  num_threads: int = 0, use_ext: bool | None = None) -> None:
+    def copy_into(
+        self,
+        dest: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        *,
+        num_threads: int = 0,
+        use_ext: bool | None = None,
+    ) -> None:
         """Copy every tensor into the same-named tensor of ``dest`` (e.g. ``model.named_parameters()``).
 
         Strict: missing or extra names, or a shape/dtype mismatch, raise :class:`MetadataMismatch` naming
@@ -268,8 +321,13 @@ class FlatBuffer:
             (fast if plain else slow).append((m, t))
         with torch.no_grad():
             if fast:
-                _ext.unpack(self.buffer, [m.offset for m, _ in fast], [t.detach() for _, t in fast],
-                            num_threads=num_threads, use_ext=use_ext)
+                _ext.unpack(
+                    self.buffer,
+                    [m.offset for m, _ in fast],
+                    [t.detach() for _, t in fast],
+                    num_threads=num_threads,
+                    use_ext=use_ext,
+                )
             for m, t in slow:
                 t.copy_(self.view(m), non_blocking=self.pinned)
 

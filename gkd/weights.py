@@ -33,8 +33,15 @@ import torch.distributed as dist
 from gkd import _ext
 from gkd.flatten import Bucket, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, plan_buckets
 
-__all__ = ["PROTOCOL_VERSION", "WeightGroup", "WeightReceiver", "WeightSender", "WeightSyncError",
-           "init_weight_group", "named_weights"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "WeightGroup",
+    "WeightReceiver",
+    "WeightSender",
+    "WeightSyncError",
+    "init_weight_group",
+    "named_weights",
+]
 
 PROTOCOL_VERSION = 1
 _MAGIC = 0x676B6477  # "gkdw"
@@ -70,8 +77,10 @@ class WeightGroup:
         try:
             work.wait(timeout)
         except RuntimeError as exc:
-            raise WeightSyncError(f"weight group rank {self.rank}: {what} failed or timed out after "
-                                  f"{timeout.total_seconds():.0f}s: {exc}") from exc
+            raise WeightSyncError(
+                f"weight group rank {self.rank}: {what} failed or timed out after "
+                f"{timeout.total_seconds():.0f}s: {exc}"
+            ) from exc
 
     def agree(self, ok: bool, what: str) -> list[int]:
         """All-reduce one status per rank; returns the ranks that reported failure."""
@@ -83,8 +92,15 @@ class WeightGroup:
         return [r for r, f in enumerate(flags.tolist()) if f]
 
 
-def init_weight_group(host: str, port: int, rank: int, world_size: int, *, backend: str | None = None,
-                      timeout: timedelta = timedelta(minutes=30)) -> WeightGroup:
+def init_weight_group(
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    *,
+    backend: str | None = None,
+    timeout: timedelta = timedelta(minutes=30),
+) -> WeightGroup:
     """Join the weight channel: ``rank`` 0 is trainer rank 0 (it hosts the TCPStore on ``host:port``),
     ranks ``1..world_size-1`` are rollout workers. ``backend``: "gloo" or "nccl" (default: NCCL when CUDA
     is available). ``timeout`` bounds the rendezvous and every collective."""
@@ -95,8 +111,11 @@ def init_weight_group(host: str, port: int, rank: int, world_size: int, *, backe
         opts = dist.ProcessGroupGloo._Options()
         # Loopback rendezvous: bind gloo there too (hostname resolution may pick an unreachable address).
         local = host in ("127.0.0.1", "localhost")
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if local
-                         else dist.ProcessGroupGloo.create_default_device()]
+        opts._devices = [
+            dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")
+            if local
+            else dist.ProcessGroupGloo.create_default_device()
+        ]
         opts._timeout = timeout
         pg, device = dist.ProcessGroupGloo(prefixed, rank, world_size, opts), torch.device("cpu")
     elif backend == "nccl":
@@ -136,12 +155,12 @@ def _gather_to_root(t: torch.Tensor) -> torch.Tensor | None:
     rows = -(-t.shape[0] // world)  # torch.chunk's chunk size, which FSDP2 shards by
     local = t.to_local()
     padded = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=local.device)
-    padded[:local.shape[0]].copy_(local)
+    padded[: local.shape[0]].copy_(local)
     root = dist.get_global_rank(pg, 0)
     if me == 0:
         pieces = [torch.empty_like(padded) for _ in range(world)]
         dist.gather(padded, pieces, dst=root, group=pg)
-        return torch.cat(pieces)[:t.shape[0]]
+        return torch.cat(pieces)[: t.shape[0]]
     dist.gather(padded, None, dst=root, group=pg)
     return None
 
@@ -151,23 +170,30 @@ def _trailer(version: int, index: int, crc: int) -> torch.Tensor:
 
 
 def _metadata_bytes(buckets: Sequence[Bucket], alignment: int) -> bytes:
-    doc = {"v": PROTOCOL_VERSION, "alignment": alignment,
-           "buckets": [{"nbytes": b.nbytes, "tensors": [m.to_json() for m in b.metas]} for b in buckets]}
+    doc = {
+        "v": PROTOCOL_VERSION,
+        "alignment": alignment,
+        "buckets": [{"nbytes": b.nbytes, "tensors": [m.to_json() for m in b.metas]} for b in buckets],
+    }
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _parse_metadata(payload: bytes) -> list[Bucket]:
     doc = json.loads(payload)
     if not isinstance(doc, dict) or doc.get("v") != PROTOCOL_VERSION:
-        raise WeightSyncError(f"weight metadata protocol {doc.get('v') if isinstance(doc, dict) else doc!r}, "
-                              f"this side speaks {PROTOCOL_VERSION}")
+        raise WeightSyncError(
+            f"weight metadata protocol {doc.get('v') if isinstance(doc, dict) else doc!r}, "
+            f"this side speaks {PROTOCOL_VERSION}"
+        )
     buckets = []
     for i, b in enumerate(doc["buckets"]):
         metas = tuple(TensorMeta.from_json(m) for m in b["tensors"])
         nbytes = b["nbytes"]
         if nbytes != max((m.end for m in metas), default=0):  # buckets are exact: no slack, no overrun
-            raise WeightSyncError(f"weight metadata: bucket {i} declares {nbytes!r} bytes, but its tensors "
-                                  f"end at {max((m.end for m in metas), default=0)}")
+            raise WeightSyncError(
+                f"weight metadata: bucket {i} declares {nbytes!r} bytes, but its tensors "
+                f"end at {max((m.end for m in metas), default=0)}"
+            )
         buckets.append(Bucket(i, metas, nbytes))
     return buckets
 
@@ -185,8 +211,15 @@ class WeightSender:
     padded shard of one tensor. Unsharded (DDP): the model + 2 x ``bucket_bytes`` on rank 0 only.
     """
 
-    def __init__(self, group: WeightGroup | None, source: torch.nn.Module | NamedTensors, *,
-                 bucket_bytes: int = 256 << 20, alignment: int = 256, pin: bool = False):
+    def __init__(
+        self,
+        group: WeightGroup | None,
+        source: torch.nn.Module | NamedTensors,
+        *,
+        bucket_bytes: int = 256 << 20,
+        alignment: int = 256,
+        pin: bool = False,
+    ):
         self.group = group
         self._source = source
         tensors = named_weights(source)
@@ -208,8 +241,9 @@ class WeightSender:
         g = self.group
         meta = _metadata_bytes(self.buckets, self.alignment)
         payload = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
-        g.wait(g.broadcast(torch.tensor([payload.numel()], dtype=torch.int64, device=g.device)),
-               "handshake size")
+        g.wait(
+            g.broadcast(torch.tensor([payload.numel()], dtype=torch.int64, device=g.device)), "handshake size"
+        )
         g.wait(g.broadcast(payload.to(g.device)), "handshake metadata")
         failed = g.agree(True, "handshake status")
         if failed:
@@ -229,17 +263,19 @@ class WeightSender:
         in_flight: list[dist.Work | None] = [None] * len(self._buffers)
         sent = 0
         for bucket in self.buckets:
-            full = {m.name: _gather_to_root(tensors[m.name]) if self._sharded else tensors[m.name]
-                    for m in bucket.metas}
+            full = {
+                m.name: _gather_to_root(tensors[m.name]) if self._sharded else tensors[m.name]
+                for m in bucket.metas
+            }
             if g is None:
                 continue  # a non-root FSDP rank: it only helps gather
             slot = bucket.index % len(self._buffers)
             if in_flight[slot] is not None:  # the buffer's previous bucket must have left
                 g.wait(in_flight[slot], f"version {version} bucket {bucket.index - len(self._buffers)}")
-            buf = self._buffers[slot][:bucket.nbytes + _TRAILER_BYTES]
+            buf = self._buffers[slot][: bucket.nbytes + _TRAILER_BYTES]
             FlatBuffer(buf, bucket.metas).write(full)
             crc = _ext.checksum(buf, 0, bucket.nbytes)
-            buf[bucket.nbytes:].copy_(_trailer(version, bucket.index, crc))
+            buf[bucket.nbytes :].copy_(_trailer(version, bucket.index, crc))
             if self.bucket_hook is not None:
                 self.bucket_hook(bucket.index, buf)
             in_flight[slot] = g.broadcast(buf)
@@ -252,10 +288,14 @@ class WeightSender:
         failed = g.agree(True, f"version {version} status")
         if failed:
             why = [f"rank {r}: {g.store.get(f'sync/{version}/{r}').decode()}" for r in failed]
-            raise WeightSyncError(f"version {version} was rejected (receivers keep their previous weights): "
-                                  + " | ".join(why))
-        return {"bytes": float(sent), "buckets": float(len(self.buckets)),
-                "seconds": time.perf_counter() - start}
+            raise WeightSyncError(
+                f"version {version} was rejected (receivers keep their previous weights): " + " | ".join(why)
+            )
+        return {
+            "bytes": float(sent),
+            "buckets": float(len(self.buckets)),
+            "seconds": time.perf_counter() - start,
+        }
 
     def close(self) -> None:
         """Tell the receivers there are no more versions (their ``receive()`` returns ``None``)."""
@@ -277,15 +317,22 @@ class WeightReceiver:
     Memory: one full copy of the weights (the staging buffers), pinned with ``pin=True``.
     """
 
-    def __init__(self, group: WeightGroup, expected: torch.nn.Module | NamedTensors | Sequence[TensorMeta], *,
-                 pin: bool = False):
+    def __init__(
+        self,
+        group: WeightGroup,
+        expected: torch.nn.Module | NamedTensors | Sequence[TensorMeta],
+        *,
+        pin: bool = False,
+    ):
         self.group = group
         items = list(expected) if not isinstance(expected, torch.nn.Module | Mapping) else None
         if items and isinstance(items[0], TensorMeta):
             self.expected = items
         else:
-            self.expected = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named_weights(
-                expected if items is None else items)]
+            self.expected = [
+                TensorMeta(n, t.dtype, tuple(t.shape))
+                for n, t in named_weights(expected if items is None else items)
+            ]
         self.pin = pin
         self.buckets: list[Bucket] = []
         self._staging: list[FlatBuffer] = []
@@ -321,8 +368,10 @@ class WeightReceiver:
         if failed:
             raise WeightSyncError(f"weight handshake failed on ranks {failed}; see their errors")
         self.buckets = buckets
-        self._staging = [FlatBuffer.empty(b.metas, b.nbytes + _TRAILER_BYTES, pin=self.pin, device=g.device)
-                         for b in buckets]
+        self._staging = [
+            FlatBuffer.empty(b.metas, b.nbytes + _TRAILER_BYTES, pin=self.pin, device=g.device)
+            for b in buckets
+        ]
         self._handshaken = True
 
     def receive(self, timeout: timedelta | None = None) -> int | None:
@@ -340,8 +389,9 @@ class WeightReceiver:
             if op == _OP_STOP:
                 return None
             if n_buckets != len(self.buckets):
-                raise WeightSyncError(f"version {version} has {n_buckets} buckets, handshake said "
-                                      f"{len(self.buckets)}")
+                raise WeightSyncError(
+                    f"version {version} has {n_buckets} buckets, handshake said {len(self.buckets)}"
+                )
             self.staged_version = None  # the staging buffers are being overwritten
             # Post every bucket at once: bucket i is verified while later ones are still arriving.
             works = [g.broadcast(fb.buffer) for fb in self._staging]
@@ -353,18 +403,21 @@ class WeightReceiver:
                 g.store.set(f"sync/{version}/{g.rank}", "; ".join(bad))
             failed = g.agree(not bad, f"version {version} status")
             if bad:
-                raise WeightSyncError(f"version {version} rejected, keeping version {self.applied_version}: "
-                                      + "; ".join(bad))
+                raise WeightSyncError(
+                    f"version {version} rejected, keeping version {self.applied_version}: " + "; ".join(bad)
+                )
             if failed:
-                raise WeightSyncError(f"version {version} was rejected by ranks {failed}; keeping version "
-                                      f"{self.applied_version}")
+                raise WeightSyncError(
+                    f"version {version} was rejected by ranks {failed}; keeping version "
+                    f"{self.applied_version}"
+                )
             self.staged_version = version
             return version
 
     @staticmethod
     def _verify(version: int, bucket: Bucket, fb: FlatBuffer) -> list[str]:
         # The trailer follows the exact payload, so it may sit at any byte offset: copy before the view.
-        got_version, tag = fb.buffer[bucket.nbytes:].cpu().clone().view(torch.int64).tolist()
+        got_version, tag = fb.buffer[bucket.nbytes :].cpu().clone().view(torch.int64).tolist()
         index, crc = tag >> 32, tag & 0xFFFFFFFF
         if (got_version, index) != (version, bucket.index):
             return [f"bucket {bucket.index} is tagged version {got_version} bucket {index}"]

@@ -13,8 +13,10 @@ import torch
 
 from gkd import _ext
 
-PATHS = [pytest.param(False, id="fallback"),
-         pytest.param(True, id="ext", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR)))]
+PATHS = [
+    pytest.param(False, id="fallback"),
+    pytest.param(True, id="ext", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR))),
+]
 needs_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR))
 
 
@@ -25,13 +27,15 @@ def _random_bytes(n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("use_ext", PATHS)
 # 255/256/257/320 straddle where the carry-less-multiply path starts (256 B) and its 64/16-byte steps.
-@pytest.mark.parametrize("n, offset", [(0, 0), (1, 0), (7, 3), (255, 1), (256, 0), (257, 2), (320, 0),
-                                       (4099, 17), (9 * 2**20 + 3, 5)])
+@pytest.mark.parametrize(
+    "n, offset",
+    [(0, 0), (1, 0), (7, 3), (255, 1), (256, 0), (257, 2), (320, 0), (4099, 17), (9 * 2**20 + 3, 5)],
+)
 @pytest.mark.parametrize("num_threads", [1, 4])
 def test_checksum_is_zlib_crc32(use_ext, n, offset, num_threads):
     # Above 2 MiB per thread the extension splits the range and combines chunk CRCs: must still be exact.
     buf = _random_bytes(n + offset + 11)
-    want = zlib.crc32(buf[offset:offset + n].numpy())
+    want = zlib.crc32(buf[offset : offset + n].numpy())
     assert _ext.checksum(buf, offset, n, num_threads=num_threads, use_ext=use_ext) == want
 
 
@@ -44,10 +48,17 @@ def test_checksum_detects_one_flipped_bit(use_ext):
 
 
 def _mixed_tensors():
-    return [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.randn(2, 3, 1).half(),
-            torch.randint(-2**40, 2**40, (5,)), torch.randint(-9, 9, (3,), dtype=torch.int32),
-            torch.rand(13) > 0.5, torch.randint(0, 255, (9,), dtype=torch.uint8), torch.empty(0, 4),
-            torch.tensor(3.5)]
+    return [
+        torch.randn(3, 5),
+        torch.randn(7).to(torch.bfloat16),
+        torch.randn(2, 3, 1).half(),
+        torch.randint(-(2**40), 2**40, (5,)),
+        torch.randint(-9, 9, (3,), dtype=torch.int32),
+        torch.rand(13) > 0.5,
+        torch.randint(0, 255, (9,), dtype=torch.uint8),
+        torch.empty(0, 4),
+        torch.tensor(3.5),
+    ]
 
 
 @needs_ext
@@ -143,8 +154,13 @@ def _no_memlock():
 
 @needs_ext
 def test_refused_page_lock_warns_and_flags():
-    out = subprocess.run([sys.executable, "-c", _REFUSED_LOCK], capture_output=True, text=True, timeout=60,
-                         preexec_fn=_no_memlock)
+    out = subprocess.run(
+        [sys.executable, "-c", _REFUSED_LOCK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_no_memlock,
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 

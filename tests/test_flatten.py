@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 from gkd import _ext
 from gkd.flatten import DTYPES, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, layout, plan_buckets
 
-PATHS = [pytest.param(False, id="fallback"),
-         pytest.param(True, id="ext", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR)))]
+PATHS = [
+    pytest.param(False, id="fallback"),
+    pytest.param(True, id="ext", marks=pytest.mark.skipif(not _ext.HAS_EXT, reason=str(_ext.EXT_ERROR))),
+]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -23,7 +25,7 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
         "w.bf16": torch.randn(7, 3, generator=g).to(torch.bfloat16),
         "w.fp16": torch.randn(1, 13, generator=g).half(),
         "w.fp64": torch.randn(3, generator=g).double(),
-        "ids.i64": torch.randint(-2**50, 2**50, (5, 1), generator=g),
+        "ids.i64": torch.randint(-(2**50), 2**50, (5, 1), generator=g),
         "ids.i32": torch.randint(-99, 99, (11,), generator=g, dtype=torch.int32),
         "ids.i16": torch.randint(-99, 99, (3,), generator=g, dtype=torch.int16),
         "ids.i8": torch.randint(-99, 99, (5,), generator=g, dtype=torch.int8),
@@ -48,8 +50,9 @@ def test_round_trip_is_bitwise(use_ext, alignment):
     for name, t in state.items():
         assert views[name].dtype == t.dtype and views[name].shape == t.shape
         assert torch.equal(_bits(views[name]), _bits(t)), name
-    dest = {n: torch.full_like(t, 1) if t.dtype != torch.bool else torch.zeros_like(t)
-            for n, t in state.items()}
+    dest = {
+        n: torch.full_like(t, 1) if t.dtype != torch.bool else torch.zeros_like(t) for n, t in state.items()
+    }
     fb.copy_into(dest, use_ext=use_ext)
     for name, t in state.items():
         assert torch.equal(_bits(dest[name]), _bits(t)), name
@@ -126,8 +129,13 @@ def test_meta_json_round_trip_and_validation():
     metas, _ = layout([TensorMeta(f"t{i}", dt, (i, 2)) for i, dt in enumerate(DTYPES.values())], 64)
     assert [TensorMeta.from_json(m.to_json()) for m in metas] == metas
     good = metas[1].to_json()
-    for bad in ({**good, "dtype": "object"}, {**good, "shape": "3"}, {**good, "nbytes": 1},
-                {**good, "offset": 1.5}, {k: v for k, v in good.items() if k != "name"}):
+    for bad in (
+        {**good, "dtype": "object"},
+        {**good, "shape": "3"},
+        {**good, "nbytes": 1},
+        {**good, "offset": 1.5},
+        {k: v for k, v in good.items() if k != "name"},
+    ):
         with pytest.raises(ValueError):
             TensorMeta.from_json(bad)
 
@@ -136,12 +144,16 @@ def test_diff_metas_ignores_offsets():
     a = [TensorMeta("x", torch.float32, (2,), offset=0)]
     assert diff_metas(a, [TensorMeta("x", torch.float32, (2,), offset=256)]) is None
     assert "x: expected torch.float32[2], got torch.bfloat16[2]" in diff_metas(
-        a, [TensorMeta("x", torch.bfloat16, (2,))])
+        a, [TensorMeta("x", torch.bfloat16, (2,))]
+    )
 
 
 @settings(max_examples=150, deadline=None)
-@given(sizes=st.lists(st.integers(0, 3000), max_size=40), bucket_bytes=st.integers(1, 8000),
-       alignment=st.sampled_from([8, 64, 256]))
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=40),
+    bucket_bytes=st.integers(1, 8000),
+    alignment=st.sampled_from([8, 64, 256]),
+)
 def test_plan_buckets_properties(sizes, bucket_bytes, alignment):
     metas = [TensorMeta(f"t{i}", torch.uint8, (n,)) for i, n in enumerate(sizes)]
     buckets = plan_buckets(metas, bucket_bytes, alignment)
@@ -157,8 +169,12 @@ def test_plan_buckets_properties(sizes, bucket_bytes, alignment):
 
 
 def test_plan_buckets_large_tensor_alone():
-    metas = [TensorMeta("a", torch.float32, (10,)), TensorMeta("big", torch.float32, (1000,)),
-             TensorMeta("b", torch.float32, (10,)), TensorMeta("c", torch.float32, (10,))]
+    metas = [
+        TensorMeta("a", torch.float32, (10,)),
+        TensorMeta("big", torch.float32, (1000,)),
+        TensorMeta("b", torch.float32, (10,)),
+        TensorMeta("c", torch.float32, (10,)),
+    ]
     buckets = plan_buckets(metas, 512, alignment=64)
     assert [[m.name for m in b.metas] for b in buckets] == [["a"], ["big"], ["b", "c"]]
     assert [b.nbytes for b in buckets] == [40, 4000, 104]

@@ -30,8 +30,13 @@ def _free_port() -> int:
 
 # Workers fork from one server process that has imported these once: on a 2-core machine, three
 # processes each importing torch and transformers cost more than the tests themselves.
-_PRELOAD = ["torch", "torch.distributed.fsdp", "transformers", "transformers.models.llama.modeling_llama",
-            "gkd.weights"]
+_PRELOAD = [
+    "torch",
+    "torch.distributed.fsdp",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "gkd.weights",
+]
 
 
 def _spawn(fn, nprocs: int, *args) -> None:
@@ -52,9 +57,16 @@ def _tiny_lm(seed: int, intermediate: int = 64, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
@@ -151,8 +163,11 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
             WeightReceiver(group2, model).handshake()
     else:
         other = _tiny_lm(seed=0, intermediate=48, layers=1)
-        with pytest.raises(MetadataMismatch, match=r"model.layers.0.mlp.up_proj.weight: expected "
-                                                   r"torch.bfloat16\[48, 32\], got torch.bfloat16\[64, 32\]"):
+        with pytest.raises(
+            MetadataMismatch,
+            match=r"model.layers.0.mlp.up_proj.weight: expected "
+            r"torch.bfloat16\[48, 32\], got torch.bfloat16\[64, 32\]",
+        ):
             WeightReceiver(group2, other).handshake()
 
 
@@ -170,8 +185,13 @@ def _fsdp_worker(rank: int, trainer_port: int, weight_port: int) -> None:
     if rank < 2:
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{trainer_port}", rank=rank,
-                                world_size=2, timeout=_GROUP_TIMEOUT)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{trainer_port}",
+            rank=rank,
+            world_size=2,
+            timeout=_GROUP_TIMEOUT,
+        )
         fully_shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         model(torch.randn(4, 6)).square().sum().backward()  # the weights change; shards differ per rank

@@ -351,7 +351,9 @@ class Broker:
         if job.attempts >= self.max_attempts:
             del self._jobs[jid]
             self._error(
-                job.client, job.rid, "worker_failed",
+                job.client,
+                job.rid,
+                "worker_failed",
                 f"request was given to {job.attempts} workers and each died or went silent before replying",
             )
             return
@@ -364,7 +366,7 @@ class Broker:
             self.stats.late_replies_dropped += 1  # already answered by another worker, or failed
             return
         if job.worker is None and jid in self._queue:  # re-queued, not yet re-dispatched: unqueue
-                self._queue.remove(jid)
+            self._queue.remove(jid)
         try:
             header, _, _ = decode_header(frames, ops=REPLY_OPS, limits=self.limits)
             if header["id"] != job.rid:

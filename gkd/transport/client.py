@@ -117,8 +117,11 @@ class Client:
         frames = encode(op, None, fields, tensors)  # caller mistakes raise here, in the caller's thread
         future: Future[Message] = Future()
         request = _Request(
-            op, frames, self.timeout_s if timeout_s is None else timeout_s,
-            self.retries if retries is None else retries, future,
+            op,
+            frames,
+            self.timeout_s if timeout_s is None else timeout_s,
+            self.retries if retries is None else retries,
+            future,
         )
         with self._lock:  # close() takes it too: a request is either queued before close or refused
             if self._closed.is_set():
@@ -216,10 +219,12 @@ class Client:
                 current.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:  # send queue full: try again shortly rather than block the loop
                 if time.monotonic() > req.give_up_at:
-                    req.future.set_exception(TimeoutError(
-                        f"could not even queue {req.op!r} for {self.address} within its time budget "
-                        "(send queue full; is the broker reachable?)"
-                    ))
+                    req.future.set_exception(
+                        TimeoutError(
+                            f"could not even queue {req.op!r} for {self.address} within its time budget "
+                            "(send queue full; is the broker reachable?)"
+                        )
+                    )
                 else:
                     heapq.heappush(delayed, (time.monotonic() + 0.01, next(tiebreak), req))
                 return
@@ -288,10 +293,13 @@ class Client:
                         owed[current] = set()
                         poller.register(current, zmq.POLLIN)
                         self.stats["reconnects"] += 1
-                    retry_or_fail(req, TimeoutError(
-                        f"no reply to {req.op!r} from {self.address} within {req.timeout_s}s "
-                        f"({req.attempts} attempt(s)); is the service up? (`gkd teacher ping`)"
-                    ))
+                    retry_or_fail(
+                        req,
+                        TimeoutError(
+                            f"no reply to {req.op!r} from {self.address} within {req.timeout_s}s "
+                            f"({req.attempts} attempt(s)); is the service up? (`gkd teacher ping`)"
+                        ),
+                    )
                 while delayed and delayed[0][0] <= now:
                     send(heapq.heappop(delayed)[2])
                 for sock in [s for s, pending in owed.items() if not pending and s is not current]:

@@ -60,13 +60,18 @@ class Service:
     def add_worker(self, name: str, wait: bool = True, **kwargs) -> Worker:
         handler_kwargs = {k: kwargs.pop(k) for k in ("delay_s", "release") if k in kwargs}
         worker = Worker(
-            self.broker.backend_address, make_handler(name, **handler_kwargs), ops=OPS,
-            info={"name": name}, **{**FAST, "auth": self.auth, **kwargs},
+            self.broker.backend_address,
+            make_handler(name, **handler_kwargs),
+            ops=OPS,
+            info={"name": name},
+            **{**FAST, "auth": self.auth, **kwargs},
         ).start()
         self.workers[name] = worker
         if wait:
-            wait_for(lambda: any(w["info"].get("name") == name for w in self.info()["workers"]),
-                     what=f"worker {name} to register")
+            wait_for(
+                lambda: any(w["info"].get("name") == name for w in self.info()["workers"]),
+                what=f"worker {name} to register",
+            )
         return worker
 
     def client(self, **kwargs) -> Client:

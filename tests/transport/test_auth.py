@@ -88,8 +88,10 @@ def test_service_with_auth_drops_and_counts_strangers_and_serves_members(make_se
     assert member.call("sum", {"tag": 1}, tensors_for(1)).fields["tag"] == 1
 
     address = svc.broker.frontend_address
-    strangers = [Client(address, timeout_s=0.3, retries=0),  # no auth at all
-                 Client(address, timeout_s=0.3, retries=0, auth=Auth(b"not-the-shared-secret!"))]
+    strangers = [
+        Client(address, timeout_s=0.3, retries=0),  # no auth at all
+        Client(address, timeout_s=0.3, retries=0, auth=Auth(b"not-the-shared-secret!")),
+    ]
     for stranger in strangers:
         with stranger, pytest.raises(TimeoutError):  # dropped without a reply
             stranger.call("sum", {"tag": 2}, tensors_for(2))

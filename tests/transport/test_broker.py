@@ -121,8 +121,10 @@ def test_split_batch_is_reassembled_in_order(service):
     chunks = plan_chunks(sizes, max_items=16, max_tokens=120)
     assert [i for c in chunks for i in c] == list(range(100))
     assert all(len(c) <= 16 and (sum(sizes[i] for i in c) <= 120 or len(c) == 1) for c in chunks)
-    parts = [({"sleep": 0.02 * (len(chunks) - k) / len(chunks)}, {"v": values[c.start:c.stop]})
-             for k, c in enumerate(chunks)]
+    parts = [
+        ({"sleep": 0.02 * (len(chunks) - k) / len(chunks)}, {"v": values[c.start : c.stop]})
+        for k, c in enumerate(chunks)
+    ]
     replies = client.submit_split("sum", parts).result(timeout=30)
     assert torch.equal(torch.cat([r.tensors["v"] for r in replies]), values)
     assert {r.fields["worker"] for r in replies} == {"w0", "w1"}
@@ -144,8 +146,10 @@ def test_thread_safe_submit_and_clean_close(service):
 
     def spam(k):
         try:
-            results.extend(client.submit("sum", {"tag": k * 100 + j}, tensors_for(j)).result(10).fields["tag"]
-                           for j in range(10))
+            results.extend(
+                client.submit("sum", {"tag": k * 100 + j}, tensors_for(j)).result(10).fields["tag"]
+                for j in range(10)
+            )
         except Exception as e:  # collected and asserted below
             errors.append(e)
 

@@ -32,7 +32,7 @@ def _raw(t: torch.Tensor) -> bytes:
 def _same(a, b) -> bool:
     """Equal headers and bit-identical tensors (NaN-safe)."""
     return (
-        a.header == b.header
+        msgpack.packb(a.header) == msgpack.packb(b.header)  # bytewise, so NaN fields compare equal
         and list(a.tensors) == list(b.tensors)
         and all(
             a.tensors[k].dtype == b.tensors[k].dtype
@@ -51,9 +51,7 @@ def _frames_bytes(frames):
 
 
 def test_roundtrip_all_dtypes_and_fields():
-    tensors = {
-        f"t_{name}": torch.arange(12).reshape(3, 4).to(td) for name, (td, _) in DTYPES.items()
-    }
+    tensors = {f"t_{name}": torch.arange(12).reshape(3, 4).to(td) for name, (td, _) in DTYPES.items()}
     tensors["empty"] = torch.empty(0, 5, dtype=torch.float32)
     tensors["scalar"] = torch.tensor(3.5)
     fields = {"top_k": 64, "temperature": 0.7, "names": ["a", "b"], "nested": {"x": [1, None, True]}}
@@ -115,12 +113,18 @@ def _with_header(frames, **changes):
         (lambda f: _with_header(f, op="rm -rf"), "op 'rm -rf' is not accepted"),
         (lambda f: _with_header(f, id=[1]), "'id' must be"),
         (lambda f: _with_header(f, tensors={}), "'tensors' must be a list"),
-        (lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "object", "shape": [2]}]),
-         "dtype 'object'"),
-        (lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "int32", "shape": [2**62, 2**62]}]),
-         "has a dim that is not an int"),
-        (lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "int32", "shape": [3, 1]}]),
-         "needs 12 bytes but its frame has 8"),
+        (
+            lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "object", "shape": [2]}]),
+            "dtype 'object'",
+        ),
+        (
+            lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "int32", "shape": [2**62, 2**62]}]),
+            "has a dim that is not an int",
+        ),
+        (
+            lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "int32", "shape": [3, 1]}]),
+            "needs 12 bytes but its frame has 8",
+        ),
         (lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "int32", "shape": [-2]}]), "has a dim"),
         (lambda f: _with_header(f, tensors=[{"name": "x", "dtype": "int32"}]), "exactly name, dtype, shape"),
         (lambda f: [f[0]], "declares 1 tensors but the message has 0"),
@@ -140,8 +144,12 @@ def test_decode_names_what_is_wrong(mutate, needle):
 
 
 def test_limits():
-    frames = encode("echo", 1, None, {"ids": torch.zeros(100, dtype=torch.int32),
-                                      "lens": torch.zeros(10, dtype=torch.int32)})
+    frames = encode(
+        "echo",
+        1,
+        None,
+        {"ids": torch.zeros(100, dtype=torch.int32), "lens": torch.zeros(10, dtype=torch.int32)},
+    )
     decode(frames, ops=OPS, limits=Limits(max_tokens=100, max_sequences=10, sequence_tensors=("lens",)))
     cases = [
         (Limits(max_message_bytes=400), "limit is 400"),
@@ -168,8 +176,12 @@ def test_error_frames_and_peek_id():
 
 _names = st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=6)
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
-    | st.text(max_size=8) | st.binary(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_names, inner, max_size=3),
     max_leaves=8,
 )
@@ -204,8 +216,11 @@ def test_property_roundtrip_identity(m):
 
 _wire_ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
 _evil_desc = st.fixed_dictionaries(
-    {"name": _names | _wire_ints, "dtype": st.sampled_from([*DTYPES, "object", "bool", 3]),
-     "shape": st.lists(_wire_ints | st.integers(0, 4) | st.text(max_size=2), max_size=5) | _wire_ints},
+    {
+        "name": _names | _wire_ints,
+        "dtype": st.sampled_from([*DTYPES, "object", "bool", 3]),
+        "shape": st.lists(_wire_ints | st.integers(0, 4) | st.text(max_size=2), max_size=5) | _wire_ints,
+    },
 )
 
 

@@ -35,8 +35,9 @@ def _spawn(address: str, name: str) -> subprocess.Popen:
 
 
 def _busy_worker(service) -> dict:
-    return wait_for(lambda: next((w for w in service.info()["workers"] if w["busy"]), None),
-                    what="a busy worker")
+    return wait_for(
+        lambda: next((w for w in service.info()["workers"] if w["busy"]), None), what="a busy worker"
+    )
 
 
 def test_sigkilled_worker_request_completes_elsewhere_none_lost_none_duplicated(make_service):

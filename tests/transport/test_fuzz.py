@@ -18,16 +18,22 @@ LIMITS = Limits(max_message_bytes=4096)
 
 
 def _header(**over):
-    h = {"v": PROTOCOL_VERSION, "op": "sum", "id": 1,
-         "tensors": [{"name": "x", "dtype": "int32", "shape": [4]}]}
+    h = {
+        "v": PROTOCOL_VERSION,
+        "op": "sum",
+        "id": 1,
+        "tensors": [{"name": "x", "dtype": "int32", "shape": [4]}],
+    }
     h.update(over)
     return msgpack.packb(h, use_bin_type=True)
 
 
 def _malformed(rng: random.Random) -> list[bytes]:
     """One message that must be rejected; the kinds cover the issue's list and then some."""
-    good = [bytes(f) for f in encode("sum", rng.randrange(1 << 30), {"tag": 1},
-                                     {"x": torch.arange(4, dtype=torch.int32)})]
+    good = [
+        bytes(f)
+        for f in encode("sum", rng.randrange(1 << 30), {"tag": 1}, {"x": torch.arange(4, dtype=torch.int32)})
+    ]
     kind = rng.randrange(12)
     if kind == 0:  # random frames
         return [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 5))]
@@ -48,9 +54,16 @@ def _malformed(rng: random.Random) -> list[bytes]:
     if kind == 7:  # header not a map / not msgpack
         return [rng.choice([msgpack.packb([1, 2, 3]), msgpack.packb("x"), b"\xc1", b""]), good[1]]
     if kind == 8:  # bad descriptors
-        desc = rng.choice([[{"name": "x"}], [1], {"x": 1}, [{"name": "", "dtype": "int32", "shape": [4]}],
-                           [{"name": "x", "dtype": "int32", "shape": [-4]}],
-                           [{"name": "x", "dtype": "int32", "shape": "4"}]])
+        desc = rng.choice(
+            [
+                [{"name": "x"}],
+                [1],
+                {"x": 1},
+                [{"name": "", "dtype": "int32", "shape": [4]}],
+                [{"name": "x", "dtype": "int32", "shape": [-4]}],
+                [{"name": "x", "dtype": "int32", "shape": "4"}],
+            ]
+        )
         return [_header(tensors=desc), good[1]]
     if kind == 9:  # bad ids
         return [_header(id=rng.choice([[1], {"a": 1}, 1.5, "x" * 300, b"raw"])), good[1]]
