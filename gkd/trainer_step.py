@@ -1,0 +1,438 @@
+"""The trainer's building blocks: micro-batches by token budget, the distillation loss of one micro-batch
+on hidden states + lm_head (never full logits), one optimizer step normalised by the GLOBAL token count,
+and the AdamW + warmup/cosine optimizer. The loop (``gkd/trainer.py``) reads them top to bottom:
+
+    micro = pack_micro_batches(samples, teacher_outputs, cfg.data.micro_batch_tokens)
+    metrics = train_step(model, optimizer, lr_scheduler, micro, cfg, group=None)
+
+Normalisation: every micro-batch contributes ``sum of its per-token losses / N`` where ``N`` is the number
+of response tokens in the whole step, over all micro-batches and all data-parallel ranks (all-reduced
+before the first backward). The gradient is then that of the token-mean over the global batch, however the
+tokens are split into micro-batches or ranks (verl's and TRL's per-micro-batch means weighted short
+sequences up; see tests/test_trainer_step.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gkd.kernels import fused_linear_token_logprobs, fused_linear_topk_distill_loss, sampled_reverse_kl_loss
+from gkd.rollout.types import Sample
+from gkd.teacher.types import TeacherOutput
+
+__all__ = [
+    "MicroBatch",
+    "accumulate_gradients",
+    "build_optimizer",
+    "loss_on_micro_batch",
+    "lr_factor",
+    "pack_micro_batches",
+    "train_step",
+    "unwrap",
+]
+
+
+# ------------------------------------------------------------------------------------------ micro-batches
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded sequences plus everything the loss needs, flattened to response positions.
+
+    Sequence b holds ``prompt + response[:-1]`` (the last response token predicts nothing we train on).
+    Response token j of sequence b is predicted by the hidden state at ``(rows[n], cols[n])`` with
+    ``cols = len(prompt) - 1 + j``; tokens are ordered sequence by sequence.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64, right-padded with pad_id
+    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
+    rows: torch.Tensor  # [N] int64, batch row of each response token
+    cols: torch.Tensor  # [N] int64, position whose hidden state predicts it
+    target_ids: torch.Tensor  # [N] int64, the sampled response tokens
+    teacher_ids: torch.Tensor  # [N, K] int32 teacher top-k ids
+    teacher_logprobs: torch.Tensor  # [N, K] float32; -inf marks an unused slot
+    teacher_token_logprobs: torch.Tensor  # [N] float32, log p(target) under the teacher
+    rollout_logprobs: torch.Tensor  # [N] float32, log mu(target) under the sampling policy
+    sample_index: list[int]  # which of the packed samples, in row order
+    response_lens: list[int]  # [B] response tokens per sequence
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens (loss terms) in this micro-batch."""
+        return int(self.target_ids.shape[0])
+
+    @property
+    def padded_tokens(self) -> int:
+        """B * L: what the budget bounds."""
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        moved = {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
+        return MicroBatch(**moved)
+
+
+def _check_pair(i: int, s: Sample, t: TeacherOutput) -> None:
+    r = len(s.response_ids)
+    if len(s.prompt_ids) == 0:
+        raise ValueError(f"sample {i}: empty prompt (the first response token needs a context)")
+    if t.num_tokens != r or t.token_logprobs.shape != (r,):
+        raise ValueError(
+            f"sample {i}: {r} response tokens but the teacher output has {t.num_tokens} rows and "
+            f"{tuple(t.token_logprobs.shape)} token log-probs (teacher and rollout batches out of step?)"
+        )
+    if s.response_logprobs.shape != (r,):
+        raise ValueError(
+            f"sample {i}: response_logprobs has shape {tuple(s.response_logprobs.shape)}, expected ({r},)"
+        )
+
+
+def _build(idx: list[int], samples, teachers, k: int, pad_id: int) -> MicroBatch:
+    lens = [len(samples[i].prompt_ids) + len(samples[i].response_ids) - 1 for i in idx]
+    width = max(lens)
+    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+    rows, cols, targets, t_ids, t_lp, t_tok, r_lp = [], [], [], [], [], [], []
+    for b, i in enumerate(idx):
+        s, t = samples[i], teachers[i]
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        seq = torch.tensor(list(s.prompt_ids) + list(s.response_ids[:-1]), dtype=torch.long)
+        input_ids[b, : lens[b]] = seq
+        attention_mask[b, : lens[b]] = 1
+        rows.append(torch.full((r,), b, dtype=torch.long))
+        cols.append(torch.arange(p - 1, p - 1 + r, dtype=torch.long))
+        targets.append(torch.tensor(list(s.response_ids), dtype=torch.long))
+        ids, lp = t.topk_ids.to(torch.int32), t.topk_logprobs.to(torch.float32)
+        if ids.shape[1] < k:  # teachers answering with different K: pad with unused (-inf) slots
+            ids = torch.cat([ids, ids.new_zeros(r, k - ids.shape[1])], dim=1)
+            lp = torch.cat([lp, lp.new_full((r, k - lp.shape[1]), float("-inf"))], dim=1)
+        t_ids.append(ids)
+        t_lp.append(lp)
+        t_tok.append(t.token_logprobs.to(torch.float32))
+        r_lp.append(s.response_logprobs.to(torch.float32))
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        rows=torch.cat(rows),
+        cols=torch.cat(cols),
+        target_ids=torch.cat(targets),
+        teacher_ids=torch.cat(t_ids),
+        teacher_logprobs=torch.cat(t_lp),
+        teacher_token_logprobs=torch.cat(t_tok),
+        rollout_logprobs=torch.cat(r_lp),
+        sample_index=list(idx),
+        response_lens=[len(samples[i].response_ids) for i in idx],
+    )
+
+
+def pack_micro_batches(
+    samples: Sequence[Sample],
+    teacher_outputs: Sequence[TeacherOutput],
+    micro_batch_tokens: int,
+    *,
+    pad_id: int = 0,
+) -> list[MicroBatch]:
+    """Split one rank's samples into micro-batches whose padded size ``B * L`` is at most
+    ``micro_batch_tokens`` (``L`` = the longest ``prompt + response - 1`` in the micro-batch).
+
+    Samples are sorted longest first and filled greedily, so sequences of similar length share a
+    micro-batch (little padding); every response token appears in exactly one micro-batch. Samples with an
+    empty response are skipped (they have no loss term). A single sequence longer than the budget is an
+    error: raise ``data.micro_batch_tokens``.
+    """
+    if len(samples) != len(teacher_outputs):
+        raise ValueError(f"{len(samples)} samples but {len(teacher_outputs)} teacher outputs")
+    if micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens={micro_batch_tokens} must be >= 1")
+    for i, (s, t) in enumerate(zip(samples, teacher_outputs, strict=True)):
+        _check_pair(i, s, t)
+    live = [i for i, s in enumerate(samples) if len(s.response_ids) > 0]
+    if not live:
+        return []
+    k = max(int(teacher_outputs[i].topk_ids.shape[1]) for i in live)
+
+    def length(i: int) -> int:
+        return len(samples[i].prompt_ids) + len(samples[i].response_ids) - 1
+
+    order = sorted(live, key=lambda i: (-length(i), i))
+    if length(order[0]) > micro_batch_tokens:
+        raise ValueError(
+            f"sample {order[0]} has {length(order[0])} tokens, more than data.micro_batch_tokens="
+            f"{micro_batch_tokens}; raise the budget to at least the longest prompt + response"
+        )
+    groups: list[list[int]] = []
+    for i in order:
+        # longest first: the group's width is its first member's length
+        if groups and (len(groups[-1]) + 1) * length(groups[-1][0]) <= micro_batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [_build(g, samples, teacher_outputs, k, pad_id) for g in groups]
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _hidden_states(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """[N, H] final (normed) hidden states at the response-predicting positions.
+
+    The call goes through the top-level ``model`` (so a DDP / FSDP wrapper's forward hooks run) with
+    ``logits_to_keep=1``: the head then computes one [B, 1, V] row per sequence, not [B, L, V].
+    """
+    out = model(
+        input_ids=mb.input_ids,
+        attention_mask=mb.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    hidden = out.hidden_states[-1]  # [B, L, H], after the final norm (transformers ties it)
+    return hidden[mb.rows, mb.cols]
+
+
+def loss_on_micro_batch(
+    model: nn.Module,
+    mb: MicroBatch,
+    loss_cfg,
+    *,
+    ratio_clip: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(sum of per-token losses, number of tokens) for one micro-batch already on the model's device.
+
+    ``loss_cfg`` is ``cfg.loss`` (name, tail, beta, temperature). Top-k losses run
+    :func:`fused_linear_topk_distill_loss` on the hidden states and the lm_head; ``sampled_reverse_kl``
+    runs :func:`fused_linear_token_logprobs` + :func:`sampled_reverse_kl_loss` with the rollout
+    log-probs as the behaviour policy (importance ratio q/mu for stale samples).
+    """
+    hf = unwrap(model)
+    if getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):
+        raise NotImplementedError(
+            f"{type(hf).__name__} transforms its logits after the lm_head (softcapping / logit_scale), "
+            "which the fused losses do not reproduce"
+        )
+    head = hf.get_output_embeddings()
+    hidden = _hidden_states(model, mb)  # [N, H]
+    weight, bias = head.weight, getattr(head, "bias", None)  # [V, H], [V] or None
+    if loss_cfg.name == "sampled_reverse_kl":
+        logq = fused_linear_token_logprobs(
+            hidden,
+            weight,
+            mb.target_ids,
+            lm_head_bias=bias,
+            temperature=loss_cfg.temperature,
+            chunk_size=chunk_size,
+        )
+        total = sampled_reverse_kl_loss(
+            logq, mb.rollout_logprobs, mb.teacher_token_logprobs, ratio_clip=ratio_clip, reduction="sum"
+        )
+    else:
+        total = fused_linear_topk_distill_loss(
+            hidden,
+            weight,
+            mb.teacher_ids,
+            mb.teacher_logprobs,
+            lm_head_bias=bias,
+            loss=loss_cfg.name,
+            tail=loss_cfg.tail,
+            beta=loss_cfg.beta,
+            temperature=loss_cfg.temperature,
+            reduction="sum",
+            backend=backend,
+            chunk_size=chunk_size,
+            check_inputs=False,  # ids/log-probs were checked when the teacher reply was decoded
+        )
+    return total, mb.num_tokens
+
+
+# ----------------------------------------------------------------------------------------- the step
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _averages_grads(model: nn.Module) -> bool:
+    """DDP and FSDP2 average gradients over their group (we want the sum: the loss is already divided by
+    the global token count)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    loss_cfg,
+    *,
+    group=None,
+    device: torch.device | str | None = None,
+    ratio_clip: float | None = None,
+) -> tuple[float, int]:
+    """Backward over this rank's micro-batches; afterwards every rank holds the gradient of
+    ``sum over all ranks' tokens of loss / N_global``. Returns (global loss sum, N_global).
+
+    Works with a plain module (gradients all-reduced here when ``group`` spans several ranks), DDP (sync
+    only on the last micro-batch; the loss is scaled by the world size because DDP averages) and FSDP2
+    (same scaling). Host syncs: the token-count all-reduce, and the loss sum at the end.
+    """
+    world = _world(group)
+    if device is None:
+        device = next(unwrap(model).parameters()).device
+    local = sum(mb.num_tokens for mb in micro_batches)
+    count = torch.tensor([float(local)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(count, group=group)
+    n_global = int(count.item())
+    if n_global == 0:
+        raise ValueError("no response tokens in this step on any rank: nothing to train on")
+    wrapped = _averages_grads(model)
+    if wrapped and world > 1 and not micro_batches:
+        raise ValueError(
+            "this rank has no micro-batch but its DDP/FSDP peers will wait for its gradients; give every "
+            "rank at least one sample (data.train_batch_size >= data-parallel world size)"
+        )
+    scale = (world if wrapped else 1) / n_global
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        with model.no_sync() if ddp and not last else nullcontext():  # DDP all-reduces on the last only
+            total, _ = loss_on_micro_batch(model, mb.to(device), loss_cfg, ratio_clip=ratio_clip)
+            (total * scale).backward()
+        loss_sum += total.detach().to(torch.float64)
+    if world > 1 and not wrapped:
+        for p in unwrap(model).parameters():
+            if p.grad is None:  # a rank with no micro-batches still takes part in every all-reduce
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=group)
+    if world > 1:
+        dist.all_reduce(loss_sum, group=group)
+    return float(loss_sum.item()), n_global
+
+
+def _seq_stats(micro_batches: Sequence[MicroBatch], group, device) -> dict[str, float]:
+    lens = [n for mb in micro_batches for n in mb.response_lens]
+    full = [int(mb.attention_mask.sum()) + len(mb.response_lens) for mb in micro_batches]
+    sums = torch.tensor([float(sum(lens)), float(len(lens)), float(sum(full))], dtype=torch.float64)
+    ext = torch.tensor([max(lens, default=-math.inf), -min(lens, default=math.inf)], dtype=torch.float64)
+    if _world(group) > 1:
+        sums, ext = sums.to(device), ext.to(device)
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(ext, op=dist.ReduceOp.MAX, group=group)
+    total, n, tokens = sums.tolist()
+    hi, neg_lo = ext.tolist()
+    return {
+        "response_seq_len/mean": total / max(n, 1.0),
+        "response_seq_len/max": hi,
+        "response_seq_len/min": -neg_lo,
+        "actor/num_sequences": int(n),
+        "actor/total_tokens": int(tokens),  # prompt + response tokens (for throughput)
+    }
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    batch: Sequence[MicroBatch],
+    cfg,
+    group=None,
+    *,
+    device: torch.device | str | None = None,
+    ratio_clip: float | None = None,
+) -> dict[str, float]:
+    """One optimizer step on this rank's micro-batches (from :func:`pack_micro_batches`).
+
+    zero grads -> accumulate (global-token normalisation) -> clip to ``cfg.optim.clip_grad`` (0 = measure
+    only) -> optimizer step -> LR step. Every rank of ``group`` must call it. Returns ``actor/kl_loss``
+    (global token mean), ``actor/grad_norm`` (before clipping), ``actor/lr`` (used by this step),
+    ``response_seq_len/{mean,max,min}``, ``actor/response_tokens``, ``actor/total_tokens``,
+    ``actor/num_sequences``, ``actor/micro_batches`` (this rank's).
+    """
+    if device is None:
+        device = next(unwrap(model).parameters()).device
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, n_tokens = accumulate_gradients(
+        model, batch, cfg.loss, group=group, device=device, ratio_clip=ratio_clip
+    )
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    metrics = {
+        "actor/kl_loss": loss_sum / n_tokens,
+        "actor/grad_norm": float(grad_norm),
+        "actor/lr": lr,
+        "actor/response_tokens": n_tokens,
+        "actor/micro_batches": len(batch),
+    }
+    metrics.update(_seq_stats(batch, group, device))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based): linear warmup ``(step+1)/warmup``
+    (so the first step already moves), then 1 (constant) or a cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"optim.schedule={schedule!r}: expected constant or cosine")
+
+
+def build_optimizer(
+    model: nn.Module, optim_cfg, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters (no weight decay on biases and norm weights, i.e. tensors of
+    fewer than 2 dims) and a LambdaLR with :func:`lr_factor`. Both have state dicts for checkpoints."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1")
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas))
+    warmup, schedule = optim_cfg.warmup_steps, optim_cfg.schedule
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule={schedule!r}: expected constant or cosine")
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps=warmup, total_steps=total_steps, schedule=schedule)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

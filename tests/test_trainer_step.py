@@ -1,0 +1,344 @@
+"""Trainer building blocks: token-budget micro-batches, the fused loss against a full-logits reference,
+global token normalisation (micro-batch splits and 2 gloo ranks), and a few real optimizer steps."""
+
+from __future__ import annotations
+
+import math
+import socket
+import tempfile
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gkd.config import LossConfig, OptimConfig
+from gkd.kernels.reference import topk_distill_loss_reference
+from gkd.kernels.sampled import sampled_reverse_kl_loss
+from gkd.rollout.types import Sample
+from gkd.teacher.types import TeacherOutput
+from gkd.trainer_step import (
+    accumulate_gradients,
+    build_optimizer,
+    loss_on_micro_batch,
+    lr_factor,
+    pack_micro_batches,
+    train_step,
+)
+
+V, K = 67, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: intra-op threads only contend (100x slower on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(seed: int, dtype=torch.float32, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def make_samples(seed: int, n: int, *, max_prompt: int = 6, max_response: int = 8) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
+        r = int(torch.randint(1, max_response + 1, (1,), generator=g))
+        out.append(
+            Sample(
+                prompt_ids=torch.randint(0, V, (p,), generator=g).tolist(),
+                response_ids=torch.randint(0, V, (r,), generator=g).tolist(),
+                response_logprobs=-torch.rand(r, generator=g) * 3 - 0.5,
+                finish_reason="length",
+                policy_version=i,
+            )
+        )
+    return out
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: LlamaForCausalLM, samples: list[Sample], k: int = K) -> list[TeacherOutput]:
+    """The teacher's top-k at each response position, as the teacher service returns it."""
+    outs = []
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        logp = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), dim=-1)
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        rows = logp[p - 1 : p - 1 + r]  # [R, V]
+        lp, top = rows.topk(k, dim=-1)
+        tok = rows.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        outs.append(TeacherOutput(topk_ids=top.to(torch.int32), topk_logprobs=lp.half(), token_logprobs=tok))
+    return outs
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------------------- micro-batches
+
+
+@pytest.mark.parametrize("budget", [13, 20, 47, 10_000])
+def test_pack_respects_budget_and_covers_every_response_token_once(budget):
+    samples = make_samples(1, 11)
+    samples[3].response_ids, samples[3].response_logprobs = [], torch.zeros(0)  # skipped: no loss term
+    teacher = [
+        TeacherOutput(
+            topk_ids=torch.randint(0, V, (len(s.response_ids), K), dtype=torch.int32),
+            topk_logprobs=-torch.rand(len(s.response_ids), K),
+            token_logprobs=-torch.rand(len(s.response_ids)),
+        )
+        for s in samples
+    ]
+    mbs = pack_micro_batches(samples, teacher, budget)
+    seen = set()
+    for mb in mbs:
+        assert mb.padded_tokens <= budget
+        assert mb.input_ids.shape == mb.attention_mask.shape
+        for n in range(mb.num_tokens):
+            b, c = int(mb.rows[n]), int(mb.cols[n])
+            i = mb.sample_index[b]
+            s, t = samples[i], teacher[i]
+            j = c - (len(s.prompt_ids) - 1)
+            assert (i, j) not in seen
+            seen.add((i, j))
+            context = s.prompt_ids + s.response_ids
+            assert int(mb.input_ids[b, c]) == context[c]  # the position sees the token before target j
+            assert mb.attention_mask[b, : c + 1].all()
+            assert int(mb.target_ids[n]) == s.response_ids[j]
+            assert torch.equal(mb.teacher_ids[n], t.topk_ids[j])
+            assert torch.equal(mb.teacher_logprobs[n], t.topk_logprobs[j])
+            assert float(mb.teacher_token_logprobs[n]) == float(t.token_logprobs[j])
+            assert float(mb.rollout_logprobs[n]) == float(s.response_logprobs[j])
+        for b, i in enumerate(mb.sample_index):  # padding is masked
+            n_real = len(samples[i].prompt_ids) + len(samples[i].response_ids) - 1
+            assert int(mb.attention_mask[b].sum()) == n_real
+    assert seen == {(i, j) for i, s in enumerate(samples) for j in range(len(s.response_ids))}
+    if budget == 10_000:
+        assert len(mbs) == 1
+
+
+def test_pack_errors_name_the_problem():
+    samples = make_samples(2, 3)
+    teacher = teacher_outputs(tiny_llama(1), samples)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        pack_micro_batches(samples, teacher, 3)
+    teacher[1] = TeacherOutput(
+        teacher[1].topk_ids[:-1], teacher[1].topk_logprobs[:-1], teacher[1].token_logprobs
+    )
+    with pytest.raises(ValueError, match="sample 1"):
+        pack_micro_batches(samples, teacher, 100)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+CASES = [
+    ("forward_kl", "bucket", False),
+    ("reverse_kl", "renorm", True),
+    ("jsd", "bucket", False),
+    ("forward_kl", "none", False),
+]
+
+
+@pytest.mark.parametrize("name,tail,tie", CASES)
+def test_loss_on_micro_batch_matches_full_logits_reference(name, tail, tie):
+    student = tiny_llama(0, torch.float64, tie=tie)
+    samples = make_samples(3, 5)
+    teacher = teacher_outputs(tiny_llama(1), samples)
+    cfg = LossConfig(name=name, tail=tail, beta=0.3, temperature=1.3)
+    (mb,) = pack_micro_batches(samples, teacher, 1000)
+
+    total, n = loss_on_micro_batch(student, mb, cfg)
+    total.backward()
+    got = grads(student)
+    student.zero_grad()
+
+    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[mb.rows, mb.cols]
+    ref = topk_distill_loss_reference(
+        logits,
+        mb.teacher_ids,
+        mb.teacher_logprobs.double(),
+        loss=name,
+        tail=tail,
+        beta=0.3,
+        temperature=1.3,
+        reduction="sum",
+    )
+    ref.backward()
+    assert n == sum(len(s.response_ids) for s in samples)
+    torch.testing.assert_close(total, ref, rtol=1e-9, atol=1e-10)
+    want = grads(student)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-7, atol=1e-10, msg=key)
+
+
+def test_sampled_reverse_kl_uses_rollout_logprobs_against_full_logits_reference():
+    student = tiny_llama(0, torch.float64)
+    samples = make_samples(4, 4)
+    teacher = teacher_outputs(tiny_llama(1), samples)
+    cfg = LossConfig(name="sampled_reverse_kl", temperature=0.7)
+    (mb,) = pack_micro_batches(samples, teacher, 1000)
+    total, _ = loss_on_micro_batch(student, mb, cfg)
+    total.backward()
+    got = grads(student)
+    student.zero_grad()
+
+    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[mb.rows, mb.cols]
+    logq = torch.log_softmax(logits / 0.7, dim=-1).gather(1, mb.target_ids[:, None])[:, 0]
+    ref = sampled_reverse_kl_loss(logq, mb.rollout_logprobs.double(), mb.teacher_token_logprobs.double())
+    ref.backward()
+    torch.testing.assert_close(total, ref, rtol=1e-9, atol=1e-10)
+    for key, g in grads(student).items():
+        torch.testing.assert_close(got[key], g, rtol=1e-7, atol=1e-10, msg=key)
+
+
+# ------------------------------------------------------------------------------------- normalisation
+
+
+def _grads_for(model, samples, teacher, budget, cfg, **kw):
+    model.zero_grad(set_to_none=True)
+    mbs = pack_micro_batches(samples, teacher, budget)
+    accumulate_gradients(model, mbs, cfg, **kw)
+    return grads(model), len(mbs)
+
+
+def test_gradient_is_independent_of_micro_batch_split():
+    student = tiny_llama(0, torch.float64)
+    samples = make_samples(5, 8)
+    teacher = teacher_outputs(tiny_llama(1), samples)
+    cfg = LossConfig()
+    longest = max(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
+    small, n_small = _grads_for(student, samples, teacher, longest, cfg)
+    big, n_big = _grads_for(student, samples, teacher, 10_000, cfg)
+    assert n_small > 3 and n_big == 1
+    for key in big:
+        torch.testing.assert_close(small[key], big[key], rtol=1e-10, atol=1e-13, msg=key)
+
+    # the test can fail: averaging per-micro-batch means (the verl/TRL bug) gives another gradient
+    student.zero_grad(set_to_none=True)
+    mbs = pack_micro_batches(samples, teacher, longest)
+    for mb in mbs:
+        total, n = loss_on_micro_batch(student, mb, cfg)
+        (total / n / len(mbs)).backward()
+    naive = grads(student)
+    assert max(float((naive[k] - big[k]).abs().max() / big[k].abs().max()) for k in big) > 1e-3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        samples = make_samples(6, 7)
+        teacher = teacher_outputs(tiny_llama(1), samples)
+        mine = slice(0, 2) if rank == 0 else slice(2, 7)  # uneven token counts on purpose
+        budget = 10_000 if rank == 0 else 16  # rank 1: several micro-batches (DDP no_sync path)
+        cfg = LossConfig()
+        plain = tiny_llama(0, torch.float64)
+        g_plain, _ = _grads_for(plain, samples[mine], teacher[mine], budget, cfg, group=None)
+        ddp = torch.nn.parallel.DistributedDataParallel(tiny_llama(0, torch.float64))
+        ddp.zero_grad(set_to_none=True)
+        mbs = pack_micro_batches(samples[mine], teacher[mine], budget)
+        loss_sum, n = accumulate_gradients(ddp, mbs, cfg)
+        g_ddp = {k.removeprefix("module."): v for k, v in grads(ddp).items()}
+        torch.save({"plain": g_plain, "ddp": g_ddp, "loss_sum": loss_sum, "n": n}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_average_to_the_single_process_gradient():
+    samples = make_samples(6, 7)
+    teacher = teacher_outputs(tiny_llama(1), samples)
+    cfg = LossConfig()
+    student = tiny_llama(0, torch.float64)
+    want, _ = _grads_for(student, samples, teacher, 10_000, cfg)
+    with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
+        ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=False)
+        deadline = time.monotonic() + 120
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "DDP workers did not finish within 120 s"
+        results = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
+    n_total = sum(len(s.response_ids) for s in samples)
+    for res in results:
+        assert res["n"] == n_total
+        for key in want:
+            # DDP: synced by the wrapper; plain module: all-reduced by accumulate_gradients
+            torch.testing.assert_close(res["ddp"][key], want[key], rtol=1e-10, atol=1e-13, msg=key)
+    # the plain path all-reduces only when given a group; with group=None (default world) it must too
+    for key in want:
+        torch.testing.assert_close(results[0]["plain"][key], want[key], rtol=1e-10, atol=1e-13, msg=key)
+
+
+# ------------------------------------------------------------------------------------- optimisation
+
+
+def _cfg(**optim) -> SimpleNamespace:
+    return SimpleNamespace(loss=LossConfig(), optim=OptimConfig(**optim))
+
+
+def test_train_step_lowers_kl_to_a_fixed_teacher_and_reports_metrics():
+    student = tiny_llama(0)
+    samples = make_samples(7, 6)
+    teacher = teacher_outputs(tiny_llama(1), samples)
+    cfg = _cfg(lr=3e-3, warmup_steps=2, clip_grad=1.0, weight_decay=0.01)
+    optimizer, sched = build_optimizer(student, cfg.optim, total_steps=8)
+    mbs = pack_micro_batches(samples, teacher, 30)
+    history = [train_step(student, optimizer, sched, mbs, cfg) for _ in range(8)]
+    kl = [m["actor/kl_loss"] for m in history]
+    assert kl[-1] < 0.8 * kl[0], kl
+    assert [m["actor/lr"] for m in history[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    lens = [len(s.response_ids) for s in samples]
+    m = history[0]
+    assert m["response_seq_len/mean"] == pytest.approx(sum(lens) / len(lens))
+    assert (m["response_seq_len/max"], m["response_seq_len/min"]) == (max(lens), min(lens))
+    assert m["actor/response_tokens"] == sum(lens)
+    assert m["actor/total_tokens"] == sum(lens) + sum(len(s.prompt_ids) for s in samples)
+    assert m["actor/micro_batches"] == len(mbs) and m["actor/grad_norm"] > 0
+
+
+def test_lr_schedule_and_weight_decay_groups():
+    factors = [lr_factor(s, warmup_steps=2, total_steps=6, schedule="cosine") for s in range(7)]
+    want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    assert factors == pytest.approx(want)
+    assert lr_factor(10, warmup_steps=0, total_steps=5, schedule="constant") == 1.0
+    student = tiny_llama(0)
+    optimizer, _ = build_optimizer(student, OptimConfig(lr=1e-3, weight_decay=0.1), total_steps=3)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    with pytest.raises(ValueError, match="optim.schedule"):
+        build_optimizer(student, SimpleNamespace(**{**OptimConfig().__dict__, "schedule": "linear"}), 3)
