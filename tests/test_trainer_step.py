@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gkd.checkpoint import gather_rng_states
 from gkd.config import LossConfig, OptimConfig
 from gkd.kernels.reference import topk_distill_loss_reference
 from gkd.kernels.sampled import sampled_reverse_kl_loss
@@ -274,7 +275,10 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         mbs = pack_micro_batches(samples[mine], teacher[mine], budget)
         loss_sum, n = accumulate_gradients(ddp, mbs, cfg)
         g_ddp = {k.removeprefix("module."): v for k, v in grads(ddp).items()}
-        torch.save({"plain": g_plain, "ddp": g_ddp, "loss_sum": loss_sum, "n": n}, f"{out_dir}/rank{rank}.pt")
+        torch.manual_seed(100 + rank)
+        rng = gather_rng_states()  # for the checkpoint: every rank's states, no pickling
+        result = {"plain": g_plain, "ddp": g_ddp, "loss_sum": loss_sum, "n": n, "rng": rng}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -299,6 +303,9 @@ def test_two_gloo_ranks_average_to_the_single_process_gradient():
             # DDP: synced by the wrapper; plain module: all-reduced by accumulate_gradients
             torch.testing.assert_close(res["ddp"][key], want[key], rtol=1e-10, atol=1e-13, msg=key)
     # the plain path all-reduces only when given a group; with group=None (default world) it must too
+    for r in range(2):
+        torch.manual_seed(100 + r)
+        assert torch.equal(results[0]["rng"][r]["torch"], torch.get_rng_state())
     for key in want:
         torch.testing.assert_close(results[0]["plain"][key], want[key], rtol=1e-10, atol=1e-13, msg=key)
 

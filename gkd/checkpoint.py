@@ -1,0 +1,362 @@
+"""Atomic, resumable checkpoints and the final Hugging Face export.
+
+Layout: ``OUTPUT_DIR/checkpoints/step_000042/`` holding
+
+    model.safetensors   the student's state (tied tensors stored once)
+    optimizer.pt        optimizer.state_dict()
+    trainer_state.pt    step, LR scheduler, RNG states (one per trainer rank), data position, scheduler state
+    config.yaml         the resolved run config
+    meta.json           written last: format version, step, file list
+
+A checkpoint is written into ``.tmp-step_000042-<pid>`` in the same parent, every file and the directory
+fsynced, then renamed to its final name (atomic on POSIX), so a directory named ``step_*`` is always
+complete: a crash or ``kill -9`` mid-write leaves at most a ``.tmp-*`` directory, which :func:`latest`
+ignores and the next save deletes. ``.pt`` files are our own, read back from local disk with
+``torch.load(weights_only=True)``: they must hold tensors and plain Python values only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "capture_rng_state",
+    "checkpoint_root",
+    "export_hf",
+    "gather_rng_states",
+    "latest",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_resume",
+    "restore_rng_state",
+    "save_checkpoint",
+    "should_save",
+]
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read or used; the message names the path."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng_state() -> dict[str, torch.Tensor]:
+    """This process's python / numpy / torch (and CUDA) RNG states as fixed-size tensors (so ranks can
+    all-gather them without pickling, and ``torch.load(weights_only=True)`` reads them back)."""
+    version, words, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=True)  # ('MT19937', key[624] uint32, pos, has_gauss, gauss)
+    state = {
+        "python": torch.tensor([version, *words], dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.tensor([*np_state[1].tolist(), np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
+    return state
+
+
+def restore_rng_state(state: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"].tolist()
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((int(py[0]), tuple(int(w) for w in py[1:]), gauss if has_gauss else None))
+    npy = state["numpy"].tolist()
+    key = np.array(npy[:624], dtype=np.uint32)
+    np.random.set_state(("MT19937", key, int(npy[624]), int(npy[625]), float(state["numpy_gauss"][0])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(group=None) -> list[dict[str, torch.Tensor]]:
+    """Every trainer rank's :func:`capture_rng_state` (call on all ranks; rank 0 saves the list). Tensors
+    travel through all_gather, on the device the group's backend needs."""
+    import torch.distributed as dist
+
+    mine = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return [mine]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    world = dist.get_world_size(group)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+    for name, t in sorted(mine.items()):
+        local = t.to(device) if device is not None else t
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local, group=group)
+        for r, part in enumerate(parts):
+            out[r][name] = part.cpu()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    """Where a run's checkpoints live: ``OUTPUT_DIR/checkpoints``."""
+    return Path(output_dir) / "checkpoints"
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / "meta.json").is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, path), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and _is_complete(p)
+    ]
+    return sorted(found)
+
+
+def latest(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
+    """``trainer.resume``: ``never`` -> None; ``auto`` -> :func:`latest` (None for a fresh run); otherwise
+    a checkpoint directory, or a run directory whose newest checkpoint is used."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest(output_dir)
+    path = Path(resume)
+    if (path / "meta.json").is_file():
+        return path
+    newest = latest(path)
+    if newest is None:
+        raise CheckpointError(
+            f"trainer.resume={resume}: not a checkpoint (no meta.json) and no complete checkpoint under "
+            f"{checkpoint_root(path)}; pass a step_* directory, auto or never"
+        )
+    return newest
+
+
+def should_save(step: int, save_freq: int, total_steps: int) -> bool:
+    """After optimizer step ``step`` (1-based count of steps done): every ``save_freq`` steps and at the
+    end (``save_freq=0``: only at the end)."""
+    return step == total_steps or (save_freq > 0 and step % save_freq == 0)
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):  # files before their directories
+        _fsync_path(p)
+    _fsync_path(path)
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """``.tmp-*`` directories are saves that died (kill -9); only rank 0 saves, so none is in progress."""
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _atomic_dir(final: Path, write) -> Path:
+    """Run ``write(tmp_dir)``, fsync, rename to ``final``. On any failure the temp dir is removed and
+    ``final`` is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; refusing to overwrite a complete checkpoint")
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        _fsync_path(final.parent)  # make the rename itself durable
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler=None,
+    data_state: Mapping[str, Any] | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    config_yaml: str = "",
+    rng_states: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write ``OUTPUT_DIR/checkpoints/step_{step:06d}`` atomically, then delete all but the newest
+    ``keep_last`` complete checkpoints. Call on trainer rank 0 only (DDP replicas are identical).
+
+    ``data_state`` is ``PromptLoader.state_dict_at(next batch)``; ``scheduler_state`` the staleness
+    scheduler's resume state; both must hold plain values / tensors only. ``rng_states`` defaults to this
+    process's (:func:`gather_rng_states` for all ranks).
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1")
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
+    rng = list(rng_states) if rng_states is not None else [capture_rng_state()]
+    trainer_state = {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "rng": rng,
+        "data": dict(data_state) if data_state is not None else None,
+        "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
+    }
+
+    def write(tmp: Path) -> None:
+        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = sorted(p.name for p in tmp.iterdir())
+        meta = {"format_version": FORMAT_VERSION, "step": int(step), "files": files, "time": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the content complete
+
+    path = _atomic_dir(root / f"step_{step:06d}", write)
+    for _, old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int  # optimizer steps done when it was saved
+    data_state: dict | None
+    scheduler_state: dict | None
+    config_yaml: str
+    rng_states: list[dict[str, torch.Tensor]]
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler=None,
+    rank: int = 0,
+    restore_rng: bool = True,
+) -> LoadedCheckpoint:
+    """Load a checkpoint from :func:`save_checkpoint` into ``model`` (strictly: names and shapes must
+    match), ``optimizer`` and ``lr_scheduler`` when given; restore this rank's RNG states (rank ``r``
+    takes the saved rank ``r``'s, so with a different world size only ranks that existed are restored).
+    Every trainer rank calls it. Returns the step, data position, scheduler state and config."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format_version')}, this gkd reads {FORMAT_VERSION}"
+        )
+    missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}/model.safetensors does not match the model: missing {sorted(missing)[:10]}, "
+            f"unexpected {sorted(unexpected)[:10]} (a different student?)"
+        )
+    state = _torch_load(path / "trainer_state.pt")
+    if optimizer is not None:
+        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+    if lr_scheduler is not None:
+        if state["lr_scheduler"] is None:
+            raise CheckpointError(f"{path}: saved without an LR scheduler state")
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng = list(state["rng"])
+    if restore_rng and rank < len(rng):
+        restore_rng_state(rng[rank])
+    config_file = path / "config.yaml"
+    return LoadedCheckpoint(
+        path=path,
+        step=int(state["step"]),
+        data_state=state["data"],
+        scheduler_state=state["scheduler"],
+        config_yaml=config_file.read_text() if config_file.is_file() else "",
+        rng_states=rng,
+    )
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def export_hf(model: nn.Module, tokenizer, path: str | os.PathLike) -> Path:
+    """Save the student as a Hugging Face folder (safetensors weights + config + tokenizer), atomically;
+    an existing folder at ``path`` is replaced only after the new one is complete."""
+    final = Path(path)
+    hf = _unwrap(model)
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    if not final.exists():
+        return _atomic_dir(final, write)
+    staged = _atomic_dir(final.parent / f"{final.name}.new", write)
+    old = final.parent / f"{_TMP_PREFIX}{final.name}-old-{os.getpid()}"
+    os.rename(final, old)
+    os.rename(staged, final)
+    _fsync_path(final.parent)
+    shutil.rmtree(old)
+    return final
