@@ -48,8 +48,9 @@ def _engine_spec(args: argparse.Namespace):
 
 def _teacher_serve(args: argparse.Namespace) -> int:
     from gkd.teacher import service
+    from gkd.transport.process import configure_logging
 
-    service.configure_logging(args.log_level)
+    configure_logging(args.log_level)
     return service.serve(
         _engine_spec(args),
         host=args.host,
@@ -62,8 +63,9 @@ def _teacher_serve(args: argparse.Namespace) -> int:
 
 def _teacher_join(args: argparse.Namespace) -> int:
     from gkd.teacher import service
+    from gkd.transport.process import configure_logging
 
-    service.configure_logging(args.log_level)
+    configure_logging(args.log_level)
     return service.join(
         _engine_spec(args), args.broker, workers=args.workers, auth_secret_file=args.auth_secret_file
     )

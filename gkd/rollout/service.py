@@ -32,10 +32,17 @@ from datetime import timedelta
 from typing import Any
 
 from gkd.rollout.wire import LIMITS, OPS, check_prompts, pack_reply, unpack_request
+from gkd.transport import Auth, Broker, Worker
 
 # Process supervision is the teacher service's, shared as is (signals, orphan check, child shutdown).
-from gkd.teacher.service import _PARENT_ENV, _auth, _orphaned, _stop_on_signals, _supervise, configure_logging
-from gkd.transport import Auth, Broker, Worker
+from gkd.transport.process import (
+    PARENT_ENV,
+    auth_from_file,
+    configure_logging,
+    run_until_stopped,
+    stop_on_signals,
+    supervise,
+)
 
 log = logging.getLogger("gkd.rollout")
 
@@ -275,7 +282,7 @@ def _spawn_worker(spec: RolloutSpec, broker: str, channel_argv: list[str], auth_
     argv += (
         spec.to_argv() + channel_argv + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
     )
-    return subprocess.Popen(argv, env={**os.environ, _PARENT_ENV: str(os.getpid())})
+    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid())})
 
 
 def serve(
@@ -296,8 +303,10 @@ def serve(
         raise ValueError("--workers must be >= 1")
     if weight_channel is not None:
         parse_host_port(weight_channel)
-    stop = _stop_on_signals()
-    broker = make_broker(host=host, port=port, backend_port=backend_port, auth=_auth(auth_secret_file))
+    stop = stop_on_signals()
+    broker = make_broker(
+        host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
+    )
     broker.start()
     backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
     log.info(
@@ -321,7 +330,7 @@ def serve(
         for i in range(workers)
     ]
     try:
-        return _supervise(children, stop)
+        return supervise(children, stop)
     finally:
         broker.stop()
         log.info("rollout service stopped")
@@ -345,7 +354,7 @@ def join(
     if workers < 1:
         raise ValueError("--workers must be >= 1")
     world = weight_world_size if weight_world_size is not None else weight_rank + workers
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     if workers > 1:
         children = [
             _spawn_worker(
@@ -356,13 +365,15 @@ def join(
             )
             for i in range(workers)
         ]
-        return _supervise(children, stop)
+        return supervise(children, stop)
     channel = None
     if weight_channel is not None:
         host, port = parse_host_port(weight_channel)
         channel = WeightChannel(host, port, weight_rank, world, weight_backend, weight_timeout_s)
     start = time.monotonic()
-    worker = make_worker(spec, broker, channel=channel, auth=_auth(auth_secret_file), max_wait_s=max_wait_s)
+    worker = make_worker(
+        spec, broker, channel=channel, auth=auth_from_file(auth_secret_file), max_wait_s=max_wait_s
+    )
     log.info(
         "worker %d: %s engine for %s loaded in %.1fs; serving %s",
         os.getpid(),
@@ -371,15 +382,7 @@ def join(
         time.monotonic() - start,
         worker.address,
     )
-    worker.start()
-    try:
-        while not stop.wait(0.5):
-            if _orphaned():
-                log.error("worker %d: supervisor is gone; exiting", os.getpid())
-                return 1
-        return 0
-    finally:
-        worker.stop()
+    return run_until_stopped(worker, stop)
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -17,10 +17,8 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +26,18 @@ from typing import Any
 
 from gkd.teacher.wire import LIMITS, OPS, make_handler
 from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
+from gkd.transport.process import (
+    PARENT_ENV,
+    auth_from_file,
+    run_until_stopped,
+    stop_on_signals,
+    supervise,
+)
 
 log = logging.getLogger("gkd.teacher")
 
 BACKENDS = ("hf", "vllm")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_PARENT_ENV = "GKD_PARENT_PID"
-_STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -125,66 +128,10 @@ def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = 
 # ------------------------------------------------------------------------------------ processes
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGINT/SIGTERM (installed in the main thread)."""
-    stop = threading.Event()
-
-    def handle(signum, _frame):
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
-    return stop
-
-
-def _orphaned() -> bool:
-    parent = os.environ.get(_PARENT_ENV)
-    return parent is not None and os.getppid() != int(parent)
-
-
 def _spawn_worker(spec: EngineSpec, broker: str, auth_secret_file: str | None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "gkd.cli", "teacher", "join", "--broker", broker, "--workers", "1"]
     argv += spec.to_argv() + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
-    return subprocess.Popen(argv, env={**os.environ, _PARENT_ENV: str(os.getpid())})
-
-
-def _supervise(children: list[subprocess.Popen], stop: threading.Event) -> int:
-    """Wait for a stop signal (-> 0), or for every child to exit (-> 1); then stop the rest."""
-    reported: set[int] = set()
-    try:
-        while not stop.wait(0.5):
-            for child in children:
-                if child.poll() is not None and child.pid not in reported:
-                    reported.add(child.pid)
-                    log.error("worker process %d exited with status %d", child.pid, child.returncode)
-            if len(reported) == len(children):
-                log.error("all worker processes have exited")
-                return 1
-            if _orphaned():
-                log.error("supervisor is gone; exiting")
-                return 1
-        return 0
-    finally:
-        _stop_children(children)
-
-
-def _stop_children(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_GRACE_S
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("worker process %d ignored SIGTERM for %.0fs; killing it", child.pid, _STOP_GRACE_S)
-            child.kill()
-            child.wait()
-
-
-def _auth(auth_secret_file: str | None) -> Auth | None:
-    return Auth.from_file(auth_secret_file) if auth_secret_file else None
+    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid())})
 
 
 def serve(
@@ -199,8 +146,10 @@ def serve(
     """Run a broker and ``workers`` worker processes until SIGINT/SIGTERM; returns the exit status."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
-    stop = _stop_on_signals()
-    broker = make_broker(host=host, port=port, backend_port=backend_port, auth=_auth(auth_secret_file))
+    stop = stop_on_signals()
+    broker = make_broker(
+        host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
+    )
     broker.start()
     # Children reach the backend on loopback even when it is bound to 0.0.0.0.
     backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
@@ -215,7 +164,7 @@ def serve(
     )
     children = [_spawn_worker(spec, backend_local, auth_secret_file) for _ in range(workers)]
     try:
-        return _supervise(children, stop)
+        return supervise(children, stop)
     finally:
         broker.stop()
         log.info("teacher service stopped")
@@ -225,11 +174,11 @@ def join(spec: EngineSpec, broker: str, *, workers: int = 1, auth_secret_file: s
     """Serve ``spec`` behind ``broker``'s backend (HOST:PORT) with ``workers`` engines until stopped."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     if workers > 1:
-        return _supervise([_spawn_worker(spec, broker, auth_secret_file) for _ in range(workers)], stop)
+        return supervise([_spawn_worker(spec, broker, auth_secret_file) for _ in range(workers)], stop)
     start = time.monotonic()
-    worker = make_worker(spec, broker, auth=_auth(auth_secret_file))
+    worker = make_worker(spec, broker, auth=auth_from_file(auth_secret_file))
     log.info(
         "worker %d: %s engine for %s loaded in %.1fs; serving %s",
         os.getpid(),
@@ -238,22 +187,14 @@ def join(spec: EngineSpec, broker: str, *, workers: int = 1, auth_secret_file: s
         time.monotonic() - start,
         worker.address,
     )
-    worker.start()
-    try:
-        while not stop.wait(0.5):
-            if _orphaned():
-                log.error("worker %d: supervisor is gone; exiting", os.getpid())
-                return 1
-        return 0
-    finally:
-        worker.stop()
+    return run_until_stopped(worker, stop)
 
 
 def ping(address: str, *, timeout_s: float = 5.0, auth_secret_file: str | None = None, out=None) -> int:
     """Print the service's state; return 0 when healthy, 1 (reason on stderr) otherwise."""
     out = out or sys.stdout
     try:
-        with Client(address, timeout_s=timeout_s, retries=0, auth=_auth(auth_secret_file)) as client:
+        with Client(address, timeout_s=timeout_s, retries=0, auth=auth_from_file(auth_secret_file)) as client:
             info = client.info(timeout_s=timeout_s)
     except TimeoutError:
         hint = "is `gkd teacher serve` running there"
@@ -289,9 +230,3 @@ def ping(address: str, *, timeout_s: float = 5.0, auth_secret_file: str | None =
 def _unhealthy(reason: str) -> int:
     print(f"unhealthy: {reason}", file=sys.stderr)
     return 1
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
-    )
