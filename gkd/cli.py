@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher(sub)
     __import__("gkd.rollout.service", fromlist=["*"]).add_rollout_cli(sub)  # gkd rollout serve|join
     __import__("gkd.timeline", fromlist=["*"]).add_timeline_cli(sub)  # gkd timeline RUN_DIR -o PNG
+    __import__("gkd.launch", fromlist=["*"]).add_train_cli(sub)  # gkd train --config X.yaml [k=v ...]
     return parser
 
 

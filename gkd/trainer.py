@@ -1,0 +1,421 @@
+"""The training loop, top to bottom. torchrun entry: ``python -m gkd.train --config X.yaml [key=value ...]``
+(``gkd train`` builds that command and starts the services).
+
+Every rank: init torch.distributed (gloo on CPU, NCCL on GPU) -> config -> student -> optimizer + LR schedule
+-> resume. Rank 0 alone: data, the teacher and rollout clients, the weight channel (rank 0 of a group with
+the rollout workers), startup checks, and the :class:`~gkd.scheduler.Scheduler`. Rank 0 drives the other
+ranks with commands over the trainer's own group (flat tensors, never pickles):
+
+- ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; rank r trains on samples r, r + W, ...
+  and every rank calls ``train_step`` (gradients averaged by DDP, loss normalised by the global token count);
+- ``SAVE``: every rank's RNG state is gathered; rank 0 writes the checkpoint;
+- ``STOP``: the run is over (done, or failed on rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gkd.checkpoint import (
+    export_hf,
+    gather_rng_states,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    should_save,
+)
+from gkd.config import Config, load_config, to_yaml
+from gkd.metrics import MetricsLogger, SpanRecorder, cpu_memory_used_gb, max_memory_allocated_gb, metric_names
+from gkd.rollout.types import Sample, SamplingConfig
+from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
+from gkd.teacher.types import TeacherOutput
+from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step, unwrap
+
+log = logging.getLogger("gkd.trainer")
+
+OP_TRAIN, OP_SAVE, OP_STOP = 0, 1, 2
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StartupError(RuntimeError):
+    """A check before training failed (service unreachable, vocabularies differ...); says what to do."""
+
+
+# ------------------------------------------------------------------------------------------ batch wire
+
+
+def _bcast(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    moved = t.to(device)
+    dist.broadcast(moved, src=0)
+    return moved.cpu()
+
+
+def broadcast_batch(
+    samples: Sequence[Sample] | None, outputs: Sequence[TeacherOutput] | None, step: int, device
+) -> tuple[list[Sample], list[TeacherOutput]]:
+    """Rank 0 sends ``OP_TRAIN`` + the batch as flat tensors; the others (``samples=None``) receive it.
+    Call after the other ranks have read the command header."""
+    if samples is not None:
+        assert outputs is not None
+        k = max(int(o.topk_ids.shape[1]) for o in outputs)
+        meta = torch.tensor(
+            [[len(s.prompt_ids), len(s.response_ids), int(s.policy_version)] for s in samples],
+            dtype=torch.int64,
+        )  # [B, 3]
+        tokens = torch.tensor(
+            [t for s in samples for t in [*s.prompt_ids, *s.response_ids]], dtype=torch.int64
+        )  # [sum(P + R)]
+        r_lp = torch.cat([s.response_logprobs.float() for s in samples])  # [sum R]
+        ids, lps = [], []
+        for o in outputs:  # teachers answering with fewer columns: pad with unused (-inf) slots
+            pad = k - int(o.topk_ids.shape[1])
+            ids.append(torch.nn.functional.pad(o.topk_ids.to(torch.int32), (0, pad)))
+            lps.append(torch.nn.functional.pad(o.topk_logprobs.float(), (0, pad), value=float("-inf")))
+        t_ids, t_lp = torch.cat(ids), torch.cat(lps)  # [sum R, K]
+        t_tok = torch.cat([o.token_logprobs.float() for o in outputs])  # [sum R]
+        sizes = torch.tensor([len(samples), tokens.numel(), r_lp.numel(), k], dtype=torch.int64)
+    else:
+        sizes = torch.zeros(4, dtype=torch.int64)
+    sizes = _bcast(sizes, device)
+    b, n_tok, n_resp, k = sizes.tolist()
+    if samples is None:
+        meta = torch.empty(b, 3, dtype=torch.int64)
+        tokens = torch.empty(n_tok, dtype=torch.int64)
+        r_lp, t_tok = torch.empty(n_resp), torch.empty(n_resp)
+        t_ids, t_lp = torch.empty(n_resp, k, dtype=torch.int32), torch.empty(n_resp, k)
+    meta, tokens, r_lp, t_ids, t_lp, t_tok = (
+        _bcast(x, device) for x in (meta, tokens, r_lp, t_ids, t_lp, t_tok)
+    )
+    if samples is not None:
+        return list(samples), list(outputs)
+    out_s, out_t, tok_at, resp_at = [], [], 0, 0
+    for p, r, version in meta.tolist():
+        ids = tokens[tok_at : tok_at + p + r].tolist()
+        span = slice(resp_at, resp_at + r)
+        out_s.append(Sample(ids[:p], ids[p:], r_lp[span].clone(), "unknown", version))
+        out_t.append(TeacherOutput(t_ids[span].clone(), t_lp[span].clone(), t_tok[span].clone()))
+        tok_at, resp_at = tok_at + p + r, resp_at + r
+    return out_s, out_t
+
+
+def _command(op: int, step: int, device) -> tuple[int, int]:
+    """Rank 0 sends (op, step); every other rank receives it."""
+    got = _bcast(torch.tensor([op, step], dtype=torch.int64), device).tolist()
+    return int(got[0]), int(got[1])
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun env -> (rank, world, device). Without torchrun env: a single process, no group."""
+    gpu = cfg.trainer.n_gpus_per_node > 0
+    if gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=30))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def _load_student(cfg: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cfg.model.student_path
+    if not Path(path).is_dir():
+        raise StartupError(f"model.student_path={path}: no such folder (a transformers model folder)")
+    dtype = _DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32  # CPU trains in fp32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None:
+    """Teacher reachable and on the student's vocabulary; rollout reachable with its workers."""
+    from gkd.teacher.service import tokenizer_fingerprint
+
+    vocab = int(unwrap(model).config.vocab_size)
+    t_addr = f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}"
+    try:
+        info = teacher.info(timeout_s=30)
+    except Exception as e:
+        raise StartupError(
+            f"teacher service at {t_addr} is not reachable ({type(e).__name__}: {e}); start it with "
+            "`gkd teacher serve` or set teacher.launch=true"
+        ) from e
+    workers = [w.get("info", {}) for w in info.get("workers", [])]
+    if not workers:
+        raise StartupError(f"teacher service at {t_addr} has no workers; start some with `gkd teacher join`")
+    mine = tokenizer_fingerprint(cfg.model.student_path)
+    for w in workers:
+        if int(w.get("vocab_size", -1)) != vocab:
+            raise StartupError(
+                f"teacher {w.get('model')} has vocabulary size {w.get('vocab_size')}, the student "
+                f"{cfg.model.student_path} has {vocab}: distillation needs one shared vocabulary"
+            )
+        theirs = str(w.get("tokenizer", "none"))
+        if mine.startswith("sha256:") and theirs.startswith("sha256:") and theirs != mine:
+            raise StartupError(
+                f"teacher {w.get('model')} tokenizer {theirs} differs from the student's {mine}: "
+                "the same text would map to different ids"
+            )
+        if int(w.get("max_top_k", cfg.teacher.top_k)) < cfg.teacher.top_k:
+            raise StartupError(
+                f"teacher.top_k={cfg.teacher.top_k} exceeds the teacher's {w.get('max_top_k')}"
+            )
+    r_addr = f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}"
+    try:
+        info = rollout.info(timeout_s=30)
+    except Exception as e:
+        raise StartupError(
+            f"rollout service at {r_addr} is not reachable ({type(e).__name__}: {e}); start it with "
+            "`gkd rollout serve --weight-channel ...` or set rollout.launch=true"
+        ) from e
+    for w in (w.get("info", {}) for w in info.get("workers", [])):
+        if int(w.get("vocab_size", -1)) != vocab:
+            raise StartupError(f"rollout worker vocabulary {w.get('vocab_size')} != the student's {vocab}")
+    log.info(
+        "services ok: teacher %s (%d workers), rollout %s; %d rollout workers expected",
+        t_addr,
+        len(workers),
+        r_addr,
+        n_rollout,
+    )
+
+
+def _weight_host(cfg: Config) -> str:
+    """Where trainer rank 0 hosts the weight channel's store: loopback when the rollout service is local."""
+    import socket
+
+    return "127.0.0.1" if cfg.rollout.server_ip in ("127.0.0.1", "localhost") else socket.gethostname()
+
+
+def weight_backend(cfg: Config) -> str:
+    """NCCL only when both ends are on GPUs; the launcher passes the same to ``gkd rollout serve``."""
+    return "nccl" if cfg.trainer.n_gpus_per_node > 0 and cfg.rollout.n_gpus_per_node > 0 else "gloo"
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: Config) -> int:
+    rank, world, device = _init_distributed(cfg)
+    if cfg.trainer.strategy == "fsdp2":
+        raise NotImplementedError("trainer.strategy=fsdp2 is not wired into the loop yet; use ddp")
+    torch.manual_seed(cfg.trainer.seed + rank)
+    model, tokenizer = _load_student(cfg, device)
+    out = Path(cfg.trainer.output_dir)
+    k = cfg.trainer.staleness
+
+    # data (rank 0 only: it alone draws batches); the step count goes to every rank for the LR schedule
+    loader, total = None, 0
+    if rank == 0:
+        from gkd.data import PromptDataset, PromptLoader
+
+        loader = PromptLoader.from_config(PromptDataset.from_config(cfg.data, tokenizer), cfg.data)
+        total = cfg.trainer.total_steps or loader.num_batches(cfg.trainer.total_epochs)
+        if cfg.data.train_batch_size < world:
+            raise StartupError(f"data.train_batch_size={cfg.data.train_batch_size} < {world} trainer ranks")
+    if world > 1:
+        total = int(_bcast(torch.tensor([total]), device).item())
+    optimizer, lr_scheduler = build_optimizer(model, cfg.optim, total)
+
+    # resume: every rank loads the model, optimizer, LR schedule and its own RNG state
+    state = SchedulerState()
+    resume = resolve_resume(cfg.trainer.resume, out)
+    if resume is not None:
+        ck = load_checkpoint(resume, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, rank=rank)
+        state = (
+            SchedulerState(**ck.scheduler_state) if ck.scheduler_state else SchedulerState(ck.step, ck.step)
+        )
+        if loader is not None and ck.data_state:
+            loader.load_state_dict(ck.data_state)
+        log.info("rank %d resumed from %s at step %d", rank, resume, state.next_batch)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def train_on(samples, outputs) -> dict[str, float]:
+        mine = list(range(rank, len(samples), world))  # this rank's shard
+        micro = pack_micro_batches(
+            [samples[i] for i in mine], [outputs[i] for i in mine], cfg.data.micro_batch_tokens, pad_id=pad_id
+        )
+        return train_step(model, optimizer, lr_scheduler, micro, cfg, device=device)
+
+    def checkpoint(done: int, sched_state: SchedulerState) -> None:
+        rngs = gather_rng_states()
+        if rank == 0:
+            assert loader is not None
+            path = save_checkpoint(
+                out,
+                done,
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                data_state=loader.state_dict_at(sched_state.next_batch),
+                scheduler_state={"next_batch": sched_state.next_batch, "version": sched_state.version},
+                config_yaml=to_yaml(cfg),
+                rng_states=rngs,
+                keep_last=cfg.trainer.keep_last,
+            )
+            log.info("checkpoint %s", path)
+
+    if rank != 0:  # follow rank 0's commands until STOP
+        while True:
+            op, step = _command(0, 0, device)
+            if op == OP_TRAIN:
+                samples, outputs = broadcast_batch(None, None, step, device)
+                train_on(samples, outputs)
+            elif op == OP_SAVE:
+                checkpoint(step, SchedulerState(step, step))
+            else:
+                break
+        dist.destroy_process_group()
+        return 0
+
+    # ---- rank 0: services, weight channel, scheduler
+    from gkd.rollout.client import RolloutClient
+    from gkd.teacher.client import TeacherClient
+    from gkd.weights import WeightSender, init_weight_group
+
+    assert loader is not None
+    n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
+    teacher = TeacherClient(f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}", timeout_s=600, retries=2)
+    rollout = RolloutClient(
+        f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
+        timeout_s=600,
+        retries=2,
+        # one worker: a batch is one request (the pipelined sync gate's exactness needs it); several:
+        # spread a batch over them and use the strict gate
+        max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
+    )
+    _check_services(cfg, teacher, rollout, model, n_rollout)
+    log.info(
+        "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
+    )
+    group = init_weight_group(
+        _weight_host(cfg),
+        cfg.rollout.weight_port,
+        0,
+        1 + n_rollout,
+        backend=weight_backend(cfg),
+        timeout=timedelta(minutes=10),
+    )
+    sender = WeightSender(group, model)
+    try:
+        sender.handshake()
+    except Exception as e:
+        raise StartupError(f"the rollout engines reject the student's parameters: {e}") from e
+
+    eos = tokenizer.eos_token_id
+    spans = SpanRecorder(out / "trace.json" if cfg.logging.trace else None)
+    logger = MetricsLogger(
+        out,
+        total_steps=total,
+        start_step=state.next_batch,
+        tensorboard=cfg.logging.tensorboard,
+        progress=cfg.logging.progress_bar,
+        required=metric_names(k),
+    )
+
+    def generate(b: int, min_version: int):
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            stop_token_ids=(eos,) if eos is not None else (),
+            seed=cfg.trainer.seed * 1_000_003 + b * cfg.data.train_batch_size,
+        )
+        return rollout.submit(loader.batch(b).prompt_ids, sampling, min_version=min_version)
+
+    def score(b: int, samples):
+        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+        return teacher.submit(pairs, top_k=cfg.teacher.top_k, temperature=cfg.teacher.temperature)
+
+    def update(b: int, samples, outputs) -> dict[str, float]:
+        mid_update[0] = True  # the other ranks are inside collectives until train_on returns
+        if world > 1:
+            _command(OP_TRAIN, b, device)
+            broadcast_batch(samples, outputs, b, device)
+        metrics = train_on(samples, outputs)
+        mid_update[0] = False
+        return metrics
+
+    def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
+        if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
+            return
+        if world > 1:
+            _command(OP_SAVE, sched_state.next_batch, device)
+        checkpoint(sched_state.next_batch, sched_state)
+
+    scheduler = Scheduler(
+        k,
+        generate,
+        score,
+        update,
+        lambda v: sender.sync(v),
+        clock=time.time,
+        on_failure=on_failure,
+        sync_gate="pipelined" if n_rollout == 1 else "strict",
+    )
+    status, mid_update = 1, [False]
+    try:
+        for step in scheduler.run(total, state):
+            m = dict(step.metrics)
+            m["perf/throughput_tokens_per_s"] = m.get("actor/total_tokens", 0) / max(m["timing/step"], 1e-9)
+            m["perf/cpu_memory_used_gb"] = cpu_memory_used_gb()
+            m["perf/max_memory_allocated_gb"] = max_memory_allocated_gb(device)
+            m["data/batch"] = step.batch
+            logger.log(step.batch, m)
+            for s in step.spans:
+                spans.add(s.name, s.start, s.end, process=s.lane, lane=s.name, batch=s.batch)
+            done = step.batch + 1
+            if should_save(done, cfg.trainer.save_freq, total):
+                if world > 1:
+                    _command(OP_SAVE, done, device)
+                checkpoint(done, step.state)
+        export_hf(model, tokenizer, out / "final")
+        log.info("final student exported to %s", out / "final")
+        status = 0
+    finally:
+        logger.close()
+        spans.close()
+        if world > 1 and not mid_update[0]:  # else torchrun tears the other ranks down
+            _command(OP_STOP, 0, device)
+        if status == 0:
+            sender.close()  # the rollout workers keep their last version
+        teacher.close()
+        rollout.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gkd.train", description="gkd trainer (run under torchrun)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[rank %(process)d] %(message)s"
+    )
+    return train(load_config(args.config, args.overrides))
