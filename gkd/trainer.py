@@ -43,6 +43,7 @@ from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step, un
 log = logging.getLogger("gkd.trainer")
 
 OP_TRAIN, OP_SAVE, OP_STOP = 0, 1, 2
+STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -146,14 +147,14 @@ def _load_student(cfg: Config, device: torch.device):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None:
+def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None:
     """Teacher reachable and on the student's vocabulary; rollout reachable with its workers."""
     from gkd.teacher.service import tokenizer_fingerprint
 
     vocab = int(unwrap(model).config.vocab_size)
     t_addr = f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}"
     try:
-        info = teacher.info(timeout_s=30)
+        info = teacher.info(timeout_s=STARTUP_TIMEOUT_S)
     except Exception as e:
         raise StartupError(
             f"teacher service at {t_addr} is not reachable ({type(e).__name__}: {e}); start it with "
@@ -181,7 +182,7 @@ def _check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> Non
             )
     r_addr = f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}"
     try:
-        info = rollout.info(timeout_s=30)
+        info = rollout.info(timeout_s=STARTUP_TIMEOUT_S)
     except Exception as e:
         raise StartupError(
             f"rollout service at {r_addr} is not reachable ({type(e).__name__}: {e}); start it with "
@@ -307,7 +308,7 @@ def train(cfg: Config) -> int:
         # spread a batch over them and use the strict gate
         max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
     )
-    _check_services(cfg, teacher, rollout, model, n_rollout)
+    check_services(cfg, teacher, rollout, model, n_rollout)
     log.info(
         "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
     )

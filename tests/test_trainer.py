@@ -1,0 +1,152 @@
+"""Trainer pieces that need no services: the startup checks (fake clients: each failure a clear message,
+before any training) and the batch broadcast from rank 0 over two gloo ranks (flat tensors, no pickles)."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gkd.config import load_config
+from gkd.rollout.types import Sample
+from gkd.teacher.service import tokenizer_fingerprint
+from gkd.teacher.types import TeacherOutput
+from gkd.trainer import StartupError, broadcast_batch, check_services
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory) -> str:
+    """A folder holding only the tiny tokenizer (what the fingerprint check reads)."""
+    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path_factory.mktemp("student")
+    module.tokenizer().save_pretrained(path)
+    return str(path)
+
+
+class FakeClient:
+    def __init__(self, workers=None, error: Exception | None = None):
+        self.workers, self.error = workers or [], error
+
+    def info(self, timeout_s: float = 5.0):
+        if self.error is not None:
+            raise self.error
+        return {"workers": [{"info": w} for w in self.workers]}
+
+
+def _cfg(student_dir: str):
+    return load_config(
+        [], [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", "teacher.top_k=8"]
+    )
+
+
+def _teacher(student_dir: str, **info):
+    w = {"model": "T", "vocab_size": 303, "max_top_k": 64, "tokenizer": tokenizer_fingerprint(student_dir)}
+    return FakeClient([{**w, **info}])
+
+
+MODEL = SimpleNamespace(config=SimpleNamespace(vocab_size=303))
+
+
+def test_startup_checks_pass_and_each_failure_says_what_to_do(student_dir):
+    cfg = _cfg(student_dir)
+    rollout = FakeClient([{"vocab_size": 303}])
+    check_services(cfg, _teacher(student_dir), rollout, MODEL, 1)  # all good: no error
+
+    cases = [
+        (
+            FakeClient(error=TimeoutError("no reply")),
+            rollout,
+            r"teacher service at 127\.0\.0\.1:15555 .*gkd teacher serve",
+        ),
+        (FakeClient([]), rollout, "has no workers"),
+        (_teacher(student_dir, vocab_size=512), rollout, "vocabulary size 512, the student .* has 303"),
+        (_teacher(student_dir, tokenizer="sha256:0123456789abcdef"), rollout, "tokenizer .* differs"),
+        (_teacher(student_dir, max_top_k=4), rollout, "teacher.top_k=8 exceeds"),
+        (
+            _teacher(student_dir),
+            FakeClient(error=TimeoutError("x")),
+            "rollout service at .*rollout.launch=true",
+        ),
+        (_teacher(student_dir), FakeClient([{"vocab_size": 7}]), "rollout worker vocabulary 7"),
+    ]
+    for teacher, roll, message in cases:
+        with pytest.raises(StartupError, match=message):
+            check_services(cfg, teacher, roll, MODEL, 1)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    samples, outputs = [], []
+    for i, (p, r, k) in enumerate(
+        [(3, 2, 4), (1, 5, 4), (6, 1, 2)]
+    ):  # a teacher answering with fewer columns
+        samples.append(
+            Sample(list(range(i, i + p)), list(range(50, 50 + r)), torch.randn(r, generator=g), "stop", 7 + i)
+        )
+        ids = torch.randint(0, 100, (r, k), generator=g, dtype=torch.int32)
+        outputs.append(TeacherOutput(ids, torch.randn(r, k, generator=g).half(), torch.randn(r, generator=g)))
+    return samples, outputs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bcast_worker(rank: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        samples, outputs = _batch() if rank == 0 else (None, None)
+        got_s, got_t = broadcast_batch(samples, outputs, 3, torch.device("cpu"))
+        flat = {}
+        for i, (s, t) in enumerate(zip(got_s, got_t, strict=True)):
+            flat[f"{i}/prompt"] = torch.tensor(s.prompt_ids)
+            flat[f"{i}/response"] = torch.tensor(s.response_ids)
+            flat[f"{i}/version"] = torch.tensor(s.policy_version)
+            flat[f"{i}/rlp"] = s.response_logprobs
+            flat[f"{i}/ids"], flat[f"{i}/lp"], flat[f"{i}/tok"] = (
+                t.topk_ids,
+                t.topk_logprobs,
+                t.token_logprobs,
+            )
+        torch.save(flat, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ranks():
+    with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setenv("OMP_NUM_THREADS", "1")
+        ctx = mp.spawn(_bcast_worker, args=(_free_port(), out), nprocs=2, join=False)
+        deadline = time.monotonic() + 120
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "workers did not finish within 120 s"
+        got = torch.load(f"{out}/rank1.pt", weights_only=True)
+    samples, outputs = _batch()
+    for i, (s, t) in enumerate(zip(samples, outputs, strict=True)):
+        assert got[f"{i}/prompt"].tolist() == s.prompt_ids and got[f"{i}/response"].tolist() == s.response_ids
+        assert int(got[f"{i}/version"]) == s.policy_version
+        torch.testing.assert_close(got[f"{i}/rlp"], s.response_logprobs)
+        torch.testing.assert_close(got[f"{i}/tok"], t.token_logprobs)
+        k = t.topk_ids.shape[1]
+        assert got[f"{i}/ids"].dtype == torch.int32 and got[f"{i}/ids"].shape[1] == 4
+        assert torch.equal(got[f"{i}/ids"][:, :k], t.topk_ids)
+        torch.testing.assert_close(got[f"{i}/lp"][:, :k], t.topk_logprobs.float())
+        assert torch.isneginf(got[f"{i}/lp"][:, k:]).all()  # padded slots are unused
