@@ -141,8 +141,14 @@ def run(
 
 
 def _train(args: argparse.Namespace) -> int:
+    from gkd.config import ConfigError
+
     configure_logging(args.log_level)
-    return run(args.config, args.overrides)
+    try:
+        return run(args.config, args.overrides)
+    except (ConfigError, LaunchError) as e:
+        print(f"gkd train: error: {e}", file=sys.stderr)
+        return 2
 
 
 def add_train_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -417,6 +417,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[rank %(process)d] %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[pid %(process)d] %(message)s"
     )
-    return train(load_config(args.config, args.overrides))
+    from gkd.checkpoint import CheckpointError
+    from gkd.config import ConfigError
+    from gkd.data import DataError
+
+    try:
+        return train(load_config(args.config, args.overrides))
+    except (StartupError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        # a problem the message explains: no traceback (torchrun tears down the other ranks)
+        log.error("%s: %s", type(e).__name__, e)
+        return 1

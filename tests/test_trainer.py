@@ -4,7 +4,10 @@ before any training) and the batch broadcast from rank 0 over two gloo ranks (fl
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -150,3 +153,31 @@ def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ra
         assert torch.equal(got[f"{i}/ids"][:, :k], t.topk_ids)
         torch.testing.assert_close(got[f"{i}/lp"][:, :k], t.topk_logprobs.float())
         assert torch.isneginf(got[f"{i}/lp"][:, k:]).all()  # padded slots are unused
+
+
+def test_unreachable_teacher_fails_fast_with_a_clear_message(tmp_path, student_dir):
+    """``python -m gkd.train`` alone (no torchrun: one process) against a port nobody serves."""
+    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tiny = module.build(tmp_path / "tiny", num_prompts=4)
+    port = _free_port()
+    argv = [sys.executable, "-m", "gkd.train", "--config", "configs/cpu_tiny.yaml"]
+    argv += [f"model.student_path={tiny['student']}", f"data.train_files={tiny['prompts']}"]
+    argv += [f"trainer.output_dir={tmp_path / 'out'}", "teacher.launch=false", "rollout.launch=false"]
+    argv += [f"teacher.server_port={port}", "logging.progress_bar=false"]
+    start = time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"teacher service at 127.0.0.1:{port} is not reachable" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_gkd_train_bad_key_is_an_error_naming_the_valid_keys(capsys):
+    from gkd.cli import main
+
+    assert main(["train", "--config", "configs/cpu_tiny.yaml", "trainer.totl_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'trainer.totl_steps'" in err and "total_steps" in err, err
