@@ -15,6 +15,7 @@ ranks with commands over the trainer's own group (flat tensors, never pickles):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -299,86 +300,94 @@ def train(cfg: Config) -> int:
 
     assert loader is not None
     n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
-    teacher = TeacherClient(f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}", timeout_s=600, retries=2)
-    rollout = RolloutClient(
-        f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
-        timeout_s=600,
-        retries=2,
-        # one worker: a batch is one request (the pipelined sync gate's exactness needs it); several:
-        # spread a batch over them and use the strict gate
-        max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
-    )
-    check_services(cfg, teacher, rollout, model, n_rollout)
-    log.info(
-        "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
-    )
-    group = init_weight_group(
-        _weight_host(cfg),
-        cfg.rollout.weight_port,
-        0,
-        1 + n_rollout,
-        backend=weight_backend(cfg),
-        timeout=timedelta(minutes=10),
-    )
-    sender = WeightSender(group, model)
+    status, mid_update = 1, False  # mid_update: the other ranks are inside train_step's collectives
+    cleanup = contextlib.ExitStack()  # whatever is open when the run ends, however it ends
     try:
-        sender.handshake()
-    except Exception as e:
-        raise StartupError(f"the rollout engines reject the student's parameters: {e}") from e
-
-    eos = tokenizer.eos_token_id
-    spans = SpanRecorder(out / "trace.json" if cfg.logging.trace else None)
-    logger = MetricsLogger(
-        out,
-        total_steps=total,
-        start_step=state.next_batch,
-        tensorboard=cfg.logging.tensorboard,
-        progress=cfg.logging.progress_bar,
-        required=metric_names(k),
-    )
-
-    def generate(b: int, min_version: int):
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            stop_token_ids=(eos,) if eos is not None else (),
-            seed=cfg.trainer.seed * 1_000_003 + b * cfg.data.train_batch_size,
+        teacher = cleanup.enter_context(
+            TeacherClient(f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}", timeout_s=600, retries=2)
         )
-        return rollout.submit(loader.batch(b).prompt_ids, sampling, min_version=min_version)
+        rollout = cleanup.enter_context(
+            RolloutClient(
+                f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
+                timeout_s=600,
+                retries=2,
+                # one worker: a batch is one request (the pipelined sync gate's exactness needs it);
+                # several: spread a batch over them and use the strict gate
+                max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
+            )
+        )
+        check_services(cfg, teacher, rollout, model, n_rollout)
+        log.info(
+            "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
+        )
+        group = init_weight_group(
+            _weight_host(cfg),
+            cfg.rollout.weight_port,
+            0,
+            1 + n_rollout,
+            backend=weight_backend(cfg),
+            timeout=timedelta(minutes=10),
+        )
+        sender = WeightSender(group, model)
+        try:
+            sender.handshake()
+        except Exception as e:
+            raise StartupError(f"the rollout engines reject the student's parameters: {e}") from e
 
-    def score(b: int, samples):
-        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
-        return teacher.submit(pairs, top_k=cfg.teacher.top_k, temperature=cfg.teacher.temperature)
+        eos = tokenizer.eos_token_id
+        spans = SpanRecorder(out / "trace.json" if cfg.logging.trace else None)
+        cleanup.callback(spans.close)
+        logger = MetricsLogger(
+            out,
+            total_steps=total,
+            start_step=state.next_batch,
+            tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress_bar,
+            required=metric_names(k),
+        )
+        cleanup.callback(logger.close)
 
-    def update(b: int, samples, outputs) -> dict[str, float]:
-        mid_update[0] = True  # the other ranks are inside collectives until train_on returns
-        if world > 1:
-            _command(OP_TRAIN, b, device)
-            broadcast_batch(samples, outputs, b, device)
-        metrics = train_on(samples, outputs)
-        mid_update[0] = False
-        return metrics
+        def generate(b: int, min_version: int):
+            sampling = SamplingConfig(
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                stop_token_ids=(eos,) if eos is not None else (),
+                seed=cfg.trainer.seed * 1_000_003 + b * cfg.data.train_batch_size,
+            )
+            return rollout.submit(loader.batch(b).prompt_ids, sampling, min_version=min_version)
 
-    def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
-        if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
-            return
-        if world > 1:
-            _command(OP_SAVE, sched_state.next_batch, device)
-        checkpoint(sched_state.next_batch, sched_state)
+        def score(b: int, samples):
+            pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+            return teacher.submit(pairs, top_k=cfg.teacher.top_k, temperature=cfg.teacher.temperature)
 
-    scheduler = Scheduler(
-        k,
-        generate,
-        score,
-        update,
-        lambda v: sender.sync(v),
-        clock=time.time,
-        on_failure=on_failure,
-        sync_gate="pipelined" if n_rollout == 1 else "strict",
-    )
-    status, mid_update = 1, [False]
-    try:
+        def update(b: int, samples, outputs) -> dict[str, float]:
+            nonlocal mid_update
+            mid_update = True
+            if world > 1:
+                _command(OP_TRAIN, b, device)
+                broadcast_batch(samples, outputs, b, device)
+            metrics = train_on(samples, outputs)
+            mid_update = False
+            return metrics
+
+        def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
+            if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
+                return
+            if world > 1:
+                _command(OP_SAVE, sched_state.next_batch, device)
+            checkpoint(sched_state.next_batch, sched_state)
+
+        scheduler = Scheduler(
+            k,
+            generate,
+            score,
+            update,
+            lambda v: sender.sync(v),
+            clock=time.time,
+            on_failure=on_failure,
+            sync_gate="pipelined" if n_rollout == 1 else "strict",
+        )
         for step in scheduler.run(total, state):
             m = dict(step.metrics)
             m["perf/throughput_tokens_per_s"] = m.get("actor/total_tokens", 0) / max(m["timing/step"], 1e-9)
@@ -395,16 +404,12 @@ def train(cfg: Config) -> int:
                 checkpoint(done, step.state)
         export_hf(model, tokenizer, out / "final")
         log.info("final student exported to %s", out / "final")
+        sender.close()  # the rollout workers keep their last version
         status = 0
     finally:
-        logger.close()
-        spans.close()
-        if world > 1 and not mid_update[0]:  # else torchrun tears the other ranks down
+        cleanup.close()
+        if world > 1 and not mid_update:  # else torchrun tears down the ranks stuck in a collective
             _command(OP_STOP, 0, device)
-        if status == 0:
-            sender.close()  # the rollout workers keep their last version
-        teacher.close()
-        rollout.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return status
@@ -425,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return train(load_config(args.config, args.overrides))
-    except (StartupError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (StartupError, PhaseFailed, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         # a problem the message explains: no traceback (torchrun tears down the other ranks)
         log.error("%s: %s", type(e).__name__, e)
         return 1
