@@ -184,3 +184,47 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tiny, tmp_path)
         # same batches, samples and updates; tolerance for float reductions only
         assert a["actor/kl_loss"] == pytest.approx(b["actor/kl_loss"], rel=1e-5, abs=1e-7), a["step"]
         assert a["response_seq_len/mean"] == b["response_seq_len/mean"]
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
+    """Multi-node layout on one machine: services started by hand (as on a service node), then one torchrun
+    agent per "node" with a c10d rendezvous on 127.0.0.1; global rank 0 drives, both ranks train."""
+    from gkd.config import load_config
+    from gkd.launch import rollout_command, teacher_command, wait_healthy
+    from gkd.rollout.client import RolloutClient
+    from gkd.teacher.client import TeacherClient
+    from gkd.transport.process import stop_children
+
+    out = tmp_path / "run"
+    overrides = _argv(tiny, out, "trainer.total_steps=4", "trainer.nnodes=2", "trainer.nproc_per_node=1")[6:]
+    overrides = [o for o in overrides if not o.startswith(("teacher.launch", "rollout.launch"))]
+    overrides += ["teacher.launch=false", "rollout.launch=false"]
+    cfg = load_config(["configs/cpu_tiny.yaml"], overrides)
+    children = []
+    try:
+        for command, client_cls, port, workers in [
+            (teacher_command, TeacherClient, cfg.teacher.server_port, cfg.teacher.workers),
+            (rollout_command, RolloutClient, cfg.rollout.server_port, cfg.rollout.workers),
+        ]:
+            children.append(subprocess.Popen(command(cfg), cwd=ROOT, env=ENV, stderr=subprocess.DEVNULL))
+            with client_cls(f"127.0.0.1:{port}", timeout_s=5, retries=0) as client:
+                wait_healthy("service", children[-1], lambda c=client: c.info(timeout_s=2), workers, 120)
+        rdzv = f"127.0.0.1:{_free_port()}"
+        agents = []
+        for node in range(2):
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]
+            argv += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv]
+            argv += ["-m", "gkd.train", "--config", "configs/cpu_tiny.yaml", *overrides]
+            agents.append(subprocess.Popen(argv, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True))
+            children.append(agents[-1])
+        for agent in agents:
+            _, err = agent.communicate(timeout=RUN_TIMEOUT_S)
+            assert agent.returncode == 0, err[-4000:]
+    finally:
+        stop_children(list(reversed(children)))
+    records = _records(out)
+    assert [r["step"] for r in records] == list(range(4))
+    assert all(r["actor/num_sequences"] == 4 for r in records)  # summed over both nodes' shards
+    _check_staleness(records, k=1)
+    assert (out / "final" / "model.safetensors").is_file()
