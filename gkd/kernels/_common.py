@@ -143,13 +143,16 @@ def row_weights(
     return w
 
 
-def default_chunk_rows(vocab: int, n: int, target_elems: int = 1 << 24) -> int:
-    """Rows per GEMM chunk so one fp32 [rows, V] logits chunk holds about ``target_elems`` (64 MiB).
+def default_chunk_rows(vocab: int, n: int) -> int:
+    """Rows per GEMM chunk: about N/8 (an unfused loss holds several [N, V] buffers, so the chunk's
+    [rows, V] buffer stays a few percent of that), at least 4M and at most 32M logits per chunk.
 
-    Large enough that the three lm_head GEMMs per chunk stay efficient (each chunk re-reads the V x H
-    weight), small against the [N, V] buffers of an unfused loss. A multiple of 16 rows.
+    Larger chunks keep the three lm_head GEMMs per chunk efficient (each chunk re-reads the V x H weight;
+    at V = 152k, 96-row chunks measured 1.21x the unfused time and 208-row chunks 1.08x). A multiple of 16.
     """
-    rows = max(16, (target_elems // max(vocab, 1)) // 16 * 16)
+    v = max(vocab, 1)
+    rows = min(max(n // 8, (1 << 22) // v), (1 << 25) // v)
+    rows = max(16, rows // 16 * 16)
     return max(1, min(rows, max(n, 1)))
 
 
