@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors
+from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,14 +72,7 @@ class HFRolloutEngine:
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed_offset: int = 0
     ) -> list[Sample]:
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            bad = [t for t in p if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-                )
+        check_prompts(prompts, vocab_size=self.vocab_size)
         out: list[Sample] = []
         version = self.policy_version  # one version for the whole call: weights change only between calls
         for start in range(0, len(prompts), self.max_batch_size):

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from gkd.rollout.wire import LIMITS, OPS, check_prompts, pack_reply, unpack_request
+from gkd.rollout.types import check_prompts
+from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
 from gkd.transport import Auth, Broker, Worker
 
 # Process supervision is the teacher service's, shared as is (signals, orphan check, child shutdown).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,3 +77,30 @@ def check_named_tensors(
             "load_weights: the given state does not match the engine's parameters: " + "; ".join(parts)
         )
     return incoming
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]],
+    *,
+    vocab_size: int,
+    max_len: int | None = None,
+    max_new_tokens: int = 0,
+    offset: int = 0,
+) -> None:
+    """Raise ``ValueError`` naming the first bad prompt by its index in the caller's batch: empty, a token
+    id outside ``[0, vocab_size)``, or ``len(prompt) + max_new_tokens`` beyond the engine's context
+    (checked when ``max_len`` is given)."""
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {offset + i} is empty")
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"prompt {offset + i}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+            )
+        if max_len is not None and len(p) + max_new_tokens > max_len:
+            raise ValueError(
+                f"prompt {offset + i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the engine's "
+                f"context of {max_len}"
+            )

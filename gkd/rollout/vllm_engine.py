@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors
+from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 
 _INSTALL_HINT = (
     "the vLLM rollout engine needs vllm: `pip install vllm==0.32.0` (GPU) or, for CPU, "
@@ -189,19 +189,9 @@ class VLLMRolloutEngine:
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed_offset: int = 0
     ) -> list[Sample]:
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            bad = [t for t in p if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-                )
-            if len(p) + sampling.max_new_tokens > self.max_len:
-                raise ValueError(
-                    f"prompt {i}: {len(p)} tokens + max_new_tokens={sampling.max_new_tokens} exceed the "
-                    f"engine's context of {self.max_len}"
-                )
+        check_prompts(
+            prompts, vocab_size=self.vocab_size, max_len=self.max_len, max_new_tokens=sampling.max_new_tokens
+        )
         if not prompts:
             return []
         version = self.policy_version  # weights change only between calls

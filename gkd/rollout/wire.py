@@ -132,27 +132,6 @@ def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
     return prompts, sampling, extra
 
 
-def check_prompts(
-    prompts: Sequence[Sequence[int]], *, vocab_size: int, max_len: int, max_new_tokens: int, offset: int = 0
-) -> None:
-    """Raise ``ValueError`` naming the first bad prompt by its index in the caller's batch: empty, a token
-    id outside ``[0, vocab_size)``, or ``len(prompt) + max_new_tokens`` beyond the engine's context."""
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {offset + i} is empty")
-        lo, hi = min(p), max(p)
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"prompt {offset + i}: token id {bad} is outside the vocabulary [0, {vocab_size})"
-            )
-        if len(p) + max_new_tokens > max_len:
-            raise ValueError(
-                f"prompt {offset + i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the engine's "
-                f"context of {max_len}"
-            )
-
-
 def pack_reply(samples: Sequence[Sample], version: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     parts = [torch.as_tensor(s.response_ids, dtype=torch.int32).reshape(-1) for s in samples]
     lps = [s.response_logprobs.float().reshape(-1) for s in samples]
