@@ -101,6 +101,8 @@ def run(
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
         raise KeyboardInterrupt
 
+    from gkd.trainer import StartupError, secret_auth
+
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         services = []
@@ -110,7 +112,8 @@ def run(
             argv = teacher_command(cfg)
             log.info("starting the teacher service: %s", " ".join(argv))
             children.append(subprocess.Popen(argv, env=env))
-            client = TeacherClient(f"127.0.0.1:{cfg.teacher.server_port}", timeout_s=5, retries=0)
+            auth = secret_auth("teacher.auth_secret_file", cfg.teacher.auth_secret_file)
+            client = TeacherClient(f"127.0.0.1:{cfg.teacher.server_port}", timeout_s=5, retries=0, auth=auth)
             services.append(("teacher", children[-1], client, cfg.teacher.workers))
         if cfg.rollout.launch:
             from gkd.rollout.client import RolloutClient
@@ -118,7 +121,8 @@ def run(
             argv = rollout_command(cfg)
             log.info("starting the rollout service: %s", " ".join(argv))
             children.append(subprocess.Popen(argv, env=env))
-            client = RolloutClient(f"127.0.0.1:{cfg.rollout.server_port}", timeout_s=5, retries=0)
+            auth = secret_auth("rollout.auth_secret_file", cfg.rollout.auth_secret_file)
+            client = RolloutClient(f"127.0.0.1:{cfg.rollout.server_port}", timeout_s=5, retries=0, auth=auth)
             services.append(("rollout", children[-1], client, cfg.rollout.workers))
         for name, proc, client, workers in services:
             try:
@@ -135,6 +139,8 @@ def run(
     except KeyboardInterrupt:
         log.warning("interrupted; stopping every child process")
         return 130
+    except StartupError as e:  # an unreadable secret file
+        raise LaunchError(str(e)) from e
     finally:
         stop_children(list(reversed(children)))  # the trainer first, then the services
         signal.signal(signal.SIGTERM, previous)

@@ -148,6 +148,60 @@ def _load_student(cfg: Config, device: torch.device):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def _auth_hint(service: str, secret_file: str | None) -> str:
+    """A service with authentication on drops unsigned or wrongly signed requests without a reply, so a
+    missing or wrong secret looks like an unreachable service: say so."""
+    if secret_file:
+        return (
+            f"; if it runs with --auth-secret-file, {service}.auth_secret_file={secret_file} must hold "
+            "the same secret (a wrong secret gets no reply)"
+        )
+    return (
+        f"; if it runs with --auth-secret-file (authentication on), set {service}.auth_secret_file to the "
+        "same secret file: requests without it get no reply"
+    )
+
+
+def secret_auth(key: str, path: str | None):
+    """The :class:`~gkd.transport.auth.Auth` for the secret file at config key ``key`` (None: auth off);
+    an unreadable or too short file is a :class:`StartupError` naming the key."""
+    from gkd.transport.process import auth_from_file
+
+    try:
+        return auth_from_file(path)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"{key}={path}: {e}") from e
+
+
+def open_clients(cfg: Config, *, timeout_s: float = 600, retries: int = 2):
+    """(TeacherClient, RolloutClient) for the configured services, signing every message with
+    ``teacher.auth_secret_file`` / ``rollout.auth_secret_file`` when set (the services' own secrets)."""
+    from gkd.rollout.client import RolloutClient
+    from gkd.teacher.client import TeacherClient
+
+    n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
+    teacher = TeacherClient(
+        f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}",
+        timeout_s=timeout_s,
+        retries=retries,
+        auth=secret_auth("teacher.auth_secret_file", cfg.teacher.auth_secret_file),
+    )
+    try:
+        rollout = RolloutClient(
+            f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
+            timeout_s=timeout_s,
+            retries=retries,
+            auth=secret_auth("rollout.auth_secret_file", cfg.rollout.auth_secret_file),
+            # one worker: a batch is one request (the pipelined sync gate's exactness needs it);
+            # several: spread a batch over them and use the strict gate
+            max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
+        )
+    except BaseException:
+        teacher.close()
+        raise
+    return teacher, rollout
+
+
 def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None:
     """Teacher reachable and on the student's vocabulary; rollout reachable with its workers."""
     from gkd.teacher.service import tokenizer_fingerprint
@@ -160,6 +214,7 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None
         raise StartupError(
             f"teacher service at {t_addr} is not reachable ({type(e).__name__}: {e}); start it with "
             "`gkd teacher serve` or set teacher.launch=true"
+            + _auth_hint("teacher", cfg.teacher.auth_secret_file)
         ) from e
     workers = [w.get("info", {}) for w in info.get("workers", [])]
     if not workers:
@@ -188,6 +243,7 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None
         raise StartupError(
             f"rollout service at {r_addr} is not reachable ({type(e).__name__}: {e}); start it with "
             "`gkd rollout serve --weight-channel ...` or set rollout.launch=true"
+            + _auth_hint("rollout", cfg.rollout.auth_secret_file)
         ) from e
     for w in (w.get("info", {}) for w in info.get("workers", [])):
         if int(w.get("vocab_size", -1)) != vocab:
@@ -294,8 +350,6 @@ def train(cfg: Config) -> int:
         return 0
 
     # ---- rank 0: services, weight channel, scheduler
-    from gkd.rollout.client import RolloutClient
-    from gkd.teacher.client import TeacherClient
     from gkd.weights import WeightSender, init_weight_group
 
     assert loader is not None
@@ -303,19 +357,9 @@ def train(cfg: Config) -> int:
     status, mid_update = 1, False  # mid_update: the other ranks are inside train_step's collectives
     cleanup = contextlib.ExitStack()  # whatever is open when the run ends, however it ends
     try:
-        teacher = cleanup.enter_context(
-            TeacherClient(f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}", timeout_s=600, retries=2)
-        )
-        rollout = cleanup.enter_context(
-            RolloutClient(
-                f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
-                timeout_s=600,
-                retries=2,
-                # one worker: a batch is one request (the pipelined sync gate's exactness needs it);
-                # several: spread a batch over them and use the strict gate
-                max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
-            )
-        )
+        teacher, rollout = open_clients(cfg)
+        cleanup.enter_context(teacher)
+        cleanup.enter_context(rollout)
         check_services(cfg, teacher, rollout, model, n_rollout)
         log.info(
             "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port

@@ -3,16 +3,20 @@ service (CPU engine, weight channel) and runs torchrun; tiny random student and 
 teacher (``scripts/make_cpu_tiny.py``), both with one byte-level BPE tokenizer, nothing downloaded.
 
 Checked: every DESIGN.md metric on every step, each batch trained once and in order, staleness exactly
-``k`` after warm-up (k = 1 with 2 trainer ranks, k = 2 and k = 0 with one), KL to the teacher falls, spans in
-trace.json, checkpoints, the final HF folder; a trainer killed with SIGKILL mid-run and resumed trains
-every batch once and reproduces an uninterrupted run's losses (k = 0 is deterministic end to end).
+``k`` after warm-up (k = 1 with 2 trainer ranks, k = 2 and k = 0 with one), KL to the teacher
+falls (k = 1 over 6 steps, k = 0 over 30), spans in trace.json, checkpoints, the final HF folder; services
+with authentication on (k = 1) and ``loss.name=sampled_reverse_kl`` (k = 2) through the full loop;
+a trainer killed with SIGKILL mid-run and resumed trains every batch once and reproduces an uninterrupted
+run's losses (k = 0 is deterministic end to end).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -69,10 +73,15 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(tiny: dict[str, str], out: Path, *overrides: str) -> list[dict]:
+def _run(tiny: dict[str, str], out: Path, *overrides: str) -> subprocess.CompletedProcess:
     argv = _argv(tiny, out, *overrides)
     proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def _train(tiny: dict[str, str], out: Path, *overrides: str) -> list[dict]:
+    _run(tiny, out, *overrides)
     return _records(out)
 
 
@@ -85,12 +94,18 @@ def _check_staleness(records: list[dict], k: int, start: int = 0) -> None:
 
 
 @pytest.mark.slow
-def test_gkd_train_two_ranks_one_step_off(tiny, tmp_path):
+def test_gkd_train_two_ranks_one_step_off_authenticated(tiny, tmp_path):
+    """Both services started with a shared secret: the launcher's health checks and the trainer's clients
+    sign with the same file (``teacher.auth_secret_file`` / ``rollout.auth_secret_file``)."""
+    secret = tmp_path / "secret"
+    secret.write_text(secrets.token_hex(32))
     out = tmp_path / "run"
     steps = 6
-    records = _train(
-        tiny, out, "trainer.scheduler=one_step_off", f"trainer.total_steps={steps}", "trainer.save_freq=3"
-    )
+    proc = _run(tiny, out, "trainer.scheduler=one_step_off", f"trainer.total_steps={steps}",
+                "trainer.save_freq=3", f"teacher.auth_secret_file={secret}",
+                f"rollout.auth_secret_file={secret}")  # fmt: skip
+    assert proc.stderr.count("(auth on") == 2, proc.stderr[-4000:]  # both brokers verify every message
+    records = _records(out)
 
     assert [r["step"] for r in records] == list(range(steps))  # each batch trained once, in order
     assert [r["data/batch"] for r in records] == list(range(steps))
@@ -113,15 +128,22 @@ def test_gkd_train_two_ranks_one_step_off(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_gkd_train_one_rank_two_step_off(tiny, tmp_path):
-    records = _train(tiny, tmp_path / "run", "trainer.scheduler=two_step_off", "trainer.nproc_per_node=1",
-                     "trainer.total_steps=5", "trainer.save_freq=0")  # fmt: skip
+def test_gkd_train_one_rank_two_step_off_sampled_reverse_kl(tiny, tmp_path):
+    """k = 2, and the sampled reverse KL (importance ratios against the rollout log-probs) in the loop."""
+    overrides = ["trainer.scheduler=two_step_off", "trainer.nproc_per_node=1", "trainer.total_steps=5"]
+    records = _train(
+        tiny, tmp_path / "run", *overrides, "trainer.save_freq=0", "loss.name=sampled_reverse_kl"
+    )
     assert [r["step"] for r in records] == list(range(5))
     _check_staleness(records, k=2)
     for r in records:
         missing = [n for n in metric_names(2) if n not in r]  # incl. timing/wait_prev_prev_teacher
         assert not missing, (r["step"], missing)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000005"]
+        assert math.isfinite(r["actor/kl_loss"]) and math.isfinite(r["actor/grad_norm"]), r
+        assert r["actor/response_tokens"] > 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000005"]
+    assert "name: sampled_reverse_kl" in (ckpts / "step_000005" / "config.yaml").read_text()
 
 
 def _trainer_ranks(out: Path) -> list[int]:
@@ -153,6 +175,8 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tiny, tmp_path)
         "trainer.save_freq=4",
     ]
     want = _train(tiny, tmp_path / "reference", *common)
+    kl = [r["actor/kl_loss"] for r in want]
+    assert sum(kl[-3:]) < 0.85 * sum(kl[:3]), kl  # k = 0: KL to the (different) teacher falls over 30 steps
 
     out = tmp_path / "killed"
     killed = subprocess.Popen(

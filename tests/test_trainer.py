@@ -181,3 +181,48 @@ def test_gkd_train_bad_key_is_an_error_naming_the_valid_keys(capsys):
     assert main(["train", "--config", "configs/cpu_tiny.yaml", "trainer.totl_steps=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'trainer.totl_steps'" in err and "total_steps" in err, err
+
+
+def test_authenticated_services_need_the_same_secret_file(tmp_path, student_dir, monkeypatch):
+    """Brokers started with a secret: the trainer's clients (``open_clients``) reach them with the same
+    ``*.auth_secret_file``; without it the startup check fails with a message that names the key."""
+    import gkd.trainer
+    from gkd.trainer import open_clients
+    from gkd.transport import Auth
+    from gkd.transport.broker import Broker
+
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    monkeypatch.setattr(gkd.trainer, "STARTUP_TIMEOUT_S", 1.0)
+    auth = Auth.from_file(secret)
+    with (
+        Broker(("score",), frontend_port=0, backend_port=0, auth=auth) as teacher_broker,
+        Broker(("generate",), frontend_port=0, backend_port=0, auth=auth) as rollout_broker,
+    ):
+        ports = [b.frontend_address.rsplit(":", 1)[1] for b in (teacher_broker, rollout_broker)]
+        base = [f"teacher.server_port={ports[0]}", f"rollout.server_port={ports[1]}"]
+
+        def check(*overrides: str) -> None:
+            cfg = load_config([], [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", *base,
+                                   *overrides])  # fmt: skip
+            teacher, rollout = open_clients(cfg, timeout_s=5, retries=0)
+            with teacher, rollout:
+                check_services(cfg, teacher, rollout, MODEL, 1)
+
+        with pytest.raises(StartupError, match="has no workers"):  # reached: the broker answered info
+            check(f"teacher.auth_secret_file={secret}", f"rollout.auth_secret_file={secret}")
+        with pytest.raises(StartupError, match=r"not reachable.*set teacher\.auth_secret_file"):
+            check()
+        for key, want in [("rollout.auth_secret_file", 0), ("teacher.auth_secret_file", None)]:
+            cfg = load_config([], ["model.student_path=S", "data.train_files=[x.parquet]", *base,
+                                   f"{key}={secret}"])  # fmt: skip
+            _, rollout = open_clients(cfg, timeout_s=5, retries=0)
+            with _, rollout:
+                if want is None:  # the rollout client has no secret: no reply
+                    with pytest.raises(TimeoutError):
+                        rollout.info(timeout_s=1.0)
+                else:
+                    assert len(rollout.info(timeout_s=5)["workers"]) == want
+        with pytest.raises(StartupError, match="teacher.auth_secret_file=.*missing"):
+            check(f"teacher.auth_secret_file={tmp_path / 'missing'}")
+        assert teacher_broker.stats.auth_failures >= 1  # the unsigned request was dropped, not answered
