@@ -8,6 +8,12 @@ Layout: ``OUTPUT_DIR/checkpoints/step_000042/`` holding
     config.yaml         the resolved run config
     meta.json           written last: format version, step, file list
 
+Sharded students (FSDP2, ``trainer.strategy=fsdp2``) are saved as *full* state dicts: every trainer rank
+calls :func:`full_state_dicts` (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True``),
+rank 0 writes the same ``model.safetensors`` a DDP run writes and ``optimizer.pt`` keyed by parameter name
+(``optimizer_format: "fqn"`` in trainer_state.pt); :func:`load_checkpoint` reshards both on every rank, so a
+checkpoint does not depend on the number of ranks. Final export: :func:`export_hf` with the gathered state.
+
 A checkpoint is written into ``.tmp-step_000042-<pid>`` in the same parent, every file and the directory
 fsynced, then renamed to its final name (atomic on POSIX), so a directory named ``step_*`` is always
 complete: a crash or ``kill -9`` mid-write leaves at most a ``.tmp-*`` directory, which :func:`latest`
@@ -40,7 +46,9 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_root",
     "export_hf",
+    "full_state_dicts",
     "gather_rng_states",
+    "is_sharded",
     "latest",
     "list_checkpoints",
     "load_checkpoint",
@@ -63,6 +71,66 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for an FSDP2 (``fully_shard``) model: its parameters are DTensor shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(model, optimizer) full state dicts on CPU of a sharded model; a collective: every trainer rank calls
+    it, rank 0 gets the full dicts, the others empty ones. The optimizer's is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = (
+        get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    )
+    return model_state, optim_state
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Each alias of a shared parameter -> the first name it has (``lm_head.weight`` -> embed_tokens')."""
+    first: dict[int, str] = {}
+    alias = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            alias[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return alias
+
+
+def _save_state(state: Mapping[str, torch.Tensor], path: Path, model: nn.Module) -> None:
+    """A full state dict as safetensors, each shared parameter once (as ``save_model`` stores it)."""
+    from safetensors.torch import save_file
+
+    tied = _tied_names(model)
+    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(path))
+
+
+def _load_sharded_model(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = load_file(str(path))
+    for name, source in _tied_names(model).items():
+        if name not in state and source in state:
+            state[name] = state[source]
+    try:
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatch
+        raise CheckpointError(f"{path} does not match the model (a different student?): {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -229,9 +297,13 @@ def save_checkpoint(
     config_yaml: str = "",
     rng_states: Sequence[Mapping[str, torch.Tensor]] | None = None,
     keep_last: int = 2,
+    model_state: Mapping[str, torch.Tensor] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``OUTPUT_DIR/checkpoints/step_{step:06d}`` atomically, then delete all but the newest
     ``keep_last`` complete checkpoints. Call on trainer rank 0 only (DDP replicas are identical).
+    A sharded model passes ``model_state`` / ``optimizer_state`` from :func:`full_state_dicts` (gathered
+    on every rank before this call); ``model`` then only names the tied parameters.
 
     ``data_state`` is ``PromptLoader.state_dict_at(next batch)``; ``scheduler_state`` the staleness
     scheduler's resume state; both must hold plain values / tensors only. ``rng_states`` defaults to this
@@ -250,11 +322,17 @@ def save_checkpoint(
         "rng": rng,
         "data": dict(data_state) if data_state is not None else None,
         "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
+        "optimizer_format": "fqn" if optimizer_state is not None else "torch",
     }
 
     def write(tmp: Path) -> None:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
-        if optimizer is not None:
+        if model_state is not None:
+            _save_state(model_state, tmp / "model.safetensors", _unwrap(model))
+        else:
+            save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        if optimizer_state is not None:
+            torch.save(dict(optimizer_state), tmp / "optimizer.pt")
+        elif optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
@@ -310,15 +388,19 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: checkpoint format {meta.get('format_version')}, this gkd reads {FORMAT_VERSION}"
         )
-    missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}/model.safetensors does not match the model: missing {sorted(missing)[:10]}, "
-            f"unexpected {sorted(unexpected)[:10]} (a different student?)"
-        )
+    sharded = is_sharded(model)
+    if sharded:  # every rank reads the full tensors and keeps its shards
+        _load_sharded_model(model, path / "model.safetensors")
+    else:
+        missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}/model.safetensors does not match the model: missing {sorted(missing)[:10]}, "
+                f"unexpected {sorted(unexpected)[:10]} (a different student?)"
+            )
     state = _torch_load(path / "trainer_state.pt")
     if optimizer is not None:
-        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+        _load_optimizer(model, optimizer, _torch_load(path / "optimizer.pt"), state, sharded, path)
     if lr_scheduler is not None:
         if state["lr_scheduler"] is None:
             raise CheckpointError(f"{path}: saved without an LR scheduler state")
@@ -337,17 +419,35 @@ def load_checkpoint(
     )
 
 
+def _load_optimizer(model, optimizer, saved: dict, trainer_state: dict, sharded: bool, path: Path) -> None:
+    fmt = trainer_state.get("optimizer_format", "torch")
+    if fmt == "torch" and not sharded:
+        optimizer.load_state_dict(saved)
+        return
+    if fmt != "fqn":
+        raise CheckpointError(
+            f"{path}: the optimizer state was saved by an unsharded (ddp) run, this run is sharded (fsdp2); "
+            "resume it with trainer.strategy=ddp"
+        )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
 # --------------------------------------------------------------------------------------------- export
 
 
-def export_hf(model: nn.Module, tokenizer, path: str | os.PathLike) -> Path:
+def export_hf(
+    model: nn.Module, tokenizer, path: str | os.PathLike, *, state: Mapping[str, torch.Tensor] | None = None
+) -> Path:
     """Save the student as a Hugging Face folder (safetensors weights + config + tokenizer), atomically;
-    an existing folder at ``path`` is replaced only after the new one is complete."""
+    an existing folder at ``path`` is replaced only after the new one is complete. A sharded model passes
+    its full ``state`` (from :func:`full_state_dicts`, gathered on every rank)."""
     final = Path(path)
     hf = _unwrap(model)
 
     def write(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp))
+        hf.save_pretrained(str(tmp), state_dict=dict(state) if state is not None else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 

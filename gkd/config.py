@@ -49,6 +49,9 @@ class ModelConfig:
     student_path: str = ""  # required: a transformers model folder (weights + config + tokenizer)
     dtype: str = _choice("bfloat16", "float32", "bfloat16", "float16")  # parameter dtype on GPU
     gradient_checkpointing: bool = False
+    # the forward's compute dtype under torch.autocast on GPU (none: off); CPU always trains in float32.
+    # model.dtype=float32 + autocast=bfloat16: fp32 master weights and AdamW, bf16 matmuls
+    autocast: str = _choice("bfloat16", "none", "bfloat16", "float16")
 
 
 @dataclass

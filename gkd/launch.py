@@ -47,10 +47,11 @@ def teacher_command(cfg: Config) -> list[str]:
 
 
 def rollout_command(cfg: Config) -> list[str]:
-    from gkd.trainer import weight_backend
+    from gkd.trainer import param_dtype, weight_backend
 
     r = cfg.rollout
     argv = _gkd("rollout", "serve", "--model", cfg.model.student_path, "--backend", r.backend)
+    argv += ["--dtype", param_dtype(cfg)]  # the dtype the trainer's weights arrive in
     argv += ["--workers", str(r.workers), "--port", str(r.server_port), "--backend-port", str(r.backend_port)]
     argv += ["--device", "cuda" if r.n_gpus_per_node > 0 else "cpu"]
     argv += ["--weight-channel", f"127.0.0.1:{r.weight_port}", "--weight-backend", weight_backend(cfg)]

@@ -8,8 +8,15 @@ ranks with commands over the trainer's own group (flat tensors, never pickles):
 
 - ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; rank r trains on samples r, r + W, ...
   and every rank calls ``train_step`` (gradients averaged by DDP, loss normalised by the global token count);
-- ``SAVE``: every rank's RNG state is gathered; rank 0 writes the checkpoint;
+- ``SAVE``: every rank's RNG state (and, sharded, the full model and optimizer state) is gathered; rank 0
+  writes the checkpoint;
+- ``SYNC`` (FSDP2 only): every rank helps gather the weight shards rank 0 sends to the rollout engines;
+- ``EXPORT`` (FSDP2 only): the full state is gathered for the final Hugging Face folder;
 - ``STOP``: the run is over (done, or failed on rank 0).
+
+``trainer.strategy``: ``ddp`` replicates the student on every rank; ``fsdp2`` shards it with
+``torch.distributed.fsdp.fully_shard`` (each decoder layer, then the root; works with gloo on CPU too), so a
+larger student fits: parameters, gradients and AdamW state are split over the ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.distributed as dist
 
 from gkd.checkpoint import (
     export_hf,
+    full_state_dicts,
     gather_rng_states,
     load_checkpoint,
     resolve_resume,
@@ -43,7 +51,7 @@ from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step, un
 
 log = logging.getLogger("gkd.trainer")
 
-OP_TRAIN, OP_SAVE, OP_STOP = 0, 1, 2
+OP_TRAIN, OP_SAVE, OP_STOP, OP_SYNC, OP_EXPORT = 0, 1, 2, 3, 4
 STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,14 +142,19 @@ def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
+def param_dtype(cfg: Config) -> str:
+    """The student's parameter dtype: ``model.dtype`` on GPU, float32 on CPU. The weights reach the
+    rollout engines in it, so the launcher starts them with the same ``--dtype``."""
+    return cfg.model.dtype if cfg.trainer.n_gpus_per_node > 0 else "float32"
+
+
 def _load_student(cfg: Config, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = cfg.model.student_path
     if not Path(path).is_dir():
         raise StartupError(f"model.student_path={path}: no such folder (a transformers model folder)")
-    dtype = _DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32  # CPU trains in fp32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[param_dtype(cfg)]).to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -200,6 +213,26 @@ def open_clients(cfg: Config, *, timeout_s: float = 600, retries: int = 2):
         teacher.close()
         raise
     return teacher, rollout
+
+
+def shard_fsdp2(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root
+    (embeddings, final norm and lm_head: the root's parameters stay gathered from forward to backward, so
+    the fused loss can read the lm_head weight after the forward). Needs an initialised process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise StartupError("trainer.strategy=fsdp2 needs torchrun (a process group); use ddp for one process")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        log.warning("%s names no decoder layer class: fsdp2 shards it as one unit", type(model).__name__)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None:
@@ -274,10 +307,11 @@ def weight_backend(cfg: Config) -> str:
 
 def train(cfg: Config) -> int:
     rank, world, device = _init_distributed(cfg)
-    if cfg.trainer.strategy == "fsdp2":
-        raise NotImplementedError("trainer.strategy=fsdp2 is not wired into the loop yet; use ddp")
     torch.manual_seed(cfg.trainer.seed + rank)
     model, tokenizer = _load_student(cfg, device)
+    sharded = cfg.trainer.strategy == "fsdp2"
+    if sharded:  # before the optimizer: it holds the shards
+        model = shard_fsdp2(model, device)
     out = Path(cfg.trainer.output_dir)
     k = cfg.trainer.staleness
 
@@ -305,7 +339,7 @@ def train(cfg: Config) -> int:
         if loader is not None and ck.data_state:
             loader.load_state_dict(ck.data_state)
         log.info("rank %d resumed from %s at step %d", rank, resume, state.next_batch)
-    if world > 1:
+    if world > 1 and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -320,6 +354,7 @@ def train(cfg: Config) -> int:
 
     def checkpoint(done: int, sched_state: SchedulerState) -> None:
         rngs = gather_rng_states()
+        model_state, optimizer_state = full_state_dicts(model, optimizer) if sharded else (None, None)
         if rank == 0:
             assert loader is not None
             path = save_checkpoint(
@@ -333,10 +368,15 @@ def train(cfg: Config) -> int:
                 config_yaml=to_yaml(cfg),
                 rng_states=rngs,
                 keep_last=cfg.trainer.keep_last,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
             )
             log.info("checkpoint %s", path)
 
     if rank != 0:  # follow rank 0's commands until STOP
+        from gkd.weights import WeightSender
+
+        helper = WeightSender(None, model) if sharded else None  # gathers shards for rank 0's syncs
         while True:
             op, step = _command(0, 0, device)
             if op == OP_TRAIN:
@@ -344,6 +384,11 @@ def train(cfg: Config) -> int:
                 train_on(samples, outputs)
             elif op == OP_SAVE:
                 checkpoint(step, SchedulerState(step, step))
+            elif op == OP_SYNC:
+                assert helper is not None
+                helper.sync(step)
+            elif op == OP_EXPORT:
+                full_state_dicts(model)
             else:
                 break
         dist.destroy_process_group()
@@ -422,12 +467,17 @@ def train(cfg: Config) -> int:
                 _command(OP_SAVE, sched_state.next_batch, device)
             checkpoint(sched_state.next_batch, sched_state)
 
+        def sync(version: int) -> dict[str, float]:
+            if sharded and world > 1:  # the other ranks hold shards: they take part in the gather
+                _command(OP_SYNC, version, device)
+            return sender.sync(version)
+
         scheduler = Scheduler(
             k,
             generate,
             score,
             update,
-            lambda v: sender.sync(v),
+            sync,
             clock=time.time,
             on_failure=on_failure,
             sync_gate="pipelined" if n_rollout == 1 else "strict",
@@ -446,7 +496,9 @@ def train(cfg: Config) -> int:
                 if world > 1:
                     _command(OP_SAVE, done, device)
                 checkpoint(done, step.state)
-        export_hf(model, tokenizer, out / "final")
+        if sharded and world > 1:
+            _command(OP_EXPORT, 0, device)
+        export_hf(model, tokenizer, out / "final", state=full_state_dicts(model)[0] if sharded else None)
         log.info("final student exported to %s", out / "final")
         sender.close()  # the rollout workers keep their last version
         status = 0

@@ -30,6 +30,8 @@ from gkd.teacher.types import TeacherOutput
 __all__ = [
     "MicroBatch",
     "accumulate_gradients",
+    "autocast",
+    "autocast_dtype",
     "build_optimizer",
     "loss_on_micro_batch",
     "lr_factor",
@@ -216,6 +218,7 @@ def loss_on_micro_batch(
     ratio_clip: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of tokens) for one micro-batch already on the model's device.
 
@@ -223,6 +226,10 @@ def loss_on_micro_batch(
     :func:`fused_linear_topk_distill_loss` on the hidden states and the lm_head; ``sampled_reverse_kl``
     runs :func:`fused_linear_token_logprobs` + :func:`sampled_reverse_kl_loss` with the rollout
     log-probs as the behaviour policy (importance ratio q/mu for stale samples).
+
+    ``compute_dtype`` (CUDA only, see :func:`autocast`): the model's forward runs under ``torch.autocast``
+    in that dtype; the fused loss runs outside it on hidden states cast to the lm_head's dtype (the kernels
+    take one dtype for both and accumulate in fp32 themselves).
     """
     hf = unwrap(model)
     if getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):
@@ -231,8 +238,10 @@ def loss_on_micro_batch(
             "which the fused losses do not reproduce"
         )
     head = hf.get_output_embeddings()
-    hidden = _hidden_states(model, mb)  # [N, H]
+    with autocast(mb.input_ids.device, compute_dtype):
+        hidden = _hidden_states(model, mb)  # [N, H]
     weight, bias = head.weight, getattr(head, "bias", None)  # [V, H], [V] or None
+    hidden = hidden.to(weight.dtype)
     if loss_cfg.name == "sampled_reverse_kl":
         logq = fused_linear_token_logprobs(
             hidden,
@@ -266,6 +275,22 @@ def loss_on_micro_batch(
 
 # ----------------------------------------------------------------------------------------- the step
 
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
+
+
+def autocast_dtype(model_cfg) -> torch.dtype | None:
+    """``model.autocast`` as a torch dtype (None: off, or no model config)."""
+    return _AUTOCAST[getattr(model_cfg, "autocast", "none")]
+
+
+def autocast(device: torch.device | str | None, dtype: torch.dtype | None):
+    """``torch.autocast("cuda", dtype)`` on a CUDA device; a no-op elsewhere or when ``dtype`` is None
+    (CPU trains in float32). Under it matmuls run in ``dtype`` and autocast keeps reductions (softmax,
+    norms) in float32, while the parameters (and AdamW) stay in ``model.dtype``."""
+    if dtype is None or device is None or torch.device(device).type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
 
 def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -291,13 +316,15 @@ def accumulate_gradients(
     group=None,
     device: torch.device | str | None = None,
     ratio_clip: float | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """Backward over this rank's micro-batches; afterwards every rank holds the gradient of
     ``sum over all ranks' tokens of loss / N_global``. Returns (global loss sum, N_global).
 
     Works with a plain module (gradients all-reduced here when ``group`` spans several ranks), DDP (sync
     only on the last micro-batch; the loss is scaled by the world size because DDP averages) and FSDP2
-    (same scaling). Host syncs: the token-count all-reduce, and the loss sum at the end.
+    (same scaling). Host syncs: the token-count all-reduce, and the loss sum at the end. ``compute_dtype``:
+    the model's forward under ``torch.autocast`` on CUDA (see :func:`loss_on_micro_batch`).
     """
     world = _world(group)
     if device is None:
@@ -317,11 +344,16 @@ def accumulate_gradients(
         )
     scale = (world if wrapped else 1) / n_global
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    fsdp = wrapped and not ddp
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if fsdp:  # FSDP2 reduce-scatters on the last micro-batch only (unsharded grads accumulate before)
+            model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else nullcontext():  # DDP all-reduces on the last only
-            total, _ = loss_on_micro_batch(model, mb.to(device), loss_cfg, ratio_clip=ratio_clip)
+            total, _ = loss_on_micro_batch(
+                model, mb.to(device), loss_cfg, ratio_clip=ratio_clip, compute_dtype=compute_dtype
+            )
             (total * scale).backward()
         loss_sum += total.detach().to(torch.float64)
     if world > 1 and not wrapped:
@@ -378,11 +410,19 @@ def train_step(
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     loss_sum, n_tokens = accumulate_gradients(
-        model, batch, cfg.loss, group=group, device=device, ratio_clip=ratio_clip
+        model,
+        batch,
+        cfg.loss,
+        group=group,
+        device=device,
+        ratio_clip=ratio_clip,
+        compute_dtype=autocast_dtype(getattr(cfg, "model", None)),
     )
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (the norm over every rank's shards)
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     lr_scheduler.step()
     metrics = {

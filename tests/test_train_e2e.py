@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gkd.metrics import metric_names
 
@@ -213,7 +214,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tiny, tmp_path)
 @pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
     """Multi-node layout on one machine: services started by hand (as on a service node), then one torchrun
-    agent per "node" with a c10d rendezvous on 127.0.0.1; global rank 0 drives, both ranks train."""
+    agent per "node" with a c10d rendezvous on 127.0.0.1; global rank 0 drives, both ranks train. The
+    student is sharded over the two nodes (``trainer.strategy=fsdp2``): both ranks gather the shards for
+    every weight sync, the checkpoint and the final export."""
     from gkd.config import load_config
     from gkd.launch import rollout_command, teacher_command, wait_healthy
     from gkd.rollout.client import RolloutClient
@@ -221,7 +224,8 @@ def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
     from gkd.transport.process import stop_children
 
     out = tmp_path / "run"
-    overrides = _argv(tiny, out, "trainer.total_steps=4", "trainer.nnodes=2", "trainer.nproc_per_node=1")[6:]
+    overrides = _argv(tiny, out, "trainer.total_steps=4", "trainer.nnodes=2", "trainer.nproc_per_node=1",
+                      "trainer.strategy=fsdp2")[6:]  # fmt: skip
     overrides = [o for o in overrides if not o.startswith(("teacher.launch", "rollout.launch"))]
     overrides += ["teacher.launch=false", "rollout.launch=false"]
     cfg = load_config(["configs/cpu_tiny.yaml"], overrides)
@@ -251,4 +255,11 @@ def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
     assert [r["step"] for r in records] == list(range(4))
     assert all(r["actor/num_sequences"] == 4 for r in records)  # summed over both nodes' shards
     _check_staleness(records, k=1)
+    assert all(math.isfinite(r["actor/kl_loss"]) for r in records)
     assert (out / "final" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004"]
+    from safetensors.torch import load_file
+
+    final = load_file(out / "final" / "model.safetensors")
+    saved = load_file(out / "checkpoints" / "step_000004" / "model.safetensors")
+    assert set(final) == set(saved) and all(torch.equal(final[k], saved[k]) for k in saved)  # full tensors

@@ -109,6 +109,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, *args, nprocs: int = 2, timeout_s: float = 120.0) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` spawned processes (one intra-op thread each); fails when they
+    are not done within ``timeout_s``."""
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
+        ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, f"workers did not finish within {timeout_s:.0f} s"
+
+
 def _bcast_worker(rank: int, port: int, out_dir: str) -> None:
     from datetime import timedelta
 
@@ -135,12 +146,8 @@ def _bcast_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ranks():
-    with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("OMP_NUM_THREADS", "1")
-        ctx = mp.spawn(_bcast_worker, args=(_free_port(), out), nprocs=2, join=False)
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "workers did not finish within 120 s"
+    with tempfile.TemporaryDirectory() as out:
+        run_ranks(_bcast_worker, _free_port(), out)
         got = torch.load(f"{out}/rank1.pt", weights_only=True)
     samples, outputs = _batch()
     for i, (s, t) in enumerate(zip(samples, outputs, strict=True)):

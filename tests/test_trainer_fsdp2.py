@@ -1,0 +1,123 @@
+"""``trainer.strategy=fsdp2`` on 2 gloo ranks (CPU): ``fully_shard`` per decoder layer + root gives the same
+losses, gradient norms and weights as DDP on the same batches (fp32; tolerance for the different reduction
+order only), and its checkpoints hold full state dicts: saved from shards, loaded back into shards (the
+next step's loss matches the run that never stopped) and into an unsharded model; ``export_hf`` of the
+gathered state is a loadable Hugging Face folder."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import timedelta
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from gkd.checkpoint import export_hf, full_state_dicts, is_sharded, load_checkpoint, save_checkpoint
+from gkd.config import LossConfig, ModelConfig, OptimConfig
+from gkd.trainer import shard_fsdp2
+from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+from tests.test_trainer import _free_port, run_ranks
+from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
+
+STEPS = 3
+RTOL = 1e-5  # fp32; DDP all-reduces, FSDP2 reduce-scatters: the same sums in another order
+
+
+def _cfg() -> SimpleNamespace:
+    optim = OptimConfig(lr=3e-3, warmup_steps=1, clip_grad=1.0, weight_decay=0.01)
+    return SimpleNamespace(loss=LossConfig(), optim=optim, model=ModelConfig(dtype="float32"))
+
+
+def _model(strategy: str, tie: bool = False) -> torch.nn.Module:
+    model = tiny_llama(0, tie=tie)
+    if strategy == "fsdp2":
+        return shard_fsdp2(model, torch.device("cpu"))
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    if is_sharded(model):
+        return full_state_dicts(model)[0]
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    try:
+        cfg = _cfg()
+        samples = make_samples(3, 8)
+        teacher = teacher_outputs(tiny_llama(1), samples)
+        mbs = pack_micro_batches(samples[rank::2], teacher[rank::2], 24)  # several micro-batches per rank
+        res: dict = {"micro_batches": len(mbs)}
+        for strategy in ("ddp", "fsdp2"):
+            model = _model(strategy)
+            opt, sched = build_optimizer(model, cfg.optim, STEPS + 1)
+            history = [train_step(model, opt, sched, mbs, cfg) for _ in range(STEPS)]
+            res[strategy] = {
+                "loss": torch.tensor([m["actor/kl_loss"] for m in history], dtype=torch.float64),
+                "grad_norm": torch.tensor([m["actor/grad_norm"] for m in history], dtype=torch.float64),
+                "weights": _full(model),
+            }
+            if strategy == "fsdp2":
+                assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+                model_state, optim_state = full_state_dicts(model, opt)
+                if rank == 0:
+                    save_checkpoint(f"{out}/run", STEPS, model=model, lr_scheduler=sched,
+                                    model_state=model_state, optimizer_state=optim_state)  # fmt: skip
+                    export_hf(model, None, f"{out}/final", state=model_state)
+                dist.barrier()
+                res["next_loss"] = train_step(model, opt, sched, mbs, cfg)["actor/kl_loss"]
+        # resume into fresh shards: the next step must be the step the uninterrupted run took
+        model = _model("fsdp2")
+        opt, sched = build_optimizer(model, cfg.optim, STEPS + 1)
+        ck = load_checkpoint(f"{out}/run/checkpoints/step_{STEPS:06d}", model=model, optimizer=opt,
+                             lr_scheduler=sched, rank=rank)  # fmt: skip
+        assert ck.step == STEPS
+        res["resumed_weights"] = _full(model)
+        res["resumed_loss"] = train_step(model, opt, sched, mbs, cfg)["actor/kl_loss"]
+        # tied embeddings: the shared tensor is stored once and restored into both names
+        tied = _model("fsdp2", tie=True)
+        state = full_state_dicts(tied)[0]
+        if rank == 0:
+            save_checkpoint(f"{out}/tied", 1, model=tied, model_state=state)
+        dist.barrier()
+        fresh = shard_fsdp2(tiny_llama(5, tie=True), torch.device("cpu"))
+        load_checkpoint(f"{out}/tied/checkpoints/step_000001", model=fresh, rank=rank)
+        got = full_state_dicts(fresh)[0]
+        if rank == 0:
+            assert set(got) == set(state)
+            assert all(torch.equal(got[k], state[k]) for k in state)
+            torch.save(res, f"{out}/rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_matches_ddp_and_checkpoints_full_state_dicts():
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as out:
+        run_ranks(_worker, _free_port(), out, timeout_s=240)
+        res = torch.load(f"{out}/rank0.pt", weights_only=True)
+        saved = load_file(f"{out}/run/checkpoints/step_{STEPS:06d}/model.safetensors")
+        exported = AutoModelForCausalLM.from_pretrained(f"{out}/final").state_dict()
+        plain = tiny_llama(7)  # an unsharded model loads the sharded run's checkpoint
+        load_checkpoint(f"{out}/run/checkpoints/step_{STEPS:06d}", model=plain, restore_rng=False)
+
+    ddp, fsdp = res["ddp"], res["fsdp2"]
+    assert res["micro_batches"] >= 2
+    torch.testing.assert_close(fsdp["loss"], ddp["loss"], rtol=RTOL, atol=0)
+    torch.testing.assert_close(fsdp["grad_norm"], ddp["grad_norm"], rtol=RTOL, atol=0)
+    assert ddp["loss"][-1] < ddp["loss"][0]  # it trained
+    assert set(fsdp["weights"]) == set(ddp["weights"])
+    for name, want in ddp["weights"].items():
+        torch.testing.assert_close(fsdp["weights"][name], want, rtol=RTOL, atol=1e-6, msg=name)
+        assert torch.equal(saved[name], fsdp["weights"][name]), name
+        assert torch.equal(exported[name], fsdp["weights"][name]), name
+        assert torch.equal(res["resumed_weights"][name], fsdp["weights"][name]), name
+        assert torch.equal(plain.state_dict()[name], fsdp["weights"][name]), name
+    assert res["resumed_loss"] == res["next_loss"]  # optimizer state and LR schedule restored exactly
