@@ -136,3 +136,12 @@ def test_ctrl_c_stops_every_child(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_rollout_engines_get_the_trainers_parameter_dtype():
+    """The weights reach the rollout in the trainer's parameter dtype: float32 on CPU (whatever
+    model.dtype says), model.dtype on GPU."""
+    cpu = rollout_command(_cfg("model.dtype=bfloat16"))
+    assert cpu[cpu.index("--dtype") + 1] == "float32"
+    gpu = rollout_command(_cfg("model.dtype=bfloat16", "trainer.n_gpus_per_node=1"))
+    assert gpu[gpu.index("--dtype") + 1] == "bfloat16"

@@ -349,3 +349,43 @@ def test_lr_schedule_and_weight_decay_groups():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
     with pytest.raises(ValueError, match="optim.schedule"):
         build_optimizer(student, SimpleNamespace(**{**OptimConfig().__dict__, "schedule": "linear"}), 3)
+
+
+# ------------------------------------------------------------------------------------ mixed precision
+
+
+def test_autocast_only_on_cuda_and_cpu_stays_fp32():
+    from gkd.config import ModelConfig
+    from gkd.trainer_step import autocast, autocast_dtype
+
+    assert autocast_dtype(ModelConfig()) is torch.bfloat16
+    assert autocast_dtype(ModelConfig(autocast="float16")) is torch.float16
+    assert autocast_dtype(ModelConfig(autocast="none")) is None and autocast_dtype(None) is None
+    ctx = autocast(torch.device("cuda", 0), torch.bfloat16)  # built, not entered: no GPU needed
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype is torch.bfloat16
+    assert not isinstance(autocast("cpu", torch.bfloat16), torch.autocast)
+    assert not isinstance(autocast(torch.device("cuda", 0), None), torch.autocast)
+
+    # on CPU the bf16 setting changes nothing: same loss, bitwise
+    student, samples = tiny_llama(0), make_samples(2, 3)
+    mb = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 1000)[0]
+    want, _ = loss_on_micro_batch(student, mb, LossConfig())
+    got, _ = loss_on_micro_batch(student, mb, LossConfig(), compute_dtype=torch.bfloat16)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast is a CUDA path")
+def test_bf16_autocast_on_cuda_runs_matmuls_in_bf16_and_keeps_fp32_weights():
+    student = tiny_llama(0).cuda()  # fp32 master weights
+    samples = make_samples(2, 4)
+    mb = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 1000)[0].to("cuda")
+    seen = []
+    hook = student.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    want, _ = loss_on_micro_batch(student, mb, LossConfig())
+    got, _ = loss_on_micro_batch(student, mb, LossConfig(), compute_dtype=torch.bfloat16)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert got.dtype == torch.float32  # the fused loss runs on hidden states cast to the fp32 lm_head
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=1e-3)
+    got.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in student.parameters())
