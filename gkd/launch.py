@@ -8,7 +8,8 @@
    -m gkd.train --config ... overrides``); children share this terminal, so their logs stream here.
 4. On exit, error, Ctrl-C or SIGTERM: stop every child (SIGTERM, then SIGKILL after a grace period).
 
-Multi-node trainers (``trainer.nnodes > 1``) run torchrun on each node themselves (see the README).
+Multi-node trainers (``trainer.nnodes > 1``) run ``scripts/launch.sh`` (torchrun with a c10d rendezvous)
+on each node themselves (README, "Multi-node").
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def run(
     cfg = load_config(config_paths, overrides)
     if cfg.trainer.nnodes > 1:
         raise LaunchError(
-            f"trainer.nnodes={cfg.trainer.nnodes}: `gkd train` starts one node; run `python -m "
-            "torch.distributed.run --nnodes N --node-rank R --rdzv-endpoint HOST:PORT -m gkd.train` on each"
+            f"trainer.nnodes={cfg.trainer.nnodes}: `gkd train` starts one node; run `scripts/launch.sh "
+            "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT --config ...` (torchrun with those flags, "
+            "-m gkd.train) on each trainer node, services started separately (README: Multi-node)"
         )
     children: list[subprocess.Popen] = []
     env = {**os.environ, PARENT_ENV: str(os.getpid())}  # services exit if this launcher dies

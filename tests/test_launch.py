@@ -145,3 +145,33 @@ def test_rollout_engines_get_the_trainers_parameter_dtype():
     assert cpu[cpu.index("--dtype") + 1] == "float32"
     gpu = rollout_command(_cfg("model.dtype=bfloat16", "trainer.n_gpus_per_node=1"))
     assert gpu[gpu.index("--dtype") + 1] == "bfloat16"
+
+
+def test_launch_sh_builds_the_torchrun_command_of_one_node():
+    """``scripts/launch.sh`` (one node of a multi-node run): flags or environment variables, printed."""
+    script = str(ROOT / "scripts" / "launch.sh")
+    cmd = [script, "--dry-run", "--config", "configs/cpu_tiny.yaml", "trainer.total_steps=3"]
+    env = {**os.environ, "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "10.0.0.1:29400"}
+    by_env = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert by_env.returncode == 0, by_env.stderr
+    flags = ["--nnodes", "3", "--node-rank", "2", "--rdzv-endpoint", "h0:1234", "--nproc-per-node", "4"]
+    by_flags = subprocess.run([*cmd, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert by_flags.returncode == 0, by_flags.stderr
+    for out, want in [
+        (by_env.stdout, "--nnodes 2 --node-rank 1 --nproc-per-node 2 --rdzv-backend c10d "
+                        "--rdzv-endpoint 10.0.0.1:29400"),
+        (by_flags.stdout, "--nnodes 3 --node-rank 2 --nproc-per-node 4 --rdzv-backend c10d "
+                          "--rdzv-endpoint h0:1234"),
+    ]:  # fmt: skip
+        assert "-m torch.distributed.run " + want in out, out
+        assert out.rstrip().endswith("-m gkd.train --config configs/cpu_tiny.yaml trainer.total_steps=3 "
+                                     f"trainer.nnodes={want.split()[1]}"), out  # fmt: skip
+    for extra, message in [
+        (["--node-rank", "2"], "node rank 2 is not in 0..1"),
+        (["trainer.totl_steps=3"], "unknown config key 'trainer.totl_steps'"),
+    ]:
+        bad = subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    env.pop("NODE_RANK")
+    missing = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--node-rank or NODE_RANK" in missing.stderr
