@@ -103,11 +103,12 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gkd", description="asynchronous on-policy knowledge distillation")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    sub = parser.add_subparsers(dest="command", required=True)  # later groups: rollout, train, demo
+    sub = parser.add_subparsers(dest="command", required=True)
     _add_teacher(sub)
     __import__("gkd.rollout.service", fromlist=["*"]).add_rollout_cli(sub)  # gkd rollout serve|join
     __import__("gkd.timeline", fromlist=["*"]).add_timeline_cli(sub)  # gkd timeline RUN_DIR -o PNG
     __import__("gkd.launch", fromlist=["*"]).add_train_cli(sub)  # gkd train --config X.yaml [k=v ...]
+    __import__("gkd.demo.run", fromlist=["*"]).add_demo_cli(sub)  # gkd demo [--tiny] [--steps N ...]
     return parser
 
 

