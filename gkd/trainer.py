@@ -399,7 +399,8 @@ def train(cfg: Config) -> int:
 
     assert loader is not None
     n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
-    status, mid_update = 1, False  # mid_update: the other ranks are inside train_step's collectives
+    # mid_update: the other ranks are inside collectives (train_step, or a sharded sync / export gather)
+    status, mid_update = 1, False
     cleanup = contextlib.ExitStack()  # whatever is open when the run ends, however it ends
     try:
         teacher, rollout = open_clients(cfg)
@@ -468,9 +469,14 @@ def train(cfg: Config) -> int:
             checkpoint(sched_state.next_batch, sched_state)
 
         def sync(version: int) -> dict[str, float]:
-            if sharded and world > 1:  # the other ranks hold shards: they take part in the gather
-                _command(OP_SYNC, version, device)
-            return sender.sync(version)
+            nonlocal mid_update
+            if not (sharded and world > 1):
+                return sender.sync(version)
+            mid_update = True  # the other ranks hold shards: they take part in the gather
+            _command(OP_SYNC, version, device)
+            result = sender.sync(version)
+            mid_update = False
+            return result
 
         scheduler = Scheduler(
             k,
@@ -496,9 +502,14 @@ def train(cfg: Config) -> int:
                 if world > 1:
                     _command(OP_SAVE, done, device)
                 checkpoint(done, step.state)
-        if sharded and world > 1:
-            _command(OP_EXPORT, 0, device)
-        export_hf(model, tokenizer, out / "final", state=full_state_dicts(model)[0] if sharded else None)
+        final_state = None
+        if sharded:
+            mid_update = True
+            if world > 1:
+                _command(OP_EXPORT, 0, device)
+            final_state = full_state_dicts(model)[0]
+            mid_update = False
+        export_hf(model, tokenizer, out / "final", state=final_state)
         log.info("final student exported to %s", out / "final")
         sender.close()  # the rollout workers keep their last version
         status = 0
