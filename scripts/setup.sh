@@ -4,7 +4,7 @@
 # against the pinned CPU torch on disk instead of pulling a different torch into a build environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-dev}"
+extras="${1:-dev}"  # demo | dev | vllm (comma-separated for several)
 py="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv

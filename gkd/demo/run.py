@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gkd.demo.models import MARKER
+
 log = logging.getLogger("gkd.demo")
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.parquet"
@@ -35,7 +37,7 @@ class DemoSettings:
     """What a demo run does; the defaults are plain ``gkd demo`` (sized for <= 10 minutes on 2 cores)."""
 
     out: str = "runs/demo"
-    steps: int = 30
+    steps: int = 24
     scheduler: str = "one_step_off"
     student_layers: str = "0-9,24-29"
     loss: str = "forward_kl"
@@ -187,6 +189,29 @@ def _encode(tok, text: str) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
+def _teacher_answers(st: DemoSettings, teacher_dir: Path, teacher, held, gen_kw: dict) -> list[list[int]]:
+    """The teacher's greedy answers to the held-out prompts; kept beside the cached teacher (they depend
+    only on the teacher, the prompts and the generation settings)."""
+    import hashlib
+
+    from gkd.demo.evaluate import generate
+
+    path = None
+    if not st.tiny:
+        marker = (teacher_dir / MARKER).read_text()
+        key = json.dumps([marker, held, gen_kw["max_new_tokens"], gen_kw["stop"]], sort_keys=True)
+        path = teacher_dir.parent / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    answers = generate(teacher, held, temperature=0.0, seed=0, **gen_kw)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(answers))
+        os.replace(tmp, path)
+    return answers
+
+
 def _stage(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
@@ -229,7 +254,7 @@ def run_demo(st: DemoSettings) -> dict:
 
     _stage(f"evaluation before training ({len(held)} held-out prompts)")
     t = time.monotonic()
-    teacher_answers = generate(teacher, held, temperature=0.0, seed=0, **gen_kw)
+    teacher_answers = _teacher_answers(st, teacher_dir, teacher, held, gen_kw)
     before = evaluate(teacher, student0, held, teacher_answers, **eval_kw)
     before_greedy = generate(student0, held[: st.samples_shown], temperature=0.0, seed=0, **gen_kw)
     del student0
