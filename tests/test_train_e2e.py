@@ -3,11 +3,11 @@ service (CPU engine, weight channel) and runs torchrun; tiny random student and 
 teacher (``scripts/make_cpu_tiny.py``), both with one byte-level BPE tokenizer, nothing downloaded.
 
 Checked: every DESIGN.md metric on every step, each batch trained once and in order, staleness <= k and
-exactly ``k`` after warm-up on nearly every step (k = 1 with 2 trainer ranks, k = 2 and k = 0 with
-one), KL to the teacher falls (k = 1 over 6 steps, k = 0 over 30), spans in trace.json, checkpoints, the final HF folder; services
-with authentication on (k = 1) and ``loss.name=sampled_reverse_kl`` (k = 2) through the full loop;
-a trainer killed with SIGKILL mid-run and resumed trains every batch once and reproduces an uninterrupted
-run's losses (k = 0 is deterministic end to end).
+exactly ``k`` after warm-up on nearly every step (k = 1 with 2 trainer ranks, k = 2 and k = 0 with one), KL
+to the teacher falls (k = 1 over 6 steps, k = 0 over 30), spans in trace.json, checkpoints, the final HF
+folder; services with authentication on (k = 1) and ``loss.name=sampled_reverse_kl`` (k = 2) through the
+full loop; a trainer killed with SIGKILL mid-run and resumed trains every batch once and reproduces an
+uninterrupted run's losses (k = 0 is deterministic end to end).
 """
 
 from __future__ import annotations
