@@ -16,18 +16,19 @@ error; keep that below ``timeout_s`` (the per-attempt timeout). Errors: ``Remote
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.rollout.wire import LIMITS, OP_GENERATE, pack_request, unpack_reply
-from gkd.transport import Auth, Client, Message, plan_chunks
+from gkd.transport import Auth, plan_chunks
+from gkd.transport.service_client import ServiceClient, item_length
 
 
-class RolloutClient:
-    """Thread-safe client of a rollout service (one ZeroMQ socket, futures)."""
+class RolloutClient(ServiceClient[Sample]):
+    """Thread-safe client of a rollout service (one ZeroMQ socket, futures). ``info()`` lists the workers
+    with their model, vocab_size, max_len and weight channel."""
 
     def __init__(
         self,
@@ -43,23 +44,13 @@ class RolloutClient:
         self.max_prompts_per_request = max_prompts_per_request
         self.max_tokens_per_request = max_tokens_per_request  # prompt + max_new_tokens per micro-request
         self.min_version_wait_s = timeout_s / 2 if min_version_wait_s is None else min_version_wait_s
-        self._client = Client(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """The transport client's counters (sent, retries, reconnects, late_replies, bad_replies)."""
-        return self._client.stats
-
-    def info(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The broker's info: ``protocol``, ``workers`` (each with the worker's ``info``: model, vocab_size,
-        max_len, weight_channel, ...), ``queue``, ``stats``."""
-        return self._client.info(timeout_s=timeout_s)
+        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
 
     def submit(
         self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None
     ) -> Future[list[Sample]]:
         """Sample one response per prompt (lists or 1-D integer tensors of token ids)."""
-        sizes = [_length(p) + sampling.max_new_tokens for p in prompts]
+        sizes = [item_length(p) + sampling.max_new_tokens for p in prompts]
         chunks = plan_chunks(
             sizes, max_items=self.max_prompts_per_request, max_tokens=self.max_tokens_per_request
         )
@@ -75,41 +66,10 @@ class RolloutClient:
             )
             for chunk in chunks
         ]
-        result: Future[list[Sample]] = Future()
-        if not parts:
-            result.set_result([])
-            return result
-
-        def done(fut: Future[list[Message]]) -> None:
-            try:
-                replies = fut.result()
-                samples = [
-                    s
-                    for msg, chunk in zip(replies, chunks, strict=True)
-                    for s in unpack_reply(msg, [prompts[i] for i in chunk])
-                ]
-            except BaseException as e:  # handed to the caller through the future, never swallowed
-                result.set_exception(e)
-                return
-            result.set_result(samples)
-
-        self._client.submit_split(OP_GENERATE, parts).add_done_callback(done)
-        return result
+        return self._submit_parts(
+            OP_GENERATE, parts, lambda i, msg: unpack_reply(msg, [prompts[j] for j in chunks[i]])
+        )
 
     def generate(self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None):
         """``submit(...).result()``."""
         return self.submit(prompts, sampling, min_version).result()
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> RolloutClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _length(ids: Any) -> int:
-    shape = getattr(ids, "shape", None)
-    return math.prod(shape) if shape is not None else len(ids)

@@ -13,18 +13,19 @@ token id 70000 is outside the vocabulary [0, 32000)``), ``TimeoutError`` after a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from gkd.teacher.types import TeacherOutput
 from gkd.teacher.wire import LIMITS, OP_SCORE, pack_request, unpack_reply
-from gkd.transport import Auth, Client, Message, plan_chunks
+from gkd.transport import Auth, plan_chunks
+from gkd.transport.service_client import ServiceClient, item_length
 
 
-class TeacherClient:
-    """Thread-safe client of a teacher service (one ZeroMQ socket, futures)."""
+class TeacherClient(ServiceClient[TeacherOutput]):
+    """Thread-safe client of a teacher service (one ZeroMQ socket, futures). ``info()`` lists the workers
+    with their model, vocab_size, max_top_k and tokenizer."""
 
     def __init__(
         self,
@@ -38,17 +39,7 @@ class TeacherClient:
     ):
         self.max_sequences_per_request = max_sequences_per_request
         self.max_tokens_per_request = max_tokens_per_request
-        self._client = Client(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """The transport client's counters (sent, retries, reconnects, late_replies, bad_replies)."""
-        return self._client.stats
-
-    def info(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The broker's info: ``protocol``, ``workers`` (each with the worker's ``info``: model, vocab_size,
-        max_top_k, tokenizer, ...), ``queue``, ``stats``."""
-        return self._client.info(timeout_s=timeout_s)
+        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
 
     def submit(
         self,
@@ -58,46 +49,14 @@ class TeacherClient:
     ) -> Future[list[TeacherOutput]]:
         """Score ``(prompt_ids, response_ids)`` pairs; ``None`` top_k/temperature take the service's
         defaults (``gkd teacher serve --top-k/--temperature``)."""
-        sizes = [_length(p) + _length(r) for p, r in sequences]
+        sizes = [item_length(p) + item_length(r) for p, r in sequences]
         chunks = plan_chunks(
             sizes, max_items=self.max_sequences_per_request, max_tokens=self.max_tokens_per_request
         )
-        parts, lens = [], []
-        for chunk in chunks:
-            fields, tensors = pack_request([sequences[i] for i in chunk], top_k, temperature, chunk.start)
-            parts.append((fields, tensors))
-            lens.append(tensors["response_lens"])
-        result: Future[list[TeacherOutput]] = Future()
-        if not parts:
-            result.set_result([])
-            return result
-
-        def done(fut: Future[list[Message]]) -> None:
-            try:
-                replies = fut.result()
-                outputs = [out for msg, n in zip(replies, lens, strict=True) for out in unpack_reply(msg, n)]
-            except BaseException as e:  # handed to the caller through the future, never swallowed
-                result.set_exception(e)
-                return
-            result.set_result(outputs)
-
-        self._client.submit_split(OP_SCORE, parts).add_done_callback(done)
-        return result
+        parts = [pack_request([sequences[i] for i in c], top_k, temperature, c.start) for c in chunks]
+        lens = [tensors["response_lens"] for _, tensors in parts]
+        return self._submit_parts(OP_SCORE, parts, lambda i, msg: unpack_reply(msg, lens[i]))
 
     def score(self, sequences, top_k: int | None = None, temperature: float | None = None):
         """``submit(...).result()``."""
         return self.submit(sequences, top_k, temperature).result()
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> TeacherClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _length(ids: Any) -> int:
-    shape = getattr(ids, "shape", None)  # tensors and numpy arrays: count elements, whatever the shape
-    return math.prod(shape) if shape is not None else len(ids)
