@@ -41,6 +41,7 @@ from gkd.transport.process import (
     auth_from_file,
     configure_logging,
     run_until_stopped,
+    serve_broker,
     stop_on_signals,
     supervise,
 )
@@ -308,33 +309,21 @@ def serve(
     broker = make_broker(
         host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
     )
-    broker.start()
-    backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
-    log.info(
-        "rollout broker up: clients %s, workers %s (auth %s, weight channel %s); "
-        "starting %d %s worker(s) for %s",
-        broker.frontend_address,
-        broker.backend_address,
-        "on" if auth_secret_file else "off",
-        weight_channel or "off",
+    return serve_broker(
+        "rollout",
+        broker,
         workers,
-        spec.backend,
-        spec.model,
-    )
-    children = [
-        _spawn_worker(
+        lambda backend, i: _spawn_worker(
             spec,
-            backend_local,
+            backend,
             _channel_argv(weight_channel, i + 1, workers + 1, weight_backend, weight_timeout_s),
             auth_secret_file,
-        )
-        for i in range(workers)
-    ]
-    try:
-        return supervise(children, stop)
-    finally:
-        broker.stop()
-        log.info("rollout service stopped")
+        ),
+        stop,
+        what=f"{spec.backend} worker(s) for {spec.model}",
+        detail=f"auth {'on' if auth_secret_file else 'off'}, weight channel {weight_channel or 'off'}",
+        svc_log=log,
+    )
 
 
 def join(

@@ -30,6 +30,7 @@ from gkd.transport.process import (
     PARENT_ENV,
     auth_from_file,
     run_until_stopped,
+    serve_broker,
     stop_on_signals,
     supervise,
 )
@@ -150,24 +151,16 @@ def serve(
     broker = make_broker(
         host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
     )
-    broker.start()
-    # Children reach the backend on loopback even when it is bound to 0.0.0.0.
-    backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
-    log.info(
-        "teacher broker up: clients %s, workers %s (auth %s); starting %d %s worker(s) for %s",
-        broker.frontend_address,
-        broker.backend_address,
-        "on" if auth_secret_file else "off",
+    return serve_broker(
+        "teacher",
+        broker,
         workers,
-        spec.backend,
-        spec.model,
+        lambda backend, _i: _spawn_worker(spec, backend, auth_secret_file),
+        stop,
+        what=f"{spec.backend} worker(s) for {spec.model}",
+        detail=f"auth {'on' if auth_secret_file else 'off'}",
+        svc_log=log,
     )
-    children = [_spawn_worker(spec, backend_local, auth_secret_file) for _ in range(workers)]
-    try:
-        return supervise(children, stop)
-    finally:
-        broker.stop()
-        log.info("teacher service stopped")
 
 
 def join(spec: EngineSpec, broker: str, *, workers: int = 1, auth_secret_file: str | None = None) -> int:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from gkd.transport.auth import Auth
 
@@ -90,6 +91,39 @@ def run_until_stopped(worker, stop: threading.Event) -> int:
         return 0
     finally:
         worker.stop()
+
+
+def serve_broker(
+    name: str,
+    broker,
+    workers: int,
+    spawn: Callable[[str, int], subprocess.Popen],
+    stop: threading.Event,
+    *,
+    what: str,
+    detail: str,
+    svc_log: logging.Logger,
+) -> int:
+    """Start ``broker``, spawn ``workers`` children with ``spawn(backend_address, i)`` and supervise them
+    until ``stop``; the broker stops last. ``detail`` goes in the "broker up" line, e.g. ``auth on``."""
+    broker.start()
+    # Children reach the backend on loopback even when it is bound to 0.0.0.0.
+    backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
+    svc_log.info(
+        "%s broker up: clients %s, workers %s (%s); starting %d %s",
+        name,
+        broker.frontend_address,
+        broker.backend_address,
+        detail,
+        workers,
+        what,
+    )
+    children = [spawn(backend_local, i) for i in range(workers)]
+    try:
+        return supervise(children, stop)
+    finally:
+        broker.stop()
+        svc_log.info("%s service stopped", name)
 
 
 def configure_logging(level: str = "INFO") -> None:
