@@ -3,34 +3,19 @@
 import pytest
 import torch
 
+from tests.tiny_llama import one_intra_op_thread, save_tiny_llama
+from tests.tiny_llama import tiny_config as _tiny_config
+
 VOCAB = 320
 MAX_LEN = 128
 
 
 def tiny_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_LEN,
-        tie_word_embeddings=False,
-    )
+    return _tiny_config(VOCAB, MAX_LEN)
 
 
 def save_tiny_student(path) -> str:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(4321)
-    model = LlamaForCausalLM(tiny_config())
-    with torch.no_grad():  # peakier distributions: greedy decoding is then far from ties
-        model.lm_head.weight.mul_(4.0)
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(path, vocab=VOCAB, max_len=MAX_LEN, seed=4321, head_scale=4.0)
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +39,4 @@ def assert_samples_equal(got, want, atol=1e-5):
         torch.testing.assert_close(g.response_logprobs, w.response_logprobs, atol=atol, rtol=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads (and a shared 2-core machine punishes them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_intra_op_thread = pytest.fixture(autouse=True)(one_intra_op_thread)

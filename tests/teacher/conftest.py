@@ -1,39 +1,25 @@
 """A tiny Llama teacher built from a config and saved to a temporary folder (never downloaded).
 
-head_dim = 64 / 2 = 32: the smallest vLLM's CPU attention accepts, so the vLLM tests use it too.
+head_dim = 64 / 2 = 32: the smallest vLLM's CPU attention accepts, so the vLLM tests use it too
+(tests/tiny_llama.py builds it).
 """
 
 import pytest
 import torch
+
+from tests.tiny_llama import one_intra_op_thread, save_tiny_llama
+from tests.tiny_llama import tiny_config as _tiny_config
 
 VOCAB = 300
 MAX_LEN = 256
 
 
 def tiny_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_LEN,
-        tie_word_embeddings=False,
-    )
+    return _tiny_config(VOCAB, MAX_LEN)
 
 
 def save_tiny_model(path) -> str:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(tiny_config())
-    with torch.no_grad():  # sharper distributions than the default init: top-k ids are then well separated
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(path, vocab=VOCAB, max_len=MAX_LEN, seed=1234, head_scale=8.0)
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +51,4 @@ def assert_outputs_equal(got, want, atol=1e-5):
         torch.testing.assert_close(g.token_logprobs, w.token_logprobs, atol=atol, rtol=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine an OpenMP team that
-    waits for a descheduled thread makes each matmul ~50x slower. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_intra_op_thread = pytest.fixture(autouse=True)(one_intra_op_thread)
