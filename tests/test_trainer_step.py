@@ -252,8 +252,10 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import faulthandler
     from datetime import timedelta
 
+    faulthandler.dump_traceback_later(90, exit=False)  # a stuck rank shows where it is in the test output
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -281,6 +283,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def test_two_gloo_ranks_average_to_the_single_process_gradient():
@@ -292,9 +295,12 @@ def test_two_gloo_ranks_average_to_the_single_process_gradient():
     with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as mpatch:
         mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
         ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=False)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # ~15 s when the machine is idle
         while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "DDP workers did not finish within 120 s"
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("DDP workers did not finish within 240 s (their stacks at 90 s are above)")
         results = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     n_total = sum(len(s.response_ids) for s in samples)
     for res in results:
