@@ -7,31 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from gkd.data import DataError, PromptDataset, PromptLoader, expand_files
-
-TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
-)
+from gkd.demo.tiny import tokenizer as tiny_tokenizer
 
 
 def _tokenizer(chat_template: bool = True):
-    """A byte-level BPE trained here on a synthetic corpus (nothing downloaded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [f"user assistant: the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    if chat_template:
-        hf.chat_template = TEMPLATE
+    """The tiny byte-level BPE of ``gkd.demo.tiny`` (trained here, nothing downloaded)."""
+    hf = tiny_tokenizer()
+    if not chat_template:
+        hf.chat_template = None
     return hf
 
 

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from gkd.demo.models import MARKER
 
@@ -263,14 +264,9 @@ def run_demo(st: DemoSettings) -> dict:
 
     _stage(f"training: {st.steps} steps, {st.scheduler}, loss {st.loss} (gkd train --config {config})")
     t = time.monotonic()
-    env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in env_keys}
-    os.environ.update({k: str(st.threads) for k in env_keys})
-    try:
+    threads_env = {k: str(st.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    with mock.patch.dict(os.environ, threads_env):  # the children inherit it; restored afterwards
         status = launch.run([str(config)], [])
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     train_s = time.monotonic() - t
     if status != 0:
         raise RuntimeError(f"training failed (gkd train exited with status {status}); see the log above")
