@@ -24,6 +24,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 __all__ = [
     "SCHEDULERS",
     "Config",
+    "compute_dtype",
+    "rollout_dtype",
+    "teacher_dtype",
     "ConfigError",
     "load_config",
     "parse_scheduler",
@@ -44,9 +47,16 @@ def _choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelConfig:
     student_path: str = ""  # required: a transformers model folder (weights + config + tokenizer)
+    # master weights and AdamW state; float32 keeps small updates (lr 1e-6) from rounding away
+    param_dtype: str = _choice("float32", *_DTYPE_NAMES)
+    # forward/backward and loss GEMMs (fp32 accumulation); auto = bfloat16 on CUDA, float32 on CPU
+    compute_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
     dtype: str = _choice("bfloat16", "float32", "bfloat16", "float16")  # parameter dtype on GPU
     gradient_checkpointing: bool = False
     # the forward's compute dtype under torch.autocast on GPU (none: off); CPU always trains in float32.
@@ -66,6 +76,16 @@ class TeacherConfig:
     backend: str = _choice("hf", "hf", "vllm")
     workers: int = 1
     auth_secret_file: str | None = None
+    # engine precision; auto = bfloat16 when the teacher has GPUs, float32 on CPU
+    dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
+    n_gpus_per_node: int = 0  # 0 = CPU engines; else GPUs of the teacher pool on each node
+    tensor_parallel_size: int = 1  # GPUs per teacher engine (workers per node = n_gpus_per_node / this)
+    # vLLM: 0.8, not 0.9, because the prompt-logprobs path allocates [tokens, vocab] logits plus an fp32
+    # log-softmax outside what vLLM's memory profiler counts (~7.5 GiB at 8192 tokens x 152k vocab)
+    gpu_memory_utilization: float = 0.8
+    max_model_len: int | None = None  # vLLM; null = data.max_prompt_length + data.max_response_length
+    max_num_batched_tokens: int | None = None  # vLLM scheduler token budget; null = vLLM's default
+    enforce_eager: bool = False  # vLLM: no CUDA graphs (faster start, slower steps)
 
 
 @dataclass
@@ -83,6 +103,15 @@ class RolloutConfig:
     max_new_tokens: int = 256
     launch: bool = False  # start a local rollout service
     auth_secret_file: str | None = None
+    dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)  # engine precision; auto = model's compute dtype
+    tensor_parallel_size: int = 1  # GPUs per rollout engine
+    gpu_memory_utilization: float = 0.9  # vLLM
+    max_model_len: int | None = None  # vLLM; null = data.max_prompt_length + data.max_response_length
+    max_num_batched_tokens: int | None = None  # vLLM; null = vLLM's default
+    enforce_eager: bool = False  # vLLM: no CUDA graphs
+    # where received weights wait before the in-place load: host (pinned memory; no second GPU copy
+    # next to vLLM's reservation) | device (a GPU copy of the whole model; faster swap, more memory)
+    weight_staging: str = _choice("host", "host", "device")
 
 
 @dataclass
@@ -99,6 +128,9 @@ class TrainerConfig:
     output_dir: str = "runs/gkd"
     strategy: str = _choice("ddp", "ddp", "fsdp2")
     seed: int = 0
+    # single-GPU smoke runs only: trainer, rollout and teacher may share GPUs (the weight channel then
+    # uses gloo, since NCCL refuses two ranks on one GPU)
+    allow_shared_gpu: bool = False
 
     @property
     def procs_per_node(self) -> int:
@@ -173,6 +205,26 @@ def parse_scheduler(value: str | int) -> int:
     raise ConfigError(
         f"trainer.scheduler={value!r}: expected one of {', '.join(SCHEDULERS)} or an integer staleness k >= 0"
     )
+
+
+def compute_dtype(cfg: Config) -> str:
+    """``model.compute_dtype`` resolved: auto = bfloat16 when the trainer has GPUs, else float32."""
+    c = cfg.model.compute_dtype
+    if c != "auto":
+        return c
+    return "bfloat16" if cfg.trainer.n_gpus_per_node > 0 else "float32"
+
+
+def rollout_dtype(cfg: Config) -> str:
+    """``rollout.dtype`` resolved: auto = the trainer's compute dtype (weights are cast to it when packed)."""
+    return compute_dtype(cfg) if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
+
+
+def teacher_dtype(cfg: Config) -> str:
+    """``teacher.dtype`` resolved: auto = bfloat16 when the teacher has GPUs, else float32."""
+    if cfg.teacher.dtype != "auto":
+        return cfg.teacher.dtype
+    return "bfloat16" if cfg.teacher.n_gpus_per_node > 0 else "float32"
 
 
 # --------------------------------------------------------------------------------------------- loading
