@@ -1,12 +1,18 @@
 """Triton kernels for the top-k distillation loss on one chunk of rows (the CUDA backend).
 
-One program per row. The kernel reads the row's logits tile by tile (BLOCK_V entries at a time) and
-keeps everything else in registers: pass 1 folds the tiles into two online logsumexps, one over the
-whole vocabulary and one over the entries that are not among the row's valid teacher ids (the exact
-log-mass of the tail bucket, never ``log(1 - Q)`` by subtraction); the K member logits are then
-gathered with one load, the row's divergence and its gradient with respect to the K+1 outcome
-log-probs are formed, and pass 2 writes ``dloss/dlogits`` tile by tile over the logits it has just
-read (the Liger-Kernel habit: the loss kernel writes the input gradient during forward).
+Work per row is O(V + K), in three launches (a launch boundary is the barrier between phases; it is
+ordered the same way on a GPU stream and under the interpreter):
+
+1. ``_topk_gather_kernel``: gather the K member logits into a ``[C, K]`` fp32 scratch and, for
+   tail="bucket", write -inf at the member ids, so that the row now holds only the non-members.
+2. ``_topk_distill_fwd_kernel``: one streaming online logsumexp over the row (the exact log-mass of
+   the non-members for "bucket", never ``log(1 - Q)`` by subtraction; the whole row for "none"; no
+   pass for "renorm"), the K+1 outcome terms and their gradients in registers, the row's value; with
+   ``NEED_GRAD`` one streaming pass writes the non-member gradients in place (the Liger-Kernel habit:
+   the loss kernel writes the input gradient during forward) and the K member gradients go to a second
+   ``[C, K]`` scratch.
+3. ``_topk_scatter_kernel``: scatter the member gradients to their ids (or, without ``NEED_GRAD``,
+   put the member logits back, so that the buffer is unchanged).
 
 Gradient (see gkd.kernels.topk_torch): with ``g_j = dL/ds_j`` for the outcome log-probs and
 ``G = sum_j g_j``,
@@ -16,7 +22,9 @@ Gradient (see gkd.kernels.topk_torch): with ``g_j = dL/ds_j`` for the outcome lo
                       dL/dz_v = -G q_v                                  (tail="none", G = -S)
                       dL/dz_v = 0                                       (tail="renorm", q := q/Q on the ids)
 
-with ``z = logits / T``; the kernel stores ``scale * dL/dz / T``, the gradient of the raw logits.
+with ``z = logits / T``; the kernels store ``scale * dL/dz / T``, the gradient of the raw logits.
+A program handles BLOCK_R rows (several when V is small) with ``[BLOCK_R, BLOCK_V]`` tiles; row offsets
+are int64 (a chunk may hold more than 2^31 logits).
 """
 
 from __future__ import annotations
@@ -29,16 +37,25 @@ import triton
 import triton.language as tl
 
 from gkd.kernels._common import LOG_TAIL_FLOOR, TAIL_FLOOR, LossSpec
-from gkd.kernels.topk_torch import topk_chunk_
+from gkd.kernels.topk_torch import topk_torch_chunk_
 
 # constexpr codes of the loss kind and the tail treatment
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _TAILS = {"bucket": 0, "renorm": 1, "none": 2}
 
-# Largest BLOCK_V x BLOCK_K membership tile (int1 compares) a program builds per vocab tile.
-_MAX_MEMBERSHIP_TILE = 1 << 16
-_MAX_BLOCK_V = 4096
-_MAX_BLOCK_V_INTERPRET = 1024
+# Tiles, chosen at launch (not import) time. GPU: 4096-wide vocabulary tiles with 8 warps (16 fp32 per
+# thread per tile: wide vector loads, enough bytes in flight per SM). A fixed heuristic rather than
+# triton.autotune: these kernels overwrite their input in place, so autotuning's repeated runs would
+# need every buffer restored between configurations. The interpreter runs each tile's block ops in
+# numpy: 1024-wide tiles keep the tests quick.
+_BLOCK_V_GPU = 4096
+_BLOCK_V_INTERPRET = 1024
+_ROW_TILE = 4096  # rows per program when V is small: BLOCK_R x BLOCK_V <= this
+_MAX_ROWS = 16
+_SLOT_TILE = 2048  # BLOCK_R x BLOCK_K <= this (the [rows, slots] tensors live in registers)
+# Above this many slots the [BLOCK_K] register tiles would spill badly; such chunks (far beyond any
+# teacher's top-k) run the torch implementation instead.
+_MAX_BLOCK_K = 4096
 
 
 @triton.jit
@@ -96,13 +113,51 @@ def _outcome_terms(
 
 
 @triton.jit
-def _topk_distill_fwd_kernel(
-    logits_ptr,  # [C, V] fp32 / bf16 / fp16 logits, row stride `stride_row`; dlogits on return (NEED_GRAD)
-    ids_ptr,  # [C, K] int64 / int32 teacher ids, contiguous; unused slots point at a valid index
-    lp_ptr,  # [C, K] fp32 teacher log-probs, contiguous; -inf for unused slots
+def _member_slots(ids_ptr, valid_ptr, C, stride_row, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's [BLOCK_R, BLOCK_K] slots: (slot offsets into [C, K] buffers, in-range mask, valid
+    mask, int64 offsets of the member ids into the [C, V] logits)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] int64
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    slot = rows[:, None] * K + offs_k[None, :]  # [BLOCK_R, BLOCK_K]
+    smask = (rows < C)[:, None] & (offs_k < K)[None, :]
+    ids = tl.load(ids_ptr + slot, mask=smask, other=0).to(tl.int64)
+    valid = (tl.load(valid_ptr + slot, mask=smask, other=0) != 0) & smask
+    return slot, smask, valid, rows[:, None] * stride_row + ids
+
+
+@triton.jit
+def _topk_gather_kernel(
+    logits_ptr,  # [C, V] fp32 / bf16 / fp16, row stride `stride_row`; -inf at the member ids on return (MARK)
+    ids_ptr,  # [C, K] int64 / int32, contiguous; unused slots may hold anything
     valid_ptr,  # [C, K] uint8 (a bool tensor viewed as uint8), contiguous
+    z_top_ptr,  # [C, K] fp32 out: the raw member logits (0 in unused slots)
+    C,  # int: rows
+    stride_row,  # int: elements between rows of logits
+    K,  # int: teacher slots per row
+    MARK: tl.constexpr,  # write -inf at the member ids (tail="bucket")
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # next power of two >= K
+):
+    slot, smask, valid, member = _member_slots(ids_ptr, valid_ptr, C, stride_row, K, BLOCK_R, BLOCK_K)
+    ptrs = logits_ptr + member  # [BLOCK_R, BLOCK_K]
+    z = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+    tl.store(z_top_ptr + slot, z, mask=smask)
+    if MARK:
+        neg = tl.full([BLOCK_R, BLOCK_K], float("-inf"), tl.float32)
+        tl.store(ptrs, neg.to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _topk_distill_fwd_kernel(
+    logits_ptr,  # [C, V] fp32 / bf16 / fp16 (members -inf for bucket), row stride `stride_row`; in place:
+    #              non-member dlogits on return (NEED_GRAD)
+    z_top_ptr,  # [C, K] fp32 raw member logits (from _topk_gather_kernel)
+    lp_ptr,  # [C, K] fp32 teacher log-probs, contiguous; -inf for unused slots
+    valid_ptr,  # [C, K] uint8, contiguous
     scale_ptr,  # [C] fp32 row weights
     values_ptr,  # [C] fp32 out: scale * divergence
+    g_top_ptr,  # [C, K] fp32 out (NEED_GRAD): dlogits at the member ids, already scaled
+    C,  # int: rows
     stride_row,  # int: elements between rows of logits
     V,  # int: vocabulary size
     K,  # int: teacher slots per row
@@ -116,130 +171,145 @@ def _topk_distill_fwd_kernel(
     KIND: tl.constexpr,  # 0 forward_kl, 1 reverse_kl, 2 jsd
     TAIL: tl.constexpr,  # 0 bucket, 1 renorm, 2 none
     NEED_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary tile width
     BLOCK_K: tl.constexpr,  # next power of two >= K
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 logits: round dlogits to nearest before the store
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
     neg_inf = float("-inf")
-
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] int64
+    rmask = rows < C
+    row_ptr = logits_ptr + rows[:, None] * stride_row  # [BLOCK_R, 1]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    kmask = offs_k < K
-    ids = tl.load(ids_ptr + row * K + offs_k, mask=kmask, other=0).to(tl.int64)
-    valid = (tl.load(valid_ptr + row * K + offs_k, mask=kmask, other=0) != 0) & kmask
-    lp = tl.load(lp_ptr + row * K + offs_k, mask=kmask, other=neg_inf).to(tl.float32)
-    member_ids = tl.where(valid, ids, -1)  # [BLOCK_K]; -1 matches no vocabulary entry
-    scale = tl.load(scale_ptr + row).to(tl.float32)
+    slot = rows[:, None] * K + offs_k[None, :]  # [BLOCK_R, BLOCK_K]
+    smask = rmask[:, None] & (offs_k < K)[None, :]
+    valid = (tl.load(valid_ptr + slot, mask=smask, other=0) != 0) & smask
+    lp = tl.load(lp_ptr + slot, mask=smask, other=neg_inf).to(tl.float32)
+    z_top = tl.load(z_top_ptr + slot, mask=smask, other=0.0) * inv_t  # [BLOCK_R, BLOCK_K]
+    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)  # [BLOCK_R]
     keep = scale != 0.0
+    zt = tl.where(valid, z_top, neg_inf)
+    m_top = tl.max(zt, 1)
+    m_top = tl.where(m_top == neg_inf, 0.0, m_top)
+    sum_top = tl.sum(tl.exp(zt - m_top[:, None]), 1)
+    lse_top = tl.where(sum_top > 0.0, m_top + tl.log(tl.where(sum_top > 0.0, sum_top, 1.0)), neg_inf)
 
-    # the K member logits, one gather
-    z_top = tl.load(row_ptr + ids, mask=valid, other=0.0).to(tl.float32) * inv_t  # [BLOCK_K]
-
-    lse = 0.0
-    lse_rest = 0.0
-    has_tail = False
-    tail_coef = 0.0
+    has_tail = rmask & False
+    tail_coef = tl.zeros([BLOCK_R], tl.float32)
+    shift = tl.zeros([BLOCK_R], tl.float32)  # the pass-2 exponent's offset: lse_rest / lse
     if TAIL == 1:
         # renorm: both distributions renormalised over the valid ids; no pass over the vocabulary
-        zt = tl.where(valid, z_top, neg_inf)
-        m_top = tl.max(zt, 0)
-        m_top = tl.where(m_top == neg_inf, 0.0, m_top)
-        sum_top = tl.sum(tl.exp(zt - m_top), 0)
-        lse_top = m_top + tl.log(tl.where(sum_top > 0.0, sum_top, 1.0))  # 0 for a row without slots
         lt = tl.where(valid, lp, neg_inf)
-        m_lp = tl.max(lt, 0)
+        m_lp = tl.max(lt, 1)
         m_lp = tl.where(m_lp == neg_inf, 0.0, m_lp)
-        sum_lp = tl.sum(tl.exp(lt - m_lp), 0)
+        sum_lp = tl.sum(tl.exp(lt - m_lp[:, None]), 1)
         lse_lp = m_lp + tl.log(tl.where(sum_lp > 0.0, sum_lp, 1.0))
-        lp = tl.where(valid, lp, 0.0)
-        s = tl.where(valid, z_top - lse_top, 0.0)
-        t = tl.where(valid, lp - lse_lp, 0.0)
+        lse_top = tl.where(sum_top > 0.0, lse_top, 0.0)  # 0 for a row without slots
+        s = tl.where(valid, z_top - lse_top[:, None], 0.0)
+        t = tl.where(valid, lp - lse_lp[:, None], 0.0)
         term, g = _outcome_terms(s, t, beta, log_b, log_1mb, KIND)
-        term = tl.where(valid, term, 0.0)
         g = tl.where(valid, g, 0.0) * jsd_scale
-        value = tl.sum(term, 0) * jsd_scale
-        big_g = tl.sum(g, 0)
-        g_member = tl.where(valid, g - big_g * tl.exp(s), 0.0)
+        value = tl.sum(tl.where(valid, term, 0.0), 1) * jsd_scale
+        big_g = tl.sum(g, 1)
+        g_member = tl.where(valid, g - big_g[:, None] * tl.exp(s), 0.0)
     else:
-        # pass 1: online logsumexp over all entries and over the non-members
-        m_all = neg_inf
-        d_all = 0.0
-        m_rest = neg_inf
-        d_rest = 0.0
+        # one streaming online logsumexp: over the non-members (bucket: the members read -inf) or the row
+        m = tl.full([BLOCK_R], neg_inf, tl.float32)
+        d = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-            x = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32) * inv_t
-            m_new = tl.maximum(m_all, tl.max(x, 0))
+            vmask = rmask[:, None] & (offs < V)[None, :]
+            x = tl.load(row_ptr + offs[None, :], mask=vmask, other=neg_inf).to(tl.float32) * inv_t
+            m_new = tl.maximum(m, tl.max(x, 1))
             m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-            d_all = d_all * tl.exp(m_all - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
-            m_all = m_new
-            if TAIL == 0:
-                hit = tl.sum((offs[:, None] == member_ids[None, :]).to(tl.int32), 1) > 0  # [BLOCK_V]
-                xr = tl.where(hit, neg_inf, x)
-                mr_new = tl.maximum(m_rest, tl.max(xr, 0))
-                mr_safe = tl.where(mr_new == neg_inf, 0.0, mr_new)
-                d_rest = d_rest * tl.exp(m_rest - mr_safe) + tl.sum(tl.exp(xr - mr_safe), 0)
-                m_rest = mr_new
-        lse = m_all + tl.log(d_all)
-        s_top = tl.where(valid, z_top - lse, 0.0)
-        t_top = tl.where(valid, lp, 0.0)
-        term, g = _outcome_terms(s_top, t_top, beta, log_b, log_1mb, KIND)
-        term = tl.where(valid, term, 0.0)
+            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+            m = m_new
+        has_mass = d > 0.0
+        lse_pass = tl.where(has_mass, m + tl.log(tl.where(has_mass, d, 1.0)), neg_inf)
+        if TAIL == 0:
+            # lse = logaddexp(lse_top, lse_rest), -inf only when both are
+            hi = tl.maximum(lse_top, lse_pass)
+            lo = tl.minimum(lse_top, lse_pass)
+            hi_safe = tl.where(hi == neg_inf, 0.0, hi)
+            lse = hi + _log1p_small(tl.exp(lo - hi_safe))
+        else:
+            lse = lse_pass
+        lse_safe = tl.where(lse == neg_inf, 0.0, lse)
+        s_top = tl.where(valid, z_top - lse_safe[:, None], 0.0)
+        term, g = _outcome_terms(s_top, tl.where(valid, lp, 0.0), beta, log_b, log_1mb, KIND)
         g = tl.where(valid, g, 0.0) * jsd_scale
-        value = tl.sum(term, 0) * jsd_scale
-        big_g = tl.sum(g, 0)
+        value = tl.sum(tl.where(valid, term, 0.0), 1) * jsd_scale
+        big_g = tl.sum(g, 1)
         if TAIL == 0:
             # the bucket: teacher 1 - S (floored), student exp(lse_rest - lse); absent if no non-members
-            has_tail = d_rest > 0.0
-            lse_rest = tl.where(has_tail, m_rest + tl.log(tl.where(has_tail, d_rest, 1.0)), 0.0)
-            mass = tl.sum(tl.where(valid, tl.exp(lp), 0.0), 0)
+            has_tail = has_mass
+            shift = tl.where(has_tail, lse_pass, 0.0)
+            mass = tl.sum(tl.where(valid, tl.exp(lp), 0.0), 1)
             t_tail = tl.maximum(tl.log(tl.maximum(1.0 - mass, tail_floor)), log_tail_floor)
-            s_tail = tl.where(has_tail, lse_rest - lse, 0.0)
+            s_tail = tl.where(has_tail, shift - lse_safe, 0.0)
             term_tail, g_tail = _outcome_terms(s_tail, t_tail, beta, log_b, log_1mb, KIND)
             g_tail = tl.where(has_tail, g_tail * jsd_scale, 0.0)
             value += tl.where(has_tail, term_tail * jsd_scale, 0.0)
             big_g += g_tail
             # non-members: exp(z_v - lse_rest) (g_tail - G exp(lse_rest - lse))
             tail_coef = tl.where(has_tail, g_tail - big_g * tl.exp(s_tail), 0.0)
-        g_member = tl.where(valid, g - big_g * tl.exp(s_top), 0.0)
+        else:
+            # none: non-members -G q_v = -G exp(z_v - lse)
+            shift = lse_safe
+            tail_coef = -big_g
+        g_member = tl.where(valid, g - big_g[:, None] * tl.exp(s_top), 0.0)
 
-    tl.store(values_ptr + row, tl.where(keep, value * scale, 0.0))
+    tl.store(values_ptr + rows, tl.where(keep, value * scale, 0.0), mask=rmask)
 
     if NEED_GRAD:
-        # pass 2: dlogits tile by tile, in place, already scaled for the raw logits
-        out_scale = scale * inv_t
+        out_scale = tl.where(keep, scale * inv_t, 0.0)  # [BLOCK_R]
+        tl.store(g_top_ptr + slot, g_member * out_scale[:, None], mask=smask)
+        coef = tail_coef * out_scale
+        # the non-member gradients, one streaming pass (members get theirs from _topk_scatter_kernel)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-            vmask = offs < V
-            eq = offs[:, None] == member_ids[None, :]  # [BLOCK_V, BLOCK_K]
-            d_member = tl.sum(tl.where(eq, g_member[None, :], 0.0), 1)  # [BLOCK_V]
+            vmask = rmask[:, None] & (offs < V)[None, :]
             if TAIL == 1:
-                dz = d_member
+                dz = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
             else:
-                hit = tl.sum(eq.to(tl.int32), 1) > 0
-                x = tl.load(row_ptr + offs, mask=vmask, other=0.0).to(tl.float32) * inv_t
-                if TAIL == 0:
-                    d_rest_v = tl.where(has_tail, tail_coef * tl.exp(x - lse_rest), 0.0)
-                else:
-                    d_rest_v = -big_g * tl.exp(x - lse)
-                dz = tl.where(hit, d_member, d_rest_v)
-            dz = tl.where(keep, dz * out_scale, 0.0)
+                x = tl.load(row_ptr + offs[None, :], mask=vmask, other=neg_inf).to(tl.float32) * inv_t
+                dz = coef[:, None] * tl.exp(x - shift[:, None])
             if ROUND_BF16:
                 dz = _round_fp32_to_bf16_grid(dz)
-            tl.store(row_ptr + offs, dz.to(logits_ptr.dtype.element_ty), mask=vmask)
+            tl.store(row_ptr + offs[None, :], dz.to(logits_ptr.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _topk_scatter_kernel(
+    logits_ptr,  # [C, V] fp32 / bf16 / fp16, row stride `stride_row`; src written at the member ids
+    ids_ptr,  # [C, K] int64 / int32, contiguous
+    valid_ptr,  # [C, K] uint8, contiguous
+    src_ptr,  # [C, K] fp32: member gradients, or the raw member logits to put back
+    C,  # int: rows
+    stride_row,  # int: elements between rows of logits
+    K,  # int: teacher slots per row
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # next power of two >= K
+    ROUND_BF16: tl.constexpr,  # interpreter + bf16 logits: round to nearest before the store
+):
+    slot, smask, valid, member = _member_slots(ids_ptr, valid_ptr, C, stride_row, K, BLOCK_R, BLOCK_K)
+    x = tl.load(src_ptr + slot, mask=valid, other=0.0)
+    if ROUND_BF16:
+        x = _round_fp32_to_bf16_grid(x)
+    tl.store(logits_ptr + member, x.to(logits_ptr.dtype.element_ty), mask=valid)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _block_sizes(vocab: int, k: int, device: torch.device) -> tuple[int, int]:
+def _config(vocab: int, k: int, device: torch.device, block_v: int | None, block_r: int | None):
+    """(BLOCK_R, BLOCK_V, BLOCK_K, num_warps) of the main kernel, decided per launch from the shapes."""
     block_k = triton.next_power_of_2(max(k, 1))
-    cap = _MAX_BLOCK_V if device.type == "cuda" and not _interpreting() else _MAX_BLOCK_V_INTERPRET
-    # keep the [BLOCK_V, BLOCK_K] membership tile bounded for large K
-    cap = min(cap, max(128, _MAX_MEMBERSHIP_TILE // block_k))
-    return min(triton.next_power_of_2(max(vocab, 1)), cap), block_k
+    cap = _BLOCK_V_GPU if device.type == "cuda" and not _interpreting() else _BLOCK_V_INTERPRET
+    bv = block_v or min(triton.next_power_of_2(max(vocab, 1)), cap)
+    br = block_r or max(1, min(_MAX_ROWS, _ROW_TILE // bv, _SLOT_TILE // block_k))
+    return br, bv, block_k, 8 if br * bv >= 2048 else 4
 
 
 def topk_distill_forward(
@@ -251,17 +321,21 @@ def topk_distill_forward(
     spec: LossSpec,
     need_grad: bool,
     block_v: int | None = None,
+    block_r: int | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel; return values [C] fp32. With ``need_grad`` the logits buffer holds
-    ``d(sum values)/d logits`` on return. ``block_v`` (a power of two) overrides the tile width."""
+    """Launch the three kernels; return values [C] fp32. With ``need_grad`` the logits buffer holds
+    ``d(sum values)/d logits`` on return, else it is unchanged. ``block_v`` / ``block_r`` (powers of
+    two) override the vocabulary tile width and the rows per program. No host sync."""
     c, vocab = logits.shape
-    k = ids.shape[1]
     values = torch.empty(c, dtype=torch.float32, device=logits.device)
     if c == 0:
         return values
-    bv, bk = _block_sizes(vocab, k, logits.device)
-    if block_v is not None:
-        bv = block_v
+    if ids.shape[1] == 0:  # one unused slot instead of zero-size [C, 0] buffers
+        ids = torch.zeros(c, 1, dtype=ids.dtype, device=ids.device)
+        lp = torch.full((c, 1), float("-inf"), device=lp.device)
+        valid = torch.zeros(c, 1, dtype=torch.bool, device=valid.device)
+    k = ids.shape[1]
+    br, bv, bk, num_warps = _config(vocab, k, logits.device, block_v, block_r)
     kind = spec.kind
     beta = float(spec.beta)
     log_b = math.log(beta) if kind == "jsd" else 0.0
@@ -270,14 +344,26 @@ def topk_distill_forward(
     lp = lp.to(torch.float32).contiguous()
     valid = valid.contiguous().view(torch.uint8)
     scale = scale.to(torch.float32).contiguous()
-    num_warps = 8 if bv >= 2048 else 4
-    _topk_distill_fwd_kernel[(c,)](
+    z_top = torch.empty(c, k, dtype=torch.float32, device=logits.device)
+    g_top = torch.empty_like(z_top) if need_grad else z_top
+    tail = _TAILS[spec.tail]
+    round_bf16 = logits.dtype == torch.bfloat16 and _interpreting()
+    # the [C, K] kernels: as many rows per program as the slot tile allows
+    br_k = max(1, min(_SLOT_TILE // bk, triton.next_power_of_2(c)))
+    grid_k = (triton.cdiv(c, br_k),)
+    mark = tail == 0
+    _topk_gather_kernel[grid_k](
+        logits, ids, valid, z_top, c, logits.stride(0), k, MARK=mark, BLOCK_R=br_k, BLOCK_K=bk, num_warps=4
+    )
+    _topk_distill_fwd_kernel[(triton.cdiv(c, br),)](
         logits,
-        ids,
+        z_top,
         lp,
         valid,
         scale,
         values,
+        g_top,
+        c,
         logits.stride(0),
         vocab,
         k,
@@ -289,27 +375,40 @@ def topk_distill_forward(
         TAIL_FLOOR,
         LOG_TAIL_FLOOR,
         KIND=_KINDS[kind],
-        TAIL=_TAILS[spec.tail],
+        TAIL=tail,
         NEED_GRAD=need_grad,
+        BLOCK_R=br,
         BLOCK_V=bv,
         BLOCK_K=bk,
-        ROUND_BF16=logits.dtype == torch.bfloat16 and _interpreting(),
+        ROUND_BF16=round_bf16,
         num_warps=num_warps,
     )
+    if need_grad or mark:  # member gradients, or the member logits put back over the -inf marks
+        _topk_scatter_kernel[grid_k](
+            logits,
+            ids,
+            valid,
+            g_top,
+            c,
+            logits.stride(0),
+            k,
+            BLOCK_R=br_k,
+            BLOCK_K=bk,
+            ROUND_BF16=round_bf16 and need_grad,
+            num_warps=4,
+        )
     return values
 
 
 def _torch_fallback(logits, ids, lp, valid, scale, spec: LossSpec, need_grad: bool):
-    """float64 chunks (gradcheck): the kernel computes in fp32 only, so run the torch implementation."""
-    inv_t = 1.0 / spec.temperature
-    if inv_t != 1.0:
-        logits.mul_(inv_t)
-    values = topk_chunk_(logits, ids, lp, valid, scale, spec, need_grad)
-    if not need_grad:
-        return values, None
-    if inv_t != 1.0:
-        logits.mul_(inv_t)
-    return values, logits
+    """The torch implementation on a copy of the chunk, under this backend's contract (dlogits in the
+    buffer, in its dtype): float64 chunks (gradcheck; the kernels compute in fp32) and K beyond the
+    kernels' register tiles."""
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32, copy=True)
+    values, d = topk_torch_chunk_(z, ids, lp.to(z.dtype), valid, scale.to(z.dtype), spec, need_grad)
+    if need_grad:
+        logits.copy_(d)
+    return values, (logits if need_grad else None)
 
 
 def topk_chunk_triton_(
@@ -328,10 +427,10 @@ def topk_chunk_triton_(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape [C, V], got {tuple(logits.shape)}")
-    if logits.dtype == torch.float64:
-        return _torch_fallback(logits, ids, lp, valid, scale, spec, need_grad)
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"the triton backend takes fp32 / bf16 / fp16 logits, got {logits.dtype}")
+    if logits.dtype == torch.float64 or triton.next_power_of_2(max(ids.shape[1], 1)) > _MAX_BLOCK_K:
+        return _torch_fallback(logits, ids, lp, valid, scale, spec, need_grad)
     if logits.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"the triton backend needs CUDA tensors (got {logits.device}) or TRITON_INTERPRET=1 set before "

@@ -1,4 +1,5 @@
-"""Triton top-k distillation kernel (run under TRITON_INTERPRET=1 on CPU) against the float64 reference.
+"""Triton top-k distillation kernels against the float64 reference: on CUDA tensors when there is a GPU,
+under TRITON_INTERPRET=1 on CPU otherwise (tests/conftest.py sets it).
 
 Shapes stay small: the interpreter executes every program in numpy.
 """
@@ -8,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.kernels import fused_linear_topk_distill_loss, topk_distill_loss
+from gkd.kernels import fused_linear_topk_distill_loss, topk_distill_loss, topk_triton
 from gkd.kernels._common import LossSpec
 from gkd.kernels.functional import _torch_chunk
 from gkd.kernels.reference import topk_distill_loss_reference
 from gkd.kernels.topk_triton import topk_chunk_triton_, topk_distill_forward
 
 NEG_INF = float("-inf")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMBOS = [
     ("forward_kl", "bucket"),
     ("forward_kl", "renorm"),
@@ -47,7 +49,7 @@ def make_inputs(n, vocab, k, *, seed=0, dtype=torch.float32, teacher_temp=2.0):
     mask = torch.ones(n, dtype=torch.bool)
     if n > 3:
         mask[3] = False
-    return logits, ids, lp, mask
+    return logits.to(DEVICE), ids.to(DEVICE), lp.to(DEVICE), mask.to(DEVICE)
 
 
 def rel_err(actual, expected):
@@ -76,7 +78,7 @@ def run_both(logits, ids, lp, mask, reduction, backend="triton", chunk_size=None
         torch.linspace(-1.5, 2.0, out.numel()).reshape(out.shape)
         if reduction == "none"
         else torch.tensor(0.7)
-    )
+    ).to(DEVICE)
     out.backward(up.to(out.dtype))
     ref.backward(up.double())
     return out.detach(), x.grad, ref.detach(), xr.grad
@@ -124,16 +126,17 @@ def test_odd_shape_several_tiles(loss, tail, n):
 
 
 @pytest.mark.parametrize("loss,tail", COMBOS)
-@pytest.mark.parametrize("block_v", [64])
-def test_launcher_small_tiles(loss, tail, block_v):
-    # several tiles per row, the last one partial; float row weights (negative and zero included)
+@pytest.mark.parametrize("block_v,block_r", [(64, 1), (64, 4)])
+def test_launcher_small_tiles(loss, tail, block_v, block_r):
+    # several tiles per row, the last one partial; one or several rows per program (5 rows: the last
+    # program partly empty); float row weights (negative and zero included)
     logits, ids, lp, _ = make_inputs(5, 300, 7, seed=2)
     valid = lp > NEG_INF
     ids = torch.where(valid, ids, 0)
-    scale = torch.tensor([1.0, 0.5, 0.0, 2.0, -1.0])
+    scale = torch.tensor([1.0, 0.5, 0.0, 2.0, -1.0], device=DEVICE)
     spec = LossSpec(loss=loss, tail=tail, temperature=0.9)
     buf = logits.clone()
-    values = topk_distill_forward(buf, ids, lp, valid, scale, spec, True, block_v=block_v)
+    values = topk_distill_forward(buf, ids, lp, valid, scale, spec, True, block_v=block_v, block_r=block_r)
     values_t, grad_t = _torch_chunk(logits.clone(), ids, lp, valid, scale, spec, True)
     xr = logits.double().requires_grad_()
     ref = topk_distill_loss_reference(
@@ -159,12 +162,12 @@ def _fused(backend, hidden, weight, bias, ids, lp, mask, up, **kw):
 def test_fused_linear_matches_reference(loss, tail, reduction):
     gen = torch.Generator().manual_seed(3)
     n, hdim, vocab, k = 9, 16, 300, 7
-    hidden = torch.randn(n, hdim, generator=gen)
-    weight = torch.randn(vocab, hdim, generator=gen) * 0.5
-    bias = torch.randn(vocab, generator=gen)
+    hidden = torch.randn(n, hdim, generator=gen).to(DEVICE)
+    weight = (torch.randn(vocab, hdim, generator=gen) * 0.5).to(DEVICE)
+    bias = torch.randn(vocab, generator=gen).to(DEVICE)
     _, ids, lp, mask = make_inputs(n, vocab, k, seed=3)
     kw = dict(loss=loss, tail=tail, reduction=reduction, temperature=1.2)
-    up = torch.linspace(-1.0, 2.0, n) if reduction == "none" else torch.tensor(0.7)
+    up = (torch.linspace(-1.0, 2.0, n) if reduction == "none" else torch.tensor(0.7)).to(DEVICE)
     hr, wr, br = (t.double().requires_grad_() for t in (hidden, weight, bias))
     ref = topk_distill_loss_reference(hr @ wr.t() + br, ids, lp.double(), mask, **kw)
     ref.backward(up.double())
@@ -187,6 +190,7 @@ def test_k_equals_v_bucket_is_full_kl():
     logits = torch.randn(6, vocab, generator=gen) * 2
     t_full = torch.log_softmax(torch.randn(6, vocab, generator=gen), dim=-1)
     perm = torch.stack([torch.randperm(vocab, generator=gen) for _ in range(6)])
+    logits, t_full, perm = logits.to(DEVICE), t_full.to(DEVICE), perm.to(DEVICE)
     lp = t_full.gather(1, perm)
     out, _ = check_loss(logits, perm, lp, None, "none", loss="forward_kl", tail="bucket")
     full_kl = (t_full.double().exp() * (t_full.double() - torch.log_softmax(logits.double(), -1))).sum(-1)
@@ -197,9 +201,9 @@ def test_k_equals_v_bucket_is_full_kl():
 def test_teacher_mass_one_and_student_mass_near_one(loss):
     # the teacher's top-k holds all its mass (tail floored); the student puts ~1 - 1e-11 on the members
     logits, _, _, mask = make_inputs(6, 300, 7, seed=6)
-    ids = torch.stack([torch.randperm(300)[:7] for _ in range(6)])
-    lp = torch.log_softmax(torch.randn(6, 7), dim=-1)
-    logits.scatter_(1, ids, 30.0 + torch.randn(6, 7))
+    ids = torch.stack([torch.randperm(300)[:7] for _ in range(6)]).to(DEVICE)
+    lp = torch.log_softmax(torch.randn(6, 7), dim=-1).to(DEVICE)
+    logits.scatter_(1, ids, 30.0 + torch.randn(6, 7, device=DEVICE))
     check_loss(logits, ids, lp, mask, "sum", loss=loss, tail="bucket")
 
 
@@ -223,7 +227,7 @@ def test_temperature(loss, temperature):
 @pytest.mark.parametrize("tail", ["bucket", "renorm", "none"])
 def test_all_masked_and_all_unused(tail):
     logits, ids, lp, _ = make_inputs(5, 300, 7, seed=9)
-    mask = torch.zeros(5, dtype=torch.bool)
+    mask = torch.zeros(5, dtype=torch.bool, device=DEVICE)
     out, grad, ref, _ = run_both(logits, ids, lp, mask, "mean", tail=tail)
     assert out.item() == 0.0 and ref.item() == 0.0
     assert (grad == 0).all()
@@ -233,13 +237,15 @@ def test_all_masked_and_all_unused(tail):
 
 
 def test_empty_batch():
-    logits = torch.zeros(0, 50, requires_grad=True)
-    ids = torch.zeros(0, 4, dtype=torch.long)
-    lp = torch.zeros(0, 4)
+    logits = torch.zeros(0, 50, device=DEVICE, requires_grad=True)
+    ids = torch.zeros(0, 4, dtype=torch.long, device=DEVICE)
+    lp = torch.zeros(0, 4, device=DEVICE)
     out = topk_distill_loss(logits, ids, lp, reduction="sum", backend="triton")
     out.backward()
     assert out.item() == 0.0 and logits.grad.shape == (0, 50)
-    values, grad = topk_chunk_triton_(torch.zeros(0, 50), ids, lp, lp > 0, torch.zeros(0), LossSpec(), True)
+    values, grad = topk_chunk_triton_(
+        torch.zeros(0, 50, device=DEVICE), ids, lp, lp > 0, torch.zeros(0, device=DEVICE), LossSpec(), True
+    )
     assert values.shape == (0,) and grad.shape == (0, 50)
 
 
@@ -248,7 +254,7 @@ def test_chunk_contract_in_place(dtype):
     logits, ids, lp, _ = make_inputs(4, 100, 5, seed=10, dtype=dtype)
     valid = lp > NEG_INF
     ids = torch.where(valid, ids, 0)
-    scale = torch.ones(4)
+    scale = torch.ones(4, device=DEVICE)
     buf = logits.clone()
     values, grad = topk_chunk_triton_(buf, ids, lp, valid, scale, LossSpec(), True)
     assert grad is buf and grad.dtype == dtype and values.dtype == torch.float32
@@ -266,9 +272,65 @@ def test_float64_falls_back_to_torch():
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    logits, ids, lp, _ = make_inputs(2, 50, 4)
+    logits, ids, lp = (t.cpu() for t in make_inputs(2, 50, 4)[:3])
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         topk_chunk_triton_(logits, ids, lp, lp > NEG_INF, torch.ones(2), LossSpec(), True)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none", "renorm"])
+def test_chunk_without_grad_leaves_buffer_unchanged(tail):
+    # bucket marks the members -inf for its pass and must put them back; bf16 checks the exact restore
+    logits, ids, lp, _ = make_inputs(6, 300, 7, seed=12, dtype=torch.bfloat16)
+    valid = lp > NEG_INF
+    ids = torch.where(valid, ids, 0)
+    buf = logits.clone()
+    values, none = topk_chunk_triton_(
+        buf, ids, lp, valid, torch.ones(6, device=DEVICE), LossSpec(tail=tail), False
+    )
+    assert none is None and torch.equal(buf, logits)
+    want, _ = _torch_chunk(
+        logits.clone(), ids, lp, valid, torch.ones(6, device=DEVICE), LossSpec(tail=tail), False
+    )
+    assert_close(values, want.double(), RTOL, "values without grad")
+
+
+def test_k_beyond_register_tiles_runs_the_torch_path(monkeypatch):
+    # chunks with more slots than the kernels' [BLOCK_K] tiles hold go to the torch implementation,
+    # with the same contract (dlogits in the buffer, in its dtype)
+    monkeypatch.setattr(topk_triton, "_MAX_BLOCK_K", 4)
+    calls = []
+    real = topk_triton._torch_fallback
+    monkeypatch.setattr(topk_triton, "_torch_fallback", lambda *a: calls.append(1) or real(*a))
+    logits, ids, lp, mask = make_inputs(9, 300, 7, seed=13)
+    check_loss(logits, ids, lp, mask, "mean", loss="jsd", tail="bucket")
+    assert calls
+
+
+@pytest.mark.parametrize("block_r", [1, 8])
+def test_vocabulary_edges_and_k_equals_v_several_rows(block_r):
+    # an id at V - 1, a row whose top-k covers the vocabulary (no bucket) next to ordinary rows in the
+    # same program
+    vocab, k = 64, 64
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(6, vocab, generator=gen) * 2
+    lp, ids = torch.log_softmax(torch.randn(6, vocab, generator=gen), -1).topk(k, dim=-1)
+    lp[2:, 8:] = NEG_INF  # rows 2.. use 8 slots only
+    ids[2:, 0] = vocab - 1
+    ids[2:, 1:8] = torch.stack([torch.randperm(vocab - 1, generator=gen)[:7] for _ in range(4)])
+    logits, ids, lp = logits.to(DEVICE), ids.to(DEVICE), lp.to(DEVICE)
+    valid = lp > NEG_INF
+    ids = torch.where(valid, ids, 0)
+    scale = torch.full((6,), 0.5, device=DEVICE)
+    spec = LossSpec(loss="reverse_kl", tail="bucket")
+    buf = logits.clone()
+    values = topk_distill_forward(buf, ids, lp, valid, scale, spec, True, block_r=block_r)
+    xr = logits.double().requires_grad_()
+    ref = topk_distill_loss_reference(
+        xr, ids, lp.double(), scale.double(), loss="reverse_kl", reduction="none"
+    )
+    ref.sum().backward()
+    assert_close(values, ref.detach(), RTOL, "value")
+    assert_close(buf, xr.grad, RTOL, "grad")
 
 
 def test_report_errors():
