@@ -2,7 +2,8 @@
 function; the work lives in those functions (``gkd.teacher.service`` for ``gkd teacher ...``).
 
     gkd teacher serve --model PATH [--backend hf|vllm] [--workers N] [--port 15555] [--backend-port 15556]
-    gkd teacher join  --broker HOST:15556 --model PATH [--workers N]
+                      [--gpus 4,5] [--tensor-parallel-size 1] [--dtype bfloat16] [vLLM knobs]
+    gkd teacher join  --broker HOST:15556 --model PATH [--workers N] [--gpus 4,5]
     gkd teacher ping  HOST:15555
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+
+from gkd.placement import VLLMOptions, run_service
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -27,8 +30,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="top-k log-probs on the wire (token log-probs are always float32)",
     )
     g.add_argument("--max-batch-tokens", type=int, default=8192, help="hf engine: padded tokens per batch")
+    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
     g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
+    from gkd.teacher.service import GPU_MEMORY_UTILIZATION
+
+    VLLMOptions.add_args(p, memory_default=GPU_MEMORY_UTILIZATION)
 
 
 def _engine_spec(args: argparse.Namespace):
@@ -43,6 +50,8 @@ def _engine_spec(args: argparse.Namespace):
         temperature=args.temperature,
         logprob_dtype=args.logprob_dtype,
         max_batch_tokens=args.max_batch_tokens,
+        device=args.device,
+        vllm=VLLMOptions.from_args(args),
     )
 
 
@@ -51,13 +60,18 @@ def _teacher_serve(args: argparse.Namespace) -> int:
     from gkd.transport.process import configure_logging
 
     configure_logging(args.log_level)
-    return service.serve(
-        _engine_spec(args),
-        host=args.host,
-        port=args.port,
-        backend_port=args.backend_port,
-        workers=args.workers,
-        auth_secret_file=args.auth_secret_file,
+    return run_service(
+        "gkd teacher serve",
+        lambda: _engine_spec(args),
+        lambda spec: service.serve(
+            spec,
+            host=args.host,
+            port=args.port,
+            backend_port=args.backend_port,
+            workers=args.workers,
+            auth_secret_file=args.auth_secret_file,
+            gpus=args.gpus,
+        ),
     )
 
 
@@ -66,8 +80,12 @@ def _teacher_join(args: argparse.Namespace) -> int:
     from gkd.transport.process import configure_logging
 
     configure_logging(args.log_level)
-    return service.join(
-        _engine_spec(args), args.broker, workers=args.workers, auth_secret_file=args.auth_secret_file
+    return run_service(
+        "gkd teacher join",
+        lambda: _engine_spec(args),
+        lambda spec: service.join(
+            spec, args.broker, workers=args.workers, auth_secret_file=args.auth_secret_file, gpus=args.gpus
+        ),
     )
 
 

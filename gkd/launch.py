@@ -1,11 +1,16 @@
 """``gkd train --config configs/X.yaml [key=value ...]``: one command for a whole run on one node.
 
-1. Load and check the config (a bad key fails here, before anything starts).
+1. Load and check the config (a bad key fails here, before anything starts); plan this node's GPUs
+   (``gkd.placement``: disjoint device sets per role, refusals in one line) and print the plan.
+   ``--dry-run`` stops here after printing every command with its environment.
 2. With ``teacher.launch`` / ``rollout.launch``: start ``gkd teacher serve`` / ``gkd rollout serve
    --weight-channel 127.0.0.1:rollout.weight_port`` as child processes and wait until every configured
    worker has registered with its broker (each child's exit or a timeout is an error naming the service).
+   A service on GPUs gets ``--gpus`` (its pool; it hands each worker one tensor-parallel slice as
+   ``CUDA_VISIBLE_DEVICES``), ``--device cuda``, its dtype and, for vLLM, the engine knobs of its section.
 3. Build and run the torchrun command (``python -m torch.distributed.run --standalone --nproc-per-node N
-   -m gkd.train --config ... overrides``); children share this terminal, so their logs stream here.
+   -m gkd.train --config ... overrides``) with the trainer's ``CUDA_VISIBLE_DEVICES``; children share
+   this terminal, so their logs stream here.
 4. On exit, error, Ctrl-C or SIGTERM: stop every child (SIGTERM, then SIGKILL after a grace period).
 
 Multi-node trainers (``trainer.nnodes > 1``) run ``scripts/launch.sh`` (torchrun with a c10d rendezvous)
@@ -17,13 +22,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from gkd.config import Config, load_config
+from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
+from gkd.placement import (
+    FAKE_GPUS_ENV,
+    VISIBLE_ENV,
+    PlacementError,
+    Plan,
+    VLLMOptions,
+    detect_gpus,
+    weight_backend,
+)
+from gkd.placement import plan as place
 from gkd.transport.process import PARENT_ENV, configure_logging, stop_children
 
 log = logging.getLogger("gkd.launch")
@@ -39,23 +56,55 @@ def _gkd(*args: object) -> list[str]:
     return [sys.executable, "-m", "gkd.cli", *map(str, args)]
 
 
-def teacher_command(cfg: Config) -> list[str]:
+@dataclass(frozen=True)
+class Command:
+    """One child process: its argv and what it adds to the launcher's environment."""
+
+    name: str  # teacher | rollout | trainer
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def shell(self) -> str:
+        """The command as one shell line, environment first (``gkd train --dry-run`` prints these)."""
+        return shlex.join([f"{k}={v}" for k, v in self.env.items()] + self.argv)
+
+
+def _vllm_options(cfg: Config, section: TeacherConfig | RolloutConfig) -> VLLMOptions:
+    """A service's vLLM knobs; ``max_model_len`` null = data.max_prompt_length + data.max_response_length."""
+    return VLLMOptions(
+        tensor_parallel_size=section.tensor_parallel_size,
+        gpu_memory_utilization=section.gpu_memory_utilization,
+        max_model_len=section.max_model_len or cfg.data.max_prompt_length + cfg.data.max_response_length,
+        max_num_batched_tokens=section.max_num_batched_tokens,
+        enforce_eager=section.enforce_eager,
+    )
+
+
+def _gpu_argv(pool: Sequence[str], backend: str, opts: VLLMOptions) -> list[str]:
+    """``--device cuda --gpus ...`` for a service on GPUs, plus the vLLM knobs for a vLLM engine."""
+    argv = ["--device", "cuda" if pool else "cpu"] + (["--gpus", ",".join(pool)] if pool else [])
+    return argv + (opts.to_argv() if backend == "vllm" else [])
+
+
+def teacher_command(cfg: Config, pool: Sequence[str] = ()) -> list[str]:
+    """``gkd teacher serve`` for the config; ``pool``: the plan's teacher GPUs (all workers, in order)."""
     t = cfg.teacher
     argv = _gkd("teacher", "serve", "--model", t.model_path, "--backend", t.backend, "--workers", t.workers)
+    argv += ["--dtype", teacher_dtype(cfg)]
     argv += ["--port", str(t.server_port), "--backend-port", str(t.backend_port)]
     argv += ["--top-k", str(t.top_k), "--temperature", repr(t.temperature)]
+    argv += _gpu_argv(pool, t.backend, _vllm_options(cfg, t))
     return argv + (["--auth-secret-file", t.auth_secret_file] if t.auth_secret_file else [])
 
 
-def rollout_command(cfg: Config) -> list[str]:
-    from gkd.trainer import param_dtype, weight_backend
-
+def rollout_command(cfg: Config, pool: Sequence[str] = ()) -> list[str]:
+    """``gkd rollout serve`` for the config; ``pool``: the plan's rollout GPUs (all workers, in order)."""
     r = cfg.rollout
     argv = _gkd("rollout", "serve", "--model", cfg.model.student_path, "--backend", r.backend)
-    argv += ["--dtype", param_dtype(cfg)]  # the dtype the trainer's weights arrive in
+    argv += ["--dtype", rollout_dtype(cfg)]  # the dtype the trainer's weights arrive in
     argv += ["--workers", str(r.workers), "--port", str(r.server_port), "--backend-port", str(r.backend_port)]
-    argv += ["--device", "cuda" if r.n_gpus_per_node > 0 else "cpu"]
     argv += ["--weight-channel", f"127.0.0.1:{r.weight_port}", "--weight-backend", weight_backend(cfg)]
+    argv += _gpu_argv(pool, r.backend, _vllm_options(cfg, r))
     return argv + (["--auth-secret-file", r.auth_secret_file] if r.auth_secret_file else [])
 
 
@@ -65,6 +114,24 @@ def torchrun_command(cfg: Config, config_paths: Sequence[str], overrides: Sequen
     for path in config_paths:
         argv += ["--config", str(path)]
     return argv + list(overrides)
+
+
+def commands(cfg: Config, plan: Plan, config_paths: Sequence[str], overrides: Sequence[str]) -> list[Command]:
+    """Every child of the run, in start order (services, then the trainer), with its GPUs."""
+
+    def visible(pool: Sequence[str]) -> dict[str, str]:
+        return {VISIBLE_ENV: ",".join(pool)} if pool else {}
+
+    out = []
+    if cfg.teacher.launch:
+        pool = Plan.pool(plan.teacher)
+        out.append(Command("teacher", teacher_command(cfg, pool), visible(pool)))
+    if cfg.rollout.launch:
+        pool = Plan.pool(plan.rollout)
+        out.append(Command("rollout", rollout_command(cfg, pool), visible(pool)))
+    trainer = torchrun_command(cfg, config_paths, overrides)
+    out.append(Command("trainer", trainer, visible(plan.trainer)))
+    return out
 
 
 def wait_healthy(
@@ -88,9 +155,14 @@ def wait_healthy(
 
 
 def run(
-    config_paths: Sequence[str], overrides: Sequence[str], *, health_timeout_s: float = HEALTH_TIMEOUT_S
+    config_paths: Sequence[str],
+    overrides: Sequence[str],
+    *,
+    health_timeout_s: float = HEALTH_TIMEOUT_S,
+    dry_run: bool = False,
 ) -> int:
-    """Start the configured services and torchrun; stop every child at the end. Returns torchrun's status."""
+    """Plan the GPUs, start the configured services and torchrun; stop every child at the end. Returns
+    torchrun's status (0 for ``dry_run``, which prints the plan and the commands and starts nothing)."""
     cfg = load_config(config_paths, overrides)
     if cfg.trainer.nnodes > 1:
         raise LaunchError(
@@ -98,45 +170,45 @@ def run(
             "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT --config ...` (torchrun with those flags, "
             "-m gkd.train) on each trainer node, services started separately (README: Multi-node)"
         )
+    found = detect_gpus()
+    plan = place(cfg, found)
+    cmds = commands(cfg, plan, config_paths, overrides)
+    print(plan.table(), flush=True)
+    if dry_run:
+        for c in cmds:
+            print(f"{c.name}: {c.shell()}", flush=True)
+        return 0
+    if found.source == FAKE_GPUS_ENV and any(c.env for c in cmds):
+        raise LaunchError(
+            f"{FAKE_GPUS_ENV}={found.count} only plans (the GPUs are not there): add --dry-run, or unset it"
+        )
     children: list[subprocess.Popen] = []
-    env = {**os.environ, PARENT_ENV: str(os.getpid())}  # services exit if this launcher dies
 
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
         raise KeyboardInterrupt
 
-    from gkd.trainer import StartupError, secret_auth
+    from gkd.trainer import StartupError
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         services = []
-        if cfg.teacher.launch:
-            from gkd.teacher.client import TeacherClient
-
-            argv = teacher_command(cfg)
-            log.info("starting the teacher service: %s", " ".join(argv))
-            children.append(subprocess.Popen(argv, env=env))
-            auth = secret_auth("teacher.auth_secret_file", cfg.teacher.auth_secret_file)
-            client = TeacherClient(f"127.0.0.1:{cfg.teacher.server_port}", timeout_s=5, retries=0, auth=auth)
-            services.append(("teacher", children[-1], client, cfg.teacher.workers))
-        if cfg.rollout.launch:
-            from gkd.rollout.client import RolloutClient
-
-            argv = rollout_command(cfg)
-            log.info("starting the rollout service: %s", " ".join(argv))
-            children.append(subprocess.Popen(argv, env=env))
-            auth = secret_auth("rollout.auth_secret_file", cfg.rollout.auth_secret_file)
-            client = RolloutClient(f"127.0.0.1:{cfg.rollout.server_port}", timeout_s=5, retries=0, auth=auth)
-            services.append(("rollout", children[-1], client, cfg.rollout.workers))
-        for name, proc, client, workers in services:
+        for c in cmds[:-1]:
+            log.info("starting the %s service: %s", c.name, c.shell())
+            # services exit by themselves if this launcher dies
+            children.append(
+                subprocess.Popen(c.argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **c.env})
+            )
+            services.append((c.name, children[-1], _client(cfg, c.name)))
+        for name, proc, (client, workers) in services:
             try:
                 wait_healthy(name, proc, lambda c=client: c.info(timeout_s=2), workers, health_timeout_s)
             finally:
                 client.close()
-        argv = torchrun_command(cfg, config_paths, overrides)
-        log.info("starting the trainer: %s", " ".join(argv))
-        trainer = subprocess.Popen(argv, env=os.environ.copy())
-        children.append(trainer)
-        status = trainer.wait()
+        trainer = cmds[-1]
+        log.info("starting the trainer: %s", trainer.shell())
+        proc = subprocess.Popen(trainer.argv, env={**os.environ, **trainer.env})
+        children.append(proc)
+        status = proc.wait()
         log.info("trainer exited with status %d", status)
         return status
     except KeyboardInterrupt:
@@ -149,13 +221,30 @@ def run(
         signal.signal(signal.SIGTERM, previous)
 
 
+def _client(cfg: Config, name: str):
+    """(a client of the local ``name`` service for the health wait, the number of workers it must reach)."""
+    from gkd.trainer import secret_auth
+
+    if name == "teacher":
+        from gkd.teacher.client import TeacherClient as client_class
+
+        section = cfg.teacher
+    else:
+        from gkd.rollout.client import RolloutClient as client_class
+
+        section = cfg.rollout
+    auth = secret_auth(f"{name}.auth_secret_file", section.auth_secret_file)
+    client = client_class(f"127.0.0.1:{section.server_port}", timeout_s=5, retries=0, auth=auth)
+    return client, section.workers
+
+
 def _train(args: argparse.Namespace) -> int:
     from gkd.config import ConfigError
 
     configure_logging(args.log_level)
     try:
-        return run(args.config, args.overrides)
-    except (ConfigError, LaunchError) as e:
+        return run(args.config, args.overrides, dry_run=args.dry_run)
+    except (ConfigError, LaunchError, PlacementError) as e:
         print(f"gkd train: error: {e}", file=sys.stderr)
         return 2
 
@@ -164,5 +253,10 @@ def add_train_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``gkd train`` (the top-level parser defines ``--log-level``)."""
     p = subparsers.add_parser("train", help="run distillation: local services (if configured) + torchrun")
     p.add_argument("--config", action="append", required=True, help="YAML config file (repeatable)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the GPU plan and every command with its environment; start nothing",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.total_steps=10")
     p.set_defaults(func=_train)

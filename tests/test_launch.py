@@ -138,13 +138,21 @@ def test_ctrl_c_stops_every_child(tmp_path):
             launcher.wait()
 
 
-def test_rollout_engines_get_the_trainers_parameter_dtype():
-    """The weights reach the rollout in the trainer's parameter dtype: float32 on CPU (whatever
-    model.dtype says), model.dtype on GPU."""
-    cpu = rollout_command(_cfg("model.dtype=bfloat16"))
-    assert cpu[cpu.index("--dtype") + 1] == "float32"
-    gpu = rollout_command(_cfg("model.dtype=bfloat16", "trainer.n_gpus_per_node=1"))
-    assert gpu[gpu.index("--dtype") + 1] == "bfloat16"
+def test_engines_get_their_resolved_dtypes():
+    """The rollout starts in the dtype the trainer's weights arrive in (rollout.dtype, auto = the compute
+    dtype: float32 on CPU, bfloat16 with trainer GPUs); the teacher in teacher.dtype (auto = bfloat16 on
+    GPUs), never the float32 a vLLM teacher used to load in."""
+
+    def dtype(argv):
+        return argv[argv.index("--dtype") + 1]
+
+    assert dtype(rollout_command(_cfg("model.param_dtype=float32"))) == "float32"
+    gpu = _cfg("trainer.n_gpus_per_node=1", "rollout.n_gpus_per_node=1", "teacher.n_gpus_per_node=1")
+    assert dtype(rollout_command(gpu)) == "bfloat16" and dtype(teacher_command(gpu)) == "bfloat16"
+    assert dtype(rollout_command(_cfg("trainer.n_gpus_per_node=1", "model.compute_dtype=float16"))) == "float16"
+    assert dtype(rollout_command(_cfg("rollout.dtype=bfloat16"))) == "bfloat16"
+    assert dtype(teacher_command(_cfg())) == "float32"
+    assert dtype(teacher_command(_cfg("teacher.dtype=float16"))) == "float16"
 
 
 def test_launch_sh_builds_the_torchrun_command_of_one_node():

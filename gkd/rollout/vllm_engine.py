@@ -36,8 +36,11 @@ them (``qkv_proj``, ``gate_up_proj``) inside its ``load_weights``.
   ``reload_weights(weights_iterator=...)`` rebuilds each layer in checkpoint shape, loads, and re-runs the
   post-load processing. One repair follows: with tied embeddings the checkpoint has no ``lm_head.weight``,
   so the head's processed (oneDNN) copy is left stale; it is re-processed from the new embedding.
-- Both: ``reset_prefix_cache()`` after every update -- cached KV blocks were computed by the old weights
-  (on CPU, prompts longer than one 128-token block otherwise decode wrongly).
+- Both: the copies' stream is synchronised before the update returns (they ran on the weights thread's
+  current stream; generation resumes on another), then ``reset_prefix_cache()`` -- cached KV blocks were
+  computed by the old weights (on CPU, prompts longer than one 128-token block otherwise decode wrongly).
+  If vLLM refuses the reset (it returns False), the update raises and the engine refuses every later
+  ``generate`` rather than serve stale cache.
 
 Updates happen only between ``generate`` calls (the rollout worker holds a lock for a whole request).
 """
@@ -82,10 +85,21 @@ def _set_logit_scale(worker, factor: float) -> float:
     return processor.scale
 
 
+def _finish_copies(model) -> None:
+    """Wait until the copies into ``model``'s parameters have run on the GPU. They were queued on this
+    thread's current stream (the rollout worker's weights thread); generation resumes on the engine's
+    stream, which does not wait for this one. A host sync once per weight version, off the hot path."""
+    device = next(iter(model.parameters())).device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _load_in_place(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
     """GPU, unquantized: copy into the existing parameters (vLLM renames/fuses HF names itself)."""
+    model = worker.model_runner.get_model()
     with torch.no_grad():
-        loaded = worker.model_runner.get_model().load_weights(iter(weights))
+        loaded = model.load_weights(iter(weights))
+    _finish_copies(model)
     return len(loaded) if loaded is not None else len(weights)
 
 
@@ -99,6 +113,7 @@ def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
         # Tied embeddings: the reload re-processed embed_tokens but not the head's processed copy.
         with torch.no_grad():
             head.quant_method.process_weights_after_loading(head)
+    _finish_copies(model)
     return len(weights)
 
 
@@ -142,6 +157,7 @@ class VLLMRolloutEngine:
         self._reload_path = self.on_cpu or config.quantization is not None
         self._scale_factor = 1.0
         self._spec: dict[str, torch.Tensor] | None = None
+        self._broken: str | None = None  # set when an update could not clear the prefix cache
 
     # --- weights ---------------------------------------------------------------------------------------
 
@@ -179,7 +195,15 @@ class VLLMRolloutEngine:
                 "vLLM weight updates need the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "
                 "default gkd sets before vllm starts)"
             ) from e
-        self.llm.reset_prefix_cache()
+        # Cached KV blocks hold the old weights' keys and values. vLLM refuses the reset (False) while
+        # blocks are in use; serving after that would mix versions, so this engine stops serving.
+        if self.llm.reset_prefix_cache() is False:
+            self._broken = (
+                f"vLLM refused to reset its prefix cache after loading policy version {version}; the cache "
+                "still holds the previous weights' KV blocks, so this engine no longer serves (restart the "
+                "worker)"
+            )
+            raise RuntimeError(self._broken)
         if version is not None:
             self.policy_version = int(version)
         return len(weights)
@@ -189,6 +213,8 @@ class VLLMRolloutEngine:
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed_offset: int = 0
     ) -> list[Sample]:
+        if self._broken:
+            raise RuntimeError(self._broken)
         check_prompts(
             prompts, vocab_size=self.vocab_size, max_len=self.max_len, max_new_tokens=sampling.max_new_tokens
         )

@@ -20,10 +20,18 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gkd.placement import (
+    VLLMOptions,
+    apply_worker_gpus,
+    describe_engine,
+    engine_on_gpu,
+    engine_slices,
+    worker_env,
+)
 from gkd.teacher.wire import LIMITS, OPS, make_handler
 from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
 from gkd.transport.process import (
@@ -38,6 +46,10 @@ from gkd.transport.process import (
 log = logging.getLogger("gkd.teacher")
 
 BACKENDS = ("hf", "vllm")
+# vLLM's prompt-logprobs path allocates [tokens, vocab] logits plus an fp32 log-softmax outside what its
+# memory profiler counts (~7.5 GiB at 8192 tokens x 152k vocab), so the teacher leaves more headroom
+# than vLLM's own 0.9.
+GPU_MEMORY_UTILIZATION = 0.8
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -53,10 +65,16 @@ class EngineSpec:
     temperature: float = 1.0  # the default when a request gives none
     logprob_dtype: str = "float32"
     max_batch_tokens: int = 8192
+    device: str = "cpu"  # hf engine: torch device (cuda = the first GPU the worker sees)
+    vllm: VLLMOptions = field(
+        default_factory=lambda: VLLMOptions(gpu_memory_utilization=GPU_MEMORY_UTILIZATION)
+    )
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.vllm.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"--tensor-parallel-size {self.vllm.tensor_parallel_size} needs --backend vllm")
         if self.top_k < 1 or not self.temperature > 0:
             raise ValueError(f"top_k={self.top_k} must be >= 1 and temperature={self.temperature} > 0")
 
@@ -66,18 +84,33 @@ class EngineSpec:
         if self.backend == "vllm":
             from gkd.teacher.vllm_engine import VLLMTeacherEngine
 
-            return VLLMTeacherEngine(self.model, gguf_file=self.gguf_file, **common)
+            knobs = self.vllm.llm_kwargs()
+            # the engine adds the one position vLLM must generate to max_len
+            max_len = knobs.pop("max_model_len", None)
+            return VLLMTeacherEngine(self.model, gguf_file=self.gguf_file, max_len=max_len, **common, **knobs)
         from gkd.teacher.hf_engine import HFTeacherEngine
 
         return HFTeacherEngine.from_pretrained(
-            self.model, gguf_file=self.gguf_file, max_batch_tokens=self.max_batch_tokens, **common
+            self.model,
+            gguf_file=self.gguf_file,
+            max_batch_tokens=self.max_batch_tokens,
+            device=self.device,
+            **common,
         )
+
+    @property
+    def on_gpu(self) -> bool:
+        return engine_on_gpu(self.backend, self.device)
+
+    def describe(self) -> str:
+        return describe_engine(self.backend, self.model, self.dtype, self.device, self.vllm)
 
     def to_argv(self) -> list[str]:
         """The ``gkd teacher join`` options that rebuild this spec in a child process."""
         argv = ["--model", self.model, "--backend", self.backend, "--dtype", self.dtype]
         argv += ["--top-k", str(self.top_k), "--temperature", repr(self.temperature)]
         argv += ["--logprob-dtype", self.logprob_dtype, "--max-batch-tokens", str(self.max_batch_tokens)]
+        argv += ["--device", self.device, *self.vllm.to_argv()]
         return argv + (["--gguf-file", self.gguf_file] if self.gguf_file else [])
 
 
@@ -129,10 +162,13 @@ def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = 
 # ------------------------------------------------------------------------------------ processes
 
 
-def _spawn_worker(spec: EngineSpec, broker: str, auth_secret_file: str | None) -> subprocess.Popen:
+def _spawn_worker(
+    spec: EngineSpec, broker: str, auth_secret_file: str | None, env: dict[str, str]
+) -> subprocess.Popen:
+    """``gkd teacher join --workers 1`` with ``env`` added (its ``CUDA_VISIBLE_DEVICES`` slice)."""
     argv = [sys.executable, "-m", "gkd.cli", "teacher", "join", "--broker", broker, "--workers", "1"]
     argv += spec.to_argv() + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
-    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid())})
+    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **env})
 
 
 def serve(
@@ -143,10 +179,13 @@ def serve(
     backend_port: int = 15556,
     workers: int = 1,
     auth_secret_file: str | None = None,
+    gpus: str | None = None,
 ) -> int:
-    """Run a broker and ``workers`` worker processes until SIGINT/SIGTERM; returns the exit status."""
+    """Run a broker and ``workers`` worker processes until SIGINT/SIGTERM; returns the exit status.
+    ``gpus`` (``"4,5"``): worker i gets the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
+    slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     broker = make_broker(
         host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
@@ -155,7 +194,7 @@ def serve(
         "teacher",
         broker,
         workers,
-        lambda backend, _i: _spawn_worker(spec, backend, auth_secret_file),
+        lambda backend, i: _spawn_worker(spec, backend, auth_secret_file, worker_env(slices, i)),
         stop,
         what=f"{spec.backend} worker(s) for {spec.model}",
         detail=f"auth {'on' if auth_secret_file else 'off'}",
@@ -163,13 +202,27 @@ def serve(
     )
 
 
-def join(spec: EngineSpec, broker: str, *, workers: int = 1, auth_secret_file: str | None = None) -> int:
-    """Serve ``spec`` behind ``broker``'s backend (HOST:PORT) with ``workers`` engines until stopped."""
+def join(
+    spec: EngineSpec,
+    broker: str,
+    *,
+    workers: int = 1,
+    auth_secret_file: str | None = None,
+    gpus: str | None = None,
+) -> int:
+    """Serve ``spec`` behind ``broker``'s backend (HOST:PORT) with ``workers`` engines until stopped
+    (``gpus`` as for :func:`serve`)."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
+    slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     if workers > 1:
-        return supervise([_spawn_worker(spec, broker, auth_secret_file) for _ in range(workers)], stop)
+        children = [
+            _spawn_worker(spec, broker, auth_secret_file, worker_env(slices, i)) for i in range(workers)
+        ]
+        return supervise(children, stop)
+    apply_worker_gpus(slices, log)  # before the engine starts CUDA
+    log.info("worker %d: loading the %s", os.getpid(), spec.describe())
     start = time.monotonic()
     worker = make_worker(spec, broker, auth=auth_from_file(auth_secret_file))
     log.info(

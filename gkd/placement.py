@@ -1,0 +1,404 @@
+"""Which GPUs each process of a run gets on this node, and how a GPU engine is sized.
+
+``plan(cfg, gpus)`` is pure: from the config and the number of GPUs on this node it returns disjoint
+device sets for the trainer (``trainer.n_gpus_per_node``, one torchrun process per GPU), each rollout
+worker and each teacher worker (``tensor_parallel_size`` GPUs each, ``n_gpus_per_node / tensor_parallel_size``
+workers) -- only for the services this launcher starts (``teacher.launch`` / ``rollout.launch``) -- or
+raises :class:`PlacementError` with one line naming the keys and counts. Device ids are strings, as
+``CUDA_VISIBLE_DEVICES`` takes them: the node's physical ids (``0..N-1``, or the launcher's own inherited
+``CUDA_VISIBLE_DEVICES`` list), so each child gets its own ``CUDA_VISIBLE_DEVICES``.
+
+Refused:
+- a role asking for GPUs on a machine without CUDA (``GKD_FAKE_GPUS`` not set);
+- ``n_gpus_per_node`` not divisible by ``tensor_parallel_size``; ``workers`` that differ from
+  ``n_gpus_per_node / tensor_parallel_size`` (the trainer sizes the weight channel from ``workers``, so
+  the launcher does not silently derive it);
+- an oversubscribed node (the roles' GPUs add up to more than are present), unless
+  ``trainer.allow_shared_gpu`` (single-GPU smoke runs): roles then share GPUs round-robin and the weight
+  channel is gloo, but a NCCL group (the trainer's ranks, one tensor-parallel engine) still never has
+  two members on one GPU.
+
+``GKD_FAKE_GPUS=N`` is a testing knob read only by :func:`detect_gpus` (the launcher): plan for N GPUs on a
+machine without them (``gkd train --dry-run``).
+
+:class:`VLLMOptions` carries the vLLM engine knobs of one service (CLI flags <-> spec <-> ``vllm.LLM``
+keyword arguments); :func:`worker_gpus` cuts a service's GPU list into one slice per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gkd.config import Config
+
+__all__ = [
+    "FAKE_GPUS_ENV",
+    "Plan",
+    "PlacementError",
+    "VLLMOptions",
+    "detect_gpus",
+    "plan",
+    "weight_backend",
+    "worker_gpus",
+]
+
+FAKE_GPUS_ENV = "GKD_FAKE_GPUS"
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+class PlacementError(ValueError):
+    """The GPUs asked for cannot be placed on this node; the message names the keys and counts."""
+
+
+def weight_backend(cfg: Config) -> str:
+    """The weight channel's torch.distributed backend: NCCL only when trainer and rollout are both on GPUs
+    and may not share them (NCCL refuses two ranks on one GPU); gloo otherwise."""
+    gpu = cfg.trainer.n_gpus_per_node > 0 and cfg.rollout.n_gpus_per_node > 0
+    return "nccl" if gpu and not cfg.trainer.allow_shared_gpu else "gloo"
+
+
+@dataclass(frozen=True)
+class Found:
+    """The GPUs this node has: ``ids`` as ``CUDA_VISIBLE_DEVICES`` takes them; ``source`` says how known."""
+
+    ids: tuple[str, ...]
+    source: str  # "cuda" | "GKD_FAKE_GPUS" | "none" (no CUDA)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+def detect_gpus(env: Mapping[str, str] | None = None) -> Found:
+    """``GKD_FAKE_GPUS=N`` -> ids 0..N-1; else torch's CUDA devices (their physical ids: an inherited
+    ``CUDA_VISIBLE_DEVICES`` list, else 0..count-1); else none."""
+    env = os.environ if env is None else env
+    fake = env.get(FAKE_GPUS_ENV)
+    if fake is not None:
+        if not fake.strip().isdigit():
+            raise PlacementError(f"{FAKE_GPUS_ENV}={fake!r}: expected a GPU count (an integer >= 0)")
+        return Found(tuple(str(i) for i in range(int(fake))), FAKE_GPUS_ENV)
+    import torch
+
+    if not torch.cuda.is_available():
+        return Found((), "none")
+    count = torch.cuda.device_count()
+    inherited = [d.strip() for d in env.get(VISIBLE_ENV, "").split(",") if d.strip()]
+    ids = inherited[:count] if len(inherited) >= count else [str(i) for i in range(count)]
+    return Found(tuple(ids), "cuda")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Device sets for this node; an empty set means the role runs on CPU (or is not started here)."""
+
+    found: Found
+    trainer: tuple[str, ...]
+    rollout: tuple[tuple[str, ...], ...]  # one slice per rollout worker started here
+    teacher: tuple[tuple[str, ...], ...]  # one slice per teacher worker started here
+    shared: bool  # roles share GPUs (trainer.allow_shared_gpu and more asked than present)
+    weight_backend: str
+    trainer_procs: int  # torchrun processes on this node
+
+    @staticmethod
+    def pool(slices: Sequence[Sequence[str]]) -> tuple[str, ...]:
+        return tuple(d for s in slices for d in s)
+
+    def table(self) -> str:
+        """The plan as a small table (printed by ``gkd train`` before anything starts)."""
+        source = {"cuda": "CUDA", FAKE_GPUS_ENV: f"{FAKE_GPUS_ENV}={self.found.count}", "none": "no CUDA"}
+        lines = [f"GPU plan for this node: {self.found.count} GPU(s) ({source[self.found.source]})"]
+        rows = [("role", "worker", "GPUs", "CUDA_VISIBLE_DEVICES")]
+        n = self.trainer_procs
+        ranks = "rank 0" if n == 1 else f"ranks 0-{n - 1}"
+        if self.trainer:
+            rows.append(("trainer", ranks, str(len(self.trainer)), _ids(self.trainer)))
+        else:
+            rows.append(("trainer", ranks, "cpu", "-"))
+        for name, slices in (("rollout", self.rollout), ("teacher", self.teacher)):
+            rows += [(name, str(i), str(len(s)), _ids(s)) for i, s in enumerate(slices)]
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        used = set(self.trainer) | set(self.pool(self.rollout)) | set(self.pool(self.teacher))
+        idle = [d for d in self.found.ids if d not in used]
+        if idle:
+            lines.append(f"  idle: {_ids(idle)}")
+        if self.shared:
+            lines.append("  roles share GPUs (trainer.allow_shared_gpu=true; single-GPU smoke runs only)")
+        lines.append(f"  weight channel (trainer rank 0 -> rollout workers): {self.weight_backend}")
+        return "\n".join(lines)
+
+
+def _ids(devices: Sequence[str]) -> str:
+    return ",".join(devices)
+
+
+@dataclass(frozen=True)
+class _Pool:
+    role: str  # config section
+    gpus: int
+    tp: int
+    workers: int
+    launched: bool
+
+
+def _pools(cfg: Config) -> list[_Pool]:
+    t, r = cfg.teacher, cfg.rollout
+    return [
+        _Pool("rollout", r.n_gpus_per_node, r.tensor_parallel_size, r.workers, r.launch),
+        _Pool("teacher", t.n_gpus_per_node, t.tensor_parallel_size, t.workers, t.launch),
+    ]
+
+
+def _check_pool(p: _Pool, backend: str) -> None:
+    key = f"{p.role}.n_gpus_per_node"
+    if p.gpus < 0:
+        raise PlacementError(f"{key}={p.gpus}: must be >= 0 (0 = CPU engines)")
+    if p.tp < 1:
+        raise PlacementError(f"{p.role}.tensor_parallel_size={p.tp}: must be >= 1")
+    if p.tp > 1 and backend != "vllm":
+        raise PlacementError(
+            f"{p.role}.tensor_parallel_size={p.tp} needs {p.role}.backend=vllm "
+            "(the hf engine runs on one device)"
+        )
+    if p.gpus == 0:
+        if p.tp > 1:
+            raise PlacementError(f"{p.role}.tensor_parallel_size={p.tp} needs GPUs ({key}=0 runs on CPU)")
+        return
+    if p.gpus % p.tp:
+        raise PlacementError(
+            f"{key}={p.gpus} is not divisible by {p.role}.tensor_parallel_size={p.tp} (each engine takes "
+            f"{p.tp} GPUs)"
+        )
+    if p.workers != p.gpus // p.tp:
+        raise PlacementError(
+            f"{p.role}.workers={p.workers} does not match {key}={p.gpus} / {p.role}.tensor_parallel_size="
+            f"{p.tp} = {p.gpus // p.tp} engines per node; set {p.role}.workers={p.gpus // p.tp}"
+        )
+
+
+def plan(cfg: Config, found: Found) -> Plan:
+    """Place the trainer and the locally launched services on ``found``'s GPUs; see the module docstring."""
+    tr = cfg.trainer
+    pools = _pools(cfg)
+    backends = {"rollout": cfg.rollout.backend, "teacher": cfg.teacher.backend}
+    for p in pools:
+        if p.launched:
+            _check_pool(p, backends[p.role])
+    local = [p for p in pools if p.launched and p.gpus > 0]
+    asked = [("trainer", tr.n_gpus_per_node)] + [(p.role, p.gpus) for p in local]
+    asked = [(role, n) for role, n in asked if n > 0]
+    total = sum(n for _, n in asked)
+    counts = " + ".join(f"{role} {n}" for role, n in asked)
+    if asked and found.source == "none":
+        keys = ", ".join(f"{role}.n_gpus_per_node={n}" for role, n in asked)
+        verb = "asks" if len(asked) == 1 else "ask"
+        raise PlacementError(
+            f"{keys} {verb} for GPUs, but CUDA is not available here (torch.cuda.is_available() is False); "
+            f"set {' and '.join(f'{role}.n_gpus_per_node=0' for role, _ in asked)} to run on CPU "
+            f"({FAKE_GPUS_ENV}=N with --dry-run only plans for N GPUs)"
+        )
+    shared = total > found.count
+    if shared and not tr.allow_shared_gpu:
+        raise PlacementError(
+            f"node oversubscribed: {counts} = {total} GPUs asked, {found.count} present; lower the "
+            "*.n_gpus_per_node keys (roles may not share a GPU: NCCL refuses two ranks on one; "
+            "trainer.allow_shared_gpu=true lets them share for a single-GPU smoke run)"
+        )
+    for role, n in asked:  # shared or not, one NCCL group never has two members on one GPU
+        per_group = n if role == "trainer" else next(p.tp for p in local if p.role == role)
+        if per_group > found.count:
+            what = "the trainer's ranks" if role == "trainer" else "one engine's tensor-parallel ranks"
+            key = "trainer.n_gpus_per_node" if role == "trainer" else f"{role}.tensor_parallel_size"
+            raise PlacementError(
+                f"{key}={per_group} > {found.count} GPU(s) present: {what} form a NCCL group, which refuses "
+                "two ranks on one GPU (trainer.allow_shared_gpu shares GPUs between roles only)"
+            )
+    cursor = 0
+
+    def take(n: int) -> tuple[str, ...]:  # the next n GPUs, round-robin when the roles share them
+        nonlocal cursor
+        out = tuple(found.ids[(cursor + i) % found.count] for i in range(n))
+        cursor += n
+        return out
+
+    trainer = take(tr.n_gpus_per_node) if tr.n_gpus_per_node else ()
+    slices: dict[str, tuple[tuple[str, ...], ...]] = {"rollout": (), "teacher": ()}
+    for p in local:
+        slices[p.role] = tuple(take(p.tp) for _ in range(p.gpus // p.tp))
+    return Plan(
+        found=found,
+        trainer=trainer,
+        rollout=slices["rollout"],
+        teacher=slices["teacher"],
+        shared=shared,
+        weight_backend=weight_backend(cfg),
+        trainer_procs=tr.procs_per_node,
+    )
+
+
+# ------------------------------------------------------------------------------- services: GPUs, vLLM
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """``"4,5"`` -> ``["4", "5"]``; ``None`` or ``""`` -> ``[]``."""
+    return [d.strip() for d in (text or "").split(",") if d.strip()]
+
+
+def worker_gpus(
+    gpus: str | None, workers: int, tp: int, *, env: Mapping[str, str] | None = None
+) -> list[list[str]] | None:
+    """One ``tp``-sized slice per worker, from ``--gpus`` (exactly ``workers * tp`` ids) or else from an
+    inherited ``CUDA_VISIBLE_DEVICES`` (its first ``workers * tp`` ids); None when neither is given (the
+    workers inherit the environment as is). Raises :class:`PlacementError` naming the flag and counts."""
+    env = os.environ if env is None else env
+    need = workers * tp
+    given = parse_gpus(gpus)
+    if given:
+        if len(given) != need or len(set(given)) != len(given):
+            raise PlacementError(
+                f"--gpus {gpus}: expected {need} distinct GPU ids (--workers {workers} x "
+                f"--tensor-parallel-size {tp}), got {len(given)}"
+            )
+    else:
+        given = parse_gpus(env.get(VISIBLE_ENV))
+        if not given:
+            return None
+        if len(given) < need:
+            raise PlacementError(
+                f"{VISIBLE_ENV}={env.get(VISIBLE_ENV)} holds {len(given)} GPU(s); --workers {workers} x "
+                f"--tensor-parallel-size {tp} need {need} (pass --gpus, or fewer workers)"
+            )
+    return [given[i * tp : (i + 1) * tp] for i in range(workers)]
+
+
+_VLLM_KNOBS = (
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "max_num_batched_tokens",
+    "enforce_eager",
+)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """vLLM engine knobs of one service (``None`` = vLLM's default); the hf engines ignore them except
+    ``tensor_parallel_size``, which must be 1 there."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None  # prompt + response tokens
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise PlacementError(f"--tensor-parallel-size {self.tensor_parallel_size} must be >= 1")
+        u = self.gpu_memory_utilization
+        if u is not None and not 0 < u <= 1:
+            raise PlacementError(f"--gpu-memory-utilization {u} must lie in (0, 1]")
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` (only the knobs that are set)."""
+        out: dict[str, Any] = {}
+        for name in _VLLM_KNOBS:
+            value = getattr(self, name)
+            if value is not None and (name != "enforce_eager" or value):
+                out[name] = value
+        return out
+
+    def describe(self) -> str:
+        return " ".join(f"{name}={getattr(self, name)}" for name in _VLLM_KNOBS)
+
+    def to_argv(self) -> list[str]:
+        argv = []
+        for name, value in self.llm_kwargs().items():
+            flag = "--" + name.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> VLLMOptions:
+        return cls(
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager,
+        )
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser, *, memory_default: float | None) -> None:
+        """The GPU flags of ``gkd teacher|rollout serve|join``."""
+        g = p.add_argument_group("GPUs and vLLM engine")
+        g.add_argument(
+            "--gpus",
+            default=None,
+            metavar="4,5",
+            help="GPU ids for the workers, tensor-parallel-size per worker, in order (default: the "
+            "inherited CUDA_VISIBLE_DEVICES, sliced the same way)",
+        )
+        g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (vllm)")
+        g.add_argument(
+            "--gpu-memory-utilization",
+            type=float,
+            default=memory_default,
+            help=f"vllm: fraction of each GPU the engine may reserve (default {memory_default or 'vLLM'})",
+        )
+        g.add_argument("--max-model-len", type=int, default=None, help="vllm: prompt + response tokens")
+        g.add_argument(
+            "--max-num-batched-tokens", type=int, default=None, help="vllm: scheduler token budget"
+        )
+        g.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs")
+
+
+def apply_worker_gpus(slices: list[list[str]] | None, log) -> None:
+    """In a single worker process: narrow ``CUDA_VISIBLE_DEVICES`` to its slice before CUDA starts."""
+    if slices is not None:
+        os.environ[VISIBLE_ENV] = _ids(slices[0])
+        log.info("worker %d: %s=%s", os.getpid(), VISIBLE_ENV, os.environ[VISIBLE_ENV])
+
+
+def worker_env(slices: list[list[str]] | None, i: int) -> dict[str, str]:
+    """The environment additions of worker ``i``: its own ``CUDA_VISIBLE_DEVICES`` slice."""
+    return {} if slices is None else {VISIBLE_ENV: _ids(slices[i])}
+
+
+def engine_on_gpu(backend: str, device: str) -> bool:
+    """A vLLM engine always runs on GPUs here; an hf engine when its device is CUDA."""
+    return backend == "vllm" or device.startswith("cuda")
+
+
+def engine_slices(spec, gpus: str | None, workers: int) -> list[list[str]] | None:
+    """Each worker's GPUs for a teacher or rollout ``spec`` (``backend``, ``device``, ``vllm``): from
+    ``--gpus`` or the inherited ``CUDA_VISIBLE_DEVICES`` (:func:`worker_gpus`); None for CPU engines."""
+    if not engine_on_gpu(spec.backend, spec.device):
+        return None
+    return worker_gpus(gpus, workers, spec.vllm.tensor_parallel_size)
+
+
+def describe_engine(backend: str, model: str, dtype: str, device: str, vllm: VLLMOptions) -> str:
+    """The engine settings a worker logs when it starts."""
+    where = f"device={device}" if backend == "hf" else vllm.describe()
+    return f"{backend} engine for {model}: dtype={dtype} {where}"
+
+
+def run_service(command: str, make_spec: Callable[[], Any], start: Callable[[Any], int]) -> int:
+    """``start(make_spec())`` for ``gkd teacher|rollout serve|join``: a bad flag (the spec's ``ValueError``,
+    or the GPU slicing's :class:`PlacementError`, raised before anything starts) is one line, exit 2."""
+    try:
+        spec = make_spec()
+    except ValueError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return start(spec)
+    except PlacementError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
