@@ -149,6 +149,8 @@ class LossConfig:
     tail: str = _choice("bucket", "bucket", "renorm", "none")
     beta: float = 0.5  # jsd mixture weight
     temperature: float = 1.0  # student logit temperature
+    # bytes of the fused loss's [rows, vocab] logits chunk (null: 1.25 GiB on CUDA, about N/8 rows on CPU)
+    chunk_bytes: int | None = None
 
 
 @dataclass
@@ -400,6 +402,12 @@ def validate(cfg: Config) -> None:
 
     _check(0 <= lo.beta <= 1, "loss.beta", lo.beta, "must lie in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be > 0")
+    _check(
+        lo.chunk_bytes is None or lo.chunk_bytes > 0,
+        "loss.chunk_bytes",
+        lo.chunk_bytes,
+        "must be > 0 bytes (or null for the default)",
+    )
 
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
