@@ -10,6 +10,13 @@ tables elsewhere) on several threads and combines the chunk CRCs exactly; the fa
 library's ``zlib.crc32`` (~2 GB/s), so the two agree bit for bit by construction rather than through a
 second implementation. (crc32c would need a Python reimplementation; xxhash64 does not vectorise in numpy.)
 
+Device checksum: :func:`device_checksum` runs where the bytes live (torch ops, no host copy, no host sync),
+for GPU buckets of the weight channel, where a CRC would first copy the bucket to the host (~1 s per GB on
+one core). It is a position-weighted sum over 32-bit words modulo the prime ``M = 2**31 - 1``
+(``s1 = sum(w_i) mod M``, ``s2 = sum((i + 1) w_i) mod M``, Fletcher-style): any single changed byte changes
+``s1`` (a byte change is ``d * 256**j`` with ``0 < |d| < 256``, never a multiple of the prime ``M``), and
+reordered words change ``s2``. Integer ops only, so every device computes the same value.
+
 Rebuild the extension in place (faster than ``pip install -e .``)::
 
     cmake -S . -B build/ext -DPython_EXECUTABLE=.venv/bin/python -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$PWD/gkd \\
@@ -39,7 +46,17 @@ else:
 
 HAS_EXT: bool = _C is not None
 
-__all__ = ["EXT_ERROR", "HAS_EXT", "HostMemory", "PinWarning", "alloc_host", "checksum", "pack", "unpack"]
+__all__ = [
+    "EXT_ERROR",
+    "HAS_EXT",
+    "HostMemory",
+    "PinWarning",
+    "alloc_host",
+    "checksum",
+    "device_checksum",
+    "pack",
+    "unpack",
+]
 
 
 class PinWarning(RuntimeWarning):
@@ -186,3 +203,50 @@ def checksum(
             f"offset = {offset} with {nbytes} bytes does not fit in a buffer of {buffer.numel()} bytes"
         )
     return zlib.crc32(buffer[offset : offset + nbytes].cpu().contiguous().numpy())
+
+
+_SUM_MOD = (1 << 31) - 1  # a Mersenne prime: s1 catches every single-byte change
+_SUM_CHUNK_WORDS = 1 << 21  # 8 MB of data per step: int64 temporaries stay ~16 MB each
+
+
+def device_checksum(buffer: torch.Tensor, offset: int = 0, nbytes: int = -1) -> torch.Tensor:
+    """The position-weighted word sum of ``buffer[offset:offset + nbytes]`` (see the module docstring) as
+    a 0-dim int64 tensor ``s2 << 31 | s1`` on the buffer's device: no copy to the host and no host sync
+    (``.item()`` it when the value is needed on the host). ``nbytes < 0``: to the end.
+
+    The bytes are read as little-endian uint32 words, a last partial word zero-padded; word ``i`` (from 0)
+    is weighted ``i + 1``. Temporaries: a few int64 tensors of ``_SUM_CHUNK_WORDS`` elements.
+    """
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
+    if nbytes < 0:
+        nbytes = buffer.numel() - offset
+    if offset < 0 or offset + nbytes > buffer.numel():
+        raise RuntimeError(
+            f"offset = {offset} with {nbytes} bytes does not fit in a buffer of {buffer.numel()} bytes"
+        )
+    data = buffer[offset : offset + nbytes]
+    if data.storage_offset() % 4:  # the int32 view needs 4-byte aligned storage
+        data = data.clone()
+    n_words, tail = divmod(nbytes, 4)
+    words = data[: n_words * 4].view(torch.int32)
+    s1 = torch.zeros((), dtype=torch.int64, device=buffer.device)
+    s2 = torch.zeros((), dtype=torch.int64, device=buffer.device)
+
+    def add(w: torch.Tensor, first: int) -> None:  # w: [c] int64 in [0, 2**32), word index of w[0]
+        nonlocal s1, s2
+        w = w.remainder_(_SUM_MOD)
+        pos = torch.arange(first + 1, first + 1 + w.numel(), dtype=torch.int64, device=w.device)
+        if first + w.numel() >= _SUM_MOD:  # only buffers of 8 GB and more need the positions reduced
+            pos.remainder_(_SUM_MOD)
+        s1 = (s1 + w.sum()).remainder_(_SUM_MOD)  # c < 2**22 terms < 2**31: the sum fits in int64
+        s2 = (s2 + w.mul_(pos).remainder_(_SUM_MOD).sum()).remainder_(_SUM_MOD)  # products < 2**62
+
+    for start in range(0, n_words, _SUM_CHUNK_WORDS):
+        chunk = words[start : start + _SUM_CHUNK_WORDS]
+        add(chunk.to(torch.int64).bitwise_and_(0xFFFFFFFF), start)
+    if tail:
+        shifts = torch.arange(0, 8 * tail, 8, dtype=torch.int64, device=buffer.device)  # made on device
+        last = (data[n_words * 4 :].to(torch.int64) << shifts).sum()
+        add(last.reshape(1), n_words)
+    return s1 | (s2 << 31)

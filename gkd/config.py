@@ -57,11 +57,7 @@ class ModelConfig:
     param_dtype: str = _choice("float32", *_DTYPE_NAMES)
     # forward/backward and loss GEMMs (fp32 accumulation); auto = bfloat16 on CUDA, float32 on CPU
     compute_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
-    dtype: str = _choice("bfloat16", "float32", "bfloat16", "float16")  # parameter dtype on GPU
     gradient_checkpointing: bool = False
-    # the forward's compute dtype under torch.autocast on GPU (none: off); CPU always trains in float32.
-    # model.dtype=float32 + autocast=bfloat16: fp32 master weights and AdamW, bf16 matmuls
-    autocast: str = _choice("bfloat16", "none", "bfloat16", "float16")
 
 
 @dataclass
@@ -112,6 +108,15 @@ class RolloutConfig:
     # where received weights wait before the in-place load: host (pinned memory; no second GPU copy
     # next to vLLM's reservation) | device (a GPU copy of the whole model; faster swap, more memory)
     weight_staging: str = _choice("host", "host", "device")
+    # weight channel (seconds): rendezvous and each collective once both sides are posted (NCCL's watchdog
+    # aborts a process after it, so nothing waits inside a collective: versions are announced in the store)
+    weight_timeout_s: float = 600.0
+    # the trainer's wait for every worker to be ready for a version (a worker applies the previous one
+    # between requests, so this bounds one request's duration plus the swap)
+    weight_ready_timeout_s: float = 1800.0
+    # a worker's wait for the next version announcement (a log line every minute while idle); a dead
+    # trainer is noticed at once through the store, so this only bounds a live but silent trainer
+    weight_idle_timeout_s: float = 86400.0
 
 
 @dataclass
@@ -247,6 +252,14 @@ def _valid_keys(full_key: str | None) -> str:
     return f"valid sections: {', '.join(sections)}"
 
 
+# Keys that existed once: the error says what replaced them.
+_PRECISION_KEYS = (
+    "use model.param_dtype (master weights and optimizer state, default float32) and model.compute_dtype "
+    "(forward/backward compute: auto = bfloat16 on GPU, float32 on CPU)"
+)
+_REMOVED_KEYS = {"model.dtype": _PRECISION_KEYS, "model.autocast": _PRECISION_KEYS}
+
+
 def _wrap_list_scalars(raw: DictConfig) -> None:
     """``data.train_files: a.parquet`` means a one-element list (in YAML and on the command line)."""
     for name, cls in _sections().items():
@@ -264,6 +277,8 @@ def _merge(base: DictConfig, raw: DictConfig, source: str) -> DictConfig:
     try:
         return typing.cast(DictConfig, OmegaConf.merge(base, raw))
     except ConfigKeyError as e:
+        if e.full_key in _REMOVED_KEYS:
+            raise ConfigError(f"{source}: '{e.full_key}' was removed; {_REMOVED_KEYS[e.full_key]}") from None
         raise ConfigError(f"{source}: unknown config key '{e.full_key}'; {_valid_keys(e.full_key)}") from None
     except OmegaConfBaseException as e:
         msg = str(e.msg).splitlines()[0] if e.msg else str(e)
@@ -368,6 +383,8 @@ def validate(cfg: Config) -> None:
         r.n_gpus_per_node,
         "rollout.backend=vllm needs GPUs",
     )
+    for key in ("weight_timeout_s", "weight_ready_timeout_s", "weight_idle_timeout_s"):
+        _check(getattr(r, key) > 0, f"rollout.{key}", getattr(r, key), "must be > 0 (seconds)")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must lie in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")

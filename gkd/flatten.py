@@ -5,8 +5,10 @@ offset, byte count). Packing copies every tensor in once (threaded, in C++ when 
 :meth:`FlatBuffer.unpack` gives views without copying; :meth:`FlatBuffer.copy_into` writes into existing
 tensors (e.g. an inference model's parameters) and is strict about names, shapes and dtypes.
 
-Dtypes travel as they are: bf16 stays bf16, nothing is cast. Input tensors must be contiguous; a
-non-contiguous tensor is rejected with its name (call ``.contiguous()``), never silently copied.
+Dtypes travel as they are (bf16 stays bf16) unless :meth:`FlatBuffer.write` is asked to ``cast``: then a
+floating-point tensor is converted to its meta's floating dtype while it is copied in (fp32 master weights
+into a bf16 engine's layout, with no temporary copy). Input tensors must be contiguous; a non-contiguous
+tensor is rejected with its name (call ``.contiguous()``), never silently copied.
 """
 
 from __future__ import annotations
@@ -270,12 +272,16 @@ class FlatBuffer:
         self,
         named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
         *,
+        cast: bool = False,
         num_threads: int = 0,
         use_ext: bool | None = None,
     ) -> None:
-        """Copy ``named_tensors`` (exactly this buffer's names, dtypes, shapes) into the buffer."""
+        """Copy ``named_tensors`` (exactly this buffer's names, dtypes, shapes) into the buffer.
+
+        ``cast=True``: a floating-point tensor may have another floating dtype than its meta; it is
+        converted on the way in (one ``copy_`` into the buffer's view, on the buffer's device)."""
         items = _named(named_tensors)
-        self._check_names_match(items, "source")
+        self._check_names_match(items, "source", cast=cast)
         by_name = dict(items)
         tensors = [by_name[m.name] for m in self.metas]
         for m, t in zip(self.metas, tensors, strict=True):
@@ -284,11 +290,23 @@ class FlatBuffer:
                     f"tensor {m.name!r} is not contiguous; pass t.contiguous() (gkd never "
                     "copies behind your back)"
                 )
-        if tensors and any(t.device != self.buffer.device for t in tensors):
+        converted = [
+            i for i, (m, t) in enumerate(zip(self.metas, tensors, strict=True)) if t.dtype != m.dtype
+        ]
+        if converted:
+            with torch.no_grad():
+                for i in converted:
+                    self.view(self.metas[i]).copy_(tensors[i])
+            skip = set(converted)
+            keep = [i for i in range(len(tensors)) if i not in skip]
+            metas, tensors = [self.metas[i] for i in keep], [tensors[i] for i in keep]
+        else:
+            metas = self.metas
+        if not tensors:
+            return
+        if any(t.device != self.buffer.device for t in tensors):
             tensors = [t.to(self.buffer.device) for t in tensors]
-        _ext.pack(
-            tensors, [m.offset for m in self.metas], self.buffer, num_threads=num_threads, use_ext=use_ext
-        )
+        _ext.pack(tensors, [m.offset for m in metas], self.buffer, num_threads=num_threads, use_ext=use_ext)
 
     def view(self, meta: TensorMeta) -> torch.Tensor:
         """The tensor ``meta`` describes, as a view into the buffer (no copy)."""
@@ -335,9 +353,18 @@ class FlatBuffer:
         """CRC-32 of the whole buffer (see :mod:`gkd._ext`)."""
         return _ext.checksum(self.buffer, use_ext=use_ext)
 
-    def _check_names_match(self, items: list[tuple[str, torch.Tensor]], what: str) -> None:
+    def _check_names_match(
+        self, items: list[tuple[str, torch.Tensor]], what: str, cast: bool = False
+    ) -> None:
         if len({n for n, _ in items}) != len(items):
             raise MetadataMismatch(f"{what} tensors repeat a name")
-        diff = diff_metas(self.metas, [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in items])
+        mine = {m.name: m.dtype for m in self.metas}
+
+        def dtype(n: str, t: torch.Tensor) -> torch.dtype:  # floating -> floating is allowed with cast
+            want = mine.get(n)
+            ok = cast and want is not None and want.is_floating_point and t.dtype.is_floating_point
+            return want if ok else t.dtype
+
+        diff = diff_metas(self.metas, [TensorMeta(n, dtype(n, t), tuple(t.shape)) for n, t in items])
         if diff is not None:
             raise MetadataMismatch(f"{what} tensors do not match the buffer: {diff}")

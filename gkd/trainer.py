@@ -42,18 +42,17 @@ from gkd.checkpoint import (
     save_checkpoint,
     should_save,
 )
-from gkd.config import Config, load_config, to_yaml
+from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
 from gkd.metrics import MetricsLogger, SpanRecorder, cpu_memory_used_gb, max_memory_allocated_gb, metric_names
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.teacher.types import TeacherOutput
-from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step, unwrap
+from gkd.trainer_step import build_optimizer, pack_micro_batches, torch_dtype, train_step, unwrap
 
 log = logging.getLogger("gkd.trainer")
 
 OP_TRAIN, OP_SAVE, OP_STOP, OP_SYNC, OP_EXPORT = 0, 1, 2, 3, 4
 STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StartupError(RuntimeError):
@@ -129,7 +128,16 @@ def _command(op: int, step: int, device) -> tuple[int, int]:
 def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """torchrun env -> (rank, world, device). Without torchrun env: a single process, no group."""
     gpu = cfg.trainer.n_gpus_per_node > 0
+    if gpu and not torch.cuda.is_available():
+        raise StartupError(
+            f"trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} asks for GPUs, but CUDA is not available "
+            f"here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); set "
+            "trainer.n_gpus_per_node=0 to train on the CPU"
+        )
     if gpu:
+        # fp32 matmuls that remain (e.g. outside autocast) use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -143,9 +151,9 @@ def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 
 
 def param_dtype(cfg: Config) -> str:
-    """The student's parameter dtype: ``model.dtype`` on GPU, float32 on CPU. The weights reach the
-    rollout engines in it, so the launcher starts them with the same ``--dtype``."""
-    return cfg.model.dtype if cfg.trainer.n_gpus_per_node > 0 else "float32"
+    """The student's master weights and AdamW state: ``model.param_dtype`` on every device. (The rollout
+    engines run in ``gkd.config.rollout_dtype(cfg)``: weights are cast to it when packed.)"""
+    return cfg.model.param_dtype
 
 
 def _load_student(cfg: Config, device: torch.device):
@@ -154,7 +162,7 @@ def _load_student(cfg: Config, device: torch.device):
     path = cfg.model.student_path
     if not Path(path).is_dir():
         raise StartupError(f"model.student_path={path}: no such folder (a transformers model folder)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[param_dtype(cfg)]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(param_dtype(cfg))).to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -215,12 +223,18 @@ def open_clients(cfg: Config, *, timeout_s: float = 600, retries: int = 2):
     return teacher, rollout
 
 
-def shard_fsdp2(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard_fsdp2(
+    model: torch.nn.Module, device: torch.device, compute: torch.dtype | None = None
+) -> torch.nn.Module:
     """``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root
     (embeddings, final norm and lm_head: the root's parameters stay gathered from forward to backward, so
-    the fused loss can read the lm_head weight after the forward). Needs an initialised process group."""
+    the fused loss can read the lm_head weight after the forward). Needs an initialised process group.
+
+    ``compute``: when it differs from the parameters' dtype, ``MixedPrecisionPolicy(param_dtype=compute,
+    reduce_dtype=float32)``: the shards (master weights, AdamW) keep their dtype, the gathered parameters
+    used by forward and backward are cast to ``compute``, gradients are reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise StartupError("trainer.strategy=fsdp2 needs torchrun (a process group); use ddp for one process")
@@ -229,9 +243,12 @@ def shard_fsdp2(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
         log.warning("%s names no decoder layer class: fsdp2 shards it as one unit", type(model).__name__)
+    kwargs = {}
+    if compute is not None and compute != next(model.parameters()).dtype:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     return model
 
 
@@ -298,8 +315,11 @@ def _weight_host(cfg: Config) -> str:
 
 
 def weight_backend(cfg: Config) -> str:
-    """NCCL only when both ends are on GPUs; the launcher passes the same to ``gkd rollout serve``."""
-    return "nccl" if cfg.trainer.n_gpus_per_node > 0 and cfg.rollout.n_gpus_per_node > 0 else "gloo"
+    """NCCL only when both ends are on GPUs they do not share (``gkd.placement.weight_backend``: gloo with
+    trainer.allow_shared_gpu); the launcher passes the same to ``gkd rollout serve``."""
+    from gkd.placement import weight_backend as channel_backend
+
+    return channel_backend(cfg)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -311,7 +331,7 @@ def train(cfg: Config) -> int:
     model, tokenizer = _load_student(cfg, device)
     sharded = cfg.trainer.strategy == "fsdp2"
     if sharded:  # before the optimizer: it holds the shards
-        model = shard_fsdp2(model, device)
+        model = shard_fsdp2(model, device, torch_dtype(compute_dtype(cfg)))
     out = Path(cfg.trainer.output_dir)
     k = cfg.trainer.staleness
 
@@ -376,7 +396,8 @@ def train(cfg: Config) -> int:
     if rank != 0:  # follow rank 0's commands until STOP
         from gkd.weights import WeightSender
 
-        helper = WeightSender(None, model) if sharded else None  # gathers shards for rank 0's syncs
+        # gathers shards for rank 0's syncs (the same dtype, hence the same bucket plan, as rank 0's)
+        helper = WeightSender(None, model, dtype=torch_dtype(rollout_dtype(cfg))) if sharded else None
         while True:
             op, step = _command(0, 0, device)
             if op == OP_TRAIN:
@@ -416,9 +437,15 @@ def train(cfg: Config) -> int:
             0,
             1 + n_rollout,
             backend=weight_backend(cfg),
-            timeout=timedelta(minutes=10),
+            timeout=timedelta(seconds=cfg.rollout.weight_timeout_s),
         )
-        sender = WeightSender(group, model)
+        # the engines receive their own dtype (bf16 engines: half the bytes of fp32 master weights)
+        sender = WeightSender(
+            group,
+            model,
+            dtype=torch_dtype(rollout_dtype(cfg)),
+            ready_timeout=timedelta(seconds=cfg.rollout.weight_ready_timeout_s),
+        )
         try:
             sender.handshake()
         except Exception as e:
@@ -472,6 +499,8 @@ def train(cfg: Config) -> int:
             nonlocal mid_update
             if not (sharded and world > 1):
                 return sender.sync(version)
+            # every worker ready first: the other ranks then wait in no collective for the rollout
+            sender.wait_ready(version)
             mid_update = True  # the other ranks hold shards: they take part in the gather
             _command(OP_SYNC, version, device)
             result = sender.sync(version)

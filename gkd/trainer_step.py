@@ -14,6 +14,8 @@ sequences up; see tests/test_trainer_step.py).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -32,6 +34,7 @@ __all__ = [
     "accumulate_gradients",
     "autocast",
     "autocast_dtype",
+    "torch_dtype",
     "build_optimizer",
     "loss_on_micro_batch",
     "lr_factor",
@@ -219,6 +222,7 @@ def loss_on_micro_batch(
     backend: str = "auto",
     chunk_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of tokens) for one micro-batch already on the model's device.
 
@@ -227,9 +231,11 @@ def loss_on_micro_batch(
     runs :func:`fused_linear_token_logprobs` + :func:`sampled_reverse_kl_loss` with the rollout
     log-probs as the behaviour policy (importance ratio q/mu for stale samples).
 
-    ``compute_dtype`` (CUDA only, see :func:`autocast`): the model's forward runs under ``torch.autocast``
-    in that dtype; the fused loss runs outside it on hidden states cast to the lm_head's dtype (the kernels
-    take one dtype for both and accumulate in fp32 themselves).
+    ``compute_dtype`` (see :func:`autocast_dtype`): the model's forward runs under ``torch.autocast`` in
+    that dtype; the fused loss runs outside it on hidden states cast to the lm_head's dtype, with its GEMMs
+    in ``compute_dtype`` (the kernels cast hidden states and weight to it once; fp32 accumulation of the
+    weight gradient, gradients returned in the parameters' dtype).
+    ``chunk_bytes``: the fused loss's chunk memory budget (``loss.chunk_bytes``; None: its default).
     """
     hf = unwrap(model)
     if getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):
@@ -241,8 +247,14 @@ def loss_on_micro_batch(
     with autocast(mb.input_ids.device, compute_dtype):
         hidden = _hidden_states(model, mb)  # [N, H]
     weight, bias = head.weight, getattr(head, "bias", None)  # [V, H], [V] or None
-    hidden = hidden.to(weight.dtype)
-    if loss_cfg.name == "sampled_reverse_kl":
+    sampled = loss_cfg.name == "sampled_reverse_kl"
+    gemm = None if compute_dtype == weight.dtype else compute_dtype
+    options = _loss_options(
+        fused_linear_token_logprobs if sampled else fused_linear_topk_distill_loss, gemm, chunk_bytes
+    )
+    if "compute_dtype" not in options:  # the kernels then take one dtype for both
+        hidden = hidden.to(weight.dtype)
+    if sampled:
         logq = fused_linear_token_logprobs(
             hidden,
             weight,
@@ -250,6 +262,7 @@ def loss_on_micro_batch(
             lm_head_bias=bias,
             temperature=loss_cfg.temperature,
             chunk_size=chunk_size,
+            **options,
         )
         total = sampled_reverse_kl_loss(
             logq, mb.rollout_logprobs, mb.teacher_token_logprobs, ratio_clip=ratio_clip, reduction="sum"
@@ -269,27 +282,57 @@ def loss_on_micro_batch(
             backend=backend,
             chunk_size=chunk_size,
             check_inputs=False,  # ids/log-probs were checked when the teacher reply was decoded
+            **options,
         )
     return total, mb.num_tokens
 
 
+@functools.cache
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def _loss_options(fn, compute_dtype: torch.dtype | None, chunk_bytes: int | None) -> dict:
+    """The fused loss's ``compute_dtype`` / ``chunk_bytes`` keywords, passed only when set and accepted
+    (kernels without them run their GEMMs in the weight's dtype with their default chunking)."""
+    options = {"compute_dtype": compute_dtype, "chunk_bytes": chunk_bytes}
+    return {k: v for k, v in options.items() if v is not None and _accepts(fn, k)}
+
+
 # ----------------------------------------------------------------------------------------- the step
 
-_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def autocast_dtype(model_cfg) -> torch.dtype | None:
-    """``model.autocast`` as a torch dtype (None: off, or no model config)."""
-    return _AUTOCAST[getattr(model_cfg, "autocast", "none")]
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (the config's dtype names)."""
+    return _TORCH_DTYPES[name]
+
+
+def autocast_dtype(model: nn.Module, cfg, device: torch.device | str | None = None) -> torch.dtype | None:
+    """The dtype the forward autocasts to: ``model.compute_dtype`` resolved (auto: bfloat16 on CUDA,
+    float32 elsewhere), or None (no autocast) when it equals the parameters' dtype or when FSDP2's
+    ``MixedPrecisionPolicy`` already casts the parameters (see ``gkd.trainer.shard_fsdp2``). None on CPU
+    by default keeps fp32 runs bitwise unchanged; an explicit ``compute_dtype=bfloat16`` autocasts on CPU
+    too."""
+    name = getattr(getattr(cfg, "model", None), "compute_dtype", "float32")
+    if _averages_grads(model) and not isinstance(model, nn.parallel.DistributedDataParallel):
+        return None  # FSDP2: the policy's param_dtype is the compute dtype
+    if device is None:
+        device = next(unwrap(model).parameters()).device
+    if name == "auto":
+        name = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    dtype = torch_dtype(name)
+    return None if dtype == next(unwrap(model).parameters()).dtype else dtype
 
 
 def autocast(device: torch.device | str | None, dtype: torch.dtype | None):
-    """``torch.autocast("cuda", dtype)`` on a CUDA device; a no-op elsewhere or when ``dtype`` is None
-    (CPU trains in float32). Under it matmuls run in ``dtype`` and autocast keeps reductions (softmax,
-    norms) in float32, while the parameters (and AdamW) stay in ``model.dtype``."""
-    if dtype is None or device is None or torch.device(device).type != "cuda":
+    """``torch.autocast(device.type, dtype)``; a no-op when ``dtype`` is None. Under it matmuls run in
+    ``dtype`` and autocast keeps reductions (softmax, norms) in float32, while the parameters (and AdamW)
+    stay in ``model.param_dtype``. Works on CPU (bfloat16) as on CUDA."""
+    if dtype is None or device is None:
         return nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _world(group) -> int:
@@ -317,14 +360,15 @@ def accumulate_gradients(
     device: torch.device | str | None = None,
     ratio_clip: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[float, int]:
     """Backward over this rank's micro-batches; afterwards every rank holds the gradient of
     ``sum over all ranks' tokens of loss / N_global``. Returns (global loss sum, N_global).
 
     Works with a plain module (gradients all-reduced here when ``group`` spans several ranks), DDP (sync
     only on the last micro-batch; the loss is scaled by the world size because DDP averages) and FSDP2
-    (same scaling). Host syncs: the token-count all-reduce, and the loss sum at the end. ``compute_dtype``:
-    the model's forward under ``torch.autocast`` on CUDA (see :func:`loss_on_micro_batch`).
+    (same scaling). Host syncs: the token-count all-reduce, and the loss sum at the end. ``compute_dtype``
+    and ``chunk_bytes``: see :func:`loss_on_micro_batch`.
     """
     world = _world(group)
     if device is None:
@@ -352,7 +396,12 @@ def accumulate_gradients(
             model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else nullcontext():  # DDP all-reduces on the last only
             total, _ = loss_on_micro_batch(
-                model, mb.to(device), loss_cfg, ratio_clip=ratio_clip, compute_dtype=compute_dtype
+                model,
+                mb.to(device),
+                loss_cfg,
+                ratio_clip=ratio_clip,
+                compute_dtype=compute_dtype,
+                chunk_bytes=chunk_bytes,
             )
             (total * scale).backward()
         loss_sum += total.detach().to(torch.float64)
@@ -416,7 +465,8 @@ def train_step(
         group=group,
         device=device,
         ratio_clip=ratio_clip,
-        compute_dtype=autocast_dtype(getattr(cfg, "model", None)),
+        compute_dtype=autocast_dtype(model, cfg, device),
+        chunk_bytes=getattr(cfg.loss, "chunk_bytes", None),
     )
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf

@@ -6,20 +6,32 @@ on GPU) between trainer rank 0 (rank 0 here) and the rollout workers (ranks 1..N
 
 Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes:
 
-1. Handshake, once: the metadata (names, dtypes, shapes, offsets, bucket plan). Every receiver diffs it
-   against the tensors its engine expects; then an all-reduce of per-rank status, so every rank fails
-   together, the sender with each receiver's diff, before any weight moves.
-2. Per sync: a header ``int64 [magic, version, n_buckets, op]``; then each bucket as one broadcast of
-   exactly its bytes (verl sends the full bucket capacity every time) plus a 16-byte trailer
-   ``int64 [version, index << 32 | crc32]``; then an all-reduce of per-rank status. A receiver that sees a
-   bad checksum keeps its previous weights and raises :class:`WeightSyncError`; so does the sender.
+1. Handshake, once: the metadata (names, the engine dtypes the weights are cast to, shapes, offsets, the
+   bucket plan). Every receiver diffs it against the tensors its engine expects; then an all-reduce of
+   per-rank status, so every rank fails together, the sender with each receiver's diff, before any weight
+   moves.
+2. Per sync, first through the channel's TCPStore, never in a collective: the sender announces the version
+   under ``announce/<n>`` (n = 0, 1, ... counts announcements); a receiver waits for that key on its own
+   clock (a heartbeat line every minute while idle), answers ``ready/<n>/<rank>`` when it can take the
+   version, and only then do both sides post collectives. Nobody idles inside a broadcast, where NCCL's
+   watchdog would abort the process after the group timeout.
+3. Then a header ``int64 [magic, version, n_buckets, op]``; each bucket as one broadcast of exactly its
+   bytes (verl sends the full bucket capacity every time) plus a 32-byte trailer ``int64 [version, index,
+   kind, checksum]``; then an all-reduce of per-rank status. ``kind`` says which checksum: CRC-32 (host
+   buffers, the C++ extension) or the device word sum (:func:`gkd._ext.device_checksum`, computed where a
+   GPU bucket lives: no copy to the host, and on the sender no host sync). The receiver computes the same
+   kind over its own bytes. A receiver that sees a bad checksum keeps its previous weights and raises
+   :class:`WeightSyncError`; so does the sender.
+4. ``close()`` announces ``stop``: receivers' ``receive()`` returns None.
 
-Dtypes are sent as they are (bf16 stays bf16). Every wait has a timeout.
+Floating-point weights are cast to the engine dtype (``dtype=``) as they are packed (FSDP2 shards before
+they are gathered), so a bf16 engine receives bf16 bytes from fp32 master weights. Every wait has a timeout.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,9 +43,10 @@ import torch
 import torch.distributed as dist
 
 from gkd import _ext
-from gkd.flatten import Bucket, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, plan_buckets
+from gkd.flatten import DTYPES, Bucket, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, plan_buckets
 
 __all__ = [
+    "CHECKSUMS",
     "PROTOCOL_VERSION",
     "WeightGroup",
     "WeightReceiver",
@@ -43,11 +56,18 @@ __all__ = [
     "named_weights",
 ]
 
-PROTOCOL_VERSION = 1
+log = logging.getLogger("gkd.weights")
+
+PROTOCOL_VERSION = 2
 _MAGIC = 0x676B6477  # "gkdw"
-_OP_WEIGHTS, _OP_STOP = 0, 1
-_TRAILER_BYTES = 16
+_OP_WEIGHTS = 0
+_STOP = "stop"
+_TRAILER_BYTES = 32
 _MAX_METADATA_BYTES = 64 << 20
+# trailer kinds: crc32 on host bytes (C++/zlib), wsum (gkd._ext.device_checksum) where the bytes live
+CHECKSUMS = {"crc32": 0, "wsum": 1}
+_CHECKSUM_NAMES = {v: k for k, v in CHECKSUMS.items()}
+HEARTBEAT_S = 60.0
 
 NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -82,6 +102,34 @@ class WeightGroup:
                 f"{timeout.total_seconds():.0f}s: {exc}"
             ) from exc
 
+    def await_keys(
+        self, keys: Sequence[str], timeout: timedelta, what: str, *, heartbeat_s: float | None = None
+    ) -> None:
+        """Wait until every key of ``keys`` is set in the channel's store (polled: no collective is posted
+        meanwhile). A log line every ``heartbeat_s`` while waiting; :class:`WeightSyncError` naming the
+        missing keys after ``timeout``, or at once when the store's host (trainer rank 0) is gone."""
+        start = time.monotonic()
+        beat, pause = start + (heartbeat_s or float("inf")), 0.001
+        try:
+            while not self.store.check(list(keys)):
+                now = time.monotonic()
+                if now - start >= timeout.total_seconds():
+                    missing = [k for k in keys if not self.store.check([k])]
+                    raise WeightSyncError(
+                        f"weight group rank {self.rank}: {what}: not there after "
+                        f"{timeout.total_seconds():g}s (missing {', '.join(missing)})"
+                    )
+                if now >= beat:
+                    log.info("weight channel rank %d: %s (idle %.0f s)", self.rank, what, now - start)
+                    beat += heartbeat_s or float("inf")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)  # a version is noticed within 50 ms
+        except dist.DistNetworkError as exc:
+            raise WeightSyncError(
+                f"weight group rank {self.rank}: the channel's store is gone (trainer rank 0 exited?) "
+                f"while {what}: {exc}"
+            ) from exc
+
     def agree(self, ok: bool, what: str) -> list[int]:
         """All-reduce one status per rank; returns the ranks that reported failure."""
         flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
@@ -99,11 +147,12 @@ def init_weight_group(
     world_size: int,
     *,
     backend: str | None = None,
-    timeout: timedelta = timedelta(minutes=30),
+    timeout: timedelta = timedelta(minutes=10),
 ) -> WeightGroup:
     """Join the weight channel: ``rank`` 0 is trainer rank 0 (it hosts the TCPStore on ``host:port``),
     ranks ``1..world_size-1`` are rollout workers. ``backend``: "gloo" or "nccl" (default: NCCL when CUDA
-    is available). ``timeout`` bounds the rendezvous and every collective."""
+    is available). ``timeout`` bounds the rendezvous and every collective; collectives are only posted when
+    both sides are ready (see the module docstring), so it need not cover idle time between versions."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
     prefixed = dist.PrefixStore("gkd_weights/", store)
@@ -141,9 +190,15 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-def _gather_to_root(t: torch.Tensor) -> torch.Tensor | None:
-    """Full tensor of a DTensor on mesh rank 0 (None elsewhere). Dim-0 shards (FSDP2) go through one
-    ``gather`` to rank 0 only; other placements fall back to ``full_tensor()`` (an all-gather)."""
+def _wire_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """What ``t`` travels as: floating-point tensors in ``dtype`` (the engine's), the rest as they are."""
+    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+
+def _gather_to_root(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Full tensor of a DTensor on mesh rank 0 (None elsewhere), cast to its wire dtype first (a bf16
+    engine: half the gather traffic). Dim-0 shards (FSDP2) go through one ``gather`` to rank 0 only;
+    other placements fall back to ``full_tensor()`` (an all-gather)."""
     from torch.distributed.tensor import Shard
 
     mesh = t.device_mesh
@@ -154,7 +209,7 @@ def _gather_to_root(t: torch.Tensor) -> torch.Tensor | None:
     world, me = pg.size(), dist.get_rank(pg)
     rows = -(-t.shape[0] // world)  # torch.chunk's chunk size, which FSDP2 shards by
     local = t.to_local()
-    padded = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=local.device)
+    padded = torch.zeros((rows, *t.shape[1:]), dtype=_wire_dtype(t, dtype), device=local.device)
     padded[: local.shape[0]].copy_(local)
     root = dist.get_global_rank(pg, 0)
     if me == 0:
@@ -165,26 +220,45 @@ def _gather_to_root(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _trailer(version: int, index: int, crc: int) -> torch.Tensor:
-    return torch.tensor([version, (index << 32) | crc], dtype=torch.int64).view(torch.uint8)
+def _write_trailer(buf: torch.Tensor, nbytes: int, version: int, index: int, kind: str) -> None:
+    """Checksum ``buf[:nbytes]`` and write the trailer after it. The word sum is computed and written on
+    the buffer's device with no host sync (a GPU sender does not wait for its own kernels)."""
+    trailer = torch.empty(4, dtype=torch.int64, device=buf.device)
+    for i, value in enumerate((version, index, CHECKSUMS[kind])):
+        trailer[i].fill_(value)  # device-side fills: torch.tensor(...).to(cuda) would sync
+    if kind == "wsum":
+        trailer[3].copy_(_ext.device_checksum(buf, 0, nbytes))
+    else:
+        trailer[3].fill_(_ext.checksum(buf, 0, nbytes))
+    buf[nbytes : nbytes + _TRAILER_BYTES].copy_(trailer.view(torch.uint8))
 
 
-def _metadata_bytes(buckets: Sequence[Bucket], alignment: int) -> bytes:
+def _metadata_bytes(buckets: Sequence[Bucket], alignment: int, dtype: torch.dtype | None = None) -> bytes:
+    names = {v: k for k, v in DTYPES.items()}
     doc = {
         "v": PROTOCOL_VERSION,
         "alignment": alignment,
+        "dtype": None if dtype is None else names[dtype],  # floating weights were cast to it (None: not)
         "buckets": [{"nbytes": b.nbytes, "tensors": [m.to_json() for m in b.metas]} for b in buckets],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _parse_metadata(payload: bytes) -> list[Bucket]:
+    return _parse_metadata_doc(payload)[0]
+
+
+def _parse_metadata_doc(payload: bytes) -> tuple[list[Bucket], str | None]:
+    """(buckets, the dtype the sender casts floating weights to, or None)."""
     doc = json.loads(payload)
     if not isinstance(doc, dict) or doc.get("v") != PROTOCOL_VERSION:
         raise WeightSyncError(
             f"weight metadata protocol {doc.get('v') if isinstance(doc, dict) else doc!r}, "
             f"this side speaks {PROTOCOL_VERSION}"
         )
+    cast = doc.get("dtype")
+    if cast is not None and cast not in DTYPES:
+        raise WeightSyncError(f"weight metadata: dtype {cast!r} is not one of {sorted(DTYPES)}")
     buckets = []
     for i, b in enumerate(doc["buckets"]):
         metas = tuple(TensorMeta.from_json(m) for m in b["tensors"])
@@ -195,7 +269,7 @@ def _parse_metadata(payload: bytes) -> list[Bucket]:
                 f"end at {max((m.end for m in metas), default=0)}"
             )
         buckets.append(Bucket(i, metas, nbytes))
-    return buckets
+    return buckets, cast
 
 
 class WeightSender:
@@ -203,7 +277,13 @@ class WeightSender:
 
     ``group`` is the weight group on trainer rank 0 and ``None`` on the other trainer ranks. With plain
     tensors (single process, DDP) only rank 0 does anything. With FSDP2 (DTensor parameters) every trainer
-    rank takes part in gathering each bucket's tensors to rank 0 (``gather``, not all-gather).
+    rank takes part in gathering each bucket's tensors to rank 0 (``gather``, not all-gather); every rank
+    must then pass the same ``dtype`` (it decides the bucket plan).
+
+    ``dtype``: the engines' dtype; floating-point weights are cast to it while packed (None: as they are).
+    ``checksum``: "auto" (the device word sum for GPU buckets, CRC-32 for host buckets), "wsum" or "crc32".
+    ``ready_timeout``: how long :meth:`wait_ready` waits for every receiver to be ready for a version (a
+    receiver first applies its previous version between two requests).
 
     Peak memory, FSDP2: rank 0 holds its shard + the gathered full tensors of one bucket + two bucket
     buffers (one being broadcast while the next is packed), i.e. shard + 3 x ``bucket_bytes`` (+ twice the
@@ -216,20 +296,32 @@ class WeightSender:
         group: WeightGroup | None,
         source: torch.nn.Module | NamedTensors,
         *,
+        dtype: torch.dtype | None = None,
         bucket_bytes: int = 256 << 20,
         alignment: int = 256,
         pin: bool = False,
+        checksum: str = "auto",
+        ready_timeout: timedelta = timedelta(minutes=30),
     ):
+        if checksum not in ("auto", *CHECKSUMS):
+            raise ValueError(f"checksum must be auto, {' or '.join(CHECKSUMS)}; got {checksum!r}")
         self.group = group
         self._source = source
+        self.dtype = dtype
         tensors = named_weights(source)
         self._sharded = any(_is_dtensor(t) for _, t in tensors)
-        metas = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in tensors]
+        metas = [TensorMeta(n, _wire_dtype(t, dtype), tuple(t.shape)) for n, t in tensors]
         self.buckets = plan_buckets(metas, bucket_bytes, alignment)
         self.alignment = alignment
+        self.ready_timeout = ready_timeout
         self.bucket_hook: Callable[[int, torch.Tensor], None] | None = None  # test hook, see tests
         self._buffers: list[torch.Tensor] = []
+        self._announced = 0  # announcements made (versions and stop)
+        self._ready_version: int | None = None  # announced, every receiver ready, not yet sent
+        self.checksum = checksum
         if group is not None:
+            if checksum == "auto":
+                self.checksum = "wsum" if group.device.type == "cuda" else "crc32"
             biggest = max((b.nbytes for b in self.buckets), default=0) + _TRAILER_BYTES
             for _ in range(min(2, len(self.buckets))):
                 self._buffers.append(FlatBuffer.empty([], biggest, pin=pin, device=group.device).buffer)
@@ -239,7 +331,7 @@ class WeightSender:
         if self.group is None:
             return
         g = self.group
-        meta = _metadata_bytes(self.buckets, self.alignment)
+        meta = _metadata_bytes(self.buckets, self.alignment, self.dtype)
         payload = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
         g.wait(
             g.broadcast(torch.tensor([payload.numel()], dtype=torch.int64, device=g.device)), "handshake size"
@@ -250,6 +342,23 @@ class WeightSender:
             diffs = [f"rank {r}: {g.store.get(f'handshake/{r}').decode()}" for r in failed]
             raise WeightSyncError("rollout workers rejected the weight metadata: " + " | ".join(diffs))
 
+    def _announce(self, value: str) -> int:
+        n = self._announced
+        self.group.store.set(f"announce/{n}", value)
+        self._announced += 1
+        return n
+
+    def wait_ready(self, version: int) -> None:
+        """Announce ``version`` in the store and wait (``ready_timeout``) until every receiver is ready to
+        take it; :meth:`sync` does this itself when it was not called first. No-op off rank 0."""
+        g = self.group
+        if g is None or self._ready_version == version:
+            return
+        n = self._announce(str(version))
+        keys = [f"ready/{n}/{r}" for r in range(1, g.world_size)]
+        g.await_keys(keys, self.ready_timeout, f"rollout workers ready for version {version}")
+        self._ready_version = version
+
     def sync(self, version: int) -> dict[str, float]:
         """Send version ``version`` of the weights. Returns {"bytes", "buckets", "seconds"} on rank 0."""
         start = time.perf_counter()
@@ -258,13 +367,15 @@ class WeightSender:
         tensors = dict(named_weights(self._source))
         g = self.group
         if g is not None:
+            self.wait_ready(version)
+            self._ready_version = None
             header = torch.tensor([_MAGIC, version, len(self.buckets), _OP_WEIGHTS], dtype=torch.int64)
             g.wait(g.broadcast(header.to(g.device)), f"version {version} header")
         in_flight: list[dist.Work | None] = [None] * len(self._buffers)
         sent = 0
         for bucket in self.buckets:
             full = {
-                m.name: _gather_to_root(tensors[m.name]) if self._sharded else tensors[m.name]
+                m.name: _gather_to_root(tensors[m.name], self.dtype) if self._sharded else tensors[m.name]
                 for m in bucket.metas
             }
             if g is None:
@@ -273,9 +384,8 @@ class WeightSender:
             if in_flight[slot] is not None:  # the buffer's previous bucket must have left
                 g.wait(in_flight[slot], f"version {version} bucket {bucket.index - len(self._buffers)}")
             buf = self._buffers[slot][: bucket.nbytes + _TRAILER_BYTES]
-            FlatBuffer(buf, bucket.metas).write(full)
-            crc = _ext.checksum(buf, 0, bucket.nbytes)
-            buf[bucket.nbytes :].copy_(_trailer(version, bucket.index, crc))
+            FlatBuffer(buf, bucket.metas).write(full, cast=True)
+            _write_trailer(buf, bucket.nbytes, version, bucket.index, self.checksum)
             if self.bucket_hook is not None:
                 self.bucket_hook(bucket.index, buf)
             in_flight[slot] = g.broadcast(buf)
@@ -300,21 +410,29 @@ class WeightSender:
     def close(self) -> None:
         """Tell the receivers there are no more versions (their ``receive()`` returns ``None``)."""
         if self.group is not None:
-            header = torch.tensor([_MAGIC, -1, 0, _OP_STOP], dtype=torch.int64, device=self.group.device)
-            self.group.wait(self.group.broadcast(header), "stop header")
+            self._announce(_STOP)
 
 
 class WeightReceiver:
     """Receives weights on a rollout worker, double-buffered against the engine's own weights.
 
     ``expected``: what the engine holds, as named tensors, a module, or ``TensorMeta``s. :meth:`receive`
-    stages a whole version in host (or device) buffers and verifies every bucket's checksum while the
-    next bucket is still arriving; the engine is untouched, so it can keep generating with the old
-    version (:meth:`receive_async` does this on a background thread). :meth:`apply` then copies the
-    staged version into the engine at a batch boundary. A version is applied whole or not at all, which
-    is why buckets are staged rather than copied into the engine as they arrive.
+    waits (in the store, not in a collective) for the next version, stages it whole and verifies every
+    bucket's checksum while the next bucket is still arriving; the engine is untouched, so it can keep
+    generating with the old version (:meth:`receive_async` does this on a background thread). :meth:`apply`
+    then copies the staged version into the engine at a batch boundary. A version is applied whole or not at
+    all, which is why buckets are staged rather than copied into the engine as they arrive.
 
-    Memory: one full copy of the weights (the staging buffers), pinned with ``pin=True``.
+    ``staging``: where the staged copy lives. "host" (default): host memory, page-locked when ``pin``
+    (default: when CUDA is available) so the engine load is an asynchronous copy; with a GPU channel each
+    bucket lands in one of two device bucket buffers, is verified there and copied down. "device": on the
+    channel's device (a GPU copy of the whole model next to the engine's own; buckets land in place).
+    ``bounce``: force the bucket-buffer path (default: when the staging memory is not on the channel's
+    device); tests use it to run the GPU path with CPU tensors.
+
+    Memory: one full copy of the weights in the engine dtype (the staging), plus two bucket buffers on the
+    channel's device when bouncing. ``idle_timeout``: the longest wait for the next version announcement
+    (default: the group's timeout), with a log line every ``heartbeat_s``.
     """
 
     def __init__(
@@ -322,8 +440,14 @@ class WeightReceiver:
         group: WeightGroup,
         expected: torch.nn.Module | NamedTensors | Sequence[TensorMeta],
         *,
-        pin: bool = False,
+        staging: str = "host",
+        pin: bool | None = None,
+        bounce: bool | None = None,
+        idle_timeout: timedelta | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ):
+        if staging not in ("host", "device"):
+            raise ValueError(f"staging must be 'host' or 'device', got {staging!r}")
         self.group = group
         items = list(expected) if not isinstance(expected, torch.nn.Module | Mapping) else None
         if items and isinstance(items[0], TensorMeta):
@@ -333,9 +457,16 @@ class WeightReceiver:
                 TensorMeta(n, t.dtype, tuple(t.shape))
                 for n, t in named_weights(expected if items is None else items)
             ]
-        self.pin = pin
+        self.staging_device = torch.device("cpu") if staging == "host" else group.device
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.bounce = self.staging_device != group.device if bounce is None else bounce
+        self.idle_timeout = idle_timeout or group.timeout
+        self.heartbeat_s = heartbeat_s
         self.buckets: list[Bucket] = []
+        self.sender_dtype: str | None = None
         self._staging: list[FlatBuffer] = []
+        self._slots: list[torch.Tensor] = []
+        self._announced = 0  # announcements consumed
         self.staged_version: int | None = None
         self.applied_version: int | None = None
         self._handshaken = False
@@ -354,10 +485,13 @@ class WeightReceiver:
         g.wait(g.broadcast(payload), "handshake metadata")
         problem = None
         try:
-            buckets = _parse_metadata(payload.cpu().numpy().tobytes())
+            buckets, cast = _parse_metadata_doc(payload.cpu().numpy().tobytes())
             diff = diff_metas(self.expected, [m for b in buckets for m in b.metas])
             if diff is not None:
-                problem = f"sender's weights do not match this engine: {diff}"
+                hint = (
+                    f" (the trainer casts floating weights to {cast}: start the engine in it)" if cast else ""
+                )
+                problem = f"sender's weights do not match this engine: {diff}{hint}"
         except (ValueError, KeyError, TypeError, WeightSyncError) as exc:
             problem = f"unreadable weight metadata: {exc}"
         if problem is not None:  # read by the sender when the all-reduce names this rank
@@ -367,38 +501,53 @@ class WeightReceiver:
             raise MetadataMismatch(problem)
         if failed:
             raise WeightSyncError(f"weight handshake failed on ranks {failed}; see their errors")
-        self.buckets = buckets
+        self.buckets, self.sender_dtype = buckets, cast
+        pin = self.pin and self.staging_device.type == "cpu"
         self._staging = [
-            FlatBuffer.empty(b.metas, b.nbytes + _TRAILER_BYTES, pin=self.pin, device=g.device)
+            FlatBuffer.empty(b.metas, b.nbytes + _TRAILER_BYTES, pin=pin, device=self.staging_device)
             for b in buckets
         ]
+        if self.bounce:
+            biggest = max((b.nbytes for b in buckets), default=0) + _TRAILER_BYTES
+            self._slots = [
+                torch.zeros(biggest, dtype=torch.uint8, device=g.device) for _ in range(min(2, len(buckets)))
+            ]
         self._handshaken = True
+
+    def _next_announcement(self, timeout: timedelta | None) -> str:
+        g, n = self.group, self._announced
+        key = f"announce/{n}"
+        g.await_keys(
+            [key], timeout or self.idle_timeout, "waiting for the next version", heartbeat_s=self.heartbeat_s
+        )
+        self._announced += 1
+        return g.store.get(key).decode()
 
     def receive(self, timeout: timedelta | None = None) -> int | None:
         """Block until the next version is staged and verified; return it, or ``None`` when the sender
-        closed. ``timeout`` bounds the wait for the version to start (default: the group's)."""
+        closed. ``timeout`` bounds the wait for the version's announcement (default ``idle_timeout``)."""
         if not self._handshaken:
             raise WeightSyncError("call handshake() before receive()")
         g = self.group
         with self._lock:
-            header = torch.zeros(4, dtype=torch.int64, device=g.device)
-            g.wait(g.broadcast(header), "version header", timeout)
-            magic, version, n_buckets, op = header.tolist()
-            if magic != _MAGIC or op not in (_OP_WEIGHTS, _OP_STOP):
-                raise WeightSyncError(f"bad version header {header.tolist()} (not from a gkd WeightSender?)")
-            if op == _OP_STOP:
+            value = self._next_announcement(timeout)
+            if value == _STOP:
                 return None
+            g.store.set(f"ready/{self._announced - 1}/{g.rank}", "1")
+            header = torch.zeros(4, dtype=torch.int64, device=g.device)
+            g.wait(g.broadcast(header), "version header")
+            magic, version, n_buckets, op = header.tolist()
+            if magic != _MAGIC or op != _OP_WEIGHTS or str(version) != value:
+                raise WeightSyncError(
+                    f"bad version header {header.tolist()} for announced version {value} "
+                    "(not from a gkd WeightSender?)"
+                )
             if n_buckets != len(self.buckets):
                 raise WeightSyncError(
                     f"version {version} has {n_buckets} buckets, handshake said {len(self.buckets)}"
                 )
             self.staged_version = None  # the staging buffers are being overwritten
-            # Post every bucket at once: bucket i is verified while later ones are still arriving.
-            works = [g.broadcast(fb.buffer) for fb in self._staging]
-            bad = []
-            for bucket, fb, work in zip(self.buckets, self._staging, works, strict=True):
-                g.wait(work, f"version {version} bucket {bucket.index}")
-                bad += self._verify(version, bucket, fb)
+            bad = self._receive_bounced(version) if self.bounce else self._receive_in_place(version)
             if bad:  # read by the sender when the all-reduce names this rank
                 g.store.set(f"sync/{version}/{g.rank}", "; ".join(bad))
             failed = g.agree(not bad, f"version {version} status")
@@ -414,16 +563,56 @@ class WeightReceiver:
             self.staged_version = version
             return version
 
+    def _receive_in_place(self, version: int) -> list[str]:
+        # Post every bucket at once: bucket i is verified while later ones are still arriving.
+        g = self.group
+        works = [g.broadcast(fb.buffer) for fb in self._staging]
+        bad = []
+        for bucket, fb, work in zip(self.buckets, self._staging, works, strict=True):
+            g.wait(work, f"version {version} bucket {bucket.index}")
+            bad += self._verify(version, bucket, fb.buffer)
+        return bad
+
+    def _receive_bounced(self, version: int) -> list[str]:
+        # Two bucket buffers on the channel's device: one arrives while the other is verified and copied
+        # to staging. Stream order makes reuse safe: on CUDA, NCCL's stream waits for the current stream,
+        # where the copy out of the slot was queued.
+        g = self.group
+        n_slots = len(self._slots)
+        works = [
+            g.broadcast(self._slots[i][: b.nbytes + _TRAILER_BYTES])
+            for i, b in enumerate(self.buckets[:n_slots])
+        ]
+        bad = []
+        for bucket, fb in zip(self.buckets, self._staging, strict=True):
+            slot = self._slots[bucket.index % n_slots]
+            g.wait(works[bucket.index], f"version {version} bucket {bucket.index}")
+            landed = slot[: bucket.nbytes + _TRAILER_BYTES]
+            bad += self._verify(version, bucket, landed)
+            fb.buffer.copy_(landed, non_blocking=fb.pinned)
+            following = bucket.index + n_slots
+            if following < len(self.buckets):
+                works.append(g.broadcast(slot[: self.buckets[following].nbytes + _TRAILER_BYTES]))
+        if g.device.type == "cuda":
+            torch.cuda.current_stream(g.device).synchronize()  # staging complete before apply reads it
+        return bad
+
     @staticmethod
-    def _verify(version: int, bucket: Bucket, fb: FlatBuffer) -> list[str]:
+    def _verify(version: int, bucket: Bucket, buf: torch.Tensor) -> list[str]:
         # The trailer follows the exact payload, so it may sit at any byte offset: copy before the view.
-        got_version, tag = fb.buffer[bucket.nbytes :].cpu().clone().view(torch.int64).tolist()
-        index, crc = tag >> 32, tag & 0xFFFFFFFF
+        trailer = buf[bucket.nbytes : bucket.nbytes + _TRAILER_BYTES].cpu().clone().view(torch.int64)
+        got_version, index, kind, sent = trailer.tolist()
         if (got_version, index) != (version, bucket.index):
             return [f"bucket {bucket.index} is tagged version {got_version} bucket {index}"]
-        actual = _ext.checksum(fb.buffer, 0, bucket.nbytes)
-        if actual != crc:
-            return [f"bucket {bucket.index} checksum {actual:#010x} != sent {crc:#010x}"]
+        name = _CHECKSUM_NAMES.get(kind)
+        if name == "wsum":  # where the bytes are: on a GPU, no copy to the host
+            actual = int(_ext.device_checksum(buf, 0, bucket.nbytes).item())
+        elif name == "crc32":
+            actual = _ext.checksum(buf, 0, bucket.nbytes)
+        else:
+            return [f"bucket {bucket.index} has unknown checksum kind {kind}"]
+        if actual != sent:
+            return [f"bucket {bucket.index} {name} checksum {actual:#x} != sent {sent:#x}"]
         return []
 
     def receive_async(self, timeout: timedelta | None = None) -> Future:

@@ -50,7 +50,7 @@ def test_round_trip_through_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override, section, valid",
     [
-        ("model.dtyp=float32", "model", "student_path, dtype, gradient_checkpointing"),
+        ("model.dtyp=float32", "model", "student_path, param_dtype, compute_dtype, gradient_checkpointing"),
         ("trainer.schedular=sync", "trainer", "scheduler"),
         ("data.batch_size=4", "data", "train_batch_size"),
     ],
@@ -60,6 +60,20 @@ def test_unknown_key_lists_valid_keys(override, section, valid):
     with pytest.raises(ConfigError, match=rf"unknown config key '{re.escape(key)}'") as e:
         _load(override)
     assert f"valid keys in '{section}': " in str(e.value) and valid in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["model.dtype", "model.autocast"])
+def test_removed_precision_keys_name_their_replacements(tmp_path, key):
+    want = rf"'{key}' was removed; use model.param_dtype \(master weights and optimizer state.*" + (
+        r"model.compute_dtype \(forward/backward"
+    )
+    with pytest.raises(ConfigError, match="command line override: " + want):
+        _load(f"{key}=bfloat16")
+    y = tmp_path / "old.yaml"
+    y.write_text(f"model:\n  {key.split('.')[1]}: bfloat16\n")
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(y))}: " + want) as e:
+        load_config([str(y)], ["model.student_path=m", "data.train_files=x.parquet"])
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_section_and_unknown_key_in_yaml_name_the_file(tmp_path):

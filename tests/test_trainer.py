@@ -233,3 +233,62 @@ def test_authenticated_services_need_the_same_secret_file(tmp_path, student_dir,
         with pytest.raises(StartupError, match="teacher.auth_secret_file=.*missing"):
             check(f"teacher.auth_secret_file={tmp_path / 'missing'}")
         assert teacher_broker.stats.auth_failures >= 1  # the unsigned request was dropped, not answered
+
+
+# ------------------------------------------------------------------------------------ precision
+
+
+def test_gpus_asked_without_cuda_is_one_clear_line(student_dir, monkeypatch, caplog):
+    import gkd.trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU host
+    argv = [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", "trainer.n_gpus_per_node=2"]
+    with caplog.at_level("ERROR", logger="gkd.trainer"):
+        assert gkd.trainer.main(argv) == 1
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    line = record.getMessage()
+    assert line.startswith("StartupError: trainer.n_gpus_per_node=2 asks for GPUs, but CUDA is not available")
+    assert "set trainer.n_gpus_per_node=0" in line and "\n" not in line and record.exc_info is None
+
+
+def _export_after_one_step(folder: Path, out: Path, param_dtype: str) -> dict[str, torch.Tensor]:
+    """The trainer's own pieces: load the student from ``folder`` per the config, one step at lr 1e-6
+    with bf16 compute, export the Hugging Face folder; returns the exported weights."""
+    from transformers import AutoModelForCausalLM
+
+    from gkd.checkpoint import export_hf
+    from gkd.trainer import _load_student
+    from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+    from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
+
+    overrides = [f"model.param_dtype={param_dtype}", "model.compute_dtype=bfloat16", "optim.lr=1e-6"]
+    cfg = load_config([], [f"model.student_path={folder}", "data.train_files=[x.parquet]", *overrides])
+    model, tokenizer = _load_student(cfg, torch.device("cpu"))
+    assert next(model.parameters()).dtype == getattr(torch, param_dtype)
+    samples = make_samples(5, 24)
+    micro = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 200)
+    train_step(model, *build_optimizer(model, cfg.optim, 1), micro, cfg)
+    export_hf(model, tokenizer, out)
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+
+
+def test_fp32_master_bf16_compute_at_lr_1e6_changes_the_exported_student_and_bf16_master_does_not(
+    tmp_path, student_dir
+):
+    from transformers import AutoTokenizer
+
+    from tests.test_trainer_step import tiny_llama
+
+    folder = tmp_path / "student"
+    tiny_llama(0).save_pretrained(folder)  # fp32 weights on disk
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(folder)
+    start = {k: v.clone() for k, v in tiny_llama(0).state_dict().items()}
+
+    def changed(exported: dict[str, torch.Tensor], like: torch.dtype) -> float:
+        moved = sum(int((exported[k] != v.to(like).float()).sum()) for k, v in start.items())
+        return moved / sum(v.numel() for v in start.values())
+
+    fp32 = _export_after_one_step(folder, tmp_path / "fp32", "float32")
+    assert changed(fp32, torch.float32) > 0.9
+    control = _export_after_one_step(folder, tmp_path / "bf16", "bfloat16")
+    assert changed(control, torch.bfloat16) < 0.05  # the update rounded away (bar weights near zero)

@@ -7,6 +7,7 @@ import math
 import socket
 import tempfile
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -360,24 +361,83 @@ def test_lr_schedule_and_weight_decay_groups():
 # ------------------------------------------------------------------------------------ mixed precision
 
 
-def test_autocast_only_on_cuda_and_cpu_stays_fp32():
+def _precision_cfg(param: str, compute: str, lr: float = 1e-6) -> SimpleNamespace:
     from gkd.config import ModelConfig
+
+    model = ModelConfig(param_dtype=param, compute_dtype=compute)
+    return SimpleNamespace(loss=LossConfig(), optim=OptimConfig(lr=lr, clip_grad=0.0), model=model)
+
+
+def test_compute_dtype_resolution_and_fp32_on_cpu_is_bitwise_unchanged():
     from gkd.trainer_step import autocast, autocast_dtype
 
-    assert autocast_dtype(ModelConfig()) is torch.bfloat16
-    assert autocast_dtype(ModelConfig(autocast="float16")) is torch.float16
-    assert autocast_dtype(ModelConfig(autocast="none")) is None and autocast_dtype(None) is None
-    ctx = autocast(torch.device("cuda", 0), torch.bfloat16)  # built, not entered: no GPU needed
+    fp32, bf16 = tiny_llama(0), tiny_llama(0, dtype=torch.bfloat16)
+    assert autocast_dtype(fp32, _precision_cfg("float32", "auto")) is None  # auto on CPU = fp32: no autocast
+    assert (
+        autocast_dtype(fp32, _precision_cfg("float32", "bfloat16")) is torch.bfloat16
+    )  # explicit: on CPU too
+    assert autocast_dtype(fp32, _precision_cfg("float32", "auto"), torch.device("cuda", 0)) is torch.bfloat16
+    assert autocast_dtype(bf16, _precision_cfg("bfloat16", "bfloat16")) is None  # nothing to cast
+    assert autocast_dtype(fp32, SimpleNamespace(loss=LossConfig())) is None  # no model section: fp32
+    with warnings.catch_warnings():  # CPU-only torch warns that CUDA autocast is unavailable
+        warnings.simplefilter("ignore")
+        ctx = autocast(torch.device("cuda", 0), torch.bfloat16)  # built, not entered: no GPU needed
     assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype is torch.bfloat16
-    assert not isinstance(autocast("cpu", torch.bfloat16), torch.autocast)
-    assert not isinstance(autocast(torch.device("cuda", 0), None), torch.autocast)
+    assert isinstance(autocast("cpu", torch.bfloat16), torch.autocast)
+    assert not isinstance(autocast("cpu", None), torch.autocast)
 
-    # on CPU the bf16 setting changes nothing: same loss, bitwise
-    student, samples = tiny_llama(0), make_samples(2, 3)
-    mb = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 1000)[0]
-    want, _ = loss_on_micro_batch(student, mb, LossConfig())
-    got, _ = loss_on_micro_batch(student, mb, LossConfig(), compute_dtype=torch.bfloat16)
-    assert got.dtype == torch.float32 and torch.equal(got, want)
+    # the default config on CPU trains exactly as before: same loss and gradients, bitwise
+    samples = make_samples(2, 3)
+    mb = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 1000)
+    a, b = tiny_llama(0), tiny_llama(0)
+    accumulate_gradients(a, mb, LossConfig())
+    steps = [train_step(m, *build_optimizer(m, cfg.optim, 2), mb, cfg) for m, cfg in
+             [(a, _precision_cfg("float32", "float32")), (b, _precision_cfg("float32", "auto"))]]  # fmt: skip
+    assert steps[0]["actor/kl_loss"] == steps[1]["actor/kl_loss"]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _changed_fraction(before: dict[str, torch.Tensor], model) -> float:
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+    return changed / sum(p.numel() for p in model.parameters())
+
+
+def _one_step(param: str, compute: str, lr: float = 1e-6):
+    samples = make_samples(5, 24)
+    mb = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 200)
+    cfg = _precision_cfg(param, compute, lr)
+    model = tiny_llama(0, dtype=getattr(torch, param))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = train_step(model, *build_optimizer(model, cfg.optim, 3), mb, cfg)
+    return model, before, metrics
+
+
+def test_one_step_at_lr_1e6_moves_fp32_master_weights_under_bf16_compute_and_not_bf16_ones():
+    """fp32 master weights + bf16 compute: AdamW's ~1e-6 steps land (fp32 spacing near 0.02 is ~2e-9);
+    the bf16-master control rounds nearly all of them away (bf16 spacing near 0.02 is ~1e-4)."""
+    model, before, _ = _one_step("float32", "bfloat16")
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert _changed_fraction(before, model) > 0.9
+    control, before, _ = _one_step("bfloat16", "bfloat16")
+    assert _changed_fraction(before, control) < 0.05  # ~2 %: only weights within ~1e-4 of zero move
+
+
+def test_bf16_compute_losses_match_fp32_within_tolerance():
+    """Three steps at lr 1e-3: losses (and the grad norm) of fp32 master + bf16 compute stay within 2 %
+    of the all-fp32 run (bf16 keeps 8 mantissa bits: ~0.4 % per rounding, averaged over tokens)."""
+    samples = make_samples(6, 16)
+    mb = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 200)
+    runs = {}
+    for compute in ("float32", "bfloat16"):
+        cfg = _precision_cfg("float32", compute, lr=1e-3)
+        model = tiny_llama(0)
+        opt, sched = build_optimizer(model, cfg.optim, 4)
+        runs[compute] = [train_step(model, opt, sched, mb, cfg) for _ in range(3)]
+    for fp32, bf16 in zip(runs["float32"], runs["bfloat16"], strict=True):
+        assert bf16["actor/kl_loss"] == pytest.approx(fp32["actor/kl_loss"], rel=2e-2)
+        assert bf16["actor/grad_norm"] == pytest.approx(fp32["actor/grad_norm"], rel=5e-2)
+    assert runs["bfloat16"][0]["actor/kl_loss"] != runs["float32"][0]["actor/kl_loss"]  # bf16 really ran
+    assert runs["bfloat16"][-1]["actor/kl_loss"] < runs["bfloat16"][0]["actor/kl_loss"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast is a CUDA path")

@@ -1,12 +1,17 @@
-"""gkd.weights over gloo on 127.0.0.1: handshake, bucketed verified syncs, corruption, FSDP2 gather-to-root.
+"""gkd.weights over gloo on 127.0.0.1: handshake, bucketed verified syncs, corruption, FSDP2 gather-to-root,
+versions announced in the store (an idle gap longer than the group timeout), the GPU path (device word
+sum, bucket buffers, cast to the engine dtype) run with CPU tensors, and the device checksum itself.
 
-Each test spawns its processes once and runs several scenarios in them (process start and the
-``transformers`` import dominate the cost). Every collective waits at most ``_GROUP_TIMEOUT``; the parent
-kills the processes after ``_TEST_TIMEOUT``.
+The multi-process tests spawn their processes once and run several scenarios in them (process start and
+the ``transformers`` import dominate the cost); the others run the ranks as threads of the test process.
+Every collective waits at most ``_GROUP_TIMEOUT``; the parent kills the processes after ``_TEST_TIMEOUT``.
 """
 
+import logging
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -14,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gkd import _ext
 from gkd.flatten import FlatBuffer, MetadataMismatch
 from gkd.weights import WeightReceiver, WeightSender, WeightSyncError, init_weight_group
 
@@ -117,7 +123,7 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
             _perturb(model, seed=version)
             if version == 2:  # flip one byte of bucket 1 after its checksum: corruption in flight
                 sender.bucket_hook = lambda i, buf: buf[5].bitwise_xor_(0xFF) if i == 1 else None
-                with pytest.raises(WeightSyncError, match=r"version 2 was rejected.*bucket 1 checksum"):
+                with pytest.raises(WeightSyncError, match=r"version 2 was rejected.*bucket 1 crc32 checksum"):
                     sender.sync(version)
                 sender.bucket_hook = None
             else:
@@ -146,7 +152,7 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
         assert receiver.receive() is None  # sender closed
         if rank == 1:  # nothing more comes: the wait ends at its timeout with an error
             start = time.monotonic()
-            with pytest.raises(WeightSyncError, match="version header failed or timed out after 1s"):
+            with pytest.raises(WeightSyncError, match="waiting for the next version: not there after 1s"):
                 receiver.receive(timeout=timedelta(seconds=1))
             assert time.monotonic() - start < 10
             group.store.set("timeout-checked", "1")
@@ -236,10 +242,174 @@ def test_metadata_round_trip_and_rejection():
     with pytest.raises(ValueError):
         _parse_metadata(b"\x80\x03not json")  # e.g. a pickle: never unpickled, just unreadable
     with pytest.raises(WeightSyncError, match="protocol 99"):
-        _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"v":1', b'"v":99'))
+        _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"v":2', b'"v":99'))
     exact = f'"nbytes":{buckets[0].nbytes},'.encode()  # bucket 0's size comes first in the JSON
     lying = _metadata_bytes(buckets, 16).replace(exact, b'"nbytes":4096,', 1)
     with pytest.raises(WeightSyncError, match="bucket 0 declares 4096 bytes"):
         _parse_metadata(lying)
     with pytest.raises(ValueError, match="dtype"):
         _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"bfloat16"', b'"object"'))
+    from gkd.weights import _parse_metadata_doc
+
+    assert _parse_metadata_doc(_metadata_bytes(buckets, 16, torch.bfloat16)) == (buckets, "bfloat16")
+    with pytest.raises(WeightSyncError, match="dtype 'object'"):
+        _parse_metadata_doc(
+            _metadata_bytes(buckets, 16, torch.bfloat16).replace(b'"dtype":"bfloat16"', b'"dtype":"object"')
+        )
+
+
+# ------------------------------------------------------------------- ranks as threads of this process
+
+
+def _pair(port: int, timeout: timedelta):
+    """Rank 0 and rank 1 of a 2-rank gloo channel (built concurrently: the store's host waits for both)."""
+    with ThreadPoolExecutor(2) as pool:
+        ranks = [
+            pool.submit(init_weight_group, "127.0.0.1", port, r, 2, backend="gloo", timeout=timeout)
+            for r in (0, 1)
+        ]
+        return [f.result(timeout=60) for f in ranks]
+
+
+def _in_thread(fn):
+    """Run ``fn`` on a thread; the returned callable joins it and re-raises its exception."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join():
+        t.join(_TEST_TIMEOUT)
+        assert not t.is_alive(), "the other rank did not finish"
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    return join
+
+
+def test_an_idle_gap_longer_than_the_group_timeout_times_nothing_out(caplog):
+    """Versions are announced in the store: a receiver waiting for the next version posts no collective,
+    so a gap of 3x the group timeout between two syncs is harmless (it used to wait inside the header
+    broadcast and fail after the group timeout)."""
+    group_timeout = timedelta(seconds=1.5)
+    tx, rx = _pair(_free_port(), group_timeout)
+    weights = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
+    engine = {n: torch.zeros_like(t) for n, t in weights.items()}
+    receiver = WeightReceiver(rx, engine, idle_timeout=timedelta(seconds=60), heartbeat_s=1.0)
+
+    def send():
+        sender = WeightSender(tx, weights, bucket_bytes=32, alignment=16)
+        sender.handshake()
+        sender.sync(1)
+        time.sleep(3 * group_timeout.total_seconds())
+        with torch.no_grad():
+            weights["w"].add_(100)
+        sender.sync(2)
+        sender.close()
+
+    done = _in_thread(send)
+    receiver.handshake()
+    with caplog.at_level(logging.INFO, logger="gkd.weights"):
+        assert receiver.receive() == 1
+        receiver.apply(engine)
+        assert torch.equal(engine["w"], torch.arange(12.0).reshape(3, 4))
+        start = time.monotonic()
+        assert receiver.receive() == 2  # waited ~4.5 s in the store
+        assert time.monotonic() - start > 2 * group_timeout.total_seconds()
+        receiver.apply(engine)
+        assert receiver.receive() is None
+    done()
+    assert torch.equal(engine["w"], weights["w"]) and torch.equal(engine["b"], weights["b"])
+    beats = [r for r in caplog.records if "waiting for the next version (idle" in r.getMessage()]
+    assert len(beats) >= 2  # the heartbeat line while idle
+
+
+def test_gpu_path_on_cpu_tensors_casts_to_the_engine_dtype_and_the_word_sum_catches_a_flipped_byte():
+    """The NCCL configuration's code path, forced on CPU: the sender checksums with the device word sum
+    (``checksum="wsum"``), the receiver lands buckets in bucket buffers, verifies them there and copies
+    them to host staging (``bounce=True``). fp32 master weights reach a bf16 engine as bf16 bytes (half
+    the wire) equal bit for bit to ``master.to(bfloat16)``."""
+    from tests.test_trainer_step import tiny_llama
+
+    master = tiny_llama(0)  # fp32, as the trainer holds it
+    engine = tiny_llama(1, dtype=torch.bfloat16)
+    tx, rx = _pair(_free_port(), _GROUP_TIMEOUT)
+    fp32_bytes = sum(p.nbytes for p in master.parameters())
+
+    def send():
+        sender = WeightSender(tx, master, dtype=torch.bfloat16, bucket_bytes=8 << 10, checksum="wsum")
+        assert len(sender.buckets) >= 3 and sender.checksum == "wsum"
+        sender.handshake()
+        stats = sender.sync(1)
+        assert stats["bytes"] < 0.51 * fp32_bytes + 64 * len(sender.buckets)  # bf16 on the wire
+        sender.bucket_hook = lambda i, buf: buf[7].bitwise_xor_(0x10) if i == 2 else None
+        with pytest.raises(WeightSyncError, match=r"version 2 was rejected.*bucket 2 wsum checksum"):
+            sender.sync(2)
+        sender.bucket_hook = None
+        _perturb(master, seed=3)
+        sender.sync(3)
+        sender.close()
+
+    done = _in_thread(send)
+    receiver = WeightReceiver(rx, engine, bounce=True)
+    receiver.handshake()
+    assert receiver.sender_dtype == "bfloat16" and len(receiver._slots) == 2
+    assert receiver.receive() == 1
+    receiver.apply(engine)
+    for name, p in engine.named_parameters():
+        want = dict(master.named_parameters())[name].detach().to(torch.bfloat16)
+        assert torch.equal(p.view(torch.int16), want.view(torch.int16)), name  # bit for bit
+    v1 = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    with pytest.raises(
+        WeightSyncError, match="version 2 rejected, keeping version 1: bucket 2 wsum checksum"
+    ):
+        receiver.receive()
+    assert all(torch.equal(p, v1[n]) for n, p in engine.named_parameters())
+    assert receiver.receive() == 3
+    receiver.apply(engine)
+    assert receiver.receive() is None
+    done()
+    for name, p in engine.named_parameters():
+        assert torch.equal(p, dict(master.named_parameters())[name].detach().to(torch.bfloat16)), name
+
+
+def _word_sum_reference(data: bytes) -> int:
+    data += b"\0" * (-len(data) % 4)
+    m, s1, s2 = (1 << 31) - 1, 0, 0
+    for i in range(len(data) // 4):
+        w = int.from_bytes(data[4 * i : 4 * i + 4], "little")
+        s1, s2 = (s1 + w) % m, (s2 + (i + 1) * w) % m
+    return s1 | s2 << 31
+
+
+def test_device_checksum_matches_its_definition_and_catches_flips_and_swaps(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randint(0, 256, (203,), dtype=torch.uint8, generator=g)
+    buf[:16] = 255  # words at the top of the uint32 range
+    for offset, n in [(0, 203), (3, 101), (4, 0), (1, 6), (8, 7)]:  # unaligned starts, partial last words
+        got = _ext.device_checksum(buf, offset, n)
+        assert got.dtype == torch.int64 and got.dim() == 0
+        assert int(got) == _word_sum_reference(bytes(buf[offset : offset + n].tolist())), (offset, n)
+    monkeypatch.setattr(_ext, "_SUM_CHUNK_WORDS", 7)  # several chunks: positions carry across them
+    assert int(_ext.device_checksum(buf)) == _word_sum_reference(bytes(buf.tolist()))
+    base = int(_ext.device_checksum(buf))
+    for i in range(buf.numel()):  # every single flipped byte, every bit pattern class
+        for flip in (0x01, 0x80, 0xFF):
+            bad = buf.clone()
+            bad[i] ^= flip
+            assert int(_ext.device_checksum(bad)) != base, (i, flip)
+    words = buf[:200].clone().view(torch.int32)
+    swapped = words.clone()
+    swapped[[3, 9]] = words[[9, 3]]
+    assert int(_ext.device_checksum(swapped.view(torch.uint8))) != int(
+        _ext.device_checksum(words.view(torch.uint8))
+    )
+    with pytest.raises(RuntimeError, match="does not fit"):
+        _ext.device_checksum(buf, 200, 10)

@@ -129,7 +129,7 @@ def write_config(st: DemoSettings, out: Path, teacher: Path, student: Path, trai
 # Written by `gkd demo`: local teacher and rollout services on 127.0.0.1, one CPU trainer process.
 model:
   student_path: {student}
-  dtype: float32
+  param_dtype: float32
 teacher:
   launch: true
   model_path: {teacher}
