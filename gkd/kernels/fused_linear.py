@@ -5,21 +5,25 @@ O(chunk x V).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from gkd.kernels._common import (
     REDUCTIONS,
     LossSpec,
     check_choice,
-    default_chunk_rows,
+    fused_chunk_rows,
     row_weights,
     take_eager_grads,
 )
-from gkd.kernels.functional import _chunk_fn, _prepare, _reduce, _torch_chunk, compute_dtype
+from gkd.kernels.functional import _chunk_fn, _prepare, _reduce, _torch_chunk
+from gkd.kernels.functional import compute_dtype as _acc_dtype
 from gkd.kernels.topk_torch import topk_torch_chunk_
 
 
-def _check_linear(hidden, weight, bias):
+def _check_linear(hidden, weight, bias, cdt):
     if hidden.dim() != 2:
         raise ValueError(f"hidden must have shape [N, H], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -28,8 +32,13 @@ def _check_linear(hidden, weight, bias):
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"lm_head_bias must have shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and lm_head_weight ({weight.dtype}) must share a dtype")
+    if cdt is None and hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden ({hidden.dtype}) and lm_head_weight ({weight.dtype}) must share a dtype, or pass "
+            "compute_dtype= (the dtype both are cast to for the GEMMs)"
+        )
+    if cdt is not None and cdt not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"compute_dtype must be a floating dtype (float32, bfloat16, float16), got {cdt}")
 
 
 def _logits_t(hidden_c, weight, bias, flat):
@@ -56,46 +65,95 @@ def _logits(hidden_c, weight, bias, buf=None):
     return torch.addmm(bias, hidden_c, weight.t(), out=out)
 
 
-def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, spec, chunk, chunk_fn, grads: tuple[bool, ...]):
-    """One pass over the row chunks. Returns (values [N], grad_hidden, grad_weight, grad_bias), the
-    gradients of ``sum(values)`` (None where not requested).
+def _cast_inputs(hidden, weight, bias, cdt):
+    """hidden, weight, bias in the compute dtype: one cast per call (e.g. of fp32 master weights to bf16),
+    never a per-chunk copy of the [V, H] weight."""
+    return tuple(None if t is None else t.to(cdt) for t in (hidden, weight, bias))
 
-    Peak memory beyond inputs and gradients: one [C, V] logits/dlogits chunk (the torch loss passes work
-    in place; other backends may add their own temporaries).
-    bf16/fp16 weights add an fp32 accumulator and one reused [V, H] product buffer in the input dtype
-    (together 3 bytes x V x H), so that per-chunk sums do not round to bf16."""
+
+class _WideAccumulator:
+    """``acc += a @ b`` where ``acc`` (the weight gradient) may be wider than ``a`` and ``b``.
+
+    Same dtype: ``addmm_`` in place. bf16/fp16 products into an fp32 ``acc``: on CUDA one GEMM that
+    accumulates into ``acc`` itself (``addmm(..., out_dtype=float32, out=acc)``; no product buffer);
+    where that is missing (CPU, or a torch whose fp32-output addmm wants ``self`` in the input dtype)
+    the chunk product goes to one reused [V, H] buffer in the input dtype and is summed in fp32.
+    """
+
+    def __init__(self, acc: torch.Tensor):
+        self.acc = acc
+        self.fused = acc.is_cuda
+        self.prod = None
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.dtype == self.acc.dtype:
+            self.acc.addmm_(a, b)
+            return
+        if self.fused:
+            try:
+                torch.addmm(self.acc, a, b, out_dtype=self.acc.dtype, out=self.acc)
+                return
+            except (RuntimeError, TypeError):  # raised by the argument checks, before any work is queued
+                self.fused = False
+        self.prod = torch.mm(a, b, out=self.prod) if self.prod is not None else a @ b
+        self.acc += self.prod
+
+
+class _PassOptions(NamedTuple):
+    spec: LossSpec
+    chunk: int  # rows per chunk
+    chunk_fn: Callable  # the loss on one [C, V] logits chunk: (values [C], dlogits [C, V] in place)
+    cdt: torch.dtype  # GEMM (compute) dtype
+
+
+def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptions, grads: tuple[bool, ...]):
+    """One pass over the row chunks, GEMMs in ``opts.cdt`` (fp32 accumulation) whatever autocast says.
+    Returns (values [N], grad_hidden, grad_weight, grad_bias), the gradients of ``sum(values)`` in the
+    inputs' dtypes (None where not requested).
+
+    Peak memory beyond inputs and gradients: one [C, V] logits/dlogits chunk in ``cdt`` (the torch and
+    Triton loss passes work in place; the torch path adds an fp32 copy for bf16/fp16 chunks), the
+    compute-dtype copies of hidden and weight when ``cdt`` differs from theirs, and the fp32 weight-gradient
+    accumulator when ``cdt`` is bf16/fp16 (plus a [V, H] product buffer in ``cdt`` where the fp32-output
+    GEMM is missing: see _WideAccumulator)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts, grads)
+
+
+def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptions, grads):
+    spec, chunk, chunk_fn, cdt = opts
     n = hidden.shape[0]
     need_h, need_w, need_b = grads
     need_grad = need_h or need_w or need_b
-    acc = compute_dtype(hidden.dtype)
+    acc = _acc_dtype(cdt)
+    h_all, w_c, b_c = _cast_inputs(hidden, weight, bias, cdt)
     values = torch.empty(n, dtype=acc, device=hidden.device)
     g_h = torch.empty_like(hidden) if need_h else None
     g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-    prod = None  # [V, H] chunk product, reused across chunks when weights are bf16/fp16
+    w_acc = _WideAccumulator(g_w) if need_w else None
     # one logits buffer for all chunks; the chunk functions overwrite it with dlogits in place
     size = min(chunk, n) * weight.shape[0]
-    buf = torch.empty(size, dtype=hidden.dtype, device=hidden.device) if n else None
+    buf = torch.empty(size, dtype=cdt, device=hidden.device) if n else None
     transposed = chunk_fn is topk_torch_chunk_  # other chunk functions want row-major logits
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
-        h = hidden[sl]
+        h = h_all[sl]
         if transposed:
-            z = _logits_t(h, weight, bias, buf)
+            z = _logits_t(h, w_c, b_c, buf)
         else:
-            z = _logits(h, weight, bias, buf[: h.shape[0] * weight.shape[0]].view(h.shape[0], -1))
+            z = _logits(h, w_c, b_c, buf[: h.shape[0] * weight.shape[0]].view(h.shape[0], -1))
         values[sl], d = chunk_fn(z, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
         if not need_grad:
             continue
-        d = d.to(hidden.dtype)  # [C, V]
+        d = d.to(cdt)  # [C, V]
         if need_h:
-            torch.mm(d, weight, out=g_h[sl])
+            if g_h.dtype == cdt:
+                torch.mm(d, w_c, out=g_h[sl])
+            else:
+                g_h[sl] = torch.mm(d, w_c)
         if need_w:
-            if g_w.dtype == d.dtype:
-                g_w.addmm_(d.t(), h)
-            else:  # bf16/fp16 weights: chunk products in the input dtype, summed in fp32
-                prod = torch.mm(d.t(), h, out=prod) if prod is not None else d.t() @ h
-                g_w += prod
+            w_acc.add(d.t(), h)
         if need_b:
             g_b += d.sum(0, dtype=acc)
         del d  # (a view of buf, or an fp32 copy for low-precision inputs: free it before the next GEMM)
@@ -112,11 +170,11 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
     Scalar reductions: gradients of hidden, W and b are computed in the forward pass (one GEMM pass) and
     the first backward scales them in place by the upstream gradient. ``reduction="none"`` (and a further
     backward of a retained graph): backward recomputes the chunks with the upstream gradient folded into
-    the row weights.
+    the row weights. The GEMMs run in ``cdt`` whatever autocast says (autocast is off inside).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, lp, valid, w, spec, reduction, chunk, chunk_fn):
+    def forward(ctx, hidden, weight, bias, ids, lp, valid, w, reduction, opts):
         grads = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -124,9 +182,9 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
         )
         eager = reduction != "none" and any(grads)
         values, g_h, g_w, g_b = _linear_pass(
-            hidden, weight, bias, ids, lp, valid, w, spec, chunk, chunk_fn, grads if eager else (False,) * 3
+            hidden, weight, bias, ids, lp, valid, w, opts, grads if eager else (False,) * 3
         )
-        ctx.spec, ctx.reduction, ctx.chunk, ctx.chunk_fn, ctx.grads = spec, reduction, chunk, chunk_fn, grads
+        ctx.reduction, ctx.opts, ctx.grads = reduction, opts, grads
         ctx.save_for_backward(hidden, weight, bias, ids, lp, valid, w)  # references only
         ctx.eager_grads = (g_h, g_w, g_b) if eager else None
         return _reduce(values, reduction)
@@ -134,23 +192,21 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.eager_grads is not None:
-            return take_eager_grads(ctx, grad_out) + (None,) * 8
+            return take_eager_grads(ctx, grad_out) + (None,) * 6
         # reduction="none", or a second backward through a retained graph: recompute
         hidden, weight, bias, ids, lp, valid, w = ctx.saved_tensors
-        _, g_h, g_w, g_b = _linear_pass(
-            hidden,
-            weight,
-            bias,
-            ids,
-            lp,
-            valid,
-            w * grad_out.to(w.dtype),
-            ctx.spec,
-            ctx.chunk,
-            ctx.chunk_fn,
-            ctx.grads,
-        )
-        return (g_h, g_w, g_b) + (None,) * 8
+        scale = w * grad_out.to(w.dtype)
+        _, g_h, g_w, g_b = _linear_pass(hidden, weight, bias, ids, lp, valid, scale, ctx.opts, ctx.grads)
+        return (g_h, g_w, g_b) + (None,) * 6
+
+
+def _compute_setup(hidden, weight, bias, compute_dtype, chunk_size, chunk_bytes):
+    """Checks; (compute dtype, rows per chunk)."""
+    _check_linear(hidden, weight, bias, compute_dtype)
+    cdt = compute_dtype or hidden.dtype
+    n, vocab = hidden.shape[0], weight.shape[0]
+    itemsize = torch.empty((), dtype=cdt).element_size()
+    return cdt, fused_chunk_rows(vocab, n, itemsize, hidden.device, chunk_size, chunk_bytes)
 
 
 def fused_linear_topk_distill_loss(
@@ -162,6 +218,8 @@ def fused_linear_topk_distill_loss(
     *,
     lm_head_bias: torch.Tensor | None = None,  # [V]
     chunk_size: int | None = None,
+    chunk_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
     loss: str = "forward_kl",
     beta: float = 0.5,
     normalize_jsd: bool = False,
@@ -172,64 +230,72 @@ def fused_linear_topk_distill_loss(
     check_inputs: bool = True,
 ) -> torch.Tensor:
     """``topk_distill_loss(hidden @ lm_head_weight.T + lm_head_bias, ...)`` without materialising the
-    logits: rows are processed ``chunk_size`` at a time (default: about 4M logits per chunk)."""
+    logits: rows are processed a chunk at a time (``chunk_size`` rows; else as many as ``chunk_bytes`` of
+    logits allow; default: 1.25 GiB of logits on CUDA, about N/8 rows and >= 4M logits on CPU).
+
+    ``compute_dtype`` (e.g. torch.bfloat16 with fp32 master weights): hidden, weight and bias are cast
+    to it once per call and the three GEMMs run in it; the loss arithmetic stays fp32, the weight
+    gradient is accumulated in fp32, and every gradient is returned in its input's dtype. No host sync
+    with ``check_inputs=False``."""
     spec = LossSpec(loss=loss, tail=tail, beta=beta, normalize_jsd=normalize_jsd, temperature=temperature)
     check_choice("reduction", reduction, REDUCTIONS)
-    _check_linear(hidden, lm_head_weight, lm_head_bias)
+    cdt, chunk = _compute_setup(hidden, lm_head_weight, lm_head_bias, compute_dtype, chunk_size, chunk_bytes)
     n, vocab = hidden.shape[0], lm_head_weight.shape[0]
-    ids, lp, valid = _prepare(
-        vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, hidden.dtype
-    )
+    ids, lp, valid = _prepare(vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, cdt)
     w = row_weights(mask, n, hidden.device, reduction, lp.dtype)
-    chunk = chunk_size or default_chunk_rows(vocab, n)
     fn = _chunk_fn(backend, hidden.device)
     if fn is _torch_chunk:  # whole-chunk vocabulary passes: this chunk is a reused buffer of ours
         fn = topk_torch_chunk_
+    opts = _PassOptions(spec, chunk, fn, cdt)
     return FusedLinearTopKDistillFunction.apply(
-        hidden, lm_head_weight, lm_head_bias, ids, lp, valid, w, spec, reduction, chunk, fn
+        hidden, lm_head_weight, lm_head_bias, ids, lp, valid, w, reduction, opts
     )
 
 
 class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
-    """logq_i = z_i[y_i] - logsumexp(z_i), z_i = (hidden_i W^T + b) / T. Backward recomputes the chunks:
-    dlogq_i/dz_i = onehot(y_i) - softmax(z_i)."""
+    """logq_i = z_i[y_i] - logsumexp(z_i), z_i = (hidden_i W^T + b) / T, GEMMs in ``cdt``, the rest in
+    fp32. Backward recomputes the chunks: dlogq_i/dz_i = onehot(y_i) - softmax(z_i)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk, cdt):
         n = hidden.shape[0]
-        acc = compute_dtype(hidden.dtype)
-        out = torch.empty(n, dtype=acc, device=hidden.device)
-        for start in range(0, n, chunk):
-            sl = slice(start, min(start + chunk, n))
-            z = _logits(hidden[sl], weight, bias).to(acc) / temperature
-            out[sl] = z.gather(1, tokens[sl, None])[:, 0] - torch.logsumexp(z, dim=-1)
+        out = torch.empty(n, dtype=_acc_dtype(cdt), device=hidden.device)
+        inv_t = 1.0 / temperature
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w_c, b_c = _cast_inputs(hidden, weight, bias, cdt)
+            for start in range(0, n, chunk):
+                sl = slice(start, min(start + chunk, n))
+                z = _chunk_logits_fp32(h_all[sl], w_c, b_c, inv_t)
+                out[sl] = z.gather(1, tokens[sl, None])[:, 0] - torch.logsumexp(z, dim=-1)
         ctx.save_for_backward(hidden, weight, bias, tokens)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.inv_t, ctx.chunk, ctx.cdt = inv_t, chunk, cdt
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, tokens = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cdt, inv_t = ctx.cdt, ctx.inv_t
+        acc = _acc_dtype(cdt)
         g_h = torch.empty_like(hidden) if need_h else None
-        acc = compute_dtype(hidden.dtype)
         g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        inv_t = 1.0 / ctx.temperature
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            sl = slice(start, min(start + ctx.chunk, hidden.shape[0]))
-            h = hidden[sl]
-            z = _logits(h, weight, bias).to(acc).mul_(inv_t)
-            go = grad_out[sl].to(acc)[:, None] * inv_t  # [C, 1]
-            d = torch.softmax(z, dim=-1).mul_(-go)  # -g softmax
-            d.scatter_add_(1, tokens[sl, None], go)
-            d = d.to(hidden.dtype)
-            if need_h:
-                torch.mm(d, weight, out=g_h[sl])
-            if need_w:
-                g_w += (d.t() @ h).to(acc)
-            if need_b:
-                g_b += d.sum(0, dtype=acc)
+        w_acc = _WideAccumulator(g_w) if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w_c, b_c = _cast_inputs(hidden, weight, bias, cdt)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                sl = slice(start, min(start + ctx.chunk, hidden.shape[0]))
+                h = h_all[sl]
+                d = torch.softmax(_chunk_logits_fp32(h, w_c, b_c, inv_t), dim=-1)
+                go = grad_out[sl].to(acc)[:, None] * inv_t  # [C, 1]
+                d.mul_(-go).scatter_add_(1, tokens[sl, None], go)  # (onehot - softmax) g / T
+                d = d.to(cdt)
+                if need_h:
+                    g_h[sl] = torch.mm(d, w_c)
+                if need_w:
+                    w_acc.add(d.t(), h)
+                if need_b:
+                    g_b += d.sum(0, dtype=acc)
         return (
             g_h,
             None if g_w is None else g_w.to(weight.dtype),
@@ -237,7 +303,15 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _chunk_logits_fp32(h, weight, bias, inv_t):
+    """[C, V] fp32 (fp64 for fp64 inputs) logits / T of one chunk; the GEMM runs in the inputs' dtype."""
+    z = _logits(h, weight, bias)
+    z = z.to(_acc_dtype(z.dtype))
+    return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
 def fused_linear_token_logprobs(
@@ -248,20 +322,24 @@ def fused_linear_token_logprobs(
     lm_head_bias: torch.Tensor | None = None,  # [V]
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    chunk_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
-    """[N] fp32 log q(token_ids) under softmax((hidden W^T + b) / T), differentiable, without full logits."""
-    _check_linear(hidden, lm_head_weight, lm_head_bias)
+    """[N] fp32 log q(token_ids) under softmax((hidden W^T + b) / T), differentiable, without full logits.
+    ``chunk_size`` / ``chunk_bytes`` / ``compute_dtype`` as in fused_linear_topk_distill_loss;
+    ``check_inputs=False`` skips the id range check (a host sync)."""
+    cdt, chunk = _compute_setup(hidden, lm_head_weight, lm_head_bias, compute_dtype, chunk_size, chunk_bytes)
     n, vocab = hidden.shape[0], lm_head_weight.shape[0]
     if token_ids.shape != (n,):
         raise ValueError(f"token_ids must have shape [N={n}], got {tuple(token_ids.shape)}")
     if token_ids.is_floating_point():
         raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-    if n and bool(((token_ids < 0) | (token_ids >= vocab)).any()):
+    if check_inputs and n and bool(((token_ids < 0) | (token_ids >= vocab)).any()):
         bad = int(((token_ids < 0) | (token_ids >= vocab)).nonzero()[0])
         raise ValueError(f"token_ids[{bad}] = {int(token_ids[bad])} is outside [0, V={vocab})")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be positive")
-    chunk = chunk_size or default_chunk_rows(vocab, n)
     return FusedLinearTokenLogprobsFunction.apply(
-        hidden, lm_head_weight, lm_head_bias, token_ids.long(), float(temperature), chunk
+        hidden, lm_head_weight, lm_head_bias, token_ids.long(), float(temperature), chunk, cdt
     )
