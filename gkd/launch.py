@@ -104,6 +104,13 @@ def rollout_command(cfg: Config, pool: Sequence[str] = ()) -> list[str]:
     argv += ["--dtype", rollout_dtype(cfg)]  # the dtype the trainer's weights arrive in
     argv += ["--workers", str(r.workers), "--port", str(r.server_port), "--backend-port", str(r.backend_port)]
     argv += ["--weight-channel", f"127.0.0.1:{r.weight_port}", "--weight-backend", weight_backend(cfg)]
+    argv += [
+        "--weight-timeout",
+        repr(r.weight_timeout_s),
+        "--weight-idle-timeout",
+        repr(r.weight_idle_timeout_s),
+    ]
+    argv += ["--weight-staging", r.weight_staging]
     argv += _gpu_argv(pool, r.backend, _vllm_options(cfg, r))
     return argv + (["--auth-secret-file", r.auth_secret_file] if r.auth_secret_file else [])
 

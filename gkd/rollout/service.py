@@ -3,11 +3,13 @@ weight channel; entry points behind ``gkd rollout serve|join``.
 
 A worker (``make_worker``) wraps its engine in a :class:`VersionedEngine`:
 
-- A background thread joins the weight channel (rank ``1..N``; trainer rank 0 sends), receives each new
-  version into the ``WeightReceiver``'s staging buffers while requests keep generating with the current
-  weights, and then applies it at the next batch boundary: it takes the engine lock, which a request holds
-  from its first token to its last. A request therefore never sees half-loaded or mixed weights, and every
-  sample reports the single version that produced it.
+- A background thread joins the weight channel (rank ``1..N``; trainer rank 0 sends), waits in the
+  channel's store (not in a collective) for each new version's announcement, receives it into the
+  ``WeightReceiver``'s staging buffers (``--weight-staging``: host memory, pinned with CUDA, or a GPU copy)
+  while requests keep generating with the current weights, and then applies it at the next batch
+  boundary: it takes the engine lock, which a request holds from its first token to its last. A request
+  therefore never sees half-loaded or mixed weights, and every sample reports the single version that
+  produced it.
 - The receiver has one set of staging buffers, so the worker stages at most one version ahead: the
   trainer's ``sync(v + 2)`` waits until ``v + 1`` has been applied (at most one request's duration).
 - A request with ``min_version`` waits (at most ``wait_s``, capped by the worker's ``--max-wait``) until
@@ -27,10 +29,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from gkd.placement import (
+    VLLMOptions,
+    apply_worker_gpus,
+    describe_engine,
+    engine_on_gpu,
+    engine_slices,
+    run_service,
+    worker_env,
+)
 from gkd.rollout.types import check_prompts
 from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
 from gkd.transport import Auth, Broker, Worker
@@ -60,17 +71,27 @@ class RolloutSpec:
     dtype: str = "float32"
     device: str = "cpu"
     max_batch_size: int = 64
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.vllm.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"--tensor-parallel-size {self.vllm.tensor_parallel_size} needs --backend vllm")
+
+    @property
+    def on_gpu(self) -> bool:
+        return engine_on_gpu(self.backend, self.device)
+
+    def describe(self) -> str:
+        return describe_engine(self.backend, self.model, self.dtype, self.device, self.vllm)
 
     def build(self):
         """Load the engine (slow: reads the weights)."""
         if self.backend == "vllm":
             from gkd.rollout import vllm_engine  # imports vllm lazily, with an install hint
 
-            return vllm_engine.VLLMRolloutEngine(self.model, dtype=self.dtype)
+            return vllm_engine.VLLMRolloutEngine(self.model, dtype=self.dtype, **self.vllm.llm_kwargs())
         from gkd.rollout.hf_engine import HFRolloutEngine
 
         return HFRolloutEngine.from_pretrained(
@@ -80,7 +101,13 @@ class RolloutSpec:
     def to_argv(self) -> list[str]:
         """The ``join`` options that rebuild this spec in a child process."""
         argv = ["--model", self.model, "--backend", self.backend, "--dtype", self.dtype]
-        return argv + ["--device", self.device, "--max-batch-size", str(self.max_batch_size)]
+        return argv + [
+            "--device",
+            self.device,
+            "--max-batch-size",
+            str(self.max_batch_size),
+            *self.vllm.to_argv(),
+        ]
 
 
 @dataclass(frozen=True)
@@ -93,7 +120,9 @@ class WeightChannel:
     rank: int
     world_size: int
     backend: str | None = None  # gloo | nccl; default: NCCL when CUDA is available
-    timeout_s: float = 1800.0  # rendezvous and every collective, including the wait for the next version
+    timeout_s: float = 600.0  # rendezvous and every collective (posted only once both sides are ready)
+    idle_timeout_s: float = 86400.0  # the wait for the next version's announcement in the store
+    staging: str = "host"  # where a received version waits: host (pinned with CUDA) | device (GPU copy)
 
     def __post_init__(self):
         if not 1 <= self.rank < self.world_size:
@@ -124,12 +153,13 @@ class _AtVersion:
 class VersionedEngine:
     """An engine whose weights change only between requests; see the module docstring."""
 
-    def __init__(self, engine, channel: WeightChannel | None = None, *, pin: bool = False):
-        self.engine, self.channel, self.pin = engine, channel, pin
+    def __init__(self, engine, channel: WeightChannel | None = None, *, pin: bool | None = None):
+        self.engine, self.channel, self.pin = engine, channel, pin  # pin None: when CUDA is available
         self._batch = threading.Lock()  # held for a whole request: weights change only between requests
         self._changed = threading.Condition()
         self.state = "off" if channel is None else "connecting"  # -> ready -> closed | failed
         self.error: str | None = None
+        self.receiver = None  # the WeightReceiver, once the handshake is done
         self._thread: threading.Thread | None = None
 
     @property
@@ -183,12 +213,30 @@ class VersionedEngine:
             group = init_weight_group(
                 ch.host, ch.port, ch.rank, ch.world_size, backend=ch.backend, timeout=timeout
             )
-            receiver = WeightReceiver(group, self.engine.parameters_spec(), pin=self.pin)
+            receiver = WeightReceiver(
+                group,
+                self.engine.parameters_spec(),
+                staging=ch.staging,
+                pin=self.pin,
+                idle_timeout=timedelta(seconds=ch.idle_timeout_s),
+            )
             receiver.handshake()
+            self.receiver = receiver  # for inspection (tests, logs)
             self._notify(state="ready")
-            log.info("weight channel %s: rank %d of %d ready", ch.address, ch.rank, ch.world_size)
+            log.info(
+                "weight channel %s: rank %d of %d ready (%s, staging in %s memory%s, weights arrive as %s)",
+                ch.address,
+                ch.rank,
+                ch.world_size,
+                group.device.type,
+                ch.staging,
+                ", pinned" if receiver.pin and receiver.staging_device.type == "cpu" else "",
+                receiver.sender_dtype or "sent",
+            )
             while True:
-                version = receiver.receive()  # staged while requests keep generating with the old weights
+                # waits in the store (not in a collective) for the next version, then stages it here
+                # while requests keep generating with the old weights
+                version = receiver.receive()
                 if version is None:
                     self._notify(state="closed")
                     log.info("weight channel closed by the sender; keeping version %d", self.version)
@@ -262,14 +310,23 @@ def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = 
 # ------------------------------------------------------------------------------------ processes
 
 
-def _channel_argv(address: str | None, rank: int, world_size: int, backend: str | None, timeout_s: float):
+def _channel_argv(
+    address: str | None, rank: int, world_size: int, backend: str | None, timeout_s: float, **opts
+):
+    """``join`` options for one worker's channel; ``opts``: ``idle_timeout_s``, ``staging``."""
     if address is None:
         return []
     argv = ["--weight-channel", address, "--weight-rank", str(rank), "--weight-world-size", str(world_size)]
-    return argv + ["--weight-timeout", repr(timeout_s)] + (["--weight-backend", backend] if backend else [])
+    argv += ["--weight-timeout", repr(timeout_s)] + (["--weight-backend", backend] if backend else [])
+    if "idle_timeout_s" in opts:
+        argv += ["--weight-idle-timeout", repr(opts["idle_timeout_s"])]
+    return argv + (["--weight-staging", opts["staging"]] if "staging" in opts else [])
 
 
-def _spawn_worker(spec: RolloutSpec, broker: str, channel_argv: list[str], auth_secret_file: str | None):
+def _spawn_worker(
+    spec: RolloutSpec, broker: str, channel_argv: list[str], auth_secret_file: str | None, env: dict[str, str]
+):
+    """``rollout join --workers 1`` with ``env`` added (its ``CUDA_VISIBLE_DEVICES`` slice)."""
     argv = [
         sys.executable,
         "-m",
@@ -284,7 +341,7 @@ def _spawn_worker(spec: RolloutSpec, broker: str, channel_argv: list[str], auth_
     argv += (
         spec.to_argv() + channel_argv + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
     )
-    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid())})
+    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **env})
 
 
 def serve(
@@ -296,15 +353,20 @@ def serve(
     workers: int = 1,
     weight_channel: str | None = None,
     weight_backend: str | None = None,
-    weight_timeout_s: float = 1800.0,
+    weight_timeout_s: float = 600.0,
+    weight_idle_timeout_s: float = 86400.0,
+    weight_staging: str = "host",
     auth_secret_file: str | None = None,
+    gpus: str | None = None,
 ) -> int:
     """Run a broker and ``workers`` worker processes (weight ranks 1..workers of a channel of
-    ``workers + 1``) until SIGINT/SIGTERM; returns the exit status."""
+    ``workers + 1``) until SIGINT/SIGTERM; returns the exit status. ``gpus`` (``"4,5"``): worker i gets
+    the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
     if weight_channel is not None:
         parse_host_port(weight_channel)
+    slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     broker = make_broker(
         host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
@@ -316,8 +378,17 @@ def serve(
         lambda backend, i: _spawn_worker(
             spec,
             backend,
-            _channel_argv(weight_channel, i + 1, workers + 1, weight_backend, weight_timeout_s),
+            _channel_argv(
+                weight_channel,
+                i + 1,
+                workers + 1,
+                weight_backend,
+                weight_timeout_s,
+                idle_timeout_s=weight_idle_timeout_s,
+                staging=weight_staging,
+            ),
             auth_secret_file,
+            worker_env(slices, i),
         ),
         stop,
         what=f"{spec.backend} worker(s) for {spec.model}",
@@ -335,14 +406,18 @@ def join(
     weight_rank: int = 1,
     weight_world_size: int | None = None,
     weight_backend: str | None = None,
-    weight_timeout_s: float = 1800.0,
+    weight_timeout_s: float = 600.0,
+    weight_idle_timeout_s: float = 86400.0,
+    weight_staging: str = "host",
     max_wait_s: float = 600.0,
     auth_secret_file: str | None = None,
+    gpus: str | None = None,
 ) -> int:
     """Serve ``spec`` behind ``broker``'s backend with ``workers`` engines (weight ranks ``weight_rank``,
-    ``weight_rank + 1``, ...) until stopped."""
+    ``weight_rank + 1``, ...) until stopped (``gpus`` as for :func:`serve`)."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
+    slices = engine_slices(spec, gpus, workers)
     world = weight_world_size if weight_world_size is not None else weight_rank + workers
     stop = stop_on_signals()
     if workers > 1:
@@ -350,8 +425,17 @@ def join(
             _spawn_worker(
                 spec,
                 broker,
-                _channel_argv(weight_channel, weight_rank + i, world, weight_backend, weight_timeout_s),
+                _channel_argv(
+                    weight_channel,
+                    weight_rank + i,
+                    world,
+                    weight_backend,
+                    weight_timeout_s,
+                    idle_timeout_s=weight_idle_timeout_s,
+                    staging=weight_staging,
+                ),
                 auth_secret_file,
+                worker_env(slices, i),
             )
             for i in range(workers)
         ]
@@ -359,7 +443,18 @@ def join(
     channel = None
     if weight_channel is not None:
         host, port = parse_host_port(weight_channel)
-        channel = WeightChannel(host, port, weight_rank, world, weight_backend, weight_timeout_s)
+        channel = WeightChannel(
+            host,
+            port,
+            weight_rank,
+            world,
+            weight_backend,
+            weight_timeout_s,
+            weight_idle_timeout_s,
+            weight_staging,
+        )
+    apply_worker_gpus(slices, log)  # before the engine starts CUDA
+    log.info("worker %d: loading the %s", os.getpid(), spec.describe())
     start = time.monotonic()
     worker = make_worker(
         spec, broker, channel=channel, auth=auth_from_file(auth_secret_file), max_wait_s=max_wait_s
@@ -387,6 +482,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=64, help="hf engine: prompts per decoding batch")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
     g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
+    VLLMOptions.add_args(p, memory_default=None)
     w = p.add_argument_group("weight channel")
     w.add_argument(
         "--weight-channel",
@@ -398,43 +494,71 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--weight-timeout",
         type=float,
-        default=1800.0,
-        help="seconds for the rendezvous and for each collective, including the wait for a version",
+        default=600.0,
+        help="seconds for the rendezvous and for each collective once both sides are ready (default 600)",
+    )
+    w.add_argument(
+        "--weight-idle-timeout",
+        type=float,
+        default=86400.0,
+        help="longest wait for the next version's announcement, seconds (a log line every minute meanwhile)",
+    )
+    w.add_argument(
+        "--weight-staging",
+        choices=("host", "device"),
+        default="host",
+        help="where a received version waits for the swap: host memory (pinned with CUDA; default) or a "
+        "second copy on the GPU",
     )
 
 
 def _spec(args: argparse.Namespace) -> RolloutSpec:
-    return RolloutSpec(args.model, args.backend, args.dtype, args.device, args.max_batch_size)
+    vllm = VLLMOptions.from_args(args)
+    return RolloutSpec(args.model, args.backend, args.dtype, args.device, args.max_batch_size, vllm)
 
 
 def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    return serve(
-        _spec(args),
-        host=args.host,
-        port=args.port,
-        backend_port=args.backend_port,
-        workers=args.workers,
-        weight_channel=args.weight_channel,
-        weight_backend=args.weight_backend,
-        weight_timeout_s=args.weight_timeout,
-        auth_secret_file=args.auth_secret_file,
+    return run_service(
+        "gkd rollout serve",
+        lambda: _spec(args),
+        lambda spec: serve(
+            spec,
+            host=args.host,
+            port=args.port,
+            backend_port=args.backend_port,
+            workers=args.workers,
+            weight_channel=args.weight_channel,
+            weight_backend=args.weight_backend,
+            weight_timeout_s=args.weight_timeout,
+            weight_idle_timeout_s=args.weight_idle_timeout,
+            weight_staging=args.weight_staging,
+            auth_secret_file=args.auth_secret_file,
+            gpus=args.gpus,
+        ),
     )
 
 
 def _join(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    return join(
-        _spec(args),
-        args.broker,
-        workers=args.workers,
-        weight_channel=args.weight_channel,
-        weight_rank=args.weight_rank,
-        weight_world_size=args.weight_world_size,
-        weight_backend=args.weight_backend,
-        weight_timeout_s=args.weight_timeout,
-        max_wait_s=args.max_wait,
-        auth_secret_file=args.auth_secret_file,
+    return run_service(
+        "gkd rollout join",
+        lambda: _spec(args),
+        lambda spec: join(
+            spec,
+            args.broker,
+            workers=args.workers,
+            weight_channel=args.weight_channel,
+            weight_rank=args.weight_rank,
+            weight_world_size=args.weight_world_size,
+            weight_backend=args.weight_backend,
+            weight_timeout_s=args.weight_timeout,
+            weight_idle_timeout_s=args.weight_idle_timeout,
+            weight_staging=args.weight_staging,
+            max_wait_s=args.max_wait,
+            auth_secret_file=args.auth_secret_file,
+            gpus=args.gpus,
+        ),
     )
 
 

@@ -53,7 +53,10 @@ def test_versions_pushed_during_a_stream_of_requests_explain_every_sample(studen
     from transformers import LlamaForCausalLM
 
     port = _free_port()
-    channels = [WeightChannel("127.0.0.1", port, r, 3, "gloo", TIMEOUT.total_seconds()) for r in (1, 2)]
+    channels = [  # one worker per staging choice (on CPU both stage in host memory; the path differs on GPU)
+        WeightChannel("127.0.0.1", port, r, 3, "gloo", TIMEOUT.total_seconds(), staging=staging)
+        for r, staging in ((1, "host"), (2, "device"))
+    ]
     svc = Service(student_dir, channels=channels, heartbeat=HEARTBEAT)
     trainer = LlamaForCausalLM.from_pretrained(student_dir).eval()
     states = {0: {k: v.clone() for k, v in trainer.state_dict().items()}}
@@ -63,6 +66,8 @@ def test_versions_pushed_during_a_stream_of_requests_explain_every_sample(studen
         sender = WeightSender(group, trainer, bucket_bytes=64 << 10)
         sender.handshake()
         wait_for(lambda: all(w.versioned.state == "ready" for w in svc.workers), what="receivers ready")
+        staged = [w.versioned.receiver for w in svc.workers]
+        assert [r.staging_device.type for r in staged] == ["cpu", "cpu"] and not any(r.bounce for r in staged)
         client = svc.client(min_version_wait_s=20)
         # Waits for version 1 (not pushed yet), holding one worker while the other serves the stream.
         early = client.submit(random_prompts(2, seed=99), GREEDY, min_version=1)
@@ -139,3 +144,26 @@ def test_a_failed_channel_is_reported_to_min_version_requests(student_dir):
         assert client.generate(random_prompts(1), GREEDY)[0].policy_version == 0
     finally:
         svc.close()
+
+
+def test_channel_settings_reach_each_worker_from_the_config():
+    """rollout.weight_* -> ``gkd rollout serve`` flags (the launcher) -> each spawned ``join`` -> the
+    worker's WeightChannel."""
+    import argparse
+
+    from gkd.config import load_config
+    from gkd.launch import rollout_command
+    from gkd.rollout.service import _channel_argv, add_rollout_cli
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-level", default="INFO")
+    add_rollout_cli(parser.add_subparsers(dest="command"))
+    keys = ["rollout.weight_staging=device", "rollout.weight_timeout_s=42", "rollout.weight_idle_timeout_s=7"]
+    cfg = load_config([], ["model.student_path=S", "data.train_files=[x.parquet]", *keys])
+    argv = rollout_command(cfg)
+    serve = parser.parse_args(argv[argv.index("rollout") :])
+    assert (serve.weight_staging, serve.weight_timeout, serve.weight_idle_timeout) == ("device", 42.0, 7.0)
+    child = _channel_argv("h:1", 2, 3, "gloo", 42.0, idle_timeout_s=7.0, staging="device")
+    join = parser.parse_args(["rollout", "join", "--broker", "h:2", "--model", "S", *child])
+    assert (join.weight_staging, join.weight_timeout, join.weight_idle_timeout) == ("device", 42.0, 7.0)
+    assert parser.parse_args(["rollout", "join", "--broker", "h:2", "--model", "S"]).weight_staging == "host"
