@@ -108,6 +108,8 @@ class WeightGroup:
         """Wait until every key of ``keys`` is set in the channel's store (polled: no collective is posted
         meanwhile). A log line every ``heartbeat_s`` while waiting; :class:`WeightSyncError` naming the
         missing keys after ``timeout``, or at once when the store's host (trainer rank 0) is gone."""
+        if not keys:  # a channel without receivers (world size 1)
+            return
         start = time.monotonic()
         beat, pause = start + (heartbeat_s or float("inf")), 0.001
         try:
@@ -350,7 +352,8 @@ class WeightSender:
 
     def wait_ready(self, version: int) -> None:
         """Announce ``version`` in the store and wait (``ready_timeout``) until every receiver is ready to
-        take it; :meth:`sync` does this itself when it was not called first. No-op off rank 0."""
+        take it; :meth:`sync` does this itself when it was not called first. No-op off rank 0. After a
+        timeout (:class:`WeightSyncError`) the channel is unusable: ready receivers time out in the header."""
         g = self.group
         if g is None or self._ready_version == version:
             return
@@ -639,6 +642,8 @@ class WeightReceiver:
                     raise MetadataMismatch(f"engine does not match the received weights: {diff}")
                 for fb in self._staging:
                     fb.copy_into({m.name: dest[m.name] for m in fb.metas})
+                if any(t.is_cuda for t in dest.values()):  # pinned copies are asynchronous, and the next
+                    torch.cuda.synchronize()  # receive overwrites the staging from another stream or gloo
             self.applied_version = self.staged_version
             return self.applied_version
 

@@ -413,3 +413,47 @@ def test_device_checksum_matches_its_definition_and_catches_flips_and_swaps(monk
     )
     with pytest.raises(RuntimeError, match="does not fit"):
         _ext.device_checksum(buf, 200, 10)
+
+
+def _bf16_flat(model) -> torch.Tensor:
+    return FlatBuffer.pack(
+        {n: p.detach().to(torch.bfloat16).cpu() for n, p in model.named_parameters()}
+    ).buffer
+
+
+def _nccl_worker(rank: int, port: int) -> None:
+    from tests.test_trainer_step import tiny_llama
+
+    torch.cuda.set_device(rank)
+    timeout = timedelta(seconds=5)
+    group = init_weight_group("127.0.0.1", port, rank, 2, backend="nccl", timeout=timeout)
+    if rank == 0:
+        master = tiny_llama(0).cuda()  # fp32 master weights on GPU 0
+        sender = WeightSender(group, master, dtype=torch.bfloat16, bucket_bytes=8 << 10)
+        assert sender.checksum == "wsum"
+        sender.handshake()
+        sender.sync(1)
+        time.sleep(2 * timeout.total_seconds())  # idle longer than NCCL's timeout: nobody is in a collective
+        _perturb(master, seed=2)
+        sender.sync(2)
+        _publish(group, "v2", _bf16_flat(master))
+        sender.close()
+        group.store.wait(["done"], _GROUP_TIMEOUT)  # the store lives in this process: outlive the reader
+    else:
+        engine = tiny_llama(1, dtype=torch.bfloat16).cuda()
+        receiver = WeightReceiver(group, engine, idle_timeout=timedelta(seconds=60))  # host staging
+        assert receiver.bounce and receiver.staging_device.type == "cpu"
+        receiver.handshake()
+        assert receiver.receive() == 1
+        receiver.apply(engine)
+        assert receiver.receive() == 2
+        receiver.apply(engine)
+        got = _bf16_flat(engine)
+        assert torch.equal(got, _fetch(group, "v2", got))  # bit for bit the bf16 cast of the master
+        assert receiver.receive() is None
+        group.store.set("done", "1")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="an NCCL channel needs two GPUs (one per rank)")
+def test_nccl_channel_idle_gap_cast_and_host_staging():
+    _spawn(_nccl_worker, 2, _free_port())
