@@ -49,12 +49,17 @@ class CMakeBuild(build_ext):
                 # An output left by an earlier build in this build folder must not ship as this one.
                 Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
                 if os.environ.get("GKD_REQUIRE_EXT", "0") == "1":
-                    raise SystemExit(f"gkd: the C++ extension {ext.name} failed to build ({exc}) and "
-                                     "GKD_REQUIRE_EXT=1 requires it; see the output above") from exc
-                print(f"gkd: WARNING: the optional C++ extension {ext.name} was not built ({exc}; output "
-                      "above); gkd will use its torch fallback (no page-locked host buffers on CPU-only "
-                      "torch, single-threaded checksums). Set GKD_REQUIRE_EXT=1 to make this an error.",
-                      file=sys.stderr, flush=True)
+                    raise SystemExit(
+                        f"gkd: the C++ extension {ext.name} failed to build ({exc}) and "
+                        "GKD_REQUIRE_EXT=1 requires it; see the output above"
+                    ) from exc
+                print(
+                    f"gkd: WARNING: the optional C++ extension {ext.name} was not built ({exc}; output "
+                    "above); gkd will use its torch fallback (no page-locked host buffers on CPU-only "
+                    "torch, single-threaded checksums). Set GKD_REQUIRE_EXT=1 to make this an error.",
+                    file=sys.stderr,
+                    flush=True,
+                )
             else:
                 built.append(ext)
         self.extensions[:] = built

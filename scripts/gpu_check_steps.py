@@ -1,0 +1,656 @@
+"""The bodies of the GPU proof run's steps (``scripts/gpu_check.py`` runs each in its own process, under
+its own timeout): ``python scripts/gpu_check_steps.py STEP [options] --json FILE``.
+
+Each step writes ``{"status": "PASS" | "FAIL", "headline": one line, ...figures}`` to ``--json`` and exits
+0 when it ran to the end (a FAIL status included), non-zero when it crashed. Steps import torch and gkd
+lazily, so ``setup`` runs before either is importable from the site dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sh(cmd: list[str], *, log=None, timeout: float | None = None, env=None) -> int:
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(
+        cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None, timeout=timeout, env=env
+    ).returncode
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 2)
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cuda_time(fn, reps: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up, timed with CUDA events (a host
+    clock on a machine without CUDA, where the steps run small as a smoke test of their code)."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------ 0 setup
+
+
+def step_setup(args) -> dict:
+    """Wheels from .whl/ and gkd itself (--no-deps) into the site dir; the extension is built there
+    against this machine's torch (GKD_REQUIRE_EXT=1: a failed build fails the step) and copied next to
+    the tree's gkd/, so the tests (which import gkd from the tree) load it too."""
+    site = Path(args.site)
+    site.mkdir(parents=True, exist_ok=True)
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(site),
+    ]
+    wheels = sorted(glob.glob(os.path.join(args.wheels, "*.whl")))
+    start = time.perf_counter()
+    if not wheels or _sh([*pip, "--no-compile", *wheels]) != 0:
+        return {"status": "FAIL", "headline": f"no wheels installed from {args.wheels}"}
+    t_wheels = time.perf_counter() - start
+    env = {**os.environ, "GKD_REQUIRE_EXT": "1"}
+    with open(args.log, "w") as log:
+        rc = _sh([*pip, "-v", "--no-build-isolation", str(ROOT)], log=log, env=env)
+    t_build = time.perf_counter() - start - t_wheels
+    built = sorted((site / "gkd").glob("_C*.so"))
+    if rc != 0 or not built:
+        print(Path(args.log).read_text()[-4000:])
+        return {"status": "FAIL", "headline": f"pip install of gkd failed (exit {rc}); see install.log"}
+    for so in built:
+        shutil.copy2(so, ROOT / "gkd" / so.name)
+    return {
+        "status": "PASS",
+        "headline": f"wheels {t_wheels:.0f}s, gkd + extension {t_build:.0f}s",
+        "wheels": [Path(w).name for w in wheels],
+        "wheels_s": round(t_wheels, 1),
+        "build_s": round(t_build, 1),
+        "extension": built[0].name,
+    }
+
+
+# ------------------------------------------------------------------------------------------ 1 environment
+
+
+def step_environment(args) -> dict:
+    import torch
+    import transformers
+    import triton
+
+    from gkd import _ext
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    fmt = lambda v: "unlimited" if v == resource.RLIM_INFINITY else f"{v // 1024} KiB"  # noqa: E731
+    try:
+        smi = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        smi_text = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        smi_text = f"nvidia-smi failed: {e}"
+    figs = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "nvidia_smi": smi_text,
+        "ulimit_l": f"soft {fmt(soft)}, hard {fmt(hard)}",
+        "cpus": os.cpu_count(),
+        "gkd_has_ext": _ext.HAS_EXT,
+    }
+    try:
+        from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
+
+        figs["liger_kernel"] = version("liger-kernel")
+    except ImportError as e:
+        figs["liger_kernel"] = f"missing ({e})"
+    if not torch.cuda.is_available():
+        return {**figs, "status": "FAIL", "headline": f"no CUDA device (torch {torch.__version__})"}
+    p = torch.cuda.get_device_properties(0)
+    figs.update(
+        gpu=p.name,
+        capability=f"{p.major}.{p.minor}",
+        sms=p.multi_processor_count,
+        memory_gib=round(p.total_memory / 2**30, 1),
+        nccl=".".join(map(str, torch.cuda.nccl.version())),
+    )
+    headline = (
+        f"{p.name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"triton {triton.__version__}, "
+        f"NCCL {figs['nccl']}, ulimit -l {fmt(soft)}"
+    )
+    return {**figs, "status": "PASS", "headline": headline}
+
+
+# ------------------------------------------------------------------------------------------ 2 extension
+
+
+def step_extension(args) -> dict:
+    import torch
+
+    from gkd import _ext
+
+    log = Path(args.log).read_text(errors="replace").splitlines() if Path(args.log).is_file() else []
+    build_lines = [l for l in log if re.search(r"gkd:|\[\d+/\d+\]|Building CXX|Linking CXX|error", l)]
+    figs: dict = {"build_log_tail": build_lines[-12:] or log[-12:], "has_ext": _ext.HAS_EXT}
+    if not _ext.HAS_EXT:
+        return {**figs, "status": "FAIL", "headline": f"gkd._C not importable: {_ext.EXT_ERROR}"}
+    n = 256 << 20
+    tensor, locked, registered, error = _ext._C.alloc_host(n, True, True)
+    mem = _ext.alloc_host(n, pin=True)  # the public path: pinned must be True here
+    figs.update(
+        locked=locked,
+        cuda_registered=registered,
+        is_pinned=tensor.is_pinned(),
+        error=error,
+        public_pinned=mem.pinned,
+    )
+    tensor.fill_(1)
+    pageable = torch.ones(n, dtype=torch.uint8)
+    torch_pinned = torch.ones(n, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    for name, src in (("gkd_pinned", tensor), ("pageable", pageable), ("torch_pinned", torch_pinned)):
+        figs[f"h2d_gbps_{name}"] = _gbps(n, _cuda_time(lambda s=src: dst.copy_(s, non_blocking=True)))
+    figs["pinned_over_pageable"] = round(figs["h2d_gbps_gkd_pinned"] / figs["h2d_gbps_pageable"], 2)
+    ok = (
+        locked
+        and registered
+        and figs["is_pinned"]
+        and mem.pinned
+        and torch.equal(dst.cpu()[:4096], torch_pinned[:4096])
+    )
+    headline = (
+        f"locked={locked} registered={registered} is_pinned={figs['is_pinned']}; H2D "
+        f"{figs['h2d_gbps_gkd_pinned']} GB/s pinned vs {figs['h2d_gbps_pageable']} pageable "
+        f"(torch pin_memory {figs['h2d_gbps_torch_pinned']})"
+    )
+    return {**figs, "status": "PASS" if ok else "FAIL", "headline": headline}
+
+
+# ------------------------------------------------------------------------------------------ 5 tests
+
+
+def step_tests(args) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", *args.paths]
+    try:
+        import xdist  # noqa: F401
+
+        cmd[4:4] = ["-n", "4"]  # Triton compiles on the CPU: four workers share the GPU
+    except ImportError:
+        pass
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace")
+    print(out.stdout[-20000:], out.stderr[-4000:], flush=True)
+    lines = out.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed)", summary)}
+    skips = [l for l in lines if l.startswith("SKIPPED")]
+    failures = [l for l in lines if l.startswith(("FAILED", "ERROR"))]
+    return {
+        "status": "PASS" if out.returncode == 0 else "FAIL",
+        "headline": summary.strip("= "),
+        "counts": counts,
+        "skipped": skips,
+        "failed": failures,
+        "exit_code": out.returncode,
+    }
+
+
+# ------------------------------------------------------------------------------------------ 6 trainer
+
+
+def _tiny_qwen(vocab: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def step_trainer(args) -> dict:
+    """Re-runs itself as one torchrun rank (NCCL), so the step is one process tree under one timeout."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        __file__,
+        "trainer-rank",
+        "--json",
+        args.json,
+    ]
+    rc = _sh(cmd)
+    if rc != 0 or not Path(args.json).is_file():
+        return {"status": "FAIL", "headline": f"torchrun exited {rc}"}
+    return json.loads(Path(args.json).read_text())
+
+
+def step_trainer_rank(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from gkd.config import load_config
+    from gkd.rollout.types import Sample
+    from gkd.teacher.types import TeacherOutput
+    from gkd.trainer import _init_distributed, shard_fsdp2
+    from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+
+    gpus = 1 if _on_gpu() else 0  # 0: gloo on CPU, the smoke test of this code off the GPU
+    cfg = load_config(
+        [],
+        [
+            "model.student_path=unused",
+            f"trainer.n_gpus_per_node={gpus}",
+            "trainer.strategy=fsdp2",
+            "model.param_dtype=float32",
+            "model.compute_dtype=bfloat16",
+            "optim.lr=1e-6",
+        ],
+        check=False,
+    )
+    rank, world, device = _init_distributed(cfg)
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    torch.manual_seed(0)
+    vocab, k = 32000, 64
+    model = _tiny_qwen(vocab, hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2).to(device)
+    model = shard_fsdp2(model, device, torch.bfloat16)
+    optimizer, lr_sched = build_optimizer(model, cfg.optim, total_steps=10)
+    g = torch.Generator().manual_seed(1)
+    samples, teachers = [], []
+    for _ in range(16):
+        prompt = torch.randint(3, vocab, (24,), generator=g).tolist()
+        resp = torch.randint(3, vocab, (96,), generator=g).tolist()
+        samples.append(Sample(prompt, resp, torch.full((96,), -8.0), "length", 0))
+        ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(96)]).int()
+        lp = torch.log_softmax(torch.randn(96, k, generator=g) * 2, -1) - 0.05
+        teachers.append(TeacherOutput(ids, lp.sort(-1, descending=True).values, lp[:, 0]))
+    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()  # noqa: E731
+    before = {n: full(p).float().clone() for n, p in model.named_parameters()}
+    micro = pack_micro_batches(samples, teachers, 4096, pad_id=0)
+    _sync()
+    start = time.perf_counter()
+    metrics = train_step(model, optimizer, lr_sched, micro, cfg, device=device)
+    _sync()
+    seconds = time.perf_counter() - start
+    changed = total = 0
+    for n, p in model.named_parameters():
+        after = full(p)
+        changed += int((after.float() != before[n]).sum())
+        total += after.numel()
+    dtypes = sorted({str(full(p).dtype) for p in model.parameters()})
+    frac = changed / total
+    figs = {
+        "backend": backend,
+        "world": world,
+        "loss": metrics["actor/kl_loss"],
+        "grad_norm": metrics["actor/grad_norm"],
+        "fraction_changed": round(frac, 4),
+        "param_dtypes": dtypes,
+        "tokens": metrics["actor/response_tokens"],
+        "step_s": round(seconds, 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpus else None,
+    }
+    import math
+
+    ok = (
+        backend == ("nccl" if gpus else "gloo")
+        and frac > 0.9
+        and math.isfinite(figs["loss"])
+        and dtypes == ["torch.float32"]
+    )
+    headline = (
+        f"{backend} fsdp2, loss {figs['loss']:.4f}, grad norm {figs['grad_norm']:.4f}, "
+        f"{100 * frac:.1f}% of parameters changed at lr 1e-6"
+    )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {**figs, "status": "PASS" if ok else "FAIL", "headline": headline}
+
+
+# ------------------------------------------------------------------------------------------ 7 weights
+
+
+def _nccl_channel() -> dict:
+    import torch
+
+    from gkd import _ext
+    from gkd.weights import WeightSender, init_weight_group
+
+    gpu = _on_gpu()
+    device = "cuda" if gpu else "cpu"
+    group = init_weight_group("127.0.0.1", _free_port(), 0, 1, backend="nccl" if gpu else "gloo")
+    g = torch.Generator(device=device).manual_seed(0)
+    # fp32 master weights, 2 GiB: 1 GiB on the wire as bf16 (1/64 of it off the GPU)
+    rows = 4096 if gpu else 64
+    master = {f"layer{i}.w": torch.randn(rows, 8192, device=device, generator=g) for i in range(16)}
+    sender = WeightSender(group, master, dtype=torch.bfloat16)
+    sender.handshake()
+    sender.sync(1)  # warm-up: buffers, NCCL communicator
+    _sync()
+    start = time.perf_counter()
+    stats = sender.sync(2)
+    _sync()
+    sync_s = time.perf_counter() - start
+    buf = sender._buffers[0]
+    figs = {
+        "backend": "nccl" if gpu else "gloo",
+        "wire_bytes": stats["bytes"],
+        "buckets": stats["buckets"],
+        "sync_s": round(sync_s, 4),
+        "sync_gbps": _gbps(int(stats["bytes"]), sync_s),
+        "checksum": sender.checksum,
+        "bucket_bytes": buf.numel(),
+    }
+    figs["broadcast_ms_per_bucket"] = round(
+        1e3 * _cuda_time(lambda: group.wait(group.broadcast(buf), "b")), 3
+    )
+    if hasattr(_ext, "device_checksum"):
+        figs["checksum_ms_per_bucket"] = round(1e3 * _cuda_time(lambda: _ext.device_checksum(buf)), 3)
+    host = buf.cpu()
+    figs["crc32_host_ms_per_bucket"] = round(1e3 * _cuda_time(lambda: _ext.checksum(host), reps=2), 1)
+    sender.close()
+    return figs
+
+
+def _gloo_into_cuda_model() -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from gkd.weights import WeightReceiver, WeightSender, init_weight_group
+
+    port = _free_port()
+    with ThreadPoolExecutor(2) as pool:
+        tx, rx = [
+            f.result(timeout=60)
+            for f in [pool.submit(init_weight_group, "127.0.0.1", port, r, 2, backend="gloo") for r in (0, 1)]
+        ]
+    torch.manual_seed(0)
+    source = _tiny_qwen(32000, hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2)  # fp32, CPU
+    engine = _tiny_qwen(32000, hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2)
+    engine = engine.to("cuda" if _on_gpu() else "cpu", torch.bfloat16)
+    receiver = WeightReceiver(rx, engine, staging="host", pin=_on_gpu())
+    errors: list = []
+
+    def send():
+        try:
+            sender = WeightSender(tx, source, dtype=torch.bfloat16, bucket_bytes=16 << 20)
+            sender.handshake()
+            sender.sync(1)
+            sender.close()
+        except BaseException as e:  # reported by the receiving side
+            errors.append(e)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    receiver.handshake()
+    start = time.perf_counter()
+    version = receiver.receive()
+    receiver.apply(engine)
+    _sync()
+    seconds = time.perf_counter() - start
+    t.join(60)
+    if errors:
+        raise errors[0]
+    want = dict(source.named_parameters())
+    same = all(
+        torch.equal(p.detach().cpu(), want[n].detach().to(torch.bfloat16))
+        for n, p in engine.named_parameters()
+    )
+    staged_pinned = all(getattr(fb, "pinned", False) for fb in receiver._staging)
+    return {
+        "gloo_version": version,
+        "gloo_identical": same,
+        "gloo_staging_pinned": staged_pinned,
+        "gloo_receive_apply_s": round(seconds, 3),
+    }
+
+
+def step_weights(args) -> dict:
+    figs = _nccl_channel()
+    figs.update(_gloo_into_cuda_model())
+    pinned_ok = figs["gloo_staging_pinned"] or not _on_gpu()
+    ok = figs["gloo_identical"] and pinned_ok and figs["gloo_version"] == 1
+    headline = (
+        f"{figs['backend']} sync {figs['wire_bytes'] / 2**30:.2f} GiB bf16 in {figs['sync_s']:.3f}s; "
+        "per "
+        f"{figs['bucket_bytes'] >> 20} MiB bucket: broadcast {figs['broadcast_ms_per_bucket']} ms, "
+        f"checksum {figs.get('checksum_ms_per_bucket', 'n/a')} ms; gloo->CUDA identical="
+        f"{figs['gloo_identical']}, pinned staging={figs['gloo_staging_pinned']}"
+    )
+    return {**figs, "status": "PASS" if ok else "FAIL", "headline": headline}
+
+
+# ------------------------------------------------------------------------------------------ 8 end to end
+
+QWEN2_05B = dict(hidden=896, layers=24, intermediate=4864, heads=14, kv_heads=2)
+QWEN2_15B = dict(hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2)
+E2E_VOCAB = 151936
+
+
+def _e2e_models(work: Path) -> dict[str, str]:
+    """Random Qwen2-0.5B-shaped student, 1.5B-shaped teacher (bf16 on disk), the tiny byte-level BPE
+    tokenizer (its ids are a subset of the model vocabulary), and a prompt file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from gkd.demo.tiny import tokenizer
+
+    tok = tokenizer()
+    paths = {"student": work / "student", "teacher": work / "teacher", "prompts": work / "prompts.parquet"}
+    for name, shape, seed in (("student", QWEN2_05B, 1), ("teacher", QWEN2_15B, 2)):
+        if (paths[name] / "config.json").is_file():
+            continue
+        torch.manual_seed(seed)
+        with torch.device("cuda"):
+            model = _tiny_qwen(E2E_VOCAB, **shape).to(torch.bfloat16)
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+        del model
+        torch.cuda.empty_cache()
+    words = ["quick", "brown", "fox", "lazy", "dog", "jumps"]
+    prompts = [f"the {words[i % 6]} {words[(i * 5) % 6]} {i}" for i in range(128)]
+    pq.write_table(pa.table({"prompt": prompts}), paths["prompts"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _e2e_run(paths: dict, out: Path, scheduler: str, port_base: int, timeout: float) -> dict:
+    overrides = [
+        f"model.student_path={paths['student']}",
+        "model.param_dtype=float32",
+        "model.compute_dtype=bfloat16",
+        "teacher.launch=true",
+        f"teacher.model_path={paths['teacher']}",
+        "teacher.backend=hf",
+        "teacher.n_gpus_per_node=1",
+        "teacher.workers=1",
+        "teacher.top_k=64",
+        f"teacher.server_port={port_base}",
+        f"teacher.backend_port={port_base + 1}",
+        "rollout.launch=true",
+        "rollout.backend=hf",
+        "rollout.n_gpus_per_node=1",
+        "rollout.workers=1",
+        "rollout.max_new_tokens=128",
+        f"rollout.server_port={port_base + 2}",
+        f"rollout.backend_port={port_base + 3}",
+        f"rollout.weight_port={port_base + 4}",
+        "trainer.n_gpus_per_node=1",
+        "trainer.allow_shared_gpu=true",
+        "trainer.strategy=ddp",
+        f"trainer.scheduler={scheduler}",
+        "trainer.total_steps=6",
+        "trainer.save_freq=0",
+        "trainer.resume=never",
+        f"trainer.output_dir={out}",
+        "optim.lr=1e-6",
+        f"data.train_files=[{paths['prompts']}]",
+        "data.max_prompt_length=64",
+        "data.max_response_length=128",
+        "data.train_batch_size=16",
+        "data.truncation=left",
+        "logging.progress_bar=false",
+    ]
+    start = time.perf_counter()
+    try:
+        rc = _sh(["gkd", "train", *overrides], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    wall = time.perf_counter() - start
+    rows = []
+    if (out / "metrics.jsonl").is_file():
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = [r for r in rows if "timing/step" in r]
+    steady = rows[1:] or rows  # the first step carries start-up (and for k=2 the pipeline's fill)
+    med = lambda key: round(statistics.median(r[key] for r in steady if key in r), 4) if steady else None  # noqa: E731
+    return {
+        "exit_code": rc,
+        "wall_s": round(wall, 1),
+        "steps": len(rows),
+        "s_per_step": med("timing/step"),
+        "tokens_per_s": med("perf/throughput_tokens_per_s"),
+        "sync_s": med("timing/sync_rollout_weights"),
+        "peak_gib": med("perf/max_memory_allocated_gb"),
+    }
+
+
+def step_e2e(args) -> dict:
+    import torch
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    paths = _e2e_models(work)
+    torch.cuda.synchronize()
+    figs: dict = {"models_s": round(time.perf_counter() - start, 1)}
+    budget = args.budget - (time.perf_counter() - start)
+    for i, (k, scheduler) in enumerate(((0, "sync"), (2, "two_step_off"))):
+        out = work / f"run_k{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        share = budget / (2 - i) - 2
+        t0 = time.perf_counter()
+        figs[f"k{k}"] = _e2e_run(paths, out, scheduler, 16555 + 10 * i, share)
+        budget -= time.perf_counter() - t0
+    ok = all(figs[f"k{k}"]["exit_code"] == 0 and figs[f"k{k}"]["steps"] == 6 for k in (0, 2))
+    headline = "; ".join(
+        f"k={k}: {figs[f'k{k}']['steps']}/6 steps, {figs[f'k{k}']['s_per_step']} s/step, "
+        f"{figs[f'k{k}']['tokens_per_s']} tok/s, sync {figs[f'k{k}']['sync_s']} s"
+        for k in (0, 2)
+    )
+    return {**figs, "status": "PASS" if ok else "FAIL", "headline": headline}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+STEPS = {
+    "setup": step_setup,
+    "environment": step_environment,
+    "extension": step_extension,
+    "tests": step_tests,
+    "trainer": step_trainer,
+    "trainer-rank": step_trainer_rank,
+    "weights": step_weights,
+    "e2e": step_e2e,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("step", choices=sorted(STEPS))
+    p.add_argument("--json", required=True, help="where the step writes its figures")
+    p.add_argument("--site", help="setup: the temp site dir (pip --target)")
+    p.add_argument("--wheels", help="setup: the folder of wheels")
+    p.add_argument("--log", help="setup: write the build log here; extension: read it")
+    p.add_argument("--work", help="e2e: scratch folder for models and runs")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=float(os.environ.get("GKD_CHECK_BUDGET_S", 110)),
+        help="e2e: seconds for both runs (default: the step's timeout from the driver, less 5)",
+    )
+    p.add_argument("paths", nargs="*", help="tests: pytest paths")
+    args = p.parse_args(argv)
+    result = STEPS[args.step](args)
+    Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"[{args.step}] {result['status']}: {result.get('headline', '')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
