@@ -194,7 +194,6 @@ def _topk_distill_fwd_kernel(
     sum_top = tl.sum(tl.exp(zt - m_top[:, None]), 1)
     lse_top = tl.where(sum_top > 0.0, m_top + tl.log(tl.where(sum_top > 0.0, sum_top, 1.0)), neg_inf)
 
-    has_tail = rmask & False
     tail_coef = tl.zeros([BLOCK_R], tl.float32)
     shift = tl.zeros([BLOCK_R], tl.float32)  # the pass-2 exponent's offset: lse_rest / lse
     if TAIL == 1:
