@@ -42,14 +42,11 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSS_TAILS = [
-    ("forward_kl", "bucket"),
-    ("forward_kl", "renorm"),
-    ("forward_kl", "none"),
-    ("reverse_kl", "bucket"),
-    ("reverse_kl", "renorm"),
-    ("jsd", "bucket"),
-    ("jsd", "renorm"),
+LOSS_TAILS = [  # every valid combination: tail="none" defines forward_kl only
+    (loss, tail)
+    for loss in ("forward_kl", "reverse_kl", "jsd")
+    for tail in ("bucket", "renorm", "none")
+    if tail != "none" or loss == "forward_kl"
 ]
 TARGETS = {"kernel_fraction_of_copy": 0.8, "fused_speedup_vs_liger": 2.0, "fused_peak_ratio_vs_liger": 1.0}
 FULL = {
