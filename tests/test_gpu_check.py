@@ -1,0 +1,126 @@
+"""scripts/gpu_check.py, the GPU proof run's driver, on this machine: the plan fits its time budget and
+travels, .whl/ is checked against the pinned list, a step is killed with its whole process group at its
+timeout, and the dry run passes when the wheels are there."""
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load()
+
+
+def test_the_plan_fits_one_device_call_and_names_existing_files(tmp_path):
+    steps = gpu_check.plan(tmp_path, "python3")
+    assert sum(s.timeout_s for s in steps) <= gpu_check.TOTAL_BUDGET_S <= 480  # a 540 s call, with margin
+    assert [s.num for s in steps] == ["0", "1", "2", "3+4", "5", "6", "7", "8"]
+    for step in steps:
+        for need in step.needs:
+            assert (ROOT / need).exists(), f"step {step.key} runs {need}, which is missing"
+
+
+def test_the_wheel_list_follows_the_pins():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    specs = gpu_check.wheel_specs()
+    for name in ("pyzmq", "omegaconf"):
+        (pin,) = [r for r in meta["project"]["dependencies"] if r.startswith(name + "==")]
+        assert pin in specs
+    assert [r for r in meta["build-system"]["requires"] if r.startswith("setuptools==")][0] in specs
+    assert any(s.startswith("liger-kernel==") for s in specs)
+
+
+def test_check_wheels_flags_missing_extra_and_duplicate_wheels(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "WHEEL_DIR", tmp_path)
+    for spec in gpu_check.wheel_specs():
+        name, version = spec.split("==")
+        (tmp_path / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"x")
+    assert gpu_check.check_wheels() == []
+    (tmp_path / "pyzmq-1.0-cp312-abi3-manylinux_2_28_x86_64.whl").write_bytes(b"x")
+    (tmp_path / "rich-15.0.0-py3-none-any.whl").write_bytes(b"x")
+    next(tmp_path.glob("omegaconf-*")).unlink()
+    problems = " | ".join(gpu_check.check_wheels())
+    assert "pyzmq==" in problems and "omegaconf==" in problems and "unexpected rich" in problems
+
+
+_SLOW_STEP = (
+    "import subprocess, sys, time; "
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    "open(sys.argv[1], 'w').write(str(child.pid)); print('started', flush=True); time.sleep(60)"
+)
+
+
+def test_a_step_past_its_timeout_fails_and_its_process_group_is_killed(tmp_path, monkeypatch):
+    pid_file = tmp_path / "child.pid"
+    quick = [
+        sys.executable,
+        "-c",
+        "import json, sys; json.dump({'status': 'PASS', 'headline': 'hi'}, "
+        "open(sys.argv[sys.argv.index('--json') + 1], 'w'))",
+    ]
+    steps = [
+        gpu_check.Step("1", "quick", "writes its figures", 30, quick),
+        gpu_check.Step(
+            "2",
+            "slow",
+            "outlives its timeout",
+            2,
+            [sys.executable, "-c", _SLOW_STEP, str(pid_file)],
+            figures_json=False,
+        ),
+    ]
+    monkeypatch.setattr(gpu_check, "plan", lambda work, python: steps)
+    args = argparse.Namespace(
+        out=str(tmp_path / "out"), work=str(tmp_path / "work"), only=None, no_setup=True
+    )
+    start = time.monotonic()
+    assert gpu_check.run(args) == 1
+    assert time.monotonic() - start < 30
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    quick_entry, slow_entry = report["steps"]
+    assert quick_entry["status"] == "PASS" and quick_entry["figures"] == {"headline": "hi"}
+    assert (
+        slow_entry["status"] == "FAIL"
+        and "timed out" in slow_entry["why"]
+        and "started" in slow_entry["tail"]
+    )
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the grandchild went with the group
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {child} outlived the step's timeout")
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".whl").is_dir(), reason=".whl/ is absent: run scripts/gpu_wheels.sh (network)"
+)
+def test_the_dry_run_passes_with_the_wheels_present(tmp_path):
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dry run: OK" in done.stdout and "e2e" in done.stdout and not list(tmp_path.iterdir())
