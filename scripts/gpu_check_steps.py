@@ -569,7 +569,9 @@ def _e2e_run(paths: dict, out: Path, scheduler: str, port_base: int, timeout: fl
     ]
     start = time.perf_counter()
     try:
-        rc = _sh(["gkd", "train", *overrides], timeout=timeout)
+        config = out.parent / f"{out.name}.yaml"  # every setting is an override; gkd train needs a file
+        config.write_text(f"# gkd train --config {config} (overrides: scripts/gpu_check_steps.py)\n{{}}\n")
+        rc = _sh(["gkd", "train", "--config", str(config), *overrides], timeout=timeout)
     except subprocess.TimeoutExpired:
         rc = None
     wall = time.perf_counter() - start
