@@ -1,21 +1,34 @@
-"""``gkd train``'s launcher: the commands it builds, the health wait, and Ctrl-C (SIGINT to the launcher)
-stopping every process it started: torchrun and its ranks, both services and their workers."""
+"""``gkd train``'s launcher: the commands it builds, the GPU plan it prints (``--dry-run``, ``GKD_FAKE_GPUS``)
+and its one-line refusals, the services' per-worker GPU slices, the health wait, and Ctrl-C (SIGINT to
+the launcher) stopping every process it started: torchrun and its ranks, both services and their
+workers."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from gkd.config import load_config
-from gkd.launch import LaunchError, rollout_command, run, teacher_command, torchrun_command, wait_healthy
+from gkd.launch import (
+    LaunchError,
+    commands,
+    rollout_command,
+    run,
+    teacher_command,
+    torchrun_command,
+    wait_healthy,
+)
+from gkd.placement import FAKE_GPUS_ENV, Found, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -149,7 +162,9 @@ def test_engines_get_their_resolved_dtypes():
     assert dtype(rollout_command(_cfg("model.param_dtype=float32"))) == "float32"
     gpu = _cfg("trainer.n_gpus_per_node=1", "rollout.n_gpus_per_node=1", "teacher.n_gpus_per_node=1")
     assert dtype(rollout_command(gpu)) == "bfloat16" and dtype(teacher_command(gpu)) == "bfloat16"
-    assert dtype(rollout_command(_cfg("trainer.n_gpus_per_node=1", "model.compute_dtype=float16"))) == "float16"
+    assert (
+        dtype(rollout_command(_cfg("trainer.n_gpus_per_node=1", "model.compute_dtype=float16"))) == "float16"
+    )
     assert dtype(rollout_command(_cfg("rollout.dtype=bfloat16"))) == "bfloat16"
     assert dtype(teacher_command(_cfg())) == "float32"
     assert dtype(teacher_command(_cfg("teacher.dtype=float16"))) == "float16"
@@ -183,3 +198,167 @@ def test_launch_sh_builds_the_torchrun_command_of_one_node():
     env.pop("NODE_RANK")
     missing = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "--node-rank or NODE_RANK" in missing.stderr
+
+
+def _gkd_train(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "gkd.cli", "train", *args]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _no_fake_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in ENV.items() if k != FAKE_GPUS_ENV}, **extra}
+
+
+def test_dry_run_prints_the_plan_and_commands_with_matching_devices():
+    """GKD_FAKE_GPUS=8 gkd train --config configs/gpu_example.yaml --dry-run: trainer 4, rollout 2,
+    teacher 2 GPUs, disjoint, and each command carries its own set; nothing is started."""
+    done = _gkd_train(
+        "--config", "configs/gpu_example.yaml", "--dry-run", env=_no_fake_env(GKD_FAKE_GPUS="8")
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.startswith("GPU plan for this node: 8 GPU(s) (GKD_FAKE_GPUS=8)"), out
+    cmds = {line.split(": ", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in out.splitlines()
+            if line.split(":")[0] in ("trainer", "rollout", "teacher")}  # fmt: skip
+    assert set(cmds) == {"trainer", "rollout", "teacher"}, out
+
+    def visible(argv):
+        assert argv[0].startswith("CUDA_VISIBLE_DEVICES="), argv
+        return argv[0].split("=", 1)[1].split(",")
+
+    trainer, rollout, teacher = visible(cmds["trainer"]), visible(cmds["rollout"]), visible(cmds["teacher"])
+    assert (len(trainer), len(rollout), len(teacher)) == (4, 2, 2)
+    assert len(set(trainer + rollout + teacher)) == 8
+    t = cmds["trainer"]
+    assert t[t.index("--nproc-per-node") + 1] == "4"
+    for name, devices in (("rollout", rollout), ("teacher", teacher)):
+        argv = cmds[name]
+        assert argv[argv.index("--gpus") + 1].split(",") == devices  # the service slices it per worker
+        assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--dtype") + 1] == "bfloat16"
+        rows = [line.split() for line in out.splitlines() if line.startswith(f"  {name} ")]
+        assert [r[-1] for r in rows] == devices  # the table shows the same slices
+    r, te = cmds["rollout"], cmds["teacher"]
+    assert r[r.index("--weight-backend") + 1] == "nccl"
+    assert te[te.index("--gpu-memory-utilization") + 1] == "0.8"
+    assert te[te.index("--max-model-len") + 1] == "2048"  # data.max_prompt_length + max_response_length
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--config", "configs/gpu_example.yaml", "--dry-run", "trainer.n_gpus_per_node=6"],
+         {FAKE_GPUS_ENV: "8"},
+         "node oversubscribed: trainer 6 + rollout 2 + teacher 2 = 10 GPUs asked, 8 present"),
+        # a machine without CUDA (hidden on a GPU host too) asked for trainer GPUs: CUDA and the key named
+        (["--config", "configs/cpu_tiny.yaml", "trainer.n_gpus_per_node=2"], {"CUDA_VISIBLE_DEVICES": ""},
+         "trainer.n_gpus_per_node=2 asks for GPUs, but CUDA is not available here"),
+        # fake GPUs plan only
+        (["--config", "configs/gpu_example.yaml"], {FAKE_GPUS_ENV: "8"}, "GKD_FAKE_GPUS=8 only plans"),
+    ],
+)  # fmt: skip
+def test_gkd_train_refuses_in_one_line(args, env, message):
+    done = _gkd_train(*args, env=_no_fake_env(**env))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.splitlines() == [f"gkd train: error: {done.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def _stop_after_30s() -> threading.Event:
+    """The service's stop event, set by a timer so that a supervisor that fails to notice its exited
+    workers returns 0 (and the test fails) instead of hanging."""
+    stop = threading.Event()
+    timer = threading.Timer(30, stop.set)
+    timer.daemon = True
+    timer.start()
+    return stop
+
+
+class _Spawned:
+    """A worker process that has already exited (the service's supervisor then returns)."""
+
+    def __init__(self, argv, env, pid):
+        self.argv, self.env, self.pid, self.returncode = argv, env, pid, 0
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "slices"),
+    [
+        ("teacher", [], [["6"], ["7"]]),
+        ("rollout", [], [["4"], ["5"]]),
+        ("rollout",
+         ["trainer.n_gpus_per_node=2", "rollout.n_gpus_per_node=4", "rollout.tensor_parallel_size=2"],
+         [["2", "3"], ["4", "5"]]),
+    ],
+)  # fmt: skip
+def test_services_hand_each_worker_its_slice(monkeypatch, name, overrides, slices):
+    """The launcher's service command, parsed by the real CLI and served with spawning recorded: worker i
+    gets the i-th tensor-parallel slice of --gpus as CUDA_VISIBLE_DEVICES and the engine flags."""
+    import importlib
+
+    from gkd.cli import build_parser
+
+    cfg = load_config(
+        ["configs/gpu_example.yaml"],
+        ["model.student_path=S", "data.train_files=[p]", "teacher.model_path=T", *overrides],
+    )
+    cmd = next(
+        c for c in commands(cfg, plan(cfg, Found(tuple("01234567"), FAKE_GPUS_ENV)), [], []) if c.name == name
+    )
+    args = build_parser().parse_args(cmd.argv[3:])  # after `python -m gkd.cli`
+    args.port = args.backend_port = 0  # free ports for the broker
+    module = importlib.import_module(f"gkd.{name}.service")
+    spawned: list[_Spawned] = []
+
+    def popen(argv, env):
+        spawned.append(_Spawned(argv, env, pid=len(spawned) + 1))
+        return spawned[-1]
+
+    monkeypatch.setattr(module.subprocess, "Popen", popen)
+    monkeypatch.setattr(module, "stop_on_signals", _stop_after_30s)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # the flag wins over the inherited list
+    assert args.func(args) == 1  # every (recorded) worker has exited
+    assert [w.env["CUDA_VISIBLE_DEVICES"].split(",") for w in spawned] == slices
+    for w in spawned:
+        assert "--gpus" not in w.argv and w.argv[w.argv.index("--device") + 1] == "cuda"
+        tp = w.argv[w.argv.index("--tensor-parallel-size") + 1]
+        assert int(tp) == len(slices[0]) and "--gpu-memory-utilization" in w.argv
+
+
+@pytest.mark.parametrize("name", ["teacher", "rollout"])
+def test_a_single_worker_narrows_its_own_devices_before_loading(monkeypatch, name):
+    import importlib
+
+    module = importlib.import_module(f"gkd.{name}.service")
+    spec_class = module.EngineSpec if name == "teacher" else module.RolloutSpec
+    seen = []
+
+    def make_worker(*_args, **_kwargs):
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        raise InterruptedError("stop before loading anything")
+
+    monkeypatch.setattr(module, "make_worker", make_worker)
+    monkeypatch.setattr(module, "stop_on_signals", _stop_after_30s)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(InterruptedError):
+        module.join(spec_class(model="M", device="cuda"), "127.0.0.1:1", gpus="3")
+    with pytest.raises(InterruptedError):  # inherited: the first tensor-parallel slice
+        module.join(spec_class(model="M", device="cuda"), "127.0.0.1:1")
+    assert seen == ["3", "3"]
+
+
+def test_bad_gpus_flag_is_one_line(capsys):
+    from gkd.cli import main
+
+    argv = ["teacher", "serve", "--model", "M", "--device", "cuda", "--workers", "2", "--gpus", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "gkd teacher serve: error: --gpus 1: expected 2 distinct GPU ids (--workers 2 x "
+        "--tensor-parallel-size 1), got 1\n"
+    )
