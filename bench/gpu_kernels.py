@@ -367,6 +367,8 @@ def fused_variants(dev, hidden, weight, ids, lp):
     return {
         "gkd_triton": ((hidden, weight), gkd("triton")),
         "gkd_triton_fp32_master": ((hidden, weight.float()), gkd("triton", compute_dtype=torch.bfloat16)),
+        # a quarter of the default logits budget: the memory / time trade-off of chunk_bytes
+        "gkd_triton_chunk_320MiB": ((hidden, weight), gkd("triton", chunk_bytes=320 << 20)),
         "gkd_torch": ((hidden, weight), gkd("torch")),
         "naive": ((hidden, weight), naive),
     }
