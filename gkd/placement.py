@@ -104,6 +104,7 @@ class Plan:
     shared: bool  # roles share GPUs (trainer.allow_shared_gpu and more asked than present)
     weight_backend: str
     trainer_procs: int  # torchrun processes on this node
+    cpu_services: tuple[tuple[str, int], ...] = ()  # (role, workers) of services started here on CPU
 
     @staticmethod
     def pool(slices: Sequence[Sequence[str]]) -> tuple[str, ...]:
@@ -122,6 +123,7 @@ class Plan:
             rows.append(("trainer", ranks, "cpu", "-"))
         for name, slices in (("rollout", self.rollout), ("teacher", self.teacher)):
             rows += [(name, str(i), str(len(s)), _ids(s)) for i, s in enumerate(slices)]
+        rows += [(name, "0" if n == 1 else f"0-{n - 1}", "cpu", "-") for name, n in self.cpu_services]
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         used = set(self.trainer) | set(self.pool(self.rollout)) | set(self.pool(self.teacher))
@@ -239,6 +241,7 @@ def plan(cfg: Config, found: Found) -> Plan:
         shared=shared,
         weight_backend=weight_backend(cfg),
         trainer_procs=tr.procs_per_node,
+        cpu_services=tuple((p.role, p.workers) for p in pools if p.launched and p.gpus == 0),
     )
 
 
