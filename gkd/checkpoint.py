@@ -48,6 +48,7 @@ __all__ = [
     "export_hf",
     "full_state_dicts",
     "gather_rng_states",
+    "has_checkpoint",
     "is_sharded",
     "latest",
     "list_checkpoints",
@@ -207,6 +208,12 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and _is_complete(p)
     ]
     return sorted(found)
+
+
+def has_checkpoint(output_dir: str | os.PathLike, step: int) -> bool:
+    """A complete checkpoint of ``step`` exists (a failure save after a periodic save of the same step
+    has nothing to add and must not collide with it)."""
+    return _is_complete(checkpoint_root(output_dir) / f"step_{step:06d}")
 
 
 def latest(output_dir: str | os.PathLike) -> Path | None:

@@ -62,6 +62,7 @@ generation of ``t + 1`` starts with ``update(t)``; here it starts as soon as ver
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["STALENESS_NAMES", "PhaseFailed", "Scheduler", "SchedulerState", "Span", "Step", "parse_staleness"]
+
+log = logging.getLogger("gkd.scheduler")
 
 STALENESS_NAMES = {"sync": 0, "one_step_off": 1, "two_step_off": 2}
 
@@ -241,7 +244,11 @@ class Scheduler:
         except PhaseFailed as err:
             self._close()
             if self.on_failure is not None:
-                self.on_failure(self._state, err)
+                try:
+                    self.on_failure(self._state, err)
+                except Exception as e:  # the phase's failure is the cause to report, not the save's
+                    log.error("on_failure after %s failed too: %s: %s", err.phase, type(e).__name__, e)
+                    err.add_note(f"the failure handler (checkpoint) failed too: {type(e).__name__}: {e}")
             raise
         finally:
             self._close()

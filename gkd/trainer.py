@@ -37,6 +37,7 @@ from gkd.checkpoint import (
     export_hf,
     full_state_dicts,
     gather_rng_states,
+    has_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -490,6 +491,9 @@ def train(cfg: Config) -> int:
 
         def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
             if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
+                return
+            if has_checkpoint(out, sched_state.next_batch):  # the periodic save of this step is there
+                log.info("checkpoint of step %d already saved", sched_state.next_batch)
                 return
             if world > 1:
                 _command(OP_SAVE, sched_state.next_batch, device)

@@ -15,6 +15,7 @@ from gkd.checkpoint import (
     CheckpointError,
     capture_rng_state,
     export_hf,
+    has_checkpoint,
     latest,
     list_checkpoints,
     load_checkpoint,
@@ -147,6 +148,15 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004", "step_000005"]
     with pytest.raises(CheckpointError, match="already exists"):
         _save(tmp_path, 5, model, opt, sched)
+
+
+def test_has_checkpoint_sees_complete_saves_only(tmp_path):
+    model = tiny_llama(0)
+    assert not has_checkpoint(tmp_path, 3)
+    (tmp_path / "checkpoints" / "step_000003").mkdir(parents=True)  # no meta.json: a partial save
+    assert not has_checkpoint(tmp_path, 3)
+    save_checkpoint(tmp_path, 4, model=model)
+    assert has_checkpoint(tmp_path, 4) and not has_checkpoint(tmp_path, 40)
 
 
 def test_crash_mid_write_keeps_the_previous_checkpoint_newest(tmp_path, monkeypatch):

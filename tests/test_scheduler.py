@@ -283,6 +283,19 @@ def test_rollout_failure_is_retried_then_stops():
     assert h.failures[0][0].next_batch == len(h.trained) <= 4
 
 
+def test_a_failing_failure_checkpoint_does_not_replace_the_phase_failure():
+    h = Harness(1, score_fails=[(3, 0), (3, 1), (3, 2)], max_retries=2)
+
+    def save_collides(state, err):
+        raise RuntimeError("checkpoints/step_000003 already exists")
+
+    h.sched.on_failure = save_collides
+    with pytest.raises(PhaseFailed, match="score of batch 3 failed") as e:
+        h.run(6)
+    assert isinstance(e.value.cause, TimeoutError)
+    assert any("already exists" in note for note in e.value.__notes__)
+
+
 def test_stale_rollout_is_an_error_not_retried():
     h = Harness(1, G=1, T=1, U=1)
     real = h.rollout.submit
