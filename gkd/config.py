@@ -117,6 +117,15 @@ class RolloutConfig:
     # a worker's wait for the next version announcement (a log line every minute while idle); a dead
     # trainer is noticed at once through the store, so this only bounds a live but silent trainer
     weight_idle_timeout_s: float = 86400.0
+    # a worker whose heartbeat (a store counter bumped every second) stops this long while the trainer
+    # waits for it is dead: the channel re-forms without it (a restarted worker joins a later generation)
+    weight_heartbeat_timeout_s: float = 15.0
+    # a re-form waits this long for the first worker to ask for the new generation
+    weight_reform_timeout_s: float = 120.0
+    # the services restart a worker that exits, at most max_worker_restarts times within
+    # restart_window_s (then the service stops, unhealthy, with the reason); teacher workers too
+    max_worker_restarts: int = 5
+    restart_window_s: float = 600.0
 
 
 @dataclass
@@ -383,8 +392,16 @@ def validate(cfg: Config) -> None:
         r.n_gpus_per_node,
         "rollout.backend=vllm needs GPUs",
     )
-    for key in ("weight_timeout_s", "weight_ready_timeout_s", "weight_idle_timeout_s"):
+    for key in (
+        "weight_timeout_s",
+        "weight_ready_timeout_s",
+        "weight_idle_timeout_s",
+        "weight_heartbeat_timeout_s",
+        "weight_reform_timeout_s",
+        "restart_window_s",
+    ):
         _check(getattr(r, key) > 0, f"rollout.{key}", getattr(r, key), "must be > 0 (seconds)")
+    _check(r.max_worker_restarts >= 0, "rollout.max_worker_restarts", r.max_worker_restarts, "must be >= 0")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must lie in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")

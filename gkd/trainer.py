@@ -45,6 +45,7 @@ from gkd.checkpoint import (
 )
 from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
 from gkd.metrics import MetricsLogger, SpanRecorder, cpu_memory_used_gb, max_memory_allocated_gb, metric_names
+from gkd.preflight import check_run
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.teacher.types import TeacherOutput
@@ -328,6 +329,7 @@ def weight_backend(cfg: Config) -> str:
 
 def train(cfg: Config) -> int:
     rank, world, device = _init_distributed(cfg)
+    check_run(cfg, data=rank == 0)  # model folder, prompt files, output folder: one line, before loading
     torch.manual_seed(cfg.trainer.seed + rank)
     model, tokenizer = _load_student(cfg, device)
     sharded = cfg.trainer.strategy == "fsdp2"
@@ -417,7 +419,8 @@ def train(cfg: Config) -> int:
         return 0
 
     # ---- rank 0: services, weight channel, scheduler
-    from gkd.weights import WeightSender, init_weight_group
+    from gkd.channel import ChannelHost
+    from gkd.weights import WeightSender
 
     assert loader is not None
     n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
@@ -432,25 +435,28 @@ def train(cfg: Config) -> int:
         log.info(
             "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
         )
-        group = init_weight_group(
+        # generations of the channel: a dead rollout worker makes it re-form with the current ones
+        channel = ChannelHost(
             _weight_host(cfg),
             cfg.rollout.weight_port,
-            0,
-            1 + n_rollout,
+            n_rollout,
             backend=weight_backend(cfg),
             timeout=timedelta(seconds=cfg.rollout.weight_timeout_s),
-        )
-        # the engines receive their own dtype (bf16 engines: half the bytes of fp32 master weights)
-        sender = WeightSender(
-            group,
-            model,
-            dtype=torch_dtype(rollout_dtype(cfg)),
-            ready_timeout=timedelta(seconds=cfg.rollout.weight_ready_timeout_s),
+            reform_timeout=timedelta(seconds=cfg.rollout.weight_reform_timeout_s),
+            heartbeat_timeout_s=cfg.rollout.weight_heartbeat_timeout_s,
         )
         try:
-            sender.handshake()
+            # the engines receive their own dtype (bf16 engines: half the bytes of fp32 master weights)
+            channel.start(
+                lambda group: WeightSender(
+                    group,
+                    model,
+                    dtype=torch_dtype(rollout_dtype(cfg)),
+                    ready_timeout=timedelta(seconds=cfg.rollout.weight_ready_timeout_s),
+                )
+            )
         except Exception as e:
-            raise StartupError(f"the rollout engines reject the student's parameters: {e}") from e
+            raise StartupError(f"the weight channel to the rollout engines failed: {e}") from e
 
         eos = tokenizer.eos_token_id
         spans = SpanRecorder(out / "trace.json" if cfg.logging.trace else None)
@@ -502,14 +508,20 @@ def train(cfg: Config) -> int:
         def sync(version: int) -> dict[str, float]:
             nonlocal mid_update
             if not (sharded and world > 1):
-                return sender.sync(version)
+                return channel.sync(version)
+
             # every worker ready first: the other ranks then wait in no collective for the rollout
-            sender.wait_ready(version)
-            mid_update = True  # the other ranks hold shards: they take part in the gather
-            _command(OP_SYNC, version, device)
-            result = sender.sync(version)
-            mid_update = False
-            return result
+            def gather_too():
+                nonlocal mid_update
+                mid_update = True  # the other ranks hold shards: they take part in the gather
+                _command(OP_SYNC, version, device)
+
+            try:
+                return channel.sync(version, before_transfer=gather_too)
+            finally:
+                # the sender finishes every gather even when a broadcast failed, so the other ranks are
+                # back at their command loop: the failure path (checkpoint, stop) may use the group
+                mid_update = False
 
         scheduler = Scheduler(
             k,
@@ -544,7 +556,7 @@ def train(cfg: Config) -> int:
             mid_update = False
         export_hf(model, tokenizer, out / "final", state=final_state)
         log.info("final student exported to %s", out / "final")
-        sender.close()  # the rollout workers keep their last version
+        channel.close()  # the rollout workers keep their last version
         status = 0
     finally:
         cleanup.close()

@@ -13,8 +13,11 @@ Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes
 2. Per sync, first through the channel's TCPStore, never in a collective: the sender announces the version
    under ``announce/<n>`` (n = 0, 1, ... counts announcements); a receiver waits for that key on its own
    clock (a heartbeat line every minute while idle), answers ``ready/<n>/<rank>`` when it can take the
-   version, and only then do both sides post collectives. Nobody idles inside a broadcast, where NCCL's
-   watchdog would abort the process after the group timeout.
+   version; once every receiver is ready the sender sets ``go/<n>``, and only then do both sides post
+   collectives. Nobody idles inside a broadcast, where NCCL's watchdog would abort the process after the
+   group timeout, and a receiver that died before the transfer costs no collective: the sender writes
+   ``reform`` into ``go/<n>`` instead and the survivors leave the group (:class:`ChannelReform`;
+   ``gkd.channel`` forms the next generation of the channel with the current workers).
 3. Then a header ``int64 [magic, version, n_buckets, op]``; each bucket as one broadcast of exactly its
    bytes (verl sends the full bucket capacity every time) plus a 32-byte trailer ``int64 [version, index,
    kind, checksum]``; then an all-reduce of per-rank status. ``kind`` says which checksum: CRC-32 (host
@@ -22,7 +25,8 @@ Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes
    GPU bucket lives: no copy to the host, and on the sender no host sync). The receiver computes the same
    kind over its own bytes. A receiver that sees a bad checksum keeps its previous weights and raises
    :class:`WeightSyncError`; so does the sender.
-4. ``close()`` announces ``stop``: receivers' ``receive()`` returns None.
+4. ``close()`` announces ``stop``: receivers' ``receive()`` returns None; ``abandon()`` announces
+   ``reform``: receivers' ``receive()`` raises :class:`ChannelReform`.
 
 Floating-point weights are cast to the engine dtype (``dtype=``) as they are packed (FSDP2 shards before
 they are gathered), so a bf16 engine receives bf16 bytes from fp32 master weights. Every wait has a timeout.
@@ -47,12 +51,14 @@ from gkd.flatten import DTYPES, Bucket, FlatBuffer, MetadataMismatch, TensorMeta
 
 __all__ = [
     "CHECKSUMS",
+    "ChannelReform",
     "PROTOCOL_VERSION",
     "WeightGroup",
     "WeightReceiver",
     "WeightSender",
     "WeightSyncError",
     "init_weight_group",
+    "make_process_group",
     "named_weights",
 ]
 
@@ -62,6 +68,7 @@ PROTOCOL_VERSION = 2
 _MAGIC = 0x676B6477  # "gkdw"
 _OP_WEIGHTS = 0
 _STOP = "stop"
+_REFORM = "reform"
 _TRAILER_BYTES = 32
 _MAX_METADATA_BYTES = 64 << 20
 # trailer kinds: crc32 on host bytes (C++/zlib), wsum (gkd._ext.device_checksum) where the bytes live
@@ -76,6 +83,10 @@ class WeightSyncError(RuntimeError):
     """A sync or handshake failed on some rank; receivers keep the weights they had."""
 
 
+class ChannelReform(WeightSyncError):
+    """The sender abandoned this group (a member died): join the channel's next generation."""
+
+
 @dataclass
 class WeightGroup:
     """The weight channel: a process group of trainer rank 0 (rank 0) and the rollout workers."""
@@ -86,6 +97,9 @@ class WeightGroup:
     world_size: int
     device: torch.device  # where bucket buffers live: cpu for gloo, cuda for NCCL
     timeout: timedelta
+    # raises WeightSyncError when a member is known dead (gkd.channel: missed heartbeats); polled while
+    # the sender waits in the store for the receivers
+    liveness: Callable[[], None] | None = None
 
     def broadcast(self, tensor: torch.Tensor) -> dist.Work:
         opts = dist.BroadcastOptions()
@@ -103,18 +117,29 @@ class WeightGroup:
             ) from exc
 
     def await_keys(
-        self, keys: Sequence[str], timeout: timedelta, what: str, *, heartbeat_s: float | None = None
+        self,
+        keys: Sequence[str],
+        timeout: timedelta,
+        what: str,
+        *,
+        heartbeat_s: float | None = None,
+        check: Callable[[], None] | None = None,
     ) -> None:
         """Wait until every key of ``keys`` is set in the channel's store (polled: no collective is posted
         meanwhile). A log line every ``heartbeat_s`` while waiting; :class:`WeightSyncError` naming the
-        missing keys after ``timeout``, or at once when the store's host (trainer rank 0) is gone."""
+        missing keys after ``timeout``, or at once when the store's host (trainer rank 0) is gone.
+        ``check`` is called about twice a second meanwhile and may raise (a member known dead)."""
         if not keys:  # a channel without receivers (world size 1)
             return
         start = time.monotonic()
         beat, pause = start + (heartbeat_s or float("inf")), 0.001
+        checked = start
         try:
             while not self.store.check(list(keys)):
                 now = time.monotonic()
+                if check is not None and now - checked >= 0.5:
+                    checked = now
+                    check()
                 if now - start >= timeout.total_seconds():
                     missing = [k for k in keys if not self.store.check([k])]
                     raise WeightSyncError(
@@ -155,9 +180,18 @@ def init_weight_group(
     ranks ``1..world_size-1`` are rollout workers. ``backend``: "gloo" or "nccl" (default: NCCL when CUDA
     is available). ``timeout`` bounds the rendezvous and every collective; collectives are only posted when
     both sides are ready (see the module docstring), so it need not cover idle time between versions."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
     prefixed = dist.PrefixStore("gkd_weights/", store)
+    pg, device = make_process_group(prefixed, host, rank, world_size, backend, timeout)
+    return WeightGroup(pg, store, rank, world_size, device, timeout)
+
+
+def make_process_group(
+    store: dist.Store, host: str, rank: int, world_size: int, backend: str | None, timeout: timedelta
+) -> tuple[dist.ProcessGroup, torch.device]:
+    """A gloo or NCCL process group over ``store`` (not registered with ``torch.distributed``) and the
+    device its buffers live on. ``host``: the store's host (loopback binds gloo to loopback too)."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         # Loopback rendezvous: bind gloo there too (hostname resolution may pick an unreachable address).
@@ -168,15 +202,13 @@ def init_weight_group(
             else dist.ProcessGroupGloo.create_default_device()
         ]
         opts._timeout = timeout
-        pg, device = dist.ProcessGroupGloo(prefixed, rank, world_size, opts), torch.device("cpu")
-    elif backend == "nccl":
+        return dist.ProcessGroupGloo(store, rank, world_size, opts), torch.device("cpu")
+    if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         device = torch.device("cuda", torch.cuda.current_device())
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
-    else:
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    return WeightGroup(pg, store, rank, world_size, device, timeout)
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts), device
+    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
 
 
 def named_weights(source: torch.nn.Module | NamedTensors) -> list[tuple[str, torch.Tensor]]:
@@ -318,8 +350,9 @@ class WeightSender:
         self.ready_timeout = ready_timeout
         self.bucket_hook: Callable[[int, torch.Tensor], None] | None = None  # test hook, see tests
         self._buffers: list[torch.Tensor] = []
-        self._announced = 0  # announcements made (versions and stop)
+        self._announced = 0  # announcements made (versions, stop, reform)
         self._ready_version: int | None = None  # announced, every receiver ready, not yet sent
+        self._go_pending: int | None = None  # an announcement whose go/<n> is not written yet
         self.checksum = checksum
         if group is not None:
             if checksum == "auto":
@@ -351,16 +384,43 @@ class WeightSender:
         return n
 
     def wait_ready(self, version: int) -> None:
-        """Announce ``version`` in the store and wait (``ready_timeout``) until every receiver is ready to
-        take it; :meth:`sync` does this itself when it was not called first. No-op off rank 0. After a
-        timeout (:class:`WeightSyncError`) the channel is unusable: ready receivers time out in the header."""
+        """Announce ``version`` in the store and wait (``ready_timeout``, or until ``group.liveness``
+        raises) until every receiver is ready to take it, then tell them to go; :meth:`sync` does this
+        itself when it was not called first. No-op off rank 0. After a failure (:class:`WeightSyncError`)
+        this group is unusable: :meth:`abandon` it (ready receivers wait for their go)."""
         g = self.group
         if g is None or self._ready_version == version:
             return
         n = self._announce(str(version))
+        self._go_pending = n
         keys = [f"ready/{n}/{r}" for r in range(1, g.world_size)]
-        g.await_keys(keys, self.ready_timeout, f"rollout workers ready for version {version}")
+        g.await_keys(keys, self.ready_timeout, f"rollout workers ready for version {version}", check=g.liveness)
+        g.store.set(f"go/{n}", "go")
+        self._go_pending = None
         self._ready_version = version
+
+    def rebind(self, group: WeightGroup) -> None:
+        """Use ``group`` (the channel's next generation) from now on; :meth:`handshake` it next."""
+        self.group, self._announced, self._ready_version, self._go_pending = group, 0, None, None
+
+    def abandon(self) -> None:
+        """Give up this group (a member died): receivers waiting for a go or for the next announcement
+        raise :class:`ChannelReform` and join the channel's next generation. Never raises: the store may
+        be all that still works."""
+        g = self.group
+        if g is None:
+            return
+        try:
+            if self._go_pending is not None:
+                g.store.set(f"go/{self._go_pending}", _REFORM)
+            self._announce(_REFORM)
+        except Exception as exc:  # noqa: BLE001 - best effort; the next generation has its own store prefix
+            log.warning("weight channel: could not announce the re-form in the old group: %s", exc)
+        self._ready_version, self._go_pending = None, None
+        try:
+            g.pg.abort()  # peers blocked in a collective with this rank get an error now, not at the timeout
+        except Exception as exc:  # noqa: BLE001
+            log.debug("weight channel: abort of the old group: %s", exc)
 
     def sync(self, version: int) -> dict[str, float]:
         """Send version ``version`` of the weights. Returns {"bytes", "buckets", "seconds"} on rank 0."""
@@ -372,29 +432,45 @@ class WeightSender:
         if g is not None:
             self.wait_ready(version)
             self._ready_version = None
-            header = torch.tensor([_MAGIC, version, len(self.buckets), _OP_WEIGHTS], dtype=torch.int64)
-            g.wait(g.broadcast(header.to(g.device)), f"version {version} header")
+        # Once the other FSDP ranks were told to sync they take part in every bucket's gather, so rank 0
+        # gathers every bucket too, even after its broadcast failed, and raises only then: the other
+        # ranks are back at their command loop and the failure path (checkpoint, stop) can use the group.
+        failure: WeightSyncError | None = None
         in_flight: list[dist.Work | None] = [None] * len(self._buffers)
         sent = 0
+        if g is not None:
+            try:
+                header = torch.tensor([_MAGIC, version, len(self.buckets), _OP_WEIGHTS], dtype=torch.int64)
+                g.wait(g.broadcast(header.to(g.device)), f"version {version} header")
+            except WeightSyncError as exc:
+                failure = exc
         for bucket in self.buckets:
             full = {
                 m.name: _gather_to_root(tensors[m.name], self.dtype) if self._sharded else tensors[m.name]
                 for m in bucket.metas
             }
-            if g is None:
-                continue  # a non-root FSDP rank: it only helps gather
-            slot = bucket.index % len(self._buffers)
-            if in_flight[slot] is not None:  # the buffer's previous bucket must have left
-                g.wait(in_flight[slot], f"version {version} bucket {bucket.index - len(self._buffers)}")
-            buf = self._buffers[slot][: bucket.nbytes + _TRAILER_BYTES]
-            FlatBuffer(buf, bucket.metas).write(full, cast=True)
-            _write_trailer(buf, bucket.nbytes, version, bucket.index, self.checksum)
-            if self.bucket_hook is not None:
-                self.bucket_hook(bucket.index, buf)
-            in_flight[slot] = g.broadcast(buf)
-            sent += buf.numel()
+            if g is None or failure is not None:
+                if failure is not None and not self._sharded:
+                    break
+                continue  # a non-root FSDP rank only helps gather; a failed root only gathers
+            try:
+                slot = bucket.index % len(self._buffers)
+                if in_flight[slot] is not None:  # the buffer's previous bucket must have left
+                    g.wait(in_flight[slot], f"version {version} bucket {bucket.index - len(self._buffers)}")
+                buf = self._buffers[slot][: bucket.nbytes + _TRAILER_BYTES]
+                FlatBuffer(buf, bucket.metas).write(full, cast=True)
+                _write_trailer(buf, bucket.nbytes, version, bucket.index, self.checksum)
+                if self.bucket_hook is not None:
+                    self.bucket_hook(bucket.index, buf)
+                in_flight[slot] = g.broadcast(buf)
+                sent += buf.numel()
+            except (WeightSyncError, RuntimeError) as exc:
+                failure = exc if isinstance(exc, WeightSyncError) else WeightSyncError(str(exc))
+                failure.__cause__ = exc
         if g is None:
             return {"bytes": 0.0, "buckets": 0.0, "seconds": time.perf_counter() - start}
+        if failure is not None:
+            raise failure
         for i, work in enumerate(in_flight):
             if work is not None:
                 g.wait(work, f"version {version} bucket slot {i}")
@@ -536,7 +612,14 @@ class WeightReceiver:
             value = self._next_announcement(timeout)
             if value == _STOP:
                 return None
-            g.store.set(f"ready/{self._announced - 1}/{g.rank}", "1")
+            if value == _REFORM:
+                raise ChannelReform("the sender re-forms the weight channel")
+            n = self._announced - 1
+            g.store.set(f"ready/{n}/{g.rank}", "1")
+            # no collective until every receiver is ready: a dead one makes the sender say "reform" here
+            g.await_keys([f"go/{n}"], self.idle_timeout, f"waiting for the go of version {value}")
+            if g.store.get(f"go/{n}").decode() == _REFORM:
+                raise ChannelReform(f"the sender re-forms the weight channel before version {value}")
             header = torch.zeros(4, dtype=torch.int64, device=g.device)
             g.wait(g.broadcast(header), "version header")
             magic, version, n_buckets, op = header.tolist()

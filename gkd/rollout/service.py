@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from gkd.channel import ChannelMember
 from gkd.placement import (
     VLLMOptions,
     apply_worker_gpus,
@@ -205,50 +206,77 @@ class VersionedEngine:
             self._changed.notify_all()
 
     def _receive_loop(self) -> None:
-        from gkd.weights import WeightReceiver, init_weight_group
+        from gkd.channel import ChannelMember, member_id
+        from gkd.weights import ChannelReform, WeightReceiver, WeightSyncError
 
         ch = self.channel
         try:
-            timeout = timedelta(seconds=ch.timeout_s)
-            group = init_weight_group(
-                ch.host, ch.port, ch.rank, ch.world_size, backend=ch.backend, timeout=timeout
-            )
-            receiver = WeightReceiver(
-                group,
-                self.engine.parameters_spec(),
-                staging=ch.staging,
-                pin=self.pin,
+            member = ChannelMember(
+                ch.host,
+                ch.port,
+                member_id(ch.rank),
+                backend=ch.backend,
+                timeout=timedelta(seconds=ch.timeout_s),
                 idle_timeout=timedelta(seconds=ch.idle_timeout_s),
             )
-            receiver.handshake()
-            self.receiver = receiver  # for inspection (tests, logs)
-            self._notify(state="ready")
-            log.info(
-                "weight channel %s: rank %d of %d ready (%s, staging in %s memory%s, weights arrive as %s)",
-                ch.address,
-                ch.rank,
-                ch.world_size,
-                group.device.type,
-                ch.staging,
-                ", pinned" if receiver.pin and receiver.staging_device.type == "cpu" else "",
-                receiver.sender_dtype or "sent",
-            )
-            while True:
-                # waits in the store (not in a collective) for the next version, then stages it here
-                # while requests keep generating with the old weights
-                version = receiver.receive()
-                if version is None:
-                    self._notify(state="closed")
-                    log.info("weight channel closed by the sender; keeping version %d", self.version)
-                    return
-                start = time.perf_counter()
-                with self._batch:  # the batch boundary
-                    receiver.apply(_AtVersion(self.engine, version))
-                    self._notify()
-                log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
+            while True:  # one generation of the channel per pass; a member's death re-forms it
+                group, _ = member.join()
+                receiver = WeightReceiver(
+                    group,
+                    self.engine.parameters_spec(),
+                    staging=ch.staging,
+                    pin=self.pin,
+                    idle_timeout=timedelta(seconds=ch.idle_timeout_s),
+                )
+                try:
+                    receiver.handshake()
+                    self.receiver = receiver  # for inspection (tests, logs)
+                    self._notify(state="ready")
+                    log.info(
+                        "weight channel %s generation %d: rank %d of %d ready (%s, staging in %s memory%s, "
+                        "weights arrive as %s)",
+                        ch.address,
+                        member.generation,
+                        group.rank,
+                        group.world_size,
+                        group.device.type,
+                        ch.staging,
+                        ", pinned" if receiver.pin and receiver.staging_device.type == "cpu" else "",
+                        receiver.sender_dtype or "sent",
+                    )
+                    if self._receive_versions(receiver):
+                        return
+                except ChannelReform as e:
+                    log.warning("weight channel generation %d ends: %s; rejoining", member.generation, e)
+                except WeightSyncError as e:
+                    if "store is gone" in str(e):
+                        raise
+                    log.warning("weight channel generation %d failed: %s; rejoining", member.generation, e)
+                finally:
+                    receiver.close()
+                self._notify(state="connecting")
         except Exception as e:  # the worker keeps serving its current version; min_version waits report this
             log.exception("weight channel %s failed; no further updates", ch.address)
             self._notify(state="failed", error=f"{type(e).__name__}: {e}")
+
+    def _receive_versions(self, receiver) -> bool:
+        """Stage and apply versions until the sender closes (-> True) or the group fails (raises)."""
+        while True:
+            # waits in the store (not in a collective) for the next version, then stages it here
+            # while requests keep generating with the old weights
+            version = receiver.receive()
+            if version is None:
+                self._notify(state="closed")
+                log.info("weight channel closed by the sender; keeping version %d", self.version)
+                return True
+            if version < self.version:  # versions never go back on a worker
+                log.warning("ignoring version %d: this worker holds %d", version, self.version)
+                continue
+            start = time.perf_counter()
+            with self._batch:  # the batch boundary
+                receiver.apply(_AtVersion(self.engine, version))
+                self._notify()
+            log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
 
 
 def make_handler(engine: VersionedEngine, *, max_wait_s: float = 600.0):
@@ -358,10 +386,14 @@ def serve(
     weight_staging: str = "host",
     auth_secret_file: str | None = None,
     gpus: str | None = None,
+    max_restarts: int = 5,
+    restart_window_s: float = 600.0,
 ) -> int:
-    """Run a broker and ``workers`` worker processes (weight ranks 1..workers of a channel of
+    """Run a broker and ``workers`` worker processes (weight slots 1..workers of a channel of
     ``workers + 1``) until SIGINT/SIGTERM; returns the exit status. ``gpus`` (``"4,5"``): worker i gets
-    the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``."""
+    the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``. A worker that exits is restarted
+    (at most ``max_restarts`` times within ``restart_window_s``; then status 1 with the reason); the
+    restarted worker joins the weight channel's next generation before it takes requests."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
     if weight_channel is not None:
@@ -394,6 +426,8 @@ def serve(
         what=f"{spec.backend} worker(s) for {spec.model}",
         detail=f"auth {'on' if auth_secret_file else 'off'}, weight channel {weight_channel or 'off'}",
         svc_log=log,
+        max_restarts=max_restarts,
+        restart_window_s=restart_window_s,
     )
 
 
@@ -421,25 +455,20 @@ def join(
     world = weight_world_size if weight_world_size is not None else weight_rank + workers
     stop = stop_on_signals()
     if workers > 1:
-        children = [
-            _spawn_worker(
-                spec,
-                broker,
-                _channel_argv(
-                    weight_channel,
-                    weight_rank + i,
-                    world,
-                    weight_backend,
-                    weight_timeout_s,
-                    idle_timeout_s=weight_idle_timeout_s,
-                    staging=weight_staging,
-                ),
-                auth_secret_file,
-                worker_env(slices, i),
+
+        def spawn(i: int) -> subprocess.Popen:
+            channel_argv = _channel_argv(
+                weight_channel,
+                weight_rank + i,
+                world,
+                weight_backend,
+                weight_timeout_s,
+                idle_timeout_s=weight_idle_timeout_s,
+                staging=weight_staging,
             )
-            for i in range(workers)
-        ]
-        return supervise(children, stop)
+            return _spawn_worker(spec, broker, channel_argv, auth_secret_file, worker_env(slices, i))
+
+        return supervise([spawn(i) for i in range(workers)], stop, spawn)
     channel = None
     if weight_channel is not None:
         host, port = parse_host_port(weight_channel)
@@ -454,11 +483,20 @@ def join(
             weight_staging,
         )
     apply_worker_gpus(slices, log)  # before the engine starts CUDA
+    # a worker that starts after the trainer sent a version (a restart) serves only once it holds it
+    sent = None if channel is None else ChannelMember.sent_version(channel.host, channel.port)
     log.info("worker %d: loading the %s", os.getpid(), spec.describe())
     start = time.monotonic()
     worker = make_worker(
         spec, broker, channel=channel, auth=auth_from_file(auth_secret_file), max_wait_s=max_wait_s
     )
+    if sent is not None:
+        log.info("worker %d: the trainer has sent version %d; serving once this worker holds it", os.getpid(), sent)
+        try:
+            worker.versioned.wait_for(sent, weight_timeout_s)
+        except TimeoutError as e:
+            log.error("worker %d: %s", os.getpid(), e)
+            return 1
     log.info(
         "worker %d: %s engine for %s loaded in %.1fs; serving %s",
         os.getpid(),
@@ -535,6 +573,8 @@ def _serve(args: argparse.Namespace) -> int:
             weight_staging=args.weight_staging,
             auth_secret_file=args.auth_secret_file,
             gpus=args.gpus,
+            max_restarts=args.max_restarts,
+            restart_window_s=args.restart_window,
         ),
     )
 
@@ -572,6 +612,10 @@ def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=15557, help="client (frontend) port (default 15557)")
     s.add_argument("--backend-port", type=int, default=15558, help="worker (backend) port (default 15558)")
+    s.add_argument(
+        "--max-restarts", type=int, default=5, help="worker restarts allowed within --restart-window (default 5)"
+    )
+    s.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
     s.set_defaults(func=_serve)
 
     j = rsub.add_parser("join", help="add rollout workers to a running broker (e.g. from another machine)")

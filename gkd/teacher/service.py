@@ -180,9 +180,13 @@ def serve(
     workers: int = 1,
     auth_secret_file: str | None = None,
     gpus: str | None = None,
+    max_restarts: int = 5,
+    restart_window_s: float = 600.0,
 ) -> int:
     """Run a broker and ``workers`` worker processes until SIGINT/SIGTERM; returns the exit status.
-    ``gpus`` (``"4,5"``): worker i gets the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``."""
+    ``gpus`` (``"4,5"``): worker i gets the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``.
+    A worker that exits is restarted (the broker re-queues its request), at most ``max_restarts`` times
+    within ``restart_window_s``; past that the service stops with status 1 and says why."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
     slices = engine_slices(spec, gpus, workers)
@@ -199,6 +203,8 @@ def serve(
         what=f"{spec.backend} worker(s) for {spec.model}",
         detail=f"auth {'on' if auth_secret_file else 'off'}",
         svc_log=log,
+        max_restarts=max_restarts,
+        restart_window_s=restart_window_s,
     )
 
 
@@ -217,10 +223,10 @@ def join(
     slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     if workers > 1:
-        children = [
-            _spawn_worker(spec, broker, auth_secret_file, worker_env(slices, i)) for i in range(workers)
-        ]
-        return supervise(children, stop)
+        def spawn(i: int) -> subprocess.Popen:
+            return _spawn_worker(spec, broker, auth_secret_file, worker_env(slices, i))
+
+        return supervise([spawn(i) for i in range(workers)], stop, spawn)
     apply_worker_gpus(slices, log)  # before the engine starts CUDA
     log.info("worker %d: loading the %s", os.getpid(), spec.describe())
     start = time.monotonic()

@@ -42,16 +42,66 @@ def orphaned() -> bool:
     return parent is not None and os.getppid() != int(parent)
 
 
-def supervise(children: list[subprocess.Popen], stop: threading.Event) -> int:
-    """Wait for a stop signal (-> 0), or for every child to exit (-> 1); then stop the rest."""
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"status {code}"
+
+
+def supervise(
+    children: list[subprocess.Popen],
+    stop: threading.Event,
+    respawn: Callable[[int], subprocess.Popen] | None = None,
+    *,
+    max_restarts: int = 5,
+    window_s: float = 600.0,
+) -> int:
+    """Wait for a stop signal (-> 0); restart a child that exits with ``respawn(slot)``, at most
+    ``max_restarts`` times within ``window_s`` seconds over all slots; past that (or without ``respawn``,
+    once every child has exited) the service is unhealthy (-> 1, with the reason). Then stop the rest."""
+    restarts: list[float] = []  # when each restart happened (monotonic)
     reported: set[int] = set()
+    children = list(children)
     try:
         while not stop.wait(0.5):
-            for child in children:
-                if child.poll() is not None and child.pid not in reported:
-                    reported.add(child.pid)
-                    log.error("worker process %d exited with status %d", child.pid, child.returncode)
-            if len(reported) == len(children):
+            for slot, child in enumerate(children):
+                if child.poll() is None or child.pid in reported:
+                    continue
+                reported.add(child.pid)
+                how = _describe_exit(child.returncode)
+                if respawn is None:
+                    log.error("worker process %d exited (%s)", child.pid, how)
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < window_s]
+                if len(restarts) >= max_restarts:
+                    log.error(
+                        "unhealthy: worker %d (process %d) exited (%s) after %d restarts within %.0f s; "
+                        "stopping the service (raise --max-restarts or fix the cause in the worker's log)",
+                        slot,
+                        child.pid,
+                        how,
+                        len(restarts),
+                        window_s,
+                    )
+                    return 1
+                restarts.append(now)
+                children[slot] = respawn(slot)
+                log.warning(
+                    "worker %d (process %d) exited (%s); restarted as process %d (restart %d of %d within "
+                    "%.0f s)",
+                    slot,
+                    child.pid,
+                    how,
+                    children[slot].pid,
+                    len(restarts),
+                    max_restarts,
+                    window_s,
+                )
+            if respawn is None and len(reported) == len(children):
                 log.error("all worker processes have exited")
                 return 1
             if orphaned():
@@ -103,9 +153,12 @@ def serve_broker(
     what: str,
     detail: str,
     svc_log: logging.Logger,
+    max_restarts: int = 5,
+    restart_window_s: float = 600.0,
 ) -> int:
     """Start ``broker``, spawn ``workers`` children with ``spawn(backend_address, i)`` and supervise them
-    until ``stop``; the broker stops last. ``detail`` goes in the "broker up" line, e.g. ``auth on``."""
+    until ``stop``, restarting a child that exits (:func:`supervise`'s bound); the broker stops last.
+    ``detail`` goes in the "broker up" line, e.g. ``auth on``."""
     broker.start()
     # Children reach the backend on loopback even when it is bound to 0.0.0.0.
     backend_local = "tcp://127.0.0.1:" + broker.backend_address.rsplit(":", 1)[1]
@@ -120,7 +173,13 @@ def serve_broker(
     )
     children = [spawn(backend_local, i) for i in range(workers)]
     try:
-        return supervise(children, stop)
+        return supervise(
+            children,
+            stop,
+            lambda i: spawn(backend_local, i),
+            max_restarts=max_restarts,
+            window_s=restart_window_s,
+        )
     finally:
         broker.stop()
         svc_log.info("%s service stopped", name)

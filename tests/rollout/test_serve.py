@@ -16,7 +16,8 @@ import torch
 from gkd.rollout.client import RolloutClient
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
-from gkd.weights import WeightSender, init_weight_group
+from gkd.channel import ChannelHost
+from gkd.weights import WeightSender
 from tests.rollout.conftest import assert_samples_equal, random_prompts
 from tests.transport.helpers import wait_for
 
@@ -62,12 +63,9 @@ def test_serve_with_weight_channel_survives_a_sigkilled_worker_and_stops_cleanly
             for p in trainer.parameters():
                 p.mul_(1.1)
         # blocks until both workers (loading their engines in the children) have joined the channel
-        group = init_weight_group(
-            "127.0.0.1", weight_port, 0, 3, backend="gloo", timeout=timedelta(seconds=90)
-        )
-        sender = WeightSender(group, trainer)
-        sender.handshake()
-        sender.sync(1)
+        host = ChannelHost("127.0.0.1", weight_port, 2, backend="gloo", timeout=timedelta(seconds=90))
+        host.start(lambda group: WeightSender(group, trainer))
+        host.sync(1)
         workers = wait_for(
             lambda: len(client.info()["workers"]) == 2 and client.info()["workers"], 30, "2 workers"
         )

@@ -10,10 +10,11 @@ from datetime import timedelta
 
 import torch
 
+from gkd.channel import ChannelHost
 from gkd.rollout.service import WeightChannel
 from gkd.rollout.types import SamplingConfig
 from gkd.transport import RemoteError
-from gkd.weights import WeightSender, init_weight_group
+from gkd.weights import WeightSender
 from tests.rollout.conftest import random_prompts
 from tests.rollout.test_service import Service
 from tests.transport.helpers import wait_for
@@ -62,9 +63,8 @@ def test_versions_pushed_during_a_stream_of_requests_explain_every_sample(studen
     states = {0: {k: v.clone() for k, v in trainer.state_dict().items()}}
     stop, results, errors = threading.Event(), [], []
     try:
-        group = init_weight_group("127.0.0.1", port, 0, 3, backend="gloo", timeout=TIMEOUT)
-        sender = WeightSender(group, trainer, bucket_bytes=64 << 10)
-        sender.handshake()
+        host = ChannelHost("127.0.0.1", port, 2, backend="gloo", timeout=TIMEOUT)
+        sender = host.start(lambda group: WeightSender(group, trainer, bucket_bytes=64 << 10))
         wait_for(lambda: all(w.versioned.state == "ready" for w in svc.workers), what="receivers ready")
         staged = [w.versioned.receiver for w in svc.workers]
         assert [r.staging_device.type for r in staged] == ["cpu", "cpu"] and not any(r.bounce for r in staged)
@@ -90,7 +90,7 @@ def test_versions_pushed_during_a_stream_of_requests_explain_every_sample(studen
         for version in range(1, 6):
             _perturb(trainer, seed=version)
             states[version] = {k: v.clone() for k, v in trainer.state_dict().items()}
-            sender.sync(version)
+            host.sync(version)
             time.sleep(0.15)  # let a few requests run on this version
         stop.set()
         streamer.join(60)

@@ -1,0 +1,283 @@
+"""The weight channel's membership: generations of :mod:`gkd.weights` groups that re-form when a rollout
+worker dies or a new one (a restart) arrives.
+
+Trainer rank 0 hosts one TCPStore for the whole run (``rollout.weight_port``); every process group lives
+under a store prefix of its own generation ``g`` (``g<g>/``), so a new generation never sees an old one's
+keys. Keys in the root (``gkd_weights/``) store:
+
+- ``want/<g>/count`` and ``want/<g>/<i>``: worker ids asking to be members of generation ``g``;
+- ``gen/<g>``: JSON ``{"members": [ids], "version": v}`` (member i is rank i + 1; ``v``: the version sent
+  right after the handshake, or null); ``latest``: the newest generation;
+- ``hb/<id>``: a counter each worker bumps every second from a thread of its own (liveness);
+- ``sent``: the newest version the trainer sent; a worker that starts while it exists is a late joiner
+  (a restart) and takes no generation request before it holds that version.
+
+Re-form (:meth:`ChannelHost.sync`): a sync that fails (a broadcast error, a member whose heartbeat stopped
+while the trainer waits for it to be ready, a ready timeout), or a worker waiting to join, makes rank 0
+abandon the group (``reform`` in the old store prefix; survivors leave it and ask for the next generation),
+wait (``reform_timeout``) until every expected worker asked, or form the next generation with those that
+did, handshake, and send the version again. Versions only grow: a re-form resends the version the
+trainer holds, which is at least what every worker has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from gkd.weights import ChannelReform, WeightGroup, WeightSender, WeightSyncError, make_process_group
+
+__all__ = ["ChannelHost", "ChannelMember", "ChannelReform", "member_id"]
+
+log = logging.getLogger("gkd.weights")
+
+HEARTBEAT_INTERVAL_S = 1.0
+SETTLE_S = 2.0  # a re-form waits this long after the last worker asked for more to ask
+_PREFIX = "gkd_weights/"
+
+
+def member_id(slot: int) -> str:
+    """A worker's id in the channel: unique per process (a restarted worker is a new member)."""
+    return f"{socket.gethostname()}/{os.getpid()}/slot{slot}"
+
+
+def _root_store(host: str, port: int, *, master: bool, timeout: timedelta) -> dist.PrefixStore:
+    store = dist.TCPStore(host, port, None, is_master=master, timeout=timeout, wait_for_workers=False)
+    return dist.PrefixStore(_PREFIX, store)
+
+
+class ChannelHost:
+    """Trainer rank 0's end: the store, the current generation's group and the :class:`WeightSender`.
+
+    ``expected``: the rollout workers the service runs; :meth:`form` waits (``timeout``) for all of them
+    at start-up, a re-form (``reform_timeout``) takes those that asked in time (at least one). A member
+    whose heartbeat counter has not moved for ``heartbeat_timeout_s`` while the trainer waits for it is
+    dead. ``on_reform(generation, members, seconds)`` is told about every re-form (metrics, tests)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        expected: int,
+        *,
+        backend: str | None = None,
+        timeout: timedelta = timedelta(minutes=10),
+        reform_timeout: timedelta = timedelta(seconds=120),
+        heartbeat_timeout_s: float = 15.0,
+        max_reforms: int = 3,
+    ):
+        self.host, self.expected, self.backend, self.timeout = host, expected, backend, timeout
+        self.reform_timeout, self.heartbeat_timeout_s, self.max_reforms = (
+            reform_timeout,
+            heartbeat_timeout_s,
+            max_reforms,
+        )
+        self.store = _root_store(host, port, master=True, timeout=timeout)
+        self.generation = -1
+        self.members: list[str] = []
+        self.group: WeightGroup | None = None
+        self.sender: WeightSender | None = None
+        self.reforms: list[dict] = []  # {"generation", "members", "seconds", "cause"} per re-form
+        self._beats: dict[str, tuple[int, float]] = {}
+
+    # ---------------------------------------------------------------------------------- generations
+    def _asked(self, g: int) -> int:
+        return int(self.store.add(f"want/{g}/count", 0))
+
+    def pending(self) -> bool:
+        """A worker asks to join the next generation (a restarted worker, or a survivor of a failure)."""
+        return self._asked(self.generation + 1) > 0
+
+    def form(self, version: int | None = None, *, wait: timedelta | None = None, need_all: bool = True):
+        """Form the next generation and return its group. ``need_all``: wait until every expected worker
+        asked (``wait``, default ``timeout``). Otherwise go on with those that asked once no one else has
+        asked for ``SETTLE_S`` (a worker still loading joins a later generation), waiting at most ``wait``
+        for the first one."""
+        g = self.generation + 1
+        wait_s = (wait or self.timeout).total_seconds()
+        deadline = time.monotonic() + wait_s
+        asked, changed = self._asked(g), time.monotonic()
+        while asked < self.expected and time.monotonic() < deadline:
+            if not need_all and asked > 0 and time.monotonic() - changed > SETTLE_S:
+                break
+            time.sleep(0.05)
+            now_asked = self._asked(g)
+            if now_asked != asked:
+                asked, changed = now_asked, time.monotonic()
+        if asked < (self.expected if need_all else 1):
+            raise WeightSyncError(
+                f"weight channel generation {g}: {asked} of {self.expected} rollout worker(s) joined within "
+                f"{wait_s:g}s (are the workers up, with --weight-channel {self.host}:<rollout.weight_port>?)"
+            )
+        members: list[str] = []
+        for i in range(1, asked + 1):  # a worker bumps the count just before it writes its id
+            self.store.wait([f"want/{g}/{i}"], timedelta(seconds=10))
+            who = self.store.get(f"want/{g}/{i}").decode()
+            if who not in members:
+                members.append(who)
+        self.store.set(f"gen/{g}", json.dumps({"members": members, "version": version}))
+        self.store.set("latest", str(g))
+        world = 1 + len(members)
+        pg, device = make_process_group(
+            dist.PrefixStore(f"g{g}/", self.store), self.host, 0, world, self.backend, self.timeout
+        )
+        self.group = WeightGroup(pg, dist.PrefixStore(f"g{g}/", self.store), 0, world, device, self.timeout)
+        self.group.liveness = self._check_heartbeats
+        self.generation, self.members = g, members
+        now = time.monotonic()
+        self._beats = {m: (int(self.store.add(f"hb/{m}", 0)), now) for m in members}
+        log.info("weight channel generation %d: %d rollout worker(s): %s", g, len(members), ", ".join(members))
+        return self.group
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for rank, m in enumerate(self.members, start=1):
+            beat = int(self.store.add(f"hb/{m}", 0))
+            last, since = self._beats.get(m, (beat, now))
+            if beat != last:
+                self._beats[m] = (beat, now)
+            elif now - since > self.heartbeat_timeout_s:
+                raise WeightSyncError(
+                    f"rollout worker {m} (weight rank {rank}, generation {self.generation}) missed its "
+                    f"heartbeat for {now - since:.0f}s"
+                )
+
+    # ---------------------------------------------------------------------------------- the sender
+    def start(self, make_sender: Callable[[WeightGroup], WeightSender]) -> WeightSender:
+        """Form generation 0 with every expected worker and handshake; returns the sender."""
+        self.sender = make_sender(self.form())
+        self.sender.handshake()
+        return self.sender
+
+    def reform(self, version: int, cause: BaseException | str) -> None:
+        """Abandon the current group, form the next generation with the workers that ask, handshake."""
+        assert self.sender is not None
+        start = time.monotonic()
+        log.warning("weight channel generation %d: re-forming before version %d (%s)", self.generation, version, cause)
+        self.sender.abandon()
+        while True:
+            group = self.form(version, wait=self.reform_timeout, need_all=False)
+            self.sender.rebind(group)
+            try:
+                self.sender.handshake()
+                break
+            except ChannelReform:
+                raise
+            except WeightSyncError as exc:  # a member died during the handshake: once more without it
+                log.warning("weight channel generation %d: handshake failed (%s)", self.generation, exc)
+                self.sender.abandon()
+        seconds = time.monotonic() - start
+        self.reforms.append(
+            {"generation": self.generation, "members": list(self.members), "seconds": seconds, "cause": str(cause)}
+        )
+        log.warning(
+            "weight channel generation %d formed in %.1fs with %d of %d worker(s); sending version %d again",
+            self.generation,
+            seconds,
+            len(self.members),
+            self.expected,
+            version,
+        )
+
+    def sync(self, version: int, *, before_transfer: Callable[[], None] | None = None) -> dict[str, float]:
+        """Send ``version``, re-forming the channel first when a worker waits to join, and after a failed
+        attempt (at most ``max_reforms`` times). ``before_transfer`` runs once every receiver is ready,
+        right before the transfer (FSDP2: tell the other trainer ranks to help gather)."""
+        assert self.sender is not None
+        for attempt in range(self.max_reforms + 1):
+            try:
+                if self.pending():
+                    self.reform(version, "a rollout worker asks to join")
+                self.sender.wait_ready(version)
+                if before_transfer is not None:
+                    before_transfer()
+                out = self.sender.sync(version)
+            except WeightSyncError as exc:
+                if attempt == self.max_reforms:
+                    raise
+                self.reform(version, exc)
+                continue
+            self.store.set("sent", str(version))
+            return out
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+
+
+class ChannelMember:
+    """A rollout worker's end: its id, the heartbeat thread, and :meth:`join` (ask for the next generation
+    and wait until it is formed with this worker in it)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ident: str,
+        *,
+        backend: str | None = None,
+        timeout: timedelta = timedelta(minutes=10),
+        idle_timeout: timedelta = timedelta(days=1),
+    ):
+        self.host, self.port, self.id, self.backend = host, port, ident, backend
+        self.timeout, self.idle_timeout = timeout, idle_timeout
+        self.store = _root_store(host, port, master=False, timeout=timeout)
+        self.generation = -1
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="gkd-weights-heartbeat", daemon=True)
+        self._beat.start()
+
+    @staticmethod
+    def sent_version(host: str, port: int, timeout_s: float = 2.0) -> int | None:
+        """The newest version the trainer has sent, or None (no trainer yet, or nothing sent)."""
+        try:
+            store = _root_store(host, port, master=False, timeout=timedelta(seconds=timeout_s))
+            return int(store.get("sent")) if store.check(["sent"]) else None
+        except (RuntimeError, dist.DistError):
+            return None
+
+    def _heartbeat(self) -> None:
+        # its own connection: the receive thread may be blocked in a store wait on the shared one
+        try:
+            store = _root_store(self.host, self.port, master=False, timeout=self.timeout)
+            while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+                store.add(f"hb/{self.id}", 1)
+        except Exception as exc:  # noqa: BLE001 - the trainer is gone; the receive thread reports it
+            log.info("weight channel heartbeat stopped: %s", exc)
+
+    def join(self) -> tuple[WeightGroup, int | None]:
+        """Ask for the next generation until one includes this worker; returns its group and the version
+        the trainer sends right after the handshake (None: none)."""
+        while True:
+            latest = int(self.store.get("latest")) if self.store.check(["latest"]) else -1
+            g = max(latest, self.generation) + 1
+            n = int(self.store.add(f"want/{g}/count", 1))
+            self.store.set(f"want/{g}/{n}", self.id)
+            start = time.monotonic()
+            while not self.store.check([f"gen/{g}"]):
+                if time.monotonic() - start > self.idle_timeout.total_seconds():
+                    raise WeightSyncError(
+                        f"weight channel: generation {g} was not formed within "
+                        f"{self.idle_timeout.total_seconds():g}s"
+                    )
+                time.sleep(0.05)
+            doc = json.loads(self.store.get(f"gen/{g}"))
+            self.generation = g
+            if self.id not in doc["members"]:
+                continue  # formed just before this worker asked: ask for the next one
+            rank, world = doc["members"].index(self.id) + 1, len(doc["members"]) + 1
+            store = dist.PrefixStore(f"g{g}/", self.store)
+            pg, device = make_process_group(store, self.host, rank, world, self.backend, self.timeout)
+            return WeightGroup(pg, store, rank, world, device, self.timeout), doc["version"]
+
+    def close(self) -> None:
+        self._stop.set()
