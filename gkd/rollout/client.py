@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from gkd.rollout.types import Sample, SamplingConfig
-from gkd.rollout.wire import LIMITS, OP_GENERATE, pack_request, unpack_reply
+from gkd.rollout.wire import OP_GENERATE, REPLY_LIMITS, pack_request, unpack_reply
 from gkd.transport import Auth, plan_chunks
 from gkd.transport.service_client import ServiceClient, item_length
 
@@ -44,7 +44,7 @@ class RolloutClient(ServiceClient[Sample]):
         self.max_prompts_per_request = max_prompts_per_request
         self.max_tokens_per_request = max_tokens_per_request  # prompt + max_new_tokens per micro-request
         self.min_version_wait_s = timeout_s / 2 if min_version_wait_s is None else min_version_wait_s
-        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
+        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=REPLY_LIMITS)
 
     def submit(
         self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None

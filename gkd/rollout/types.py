@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+#: Temperatures below this sample greedily: ``logits / T`` overflows to inf/NaN long before T reaches 0.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to sample responses.
 
-    ``temperature=0`` is greedy decoding. ``top_k=0`` and ``top_p=1`` disable those filters. With ``seed``
-    set, prompt i of a request samples from its own generator seeded with ``seed + i`` (the caller passes
-    ``seed_offset`` when it splits a batch), so results do not depend on how prompts were batched.
+    ``temperature=0`` is greedy decoding (so is any ``temperature < 1e-5``, stored as 0: ``logits / T``
+    would overflow). ``top_k=0`` and ``top_p=1`` disable those filters. With ``seed`` set, prompt i
+    of a request samples from its own generator seeded with ``seed + i`` (the caller passes ``seed_offset``
+    when it splits a batch), so results do not depend on how prompts were batched.
     """
 
     max_new_tokens: int = 256
@@ -27,9 +32,13 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")

@@ -22,6 +22,7 @@ Reply::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -35,12 +36,22 @@ OP_GENERATE = "generate"
 OPS = (OP_GENERATE,)
 FINISH_REASONS = ("length", "stop")
 
-#: Per-message bounds, enforced by the broker (before queueing) and the worker (before decoding).
+#: Request bounds, enforced by the broker (before queueing) and the worker (before decoding): prompts as
+#: int32 ids, so 16 MiB is ~4M prompt tokens.
 LIMITS = Limits(
+    max_message_bytes=16 << 20,
     max_sequences=1 << 14,
     max_tokens=1 << 22,
-    sequence_tensors=("prompt_lens", "response_lens", "finish_codes", "policy_versions"),
-    token_tensors=("prompt_ids", "response_ids", "response_logprobs"),
+    sequence_tensors=("prompt_lens",),
+    token_tensors=("prompt_ids",),
+)
+#: Reply bounds (the client's decode).
+REPLY_LIMITS = Limits(
+    max_message_bytes=256 << 20,
+    max_sequences=1 << 14,
+    max_tokens=1 << 22,
+    sequence_tensors=("response_lens", "finish_codes", "policy_versions"),
+    token_tensors=("response_ids", "response_logprobs"),
 )
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -112,8 +123,10 @@ def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
         header.get("wait_s"),
     )
     for name, v in (("temperature", temperature), ("top_p", top_p), ("wait_s", wait_s)):
-        if v is not None and (type(v) is bool or not isinstance(v, int | float)):
-            raise ValueError(f"field {name} must be a number")
+        if v is not None and (type(v) is bool or not isinstance(v, int | float) or not math.isfinite(v)):
+            raise ValueError(f"field {name} must be a finite number, got {v!r}")
+    if wait_s is not None and wait_s < 0:
+        raise ValueError(f"field wait_s must be >= 0 seconds, got {wait_s!r}")
     sampling = SamplingConfig(
         max_new_tokens=_int_field(header, "max_new_tokens", 256),
         temperature=float(temperature),

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from gkd.teacher.types import TeacherOutput
-from gkd.teacher.wire import LIMITS, OP_SCORE, pack_request, unpack_reply
+from gkd.teacher.wire import OP_SCORE, REPLY_LIMITS, pack_request, unpack_reply
 from gkd.transport import Auth, plan_chunks
 from gkd.transport.service_client import ServiceClient, item_length
 
@@ -39,7 +39,7 @@ class TeacherClient(ServiceClient[TeacherOutput]):
     ):
         self.max_sequences_per_request = max_sequences_per_request
         self.max_tokens_per_request = max_tokens_per_request
-        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=LIMITS)
+        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=REPLY_LIMITS)
 
     def submit(
         self,

@@ -34,13 +34,23 @@ from gkd.transport import Limits, Message, ProtocolError
 OP_SCORE = "score"
 OPS = (OP_SCORE,)
 
-#: Per-message bounds, enforced by the broker (before queueing) and the worker (before decoding). The
-#: client splits bigger batches into micro-requests far below these.
+#: Request bounds, enforced by the broker (before queueing) and the worker (before decoding): a request is
+#: int32 token ids plus two length vectors, so 8 MiB is ~2M tokens; the client splits bigger batches into
+#: micro-requests far below these (16384 tokens by default).
 LIMITS = Limits(
+    max_message_bytes=8 << 20,
     max_sequences=1 << 14,
-    max_tokens=1 << 21,
+    max_tokens=1 << 20,
     sequence_tensors=("prompt_lens", "response_lens"),
     token_tensors=("input_ids",),
+)
+#: Reply bounds (the client's decode): [tokens, K] ids and log-probs are K times a request's size.
+REPLY_LIMITS = Limits(
+    max_message_bytes=1 << 30,
+    max_sequences=1 << 14,
+    max_tokens=1 << 21,
+    sequence_tensors=("response_lens",),
+    token_tensors=("token_logprobs",),
 )
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -116,8 +126,8 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
         offset = header.get("offset", 0)
         if type(top_k) is not int or not isinstance(temperature, int | float) or type(offset) is not int:
             raise ValueError("fields top_k and offset must be ints and temperature a number")
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be positive")
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature={temperature} must be a positive finite number")
         sequences = unpack_request(header, tensors)
         info = engine.info()
         check_sequences(

@@ -11,7 +11,8 @@ Pieces (each module's docstring has the details):
   ``handler(header, tensors) -> (fields, tensors)``; one request at a time, heartbeats while busy.
 - ``client``   -- ``Client(frontend_address, timeout_s=..., retries=..., auth=...)``:
   ``submit(op, fields, tensors) -> Future[Message]``, ``call``, ``info``, ``submit_split``;
-  ``plan_chunks`` for order-preserving micro-batching; ``RemoteError`` (``.code``) for error replies.
+  ``plan_chunks`` for order-preserving micro-batching; ``RemoteError`` (``.code``) for error replies;
+  ``ServiceUnavailable`` when the broker stops answering its liveness pings (``liveness_timeout_s``).
 - ``auth``     -- ``Auth(secret)`` / ``Auth.from_file(path)``: HMAC-SHA256 over every frame, with a
   timestamp + nonce against replay. Pass the same object kind to broker, workers and clients.
 
@@ -21,7 +22,7 @@ engine, and a thin typed client that packs requests and unpacks ``Message`` repl
 
 from gkd.transport.auth import Auth, AuthError
 from gkd.transport.broker import Broker
-from gkd.transport.client import Client, ClientClosed, RemoteError, plan_chunks
+from gkd.transport.client import Client, ClientClosed, RemoteError, ServiceUnavailable, plan_chunks
 from gkd.transport.codec import (
     PROTOCOL_VERSION,
     Limits,
@@ -48,6 +49,7 @@ __all__ = [
     "Message",
     "ProtocolError",
     "RemoteError",
+    "ServiceUnavailable",
     "Worker",
     "decode",
     "encode",

@@ -94,13 +94,15 @@ class Auth:
         if len(trailer) != _TRAILER or not trailer.startswith(MAGIC):
             raise AuthError("message has no valid authentication trailer")
         stamp, tag = trailer[len(MAGIC) : -32], trailer[-32:]
-        body = list(frames[:-1])
-        if not hmac.compare_digest(tag, self._mac(label, stamp, body)):
-            raise AuthError("bad MAC (wrong secret, wrong direction or modified message)")
+        # The cheap check first: a stale or far-future stamp is refused without hashing the payload (up to
+        # a message's size limit), so a flood of old or made-up messages costs no HMAC work.
         (sent_ns,) = struct.unpack(">Q", stamp[:8])
         now = time.time_ns()
         if abs(now - sent_ns) > self.max_skew_ns:
             raise AuthError(f"timestamp is {(now - sent_ns) / 1e9:+.1f}s off (clock skew or replay)")
+        body = list(frames[:-1])
+        if not hmac.compare_digest(tag, self._mac(label, stamp, body)):
+            raise AuthError("bad MAC (wrong secret, wrong direction or modified message)")
         nonce = stamp[8:]
         with self._lock:
             while self._expiry and self._expiry[0][0] < now:

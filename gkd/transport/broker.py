@@ -12,8 +12,16 @@ Routing (see ``protocol.py`` for the envelopes):
   ``heartbeat_timeout_s`` (dead, or so wedged that its heartbeat thread stopped) is dropped and its
   in-flight request is re-queued at the front. A request dispatched ``max_attempts`` times without a
   reply fails with ``worker_failed`` (a request that kills every worker must not kill them all).
-- Exactly one reply per request: the first reply for a job wins; a late reply from a worker the job had
-  been taken from (it came back, or the request was re-queued meanwhile) is dropped and counted.
+- Exactly one reply per request, and only from the worker the job was given to: a late reply from a
+  worker the job had been taken from (it came back, the request was re-queued, or the broker restarted:
+  job ids carry a random per-broker epoch) is dropped and counted.
+- Per-job deadline ``job_timeout_s``: a worker that heartbeats but does not answer in time loses the job
+  (it gets a CANCEL and stays busy until it answers; the request goes to another worker).
+- ``cancel`` from a client withdraws one of its requests (after the client's own timeout), so a request
+  nobody waits for does not keep a worker busy.
+- The queue is bounded in requests (``max_queue``) and in bytes (``max_queue_bytes``, queued and running).
+- A frontend or backend bound beyond loopback without ``auth`` logs a warning: anyone who can reach the
+  backend port can register as a worker, read the prompts and return forged results.
 - No workers: requests wait up to ``no_worker_grace_s`` (since start, or since the last worker left) for
   one to join; after that queued and new requests fail with ``no_workers``.
 """
@@ -21,6 +29,8 @@ Routing (see ``protocol.py`` for the envelopes):
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import struct
 import threading
 import time
@@ -46,10 +56,13 @@ from gkd.transport.codec import (
 )
 from gkd.transport.protocol import (
     BYE,
+    CANCEL,
+    CANCEL_OP,
     DEFAULT_BACKEND_PORT,
     DEFAULT_FRONTEND_PORT,
     HEARTBEAT,
     INFO_OPS,
+    LOOPBACK_HOSTS,
     READY,
     REPLY,
     REQUEST,
@@ -57,6 +70,8 @@ from gkd.transport.protocol import (
     ServiceThread,
     bind,
 )
+
+log = logging.getLogger("gkd.broker")
 
 _MAX_INFO_BYTES = 1 << 16
 _DRAIN = 256  # messages read per socket per loop turn, so neither side starves the other
@@ -70,6 +85,8 @@ class _Job:
     frames: list  # codec frames of the request (auth trailer removed)
     attempts: int = 0
     worker: bytes | None = None
+    nbytes: int = 0
+    dispatched_at: float = 0.0
 
 
 @dataclass
@@ -93,6 +110,8 @@ class _Stats:
     requeued: int = 0
     late_replies_dropped: int = 0
     workers_lost: int = 0
+    jobs_timed_out: int = 0
+    cancelled: int = 0
 
 
 class Broker:
@@ -111,22 +130,26 @@ class Broker:
         backend_port: int = DEFAULT_BACKEND_PORT,
         backend_host: str | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        reply_limits: Limits = DEFAULT_LIMITS,
         auth: Auth | None = None,
         max_queue: int = 1024,
+        max_queue_bytes: int = 1 << 30,
+        job_timeout_s: float | None = 3600.0,
         heartbeat_interval_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         no_worker_grace_s: float = 30.0,
         max_attempts: int = 3,
         context: zmq.Context | None = None,
     ):
-        clash = set(ops) & (set(INFO_OPS) | set(REPLY_OPS))
+        clash = set(ops) & (set(INFO_OPS) | set(REPLY_OPS) | {CANCEL_OP})
         if clash:
             raise ValueError(f"ops {sorted(clash)} are reserved by the broker")
         self.ops = frozenset(ops)
         self.host, self.backend_host = host, backend_host or host
         self.frontend_port, self.backend_port = frontend_port, backend_port
-        self.limits, self.auth = limits, auth
+        self.limits, self.reply_limits, self.auth = limits, reply_limits, auth
         self.max_queue, self.max_attempts = max_queue, max_attempts
+        self.max_queue_bytes, self.job_timeout_s = max_queue_bytes, job_timeout_s
         self.heartbeat_interval_s, self.heartbeat_timeout_s = heartbeat_interval_s, heartbeat_timeout_s
         self.no_worker_grace_s = no_worker_grace_s
         self._ctx = context
@@ -137,7 +160,9 @@ class Broker:
         self._idle: collections.deque[bytes] = collections.deque()
         self._queue: collections.deque[int] = collections.deque()
         self._jobs: dict[int, _Job] = {}
+        self._epoch = int.from_bytes(os.urandom(4), "big") << 32  # job ids never repeat across restarts
         self._next_jid = 1
+        self._queued_bytes = 0
         self._no_worker_since = time.monotonic()
         self._service: ServiceThread | None = None
 
@@ -166,12 +191,13 @@ class Broker:
         ctx = self._ctx or zmq.Context()
         front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
         try:
-            for s in (front, back):
+            for s, limits in ((front, self.limits), (back, self.reply_limits)):
                 s.setsockopt(zmq.LINGER, 0)
                 # libzmq drops the connection of a peer that sends a bigger frame, before we read it.
-                s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 4096)
+                s.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + 4096)
             self.frontend_address = bind(front, self.host, self.frontend_port)
             self.backend_address = bind(back, self.backend_host, self.backend_port)
+            self._warn_if_exposed()
             self._front, self._back = front, back
             self._no_worker_since = time.monotonic()
             if ready is not None:
@@ -182,6 +208,23 @@ class Broker:
             back.close(0)
             if self._ctx is None:
                 ctx.term()
+
+    def _warn_if_exposed(self) -> None:
+        exposed = [
+            f"{what} {addr}"
+            for what, host, addr in (
+                ("clients", self.host, self.frontend_address),
+                ("workers", self.backend_host, self.backend_address),
+            )
+            if host not in LOOPBACK_HOSTS
+        ]
+        if exposed and self.auth is None:
+            log.warning(
+                "broker listens beyond loopback (%s) without authentication: anyone who can reach these "
+                "ports can send requests, or join as a worker, read prompts and return forged results; "
+                "pass --auth-secret-file FILE (the same file on every side) or bind 127.0.0.1",
+                ", ".join(exposed),
+            )
 
     def _loop(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
@@ -231,26 +274,56 @@ class Broker:
             self.stats.auth_failures += 1  # dropped without a reply: nothing to say to a stranger
             return
         try:
-            header, _, _ = decode_header(frames, ops=self.ops | set(INFO_OPS), limits=self.limits)
+            header, _, _ = decode_header(frames, ops=self.ops | {*INFO_OPS, CANCEL_OP}, limits=self.limits)
         except ProtocolError as e:
             self.stats.bad_requests += 1
-            self._error(client, peek_id(frames), "bad_request", str(e))
+            self._error(client, peek_id(frames, self.limits), "bad_request", str(e))
             return
         op, rid = header["op"], header["id"]
         if op in INFO_OPS:
             self._send_client(client, reply_frames(rid, self.info()))
             return
+        if op == CANCEL_OP:
+            self._cancel(client, header.get("target"))
+            return
         self.stats.requests += 1
-        if len(self._queue) >= self.max_queue:
+        nbytes = sum(memoryview(getattr(f, "buffer", f)).nbytes for f in frames)
+        if len(self._queue) >= self.max_queue or self._queued_bytes + nbytes > self.max_queue_bytes:
             self.stats.busy_rejections += 1
-            self._error(client, rid, "busy", f"broker queue is full ({self.max_queue} requests); retry later")
+            self._error(
+                client,
+                rid,
+                "busy",
+                f"broker queue is full ({len(self._queue)} requests, {self._queued_bytes} bytes; limits "
+                f"{self.max_queue} requests, {self.max_queue_bytes} bytes); retry later",
+            )
             return
         if not self._workers and time.monotonic() - self._no_worker_since > self.no_worker_grace_s:
             self._error(client, rid, "no_workers", self._no_workers_message())
             return
-        jid, self._next_jid = self._next_jid, self._next_jid + 1
-        self._jobs[jid] = _Job(jid, client, rid, frames)
+        jid, self._next_jid = self._epoch | (self._next_jid & 0xFFFFFFFF), self._next_jid + 1
+        self._jobs[jid] = _Job(jid, client, rid, frames, nbytes=nbytes)
+        self._queued_bytes += nbytes
         self._queue.append(jid)
+
+    def _forget(self, jid: int) -> _Job | None:
+        """Drop a job from the books (answered, failed or withdrawn); unqueue it if it waits."""
+        job = self._jobs.pop(jid, None)
+        if job is not None:
+            self._queued_bytes -= job.nbytes
+            if job.worker is None and jid in self._queue:
+                self._queue.remove(jid)
+        return job
+
+    def _cancel(self, client: bytes, target: Any) -> None:
+        """Withdraw ``client``'s request ``target`` (its wire id): no reply is owed for either."""
+        for job in list(self._jobs.values()):
+            if job.client == client and job.rid == target and target is not None:
+                self._forget(job.jid)
+                self.stats.cancelled += 1
+                if job.worker is not None:
+                    self._send_worker(job.worker, [CANCEL, struct.pack(">Q", job.jid)])
+                return
 
     def _no_workers_message(self) -> str:
         return (
@@ -307,10 +380,14 @@ class Broker:
                 self._send_worker(ident, [RESET])
         elif kind == REPLY and len(frames) >= 3 and len(_b(frames[1])) == 8:
             (jid,) = struct.unpack(">Q", _b(frames[1]))
-            self._complete(jid, list(frames[2:]))
+            job = self._jobs.get(jid)
+            if job is not None and job.worker == ident and worker is not None:
+                self._complete(jid, list(frames[2:]))
+            else:  # not this worker's job (any more): a stale reply never completes someone else's request
+                self.stats.late_replies_dropped += 1
             if worker is None:
                 self._send_worker(ident, [RESET])
-            elif worker.job == jid:
+            elif worker.job == jid:  # answered (or finally gave up on a job taken from it): idle again
                 worker.job = None
                 worker.served += 1
                 self._idle.append(ident)
@@ -338,8 +415,9 @@ class Broker:
         del self._workers[worker.ident]
         if lost:
             self.stats.workers_lost += 1
-        if worker.job is not None:
-            self._requeue(worker.job)
+        job = self._jobs.get(worker.job) if worker.job is not None else None
+        if job is not None and job.worker == worker.ident:  # not one already taken from it
+            self._requeue(job.jid)
         if not self._workers:
             self._no_worker_since = time.monotonic()
 
@@ -349,26 +427,24 @@ class Broker:
             return
         job.worker = None
         if job.attempts >= self.max_attempts:
-            del self._jobs[jid]
+            self._forget(jid)
             self._error(
                 job.client,
                 job.rid,
                 "worker_failed",
-                f"request was given to {job.attempts} workers and each died or went silent before replying",
+                f"request was given to {job.attempts} workers and each died, went silent or ran past the "
+                f"job deadline ({self.job_timeout_s}s) before replying",
             )
             return
         self.stats.requeued += 1
         self._queue.appendleft(jid)
 
     def _complete(self, jid: int, frames: list) -> None:
-        job = self._jobs.pop(jid, None)
+        job = self._forget(jid)
         if job is None:
-            self.stats.late_replies_dropped += 1  # already answered by another worker, or failed
             return
-        if job.worker is None and jid in self._queue:  # re-queued, not yet re-dispatched: unqueue
-            self._queue.remove(jid)
         try:
-            header, _, _ = decode_header(frames, ops=REPLY_OPS, limits=self.limits)
+            header, _, _ = decode_header(frames, ops=REPLY_OPS, limits=self.reply_limits)
             if header["id"] != job.rid:
                 raise ProtocolError(f"reply id {header['id']!r} does not match request id {job.rid!r}")
         except ProtocolError as e:
@@ -384,14 +460,25 @@ class Broker:
                 self._remove(worker, lost=True)
             else:
                 self._send_worker(worker.ident, [HEARTBEAT])
+        if self.job_timeout_s is None:
+            return
+        for job in list(self._jobs.values()):
+            if job.worker is not None and now - job.dispatched_at > self.job_timeout_s:
+                # alive (it heartbeats) but not answering: take the job back; the worker stays busy (its
+                # worker.job still names this job) until it answers or dies, and its answer is dropped
+                self.stats.jobs_timed_out += 1
+                self._send_worker(job.worker, [CANCEL, struct.pack(">Q", job.jid)])
+                self._requeue(job.jid)
 
     def _expire_without_workers(self, now: float) -> None:
         if self._workers or not self._queue or now - self._no_worker_since <= self.no_worker_grace_s:
             return
         message = self._no_workers_message()
         while self._queue:
-            job = self._jobs.pop(self._queue.popleft(), None)
-            if job is not None:
+            job = self._forget(self._queue[0])
+            if job is None:
+                self._queue.popleft()  # stale entry
+            else:
                 self._error(job.client, job.rid, "no_workers", message)
 
     def _dispatch(self) -> None:
@@ -405,6 +492,7 @@ class Broker:
                 self._idle.appendleft(ident)
                 continue
             job.worker, job.attempts, worker.job = ident, job.attempts + 1, job.jid
+            job.dispatched_at = time.monotonic()
             self._send_worker(ident, [REQUEST, struct.pack(">Q", job.jid), *job.frames])
 
 

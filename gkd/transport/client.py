@@ -15,6 +15,12 @@
   replies still owed to it and is closed when they arrive or time out -- a timed-out socket is never
   reused for new requests. ``busy`` errors are retried after ``backoff_s``; other error replies fail the
   future with ``RemoteError`` (``code``: ``bad_request``, ``handler_error``, ``no_workers``, ...).
+- Liveness, not request duration, says whether the service is there: while requests are pending the
+  client pings the broker (answered by the broker itself, even while every worker is busy) whenever it
+  has heard nothing for a second; after ``liveness_timeout_s`` of silence every pending request fails at
+  once with ``ServiceUnavailable`` (one line naming the address), whatever its own timeout. A long
+  request on a live service only meets ``timeout_s``.
+- An attempt that times out is withdrawn (``cancel`` to the broker), so it does not keep a worker busy.
 - ``submit_split``/``plan_chunks``: split a large batch into micro-requests (spread over workers by the
   broker) and get the replies back in the original order.
 """
@@ -48,7 +54,10 @@ from gkd.transport.codec import (
     peek_id,
     with_id,
 )
-from gkd.transport.protocol import tcp_address
+from gkd.transport.protocol import CANCEL_OP, tcp_address
+
+#: The broker op used as the liveness ping (answered by the broker, never by a worker).
+_PING_OP = "ping"
 
 
 class RemoteError(RuntimeError):
@@ -61,6 +70,10 @@ class RemoteError(RuntimeError):
 
 class ClientClosed(RuntimeError):
     """The client was closed before the request completed."""
+
+
+class ServiceUnavailable(TimeoutError):
+    """The broker stopped answering heartbeats: the service is down or unreachable."""
 
 
 class _Request:
@@ -84,14 +97,26 @@ class Client:
         auth: Auth | None = None,
         limits: Limits = DEFAULT_LIMITS,
         backoff_s: float = 0.1,
+        liveness_timeout_s: float | None = 15.0,
         context: zmq.Context | None = None,
     ):
+        if liveness_timeout_s is not None and not liveness_timeout_s > 0:
+            raise ValueError(f"liveness_timeout_s={liveness_timeout_s} must be > 0 seconds (or None: off)")
         self.address = tcp_address(address)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.liveness_timeout_s = liveness_timeout_s
         self.auth, self.limits = auth, limits
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
-        self.stats = {"sent": 0, "retries": 0, "reconnects": 0, "late_replies": 0, "bad_replies": 0}
+        self.stats = {
+            "sent": 0,
+            "retries": 0,
+            "reconnects": 0,
+            "late_replies": 0,
+            "bad_replies": 0,
+            "cancelled": 0,
+            "unavailable": 0,
+        }
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = _socket.socketpair()
         self._wake_r.setblocking(False)
@@ -209,6 +234,24 @@ class Client:
         deadlines: list[tuple[float, int]] = []  # heap; stale entries skipped
         delayed: list[tuple[float, int, _Request]] = []  # heap of (when, tiebreak, request) resends
         tiebreak = itertools.count()
+        control: set[int] = set()  # wire ids of pings and cancels: their answers resolve no future
+        last_heard = last_ping = time.monotonic()
+        ping_every = min(1.0, (self.liveness_timeout_s or 4.0) / 4)
+
+        def send_control(sock: zmq.Socket, op: str, fields: dict | None = None) -> None:
+            cid = next(ids)
+            frames = _auth.sign(self.auth, encode(op, cid, fields), _auth.CLIENT_TO_BROKER)
+            with contextlib.suppress(zmq.Again):  # nothing queued: the liveness clock still runs
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                if op == _PING_OP:  # a cancel gets no answer
+                    control.add(cid)
+
+        def replace_current() -> None:
+            nonlocal current
+            current = self._new_socket()
+            owed[current] = set()
+            poller.register(current, zmq.POLLIN)
+            self.stats["reconnects"] += 1
 
         def send(req: _Request) -> None:
             if req.future.done():  # cancelled or failed meanwhile
@@ -279,8 +322,28 @@ class Client:
                             raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_reply(raw, settle, retry_or_fail)
+                        last_heard = time.monotonic()
+                        self._on_reply(raw, settle, retry_or_fail, control)
                 now = time.monotonic()
+                if not attempts:
+                    last_heard = now  # nothing awaited, nothing to watch
+                elif self.liveness_timeout_s is not None:
+                    if now - last_heard > self.liveness_timeout_s:
+                        error = ServiceUnavailable(
+                            f"the service at {self.address} has not answered for {now - last_heard:.0f}s "
+                            f"(liveness_timeout_s={self.liveness_timeout_s:g}): it is down or unreachable"
+                        )
+                        for wid in list(attempts):
+                            req = settle(wid)
+                            if req is not None and not req.future.done():
+                                self.stats["unavailable"] += 1
+                                req.future.set_exception(error)
+                        replace_current()  # the next request starts on a fresh connection
+                        control.clear()
+                        last_heard = now
+                    elif now - last_heard >= ping_every and now - last_ping >= ping_every:
+                        send_control(current, _PING_OP)
+                        last_ping = now
                 while deadlines and deadlines[0][0] <= now:
                     _, wid = heapq.heappop(deadlines)
                     entry = attempts.get(wid)
@@ -288,11 +351,11 @@ class Client:
                         continue
                     req, sock, _ = entry
                     settle(wid)
+                    # withdraw it at the broker (same connection: the broker knows it by sender + id)
+                    send_control(sock, CANCEL_OP, {"target": wid})
+                    self.stats["cancelled"] += 1
                     if sock is current:  # replace the socket that timed out; the old one only drains
-                        current = self._new_socket()
-                        owed[current] = set()
-                        poller.register(current, zmq.POLLIN)
-                        self.stats["reconnects"] += 1
+                        replace_current()
                     retry_or_fail(
                         req,
                         TimeoutError(
@@ -304,7 +367,7 @@ class Client:
                     send(heapq.heappop(delayed)[2])
                 for sock in [s for s, pending in owed.items() if not pending and s is not current]:
                     poller.unregister(sock)
-                    sock.close(0)
+                    sock.close(linger=200)  # lets a cancel just queued on it leave
                     del owed[sock]
         finally:
             for req, _, _ in list(attempts.values()):
@@ -325,7 +388,7 @@ class Client:
             self._wake_r.close()
             self._wake_w.close()
 
-    def _on_reply(self, raw: list, settle, retry_or_fail) -> None:
+    def _on_reply(self, raw: list, settle, retry_or_fail, control: set[int]) -> None:
         try:
             frames = _auth.verify(self.auth, raw, _auth.BROKER_TO_CLIENT)
         except AuthError:
@@ -334,12 +397,15 @@ class Client:
         try:
             msg = decode(frames, ops=REPLY_OPS, limits=self.limits)
         except ProtocolError as e:
-            rid = peek_id(frames)
+            rid = peek_id(frames, self.limits)
             req = settle(rid) if isinstance(rid, int) else None
             if req is None:
                 self.stats["bad_replies"] += 1
             elif not req.future.done():
                 req.future.set_exception(ProtocolError(f"malformed reply from {self.address}: {e}"))
+            return
+        if msg.id in control:  # a ping's answer (its arrival already counted as a sign of life)
+            control.discard(msg.id)
             return
         req = settle(msg.id) if isinstance(msg.id, int) else None
         if req is None:

@@ -206,15 +206,56 @@ def _check_id(value: Any) -> None:
     raise ProtocolError(f"header 'id' must be an int, a str of at most 256 chars, or nil; got {kind}")
 
 
-def peek_id(frames: Sequence[Any]) -> int | str | None:
-    """Best-effort request id of a (possibly malformed) message, for addressing an error reply."""
+def peek_id(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> int | str | None:
+    """Best-effort request id of a (possibly malformed) message, for addressing an error reply. A header
+    over ``limits.max_header_bytes`` is not unpacked at all (a large frame of msgpack nils would become a
+    list many times its size), and the unpacker's own buffer and container sizes are bounded by it."""
     try:
-        header = msgpack.unpackb(_frame_view(frames[0]), raw=False)
+        view = _frame_view(frames[0])
+        if view.nbytes > limits.max_header_bytes:
+            return None
+        header = _unpack_header(view, limits)
         value = header.get("id") if isinstance(header, dict) else None
         _check_id(value)
         return value
     except Exception:  # noqa: BLE001 - any garbage simply has no usable id
         return None
+
+
+def _unpack_header(view: memoryview, limits: Limits) -> Any:
+    """msgpack with every size bounded by the header limit: no container or string can claim more
+    entries than the header has bytes (callers check the frame's size first)."""
+    n = limits.max_header_bytes
+    return msgpack.unpackb(
+        view,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=n,
+    )
+
+
+def _non_finite(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """The path of the first non-finite float in a decoded header, or None. Every float a peer sends must
+    be finite: NaN slips through range checks (``min(max(nan, 0), 600)`` is NaN) and then spins waits."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "<header>"
+    if depth > 32:  # msgpack nests no deeper in anything we send; refuse rather than recurse without end
+        return path or "<header>"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def decode_header(
@@ -235,7 +276,7 @@ def decode_header(
     if views[0].nbytes > limits.max_header_bytes:
         raise ProtocolError(f"header is {views[0].nbytes} bytes, limit is {limits.max_header_bytes}")
     try:
-        header = msgpack.unpackb(views[0], raw=False, strict_map_key=True)
+        header = _unpack_header(views[0], limits)
     except (ValueError, TypeError, msgpack.UnpackException) as e:  # the types msgpack raises on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict):
@@ -243,6 +284,9 @@ def decode_header(
     for key in header:
         if not isinstance(key, str):
             raise ProtocolError(f"header keys must be strings, got {type(key).__name__}")
+    bad = _non_finite(header)
+    if bad is not None:
+        raise ProtocolError(f"header field {bad!r} holds a non-finite float (NaN or infinity)")
     version = header.get("v")
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise ProtocolError(

@@ -12,9 +12,16 @@ Backend (worker DEALER <-> broker ROUTER), first frame = kind:
                        BYE
     broker -> worker   REQ    job_id(8 bytes)  codec frames of the request
                        HB
+                       CANCEL job_id(8 bytes)   (the job was taken back: its client gave up, or it ran
+                                                 past the broker's job deadline; stop it if it can be)
                        RESET  (the broker does not know this worker: send READY again when idle)
 
-``job_id`` is the broker's, unique per request (not the client's id, which may collide across clients).
+``job_id`` is the broker's, unique per request (not the client's id, which may collide across clients):
+its high 32 bits are a random epoch drawn when the broker starts, so ids never repeat across a broker
+restart, and a reply counts only when it comes from the worker the job was given to.
+
+Client -> broker ``cancel`` (field ``target``: the wire id of an earlier request on the same connection)
+withdraws that request: unqueued if waiting, CANCEL to its worker if running. No reply is owed for it.
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ REQUEST = b"REQ"
 REPLY = b"REPLY"
 BYE = b"BYE"
 RESET = b"RESET"
+CANCEL = b"CANCEL"
 
 #: Ops the broker answers itself.
 INFO_OPS = ("info", "ping")
+#: The op a client sends to withdraw one of its requests (handled by the broker, never forwarded).
+CANCEL_OP = "cancel"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 DEFAULT_FRONTEND_PORT = 15555
 DEFAULT_BACKEND_PORT = 15556

@@ -14,6 +14,11 @@ dead worker). A handler exception becomes a ``handler_error`` reply and a reques
 ``heartbeat_timeout_s``, the worker replaces its socket and announces itself again (the broker restarted
 or the network dropped); an unfinished request is still answered on the new socket, and the broker
 drops that reply if the request was given to someone else meanwhile.
+
+Cancellation is cooperative: when the broker takes a running job back (its client gave up, or it ran
+past the job deadline) it sends CANCEL; the job's event is set and a handler that calls
+``check_cancelled()`` (e.g. once per generated token) stops with ``Cancelled``. Long waits inside a
+handler can wait on ``cancel_event()`` instead of sleeping.
 """
 
 from __future__ import annotations
@@ -43,12 +48,41 @@ from gkd.transport.codec import (
     peek_id,
     reply_frames,
 )
-from gkd.transport.protocol import BYE, HEARTBEAT, READY, REPLY, REQUEST, RESET, ServiceThread, tcp_address
+from gkd.transport.protocol import (
+    BYE,
+    CANCEL,
+    HEARTBEAT,
+    READY,
+    REPLY,
+    REQUEST,
+    RESET,
+    ServiceThread,
+    tcp_address,
+)
 
 Handler = Callable[
     [dict[str, Any], dict[str, torch.Tensor]],
     tuple[Mapping[str, Any] | None, Mapping[str, Any] | None],
 ]
+
+
+class Cancelled(RuntimeError):
+    """The broker withdrew the request this handler is running (raised by ``check_cancelled``)."""
+
+
+_current = threading.local()  # the handler thread's job cancel event (each handler has its own thread)
+
+
+def cancel_event() -> threading.Event | None:
+    """The running request's cancel event, in a handler thread (None elsewhere)."""
+    return getattr(_current, "cancel", None)
+
+
+def check_cancelled() -> None:
+    """Raise ``Cancelled`` if the request this handler thread runs was withdrawn; a no-op elsewhere."""
+    event = cancel_event()
+    if event is not None and event.is_set():
+        raise Cancelled("request withdrawn by the broker (its client gave up, or the job deadline passed)")
 
 
 class _Job:
@@ -58,6 +92,7 @@ class _Job:
         self.jid, self.rid = jid, rid
         self.frames: list | None = None
         self.done = threading.Event()
+        self.cancel = threading.Event()
 
 
 class Worker:
@@ -153,10 +188,13 @@ class Worker:
                         kind = frames[0].bytes
                         if kind == REQUEST and len(frames) >= 3:
                             if job is not None:  # the broker never does this; answer rather than stall it
-                                rid = peek_id(frames[2:])
+                                rid = peek_id(frames[2:], self.limits)
                                 self._send(sock, [REPLY, frames[1].bytes, *error_frames(rid, "busy", "busy")])
                             else:
                                 job = self._start_job(frames[1].bytes, frames[2:], wake_w)
+                        elif kind == CANCEL and len(frames) == 2:
+                            if job is not None and job.jid == frames[1].bytes:
+                                job.cancel.set()
                         elif kind == RESET:
                             announce = True
                 if wake_r.fileno() in events:  # raw sockets are reported by fd
@@ -204,13 +242,14 @@ class Worker:
         try:
             msg = decode(frames, ops=self.ops, limits=self.limits)
         except ProtocolError as e:
-            job = _Job(jid, peek_id(frames))
+            job = _Job(jid, peek_id(frames, self.limits))
             job.frames = error_frames(job.rid, "bad_request", str(e))
             job.done.set()
             return job
         job = _Job(jid, msg.id)
 
         def run_handler() -> None:
+            _current.cancel = job.cancel
             try:
                 fields, tensors = self.handler(msg.header, msg.tensors)
                 job.frames = reply_frames(job.rid, fields, tensors)

@@ -102,3 +102,16 @@ def test_service_with_auth_drops_and_counts_strangers_and_serves_members(make_se
     assert info["stats"]["requests"] == 1  # nothing from a stranger got as far as a request
     # Members are still served.
     assert member.call("sum", {"tag": 3}, tensors_for(3)).fields["tag"] == 3
+
+
+def test_a_stale_timestamp_is_refused_before_any_mac_work(monkeypatch):
+    """The clock check is cheap and comes first: a flood of old messages costs no HMAC over payloads."""
+    auth = Auth(SECRET, max_skew_s=1.0)
+    body = _frames()
+    stamp = struct.pack(">Q", time.time_ns() - 5_000_000_000) + b"\x02" * 16
+    old = [*body, b"GKDA1" + stamp + auth._mac(CLIENT_TO_BROKER, stamp, body)]
+    calls = []
+    monkeypatch.setattr(Auth, "_mac", lambda self, *a: calls.append(a) or b"\0" * 32)
+    with pytest.raises(AuthError, match="timestamp"):
+        auth.verify(old, CLIENT_TO_BROKER)
+    assert calls == []

@@ -278,3 +278,28 @@ def test_property_mutation_decodes_faithfully_or_raises_protocol_error(m, data):
     if mutated == original or payload_only:
         # Same header: identical apart from the (unauthenticated) payload bytes the mutation changed.
         assert msg.header == msgpack.unpackb(original[0], raw=False)
+
+
+def test_peek_id_does_not_unpack_an_oversized_header():
+    """8 MB of msgpack nils as one array would become a 64 MB list; peek_id must not build it."""
+    import tracemalloc
+
+    n = 8_000_000
+    garbage = b"\xdd" + n.to_bytes(4, "big") + b"\xc0" * n
+    tracemalloc.start()
+    try:
+        assert peek_id([garbage]) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"peek_id allocated {peak} bytes"
+    # a small header of the same kind is bounded by the unpacker's container limits
+    assert peek_id([b"\xdd" + (1 << 30).to_bytes(4, "big") + b"\xc0" * 100]) is None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), [1.0, float("nan")]])
+def test_non_finite_floats_in_a_header_are_refused(value):
+    frames = encode("sum", 1, {"wait_s": value})
+    with pytest.raises(ProtocolError, match="wait_s.*non-finite"):
+        decode(frames, ops=("sum",))
+    assert decode(encode("sum", 1, {"wait_s": 2.5}), ops=("sum",)).fields["wait_s"] == 2.5

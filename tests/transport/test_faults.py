@@ -116,7 +116,8 @@ def test_late_reply_of_a_silent_worker_is_dropped_not_duplicated(service):
         fake.close()
 
 
-def test_first_reply_wins_when_the_silent_worker_answers_first(service):
+def test_a_reply_counts_only_from_the_worker_the_job_was_given_to(service):
+    """The silent worker's job went to another worker; its reply, arriving first, must not complete it."""
     fake = FakeWorker(service.broker.backend_address)
     try:
         wait_for(lambda: service.info()["workers"], what="fake worker")
@@ -127,13 +128,27 @@ def test_first_reply_wins_when_the_silent_worker_answers_first(service):
         service.add_worker("real")  # takes the re-queued request once the fake is declared dead
         wait_for(lambda: service.info()["stats"]["requeued"] == 1, what="re-queue")
         fake.sock.send_multipart([REPLY, jid, *reply_frames(rid, {"worker": "fake"})])
-        assert fut.result(timeout=10).fields["worker"] == "fake"
-        wait_for(lambda: service.info()["stats"]["late_replies_dropped"] == 1, what="real reply dropped")
-        assert service.info()["stats"]["replies"] == 1
-        # The real worker is free again and serves the next request.
+        assert fut.result(timeout=10).fields["worker"] == "real"
+        stats = service.info()["stats"]
+        assert stats["late_replies_dropped"] == 1 and stats["replies"] == 1
         assert client.call("sum", {"tag": 2}, tensors_for(2)).fields["worker"] == "real"
     finally:
         fake.close()
+
+
+def test_job_ids_do_not_repeat_across_broker_restarts(make_service):
+    """A worker that outlived its broker must not be able to answer a new broker's job by id."""
+    jids = []
+    for _ in range(2):
+        svc = make_service()
+        fake = FakeWorker(svc.broker.backend_address)
+        try:
+            wait_for(lambda s=svc: s.info()["workers"], what="fake worker")
+            svc.client().submit("sum", {"tag": 1}, tensors_for(1))
+            jids.append(fake.recv(REQUEST)[1])
+        finally:
+            fake.close()
+    assert jids[0] != jids[1]
 
 
 def test_hung_worker_client_retries_elsewhere(service):
