@@ -82,6 +82,10 @@ class TeacherConfig:
     max_model_len: int | None = None  # vLLM; null = data.max_prompt_length + data.max_response_length
     max_num_batched_tokens: int | None = None  # vLLM scheduler token budget; null = vLLM's default
     enforce_eager: bool = False  # vLLM: no CUDA graphs (faster start, slower steps)
+    # client (trainer rank 0), seconds: one request attempt may take this long on a live service; a dead
+    # one is noticed by liveness instead: the broker unanswered for liveness_timeout_s fails the request
+    request_timeout_s: float = 600.0
+    liveness_timeout_s: float = 15.0
 
 
 @dataclass
@@ -117,6 +121,8 @@ class RolloutConfig:
     # a worker's wait for the next version announcement (a log line every minute while idle); a dead
     # trainer is noticed at once through the store, so this only bounds a live but silent trainer
     weight_idle_timeout_s: float = 86400.0
+    request_timeout_s: float = 600.0  # as teacher.request_timeout_s (one generate request attempt)
+    liveness_timeout_s: float = 15.0  # as teacher.liveness_timeout_s
     # a worker whose heartbeat (a store counter bumped every second) stops this long while the trainer
     # waits for it is dead: the channel re-forms without it (a restarted worker joins a later generation)
     weight_heartbeat_timeout_s: float = 15.0
@@ -402,6 +408,10 @@ def validate(cfg: Config) -> None:
     ):
         _check(getattr(r, key) > 0, f"rollout.{key}", getattr(r, key), "must be > 0 (seconds)")
     _check(r.max_worker_restarts >= 0, "rollout.max_worker_restarts", r.max_worker_restarts, "must be >= 0")
+    for name, section in (("teacher", t), ("rollout", r)):
+        for key in ("request_timeout_s", "liveness_timeout_s"):
+            v = getattr(section, key)
+            _check(0 < v < float("inf"), f"{name}.{key}", v, "must be a positive number of seconds")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must lie in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")

@@ -196,7 +196,7 @@ def secret_auth(key: str, path: str | None):
         raise StartupError(f"{key}={path}: {e}") from e
 
 
-def open_clients(cfg: Config, *, timeout_s: float = 600, retries: int = 2):
+def open_clients(cfg: Config, *, timeout_s: float | None = None, retries: int = 2):
     """(TeacherClient, RolloutClient) for the configured services, signing every message with
     ``teacher.auth_secret_file`` / ``rollout.auth_secret_file`` when set (the services' own secrets)."""
     from gkd.rollout.client import RolloutClient
@@ -205,14 +205,16 @@ def open_clients(cfg: Config, *, timeout_s: float = 600, retries: int = 2):
     n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
     teacher = TeacherClient(
         f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}",
-        timeout_s=timeout_s,
+        timeout_s=timeout_s or cfg.teacher.request_timeout_s,
+        liveness_timeout_s=cfg.teacher.liveness_timeout_s,
         retries=retries,
         auth=secret_auth("teacher.auth_secret_file", cfg.teacher.auth_secret_file),
     )
     try:
         rollout = RolloutClient(
             f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
-            timeout_s=timeout_s,
+            timeout_s=timeout_s or cfg.rollout.request_timeout_s,
+            liveness_timeout_s=cfg.rollout.liveness_timeout_s,
             retries=retries,
             auth=secret_auth("rollout.auth_secret_file", cfg.rollout.auth_secret_file),
             # one worker: a batch is one request (the pipelined sync gate's exactness needs it);

@@ -11,7 +11,9 @@ first prompt's index as ``seed_offset``, so seeded results do not depend on the 
 ``min_version``, a worker waits up to ``min_version_wait_s`` for that version and then answers with an
 error; keep that below ``timeout_s`` (the per-attempt timeout). Errors: ``RemoteError`` (e.g.
 ``[handler_error] ValueError: prompt 17: token id 70000 is outside the vocabulary [0, 32000)``),
-``TimeoutError`` after all retries.
+``TimeoutError`` after all retries,
+``ServiceUnavailable`` (a ``TimeoutError``) once the service has not answered a liveness ping for
+``liveness_timeout_s`` (15 s by default: a dead service surfaces in seconds, a long request does not).
 """
 
 from __future__ import annotations
@@ -40,11 +42,19 @@ class RolloutClient(ServiceClient[Sample]):
         max_prompts_per_request: int = 16,
         max_tokens_per_request: int | None = None,
         min_version_wait_s: float | None = None,
+        liveness_timeout_s: float | None = 15.0,
     ):
         self.max_prompts_per_request = max_prompts_per_request
         self.max_tokens_per_request = max_tokens_per_request  # prompt + max_new_tokens per micro-request
         self.min_version_wait_s = timeout_s / 2 if min_version_wait_s is None else min_version_wait_s
-        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=REPLY_LIMITS)
+        super().__init__(
+            address,
+            timeout_s=timeout_s,
+            retries=retries,
+            auth=auth,
+            limits=REPLY_LIMITS,
+            liveness_timeout_s=liveness_timeout_s,
+        )
 
     def submit(
         self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None

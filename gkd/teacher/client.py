@@ -8,7 +8,9 @@
 A large batch is split into micro-requests of at most ``max_sequences_per_request`` sequences and
 ``max_tokens_per_request`` tokens; the broker spreads them over idle workers and the results come back in
 the original order. Errors: ``RemoteError`` (e.g. ``[handler_error] ValueError: sequence 17: response
-token id 70000 is outside the vocabulary [0, 32000)``), ``TimeoutError`` after all retries.
+token id 70000 is outside the vocabulary [0, 32000)``), ``TimeoutError`` after all retries,
+``ServiceUnavailable`` (a ``TimeoutError``) once the service has not answered a liveness ping for
+``liveness_timeout_s`` (15 s by default: a dead service surfaces in seconds, a long request does not).
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ class TeacherClient(ServiceClient[TeacherOutput]):
         auth: Auth | None = None,
         max_sequences_per_request: int = 16,
         max_tokens_per_request: int = 16384,
+        liveness_timeout_s: float | None = 15.0,
     ):
         self.max_sequences_per_request = max_sequences_per_request
         self.max_tokens_per_request = max_tokens_per_request
-        super().__init__(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=REPLY_LIMITS)
+        super().__init__(
+            address,
+            timeout_s=timeout_s,
+            retries=retries,
+            auth=auth,
+            limits=REPLY_LIMITS,
+            liveness_timeout_s=liveness_timeout_s,
+        )
 
     def submit(
         self,

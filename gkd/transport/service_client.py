@@ -25,8 +25,24 @@ def item_length(ids: Any) -> int:
 class ServiceClient(Generic[T]):
     """Thread-safe client of a gkd service (one ZeroMQ socket, futures); subclasses pack and unpack."""
 
-    def __init__(self, address: str, *, timeout_s: float, retries: int, auth: Auth | None, limits: Limits):
-        self._client = Client(address, timeout_s=timeout_s, retries=retries, auth=auth, limits=limits)
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float,
+        retries: int,
+        auth: Auth | None,
+        limits: Limits,
+        liveness_timeout_s: float | None = 15.0,
+    ):
+        self._client = Client(
+            address,
+            timeout_s=timeout_s,
+            retries=retries,
+            auth=auth,
+            limits=limits,
+            liveness_timeout_s=liveness_timeout_s,
+        )
 
     @property
     def stats(self) -> dict[str, int]:
