@@ -239,6 +239,10 @@ class ChannelMember:
     @staticmethod
     def sent_version(host: str, port: int, timeout_s: float = 2.0) -> int | None:
         """The newest version the trainer has sent, or None (no trainer yet, or nothing sent)."""
+        try:  # a plain connect first: a TCPStore client that finds no server logs a C++ stack trace
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError:
+            return None
         try:
             store = _root_store(host, port, master=False, timeout=timedelta(seconds=timeout_s))
             return int(store.get("sent")) if store.check(["sent"]) else None

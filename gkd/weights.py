@@ -442,8 +442,8 @@ class WeightSender:
             try:
                 header = torch.tensor([_MAGIC, version, len(self.buckets), _OP_WEIGHTS], dtype=torch.int64)
                 g.wait(g.broadcast(header.to(g.device)), f"version {version} header")
-            except WeightSyncError as exc:
-                failure = exc
+            except RuntimeError as exc:  # WeightSyncError, or gloo refusing the post at once
+                failure = exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
         for bucket in self.buckets:
             full = {
                 m.name: _gather_to_root(tensors[m.name], self.dtype) if self._sharded else tensors[m.name]
@@ -464,9 +464,8 @@ class WeightSender:
                     self.bucket_hook(bucket.index, buf)
                 in_flight[slot] = g.broadcast(buf)
                 sent += buf.numel()
-            except (WeightSyncError, RuntimeError) as exc:
-                failure = exc if isinstance(exc, WeightSyncError) else WeightSyncError(str(exc))
-                failure.__cause__ = exc
+            except RuntimeError as exc:
+                failure = exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
         if g is None:
             return {"bytes": 0.0, "buckets": 0.0, "seconds": time.perf_counter() - start}
         if failure is not None:

@@ -457,3 +457,30 @@ def _nccl_worker(rank: int, port: int) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="an NCCL channel needs two GPUs (one per rank)")
 def test_nccl_channel_idle_gap_cast_and_host_staging():
     _spawn(_nccl_worker, 2, _free_port())
+
+
+def test_a_sharded_sender_whose_broadcast_fails_still_gathers_every_bucket(monkeypatch):
+    """FSDP2: the other trainer ranks take part in every bucket's gather once told to sync, so rank 0 must
+    gather them all even after its broadcast failed (else they sit in a gather until the group timeout)."""
+    import gkd.weights as weights
+
+    gathered = []
+    monkeypatch.setattr(weights, "_gather_to_root", lambda t, dtype=None: gathered.append(t) or t)
+
+    class _Dead:  # the weight group: its broadcasts fail (a receiver died)
+        rank, world_size, device, timeout, liveness = 0, 2, torch.device("cpu"), timedelta(seconds=1), None
+
+        def broadcast(self, tensor):
+            raise RuntimeError("Connection closed by peer")
+
+        def wait(self, work, what, timeout=None):
+            raise AssertionError("nothing to wait for")
+
+    model = _tiny_lm(0)
+    sender = WeightSender(None, model, bucket_bytes=4 << 10)
+    sender.group, sender._sharded, sender._ready_version = _Dead(), True, 1
+    sender._buffers = [torch.zeros(max(b.nbytes for b in sender.buckets) + 64, dtype=torch.uint8)] * 2
+    assert len(sender.buckets) > 2
+    with pytest.raises(WeightSyncError, match="Connection closed"):
+        sender.sync(1)
+    assert len(gathered) == sum(len(b.metas) for b in sender.buckets)

@@ -244,3 +244,33 @@ def test_fp16_logprobs_on_the_wire(engine, tiny_model_dir):
         assert_outputs_equal(got, want, atol=1e-2)
     finally:
         svc.close()
+
+
+def test_supervise_restarts_exited_workers_then_reports_unhealthy(caplog):
+    """A worker that exits is restarted with a line naming its exit status; past the bound the service
+    stops (status 1) and says why."""
+    import logging
+    import subprocess
+    import sys
+    import threading
+
+    from gkd.transport.process import supervise
+
+    spawned = []
+
+    def spawn(slot):
+        # slot 0 dies at once (status 3), slot 1 lives until stopped
+        code = "import sys; sys.exit(3)" if slot == 0 else "import time; time.sleep(60)"
+        p = subprocess.Popen([sys.executable, "-c", code])
+        spawned.append((slot, p))
+        return p
+
+    stop = threading.Event()
+    with caplog.at_level(logging.INFO, logger="gkd.service"):
+        status = supervise([spawn(0), spawn(1)], stop, spawn, max_restarts=2, window_s=60)
+    assert status == 1
+    assert [s for s, _ in spawned] == [0, 1, 0, 0]  # two restarts of slot 0, none of slot 1
+    text = caplog.text
+    assert text.count("exited (status 3); restarted as process") == 2
+    assert "unhealthy: worker 0" in text and "after 2 restarts within 60 s" in text
+    assert all(p.poll() is not None for _, p in spawned)  # the healthy one was stopped too

@@ -1,0 +1,206 @@
+"""Chaos: ``gkd train`` (tiny models, ``one_step_off``, 2 rollout + 2 teacher workers, 60 steps) while the
+test SIGKILLs a rollout worker, later a teacher worker, later the other rollout worker, at steps drawn from
+a seeded RNG. The run must finish with status 0, every step once and in order in metrics.jsonl, staleness
+<= k on every step; the services restart the workers and the weight channel re-forms with them.
+
+The final student is compared with a fault-free run of the same batches. They match when no generation
+had to be retried by the scheduler: a request of a killed worker is re-queued by the broker to the other
+worker, which generates it with the same per-prompt seeds and the same policy version (the strict sync
+gate holds the next version back until the batch's first attempt ended), and teacher scoring is a
+deterministic forward pass. A scheduler-level retry (a request that timed out) may run after the next
+sync, on version ``b`` instead of ``b - 1`` (still within k = 1): different samples, a different
+student; the test then only checks the staleness bound.
+
+``pytest -s tests/test_chaos.py`` prints the timeline: when each kill happened and how long each recovery
+took (until the service listed two workers again, and the longest step around the kill).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STEPS = 60
+RUN_TIMEOUT_S = 200
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(tmp_path_factory.mktemp("tiny"), num_prompts=24)
+
+
+def _start(tiny: dict[str, str], out: Path) -> tuple[subprocess.Popen, dict[str, int]]:
+    names = ("teacher", "teacher_backend", "rollout", "rollout_backend", "weights")
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    argv = [sys.executable, "-m", "gkd.cli", "train", "--config", "configs/cpu_tiny.yaml"]
+    argv += [
+        f"model.student_path={tiny['student']}",
+        f"teacher.model_path={tiny['teacher']}",
+        f"data.train_files={tiny['prompts']}",
+        f"trainer.output_dir={out}",
+        f"teacher.server_port={ports['teacher']}",
+        f"teacher.backend_port={ports['teacher_backend']}",
+        f"rollout.server_port={ports['rollout']}",
+        f"rollout.backend_port={ports['rollout_backend']}",
+        f"rollout.weight_port={ports['weights']}",
+        "teacher.workers=2",
+        "rollout.workers=2",
+        "teacher.top_k=8",
+        "rollout.max_new_tokens=8",
+        "rollout.weight_heartbeat_timeout_s=3",
+        "rollout.weight_timeout_s=30",
+        "trainer.scheduler=one_step_off",
+        "trainer.nproc_per_node=1",
+        f"trainer.total_steps={STEPS}",
+        "trainer.save_freq=0",
+        "optim.lr=5e-3",
+        "logging.progress_bar=false",
+    ]
+    log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc, ports
+
+
+def _workers(backend_port: int) -> list[int]:
+    """Pids of the worker processes (``... join --broker 127.0.0.1:PORT``) of one service, by start order."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"join" in cmd and any(a.endswith(f"127.0.0.1:{backend_port}".encode()) for a in cmd):
+            found.append(int(pid))
+    return sorted(found)
+
+
+def _steps_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait(cond, timeout_s: float, what: str, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"gkd train exited with {proc.returncode} while waiting for {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _finish(proc: subprocess.Popen, out: Path) -> str:
+    try:
+        code = proc.wait(RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.log.close()
+    text = (out.parent / f"{out.name}.log").read_text()
+    assert code == 0, text[-8000:]
+    return text
+
+
+@pytest.mark.slow
+def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
+    rng = random.Random(13)
+    first = rng.randrange(8, 14)
+    plan = [("rollout", 0, first), ("teacher", 0, first + rng.randrange(12, 18))]
+    plan.append(("rollout", 1, plan[1][2] + rng.randrange(12, 18)))
+    assert plan[-1][2] < STEPS - 8
+
+    out = tmp_path / "chaos"
+    proc, ports = _start(tiny, out)
+    start = time.monotonic()
+    timeline = []
+    try:
+        for service, which, step in plan:
+            backend = ports[f"{service}_backend"]
+            before = _wait(lambda b=backend: len(_workers(b)) == 2 and _workers(b), 120, f"2 {service} workers", proc)
+            _wait(lambda s=step: _steps_done(out) >= s, 150, f"step {step}", proc)
+            victim = before[which]
+            killed_at, at_step = time.monotonic(), _steps_done(out)
+            os.kill(victim, signal.SIGKILL)
+            replaced = _wait(
+                lambda b=backend, v=victim: (w := _workers(b)) if len(w) == 2 and v not in w else None,
+                60,
+                "a restart",
+                proc,
+            )
+            timeline.append(
+                {
+                    "kill": f"{service} worker {victim}",
+                    "at_s": round(killed_at - start, 1),
+                    "at_step": at_step,
+                    "replacement": [p for p in replaced if p not in before][0],
+                    "restarted_after_s": round(time.monotonic() - killed_at, 1),
+                }
+            )
+        log = _finish(proc, out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    records = _records(out)
+    assert [r["step"] for r in records] == list(range(STEPS))
+    assert all(r["staleness/max"] <= 1 for r in records)
+    for t in timeline:  # the slowest step after the kill: how long the run stalled
+        after = [r["timing/step"] for r in records[t["at_step"] : t["at_step"] + 4]]
+        t["slowest_step_after_s"] = round(max(after), 2)
+    reforms = [line.split("gkd.weights", 1)[-1].strip() for line in log.splitlines() if "formed in" in line]
+    restarts = [line.split("] ", 1)[-1] for line in log.splitlines() if "restarted as process" in line]
+    assert len(restarts) >= 3 and len(reforms) >= 2, (restarts, reforms)
+    print("\nchaos timeline (seconds from the launcher's start):")
+    for t in timeline:
+        print("  ", t)
+    print("  weight channel re-forms:", *reforms, sep="\n     ")
+    print("  service restarts:", *restarts, sep="\n     ")
+
+    retries = sum(r.get("scheduler/retries", 0) for r in records)
+    clean = tmp_path / "clean"
+    proc, _ = _start(tiny, clean)
+    _finish(proc, clean)
+    a = load_file(str(out / "final" / "model.safetensors"))
+    b = load_file(str(clean / "final" / "model.safetensors"))
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"  scheduler retries: {retries:g}; max |chaos - fault-free| over the final weights: {diff:.3g}")
+    if retries == 0:
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
