@@ -10,6 +10,8 @@ function; the work lives in those functions (``gkd.teacher.service`` for ``gkd t
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 from collections.abc import Sequence
 
 from gkd.placement import VLLMOptions, run_service
@@ -17,7 +19,9 @@ from gkd.placement import VLLMOptions, run_service
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teacher engine")
-    g.add_argument("--model", required=True, help="model folder (transformers layout) or hub-style path")
+    g.add_argument(
+        "--model", required=True, help="local model folder (transformers layout; never downloaded)"
+    )
     g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load instead")
     g.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="engine (default: hf)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -130,9 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(args: argparse.Namespace) -> str:
+    """``gkd teacher serve`` etc.: the words that name the subcommand, for error lines."""
+    words = [args.command] + [v for k, v in vars(args).items() if k.endswith("_command") and v]
+    return " ".join(["gkd", *words])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, check the inputs of the service commands (:mod:`gkd.preflight`; the other commands check
+    theirs first thing), then run. A bad input is one line on stderr and status 2; with ``--log-level
+    DEBUG`` its traceback too. Anything else propagates: a traceback means a bug."""
+    from gkd.preflight import InputError, check_service_args
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        if args.command in ("teacher", "rollout"):
+            check_service_args(args)
+        return int(args.func(args) or 0)
+    except InputError as e:
+        if args.log_level == "DEBUG":
+            traceback.print_exc()
+        print(f"{_command(args)}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "PromptBatch", "PromptDataset", "PromptLoader", "expand_files"]
+__all__ = ["DataError", "PromptBatch", "PromptDataset", "PromptLoader", "expand_files", "inspect_files"]
 
 _TOKENIZE_CHUNK = 1024  # texts per tokenizer call: fast tokenizers parallelise inside a call
 
@@ -46,6 +46,10 @@ def expand_files(patterns: Sequence[str] | str) -> list[str]:
     for pat in patterns:
         path = os.path.expanduser(str(pat))
         hits = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
+        if not hits and os.path.isdir(path):
+            raise FileNotFoundError(
+                f"data file {pat} is a folder; name its parquet files, e.g. {pat}/*.parquet"
+            )
         if not hits:
             raise FileNotFoundError(
                 f"data file {pat} not found" + (" (no file matches)" if glob.has_magic(path) else "")
@@ -54,17 +58,36 @@ def expand_files(patterns: Sequence[str] | str) -> list[str]:
     return out
 
 
-def _read_column(path: str, key: str) -> list[Any]:
+def _parquet_rows(path: str, key: str) -> int:
+    """Rows of the parquet file ``path``, which must have the column ``key``; reads the footer only."""
     import pyarrow.parquet as pq  # heavy import; only data users pay for it
 
     try:
-        names = pq.read_schema(path).names
+        meta = pq.read_metadata(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
-        raise DataError(f"data file {path}: cannot read as parquet: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data file {path}: cannot read as parquet: {reason}") from e
+    names = meta.schema.to_arrow_schema().names
     if key not in names:
         raise DataError(
             f"data file {path} has no column '{key}' (data.prompt_key); available columns: {', '.join(names)}"
         )
+    return meta.num_rows
+
+
+def inspect_files(patterns: Sequence[str] | str, key: str) -> list[str]:
+    """The files of ``patterns`` (:func:`expand_files`), each readable parquet with the column ``key``, with
+    at least one row among them; raises ``FileNotFoundError`` or :class:`DataError` naming the file."""
+    files = expand_files(patterns)
+    if sum(_parquet_rows(path, key) for path in files) == 0:
+        raise DataError(f"data files {', '.join(files)} have no rows")
+    return files
+
+
+def _read_column(path: str, key: str) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    _parquet_rows(path, key)
     return pq.read_table(path, columns=[key]).column(key).to_pylist()
 
 

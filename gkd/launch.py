@@ -41,6 +41,7 @@ from gkd.placement import (
     weight_backend,
 )
 from gkd.placement import plan as place
+from gkd.preflight import check_launch
 from gkd.transport.process import PARENT_ENV, configure_logging, stop_children
 
 log = logging.getLogger("gkd.launch")
@@ -180,8 +181,8 @@ def run(
     found = detect_gpus()
     plan = place(cfg, found)
     cmds = commands(cfg, plan, config_paths, overrides)
-    print(plan.table(), flush=True)
     if dry_run:
+        print(plan.table(), flush=True)
         for c in cmds:
             print(f"{c.name}: {c.shell()}", flush=True)
         return 0
@@ -189,6 +190,8 @@ def run(
         raise LaunchError(
             f"{FAKE_GPUS_ENV}={found.count} only plans (the GPUs are not there): add --dry-run, or unset it"
         )
+    check_launch(cfg)  # models, data, output folder, ports: one line each (a dry run plans for any machine)
+    print(plan.table(), flush=True)
     children: list[subprocess.Popen] = []
 
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children

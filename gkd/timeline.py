@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gkd.metrics import pack_lanes
+from gkd.preflight import InputError, writable_folder
 
 __all__ = ["Row", "add_timeline_cli", "draw_timeline", "read_rows"]
+
+_SPAN_KEYS = {"name", "ts", "pid", "tid"}  # what a complete ("X") event needs to be drawn
+_FORMATS = (".png", ".pdf", ".svg")
 
 # one colour per phase family, matched on the span name's prefix; anything else cycles through tab10
 _COLOURS = {
@@ -41,9 +45,11 @@ def read_rows(trace_path: str | Path) -> list[Row]:
         trace = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no trace at {path} (runs write OUTPUT_DIR/trace.json)") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from e
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    except ValueError as e:  # UnicodeDecodeError too
+        raise InputError(f"{path}: not JSON ({e}); give a trace.json written by a gkd run") from e
+    events = trace.get("traceEvents") if isinstance(trace, dict) else trace
+    if not isinstance(events, list) or not all(isinstance(ev, dict) for ev in events):
+        raise InputError(f"{path}: not a Chrome trace (a list of event objects, or {{'traceEvents': [...]}})")
     pname, tname = {}, {}
     for ev in events:
         if ev.get("ph") == "M" and ev.get("name") == "process_name":
@@ -52,7 +58,10 @@ def read_rows(trace_path: str | Path) -> list[Row]:
             tname[(ev["pid"], ev["tid"])] = ev["args"]["name"]
     spans = [ev for ev in events if ev.get("ph") == "X"]
     if not spans:
-        raise ValueError(f"{path}: no spans (complete events) to draw")
+        raise InputError(f"{path}: no spans (complete events) to draw")
+    bad = next((ev for ev in spans if not ev.keys() >= _SPAN_KEYS), None)
+    if bad is not None:
+        raise InputError(f"{path}: a span lacks {', '.join(sorted(_SPAN_KEYS - bad.keys()))}: {bad!r:.120}")
     t0 = min(float(ev["ts"]) for ev in spans)
     lanes: dict[tuple, list[tuple[str, float, float, str]]] = defaultdict(list)
     for ev in sorted(spans, key=lambda e: (e["pid"], e["tid"])):
@@ -126,10 +135,28 @@ def draw_timeline(trace_path: str | Path, out_png: str | Path, *, title: str | N
     return rows
 
 
+def _trace_of(run: str) -> Path:
+    """RUN_DIR (its trace.json) or a trace file, which must exist."""
+    src = Path(run)
+    if src.is_dir() and not (src / "trace.json").is_file():
+        raise InputError(
+            f"RUN_DIR {run}: no trace.json in this folder (runs write it with logging.trace=true)"
+        )
+    if not src.exists():
+        raise InputError(
+            f"RUN_DIR {run}: no such folder or file; give a run's trainer.output_dir or a trace.json"
+        )
+    return src / "trace.json" if src.is_dir() else src
+
+
 def _timeline(args: argparse.Namespace) -> int:
-    src = Path(args.run)
-    trace = src / "trace.json" if src.is_dir() else src
+    trace = _trace_of(args.run)
     out = Path(args.output) if args.output else trace.with_name("timeline.png")
+    if out.suffix.lower() not in _FORMATS:
+        raise InputError(
+            f"--output {out}: the chart is written as {', '.join(_FORMATS)}; end the name with one"
+        )
+    writable_folder(str(out.parent), "--output")
     rows = draw_timeline(trace, out)
     print(f"{out}: {sum(len(r.spans) for r in rows)} spans in {len(rows)} rows")
     return 0
@@ -139,5 +166,7 @@ def add_timeline_cli(sub: argparse._SubParsersAction) -> None:
     """Register ``gkd timeline RUN_DIR [-o timeline.png]``."""
     p = sub.add_parser("timeline", help="draw a run's trace.json as a Gantt chart (PNG)")
     p.add_argument("run", metavar="RUN_DIR", help="a run's output_dir (or a trace.json file)")
-    p.add_argument("-o", "--output", default=None, help="PNG to write (default: RUN_DIR/timeline.png)")
+    p.add_argument(
+        "-o", "--output", default=None, help="PNG (or .pdf, .svg) to write (default: RUN_DIR/timeline.png)"
+    )
     p.set_defaults(func=_timeline)

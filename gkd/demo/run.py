@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from gkd.config import load_config, parse_scheduler
 from gkd.demo.models import MARKER
+from gkd.preflight import InputError, check_launch, number, writable_folder
 
 log = logging.getLogger("gkd.demo")
 
@@ -62,6 +64,35 @@ class DemoSettings:
         )
         base.update(kw)
         return cls(tiny=True, **base)
+
+    def check(self) -> None:
+        """Every setting, before anything is loaded or written: :class:`InputError` naming the flag."""
+        from gkd.demo.models import default_cache_dir, parse_layers, smollm2_gguf
+
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
+            number(value, flag, minimum=1)
+        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--heldout", self.heldout)):
+            number(value, flag, minimum=1)
+        number(self.lr, "--lr", minimum=0, strict=True)
+        try:
+            parse_scheduler(self.scheduler)
+        except ValueError as e:
+            raise InputError(str(e).replace("trainer.scheduler=", "--scheduler ")) from e
+        layers = str(self.student_layers).strip()
+        if layers.isdigit():
+            number(int(layers), "--student-layers", minimum=1)
+        else:  # the syntax here; the indices against the teacher's depth once it is known
+            try:
+                parse_layers(layers, 1 << 30)
+            except ValueError as e:
+                raise InputError(str(e)) from e
+        out = Path(self.out)
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            raise InputError(f"--out {self.out} exists and is not empty; pass --overwrite or another --out")
+        writable_folder(self.out, "--out")
+        if not self.tiny:
+            smollm2_gguf()  # DemoSetupError when the teacher's wheel is missing
+            writable_folder(str(self.cache_dir or default_cache_dir()), "--cache-dir")
 
 
 def free_ports(n: int) -> list[int]:
@@ -219,6 +250,7 @@ def _stage(msg: str) -> None:
 
 def run_demo(st: DemoSettings) -> dict:
     """Everything ``gkd demo`` does; returns the summary (also written to ``OUT/summary.json``)."""
+    st.check()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,9 +261,7 @@ def run_demo(st: DemoSettings) -> dict:
 
     t0 = time.monotonic()
     out = Path(st.out).resolve()
-    if out.exists() and any(out.iterdir()):
-        if not st.overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite or another --out")
+    if out.exists() and any(out.iterdir()):  # st.overwrite (checked)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(st.seed)
@@ -243,6 +273,7 @@ def run_demo(st: DemoSettings) -> dict:
     print(f"teacher {teacher_dir} ({depth} layers); student keeps layers {layers} -> {student_dir}")
     train_file, held_texts = write_prompts(out, st.seed, st.heldout)
     config = write_config(st, out, teacher_dir, student_dir, train_file)
+    check_launch(load_config([str(config)]))  # what gkd train will check, before minutes of evaluation
 
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -337,7 +368,7 @@ def _demo(args: argparse.Namespace) -> int:
     st = DemoSettings.tiny_defaults(**chosen) if chosen.pop("tiny", False) else DemoSettings(**chosen)
     try:
         summary = run_demo(st)
-    except (DemoSetupError, FileExistsError, ValueError, RuntimeError) as e:
+    except (DemoSetupError, ValueError, RuntimeError) as e:
         print(f"gkd demo: error: {e}", file=sys.stderr)
         return 2
     return 0 if summary["kl"]["on_policy"]["after"] < summary["kl"]["on_policy"]["before"] else 1
