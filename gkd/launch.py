@@ -9,9 +9,14 @@
    A service on GPUs gets ``--gpus`` (its pool; it hands each worker one tensor-parallel slice as
    ``CUDA_VISIBLE_DEVICES``), ``--device cuda``, its dtype and, for vLLM, the engine knobs of its section.
 3. Build and run the torchrun command (``python -m torch.distributed.run --standalone --nproc-per-node N
-   -m gkd.train --config ... overrides``) with the trainer's ``CUDA_VISIBLE_DEVICES``; children share
-   this terminal, so their logs stream here.
-4. On exit, error, Ctrl-C or SIGTERM: stop every child (SIGTERM, then SIGKILL after a grace period).
+   -m gkd.train --config ... overrides``) with the trainer's ``CUDA_VISIBLE_DEVICES``.
+4. Watch every child: a service or the trainer exiting stops the rest, and the console gets one line per
+   failure (what died, its exit status, its last error line, where its log is). Each child's full output
+   goes to ``trainer.output_dir/logs/<name>.log``; the trainer's also streams here, without tracebacks
+   and torchrun's failure report (they stay in the log).
+5. On exit, error, Ctrl-C or SIGTERM: stop every child (SIGTERM, then SIGKILL after a grace period). The
+   children get a parent-death signal (``prctl``), so ``kill -9`` of this launcher stops them too; the
+   trainer's ranks watch their torchrun agent.
 
 Multi-node trainers (``trainer.nnodes > 1``) run ``scripts/launch.sh`` (torchrun with a c10d rendezvous)
 on each node themselves (README, "Multi-node").
@@ -26,9 +31,12 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
 from gkd.placement import (
@@ -42,11 +50,18 @@ from gkd.placement import (
 )
 from gkd.placement import plan as place
 from gkd.preflight import check_launch
-from gkd.transport.process import PARENT_ENV, configure_logging, stop_children
+from gkd.transport.process import (
+    PARENT_ENV,
+    _describe_exit,
+    configure_logging,
+    set_parent_death_signal,
+    stop_children,
+)
 
 log = logging.getLogger("gkd.launch")
 
 HEALTH_TIMEOUT_S = 600.0
+WATCH_INTERVAL_S = 0.5
 
 
 class LaunchError(RuntimeError):
@@ -192,7 +207,9 @@ def run(
         )
     check_launch(cfg)  # models, data, output folder, ports: one line each (a dry run plans for any machine)
     print(plan.table(), flush=True)
-    children: list[subprocess.Popen] = []
+    log_dir = Path(cfg.trainer.output_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children: list[_Child] = []
 
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
         raise KeyboardInterrupt
@@ -203,32 +220,172 @@ def run(
     try:
         services = []
         for c in cmds[:-1]:
-            log.info("starting the %s service: %s", c.name, c.shell())
-            # services exit by themselves if this launcher dies
-            children.append(
-                subprocess.Popen(c.argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **c.env})
-            )
-            services.append((c.name, children[-1], _client(cfg, c.name)))
-        for name, proc, (client, workers) in services:
+            child = _start(c, log_dir, {PARENT_ENV: str(os.getpid())})  # its workers watch this pid
+            log.info("started the %s service (log: %s): %s", c.name, child.log_path, c.shell())
+            children.append(child)
+            services.append((child, _client(cfg, c.name)))
+        for child, (client, workers) in services:
             try:
-                wait_healthy(name, proc, lambda c=client: c.info(timeout_s=2), workers, health_timeout_s)
+                wait_healthy(
+                    child.name, child.proc, lambda c=client: c.info(timeout_s=2), workers, health_timeout_s
+                )
+            except LaunchError as e:
+                raise LaunchError(f"{e}{child.log_hint()}") from None
             finally:
                 client.close()
-        trainer = cmds[-1]
-        log.info("starting the trainer: %s", trainer.shell())
-        proc = subprocess.Popen(trainer.argv, env={**os.environ, **trainer.env})
-        children.append(proc)
-        status = proc.wait()
-        log.info("trainer exited with status %d", status)
-        return status
+        child = _start(cmds[-1], log_dir, {}, console=sys.stderr.buffer)
+        log.info("started the trainer (log: %s): %s", child.log_path, cmds[-1].shell())
+        children.append(child)
+        return watch(children)
     except KeyboardInterrupt:
         log.warning("interrupted; stopping every child process")
         return 130
     except StartupError as e:  # an unreadable secret file
         raise LaunchError(str(e)) from e
     finally:
-        stop_children(list(reversed(children)))  # the trainer first, then the services
+        stop_children([c.proc for c in reversed(children)])  # the trainer first, then the services
+        for c in children:
+            c.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Child:
+    """A started child: its process, its log file and, for the trainer, the thread copying its output."""
+
+    name: str  # teacher | rollout | trainer
+    proc: subprocess.Popen
+    log_path: Path
+    pump: threading.Thread | None = None
+
+    @property
+    def what(self) -> str:
+        return "the trainer (torchrun)" if self.name == "trainer" else f"the {self.name} service"
+
+    def log_hint(self) -> str:
+        last = last_error_line(self.log_path)
+        return (f"; last error: {last}" if last else "") + f"; its log: {self.log_path}"
+
+    def failure_line(self) -> str:
+        """One console line: what died, its exit status, its last error line, where its log is."""
+        code = self.proc.returncode
+        how = ("was " if code < 0 else "exited with ") + _describe_exit(code)
+        return f"gkd train: {self.what} {how}{self.log_hint()}"
+
+    def close(self) -> None:
+        if self.pump is not None:
+            self.pump.join(5)
+
+
+def _start(c: Command, log_dir: Path, env: dict[str, str], console: IO[bytes] | None = None) -> _Child:
+    """Start ``c`` with its output in ``log_dir/<name>.log`` (and, filtered, on ``console``) and a
+    parent-death signal, so it does not outlive this launcher even after a ``kill -9``."""
+    path = log_dir / f"{c.name}.log"
+    with open(path, "ab") as log_file:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            c.argv,
+            env={**os.environ, **env, **c.env},
+            stdout=subprocess.PIPE if console is not None else log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=set_parent_death_signal,  # noqa: PLW1509 - only a prctl call, from the main thread
+        )
+    child = _Child(c.name, proc, path)
+    if console is not None:
+        child.pump = threading.Thread(
+            target=_pump, args=(proc.stdout, path, console), name=f"gkd-{c.name}-output", daemon=True
+        )
+        child.pump.start()
+    return child
+
+
+def watch(children: Sequence[_Child], interval_s: float = WATCH_INTERVAL_S) -> int:
+    """Wait until the trainer (the last child) exits or any service does: 0 when the trainer finished
+    cleanly, else one console line for the child that failed and its status (1 for a service). The
+    caller stops the rest."""
+    trainer = children[-1]
+    while True:
+        for child in children:
+            code = child.proc.poll()
+            if code is None:
+                continue
+            if child is trainer and code == 0:
+                log.info("trainer finished")
+                return 0
+            if child is trainer:
+                trainer.close()  # its last output reaches the log before the line that points there
+            print(child.failure_line(), file=sys.stderr, flush=True)
+            if child is not trainer:
+                print("gkd train: stopping the trainer and the other services", file=sys.stderr, flush=True)
+            return code if child is trainer else 1
+        time.sleep(interval_s)
+
+
+def last_error_line(path: Path, tail_bytes: int = 65536) -> str:
+    """The last line of a log that names an error (a logged ERROR or an exception), shortened."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        text = line.strip()
+        if (" ERROR " in text or "Error:" in text or "Exception:" in text) and "ChildFailedError" not in text:
+            return text if len(text) <= 300 else text[:297] + "..."
+    return ""
+
+
+class ConsoleFilter:
+    """Decides which of the trainer's output lines reach the console: everything but Python tracebacks and
+    torchrun's failure report (they stay in the log; the launcher prints one line instead)."""
+
+    _TB_CONTINUE = ("Traceback (most recent call last)", "During handling of", "The above exception")
+
+    def __init__(self) -> None:
+        self.in_traceback = False
+        self.muted = False  # torchrun reports a failure: the rest is its report and its teardown
+
+    def keep(self, line: str) -> bool:
+        text = line.rstrip("\r\n")
+        if self.muted:
+            return False
+        if (
+            "torch.distributed.elastic" in text
+            or "torch/distributed/elastic" in text
+            or text.startswith("=====")
+        ):
+            self.muted = True
+            return False
+        if text.startswith(self._TB_CONTINUE):
+            self.in_traceback = True
+            return False
+        if self.in_traceback:
+            if not text or text[0].isspace() or text.startswith("^"):
+                return False
+            self.in_traceback = False  # the exception line closes the traceback
+            return False
+        return True
+
+
+def _pump(stream: IO[bytes], log_path: Path, console: IO[bytes]) -> None:
+    """Copy a child's output into its log, and the lines ``ConsoleFilter`` keeps onto the console (a
+    ``\r`` ends a line too, so progress bars keep moving)."""
+    keep = ConsoleFilter()
+    pending = b""
+    with open(log_path, "ab") as log_file:
+        while chunk := os.read(stream.fileno(), 65536):
+            log_file.write(chunk)
+            log_file.flush()
+            pending += chunk
+            *lines, pending = pending.replace(b"\r", b"\r\0").replace(b"\n", b"\n\0").split(b"\0")
+            out = b"".join(line for line in lines if keep.keep(line.decode(errors="replace")))
+            if out:
+                console.write(out)
+                console.flush()
+        if pending and keep.keep(pending.decode(errors="replace")):
+            console.write(pending)
+            console.flush()
+    stream.close()
 
 
 def _client(cfg: Config, name: str):

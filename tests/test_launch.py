@@ -104,7 +104,14 @@ def _pids_mentioning(marks: list[str]) -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the children")
-def test_ctrl_c_stops_every_child(tmp_path):
+@pytest.mark.parametrize(
+    "sig, status, grace_s",
+    [(signal.SIGINT, 130, 30), (signal.SIGKILL, -signal.SIGKILL, 10)],
+    ids=["ctrl-c", "kill-9"],
+)
+def test_stopping_the_launcher_stops_every_child(tmp_path, sig, status, grace_s):
+    """Ctrl-C stops every child in order; ``kill -9`` of the launcher (nothing runs in it any more) leaves
+    no process behind within 10 s: parent-death signals and the ranks' watch on torchrun."""
     spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -139,12 +146,12 @@ def test_ctrl_c_stops_every_child(tmp_path):
         children = _pids_mentioning(marks)
         # torchrun agent + 2 ranks, teacher broker + worker, rollout broker + worker
         assert len(children) >= 7, children
-        launcher.send_signal(signal.SIGINT)
-        assert launcher.wait(timeout=60) == 130
-        deadline = time.monotonic() + 30
+        launcher.send_signal(sig)
+        assert launcher.wait(timeout=60) == status
+        deadline = time.monotonic() + grace_s
         while (left := _pids_mentioning(marks)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not left, f"still running after Ctrl-C: {left}"
+        assert not left, f"still running {grace_s}s after {sig.name}: {left}"
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -361,4 +368,132 @@ def test_bad_gpus_flag_is_one_line(capsys):
     assert (
         err == "gkd teacher serve: error: --gpus 1: expected 2 distinct GPU ids (--workers 2 x "
         "--tensor-parallel-size 1), got 1\n"
+    )
+
+
+# ----------------------------------------------------------------------------- watching the children
+
+
+def _child(tmp_path, name: str, code: str, console=None):
+    from gkd.launch import Command, _start
+
+    return _start(Command(name, [sys.executable, "-c", code]), tmp_path, {}, console=console)
+
+
+_FAIL = "import sys, time; time.sleep({delay}); print('Traceback (most recent call last):'); " + (
+    "print('  File \"x.py\", line 1'); print('ValueError: boom {name}'); sys.exit({status})"
+)
+
+
+def test_a_dying_service_stops_the_run_with_one_line(tmp_path, capfd):
+    """The watch returns as soon as a service exits; the console line says what died, how, its last error
+    and where its log is; the traceback stays in the log."""
+    from gkd.launch import watch
+
+    rollout = _child(tmp_path, "rollout", _FAIL.format(delay=0.5, name="rollout", status=3))
+    trainer = _child(tmp_path, "trainer", "import time; time.sleep(60)")
+    try:
+        start = time.monotonic()
+        assert watch([rollout, trainer], interval_s=0.1) == 1
+        assert time.monotonic() - start < 10
+    finally:
+        for c in (trainer, rollout):
+            c.proc.kill()
+            c.proc.wait()
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if "exited" in x)
+    assert "the rollout service exited with status 3" in line and "ValueError: boom rollout" in line
+    assert str(tmp_path / "rollout.log") in line and "Traceback" not in err
+    assert "Traceback (most recent call last)" in (tmp_path / "rollout.log").read_text()
+
+
+def test_a_failing_trainer_shows_its_output_but_not_its_traceback(tmp_path, capfd):
+    import io
+
+    from gkd.launch import watch
+
+    console = io.BytesIO()
+    code = "print('step 1 loss 0.5', flush=True); " + _FAIL.format(delay=0, name="trainer", status=1)
+    code += "\nprint('=' * 60); print('gkd.train FAILED')"
+    trainer = _child(tmp_path, "trainer", code, console=console)
+    assert watch([trainer], interval_s=0.1) == 1
+    shown = console.getvalue().decode()
+    assert "step 1 loss 0.5" in shown and "Traceback" not in shown and "boom" not in shown
+    line = capfd.readouterr().err.strip()
+    assert "\n" not in line and "the trainer (torchrun) exited with status 1" in line
+    assert "ValueError: boom trainer" in line and str(tmp_path / "trainer.log") in line
+    assert "Traceback" in (tmp_path / "trainer.log").read_text()
+
+
+def test_console_filter_keeps_ordinary_lines_and_drops_reports():
+    from gkd.launch import ConsoleFilter
+
+    f = ConsoleFilter()
+    lines = [
+        ("INFO step 3\n", True),
+        ("Traceback (most recent call last):\n", False),
+        ('  File "a.py", line 2, in <module>\n', False),
+        ("    ^^^^\n", False),
+        ("KeyError: 'x'\n", False),
+        ("INFO still running\n", True),
+        (" 40%|####      | 4/10\r", True),
+        (
+            "E1126 12:00:00 torch/distributed/elastic/multiprocessing/api.py:900] failed (exitcode: 1)\n",
+            False,
+        ),
+        ("anything after torchrun's report\n", False),
+    ]
+    assert [f.keep(text) for text, _ in lines] == [want for _, want in lines]
+
+
+def _grandchild_outlives_a_killed_parent(pidfile: Path, parent_code: str, within_s: float = 5.0) -> bool:
+    """Run ``parent_code`` (it starts a grandchild that writes its pid to ``pidfile`` once set up),
+    SIGKILL the parent, and say whether the grandchild is still running ``within_s`` later."""
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline, "the grandchild did not start"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z":
+                return False
+        except OSError:  # gone and reaped
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux only")
+def test_parent_death_signal_reaches_a_child_of_a_killed_parent(tmp_path):
+    """The launcher's children get SIGTERM when it dies, even by SIGKILL (Linux prctl)."""
+    pidfile = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from gkd.transport.process import set_parent_death_signal\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], preexec_fn=set_parent_death_signal)\n"
+        "time.sleep(60)\n"
+    )
+    assert not _grandchild_outlives_a_killed_parent(pidfile, parent_code)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_rank_exits_when_its_parent_is_killed(tmp_path):
+    """``exit_with_parent`` (the trainer ranks' watch on their torchrun agent)."""
+    pidfile = tmp_path / "rank.pid"
+    rank = (
+        "import os, time\n"
+        "from gkd.transport.process import exit_with_parent\n"
+        "exit_with_parent(0.1)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    spawn = f"subprocess.Popen([sys.executable, '-c', {rank!r}])"
+    assert not _grandchild_outlives_a_killed_parent(
+        pidfile, f"import subprocess, sys, time\n{spawn}\ntime.sleep(60)\n"
     )

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
+from gkd.transport.worker import check_cancelled
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,6 +118,7 @@ class HFRolloutEngine:
         finish = ["length"] * b
         next_pos = pos[:, -1:] + 1
         for step in range(sampling.max_new_tokens):
+            check_cancelled()  # the broker withdrew this request (its client gave up): stop here
             logits = out.logits[:, -1].float()  # [B', V]
             tok, lp = self._sample(logits, sampling, [gens[r] for r in rows] if gens else None)
             done = torch.isin(tok, stop)

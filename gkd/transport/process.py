@@ -2,7 +2,9 @@
 
 A supervisor (``gkd teacher serve`` / ``gkd rollout serve``) starts its workers as child processes and
 passes its pid in ``GKD_PARENT_PID``; a child whose parent is gone exits by itself, so a SIGKILLed
-supervisor does not leave engines holding memory.
+supervisor does not leave engines holding memory. ``gkd train`` starts its children with a parent-death
+signal (``set_parent_death_signal``) and the trainer's ranks watch their torchrun agent
+(``exit_with_parent``), so ``kill -9`` of the launcher leaves nothing running.
 """
 
 from __future__ import annotations
@@ -40,6 +42,45 @@ def stop_on_signals() -> threading.Event:
 def orphaned() -> bool:
     parent = os.environ.get(PARENT_ENV)
     return parent is not None and os.getppid() != int(parent)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``sig`` to this process when the thread that started it exits (Linux
+    ``prctl(PR_SET_PDEATHSIG)``, kept across exec). Safe as a ``Popen(preexec_fn=...)`` from a parent's
+    main thread; returns False where there is no prctl."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """Exit when the parent process goes (a SIGKILLed torchrun agent must not leave its ranks running):
+    a daemon thread watches the parent pid, sends this process SIGTERM when it changes, and ends it
+    outright ``STOP_GRACE_S`` later if that did not. A watch rather than ``PR_SET_PDEATHSIG``, which fires
+    when the parent *thread* that spawned us exits, and a process may be spawned from any thread."""
+    parent = os.getppid()
+    if parent == 1:  # already orphaned before the watch began
+        log.error("parent process is gone; exiting")
+        raise SystemExit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.error("parent process %d is gone; exiting", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gkd-parent-watch", daemon=True).start()
 
 
 def _describe_exit(code: int) -> str:
