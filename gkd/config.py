@@ -389,6 +389,13 @@ def validate(cfg: Config) -> None:
         not t.launch or bool(t.model_path), "teacher.model_path", t.model_path, "required when teacher.launch"
     )
 
+    for name, sec in (("teacher", t), ("rollout", r)):  # the engines' knobs, before a vLLM worker gets them
+        _check(bool(sec.server_ip), f"{name}.server_ip", sec.server_ip, "required (the service's host)")
+        util = sec.gpu_memory_utilization
+        _check(0 < util <= 1, f"{name}.gpu_memory_utilization", util, "must lie in (0, 1] (vLLM's share)")
+        for key in ("max_model_len", "max_num_batched_tokens"):
+            v = getattr(sec, key)
+            _check(v is None or v >= 1, f"{name}.{key}", v, "must be >= 1 tokens (or null for the default)")
     _check(r.workers >= 1, "rollout.workers", r.workers, "must be >= 1")
     _check(r.nnodes >= 1, "rollout.nnodes", r.nnodes, "must be >= 1")
     _check(r.n_gpus_per_node >= 0, "rollout.n_gpus_per_node", r.n_gpus_per_node, "must be >= 0 (0 = CPU)")

@@ -31,6 +31,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CASES: dict[str, tuple[list[str], str]] = {
     # gkd train: the config's local inputs, before any service starts
     "train-config-missing": (["train", "--config", "{tmp}/nope.yaml"], "nope.yaml not found"),
+    "train-config-value": (
+        ["train", "--config", "{cfg}", "teacher.gpu_memory_utilization=1.5"],
+        "teacher.gpu_memory_utilization=1.5: must lie in (0, 1]",
+    ),
+    "train-config-nan": (["train", "--config", "{cfg}", "optim.lr=nan"], "optim.lr=nan: must be > 0"),
     "train-student-missing": (
         ["train", "--config", "{cfg}", "model.student_path={tmp}/nope"],
         "model.student_path={tmp}/nope: no such folder",

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gkd.data import DataError, PromptDataset, PromptLoader, expand_files
+from gkd.data import DataError, PromptDataset, PromptLoader, expand_files, inspect_files
 from gkd.demo.tiny import tokenizer as tiny_tokenizer
 
 
@@ -178,3 +178,21 @@ def test_bad_rows_name_file_and_row(tmp_path, tok, plain_tok):
     h.write_text("not parquet")
     with pytest.raises(DataError, match="cannot read as parquet"):
         PromptDataset(str(h), tok)
+
+
+def test_inspect_files_reads_footers_only_and_names_the_problem(tmp_path, monkeypatch):
+    """The pre-start check: files, column and row count from the parquet footers; no table is read."""
+    a, b = _strings(tmp_path, 2, "a.parquet"), _write(tmp_path / "b.parquet", pa.array([], pa.string()))
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("inspect_files read a table"))
+    assert inspect_files(str(tmp_path / "*.parquet"), "prompt") == [a, b]
+    with pytest.raises(
+        FileNotFoundError, match=r"is a folder; name its parquet files, e\.g\. .*/\*\.parquet"
+    ):
+        inspect_files(str(tmp_path), "prompt")
+    with pytest.raises(DataError, match=r"a\.parquet has no column 'question'"):
+        inspect_files(a, "question")
+    with pytest.raises(DataError, match=r"data files .*b\.parquet have no rows"):
+        inspect_files(b, "prompt")
+    (tmp_path / "c.txt").write_text("text")
+    with pytest.raises(DataError, match=r"c\.txt: cannot read as parquet"):
+        inspect_files(str(tmp_path / "c.txt"), "prompt")
