@@ -206,6 +206,9 @@ class ChannelHost:
                 self.reform(version, exc)
                 continue
             self.store.set("sent", str(version))
+            if attempt < self.max_reforms and self.pending():  # a survivor left during this sync: take it
+                self.reform(version, "a rollout worker asks to join")  # back now, not one sync later
+                continue
             return out
         raise AssertionError("unreachable")
 

@@ -104,6 +104,10 @@ def _workers(backend_port: int) -> list[int]:
     return sorted(found)
 
 
+def _replaced(workers: list[int], victim: int) -> list[int] | None:
+    return workers if len(workers) == 2 and victim not in workers else None
+
+
 def _steps_done(out: Path) -> int:
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -159,7 +163,7 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
             killed_at, at_step = time.monotonic(), _steps_done(out)
             os.kill(victim, signal.SIGKILL)
             replaced = _wait(
-                lambda b=backend, v=victim: (w := _workers(b)) if len(w) == 2 and v not in w else None,
+                lambda b=backend, v=victim: _replaced(_workers(b), v),
                 60,
                 "a restart",
                 proc,

@@ -176,7 +176,11 @@ class VersionedEngine:
     def wait_for(self, min_version: int, timeout_s: float) -> int:
         """Block until the engine holds at least ``min_version``; ``TimeoutError`` after ``timeout_s``."""
         with self._changed:
-            self._changed.wait_for(lambda: self.version >= min_version or self.state == "failed", timeout_s)
+            # failed, or rejoining the channel after a re-form: the version comes no sooner than the next
+            # sync, so the request fails now and is retried (another worker may hold the version)
+            self._changed.wait_for(
+                lambda: self.version >= min_version or self.state in ("failed", "rejoining"), timeout_s
+            )
             if self.version >= min_version:
                 return self.version
         why = f"; weight channel {self.state}" + (f": {self.error}" if self.error else "")
@@ -254,7 +258,7 @@ class VersionedEngine:
                     log.warning("weight channel generation %d failed: %s; rejoining", member.generation, e)
                 finally:
                     receiver.close()
-                self._notify(state="connecting")
+                self._notify(state="rejoining")
         except Exception as e:  # the worker keeps serving its current version; min_version waits report this
             log.exception("weight channel %s failed; no further updates", ch.address)
             self._notify(state="failed", error=f"{type(e).__name__}: {e}")
