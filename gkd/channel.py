@@ -86,6 +86,9 @@ class ChannelHost:
         self.group: WeightGroup | None = None
         self.sender: WeightSender | None = None
         self.reforms: list[dict] = []  # {"generation", "members", "seconds", "cause"} per re-form
+        # abandoned groups stay referenced: a process group's destructor waits for its pending collectives,
+        # which in an abandoned gloo group end only at their timeout
+        self._retired: list[WeightGroup] = []
         self._beats: dict[str, tuple[int, float]] = {}
 
     # ---------------------------------------------------------------------------------- generations
@@ -129,12 +132,16 @@ class ChannelHost:
         pg, device = make_process_group(
             dist.PrefixStore(f"g{g}/", self.store), self.host, 0, world, self.backend, self.timeout
         )
+        if self.group is not None:
+            self._retired.append(self.group)
         self.group = WeightGroup(pg, dist.PrefixStore(f"g{g}/", self.store), 0, world, device, self.timeout)
         self.group.liveness = self._check_heartbeats
         self.generation, self.members = g, members
         now = time.monotonic()
         self._beats = {m: (int(self.store.add(f"hb/{m}", 0)), now) for m in members}
-        log.info("weight channel generation %d: %d rollout worker(s): %s", g, len(members), ", ".join(members))
+        log.info(
+            "weight channel generation %d: %d rollout worker(s): %s", g, len(members), ", ".join(members)
+        )
         return self.group
 
     def _check_heartbeats(self) -> None:
@@ -161,7 +168,9 @@ class ChannelHost:
         """Abandon the current group, form the next generation with the workers that ask, handshake."""
         assert self.sender is not None
         start = time.monotonic()
-        log.warning("weight channel generation %d: re-forming before version %d (%s)", self.generation, version, cause)
+        log.warning(
+            "weight channel generation %d: re-forming before version %d (%s)", self.generation, version, cause
+        )
         self.sender.abandon()
         while True:
             group = self.form(version, wait=self.reform_timeout, need_all=False)
@@ -176,7 +185,12 @@ class ChannelHost:
                 self.sender.abandon()
         seconds = time.monotonic() - start
         self.reforms.append(
-            {"generation": self.generation, "members": list(self.members), "seconds": seconds, "cause": str(cause)}
+            {
+                "generation": self.generation,
+                "members": list(self.members),
+                "seconds": seconds,
+                "cause": str(cause),
+            }
         )
         log.warning(
             "weight channel generation %d formed in %.1fs with %d of %d worker(s); sending version %d again",
@@ -235,6 +249,7 @@ class ChannelMember:
         self.timeout, self.idle_timeout = timeout, idle_timeout
         self.store = _root_store(host, port, master=False, timeout=timeout)
         self.generation = -1
+        self._groups: list[WeightGroup] = []  # every group joined stays referenced (see ChannelHost._retired)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="gkd-weights-heartbeat", daemon=True)
         self._beat.start()
@@ -284,7 +299,8 @@ class ChannelMember:
             rank, world = doc["members"].index(self.id) + 1, len(doc["members"]) + 1
             store = dist.PrefixStore(f"g{g}/", self.store)
             pg, device = make_process_group(store, self.host, rank, world, self.backend, self.timeout)
-            return WeightGroup(pg, store, rank, world, device, self.timeout), doc["version"]
+            self._groups.append(WeightGroup(pg, store, rank, world, device, self.timeout))
+            return self._groups[-1], doc["version"]
 
     def close(self) -> None:
         self._stop.set()

@@ -19,10 +19,13 @@ Versions. Policy version ``v`` = number of updates applied: update of batch ``t`
 ``min_version = max(s, b - k)`` and trained at update step ``b``; its staleness is ``b - policy_version``.
 
 The loop, on the calling ("trainer") thread, for each batch ``t``:
-  1. submit the generation of every batch ``b`` with ``b - k <= t`` (its ``min_version`` exists now);
-  2. if some later batch needs version ``t`` (``s < t <= end - 1 - k``): wait for the *sync gate*, wait for
+  1. if some later batch needs version ``t`` (``s < t <= end - 1 - k``): wait for the *sync gate*, wait for
      the previous sync to finish, and call ``sync(t)``. This happens before ``update(t)`` because the
      model holds version ``t`` only until then (``sync`` may return a Future if it snapshots the weights);
+  2. submit the generation of every batch ``b`` with ``b - k <= t``: its ``min_version`` has been sent.
+     Never earlier: a request for a version not yet sent would occupy a rollout worker until the sync,
+     and the sync gate may be waiting for a batch that only that worker could take (a deadlock when the
+     other worker died, or left a re-forming weight channel);
   3. wait for batch ``t`` to be generated and scored, call ``update(t)``, yield a :class:`Step`.
 Scoring of a batch is submitted from the generation future's callback, the moment it completes, so teacher
 scoring overlaps the update of earlier batches. Failed generate/score requests are resubmitted from the
@@ -35,8 +38,8 @@ version ``t`` reaches the rollout only after the generation of batch ``t + k - 1
 batch used version ``<= t - 1`` and, by ``min_version``, ``>= t - 1``. The sync gate enforces this:
 
 - ``sync_gate="pipelined"`` (default): ``sync(t)`` waits until the first generation attempt of batch
-  ``t + k - 2`` has ended (batch ``t + k - 1`` was submitted before, in step 1). It holds exactly with
-  ONE rollout worker that
+  ``t + k - 2`` has ended (batch ``t + k - 1`` was submitted before, after ``sync(t - 1)``). It holds
+  exactly with ONE rollout worker that
   (a) serves requests in submission order, (b) applies a received version only between requests (double
   buffering: received while it generates, swapped at the boundary), (c) gets each batch as ONE request
   (``RolloutClient.max_prompts_per_request >= batch size``; otherwise a version can land between two
@@ -260,12 +263,12 @@ class Scheduler:
         if initial and start < end:
             self._send(start)
         for t in range(start, end):
-            self._submit_generations(t)
             waits = {"gen": 0.0, "teacher": 0.0}
             if start < t <= end - 1 - k:  # some batch will be generated on version t
                 gate = t + k - 2 if self.sync_gate == "pipelined" else t + k - 1
                 waits["gen"] += self._wait(lambda g=gate: self._tried(g), "wait_gen", t)
                 self._send(t)
+            self._submit_generations(t)  # after the sync: the versions they need have been sent
             rec = self._batches[t]
             waits["gen"] += self._wait(lambda r=rec: r.generated, "wait_gen", t)
             waits["teacher"] += self._wait(lambda r=rec: r.done, "wait_teacher", t)

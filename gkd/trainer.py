@@ -50,7 +50,7 @@ from gkd.rollout.types import Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.teacher.types import TeacherOutput
 from gkd.trainer_step import build_optimizer, pack_micro_batches, torch_dtype, train_step, unwrap
-from gkd.transport.process import exit_with_parent
+from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
 
 log = logging.getLogger("gkd.trainer")
 
@@ -577,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     exit_with_parent()  # a SIGKILLed torchrun agent must not leave this rank running
+    dump_stacks_on_sigusr1()
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[pid %(process)d] %(message)s"
     )

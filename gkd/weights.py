@@ -69,6 +69,7 @@ _MAGIC = 0x676B6477  # "gkdw"
 _OP_WEIGHTS = 0
 _STOP = "stop"
 _REFORM = "reform"
+_ABANDONED = "abandoned"  # set by the sender in an abandoned group's store: receivers leave its collectives
 _TRAILER_BYTES = 32
 _MAX_METADATA_BYTES = 64 << 20
 # trailer kinds: crc32 on host bytes (C++/zlib), wsum (gkd._ext.device_checksum) where the bytes live
@@ -107,13 +108,36 @@ class WeightGroup:
         return self.pg.broadcast([tensor], opts)
 
     def wait(self, work: dist.Work, what: str, timeout: timedelta | None = None) -> None:
+        """Wait for a collective. A receiver polls it and watches the store meanwhile: when the sender
+        abandoned the group (:meth:`WeightSender.abandon`: a member died) it raises :class:`ChannelReform`
+        at once; a gloo peer otherwise only notices at ``timeout``, since an abandoned group's
+        connections to the living stay open."""
         timeout = timeout or self.timeout
+        if self.rank != 0:
+            self._watch(work, what, timeout)
         try:
             work.wait(timeout)
         except RuntimeError as exc:
             raise WeightSyncError(
                 f"weight group rank {self.rank}: {what} failed or timed out after "
                 f"{timeout.total_seconds():.0f}s: {exc}"
+            ) from exc
+
+    def _watch(self, work: dist.Work, what: str, timeout: timedelta) -> None:
+        deadline = time.monotonic() + timeout.total_seconds()
+        pause, checked = 0.0005, time.monotonic()
+        try:
+            while not work.is_completed() and time.monotonic() < deadline:
+                if time.monotonic() - checked >= 0.05:
+                    checked = time.monotonic()
+                    if self.store.check([_ABANDONED]):
+                        raise ChannelReform(f"the sender abandoned the weight channel during the {what}")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+        except dist.DistNetworkError as exc:
+            raise WeightSyncError(
+                f"weight group rank {self.rank}: the channel's store is gone (trainer rank 0 exited?) "
+                f"during the {what}: {exc}"
             ) from exc
 
     def await_keys(
@@ -394,7 +418,9 @@ class WeightSender:
         n = self._announce(str(version))
         self._go_pending = n
         keys = [f"ready/{n}/{r}" for r in range(1, g.world_size)]
-        g.await_keys(keys, self.ready_timeout, f"rollout workers ready for version {version}", check=g.liveness)
+        g.await_keys(
+            keys, self.ready_timeout, f"rollout workers ready for version {version}", check=g.liveness
+        )
         g.store.set(f"go/{n}", "go")
         self._go_pending = None
         self._ready_version = version
@@ -411,6 +437,7 @@ class WeightSender:
         if g is None:
             return
         try:
+            g.store.set(_ABANDONED, "1")  # receivers inside a collective of this group leave it
             if self._go_pending is not None:
                 g.store.set(f"go/{self._go_pending}", _REFORM)
             self._announce(_REFORM)
@@ -443,7 +470,9 @@ class WeightSender:
                 header = torch.tensor([_MAGIC, version, len(self.buckets), _OP_WEIGHTS], dtype=torch.int64)
                 g.wait(g.broadcast(header.to(g.device)), f"version {version} header")
             except RuntimeError as exc:  # WeightSyncError, or gloo refusing the post at once
-                failure = exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
+                failure = (
+                    exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
+                )
         for bucket in self.buckets:
             full = {
                 m.name: _gather_to_root(tensors[m.name], self.dtype) if self._sharded else tensors[m.name]
@@ -465,7 +494,9 @@ class WeightSender:
                 in_flight[slot] = g.broadcast(buf)
                 sent += buf.numel()
             except RuntimeError as exc:
-                failure = exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
+                failure = (
+                    exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
+                )
         if g is None:
             return {"bytes": 0.0, "buckets": 0.0, "seconds": time.perf_counter() - start}
         if failure is not None:

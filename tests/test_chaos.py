@@ -189,7 +189,8 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
         after = [r["timing/step"] for r in records[t["at_step"] : t["at_step"] + 4]]
         t["slowest_step_after_s"] = round(max(after), 2)
     reforms = [line.split("gkd.weights", 1)[-1].strip() for line in log.splitlines() if "formed in" in line]
-    restarts = [line.split("] ", 1)[-1] for line in log.splitlines() if "restarted as process" in line]
+    services = "".join((out / "logs" / f"{name}.log").read_text() for name in ("rollout", "teacher"))
+    restarts = [line.split("] ", 1)[-1] for line in services.splitlines() if "restarted as process" in line]
     assert len(restarts) >= 3 and len(reforms) >= 2, (restarts, reforms)
     print("\nchaos timeline (seconds from the launcher's start):")
     for t in timeline:

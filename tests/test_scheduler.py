@@ -248,6 +248,19 @@ def test_blocking_sync_runs_on_the_trainer_thread():
     assert (h.update_end[25] - h.update_end[5]) / 20 == pytest.approx(1.5)  # U + S on one thread
 
 
+@pytest.mark.parametrize("k,gate", [(0, "strict"), (1, "strict"), (1, "pipelined"), (2, "pipelined")])
+def test_a_generation_is_submitted_only_once_its_version_was_sent(k, gate):
+    # A request for a version not yet sent would hold a rollout worker until the sync; with that worker
+    # the only live one, the gate before the sync would wait for it forever.
+    h = Harness(k, G=1, T=1, U=1, S=0.25, sync_gate=gate)
+    submitted, submit = [], h.rollout.submit
+    h.sched._generate = lambda b, v: (submitted.append((b, v, list(h.synced))), submit(b, v))[1]
+    h.run(10)
+    assert [b for b, _, _ in submitted] == list(range(10))
+    for b, v, synced in submitted:
+        assert v == 0 or v in synced, f"batch {b} (min_version {v}) submitted before sync({v})"
+
+
 def test_micro_requests_need_the_strict_gate():
     # Two requests per batch: a version can land between them, so the pipelined gate mixes versions
     # (the documented condition (c)); the strict gate keeps every sample exactly k behind.

@@ -15,6 +15,10 @@ A worker (``make_worker``) wraps its engine in a :class:`VersionedEngine`:
 - A request with ``min_version`` waits (at most ``wait_s``, capped by the worker's ``--max-wait``) until
   the worker holds that version; on timeout it gets an error reply saying which version it has and the
   channel's state.
+- A worker that left the weight channel (its group was re-formed: another member died) and waits to
+  rejoin is not listed at the broker: a request waiting for a version it lacks is handed back
+  (``HandBack``: the broker gives it to another worker), and it takes requests again once it is back in
+  the channel. A restarted worker registers only once it holds the version the trainer last sent.
 
 ``serve`` runs the broker in this process and N ``join`` children with consecutive weight ranks; SIGINT or
 SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period) and the broker.
@@ -45,7 +49,7 @@ from gkd.placement import (
 )
 from gkd.rollout.types import check_prompts
 from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
-from gkd.transport import Auth, Broker, Worker
+from gkd.transport import Auth, Broker, HandBack, Worker
 
 # Process supervision is the teacher service's, shared as is (signals, orphan check, child shutdown).
 from gkd.transport.process import (
@@ -173,16 +177,25 @@ class VersionedEngine:
             self._thread.start()
         return self
 
-    def wait_for(self, min_version: int, timeout_s: float) -> int:
-        """Block until the engine holds at least ``min_version``; ``TimeoutError`` after ``timeout_s``."""
+    @property
+    def available(self) -> bool:
+        """False while this worker waits to rejoin the weight channel: it takes no requests then."""
+        return self.state != "rejoining"
+
+    def wait_for(self, min_version: int, timeout_s: float, *, hand_back: bool = True) -> int:
+        """Block until the engine holds at least ``min_version``; ``TimeoutError`` after ``timeout_s`` or
+        once the channel failed. ``hand_back``: raise ``HandBack`` while the worker waits to rejoin the
+        channel (the version comes no sooner than the trainer's next sync, which may be waiting for this
+        very request: another worker takes it)."""
+        stops = ("failed", "rejoining") if hand_back else ("failed",)
         with self._changed:
-            # failed, or rejoining the channel after a re-form: the version comes no sooner than the next
-            # sync, so the request fails now and is retried (another worker may hold the version)
-            self._changed.wait_for(
-                lambda: self.version >= min_version or self.state in ("failed", "rejoining"), timeout_s
-            )
+            self._changed.wait_for(lambda: self.version >= min_version or self.state in stops, timeout_s)
             if self.version >= min_version:
                 return self.version
+            if self.state == "rejoining" and hand_back:
+                raise HandBack(
+                    f"version {min_version} not here (holds {self.version}); rejoining the channel"
+                )
         why = f"; weight channel {self.state}" + (f": {self.error}" if self.error else "")
         if self.channel is None:
             why = "; this worker has no weight channel (--weight-channel)"
@@ -328,7 +341,16 @@ def make_worker(
         "weight_channel": None if channel is None else f"{channel.address} rank {channel.rank}",
     }
     handler = make_handler(versioned, max_wait_s=max_wait_s)
-    worker = Worker(broker, handler, ops=OPS, info=info, limits=LIMITS, auth=auth, **kwargs)
+    worker = Worker(
+        broker,
+        handler,
+        ops=OPS,
+        info=info,
+        limits=LIMITS,
+        auth=auth,
+        available=lambda: versioned.available,
+        **kwargs,
+    )
     worker.versioned = versioned
     return worker
 
@@ -494,10 +516,12 @@ def join(
     worker = make_worker(
         spec, broker, channel=channel, auth=auth_from_file(auth_secret_file), max_wait_s=max_wait_s
     )
-    if sent is not None:
-        log.info("worker %d: the trainer has sent version %d; serving once this worker holds it", os.getpid(), sent)
+    if sent is not None:  # the trainer takes it into the channel at its next sync (a step or so)
+        log.info(
+            "worker %d: the trainer has sent version %d; serving once this worker holds it", os.getpid(), sent
+        )
         try:
-            worker.versioned.wait_for(sent, weight_timeout_s)
+            worker.versioned.wait_for(sent, weight_idle_timeout_s, hand_back=False)
         except TimeoutError as e:
             log.error("worker %d: %s", os.getpid(), e)
             return 1
@@ -617,7 +641,10 @@ def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=15557, help="client (frontend) port (default 15557)")
     s.add_argument("--backend-port", type=int, default=15558, help="worker (backend) port (default 15558)")
     s.add_argument(
-        "--max-restarts", type=int, default=5, help="worker restarts allowed within --restart-window (default 5)"
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="worker restarts allowed within --restart-window (default 5)",
     )
     s.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
     s.set_defaults(func=_serve)

@@ -8,7 +8,8 @@ Pieces (each module's docstring has the details):
   load-balancing by readiness, heartbeats, re-queue on worker death, bounded queue, ``info``/``ping``.
   ``.run(stop_event)`` in a process, or ``.start()``/``.stop()`` in a background thread.
 - ``worker``   -- ``Worker(backend_address, handler, ops=..., info=...)`` with
-  ``handler(header, tensors) -> (fields, tensors)``; one request at a time, heartbeats while busy.
+  ``handler(header, tensors) -> (fields, tensors)``; one request at a time, heartbeats while busy;
+  ``available=`` and ``HandBack`` step it away from the broker for a while.
 - ``client``   -- ``Client(frontend_address, timeout_s=..., retries=..., auth=...)``:
   ``submit(op, fields, tensors) -> Future[Message]``, ``call``, ``info``, ``submit_split``;
   ``plan_chunks`` for order-preserving micro-batching; ``RemoteError`` (``.code``) for error replies;
@@ -34,7 +35,7 @@ from gkd.transport.codec import (
     reply_frames,
 )
 from gkd.transport.protocol import DEFAULT_BACKEND_PORT, DEFAULT_FRONTEND_PORT, tcp_address
-from gkd.transport.worker import Worker
+from gkd.transport.worker import HandBack, Worker
 
 __all__ = [
     "DEFAULT_BACKEND_PORT",
@@ -45,6 +46,7 @@ __all__ = [
     "Broker",
     "Client",
     "ClientClosed",
+    "HandBack",
     "Limits",
     "Message",
     "ProtocolError",

@@ -9,6 +9,7 @@ signal (``set_parent_death_signal``) and the trainer's ranks watch their torchru
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -226,7 +227,15 @@ def serve_broker(
         svc_log.info("%s service stopped", name)
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` writes every thread's stack to stderr (the process's log): what a stalled
+    process waits for, without stopping it."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def configure_logging(level: str = "INFO") -> None:
+    dump_stacks_on_sigusr1()
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
     )

@@ -15,6 +15,11 @@ dead worker). A handler exception becomes a ``handler_error`` reply and a reques
 or the network dropped); an unfinished request is still answered on the new socket, and the broker
 drops that reply if the request was given to someone else meanwhile.
 
+A worker can step away from the broker without going away: while its ``available()`` returns False it
+is not listed (BYE; it keeps heartbeating and comes back with READY), and a handler that cannot serve its
+request here for now raises ``HandBack``: the worker says BYE, so the broker gives the request to another
+worker (the rollout service: a worker that lost its weight channel and waits to rejoin it).
+
 Cancellation is cooperative: when the broker takes a running job back (its client gave up, or it ran
 past the job deadline) it sends CANCEL; the job's event is set and a handler that calls
 ``check_cancelled()`` (e.g. once per generated token) stops with ``Cancelled``. Long waits inside a
@@ -70,6 +75,12 @@ class Cancelled(RuntimeError):
     """The broker withdrew the request this handler is running (raised by ``check_cancelled``)."""
 
 
+class HandBack(RuntimeError):
+    """Raised by a handler that cannot serve its request on this worker for now: the worker leaves the
+    broker (which re-queues the request for another worker, counting the attempt) and announces itself
+    again once its ``available()`` is true."""
+
+
 _current = threading.local()  # the handler thread's job cancel event (each handler has its own thread)
 
 
@@ -91,6 +102,7 @@ class _Job:
     def __init__(self, jid: bytes, rid: Any):
         self.jid, self.rid = jid, rid
         self.frames: list | None = None
+        self.handed_back = False  # the handler raised HandBack: no reply, the broker re-queues the job
         self.done = threading.Event()
         self.cancel = threading.Event()
 
@@ -114,8 +126,10 @@ class Worker:
         heartbeat_interval_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         context: zmq.Context | None = None,
+        available: Callable[[], bool] | None = None,
     ):
         self.address = tcp_address(address)
+        self.available = available  # False: not listed at the broker (see the module docstring)
         self.handler = handler
         self.ops = frozenset(ops)
         self.info = {
@@ -160,9 +174,13 @@ class Worker:
         wake_r.setblocking(False)
         sock = self._connect(ctx)
         job: _Job | None = None
-        announce = False  # the broker asked us (RESET) to announce ourselves again once idle
+        # announce: READY is owed once idle and available (first start, a RESET from the broker, a new
+        # socket, back from a pause); listed: the broker has us as a worker
+        announce, listed = True, False
         try:
-            self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
+            if self.available is None or self.available():
+                self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
+                announce, listed = False, True
             if ready is not None:
                 ready.set()
             last_heard = time.monotonic()
@@ -196,12 +214,16 @@ class Worker:
                             if job is not None and job.jid == frames[1].bytes:
                                 job.cancel.set()
                         elif kind == RESET:
-                            announce = True
+                            announce, listed = True, False
                 if wake_r.fileno() in events:  # raw sockets are reported by fd
                     _drain_wakeups(wake_r)
                 if job is not None and job.done.is_set():
-                    self._send(sock, [REPLY, job.jid, *job.frames])
-                    self.served += 1
+                    if not job.handed_back:
+                        self._send(sock, [REPLY, job.jid, *job.frames])
+                        self.served += 1
+                    elif listed:  # the broker re-queues the job when its worker leaves
+                        self._send(sock, [BYE])
+                        announce, listed = True, False
                     job = None
                 now = time.monotonic()
                 if now - last_heard > self.heartbeat_timeout_s:
@@ -210,10 +232,14 @@ class Worker:
                     sock = self._connect(ctx)
                     poller.register(sock, zmq.POLLIN)
                     self.reconnects += 1
-                    announce, last_heard = True, now
-                if announce and job is None:
+                    announce, listed, last_heard = True, False, now
+                available = self.available is None or self.available()
+                if listed and not available and job is None:
+                    self._send(sock, [BYE])
+                    announce, listed = True, False
+                if announce and available and job is None:
                     self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
-                    announce = False
+                    announce, listed = False, True
                 if now >= next_beat:
                     self._send(sock, [HEARTBEAT])
                     next_beat = now + self.heartbeat_interval_s
@@ -253,6 +279,8 @@ class Worker:
             try:
                 fields, tensors = self.handler(msg.header, msg.tensors)
                 job.frames = reply_frames(job.rid, fields, tensors)
+            except HandBack:
+                job.handed_back = True
             except Exception as e:  # any handler failure is the requester's answer, not the worker's death
                 job.frames = error_frames(job.rid, "handler_error", f"{type(e).__name__}: {e}")
             job.done.set()
