@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -281,16 +282,30 @@ def _stop_after_30s() -> threading.Event:
 
 
 class _Spawned:
-    """A worker process that has already exited (the service's supervisor then returns)."""
+    """A recorded worker process: alive until the supervisor stops it (SIGTERM)."""
 
     def __init__(self, argv, env, pid):
-        self.argv, self.env, self.pid, self.returncode = argv, env, pid, 0
+        self.argv, self.env, self.pid, self.returncode = argv, env, pid, None
 
     def poll(self):
-        return 0
+        return self.returncode
+
+    def send_signal(self, _signum):
+        self.returncode = 0
 
     def wait(self, timeout=None):
-        return 0
+        return self.returncode
+
+
+def _stop_after(seconds: float) -> Callable[[], threading.Event]:
+    def stop_on_signals() -> threading.Event:
+        stop = threading.Event()
+        timer = threading.Timer(seconds, stop.set)
+        timer.daemon = True
+        timer.start()
+        return stop
+
+    return stop_on_signals
 
 
 @pytest.mark.parametrize(
@@ -327,9 +342,10 @@ def test_services_hand_each_worker_its_slice(monkeypatch, name, overrides, slice
         return spawned[-1]
 
     monkeypatch.setattr(module.subprocess, "Popen", popen)
-    monkeypatch.setattr(module, "stop_on_signals", _stop_after_30s)
+    monkeypatch.setattr(module, "stop_on_signals", _stop_after(1.5))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # the flag wins over the inherited list
-    assert args.func(args) == 1  # every (recorded) worker has exited
+    assert args.func(args) == 0  # stopped by its (timed) signal, every worker still running
+    assert all(w.returncode == 0 for w in spawned)  # ... and then stopped by the supervisor
     assert [w.env["CUDA_VISIBLE_DEVICES"].split(",") for w in spawned] == slices
     for w in spawned:
         assert "--gpus" not in w.argv and w.argv[w.argv.index("--device") + 1] == "cuda"
@@ -359,10 +375,14 @@ def test_a_single_worker_narrows_its_own_devices_before_loading(monkeypatch, nam
     assert seen == ["3", "3"]
 
 
-def test_bad_gpus_flag_is_one_line(capsys):
+def test_bad_gpus_flag_is_one_line(capsys, tmp_path):
     from gkd.cli import main
 
-    argv = ["teacher", "serve", "--model", "M", "--device", "cuda", "--workers", "2", "--gpus", "1"]
+    model = tmp_path / "M"  # a stand-in folder that passes the model-folder check; nothing loads it
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    argv = ["teacher", "serve", "--model", str(model), "--device", "cuda", "--workers", "2", "--gpus", "1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert (

@@ -202,7 +202,9 @@ class Client:
                 return
             self._closed.set()
             self._inbox.put(None)
-        self._wake()
+        if self._thread.is_alive():  # a finished I/O thread has closed its wake-up pair already
+            with contextlib.suppress(OSError):
+                self._wake()
         self._thread.join(timeout_s)
         if self._own_ctx and not self._thread.is_alive():
             self._ctx.term()

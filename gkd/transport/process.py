@@ -230,8 +230,12 @@ def serve_broker(
 def dump_stacks_on_sigusr1() -> None:
     """``kill -USR1 <pid>`` writes every thread's stack to stderr (the process's log): what a stalled
     process waits for, without stopping it."""
-    if hasattr(signal, "SIGUSR1"):
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (captured, embedded)
+        pass
 
 
 def configure_logging(level: str = "INFO") -> None:
