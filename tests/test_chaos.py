@@ -153,13 +153,15 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
     out = tmp_path / "chaos"
     proc, ports = _start(tiny, out)
     start = time.monotonic()
-    timeline = []
+    timeline, originals = [], {}
     try:
         for service, which, step in plan:
             backend = ports[f"{service}_backend"]
             before = _wait(lambda b=backend: len(_workers(b)) == 2 and _workers(b), 120, f"2 {service} workers", proc)
+            originals.setdefault(service, before)  # the workers it started with, by start order
             _wait(lambda s=step: _steps_done(out) >= s, 150, f"step {step}", proc)
-            victim = before[which]
+            victim = originals[service][which]  # the second rollout kill: the other original worker
+            assert victim in before, f"{service} worker {victim} is not running any more"
             killed_at, at_step = time.monotonic(), _steps_done(out)
             os.kill(victim, signal.SIGKILL)
             replaced = _wait(

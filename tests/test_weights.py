@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from gkd import _ext
 from gkd.flatten import FlatBuffer, MetadataMismatch
-from gkd.weights import WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from gkd.weights import ChannelReform, WeightReceiver, WeightSender, WeightSyncError, init_weight_group
 
 _GROUP_TIMEOUT = timedelta(seconds=60)
 _TEST_TIMEOUT = 150.0
@@ -329,6 +329,21 @@ def test_an_idle_gap_longer_than_the_group_timeout_times_nothing_out(caplog):
     assert torch.equal(engine["w"], weights["w"]) and torch.equal(engine["b"], weights["b"])
     beats = [r for r in caplog.records if "waiting for the next version (idle" in r.getMessage()]
     assert len(beats) >= 2  # the heartbeat line while idle
+
+
+def test_a_receiver_inside_a_collective_leaves_an_abandoned_group_at_once():
+    """A gloo peer learns that the sender gave a group up only when a connection closes, and an abandoned
+    group's stay open (the sender lives on): the receiver watches the store while it waits in a collective
+    and leaves at once, not at the group timeout, so it can join the channel's next generation in time."""
+    tx, rx = _pair(_free_port(), timedelta(seconds=4))  # what the pending collective costs at exit
+    receiver = WeightReceiver(rx, {"w": torch.zeros(4)})
+    done = _in_thread(receiver.handshake)  # waits in the size broadcast, which the sender never posts
+    time.sleep(0.5)
+    start = time.monotonic()
+    WeightSender(tx, {"w": torch.zeros(4)}).abandon()
+    with pytest.raises(ChannelReform, match="abandoned the weight channel during the handshake size"):
+        done()
+    assert time.monotonic() - start < 2
 
 
 def test_gpu_path_on_cpu_tensors_casts_to_the_engine_dtype_and_the_word_sum_catches_a_flipped_byte():

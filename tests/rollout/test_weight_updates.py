@@ -127,6 +127,41 @@ def test_versions_pushed_during_a_stream_of_requests_explain_every_sample(studen
     assert not torch.allclose(_rescore(other, sample, 0.7)[0], sample.response_logprobs, atol=1e-3)
 
 
+def test_workers_that_left_the_channel_hand_back_a_waiting_request_and_take_none_until_they_rejoin(
+    student_dir,
+):
+    # The trainer abandons the group (as when a member died) while a request waits on a worker for
+    # version 1: both workers leave the channel and, until the next sync re-forms it, are not listed at the
+    # broker; the waiting request goes back to the broker's queue instead of failing, and is served on
+    # version 1 once the re-formed channel delivered it.
+    from transformers import LlamaForCausalLM
+
+    port = _free_port()
+    channels = [WeightChannel("127.0.0.1", port, r, 3, "gloo", TIMEOUT.total_seconds()) for r in (1, 2)]
+    svc = Service(student_dir, channels=channels, heartbeat=HEARTBEAT)
+    trainer = LlamaForCausalLM.from_pretrained(student_dir).eval()
+    try:
+        host = ChannelHost("127.0.0.1", port, 2, backend="gloo", timeout=TIMEOUT)
+        host.start(lambda group: WeightSender(group, trainer, bucket_bytes=64 << 10))
+        wait_for(lambda: all(w.versioned.state == "ready" for w in svc.workers), what="receivers ready")
+        client = svc.client(min_version_wait_s=25)
+        waiting = client.submit(random_prompts(2, seed=5), GREEDY, min_version=1)
+        wait_for(lambda: client.info()["in_flight"] == 1, what="a worker holds the request")
+        host.sender.abandon()
+        wait_for(lambda: all(w.versioned.state == "rejoining" for w in svc.workers), what="both rejoining")
+        wait_for(lambda: not client.info()["workers"], what="no worker listed while rejoining")
+        assert client.info()["queue"] == 1 and not waiting.done()  # handed back, not failed
+        _perturb(trainer, seed=1)
+        host.sync(1)  # a worker asks to join: the channel re-forms with both, then sends version 1
+        assert host.generation == 1 and len(host.members) == 2
+        assert [x.policy_version for x in waiting.result(30)] == [1, 1]
+        assert len(client.info()["workers"]) == 2
+        host.close()
+        wait_for(lambda: all(w.versioned.state == "closed" for w in svc.workers), what="channel closed")
+    finally:
+        svc.close()
+
+
 def test_a_failed_channel_is_reported_to_min_version_requests(student_dir):
     # nobody hosts the store: the rendezvous fails after its timeout and the worker keeps serving version 0
     channel = WeightChannel("127.0.0.1", _free_port(), 1, 2, "gloo", timeout_s=0.5)
