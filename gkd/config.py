@@ -12,6 +12,7 @@ plain dataclass instances (``Config``), so the trainer reads ``cfg.optim.lr`` wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Sequence
@@ -105,6 +106,9 @@ class RolloutConfig:
     auth_secret_file: str | None = None
     dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)  # engine precision; auto = model's compute dtype
     tensor_parallel_size: int = 1  # GPUs per rollout engine
+    # m > 0: every sample also carries the student's top-m ids per response position (from the logits it
+    # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
+    return_topk: int = 0
     gpu_memory_utilization: float = 0.9  # vLLM
     max_model_len: int | None = None  # vLLM; null = data.max_prompt_length + data.max_response_length
     max_num_batched_tokens: int | None = None  # vLLM; null = vLLM's default
@@ -172,6 +176,13 @@ class LossConfig:
     # bytes of the fused loss's [rows, vocab] logits chunk (null: 1.25 GiB on CUDA, about N/8 rows on CPU)
     chunk_bytes: int | None = None
 
+    # where the divergence is computed: teacher_topk (the teacher's top-k + bucket) | union (the teacher's
+    # top-k, the student's top-m (rollout.return_topk) and the sampled token, all scored by the teacher)
+    support: str = _choice("teacher_topk", "teacher_topk", "union")
+    # staleness correction of the top-k losses: each token's (none | token) or sequence's (sequence) loss
+    # is weighted by min(pi_current(y) / pi_behaviour(y), is_clip), from the rollout's log-probs
+    is_correction: str = _choice("none", "none", "token", "sequence")
+    is_clip: float = 2.0
 
 @dataclass
 class OptimConfig:
@@ -456,6 +467,26 @@ def validate(cfg: Config) -> None:
     _check(
         lo.chunk_bytes is None or lo.chunk_bytes > 0,
         "loss.chunk_bytes",
+    _check(
+        lo.support != "union" or r.return_topk >= 1,
+        "loss.support",
+        lo.support,
+        "union needs the student's top ids: set rollout.return_topk >= 1 (e.g. 16)",
+    )
+    _check(
+        lo.support != "union" or lo.name != "sampled_reverse_kl",
+        "loss.support",
+        lo.support,
+        "union applies to forward_kl, reverse_kl and jsd; sampled_reverse_kl uses the sampled token only",
+    )
+    _check(
+        lo.is_correction == "none" or lo.name != "sampled_reverse_kl",
+        "loss.is_correction",
+        lo.is_correction,
+        "sampled_reverse_kl has its own importance ratio; use none",
+    )
+    _check(lo.is_clip > 0 and math.isfinite(lo.is_clip), "loss.is_clip", lo.is_clip, "must be finite and > 0")
+    _check(0 <= r.return_topk <= 128, "rollout.return_topk", r.return_topk, "must lie in [0, 128] (0 = off)")
         lo.chunk_bytes,
         "must be > 0 bytes (or null for the default)",
     )

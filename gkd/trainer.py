@@ -49,7 +49,14 @@ from gkd.preflight import check_run
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.teacher.types import TeacherOutput
-from gkd.trainer_step import build_optimizer, pack_micro_batches, torch_dtype, train_step, unwrap
+from gkd.trainer_step import (
+    build_optimizer,
+    pack_micro_batches,
+    torch_dtype,
+    train_step,
+    union_request,
+    unwrap,
+)
 from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
 
 log = logging.getLogger("gkd.trainer")
@@ -481,12 +488,14 @@ def train(cfg: Config) -> int:
                 top_p=cfg.rollout.top_p,
                 stop_token_ids=(eos,) if eos is not None else (),
                 seed=cfg.trainer.seed * 1_000_003 + b * cfg.data.train_batch_size,
+                return_topk=cfg.rollout.return_topk,
             )
             return rollout.submit(loader.batch(b).prompt_ids, sampling, min_version=min_version)
 
         def score(b: int, samples):
             pairs = [(s.prompt_ids, s.response_ids) for s in samples]
-            return teacher.submit(pairs, top_k=cfg.teacher.top_k, temperature=cfg.teacher.temperature)
+            wanted = union_request(samples) if cfg.loss.support == "union" else None
+            return teacher.submit(pairs, cfg.teacher.top_k, cfg.teacher.temperature, requested_ids=wanted)
 
         def update(b: int, samples, outputs) -> dict[str, float]:
             nonlocal mid_update

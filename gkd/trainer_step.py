@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gkd.kernels import fused_linear_token_logprobs, fused_linear_topk_distill_loss, sampled_reverse_kl_loss
-from gkd.rollout.types import Sample
+from gkd.rollout.types import GREEDY_BELOW, Sample
 from gkd.teacher.types import TeacherOutput
 
 __all__ = [
@@ -36,10 +36,12 @@ __all__ = [
     "autocast_dtype",
     "torch_dtype",
     "build_optimizer",
+    "importance_weights",
     "loss_on_micro_batch",
     "lr_factor",
     "pack_micro_batches",
     "train_step",
+    "union_request",
     "unwrap",
 ]
 
@@ -139,6 +141,22 @@ def _build(idx: list[int], samples, teachers, k: int, pad_id: int) -> MicroBatch
     )
 
 
+def union_request(samples: Sequence[Sample]) -> list[torch.Tensor]:
+    """``loss.support=union``: per sample, the ids the teacher must score besides its own top-k,
+    ``[R, m + 1]`` int32: the student's top-m (``Sample.topk_ids``, ``rollout.return_topk``) and the
+    sampled token."""
+    out = []
+    for i, s in enumerate(samples):
+        if s.topk_ids is None:
+            raise ValueError(
+                f"sample {i} carries no student top ids: loss.support=union needs rollout.return_topk >= 1 "
+                "and a rollout service that returns them"
+            )
+        sampled = torch.as_tensor(s.response_ids, dtype=torch.int32).reshape(-1, 1)
+        out.append(torch.cat([s.topk_ids.to(torch.int32), sampled], dim=1))
+    return out
+
+
 def pack_micro_batches(
     samples: Sequence[Sample],
     teacher_outputs: Sequence[TeacherOutput],
@@ -223,6 +241,7 @@ def loss_on_micro_batch(
     chunk_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
     chunk_bytes: int | None = None,
+    behaviour_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of tokens) for one micro-batch already on the model's device.
 
@@ -236,6 +255,10 @@ def loss_on_micro_batch(
     in ``compute_dtype`` (the kernels cast hidden states and weight to it once; fp32 accumulation of the
     weight gradient, gradients returned in the parameters' dtype).
     ``chunk_bytes``: the fused loss's chunk memory budget (``loss.chunk_bytes``; None: its default).
+
+    ``loss_cfg.is_correction`` (``token`` | ``sequence``; top-k losses): each token's loss is weighted by
+    :func:`importance_weights` of the current student's log-prob of the sampled token at
+    ``behaviour_temperature`` (the rollout's sampling temperature) against the rollout's log-prob.
     """
     hf = unwrap(model)
     if getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):
@@ -268,11 +291,28 @@ def loss_on_micro_batch(
             logq, mb.rollout_logprobs, mb.teacher_token_logprobs, ratio_clip=ratio_clip, reduction="sum"
         )
     else:
+        weights = None
+        correction = getattr(loss_cfg, "is_correction", "none")
+        if correction != "none":
+            with torch.no_grad():  # the weights are constants of the step (truncated IS)
+                logq = fused_linear_token_logprobs(
+                    hidden.detach(),
+                    weight,
+                    mb.target_ids,
+                    lm_head_bias=bias,
+                    temperature=behaviour_temperature,
+                    chunk_size=chunk_size,
+                    **options,
+                )
+            weights = importance_weights(
+                logq, mb.rollout_logprobs, mb.response_lens, correction, loss_cfg.is_clip
+            )
         total = fused_linear_topk_distill_loss(
             hidden,
             weight,
             mb.teacher_ids,
             mb.teacher_logprobs,
+            weights,
             lm_head_bias=bias,
             loss=loss_cfg.name,
             tail=loss_cfg.tail,
@@ -285,6 +325,29 @@ def loss_on_micro_batch(
             **options,
         )
     return total, mb.num_tokens
+
+
+def importance_weights(
+    logq: torch.Tensor,  # [N] log pi_current(y), the sampled tokens under the current student
+    logmu: torch.Tensor,  # [N] log pi_behaviour(y), as the rollout returned them
+    response_lens: Sequence[int],  # tokens per sequence, in row order (sum = N)
+    mode: str,
+    clip: float,
+) -> torch.Tensor:
+    """[N] float32 loss weights ``min(ratio, clip)``: ``token`` takes each token's own ratio
+    ``pi_current(y) / pi_behaviour(y)``; ``sequence`` the product over its sequence (one weight for all its
+    tokens). Computed in log space, so long sequences do not overflow before the clip."""
+    log_ratio = logq.float() - logmu.to(logq.device).float()
+    if mode == "sequence":
+        seq = torch.repeat_interleave(
+            torch.arange(len(response_lens), device=log_ratio.device),
+            torch.as_tensor(response_lens, device=log_ratio.device),
+        )
+        sums = torch.zeros(len(response_lens), device=log_ratio.device).index_add_(0, seq, log_ratio)
+        log_ratio = sums[seq]
+    elif mode != "token":
+        raise ValueError(f"loss.is_correction={mode!r}: expected none, token or sequence")
+    return log_ratio.clamp(max=math.log(clip)).exp()
 
 
 @functools.cache
@@ -361,6 +424,7 @@ def accumulate_gradients(
     ratio_clip: float | None = None,
     compute_dtype: torch.dtype | None = None,
     chunk_bytes: int | None = None,
+    behaviour_temperature: float = 1.0,
 ) -> tuple[float, int]:
     """Backward over this rank's micro-batches; afterwards every rank holds the gradient of
     ``sum over all ranks' tokens of loss / N_global``. Returns (global loss sum, N_global).
@@ -402,6 +466,7 @@ def accumulate_gradients(
                 ratio_clip=ratio_clip,
                 compute_dtype=compute_dtype,
                 chunk_bytes=chunk_bytes,
+                behaviour_temperature=behaviour_temperature,
             )
             (total * scale).backward()
         loss_sum += total.detach().to(torch.float64)
@@ -433,6 +498,12 @@ def _seq_stats(micro_batches: Sequence[MicroBatch], group, device) -> dict[str, 
         "actor/num_sequences": int(n),
         "actor/total_tokens": int(tokens),  # prompt + response tokens (for throughput)
     }
+
+
+def _sampling_temperature(cfg) -> float:
+    """The temperature the rollout's log-probs were taken at (greedy rollouts report them at T = 1)."""
+    t = float(getattr(getattr(cfg, "rollout", None), "temperature", 1.0))
+    return t if t >= GREEDY_BELOW else 1.0
 
 
 def train_step(
@@ -467,6 +538,7 @@ def train_step(
         ratio_clip=ratio_clip,
         compute_dtype=autocast_dtype(model, cfg, device),
         chunk_bytes=getattr(cfg.loss, "chunk_bytes", None),
+        behaviour_temperature=_sampling_temperature(cfg),
     )
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf

@@ -115,16 +115,22 @@ class HFRolloutEngine:
         rows = list(range(b))  # batch row -> prompt index, shrinks as rows finish
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
+        m = min(sampling.return_topk, self.vocab_size)
+        tops: list[list[torch.Tensor]] = [[] for _ in range(b)]
         finish = ["length"] * b
         next_pos = pos[:, -1:] + 1
         for step in range(sampling.max_new_tokens):
             check_cancelled()  # the broker withdrew this request (its client gave up): stop here
             logits = out.logits[:, -1].float()  # [B', V]
             tok, lp = self._sample(logits, sampling, [gens[r] for r in rows] if gens else None)
+            # the student's top-m: softmax(logits / T) keeps the logits' order, so no rescaling needed
+            top = logits.topk(m, dim=-1).indices.to(torch.int32).cpu() if m else None  # [B', m]
             done = torch.isin(tok, stop)
             for j, r in enumerate(rows):
                 tokens[r].append(int(tok[j]))
                 logps[r].append(float(lp[j]))
+                if top is not None:
+                    tops[r].append(top[j])
                 if bool(done[j]):
                     finish[r] = "stop"
             if step + 1 == sampling.max_new_tokens:
@@ -145,10 +151,14 @@ class HFRolloutEngine:
                 use_cache=True,
             )
             next_pos = next_pos + 1
-        return [
+        samples = [
             Sample(list(p), tokens[i], torch.tensor(logps[i], dtype=torch.float32), finish[i], version)
             for i, p in enumerate(prompts)
         ]
+        if m:
+            for i, s in enumerate(samples):
+                s.topk_ids = torch.stack(tops[i])  # [R, m]
+        return samples
 
     @staticmethod
     def _sample(logits: torch.Tensor, s: SamplingConfig, gens) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ import torch
 
 #: Temperatures below this sample greedily: ``logits / T`` overflows to inf/NaN long before T reaches 0.
 GREEDY_BELOW = 1e-5
+#: Most student top ids a sample may carry per position (``SamplingConfig.return_topk``).
+MAX_RETURN_TOPK = 128
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class SamplingConfig:
     ``temperature=0`` is greedy decoding (so is any ``temperature < 1e-5``, stored as 0: ``logits / T``
     would overflow). ``top_k=0`` and ``top_p=1`` disable those filters. With ``seed`` set, prompt i
     of a request samples from its own generator seeded with ``seed + i`` (the caller passes ``seed_offset``
-    when it splits a batch), so results do not depend on how prompts were batched.
+    when it splits a batch), so results do not depend on how prompts were batched. ``return_topk=m > 0``:
+    each sample also carries, per response position, the m most likely ids under softmax(logits / T)
+    before truncation (the logits already computed to sample; the same order as the logits themselves).
     """
 
     max_new_tokens: int = 256
@@ -28,6 +32,7 @@ class SamplingConfig:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    return_topk: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -42,6 +47,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 <= self.return_topk <= MAX_RETURN_TOPK:
+            raise ValueError(f"return_topk={self.return_topk} must lie in [0, {MAX_RETURN_TOPK}] (0 = off)")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
@@ -49,7 +56,9 @@ class SamplingConfig:
 class Sample:
     """One sampled response. ``response_logprobs[j]`` is log softmax(logits / T)[response_ids[j]] of the
     policy that sampled it, over the full vocabulary, i.e. before top-k/top-p truncation (T = 1 for
-    greedy). ``policy_version`` is the single weight version that produced every token."""
+    greedy). ``policy_version`` is the single weight version that produced every token. ``topk_ids``: with
+    ``SamplingConfig.return_topk = m``, row j holds the m most likely ids at response position j under
+    that same distribution, most likely first; None otherwise."""
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -57,6 +66,7 @@ class Sample:
     finish_reason: str  # "stop" (a stop token, included in response_ids) | "length"
     policy_version: int
     extra: dict = field(default_factory=dict)
+    topk_ids: torch.Tensor | None = None  # [R, m] int32
 
 
 def check_named_tensors(

@@ -17,6 +17,10 @@ log-probs are then log softmax(logits / T) before truncation. Greedy (T = 0): sc
 path, log-probs under T = 1, as ``Sample`` documents. The scale is per engine, which is fine because one
 ``generate`` call has one ``SamplingConfig`` and the rollout worker runs one request at a time.
 
+Student top-m (``SamplingConfig.return_topk = m``): ``SamplingParams.logprobs = m``; vLLM's sampler then
+returns per generated position the sampled token first, then the top-m ids, from the same raw (scaled)
+logits it sampled from, so they are the top-m of softmax(logits / T) at no extra forward.
+
 Stops: ``ignore_eos=True``, so only ``SamplingConfig.stop_token_ids`` end a response (as in the HF engine);
 the stop token is the last of ``response_ids`` and the finish reason is ``"stop"``, else ``"length"``.
 Seeds: request i gets ``SamplingParams.seed = seed + seed_offset + i`` (vLLM samples a seeded request
@@ -226,7 +230,8 @@ class VLLMRolloutEngine:
         params = [self._params(sampling, seed_offset + i) for i in range(len(prompts))]
         requests = [self._TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         results = self.llm.generate(requests, params, use_tqdm=False)
-        return [self._sample(p, res.outputs[0], version) for p, res in zip(prompts, results, strict=True)]
+        m = min(sampling.return_topk, self.vocab_size)
+        return [self._sample(p, res.outputs[0], version, m) for p, res in zip(prompts, results, strict=True)]
 
     def _set_scale(self, factor: float) -> None:
         if factor != self._scale_factor:
@@ -250,19 +255,33 @@ class VLLMRolloutEngine:
             seed=None if greedy or s.seed is None else s.seed + index,
             stop_token_ids=list(s.stop_token_ids),
             ignore_eos=True,  # only the caller's stop tokens end a response
-            logprobs=0,  # the sampled token's log-prob only
+            logprobs=min(s.return_topk, self.vocab_size),  # the sampled token's, then the top-m
             detokenize=False,
             flat_logprobs=True,
         )
 
     @staticmethod
-    def _sample(prompt: Sequence[int], out, version: int) -> Sample:
+    def _sample(prompt: Sequence[int], out, version: int, m: int = 0) -> Sample:
+        """One vLLM completion -> ``Sample``. Flat log-probs hold ``1 + m`` entries per position: the
+        sampled token, then the top-m by rank (per-position dicts on older vLLM)."""
         ids = [int(t) for t in out.token_ids]
-        lps = out.logprobs
+        lps, width = out.logprobs, 1 + m
         flat = getattr(lps, "logprobs", None)
-        if flat is not None and len(flat) == len(ids) and list(lps.token_ids) == ids:
-            logprobs = torch.tensor(flat, dtype=torch.float32)  # flat: one entry per position
+        top = None
+        if flat is not None and len(flat) == len(ids) * width and list(lps.token_ids[::width]) == ids:
+            rows = torch.tensor(flat, dtype=torch.float32).view(len(ids), width)
+            logprobs = rows[:, 0].clone()
+            if m:
+                top = torch.tensor(lps.token_ids, dtype=torch.int32).view(len(ids), width)[:, 1:].clone()
         else:
             logprobs = torch.tensor([lps[j][t].logprob for j, t in enumerate(ids)], dtype=torch.float32)
+            if m:
+                top = torch.tensor(
+                    [
+                        [t for t, e in sorted(lps[j].items(), key=lambda kv: kv[1].rank) if e.rank <= m][:m]
+                        for j in range(len(ids))
+                    ],
+                    dtype=torch.int32,
+                ).view(len(ids), m)
         finish = "stop" if out.finish_reason == "stop" else "length"
-        return Sample(list(prompt), ids, logprobs, finish, version)
+        return Sample(list(prompt), ids, logprobs, finish, version, topk_ids=top)

@@ -2,7 +2,7 @@
 
 One op, ``generate``. Request (fields + int32 tensors, all flat)::
 
-    fields   max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed   (a SamplingConfig)
+    fields   max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed, return_topk (a SamplingConfig)
              seed_offset: int  prompt i samples with seed + seed_offset + i (the chunk's place in the batch)
              offset: int       index of the first prompt in the caller's whole batch, for error messages
              min_version: int | None   start only once the worker holds at least this policy version
@@ -18,6 +18,8 @@ Reply::
              response_logprobs  [sum R] float32   log softmax(logits / T) of each sampled token
              finish_codes       [S] uint8         index into FINISH_REASONS
              policy_versions    [S] int64
+             topk_ids           [sum R, m] int32  only when return_topk = m > 0: the m most likely ids at
+                                                  each response position under the sampling distribution
 """
 
 from __future__ import annotations
@@ -55,7 +57,15 @@ REPLY_LIMITS = Limits(
 )
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
-_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "seed")
+_SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_token_ids",
+    "seed",
+    "return_topk",
+)
 
 
 def _flat_ids(i: int, prompt: Any) -> torch.Tensor:
@@ -134,6 +144,7 @@ def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
         top_k=_int_field(header, "top_k", 0),
         stop_token_ids=tuple(stop),
         seed=_int_field(header, "seed", None),
+        return_topk=_int_field(header, "return_topk", 0),
     )
     extra = {
         "offset": _int_field(header, "offset", 0),
@@ -157,6 +168,10 @@ def pack_reply(samples: Sequence[Sample], version: int) -> tuple[dict[str, Any],
         ),
         "policy_versions": torch.tensor([s.policy_version for s in samples], dtype=torch.int64),
     }
+    tops = [s.topk_ids for s in samples]
+    if tops and all(t is not None for t in tops):
+        rows = [t.to(torch.int32).reshape(len(r), -1) for t, r in zip(tops, parts, strict=True)]
+        tensors["topk_ids"] = torch.cat(rows)
     return {"policy_version": int(version)}, tensors
 
 
@@ -181,12 +196,21 @@ def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
     if n and int(codes.max()) >= len(FINISH_REASONS):
         raise ProtocolError(f"rollout reply has an unknown finish code {int(codes.max())}")
     counts = lens.tolist()
-    return [
+    samples = [
         Sample(_as_list(p), r.tolist(), lp, FINISH_REASONS[c], v)
         for p, r, lp, c, v in zip(
             prompts, ids.split(counts), lps.split(counts), codes.tolist(), versions.tolist(), strict=True
         )
     ]
+    top = t.get("topk_ids")
+    if top is not None:
+        if top.dtype != torch.int32 or top.dim() != 2 or top.shape[0] != ids.numel():
+            raise ProtocolError(
+                f"rollout reply's topk_ids {top.dtype}{list(top.shape)} is not int32 [{ids.numel()}, m]"
+            )
+        for s, rows in zip(samples, top.split(counts), strict=True):
+            s.topk_ids = rows
+    return samples
 
 
 def _as_list(prompt: Any) -> list[int]:

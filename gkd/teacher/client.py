@@ -56,14 +56,26 @@ class TeacherClient(ServiceClient[TeacherOutput]):
         sequences: Sequence[tuple[Any, Any]],
         top_k: int | None = None,
         temperature: float | None = None,
+        requested_ids: Sequence[Any] | None = None,
     ) -> Future[list[TeacherOutput]]:
         """Score ``(prompt_ids, response_ids)`` pairs; ``None`` top_k/temperature take the service's
-        defaults (``gkd teacher serve --top-k/--temperature``)."""
+        defaults (``gkd teacher serve --top-k/--temperature``). ``requested_ids``: one ``[R, M]`` integer
+        tensor per sequence (the same M for all): rows then cover the union of the top-k and these ids
+        (``TeacherOutput.support`` says whether the engine could: see ``gkd.teacher.wire``)."""
         sizes = [item_length(p) + item_length(r) for p, r in sequences]
         chunks = plan_chunks(
             sizes, max_items=self.max_sequences_per_request, max_tokens=self.max_tokens_per_request
         )
-        parts = [pack_request([sequences[i] for i in c], top_k, temperature, c.start) for c in chunks]
+        parts = [
+            pack_request(
+                [sequences[i] for i in c],
+                top_k,
+                temperature,
+                c.start,
+                None if requested_ids is None else [requested_ids[i] for i in c],
+            )
+            for c in chunks
+        ]
         lens = [tensors["response_lens"] for _, tensors in parts]
         return self._submit_parts(OP_SCORE, parts, lambda i, msg: unpack_reply(msg, lens[i]))
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_sequences
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_requested, check_sequences, union_rows
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +30,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 
 class HFTeacherEngine:
-    """``score(sequences, top_k, temperature) -> list[TeacherOutput]`` with a transformers model."""
+    """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` with a
+    transformers model. ``requested_ids`` (one ``[R, M]`` integer tensor per sequence): each row then
+    covers the union of the top-k and those ids, gathered exactly from the same log-softmax."""
 
     def __init__(
         self,
@@ -78,23 +80,32 @@ class HFTeacherEngine:
 
     @torch.inference_mode()
     def score(
-        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int, temperature: float = 1.0
+        self,
+        sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+        top_k: int,
+        temperature: float = 1.0,
+        requested_ids: Sequence[torch.Tensor] | None = None,
     ) -> list[TeacherOutput]:
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive")
         check_sequences(
             sequences, vocab_size=self.vocab_size, max_len=self.max_len, top_k=top_k, max_top_k=self.max_top_k
         )
+        if requested_ids is not None:
+            check_requested(sequences, requested_ids, vocab_size=self.vocab_size, max_width=self.max_top_k)
         lengths = [len(p) + len(r) for p, r in sequences]
         outputs: list[TeacherOutput | None] = [None] * len(sequences)
         for batch in plan_batches(lengths, self.max_batch_tokens):
+            wanted = None if requested_ids is None else torch.cat([requested_ids[i] for i in batch])
             for i, out in zip(
-                batch, self._score_batch([sequences[i] for i in batch], top_k, temperature), strict=True
+                batch,
+                self._score_batch([sequences[i] for i in batch], top_k, temperature, wanted),
+                strict=True,
             ):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
-    def _score_batch(self, seqs, top_k: int, temperature: float) -> list[TeacherOutput]:
+    def _score_batch(self, seqs, top_k: int, temperature: float, wanted=None) -> list[TeacherOutput]:
         width = max(len(p) + len(r) for p, r in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         attn = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -116,10 +127,14 @@ class HFTeacherEngine:
         if temperature != 1.0:
             logits.div_(temperature)
         logp = torch.log_softmax(logits, dim=-1)
-        top_lp, top_ids = logp.topk(top_k, dim=-1)
+        if wanted is None:
+            top_lp, top_ids = logp.topk(top_k, dim=-1)
+        else:  # [sum R, M] requested ids, in the same row order as the selected positions
+            top_ids, top_lp = union_rows(logp, top_k, wanted)
         tok_lp = logp.gather(1, torch.cat(targets).to(self.device)[:, None])[:, 0]
         top_ids, top_lp, tok_lp = top_ids.int().cpu(), top_lp.to(self.logprob_dtype).cpu(), tok_lp.cpu()
+        support = "topk" if wanted is None else "union"
         return [
-            TeacherOutput(a, b, c)
+            TeacherOutput(a, b, c, support)
             for a, b, c in zip(top_ids.split(counts), top_lp.split(counts), tok_lp.split(counts), strict=True)
         ]

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: What a reply's rows cover: ``topk`` (the teacher's top-k, today's and the default) or ``union`` (the
+#: teacher's top-k plus the ids the request asked for, deduplicated, ``-inf`` padded to a fixed width).
+SUPPORTS = ("topk", "union")
 
 
 @dataclass
@@ -20,6 +23,9 @@ class TeacherOutput:
     topk_ids: torch.Tensor  # [R, K] int32, the teacher's top-k token ids, most likely first
     topk_logprobs: torch.Tensor  # [R, K] fp16/fp32, their log-probs at the teacher temperature
     token_logprobs: torch.Tensor  # [R] fp32, log-prob of the response token actually there
+    # "union": rows hold the top-k then the requested ids not among them (-inf slots pad the width);
+    # "topk": only the teacher's own ranking (a request's ids may be missing: see the engine)
+    support: str = "topk"
 
     @property
     def num_tokens(self) -> int:
@@ -60,3 +66,55 @@ def check_sequences(
                 raise ValueError(
                     f"sequence {i}: {part} token id {bad} is outside the vocabulary [0, {vocab_size})"
                 )
+
+
+def union_rows(
+    logp: torch.Tensor,  # [N, V] log-probs
+    top_k: int,
+    requested: torch.Tensor,  # [N, M] integer ids in [0, V)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k of each row, then the requested ids not already there (deduplicated), as
+    ``(ids [N, W] int32, logprobs [N, W])`` with ``W = min(top_k + M, V)``. Unused slots (a requested id
+    already present) hold id 0 and ``-inf``, after the used ones, so every row has the same width."""
+    n, vocab = logp.shape
+    top_lp, top_ids = logp.topk(top_k, dim=-1)  # [N, K]
+    req = requested.to(device=logp.device, dtype=torch.long)  # [N, M]
+    m = req.shape[1]
+    in_top = (req[:, :, None] == top_ids[:, None, :]).any(-1)  # [N, M]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=logp.device).tril(-1)  # [j, i]: i < j
+    repeated = ((req[:, :, None] == req[:, None, :]) & earlier).any(-1)  # [N, M]
+    keep = torch.cat([torch.ones_like(top_ids, dtype=torch.bool), ~(in_top | repeated)], dim=1)
+    ids = torch.cat([top_ids, req], dim=1).masked_fill(~keep, 0)
+    lps = torch.cat([top_lp, logp.gather(1, req)], dim=1).masked_fill(~keep, float("-inf"))
+    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # used slots first, in their order
+    width = min(top_k + m, vocab)
+    return ids.gather(1, order)[:, :width].int(), lps.gather(1, order)[:, :width]
+
+
+def check_requested(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    requested: Sequence[torch.Tensor],
+    *,
+    vocab_size: int,
+    max_width: int,
+    index_offset: int = 0,
+) -> None:
+    """Reject requested ids that do not fit their sequences: one ``[R, M]`` integer tensor per sequence
+    (R its response length, the same M >= 1 for all, at most ``max_width``), ids in ``[0, vocab_size)``."""
+    if len(requested) != len(sequences):
+        raise ValueError(f"{len(requested)} requested-id tensors for {len(sequences)} sequences")
+    widths = {int(t.shape[1]) for t in requested if t.dim() == 2}
+    for i, ((_, response), t) in enumerate(zip(sequences, requested, strict=True), start=index_offset):
+        if t.dim() != 2 or t.shape[0] != len(response) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(
+                f"sequence {i}: requested ids must be an integer tensor [R={len(response)}, M], got "
+                f"{t.dtype}{list(t.shape)}"
+            )
+        if len(widths) > 1 or not 1 <= t.shape[1] <= max_width:
+            raise ValueError(
+                f"sequence {i}: requested ids are {t.shape[1]} per position; every sequence of a request "
+                f"needs the same number, in [1, {max_width}]"
+            )
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+            raise ValueError(f"sequence {i}: requested id {bad} is outside the vocabulary [0, {vocab_size})")

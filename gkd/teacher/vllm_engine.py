@@ -17,6 +17,14 @@ vLLM model) to ``base / temperature`` before each call. That is per engine, not 
 exactly how a teacher worker uses it (one request at a time); ``score`` restores nothing because every
 call sets the scale it needs. The scale is set through ``collective_rpc`` with a function, which works with
 the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, made the default here).
+
+Requested ids (``score(..., requested_ids=[R, M] per sequence)``, the student's top-m for the union
+support): vLLM 0.32 gathers prompt log-probs in ``GPUModelRunner._get_prompt_logprobs_dict`` through
+``sampler.gather_logprobs(scores, num_prompt_logprobs, target_ids)``, whose only per-position id is the
+next prompt token, and the ``[positions, vocab]`` scores never leave that method; no public hook (logits
+processors skip prompt positions) sees them. Gathering other ids would mean replacing that private method
+in every worker. This engine instead answers with its top-(K + M) (one larger ``prompt_logprobs``, same
+forward) and ``support="topk"`` in the reply: the requested ids are covered where they rank that high.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_sequences
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_requested, check_sequences
 
 _INSTALL_HINT = (
     "the vLLM teacher engine needs vllm: `pip install vllm==0.32.0` (GPU) or, for CPU, "
@@ -55,7 +63,8 @@ def _set_logit_scale(worker, factor: float) -> float:
 
 
 class VLLMTeacherEngine:
-    """``score(sequences, top_k, temperature) -> list[TeacherOutput]`` with vLLM."""
+    """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` with vLLM
+    (requested ids: the top-(K + M) instead, ``support="topk"``; see the module docstring)."""
 
     def __init__(
         self,
@@ -77,7 +86,8 @@ class VLLMTeacherEngine:
         vllm, self._TokensPrompt = _import_vllm()
         self._SamplingParams = vllm.SamplingParams
         path = os.path.join(model, gguf_file) if gguf_file else model
-        kwargs: dict[str, Any] = {"dtype": dtype, "max_logprobs": int(max_top_k), "seed": 0}
+        # top-(K + M) for requests with M <= max_top_k requested ids (module docstring)
+        kwargs: dict[str, Any] = {"dtype": dtype, "max_logprobs": 2 * int(max_top_k), "seed": 0}
         if gguf_file:
             kwargs["tokenizer"] = model
         elif not any(
@@ -119,7 +129,11 @@ class VLLMTeacherEngine:
             self._scale_factor = factor
 
     def score(
-        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], top_k: int, temperature: float = 1.0
+        self,
+        sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+        top_k: int,
+        temperature: float = 1.0,
+        requested_ids: Sequence[torch.Tensor] | None = None,
     ) -> list[TeacherOutput]:
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive")
@@ -128,6 +142,9 @@ class VLLMTeacherEngine:
         )
         if not sequences:
             return []
+        if requested_ids is not None:  # no exact gather in vLLM: a larger top-k (module docstring)
+            check_requested(sequences, requested_ids, vocab_size=self.vocab_size, max_width=self.max_top_k)
+            top_k = min(top_k + int(requested_ids[0].shape[1]), self.vocab_size)
         self._set_temperature(float(temperature))
         params = self._sampling_params(top_k)
         prompts = [self._TokensPrompt(prompt_token_ids=[*map(int, p), *map(int, r)]) for p, r in sequences]

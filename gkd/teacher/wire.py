@@ -7,11 +7,17 @@ One op, ``score``. Request (fields + int32 tensors, all flat)::
     tensors  input_ids      [sum(P + R)] int32   each sequence's prompt then response, back to back
              prompt_lens    [S] int32
              response_lens  [S] int32
+             requested_ids  [sum R, M] int32   optional: ids to score at each response position besides
+                                               the top-k (the student's top-m and its sampled token)
 
 Reply (response positions only; row j of a sequence predicts its response token j)::
 
     fields   top_k, temperature (as applied)
-    tensors  topk_ids        [sum R, K] int32
+             support: "topk" | "union"   union: each row is the top-k then the requested ids not among
+                      them, deduplicated, padded with (id 0, -inf) to W = min(K + M, V) slots; topk: an
+                      engine that cannot gather arbitrary ids (vLLM) answers a request with ids with its
+                      top-W instead, W = K + M
+    tensors  topk_ids        [sum R, W] int32     (W = K without requested_ids)
              topk_logprobs   [sum R, K] float16 | float32 (the service's ``--logprob-dtype``)
              token_logprobs  [sum R] float32
              response_lens   [S] int32 (echoed, so the client can check the reply fits its request)
@@ -28,7 +34,7 @@ from typing import Any
 
 import torch
 
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_sequences
+from gkd.teacher.types import LOGPROB_DTYPES, SUPPORTS, TeacherOutput, check_requested, check_sequences
 from gkd.transport import Limits, Message, ProtocolError
 
 OP_SCORE = "score"
@@ -68,9 +74,14 @@ def _flat_ids(part: Any) -> torch.Tensor:
 
 
 def pack_request(
-    sequences: Sequence[tuple[Any, Any]], top_k: int | None, temperature: float | None, offset: int = 0
+    sequences: Sequence[tuple[Any, Any]],
+    top_k: int | None,
+    temperature: float | None,
+    offset: int = 0,
+    requested_ids: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(prompt_ids, response_ids)`` pairs (lists or 1-D integer tensors) -> request fields + tensors."""
+    """``(prompt_ids, response_ids)`` pairs (lists or 1-D integer tensors) -> request fields + tensors.
+    ``requested_ids``: one ``[R, M]`` integer tensor per sequence (the same M for all), or None."""
     parts: list[torch.Tensor] = []
     prompt_lens, response_lens = [], []
     for i, seq in enumerate(sequences):
@@ -91,7 +102,36 @@ def pack_request(
         "prompt_lens": torch.tensor(prompt_lens, dtype=torch.int32),
         "response_lens": torch.tensor(response_lens, dtype=torch.int32),
     }
+    if requested_ids is not None:
+        if len(requested_ids) != len(sequences):
+            raise ValueError(f"{len(requested_ids)} requested-id tensors for {len(sequences)} sequences")
+        for i, (t, r) in enumerate(zip(requested_ids, response_lens, strict=True)):
+            if t.dim() != 2 or t.shape[0] != r or t.shape[1] != requested_ids[0].shape[1]:
+                raise ValueError(
+                    f"sequence {offset + i}: requested ids {list(t.shape)} must be [R={r}, M] with the same "
+                    "M for every sequence"
+                )
+        req = torch.cat([t.long() for t in requested_ids]) if requested_ids else torch.empty(0, 1)
+        if req.numel() and (int(req.min()) < _INT32[0] or int(req.max()) > _INT32[1]):
+            raise ValueError("requested ids must fit in int32")
+        tensors["requested_ids"] = req.to(torch.int32)
     return fields, tensors
+
+
+def unpack_requested(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+    """The request's ``requested_ids`` split per sequence (``[R, M]`` views), or None when absent. Raises
+    ``ValueError`` when its shape or dtype does not fit the response lengths."""
+    req = tensors.get("requested_ids")
+    if req is None:
+        return None
+    rlens = tensors["response_lens"]
+    rows = int(rlens.long().sum())
+    if req.dtype != torch.int32 or req.dim() != 2 or req.shape[0] != rows or req.shape[1] < 1:
+        raise ValueError(
+            f"requested_ids must be an int32 tensor [{rows}, M >= 1] (one row per response token), got "
+            f"{req.dtype}{list(req.shape)}"
+        )
+    return list(req.split(rlens.tolist()))
 
 
 def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[tuple[list, list]]:
@@ -129,6 +169,7 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
         if not 0 < temperature < float("inf"):
             raise ValueError(f"temperature={temperature} must be a positive finite number")
         sequences = unpack_request(header, tensors)
+        requested = unpack_requested(tensors)
         info = engine.info()
         check_sequences(
             sequences,
@@ -138,8 +179,18 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
             max_top_k=info["max_top_k"],
             index_offset=offset,
         )
-        outputs = engine.score(sequences, top_k, float(temperature)) if sequences else []
-        k = top_k
+        extra = {}
+        if requested is not None:
+            check_requested(
+                sequences,
+                requested,
+                vocab_size=info["vocab_size"],
+                max_width=info["max_top_k"],
+                index_offset=offset,
+            )
+            extra["requested_ids"] = requested
+        outputs = engine.score(sequences, top_k, float(temperature), **extra) if sequences else []
+        k = top_k  # the width of an empty reply
         if outputs:
             topk_ids = torch.cat([o.topk_ids for o in outputs]).to(torch.int32)
             topk_lp = torch.cat([o.topk_logprobs for o in outputs]).to(out_dtype)
@@ -147,7 +198,8 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
         else:
             topk_ids, topk_lp = torch.empty(0, k, dtype=torch.int32), torch.empty(0, k, dtype=out_dtype)
             token_lp = torch.empty(0)
-        fields = {"top_k": top_k, "temperature": float(temperature)}
+        support = outputs[0].support if outputs else ("topk" if requested is None else "union")
+        fields = {"top_k": top_k, "temperature": float(temperature), "support": support}
         reply = {
             "topk_ids": topk_ids,
             "topk_logprobs": topk_lp,
@@ -176,8 +228,11 @@ def unpack_reply(msg: Message, response_lens: torch.Tensor) -> list[TeacherOutpu
         raise ProtocolError(
             f"teacher reply dtypes {ids.dtype}, {lp.dtype}, {tok.dtype} are not the contract's"
         )
+    support = msg.header.get("support", "topk")
+    if support not in SUPPORTS:
+        raise ProtocolError(f"teacher reply's support {support!r} is not one of {SUPPORTS}")
     counts = response_lens.tolist()
     return [
-        TeacherOutput(a, b, c)
+        TeacherOutput(a, b, c, support)
         for a, b, c in zip(ids.split(counts), lp.split(counts), tok.split(counts), strict=True)
     ]

@@ -17,7 +17,7 @@ def test_config_knobs_reach_vllm_through_the_launcher_and_the_cli(monkeypatch, t
     assert kwargs["dtype"] == "bfloat16"  # teacher.dtype auto on GPUs, not float32
     assert kwargs["gpu_memory_utilization"] == 0.8 and kwargs["max_num_batched_tokens"] == 8192
     assert kwargs["tensor_parallel_size"] == 1 and kwargs["enforce_eager"] is True
-    assert kwargs["max_logprobs"] == 64  # teacher.top_k
+    assert kwargs["max_logprobs"] == 128  # 2 x teacher.top_k: room for top-(K + M) with requested ids
     # prompt + response tokens, plus the one token vLLM must generate
     assert kwargs["max_model_len"] == 2048 + 1 and engine.max_len == 2048
 
