@@ -467,6 +467,9 @@ def validate(cfg: Config) -> None:
     _check(
         lo.chunk_bytes is None or lo.chunk_bytes > 0,
         "loss.chunk_bytes",
+        lo.chunk_bytes,
+        "must be > 0 bytes (or null for the default)",
+    )
     _check(
         lo.support != "union" or r.return_topk >= 1,
         "loss.support",
@@ -487,9 +490,6 @@ def validate(cfg: Config) -> None:
     )
     _check(lo.is_clip > 0 and math.isfinite(lo.is_clip), "loss.is_clip", lo.is_clip, "must be finite and > 0")
     _check(0 <= r.return_topk <= 128, "rollout.return_topk", r.return_topk, "must lie in [0, 128] (0 = off)")
-        lo.chunk_bytes,
-        "must be > 0 bytes (or null for the default)",
-    )
 
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
