@@ -102,13 +102,13 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    # m > 0: every sample also carries the student's top-m ids per response position (from the logits it
+    # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
+    return_topk: int = 0
     launch: bool = False  # start a local rollout service
     auth_secret_file: str | None = None
     dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)  # engine precision; auto = model's compute dtype
     tensor_parallel_size: int = 1  # GPUs per rollout engine
-    # m > 0: every sample also carries the student's top-m ids per response position (from the logits it
-    # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
-    return_topk: int = 0
     gpu_memory_utilization: float = 0.9  # vLLM
     max_model_len: int | None = None  # vLLM; null = data.max_prompt_length + data.max_response_length
     max_num_batched_tokens: int | None = None  # vLLM; null = vLLM's default
@@ -173,9 +173,6 @@ class LossConfig:
     tail: str = _choice("bucket", "bucket", "renorm", "none")
     beta: float = 0.5  # jsd mixture weight
     temperature: float = 1.0  # student logit temperature
-    # bytes of the fused loss's [rows, vocab] logits chunk (null: 1.25 GiB on CUDA, about N/8 rows on CPU)
-    chunk_bytes: int | None = None
-
     # where the divergence is computed: teacher_topk (the teacher's top-k + bucket) | union (the teacher's
     # top-k, the student's top-m (rollout.return_topk) and the sampled token, all scored by the teacher)
     support: str = _choice("teacher_topk", "teacher_topk", "union")
@@ -183,6 +180,9 @@ class LossConfig:
     # is weighted by min(pi_current(y) / pi_behaviour(y), is_clip), from the rollout's log-probs
     is_correction: str = _choice("none", "none", "token", "sequence")
     is_clip: float = 2.0
+    # bytes of the fused loss's [rows, vocab] logits chunk (null: 1.25 GiB on CUDA, about N/8 rows on CPU)
+    chunk_bytes: int | None = None
+
 
 @dataclass
 class OptimConfig:
