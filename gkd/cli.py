@@ -3,6 +3,7 @@ function; the work lives in those functions (``gkd.teacher.service`` for ``gkd t
 
     gkd teacher serve --model PATH [--backend hf|vllm] [--workers N] [--port 15555] [--backend-port 15556]
                       [--gpus 4,5] [--tensor-parallel-size 1] [--dtype bfloat16] [vLLM knobs]
+                      [--max-restarts 5] [--restart-window 600]
     gkd teacher join  --broker HOST:15556 --model PATH [--workers N] [--gpus 4,5]
     gkd teacher ping  HOST:15555
 """
@@ -15,6 +16,7 @@ import traceback
 from collections.abc import Sequence
 
 from gkd.placement import VLLMOptions, run_service
+from gkd.transport.process import add_restart_args
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +77,8 @@ def _teacher_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             auth_secret_file=args.auth_secret_file,
             gpus=args.gpus,
+            max_restarts=args.max_restarts,
+            restart_window_s=args.restart_window,
         ),
     )
 
@@ -108,6 +112,7 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=15555, help="client (frontend) port")
     serve.add_argument("--backend-port", type=int, default=15556, help="worker (backend) port")
+    add_restart_args(serve)
     serve.set_defaults(func=_teacher_serve)
 
     join = tsub.add_parser("join", help="add teacher workers to a running broker (e.g. from another machine)")

@@ -87,6 +87,10 @@ class TeacherConfig:
     # one is noticed by liveness instead: the broker unanswered for liveness_timeout_s fails the request
     request_timeout_s: float = 600.0
     liveness_timeout_s: float = 15.0
+    # the service restarts a worker that exits, at most max_worker_restarts times within restart_window_s
+    # (then it stops, unhealthy, with the reason); rollout.* the same for the rollout service
+    max_worker_restarts: int = 5
+    restart_window_s: float = 600.0
 
 
 @dataclass
@@ -132,8 +136,7 @@ class RolloutConfig:
     weight_heartbeat_timeout_s: float = 15.0
     # a re-form waits this long for the first worker to ask for the new generation
     weight_reform_timeout_s: float = 120.0
-    # the services restart a worker that exits, at most max_worker_restarts times within
-    # restart_window_s (then the service stops, unhealthy, with the reason); teacher workers too
+    # as teacher.max_worker_restarts / restart_window_s, for the rollout workers
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
 
@@ -422,12 +425,12 @@ def validate(cfg: Config) -> None:
         "weight_idle_timeout_s",
         "weight_heartbeat_timeout_s",
         "weight_reform_timeout_s",
-        "restart_window_s",
     ):
         _check(getattr(r, key) > 0, f"rollout.{key}", getattr(r, key), "must be > 0 (seconds)")
-    _check(r.max_worker_restarts >= 0, "rollout.max_worker_restarts", r.max_worker_restarts, "must be >= 0")
     for name, section in (("teacher", t), ("rollout", r)):
-        for key in ("request_timeout_s", "liveness_timeout_s"):
+        n = section.max_worker_restarts
+        _check(n >= 0, f"{name}.max_worker_restarts", n, "must be >= 0")
+        for key in ("request_timeout_s", "liveness_timeout_s", "restart_window_s"):
             v = getattr(section, key)
             _check(0 < v < float("inf"), f"{name}.{key}", v, "must be a positive number of seconds")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")

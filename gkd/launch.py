@@ -102,6 +102,16 @@ def _gpu_argv(pool: Sequence[str], backend: str, opts: VLLMOptions) -> list[str]
     return argv + (opts.to_argv() if backend == "vllm" else [])
 
 
+def _restart_argv(section) -> list[str]:
+    """The service's bound on worker restarts (``*.max_worker_restarts`` within ``*.restart_window_s``)."""
+    return [
+        "--max-restarts",
+        str(section.max_worker_restarts),
+        "--restart-window",
+        repr(section.restart_window_s),
+    ]
+
+
 def teacher_command(cfg: Config, pool: Sequence[str] = ()) -> list[str]:
     """``gkd teacher serve`` for the config; ``pool``: the plan's teacher GPUs (all workers, in order)."""
     t = cfg.teacher
@@ -109,7 +119,7 @@ def teacher_command(cfg: Config, pool: Sequence[str] = ()) -> list[str]:
     argv += ["--dtype", teacher_dtype(cfg)]
     argv += ["--port", str(t.server_port), "--backend-port", str(t.backend_port)]
     argv += ["--top-k", str(t.top_k), "--temperature", repr(t.temperature)]
-    argv += _gpu_argv(pool, t.backend, _vllm_options(cfg, t))
+    argv += _gpu_argv(pool, t.backend, _vllm_options(cfg, t)) + _restart_argv(t)
     return argv + (["--auth-secret-file", t.auth_secret_file] if t.auth_secret_file else [])
 
 
@@ -127,7 +137,7 @@ def rollout_command(cfg: Config, pool: Sequence[str] = ()) -> list[str]:
         repr(r.weight_idle_timeout_s),
     ]
     argv += ["--weight-staging", r.weight_staging]
-    argv += _gpu_argv(pool, r.backend, _vllm_options(cfg, r))
+    argv += _gpu_argv(pool, r.backend, _vllm_options(cfg, r)) + _restart_argv(r)
     return argv + (["--auth-secret-file", r.auth_secret_file] if r.auth_secret_file else [])
 
 

@@ -217,10 +217,18 @@ def check_service_args(args: argparse.Namespace) -> None:
         ("max_batch_tokens", 1),
         ("max_batch_size", 1),
         ("weight_rank", 1),
+        ("max_restarts", 0),
     ):
         if get(dest) is not None:
             number(get(dest), f"--{dest.replace('_', '-')}", minimum=minimum)
-    for dest in ("temperature", "timeout", "weight_timeout", "weight_idle_timeout", "max_wait"):
+    for dest in (
+        "temperature",
+        "timeout",
+        "weight_timeout",
+        "weight_idle_timeout",
+        "max_wait",
+        "restart_window",
+    ):
         if get(dest) is not None:
             number(get(dest), f"--{dest.replace('_', '-')}", minimum=0, strict=True)
     if get("weight_world_size") is not None:

@@ -54,6 +54,7 @@ from gkd.transport import Auth, Broker, HandBack, Worker
 # Process supervision is the teacher service's, shared as is (signals, orphan check, child shutdown).
 from gkd.transport.process import (
     PARENT_ENV,
+    add_restart_args,
     auth_from_file,
     configure_logging,
     run_until_stopped,
@@ -640,13 +641,7 @@ def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=15557, help="client (frontend) port (default 15557)")
     s.add_argument("--backend-port", type=int, default=15558, help="worker (backend) port (default 15558)")
-    s.add_argument(
-        "--max-restarts",
-        type=int,
-        default=5,
-        help="worker restarts allowed within --restart-window (default 5)",
-    )
-    s.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
+    add_restart_args(s)
     s.set_defaults(func=_serve)
 
     j = rsub.add_parser("join", help="add rollout workers to a running broker (e.g. from another machine)")

@@ -238,6 +238,18 @@ def dump_stacks_on_sigusr1() -> None:
         pass
 
 
+def add_restart_args(p) -> None:
+    """``--max-restarts`` / ``--restart-window`` of ``gkd teacher serve`` and ``gkd rollout serve``
+    (:func:`supervise`'s bound; ``teacher.*`` / ``rollout.max_worker_restarts``, ``restart_window_s``)."""
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="worker restarts allowed within --restart-window (default 5)",
+    )
+    p.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
+
+
 def configure_logging(level: str = "INFO") -> None:
     dump_stacks_on_sigusr1()
     logging.basicConfig(

@@ -274,3 +274,31 @@ def test_supervise_restarts_exited_workers_then_reports_unhealthy(caplog):
     assert text.count("exited (status 3); restarted as process") == 2
     assert "unhealthy: worker 0" in text and "after 2 restarts within 60 s" in text
     assert all(p.poll() is not None for _, p in spawned)  # the healthy one was stopped too
+
+
+def test_restart_bounds_reach_both_services_from_the_config(monkeypatch):
+    """teacher.* / rollout.max_worker_restarts and restart_window_s -> the launcher's ``gkd teacher serve``
+    and ``gkd rollout serve`` commands -> each service's supervisor."""
+    from gkd import cli
+    from gkd.config import load_config
+    from gkd.launch import rollout_command, teacher_command
+    from gkd.rollout import service as rollout_service
+    from gkd.teacher import service as teacher_service
+
+    keys = ["teacher.max_worker_restarts=2", "teacher.restart_window_s=30", "rollout.max_worker_restarts=7"]
+    cfg = load_config(
+        [], ["model.student_path=S", "teacher.model_path=T", "data.train_files=[x.parquet]", *keys]
+    )
+    monkeypatch.setattr("gkd.cli.run_service", lambda name, spec, serve: serve(None))
+    monkeypatch.setattr("gkd.rollout.service.run_service", lambda name, spec, serve: serve(None))
+    monkeypatch.setattr("gkd.transport.process.configure_logging", lambda level: None)
+    got = {}
+    for name, module, argv in (
+        ("teacher", teacher_service, teacher_command(cfg)),
+        ("rollout", rollout_service, rollout_command(cfg)),
+    ):
+        monkeypatch.setattr(module, "serve", lambda spec, n=name, **kw: got.setdefault(n, kw) and 0)
+        args = cli.build_parser().parse_args(argv[argv.index(name) :])
+        args.func(args)
+    assert (got["teacher"]["max_restarts"], got["teacher"]["restart_window_s"]) == (2, 30.0)
+    assert (got["rollout"]["max_restarts"], got["rollout"]["restart_window_s"]) == (7, 600.0)
