@@ -10,6 +10,7 @@ from gkd.kernels import fused_linear_topk_distill_loss
 from gkd.rollout.types import Sample
 from gkd.teacher.types import TeacherOutput
 from gkd.trainer_step import importance_weights, loss_on_micro_batch, pack_micro_batches, union_request
+from tests.rollout.test_hf_engine import _tiny
 
 
 def test_token_weights_are_clipped_ratios():
@@ -29,38 +30,22 @@ def test_sequence_weights_share_one_clipped_product():
     assert torch.isfinite(long).all() and torch.allclose(long, torch.full((4000,), 3.0))  # no overflow
 
 
-def _tiny_student():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _batch(k=5, m=3):
     g = torch.Generator().manual_seed(1)
     samples, outs = [], []
     for p, r in ((4, 6), (3, 5)):
-        resp = torch.randint(0, 97, (r,), generator=g).tolist()
+        resp = torch.randint(0, 320, (r,), generator=g).tolist()
         samples.append(
             Sample(
-                torch.randint(0, 97, (p,), generator=g).tolist(),
+                torch.randint(0, 320, (p,), generator=g).tolist(),
                 resp,
                 -torch.rand(r, generator=g) * 4,
                 "length",
                 0,
-                topk_ids=torch.randint(0, 97, (r, m), generator=g).int(),
+                topk_ids=torch.randint(0, 320, (r, m), generator=g).int(),
             )
         )
-        lp = torch.log_softmax(torch.randn(r, 97, generator=g) * 3, -1)
+        lp = torch.log_softmax(torch.randn(r, 320, generator=g) * 3, -1)
         top = lp.topk(k, -1)
         outs.append(
             TeacherOutput(top.indices.int(), top.values, lp.gather(1, torch.tensor(resp)[:, None])[:, 0])
@@ -70,7 +55,7 @@ def _batch(k=5, m=3):
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_the_loss_is_the_weighted_sum_of_per_token_losses(mode):
-    model = _tiny_student()
+    model = _tiny()
     samples, outs = _batch()
     (mb,) = pack_micro_batches(samples, outs, 4096)
     cfg = SimpleNamespace(name="reverse_kl", tail="bucket", beta=0.5, temperature=1.0)
