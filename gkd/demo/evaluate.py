@@ -2,7 +2,9 @@
 
 - on-policy: the student samples answers (the sampler and settings the rollout service uses), and the
   per-token KL(teacher || student) is measured over the full vocabulary on those answers;
-- off-policy: the same measure on the teacher's greedy answers (the same answers before and after).
+- off-policy: the same measure on the teacher's greedy answers (the same answers before and after);
+- both directions: KL(teacher || student) (forward) and KL(student || teacher) (reverse);
+- the teacher's mean log-prob of the student's greedy answers (how plausible the teacher finds them).
 
 Full-vocabulary KL is affordable here (a few thousand tokens); training itself only ever sees top-k.
 """
@@ -23,6 +25,7 @@ Pair = tuple[list[int], list[int]]  # (prompt ids, response ids)
 @dataclass
 class KLResult:
     kl: float  # mean per-token KL(teacher || student), nats
+    reverse_kl: float  # mean per-token KL(student || teacher), nats
     tokens: int  # response tokens measured
     answers: list[list[int]]  # the responses measured, one per prompt
 
@@ -59,8 +62,9 @@ def _response_logprobs(model, pairs: Sequence[Pair], pad_id: int) -> list[torch.
 
 @torch.no_grad()
 def token_kl(teacher, student, pairs: Sequence[Pair], *, pad_id: int, max_tokens: int = 4096) -> KLResult:
-    """Mean over response tokens of KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v))."""
-    total, count = 0.0, 0
+    """Mean over response tokens of KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v)), and of
+    the reverse KL(student || teacher)."""
+    total, reverse, count = 0.0, 0.0, 0
     kept = [(p, r) for p, r in pairs if r]
     for group in _batches(kept, max_tokens):
         for lt, ls in zip(
@@ -69,8 +73,21 @@ def token_kl(teacher, student, pairs: Sequence[Pair], *, pad_id: int, max_tokens
             strict=True,
         ):
             total += float((lt.exp() * (lt - ls)).sum())
+            reverse += float((ls.exp() * (ls - lt)).sum())
             count += lt.shape[0]
-    return KLResult(kl=total / max(count, 1), tokens=count, answers=[list(r) for _, r in pairs])
+    n = max(count, 1)
+    return KLResult(kl=total / n, reverse_kl=reverse / n, tokens=count, answers=[list(r) for _, r in pairs])
+
+
+@torch.no_grad()
+def teacher_logprob(teacher, pairs: Sequence[Pair], *, pad_id: int, max_tokens: int = 4096) -> float:
+    """Mean over response tokens of the teacher's log-prob of each token (nats; higher is better)."""
+    total, count = 0.0, 0
+    for group in _batches([(p, r) for p, r in pairs if r], max_tokens):
+        for lt, (_, r) in zip(_response_logprobs(teacher, group, pad_id), group, strict=True):
+            total += float(lt.gather(1, torch.tensor(r)[:, None]).sum())
+            count += len(r)
+    return total / max(count, 1)
 
 
 def generate(

@@ -25,6 +25,18 @@ def kl_table(summary: dict) -> str:
     for kind, label in names.items():
         k = summary["kl"][kind]
         t.add_row(label, f"{k['before']:.3f}", f"{k['after']:.3f}", f"{100 * k['change']:+.1f}%")
+    for kind, label in names.items():  # KL(student || teacher): what reverse KL and JSD train
+        k = summary.get("reverse_kl", {}).get(kind)
+        if k:
+            change = k["after"] / k["before"] - 1.0 if k["before"] > 0 else 0.0
+            t.add_row(
+                "reverse KL, " + label, f"{k['before']:.3f}", f"{k['after']:.3f}", f"{100 * change:+.1f}%"
+            )
+    g = summary.get("teacher_logprob_of_greedy")
+    if g:
+        t.add_row(
+            "teacher log-prob of the student's greedy answers", f"{g['before']:.3f}", f"{g['after']:.3f}", ""
+        )
     return _render(t)
 
 

@@ -44,6 +44,9 @@ class DemoSettings:
     scheduler: str = "one_step_off"
     student_layers: str = "0-9,24-29"
     loss: str = "forward_kl"
+    support: str = "teacher_topk"  # loss.support: teacher_topk | union
+    return_topk: int = 16  # the student's top-m sent to the teacher with --support union
+    is_correction: str = "none"  # loss.is_correction: none | token | sequence
     lr: float = 1e-4
     batch_size: int = 8
     max_new_tokens: int = 32
@@ -74,6 +77,7 @@ class DemoSettings:
         for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--heldout", self.heldout)):
             number(value, flag, minimum=1)
         number(self.lr, "--lr", minimum=0, strict=True)
+        number(self.return_topk, "--return-topk", minimum=1)
         try:
             parse_scheduler(self.scheduler)
         except ValueError as e:
@@ -176,6 +180,7 @@ rollout:
   workers: 1
   temperature: 1.0
   max_new_tokens: {st.max_new_tokens}
+  return_topk: {st.return_topk if st.support == "union" else 0}
   server_port: {r_port}
   backend_port: {r_back}
   weight_port: {w_port}
@@ -192,6 +197,8 @@ trainer:
 loss:
   name: {st.loss}
   tail: bucket
+  support: {st.support}
+  is_correction: {st.is_correction}
 optim:
   lr: {st.lr}
   warmup_steps: 2
@@ -255,7 +262,7 @@ def run_demo(st: DemoSettings) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gkd import launch
-    from gkd.demo.evaluate import evaluate, generate
+    from gkd.demo.evaluate import evaluate, generate, teacher_logprob
     from gkd.demo.report import answers_table, kl_table
     from gkd.timeline import draw_timeline
 
@@ -288,7 +295,8 @@ def run_demo(st: DemoSettings) -> dict:
     t = time.monotonic()
     teacher_answers = _teacher_answers(st, teacher_dir, teacher, held, gen_kw)
     before = evaluate(teacher, student0, held, teacher_answers, **eval_kw)
-    before_greedy = generate(student0, held[: st.samples_shown], temperature=0.0, seed=0, **gen_kw)
+    before_greedy = generate(student0, held, temperature=0.0, seed=0, **gen_kw)
+    before_lp = teacher_logprob(teacher, list(zip(held, before_greedy, strict=True)), pad_id=pad_id)
     del student0
     eval_s = time.monotonic() - t
     print(f"on-policy KL {before['on_policy'].kl:.3f}, off-policy KL {before['off_policy'].kl:.3f}")
@@ -305,7 +313,8 @@ def run_demo(st: DemoSettings) -> dict:
     _stage("evaluation after training")
     student1 = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float32).eval()
     after = evaluate(teacher, student1, held, teacher_answers, **eval_kw)
-    after_greedy = generate(student1, held[: st.samples_shown], temperature=0.0, seed=0, **gen_kw)
+    after_greedy = generate(student1, held, temperature=0.0, seed=0, **gen_kw)
+    after_lp = teacher_logprob(teacher, list(zip(held, after_greedy, strict=True)), pad_id=pad_id)
     draw_timeline(out / "trace.json", out / "timeline.png", title=f"gkd demo: {st.scheduler}")
 
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -329,6 +338,12 @@ def run_demo(st: DemoSettings) -> dict:
             }
             for kind in ("on_policy", "off_policy")
         },
+        "reverse_kl": {
+            kind: {"before": before[kind].reverse_kl, "after": after[kind].reverse_kl}
+            for kind in ("on_policy", "off_policy")
+        },
+        # the teacher's mean log-prob (nats/token) of the student's greedy answers to the held-out prompts
+        "teacher_logprob_of_greedy": {"before": before_lp, "after": after_lp},
         "train_steps": len(steps),
         "train_seconds": train_s,
         "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
@@ -343,7 +358,9 @@ def run_demo(st: DemoSettings) -> dict:
                 "student_after": tok.decode(a, skip_special_tokens=True),
                 "teacher": tok.decode(tt, skip_special_tokens=True),
             }
-            for q, b, a, tt in zip(held_texts, before_greedy, after_greedy, teacher_answers, strict=False)
+            for q, b, a, tt in zip(
+                held_texts[: st.samples_shown], before_greedy, after_greedy, teacher_answers, strict=False
+            )
         ],
         "files": sorted(p.name for p in out.iterdir()),
     }
@@ -387,6 +404,18 @@ def add_demo_cli(sub: argparse._SubParsersAction) -> None:
         help=f"teacher layers kept: a count, or ranges like 0-9,24-29 (default {d.student_layers})",
     )
     p.add_argument("--loss", choices=("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl"))
+    p.add_argument(
+        "--support",
+        choices=("teacher_topk", "union"),
+        help="loss.support: the teacher's top-k, or its union with the student's top-m (default: top-k)",
+    )
+    p.add_argument(
+        "--return-topk",
+        dest="return_topk",
+        type=int,
+        help=f"m, the student's top ids sent to the teacher with --support union (default {d.return_topk})",
+    )
+    p.add_argument("--is-correction", dest="is_correction", choices=("none", "token", "sequence"))
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     p.add_argument(
         "--batch-size", dest="batch_size", type=int, help=f"prompts per step (default {d.batch_size})"

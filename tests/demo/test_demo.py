@@ -107,3 +107,24 @@ def test_gkd_demo_tiny_leaves_a_complete_run_folder(tmp_path):
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing run is never clobbered
+
+
+def test_gkd_demo_tiny_runs_reverse_kl_on_the_union_support(tmp_path):
+    """The options of the support comparison reach the run: the trainer requests the student's top-m plus
+    the sampled token (it fails without them), and the summary carries both KL directions and the
+    teacher's log-prob of the student's greedy answers."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GKD_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "gkd.cli", "demo", "--tiny", "--out", str(out), "--steps", "4"]
+    cmd += ["--loss", "reverse_kl", "--support", "union", "--return-topk", "4", "--is-correction", "token"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: KL did not fall
+    config = (out / "config.yaml").read_text()
+    assert "support: union" in config and "return_topk: 4" in config and "is_correction: token" in config
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_steps"] == 4
+    rev = summary["reverse_kl"]["on_policy"]
+    assert rev["before"] > 0 and rev["after"] > 0
+    lp = summary["teacher_logprob_of_greedy"]
+    assert lp["before"] < 0 and lp["after"] < 0
+    assert "reverse KL" in proc.stdout and "greedy answers" in proc.stdout
