@@ -118,6 +118,27 @@ def test_logprobs_match_a_forward_pass(engine, models, temperature, top_k, top_p
             assert float(mass_before.max()) < top_p + 1e-4, "sampled outside the top-p nucleus"
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_student_topk_ids_are_the_top_m_of_a_forward_pass(engine, models, temperature):
+    """``return_topk = m``: row j holds the m most likely ids under softmax(logits / T) at response
+    position j (compared as sets where the reference's m-th and (m+1)-th log-probs are clearly apart)."""
+    m = 8
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, seed=4, return_topk=m)
+    checked = 0
+    for s in engine.generate(_prompts(), sampling):
+        assert s.topk_ids is not None and s.topk_ids.dtype == torch.int32
+        assert tuple(s.topk_ids.shape) == (len(s.response_ids), m)
+        _, logp = _reference_logprobs(models["A"][1], s, temperature)
+        top = logp.topk(m + 1, dim=-1)
+        for j in range(len(s.response_ids)):
+            if top.values[j, m - 1] - top.values[j, m] > 10 * ATOL:  # no tie at the boundary
+                assert set(s.topk_ids[j].tolist()) == set(top.indices[j, :m].tolist()), f"position {j}"
+                checked += 1
+    assert checked > 0
+    off = engine.generate(_prompts()[:1], SamplingConfig(max_new_tokens=4, temperature=1.0, seed=4))[0]
+    assert off.topk_ids is None
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
     prompts = _prompts()
