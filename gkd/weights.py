@@ -112,18 +112,19 @@ class WeightGroup:
         abandoned the group (:meth:`WeightSender.abandon`: a member died) it raises :class:`ChannelReform`
         at once; a gloo peer otherwise only notices at ``timeout``, since an abandoned group's
         connections to the living stay open."""
-        timeout = timeout or self.timeout
-        if self.rank != 0:
-            self._watch(work, what, timeout)
+        timeout = left = timeout or self.timeout
+        if self.rank != 0:  # what is left of the timeout once the op completed (or none is left)
+            left = timedelta(seconds=max(0.001, self._watch(work, what, timeout)))
         try:
-            work.wait(timeout)
+            work.wait(left)
         except RuntimeError as exc:
             raise WeightSyncError(
                 f"weight group rank {self.rank}: {what} failed or timed out after "
                 f"{timeout.total_seconds():.0f}s: {exc}"
             ) from exc
 
-    def _watch(self, work: dist.Work, what: str, timeout: timedelta) -> None:
+    def _watch(self, work: dist.Work, what: str, timeout: timedelta) -> float:
+        """Poll ``work`` until it completes or ``timeout`` passes; returns the seconds left."""
         deadline = time.monotonic() + timeout.total_seconds()
         pause, checked = 0.0005, time.monotonic()
         try:
@@ -134,6 +135,7 @@ class WeightGroup:
                         raise ChannelReform(f"the sender abandoned the weight channel during the {what}")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.005)
+            return deadline - time.monotonic()
         except dist.DistNetworkError as exc:
             raise WeightSyncError(
                 f"weight group rank {self.rank}: the channel's store is gone (trainer rank 0 exited?) "
