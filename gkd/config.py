@@ -106,6 +106,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    n: int = 1  # samples per prompt (distinct seeds); the trainer's batch is train_batch_size x n sequences
     # m > 0: every sample also carries the student's top-m ids per response position (from the logits it
     # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
     return_topk: int = 0
@@ -158,6 +159,12 @@ class TrainerConfig:
     # single-GPU smoke runs only: trainer, rollout and teacher may share GPUs (the weight channel then
     # uses gloo, since NCCL refuses two ranks on one GPU)
     allow_shared_gpu: bool = False
+    # validation on data.val_files every test_freq steps and after the last (0 = off; needs val_files)
+    test_freq: int = 0
+    val_before_train: bool = False  # also evaluate before the first step (fresh runs; logged as step -1)
+    # perf/mfu's denominator: peak dense TFLOP/s of ONE trainer device in the compute dtype (e.g. 989 for
+    # an H100 in bf16); null = measured once at start-up with a GEMM on the trainer's device
+    peak_tflops: float | None = None
 
     @property
     def procs_per_node(self) -> int:
@@ -209,6 +216,29 @@ class DataConfig:
     micro_batch_tokens: int = 8192  # token budget of one forward/backward micro-batch
     seed: int = 0  # shuffle seed; epoch e uses (seed, e)
     shuffle: bool = True
+    val_batch_size: int | None = None  # prompts per validation request; null = data.train_batch_size
+    val_max_samples: int | None = None  # the first N validation prompts (file order); null = all
+
+
+@dataclass
+class ValConfig:
+    """``val``: sampling of the validation answers (fixed seed: consecutive evaluations are comparable)."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # null = rollout.max_new_tokens
+    seed: int = 1234
+
+
+@dataclass
+class WandbConfig:
+    """``logging.wandb`` (``pip install 'gkd[wandb]'``): the metrics.jsonl numbers, the config once, the
+    completion tables and the timeline chart. mode offline writes OUTPUT_DIR/wandb/ with no network."""
+
+    enabled: bool = False
+    project: str = "gkd"
+    name: str | None = None  # null = W&B's generated name
+    mode: str = _choice("online", "online", "offline", "disabled")
 
 
 @dataclass
@@ -217,6 +247,11 @@ class LoggingConfig:
     tensorboard: bool = False  # OUTPUT_DIR/tensorboard (needs `pip install gkd[tensorboard]`)
     progress_bar: bool = True
     trace: bool = True  # OUTPUT_DIR/trace.json (Chrome/Perfetto)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # every N steps, the first completions_n samples of the batch to OUTPUT_DIR/completions.jsonl (and
+    # TensorBoard / W&B text tables): prompt, response, per-token KL, teacher top-1 agreement (0 = off)
+    completions_every: int = 0
+    completions_n: int = 4
 
 
 @dataclass
@@ -228,6 +263,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -468,12 +504,6 @@ def validate(cfg: Config) -> None:
     _check(0 <= lo.beta <= 1, "loss.beta", lo.beta, "must lie in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be > 0")
     _check(
-        lo.chunk_bytes is None or lo.chunk_bytes > 0,
-        "loss.chunk_bytes",
-        lo.chunk_bytes,
-        "must be > 0 bytes (or null for the default)",
-    )
-    _check(
         lo.support != "union" or r.return_topk >= 1,
         "loss.support",
         lo.support,
@@ -493,6 +523,12 @@ def validate(cfg: Config) -> None:
     )
     _check(lo.is_clip > 0 and math.isfinite(lo.is_clip), "loss.is_clip", lo.is_clip, "must be finite and > 0")
     _check(0 <= r.return_topk <= 128, "rollout.return_topk", r.return_topk, "must lie in [0, 128] (0 = off)")
+    _check(
+        lo.chunk_bytes is None or lo.chunk_bytes > 0,
+        "loss.chunk_bytes",
+        lo.chunk_bytes,
+        "must be > 0 bytes (or null for the default)",
+    )
 
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -517,3 +553,45 @@ def validate(cfg: Config) -> None:
         d.micro_batch_tokens,
         f"must hold one full sequence (>= data.max_prompt_length + data.max_response_length = {need})",
     )
+    _check_features(cfg)
+
+
+def _check_features(cfg: Config) -> None:
+    """Validation, samples per prompt, W&B, completion logs, MFU."""
+    tr, d, v, lg = cfg.trainer, cfg.data, cfg.val, cfg.logging
+    _check(cfg.rollout.n >= 1, "rollout.n", cfg.rollout.n, "must be >= 1 (samples per prompt)")
+    _check(tr.test_freq >= 0, "trainer.test_freq", tr.test_freq, "must be >= 0 (0 = no validation)")
+    _check(
+        (tr.test_freq == 0 and not tr.val_before_train) or len(d.val_files) > 0,
+        "data.val_files",
+        d.val_files,
+        "required by trainer.test_freq > 0 or trainer.val_before_train (parquet paths or globs)",
+    )
+    _check(
+        tr.test_freq > 0 or tr.val_before_train or not d.val_files,
+        "trainer.test_freq",
+        tr.test_freq,
+        "data.val_files is set but never used: set trainer.test_freq >= 1 (or drop data.val_files)",
+    )
+    for key in ("val_batch_size", "val_max_samples"):
+        n = getattr(d, key)
+        _check(n is None or n >= 1, f"data.{key}", n, "must be >= 1 (or null)")
+    _check(v.temperature >= 0, "val.temperature", v.temperature, "must be >= 0 (0 = greedy)")
+    _check(0 < v.top_p <= 1, "val.top_p", v.top_p, "must lie in (0, 1]")
+    _check(
+        v.max_new_tokens is None or 1 <= v.max_new_tokens <= d.max_response_length,
+        "val.max_new_tokens",
+        v.max_new_tokens,
+        f"must lie in [1, data.max_response_length={d.max_response_length}] (or null)",
+    )
+    _check(
+        tr.peak_tflops is None or 0 < tr.peak_tflops < float("inf"),
+        "trainer.peak_tflops",
+        tr.peak_tflops,
+        "must be a positive number of TFLOP/s (or null: measured at start-up)",
+    )
+    modes = ("online", "offline", "disabled")
+    _check(lg.wandb.mode in modes, "logging.wandb.mode", lg.wandb.mode, f"expected one of {', '.join(modes)}")
+    _check(bool(lg.wandb.project), "logging.wandb.project", lg.wandb.project, "required when W&B is on")
+    _check(lg.completions_every >= 0, "logging.completions_every", lg.completions_every, "must be >= 0")
+    _check(lg.completions_n >= 1, "logging.completions_n", lg.completions_n, "must be >= 1")

@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "PromptBatch", "PromptDataset", "PromptLoader", "expand_files", "inspect_files"]
+__all__ = [
+    "DataError",
+    "PromptBatch",
+    "PromptDataset",
+    "PromptLoader",
+    "batch_seed",
+    "expand_files",
+    "inspect_files",
+    "repeat_prompts",
+]
 
 _TOKENIZE_CHUNK = 1024  # texts per tokenizer call: fast tokenizers parallelise inside a call
 
@@ -308,3 +317,18 @@ class PromptLoader:
                 f"index {expect['index']}"
             )
         self.next_batch = batch
+
+
+def repeat_prompts(prompts: Sequence[Sequence[int]], n: int) -> list[Sequence[int]]:
+    """``rollout.n``: each prompt ``n`` times in a row (``[a, a, b, b]`` for n = 2): the batch the trainer
+    sees is prompts x n sequences. With a seeded request, copy j of prompt i is sample ``i * n + j`` and
+    gets its own seed (``SamplingConfig.seed + i * n + j``), so the copies differ."""
+    if n < 1:
+        raise ValueError(f"rollout.n={n}: must be >= 1")
+    return [p for p in prompts for _ in range(n)]
+
+
+def batch_seed(seed: int, batch: int, batch_size: int, n: int = 1) -> int:
+    """The sampling seed of training batch ``batch``: its ``batch_size * n`` samples take the seeds
+    ``base .. base + batch_size * n - 1``, disjoint from every other batch's."""
+    return seed * 1_000_003 + batch * batch_size * n

@@ -10,6 +10,9 @@ https://ui.perfetto.dev or chrome://tracing, or draw it with ``gkd timeline RUN_
     logger.close(); spans.close()
 
 Only trainer rank 0 creates these. Metric names are the ones in ``../shared/DESIGN.md`` (``METRIC_NAMES``).
+Also here: Weights & Biases (:class:`WandbRun`, ``logging.wandb``), completion rows
+(:func:`completion_rows`, ``completions.jsonl``) and the throughput figures (:func:`training_flops`,
+:func:`measure_peak_tflops` for ``perf/mfu``, :func:`service_throughput`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import sys
 import threading
 import time
@@ -30,10 +34,15 @@ __all__ = [
     "METRIC_NAMES",
     "MetricsLogger",
     "SpanRecorder",
+    "WandbRun",
+    "completion_rows",
     "cpu_memory_used_gb",
     "max_memory_allocated_gb",
+    "measure_peak_tflops",
     "metric_names",
     "pack_lanes",
+    "service_throughput",
+    "training_flops",
 ]
 
 METRIC_NAMES = (
@@ -124,15 +133,20 @@ class MetricsLogger:
         progress: bool = True,
         required: Sequence[str] = (),
         filename: str = "metrics.jsonl",
+        wandb: WandbRun | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / filename
+        self.completions_path = self.output_dir / "completions.jsonl"
         self.required = tuple(required)
-        if self.path.exists():
-            self._drop_from(start_step)
+        for path in (self.path, self.completions_path):
+            if path.exists():
+                _drop_from(path, start_step)
         # held for the run, closed in close(); line-buffered: a killed run keeps every whole line
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
+        self._completions = None  # opened by the first log_completions
+        self._wandb = wandb
         self._tb = None
         if tensorboard:
             try:
@@ -151,23 +165,11 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def _drop_from(self, start_step: int) -> None:
-        keep = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    step = json.loads(line)["step"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from a killed run
-                if step < start_step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, self.path)
-
-    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Write one step; returns the record written (``step``, ``time`` and the metrics as numbers)."""
-        missing = [n for n in self.required if n not in metrics]
+    def log(self, step: int, metrics: Mapping[str, Any], *, check: bool = True) -> dict[str, Any]:
+        """Write one step; returns the record written (``step``, ``time`` and the metrics as numbers).
+        ``check=False``: a record outside the training steps (the evaluation before training, step -1)
+        that need not hold the ``required`` metrics and does not move the progress bar."""
+        missing = [n for n in self.required if n not in metrics] if check else []
         if missing:
             raise KeyError(f"step {step}: metrics missing {', '.join(missing)}")
         record: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3)}
@@ -179,7 +181,9 @@ class MetricsLogger:
             for name, value in record.items():
                 if name not in ("step", "time"):
                     self._tb.add_scalar(name, value, global_step=step)
-        if self._bar is not None:
+        if self._wandb is not None:
+            self._wandb.log(step, record)
+        if self._bar is not None and check:
             self._bar.set_postfix_str(self._postfix(record), refresh=False)
             self._bar.update(max(0, step + 1 - self._bar.n))
         return record
@@ -197,7 +201,35 @@ class MetricsLogger:
                 parts.append(f"{label}={fmt.format(v) if math.isfinite(v) else v}")
         return " ".join(parts)
 
+    def log_completions(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Rows of :func:`completion_rows` to ``completions.jsonl`` (one line each, with ``step``), and as
+        a text table to TensorBoard (``completions``, markdown) and W&B when they are on."""
+        if not rows:
+            return
+        if self._completions is None:
+            self._completions = open(self.completions_path, "a", buffering=1)  # noqa: SIM115
+        for row in rows:
+            self._completions.write(json.dumps({"step": int(step), **row}) + "\n")
+        columns = [c for c in rows[0] if c != "kl_per_token"]  # the per-token list stays in the JSONL
+        if self._tb is not None:
+            head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            body = "".join("| " + " | ".join(_cell(r[c]) for c in columns) + " |\n" for r in rows)
+            self._tb.add_text("completions", head + body, global_step=step)
+        if self._wandb is not None:
+            self._wandb.log_table(step, "completions", columns, [[r[c] for c in columns] for r in rows])
+
+    def log_image(self, name: str, path: str | os.PathLike) -> None:
+        """An image file (the timeline chart at the end of a run) to W&B, when it is on."""
+        if self._wandb is not None and Path(path).is_file():
+            self._wandb.log_image(name, path)
+
     def close(self) -> None:
+        if self._completions is not None:
+            self._completions.close()
+            self._completions = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -212,6 +244,183 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_from(path: Path, start_step: int) -> None:
+    """Keep the lines of ``path`` with ``0 <= step < start_step`` (a fresh run, ``start_step=0``, keeps
+    none: not even a previous run's evaluation before training, step -1)."""
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a killed run
+            if start_step > 0 and step < start_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _cell(value: Any) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# ------------------------------------------------------------------------------------ Weights & Biases
+
+
+class WandbRun:
+    """One W&B run for a training run (``logging.wandb``; ``pip install 'gkd[wandb]'``): every metrics
+    record (the same numbers as ``metrics.jsonl``, at the same step), the resolved config once, the
+    completion tables and, at the end, the timeline chart. ``mode``: online | offline (files under
+    ``OUTPUT_DIR/wandb``, no network; ``wandb sync`` uploads them later) | disabled. The run id is kept in
+    ``OUTPUT_DIR/wandb_run_id``, so a resumed run continues the same W&B run."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        project: str,
+        name: str | None = None,
+        mode: str = "online",
+        config: Mapping[str, Any] | None = None,
+    ):
+        try:
+            import wandb
+        except ImportError as e:
+            raise RuntimeError(
+                "logging.wandb.enabled=true needs the wandb package: pip install 'gkd[wandb]' (or set "
+                "logging.wandb.enabled=false; metrics.jsonl is written either way)"
+            ) from e
+        self._wandb = wandb
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        id_file = out / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            mode=mode,
+            dir=str(out),
+            id=run_id,
+            resume="allow",
+            config=dict(config or {}),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log(self, step: int, record: Mapping[str, Any]) -> None:
+        data = {k: v for k, v in record.items() if k not in ("step", "time")}
+        # steps before 0 (the evaluation before training) go to W&B's step 0: its steps never go back
+        self.run.log(data, step=max(int(step), 0))
+
+    def log_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]):
+        table = self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        self.run.log({name: table}, step=max(int(step), 0))
+
+    def log_image(self, name: str, path: str | os.PathLike) -> None:
+        self.run.log({name: self._wandb.Image(str(path))})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+# ------------------------------------------------------------------------------------ completions
+
+
+def completion_rows(samples, outputs, decode, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of a batch as rows for ``completions.jsonl``: ``prompt`` and ``response``
+    (``decode(ids) -> str``), ``kl_per_token`` (per response token, ``log mu(y) - log p(y)``: the rollout
+    policy's log-prob of the sampled token minus the teacher's, the one-sample estimate of
+    KL(student || teacher) that needs no extra forward pass), ``kl_mean`` (its mean), ``top1_agreement``
+    (share of response tokens that are the teacher's most likely token) and ``policy_version``."""
+    import torch
+
+    rows = []
+    for s, o in list(zip(samples, outputs, strict=True))[:n]:
+        r = len(s.response_ids)
+        kl = (s.response_logprobs.float() - o.token_logprobs.float()).tolist() if r else []
+        if r:
+            top1 = o.topk_ids[torch.arange(r), o.topk_logprobs.float().argmax(dim=1)]
+            agree = float((top1.long() == torch.as_tensor(list(s.response_ids))).float().mean())
+        else:
+            agree = float("nan")
+        rows.append(
+            {
+                "prompt": decode(list(s.prompt_ids)),
+                "response": decode(list(s.response_ids)),
+                "kl_per_token": [round(x, 4) for x in kl],
+                "kl_mean": sum(kl) / r if r else float("nan"),
+                "top1_agreement": agree,
+                "policy_version": int(s.policy_version),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ throughput
+
+
+def training_flops(config, seq_lens: Sequence[int], response_tokens: int) -> float:
+    """Model FLOPs of one forward + backward over sequences of ``seq_lens`` tokens (prompt + response - 1
+    each) whose ``response_tokens`` positions go through the lm_head (the fused loss), for a decoder
+    ``config`` (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ``vocab_size``, attention
+    heads). Counted as 3x the forward's matmul FLOPs (backward = 2x forward), 2 FLOPs per multiply-add:
+    per token ``6 * P_layers`` (the decoder layers' projections and MLP), per sequence of length L and
+    layer ``6 * L^2 * hidden`` (causal QK^T and AV: L^2 / 2 pairs each), per response token
+    ``6 * hidden * vocab`` (lm_head). Recomputation under gradient checkpointing is not model FLOPs."""
+    h = int(config.hidden_size)
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    ffn = int(getattr(config, "intermediate_size", None) or 4 * h)
+    # q, o: h x heads*head_dim; k, v: h x kv_heads*head_dim; gated MLP: 3 matrices h x ffn
+    per_layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * ffn
+    tokens = sum(seq_lens)
+    attn = 6.0 * layers * heads * head_dim * sum(float(n) * n for n in seq_lens)
+    return 6.0 * layers * per_layer * tokens + attn + 6.0 * h * int(config.vocab_size) * response_tokens
+
+
+def measure_peak_tflops(device=None, dtype=None, *, size: int = 1024, repeats: int = 5) -> float:
+    """Dense matmul TFLOP/s of this device, measured once (``trainer.peak_tflops`` unset): the best of
+    ``repeats`` timed ``[size, size] @ [size, size]`` products in ``dtype`` (default float32) after a
+    warm-up. A measured peak, not the datasheet's: MFU against it reads higher than against the
+    vendor figure (set ``trainer.peak_tflops`` to that on GPUs)."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()  # a host sync: the product is done
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e12
+
+
+def service_throughput(samples, outputs) -> dict[str, float]:
+    """``perf/rollout_tokens_per_s`` (response tokens generated per second of the rollout workers' own
+    generation time) and ``perf/teacher_tokens_per_s`` (prompt + response tokens scored per second of the
+    teacher workers' scoring time) of one batch, from the seconds the services report with each reply
+    (``Sample.extra['service_s']``, ``TeacherOutput.service_s``: a request's time shared over its
+    sequences). Per busy worker: requests that ran in parallel add their seconds. Absent when the service
+    did not report its time."""
+    out: dict[str, float] = {}
+    gen_s = sum(float(s.extra.get("service_s", 0.0)) for s in samples)
+    if gen_s > 0:
+        out["perf/rollout_tokens_per_s"] = sum(len(s.response_ids) for s in samples) / gen_s
+    score_s = sum(float(getattr(o, "service_s", 0.0)) for o in outputs)
+    if score_s > 0:
+        scored = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        out["perf/teacher_tokens_per_s"] = scored / score_s
+    return out
 
 
 def pack_lanes(spans: Sequence[tuple[float, float]]) -> list[int]:

@@ -12,6 +12,8 @@ ranks with commands over the trainer's own group (flat tensors, never pickles):
   writes the checkpoint;
 - ``SYNC`` (FSDP2 only): every rank helps gather the weight shards rank 0 sends to the rollout engines;
 - ``EXPORT`` (FSDP2 only): the full state is gathered for the final Hugging Face folder;
+- ``EVAL`` (FSDP2 only): the validation answers are broadcast and every rank computes the loss on all of them
+  (no gradient; the sharded forward needs every rank);
 - ``STOP``: the run is over (done, or failed on rank 0).
 
 ``trainer.strategy``: ``ddp`` replicates the student on every rank; ``fsdp2`` shards it with
@@ -44,7 +46,18 @@ from gkd.checkpoint import (
     should_save,
 )
 from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
-from gkd.metrics import MetricsLogger, SpanRecorder, cpu_memory_used_gb, max_memory_allocated_gb, metric_names
+from gkd.metrics import (
+    MetricsLogger,
+    SpanRecorder,
+    WandbRun,
+    completion_rows,
+    cpu_memory_used_gb,
+    max_memory_allocated_gb,
+    measure_peak_tflops,
+    metric_names,
+    service_throughput,
+    training_flops,
+)
 from gkd.preflight import check_run
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
@@ -58,10 +71,11 @@ from gkd.trainer_step import (
     unwrap,
 )
 from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
+from gkd.validation import evaluation_due
 
 log = logging.getLogger("gkd.trainer")
 
-OP_TRAIN, OP_SAVE, OP_STOP, OP_SYNC, OP_EXPORT = 0, 1, 2, 3, 4
+OP_TRAIN, OP_SAVE, OP_STOP, OP_SYNC, OP_EXPORT, OP_EVAL = 0, 1, 2, 3, 4, 5
 STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
 
 
@@ -227,7 +241,7 @@ def open_clients(cfg: Config, *, timeout_s: float | None = None, retries: int = 
             auth=secret_auth("rollout.auth_secret_file", cfg.rollout.auth_secret_file),
             # one worker: a batch is one request (the pipelined sync gate's exactness needs it);
             # several: spread a batch over them and use the strict gate
-            max_prompts_per_request=-(-cfg.data.train_batch_size // n_rollout),
+            max_prompts_per_request=-(-cfg.data.train_batch_size * cfg.rollout.n // n_rollout),
         )
     except BaseException:
         teacher.close()
@@ -319,6 +333,20 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None
     )
 
 
+def open_wandb(cfg: Config, out: Path):
+    """The W&B run of ``logging.wandb`` (None when off), with the resolved config logged once."""
+    w = cfg.logging.wandb
+    if not w.enabled:
+        return None
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    try:
+        return WandbRun(out, project=w.project, name=w.name, mode=w.mode, config=config)
+    except RuntimeError as e:
+        raise StartupError(str(e)) from e
+
+
 def _weight_host(cfg: Config) -> str:
     """Where trainer rank 0 hosts the weight channel's store: loopback when the rollout service is local."""
     import socket
@@ -351,7 +379,7 @@ def train(cfg: Config) -> int:
     # data (rank 0 only: it alone draws batches); the step count goes to every rank for the LR schedule
     loader, total = None, 0
     if rank == 0:
-        from gkd.data import PromptDataset, PromptLoader
+        from gkd.data import PromptDataset, PromptLoader, batch_seed, repeat_prompts
 
         loader = PromptLoader.from_config(PromptDataset.from_config(cfg.data, tokenizer), cfg.data)
         total = cfg.trainer.total_steps or loader.num_batches(cfg.trainer.total_epochs)
@@ -384,6 +412,14 @@ def train(cfg: Config) -> int:
             [samples[i] for i in mine], [outputs[i] for i in mine], cfg.data.micro_batch_tokens, pad_id=pad_id
         )
         return train_step(model, optimizer, lr_scheduler, micro, cfg, device=device)
+
+    def evaluate_on(samples, outputs) -> tuple[float, int]:
+        """The loss on validation answers, no gradient: rank 0 alone on its replica (DDP, one process), or
+        every rank on all of them (FSDP2: the same micro-batches everywhere, so the gathers match)."""
+        from gkd.validation import eval_loss
+
+        micro = pack_micro_batches(samples, outputs, cfg.data.micro_batch_tokens, pad_id=pad_id)
+        return eval_loss(model if sharded else unwrap(model), micro, cfg, device)
 
     def checkpoint(done: int, sched_state: SchedulerState) -> None:
         rngs = gather_rng_states()
@@ -423,6 +459,9 @@ def train(cfg: Config) -> int:
                 helper.sync(step)
             elif op == OP_EXPORT:
                 full_state_dicts(model)
+            elif op == OP_EVAL:
+                samples, outputs = broadcast_batch(None, None, step, device)
+                evaluate_on(samples, outputs)
             else:
                 break
         dist.destroy_process_group()
@@ -478,8 +517,26 @@ def train(cfg: Config) -> int:
             tensorboard=cfg.logging.tensorboard,
             progress=cfg.logging.progress_bar,
             required=metric_names(k),
+            wandb=open_wandb(cfg, out),
         )
         cleanup.callback(logger.close)
+        validator = None
+        if cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train:
+            from gkd.validation import Validator, val_prompts
+
+            def val_loss(samples, outputs) -> tuple[float, int]:
+                if sharded and world > 1:
+                    _command(OP_EVAL, 0, device)
+                    broadcast_batch(samples, outputs, 0, device)
+                return evaluate_on(samples, outputs)
+
+            prompts = val_prompts(cfg, tokenizer)
+            validator = Validator(cfg, prompts, rollout, teacher, val_loss, eos_id=eos)
+        peak = cfg.trainer.peak_tflops or measure_peak_tflops(device, torch_dtype(compute_dtype(cfg)))
+        log.info("perf/mfu against %.3g TFLOP/s per trainer device (%s)", peak,
+                 "trainer.peak_tflops" if cfg.trainer.peak_tflops else "measured")  # fmt: skip
+        n = cfg.rollout.n
+        sent = state.version  # the newest version the rollout engines hold or will hold (validation)
 
         def generate(b: int, min_version: int):
             sampling = SamplingConfig(
@@ -487,10 +544,13 @@ def train(cfg: Config) -> int:
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
                 stop_token_ids=(eos,) if eos is not None else (),
-                seed=cfg.trainer.seed * 1_000_003 + b * cfg.data.train_batch_size,
+                seed=batch_seed(cfg.trainer.seed, b, cfg.data.train_batch_size, n),
                 return_topk=cfg.rollout.return_topk,
             )
-            return rollout.submit(loader.batch(b).prompt_ids, sampling, min_version=min_version)
+            # rollout.n: the copies of a prompt get distinct seeds (sample j of the batch: base + j)
+            return rollout.submit(
+                repeat_prompts(loader.batch(b).prompt_ids, n), sampling, min_version=min_version
+            )
 
         def score(b: int, samples):
             pairs = [(s.prompt_ids, s.response_ids) for s in samples]
@@ -503,8 +563,20 @@ def train(cfg: Config) -> int:
             if world > 1:
                 _command(OP_TRAIN, b, device)
                 broadcast_batch(samples, outputs, b, device)
+            t0 = time.perf_counter()
             metrics = train_on(samples, outputs)
+            seconds = time.perf_counter() - t0
             mid_update = False
+            lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
+            flops = training_flops(unwrap(model).config, lens, int(metrics["actor/response_tokens"]))
+            metrics["perf/model_tflops"] = flops / 1e12
+            metrics["perf/mfu"] = flops / max(seconds, 1e-9) / (peak * 1e12 * world)
+            metrics["actor/num_prompts"] = len(samples) // n
+            metrics.update(service_throughput(samples, outputs))
+            every = cfg.logging.completions_every
+            if every and (b + 1) % every == 0:
+                rows = completion_rows(samples, outputs, tokenizer.decode, cfg.logging.completions_n)
+                logger.log_completions(b, rows)
             return metrics
 
         def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
@@ -518,7 +590,8 @@ def train(cfg: Config) -> int:
             checkpoint(sched_state.next_batch, sched_state)
 
         def sync(version: int) -> dict[str, float]:
-            nonlocal mid_update
+            nonlocal mid_update, sent
+            sent = max(sent, version)
             if not (sharded and world > 1):
                 return channel.sync(version)
 
@@ -545,12 +618,18 @@ def train(cfg: Config) -> int:
             on_failure=on_failure,
             sync_gate="pipelined" if n_rollout == 1 else "strict",
         )
+        if validator is not None and cfg.trainer.val_before_train and state.next_batch == 0:
+            logger.log(-1, validator.run(min_version=0), check=False)  # the initial weights, step -1
         for step in scheduler.run(total, state):
             m = dict(step.metrics)
             m["perf/throughput_tokens_per_s"] = m.get("actor/total_tokens", 0) / max(m["timing/step"], 1e-9)
             m["perf/cpu_memory_used_gb"] = cpu_memory_used_gb()
             m["perf/max_memory_allocated_gb"] = max_memory_allocated_gb(device)
             m["data/batch"] = step.batch
+            if validator is not None and evaluation_due(step.batch + 1, cfg.trainer.test_freq, total):
+                if step.batch + 1 == total and sent < total:
+                    sync(total)  # the final evaluation answers with the final weights
+                m.update(validator.run(min_version=sent))
             logger.log(step.batch, m)
             for s in step.spans:
                 spans.add(s.name, s.start, s.end, process=s.lane, lane=s.name, batch=s.batch)
@@ -568,6 +647,12 @@ def train(cfg: Config) -> int:
             mid_update = False
         export_hf(model, tokenizer, out / "final", state=final_state)
         log.info("final student exported to %s", out / "final")
+        if cfg.logging.wandb.enabled and cfg.logging.trace:
+            from gkd.timeline import draw_timeline
+
+            spans.flush()
+            draw_timeline(out / "trace.json", out / "timeline.png")
+            logger.log_image("timeline", out / "timeline.png")
         channel.close()  # the rollout workers keep their last version
         status = 0
     finally:

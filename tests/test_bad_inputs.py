@@ -74,7 +74,7 @@ CASES: dict[str, tuple[list[str], str]] = {
         "no column 'question' (data.prompt_key); available columns: prompt",
     ),
     "train-val-missing": (
-        ["train", "--config", "{cfg}", "data.val_files={tmp}/val.parquet"],
+        ["train", "--config", "{cfg}", "data.val_files={tmp}/val.parquet", "trainer.test_freq=1"],
         "data.val_files: data file {tmp}/val.parquet not found",
     ),
     "train-output-under-file": (

@@ -161,7 +161,8 @@ def write_config(st: DemoSettings, out: Path, teacher: Path, student: Path, trai
     save_freq = max(st.steps // 2, 1)
     text = f"""\
 # gkd train --config {out / "config.yaml"}
-# Written by `gkd demo`: local teacher and rollout services on 127.0.0.1, one CPU trainer process.
+# Written by `gkd demo`: local teacher and rollout services on 127.0.0.1, one CPU trainer process;
+# validation (val/kl in metrics.jsonl) on the held-out prompts before training and every test_freq steps.
 model:
   student_path: {student}
   param_dtype: float32
@@ -194,6 +195,8 @@ trainer:
   resume: never
   output_dir: {out}
   seed: {st.seed}
+  test_freq: {max(st.steps // 4, 1)}
+  val_before_train: true
 loss:
   name: {st.loss}
   tail: bucket
@@ -205,6 +208,7 @@ optim:
   clip_grad: 1.0
 data:
   train_files: [{train_file}]
+  val_files: [{out / "data" / "heldout.parquet"}]
   prompt_key: prompt
   max_prompt_length: 128
   max_response_length: {st.max_new_tokens}
@@ -317,7 +321,8 @@ def run_demo(st: DemoSettings) -> dict:
     after_lp = teacher_logprob(teacher, list(zip(held, after_greedy, strict=True)), pad_id=pad_id)
     draw_timeline(out / "trace.json", out / "timeline.png", title=f"gkd demo: {st.scheduler}")
 
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r["step"] >= 0]  # step -1: the validation before training
     step_times = [s["timing/step"] for s in steps if "timing/step" in s]
     summary = {
         "teacher": str(teacher_dir),
@@ -349,6 +354,8 @@ def run_demo(st: DemoSettings) -> dict:
         "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
         "staleness_max": [s.get("staleness/max") for s in steps],
         "kl_loss": [s.get("actor/kl_loss") for s in steps],
+        # trainer validation on the held-out prompts: [step, val/kl] (step -1 = before training)
+        "val_kl": [[r["step"], r["val/kl"]] for r in records if "val/kl" in r],
         "eval_seconds_before": eval_s,
         "total_seconds": time.monotonic() - t0,
         "samples": [

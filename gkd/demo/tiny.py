@@ -54,22 +54,25 @@ def tiny_llama(vocab: int, *, hidden: int, layers: int, seed: int, head_scale: f
 
 
 def build(root: str | Path, *, num_prompts: int = 32) -> dict[str, str]:
-    """Write ``root/student``, ``root/teacher`` and ``root/prompts.parquet``; returns their paths."""
+    """Write ``root/student``, ``root/teacher``, ``root/prompts.parquet`` and ``root/val.parquet`` (8
+    held-out prompts of the same kind, for validation); returns their paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = Path(root)
     tok = tokenizer()
     paths = {"student": root / "student", "teacher": root / "teacher", "prompts": root / "prompts.parquet"}
+    paths["val"] = root / "val.parquet"
     student = tiny_llama(len(tok), hidden=32, layers=2, seed=1, head_scale=1.0)
     teacher = tiny_llama(len(tok), hidden=64, layers=2, seed=2, head_scale=4.0)  # sharper: a KL to learn
     for name, model in (("student", student), ("teacher", teacher)):
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     words = ["quick", "brown", "fox", "lazy", "dog", "jumps"]
-    prompts = [f"the {words[i % 6]} {words[(i * 5) % 6]} {i}" for i in range(num_prompts)]
+    prompts = [f"the {words[i % 6]} {words[(i * 5) % 6]} {i}" for i in range(num_prompts + 8)]
     root.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"prompt": prompts}), paths["prompts"])
+    pq.write_table(pa.table({"prompt": prompts[:num_prompts]}), paths["prompts"])
+    pq.write_table(pa.table({"prompt": prompts[num_prompts:]}), paths["val"])
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -314,8 +314,9 @@ def make_handler(engine: VersionedEngine, *, max_wait_s: float = 600.0):
         if extra["min_version"] is not None:
             wait_s = max_wait_s if extra["wait_s"] is None else min(max(extra["wait_s"], 0.0), max_wait_s)
             engine.wait_for(extra["min_version"], wait_s)
+        start = time.perf_counter()
         samples, version = engine.generate(prompts, sampling, seed_offset=extra["seed_offset"])
-        return pack_reply(samples, version)
+        return pack_reply(samples, version, service_s=time.perf_counter() - start)
 
     return handle
 

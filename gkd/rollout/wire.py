@@ -156,7 +156,10 @@ def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
     return prompts, sampling, extra
 
 
-def pack_reply(samples: Sequence[Sample], version: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def pack_reply(
+    samples: Sequence[Sample], version: int, service_s: float | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``service_s``: the worker's own generation seconds for this request (``perf/rollout_tokens_per_s``)."""
     parts = [torch.as_tensor(s.response_ids, dtype=torch.int32).reshape(-1) for s in samples]
     lps = [s.response_logprobs.float().reshape(-1) for s in samples]
     tensors = {
@@ -172,7 +175,10 @@ def pack_reply(samples: Sequence[Sample], version: int) -> tuple[dict[str, Any],
     if tops and all(t is not None for t in tops):
         rows = [t.to(torch.int32).reshape(len(r), -1) for t, r in zip(tops, parts, strict=True)]
         tensors["topk_ids"] = torch.cat(rows)
-    return {"policy_version": int(version)}, tensors
+    fields: dict[str, Any] = {"policy_version": int(version)}
+    if service_s is not None:
+        fields["service_s"] = float(service_s)
+    return fields, tensors
 
 
 def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
@@ -210,6 +216,10 @@ def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
             )
         for s, rows in zip(samples, top.split(counts), strict=True):
             s.topk_ids = rows
+    seconds = msg.header.get("service_s")
+    if isinstance(seconds, int | float) and seconds >= 0 and n:  # the request's time, shared per sample
+        for s in samples:
+            s.extra["service_s"] = float(seconds) / n
     return samples
 
 

@@ -26,6 +26,8 @@ class TeacherOutput:
     # "union": rows hold the top-k then the requested ids not among them (-inf slots pad the width);
     # "topk": only the teacher's own ranking (a request's ids may be missing: see the engine)
     support: str = "topk"
+    # the teacher worker's scoring seconds for the request, shared over its sequences (0: not reported)
+    service_s: float = 0.0
 
     @property
     def num_tokens(self) -> int:

@@ -29,6 +29,7 @@ index in the caller's batch; the worker keeps serving.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -189,7 +190,9 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
                 index_offset=offset,
             )
             extra["requested_ids"] = requested
+        start = time.perf_counter()
         outputs = engine.score(sequences, top_k, float(temperature), **extra) if sequences else []
+        seconds = time.perf_counter() - start
         k = top_k  # the width of an empty reply
         if outputs:
             topk_ids = torch.cat([o.topk_ids for o in outputs]).to(torch.int32)
@@ -199,7 +202,7 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
             topk_ids, topk_lp = torch.empty(0, k, dtype=torch.int32), torch.empty(0, k, dtype=out_dtype)
             token_lp = torch.empty(0)
         support = outputs[0].support if outputs else ("topk" if requested is None else "union")
-        fields = {"top_k": top_k, "temperature": float(temperature), "support": support}
+        fields = {"top_k": top_k, "temperature": float(temperature), "support": support, "service_s": seconds}
         reply = {
             "topk_ids": topk_ids,
             "topk_logprobs": topk_lp,
@@ -232,7 +235,11 @@ def unpack_reply(msg: Message, response_lens: torch.Tensor) -> list[TeacherOutpu
     if support not in SUPPORTS:
         raise ProtocolError(f"teacher reply's support {support!r} is not one of {SUPPORTS}")
     counts = response_lens.tolist()
+    seconds = msg.header.get("service_s")
+    share = (
+        float(seconds) / len(counts) if isinstance(seconds, int | float) and seconds >= 0 and counts else 0.0
+    )
     return [
-        TeacherOutput(a, b, c, support)
+        TeacherOutput(a, b, c, support, share)
         for a, b, c in zip(ids.split(counts), lp.split(counts), tok.split(counts), strict=True)
     ]
