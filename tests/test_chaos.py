@@ -157,7 +157,9 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
     try:
         for service, which, step in plan:
             backend = ports[f"{service}_backend"]
-            before = _wait(lambda b=backend: len(_workers(b)) == 2 and _workers(b), 120, f"2 {service} workers", proc)
+            before = _wait(
+                lambda b=backend: len(_workers(b)) == 2 and _workers(b), 120, f"2 {service} workers", proc
+            )
             originals.setdefault(service, before)  # the workers it started with, by start order
             _wait(lambda s=step: _steps_done(out) >= s, 150, f"step {step}", proc)
             victim = originals[service][which]  # the second rollout kill: the other original worker

@@ -111,9 +111,9 @@ def test_gkd_train_two_ranks_one_step_off_authenticated(tiny, tmp_path):
     secret.write_text(secrets.token_hex(32))
     out = tmp_path / "run"
     steps = 6
-    proc = _run(tiny, out, "trainer.scheduler=one_step_off", f"trainer.total_steps={steps}",
-                "trainer.save_freq=3", f"teacher.auth_secret_file={secret}",
-                f"rollout.auth_secret_file={secret}")  # fmt: skip
+    _run(tiny, out, "trainer.scheduler=one_step_off", f"trainer.total_steps={steps}",
+         "trainer.save_freq=3", f"teacher.auth_secret_file={secret}",
+         f"rollout.auth_secret_file={secret}")  # fmt: skip
     for service in ("teacher", "rollout"):  # both brokers verify every message (their logs say so)
         log = (out / "logs" / f"{service}.log").read_text()
         assert log.count("(auth on") == 1, log[-4000:]

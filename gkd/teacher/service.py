@@ -223,6 +223,7 @@ def join(
     slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     if workers > 1:
+
         def spawn(i: int) -> subprocess.Popen:
             return _spawn_worker(spec, broker, auth_secret_file, worker_env(slices, i))
 

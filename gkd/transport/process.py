@@ -9,6 +9,7 @@ signal (``set_parent_death_signal``) and the trainer's ranks watch their torchru
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -232,10 +233,9 @@ def dump_stacks_on_sigusr1() -> None:
     process waits for, without stopping it."""
     if not hasattr(signal, "SIGUSR1"):
         return
-    try:
+    # stderr without a file descriptor (captured, embedded): no dumps, nothing else changes
+    with contextlib.suppress(AttributeError, ValueError, OSError):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (captured, embedded)
-        pass
 
 
 def add_restart_args(p) -> None:

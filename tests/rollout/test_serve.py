@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from gkd.channel import ChannelHost
 from gkd.rollout.client import RolloutClient
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
-from gkd.channel import ChannelHost
 from gkd.weights import WeightSender
 from tests.rollout.conftest import assert_samples_equal, random_prompts
 from tests.transport.helpers import wait_for
