@@ -3,7 +3,8 @@
 Layout: ``OUTPUT_DIR/checkpoints/step_000042/`` holding
 
     model.safetensors   the student's state (tied tensors stored once)
-    optimizer.pt        optimizer.state_dict()
+      or adapter.safetensors: a LoRA student's (``model.lora``) adapter tensors only, by their peft names
+    optimizer.pt        optimizer.state_dict() (a LoRA student's optimizer holds the adapter only)
     trainer_state.pt    step, LR scheduler, RNG states (one per trainer rank), data position, scheduler state
     config.yaml         the resolved run config
     meta.json           written last: format version, step, file list
@@ -12,7 +13,8 @@ Sharded students (FSDP2, ``trainer.strategy=fsdp2``) are saved as *full* state d
 calls :func:`full_state_dicts` (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True``),
 rank 0 writes the same ``model.safetensors`` a DDP run writes and ``optimizer.pt`` keyed by parameter name
 (``optimizer_format: "fqn"`` in trainer_state.pt); :func:`load_checkpoint` reshards both on every rank, so a
-checkpoint does not depend on the number of ranks. Final export: :func:`export_hf` with the gathered state.
+checkpoint does not depend on the number of ranks. Final export: :func:`export_hf` with the gathered state
+(a LoRA student: the merged Hugging Face folder and, next to it, ``<name>_adapter``, peft's adapter folder).
 
 A checkpoint is written into ``.tmp-step_000042-<pid>`` in the same parent, every file and the directory
 fsynced, then renamed to its final name (atomic on POSIX), so a directory named ``step_*`` is always
@@ -38,6 +40,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from gkd.lora import adapter_state_dict, is_lora, merged_state_dict
 
 __all__ = [
     "FORMAT_VERSION",
@@ -82,17 +86,19 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def full_state_dicts(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, frozen: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(model, optimizer) full state dicts on CPU of a sharded model; a collective: every trainer rank calls
-    it, rank 0 gets the full dicts, the others empty ones. The optimizer's is keyed by parameter name."""
+    it, rank 0 gets the full dicts, the others empty ones. The optimizer's is keyed by parameter name.
+    ``frozen=False`` leaves out parameters that do not require grad (a LoRA checkpoint: the adapter only;
+    the frozen base is never gathered)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
     model_state = get_model_state_dict(model, options=options)
     optim_state = (
         get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
@@ -132,6 +138,38 @@ def _load_sharded_model(model: nn.Module, path: Path) -> None:
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
     except RuntimeError as e:  # missing / unexpected keys, shape mismatch
         raise CheckpointError(f"{path} does not match the model (a different student?): {e}") from e
+
+
+_ADAPTER_FILE = "adapter.safetensors"
+
+
+def _load_adapter(model: nn.Module, path: Path, sharded: bool) -> None:
+    """A LoRA checkpoint's adapter into ``model``: exactly its trainable parameters, by name; the frozen
+    base stays as loaded from ``model.student_path``."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / _ADAPTER_FILE))
+    hf = _unwrap(model)
+    want = {n: p for n, p in hf.named_parameters() if p.requires_grad}
+    if set(state) != set(want):
+        missing, unexpected = sorted(set(want) - set(state))[:5], sorted(set(state) - set(want))[:5]
+        raise CheckpointError(
+            f"{path}/{_ADAPTER_FILE} does not match the adapter: missing {missing}, unexpected "
+            f"{unexpected} (model.lora.target_modules changed?)"
+        )
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(want[name].shape):
+                raise CheckpointError(
+                    f"{path}/{_ADAPTER_FILE}: {name} has shape {tuple(tensor.shape)}, the adapter "
+                    f"{tuple(want[name].shape)} (model.lora.r changed?)"
+                )
+            want[name].copy_(tensor)
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -310,7 +348,8 @@ def save_checkpoint(
     """Write ``OUTPUT_DIR/checkpoints/step_{step:06d}`` atomically, then delete all but the newest
     ``keep_last`` complete checkpoints. Call on trainer rank 0 only (DDP replicas are identical).
     A sharded model passes ``model_state`` / ``optimizer_state`` from :func:`full_state_dicts` (gathered
-    on every rank before this call); ``model`` then only names the tied parameters.
+    on every rank before this call); ``model`` then only names the tied parameters. A LoRA student writes
+    ``adapter.safetensors`` (its trainable tensors; sharded: ``full_state_dicts(..., frozen=False)``).
 
     ``data_state`` is ``PromptLoader.state_dict_at(next batch)``; ``scheduler_state`` the staleness
     scheduler's resume state; both must hold plain values / tensors only. ``rng_states`` defaults to this
@@ -333,7 +372,12 @@ def save_checkpoint(
     }
 
     def write(tmp: Path) -> None:
-        if model_state is not None:
+        if is_lora(model):  # the adapter only: the base is model.student_path, unchanged
+            from safetensors.torch import save_file
+
+            adapter = model_state if model_state is not None else adapter_state_dict(model)
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / _ADAPTER_FILE))
+        elif model_state is not None:
             _save_state(model_state, tmp / "model.safetensors", _unwrap(model))
         else:
             save_model(_unwrap(model), str(tmp / "model.safetensors"))
@@ -396,7 +440,17 @@ def load_checkpoint(
             f"{path}: checkpoint format {meta.get('format_version')}, this gkd reads {FORMAT_VERSION}"
         )
     sharded = is_sharded(model)
-    if sharded:  # every rank reads the full tensors and keeps its shards
+    saved_lora = (path / _ADAPTER_FILE).is_file()
+    if saved_lora != is_lora(model):
+        raise CheckpointError(
+            f"{path} holds "
+            + ("a LoRA adapter (adapter.safetensors)" if saved_lora else "a full student (model.safetensors)")
+            + f" but this run's student is {'a LoRA' if is_lora(model) else 'a full'} model: resume it with "
+            f"model.lora.enabled={str(saved_lora).lower()} (and the same model.lora settings)"
+        )
+    if saved_lora:
+        _load_adapter(model, path, sharded)
+    elif sharded:  # every rank reads the full tensors and keeps its shards
         _load_sharded_model(model, path / "model.safetensors")
     else:
         missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
@@ -445,19 +499,45 @@ def _load_optimizer(model, optimizer, saved: dict, trainer_state: dict, sharded:
 
 
 def export_hf(
-    model: nn.Module, tokenizer, path: str | os.PathLike, *, state: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module,
+    tokenizer,
+    path: str | os.PathLike,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    adapter_path: str | os.PathLike | None = None,
 ) -> Path:
     """Save the student as a Hugging Face folder (safetensors weights + config + tokenizer), atomically;
     an existing folder at ``path`` is replaced only after the new one is complete. A sharded model passes
-    its full ``state`` (from :func:`full_state_dicts`, gathered on every rank)."""
+    its full ``state`` (from :func:`full_state_dicts`, gathered on every rank).
+
+    A LoRA student: ``path`` gets the base model with every adapter merged (``W + scale * B @ A``, what
+    the rollout engines ran; loads with ``AutoModelForCausalLM``), and ``adapter_path`` (default: next
+    to it, ``<name>_adapter``) peft's adapter folder (``PeftModel.from_pretrained(base, adapter_path)``)."""
     final = Path(path)
     hf = _unwrap(model)
+    if not is_lora(model):
+        return _replace_dir(final, lambda tmp: _save_hf(hf, tokenizer, tmp, state))
+    full = dict(state) if state is not None else hf.state_dict()
+    merged = merged_state_dict(hf, full)
+    adapter = {k: v for k, v in full.items() if k in {n for n, p in hf.named_parameters() if p.requires_grad}}
 
-    def write(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp), state_dict=dict(state) if state is not None else None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    def write_adapter(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp), state_dict=adapter, save_embedding_layers=False)
 
+    _replace_dir(
+        Path(adapter_path) if adapter_path else final.parent / f"{final.name}_adapter", write_adapter
+    )
+    return _replace_dir(final, lambda tmp: _save_hf(hf.get_base_model(), tokenizer, tmp, merged))
+
+
+def _save_hf(hf: nn.Module, tokenizer, tmp: Path, state: Mapping[str, torch.Tensor] | None) -> None:
+    hf.save_pretrained(str(tmp), state_dict=dict(state) if state is not None else None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+
+
+def _replace_dir(final: Path, write) -> Path:
+    """:func:`_atomic_dir`, replacing an existing ``final`` only once the new folder is complete."""
     if not final.exists():
         return _atomic_dir(final, write)
     staged = _atomic_dir(final.parent / f"{final.name}.new", write)

@@ -52,6 +52,21 @@ _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
+class LoRAConfig:
+    """``model.lora``: train a LoRA adapter through peft (``pip install 'gkd[lora]'``) instead of the whole
+    student; the rollout engines receive the merged weights, checkpoints hold the adapter + optimizer."""
+
+    enabled: bool = False
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scale = alpha / r
+    dropout: float = 0.0  # on the adapter's input (training only)
+    # Linear layers to adapt, by module name suffix; [all-linear] = every Linear but the lm_head
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class ModelConfig:
     student_path: str = ""  # required: a transformers model folder (weights + config + tokenizer)
     # master weights and AdamW state; float32 keeps small updates (lr 1e-6) from rounding away
@@ -59,6 +74,7 @@ class ModelConfig:
     # forward/backward and loss GEMMs (fp32 accumulation); auto = bfloat16 on CUDA, float32 on CPU
     compute_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
     gradient_checkpointing: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -312,8 +328,14 @@ def _valid_keys(full_key: str | None) -> str:
     parts = (full_key or "").split(".")
     sections = _sections()
     if len(parts) >= 2 and parts[0] in sections:
-        names = [f.name for f in dataclasses.fields(sections[parts[0]])]
-        return f"valid keys in '{parts[0]}': {', '.join(names)}"
+        cls, at = sections[parts[0]], parts[0]
+        for part in parts[1:-1]:  # a nested section (model.lora)
+            inner = typing.get_type_hints(cls).get(part)
+            if not dataclasses.is_dataclass(inner):
+                break
+            cls, at = inner, f"{at}.{part}"
+        names = [f.name for f in dataclasses.fields(cls)]
+        return f"valid keys in '{at}': {', '.join(names)}"
     return f"valid sections: {', '.join(sections)}"
 
 
@@ -554,6 +576,30 @@ def validate(cfg: Config) -> None:
         f"must hold one full sequence (>= data.max_prompt_length + data.max_response_length = {need})",
     )
     _check_features(cfg)
+    _check_lora(cfg.model.lora)
+
+
+def _check_lora(lora: LoRAConfig) -> None:
+    """``model.lora`` when enabled: ranges, and peft importable (one line before anything starts)."""
+    if not lora.enabled:
+        return
+    import importlib.util
+
+    _check(lora.r >= 1, "model.lora.r", lora.r, "must be >= 1 (the adapter rank)")
+    _check(0 < lora.alpha < float("inf"), "model.lora.alpha", lora.alpha, "must be finite and > 0")
+    _check(0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "must lie in [0, 1)")
+    _check(
+        len(lora.target_modules) > 0 and all(lora.target_modules),
+        "model.lora.target_modules",
+        lora.target_modules,
+        "name the Linear layers to adapt (e.g. [q_proj, v_proj], or [all-linear])",
+    )
+    _check(
+        importlib.util.find_spec("peft") is not None,
+        "model.lora.enabled",
+        lora.enabled,
+        "needs peft, which is not installed: pip install 'gkd[lora]' (peft==0.21.2)",
+    )
 
 
 def _check_features(cfg: Config) -> None:

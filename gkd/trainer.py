@@ -19,6 +19,11 @@ ranks with commands over the trainer's own group (flat tensors, never pickles):
 ``trainer.strategy``: ``ddp`` replicates the student on every rank; ``fsdp2`` shards it with
 ``torch.distributed.fsdp.fully_shard`` (each decoder layer, then the root; works with gloo on CPU too), so a
 larger student fits: parameters, gradients and AdamW state are split over the ranks.
+
+``model.lora.enabled``: the student is a peft model (``gkd.lora``) whose base is frozen; the same units are
+sharded (FSDP2 shards per parameter, so a unit may mix frozen and trainable tensors: only the trainable ones
+get gradients and reduce-scatters, and they share one dtype), the rollout engines receive merged weights
+under the base names, checkpoints hold the adapter, the export both folders.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from gkd.checkpoint import (
     should_save,
 )
 from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
+from gkd.lora import weight_source
 from gkd.metrics import (
     MetricsLogger,
     SpanRecorder,
@@ -189,6 +195,12 @@ def _load_student(cfg: Config, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(param_dtype(cfg))).to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.model.lora.enabled:  # frozen base + adapter in the base's dtype (before sharding / DDP)
+        from gkd.lora import apply_lora
+
+        with torch.random.fork_rng(devices=[]):  # one adapter init on every rank, whatever the world size
+            torch.manual_seed(cfg.trainer.seed)
+            model = apply_lora(model, cfg.model.lora)
     model.train()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -371,6 +383,7 @@ def train(cfg: Config) -> int:
     torch.manual_seed(cfg.trainer.seed + rank)
     model, tokenizer = _load_student(cfg, device)
     sharded = cfg.trainer.strategy == "fsdp2"
+    lora = cfg.model.lora.enabled
     if sharded:  # before the optimizer: it holds the shards
         model = shard_fsdp2(model, device, torch_dtype(compute_dtype(cfg)))
     out = Path(cfg.trainer.output_dir)
@@ -423,7 +436,9 @@ def train(cfg: Config) -> int:
 
     def checkpoint(done: int, sched_state: SchedulerState) -> None:
         rngs = gather_rng_states()
-        model_state, optimizer_state = full_state_dicts(model, optimizer) if sharded else (None, None)
+        model_state, optimizer_state = (
+            full_state_dicts(model, optimizer, frozen=not lora) if sharded else (None, None)
+        )
         if rank == 0:
             assert loader is not None
             path = save_checkpoint(
@@ -446,7 +461,8 @@ def train(cfg: Config) -> int:
         from gkd.weights import WeightSender
 
         # gathers shards for rank 0's syncs (the same dtype, hence the same bucket plan, as rank 0's)
-        helper = WeightSender(None, model, dtype=torch_dtype(rollout_dtype(cfg))) if sharded else None
+        dtype = torch_dtype(rollout_dtype(cfg))
+        helper = WeightSender(None, weight_source(model), dtype=dtype) if sharded else None
         while True:
             op, step = _command(0, 0, device)
             if op == OP_TRAIN:
@@ -499,7 +515,7 @@ def train(cfg: Config) -> int:
             channel.start(
                 lambda group: WeightSender(
                     group,
-                    model,
+                    weight_source(model),  # LoRA: merged weights under the base model's names
                     dtype=torch_dtype(rollout_dtype(cfg)),
                     ready_timeout=timedelta(seconds=cfg.rollout.weight_ready_timeout_s),
                 )
@@ -646,7 +662,7 @@ def train(cfg: Config) -> int:
             final_state = full_state_dicts(model)[0]
             mid_update = False
         export_hf(model, tokenizer, out / "final", state=final_state)
-        log.info("final student exported to %s", out / "final")
+        log.info("final student exported to %s%s", out / "final", " (adapter: final_adapter)" if lora else "")
         if cfg.logging.wandb.enabled and cfg.logging.trace:
             from gkd.timeline import draw_timeline
 

@@ -472,6 +472,8 @@ def accumulate_gradients(
         loss_sum += total.detach().to(torch.float64)
     if world > 1 and not wrapped:
         for p in unwrap(model).parameters():
+            if not p.requires_grad:  # frozen (a LoRA student's base)
+                continue
             if p.grad is None:  # a rank with no micro-batches still takes part in every all-reduce
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=group)

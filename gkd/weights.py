@@ -238,9 +238,12 @@ def make_process_group(
 
 
 def named_weights(source: torch.nn.Module | NamedTensors) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs to sync: a module's parameters (a DDP wrapper's ``module.`` dropped), detached."""
+    """(name, tensor) pairs to sync: a module's parameters (a DDP wrapper's ``module.`` dropped), detached,
+    or what a source object's own ``named_weights()`` lists (``gkd.lora.MergedWeights``: the base names)."""
     if isinstance(source, torch.nn.parallel.DistributedDataParallel):
         source = source.module
+    if not isinstance(source, torch.nn.Module | Mapping) and hasattr(source, "named_weights"):
+        return list(source.named_weights())
     if isinstance(source, torch.nn.Module):
         return [(n, p.detach()) for n, p in source.named_parameters()]
     return list(source.items() if isinstance(source, Mapping) else source)
@@ -340,6 +343,9 @@ class WeightSender:
     rank takes part in gathering each bucket's tensors to rank 0 (``gather``, not all-gather); every rank
     must then pass the same ``dtype`` (it decides the bucket plan).
 
+    ``source``: a module, named tensors, or an object with ``named_weights()`` (names, shapes and dtypes of
+    what is sent) and ``materialize(name, tensor)`` (the value to send, computed as its bucket is packed;
+    ``gkd.lora.MergedWeights`` merges LoRA adapters there).
     ``dtype``: the engines' dtype; floating-point weights are cast to it while packed (None: as they are).
     ``checksum``: "auto" (the device word sum for GPU buckets, CRC-32 for host buckets), "wsum" or "crc32".
     ``ready_timeout``: how long :meth:`wait_ready` waits for every receiver to be ready for a version (a
@@ -457,6 +463,8 @@ class WeightSender:
         if self.group is None and not self._sharded:
             return {"bytes": 0.0, "buckets": 0.0, "seconds": 0.0}
         tensors = dict(named_weights(self._source))
+        # a source may compute a tensor's value as it is packed (a LoRA merge: no second model copy)
+        value = getattr(self._source, "materialize", lambda name, t: t)
         g = self.group
         if g is not None:
             self.wait_ready(version)
@@ -476,10 +484,10 @@ class WeightSender:
                     exc if isinstance(exc, WeightSyncError) else WeightSyncError(f"version {version}: {exc}")
                 )
         for bucket in self.buckets:
-            full = {
-                m.name: _gather_to_root(tensors[m.name], self.dtype) if self._sharded else tensors[m.name]
-                for m in bucket.metas
-            }
+            full = {}
+            for m in bucket.metas:
+                t = value(m.name, tensors[m.name])
+                full[m.name] = _gather_to_root(t, self.dtype) if self._sharded else t
             if g is None or failure is not None:
                 if failure is not None and not self._sharded:
                     break
