@@ -7,8 +7,8 @@
 - Training: :func:`apply_lora` wraps the student with ``peft.get_peft_model`` (adapters created in the
   base weights' dtype, i.e. ``model.param_dtype``, so FSDP2's per-unit dtype rule holds); every base
   parameter is frozen, so the optimizer (``build_optimizer`` takes ``requires_grad`` parameters) holds the
-  adapter only. Only ``nn.Linear`` layers may be adapted, and none whose weight is tied to another
-  parameter (a tied lm_head would change the embedding too when merged).
+  adapter only. Only ``nn.Linear`` layers may be adapted, not the output embedding (the fused loss reads
+  its weight, never its forward) and none whose weight is tied to another parameter.
 - Rollout: the engines load the *base* student and never see peft names. :class:`MergedWeights` names
   every tensor as the base model does (``base_model.model.`` and ``.base_layer`` dropped, adapter tensors
   left out) and hands the sender ``W + (B @ A) * scale`` for adapted layers, computed per tensor as its
@@ -16,7 +16,8 @@
   engine dtype like any weight. The arithmetic is peft's ``merge`` (``get_delta_weight``), so an fp32
   engine holds ``merge_and_unload()``'s weights bit for bit, a bf16 engine their bf16 cast.
   FSDP2: ``W`` and ``B`` are row-sharded alike (dim 0 is ``out_features`` for both), so each rank merges
-  its own rows with the all-gathered ``A`` (``r x in``, small); the sender then gathers the merged rows.
+  its own rows with the all-gathered ``A`` (``r x in``, small); the sender then gathers the merged rows
+  (the whole merge up to rounding: each rank's rows are their own GEMM).
 - Checkpoints and export (``gkd.checkpoint``): the adapter (+ optimizer) only; the final export writes a
   merged Hugging Face folder and the peft adapter folder.
 
@@ -104,15 +105,24 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     tied = _tied_weights(model)
+    head = model.get_output_embeddings()
     try:
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model ..."
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}; name Linear layers of the student") from None
-    for path, layer in _adapted_layers(wrapped).items():
+    for name, layer in wrapped.named_modules():
+        if not isinstance(layer, peft.tuners.lora.LoraLayer):
+            continue
+        path = base_name(name)
         if not isinstance(layer, peft.tuners.lora.Linear) or layer.fan_in_fan_out:
             raise ConfigError(
                 f"{key}: {path} is a {type(layer.get_base_layer()).__name__}; only Linear layers can be "
                 "adapted (their merge is W + scale * B @ A)"
+            )
+        if layer.get_base_layer() is head:
+            raise ConfigError(
+                f"{key}: {path} is the output embedding, which the fused loss reads as a weight (never "
+                "through its forward), so an adapter there would not train; leave it out of the targets"
             )
         if f"{path}.weight" in tied:
             raise ConfigError(

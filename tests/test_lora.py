@@ -182,8 +182,12 @@ def test_lora_config_errors_are_one_line(monkeypatch):
     ]:
         with pytest.raises(ConfigError, match=match):
             apply_lora(tiny_llama(0), LoRAConfig(enabled=True, target_modules=targets))
-    with pytest.raises(ConfigError, match=r"lm_head.weight is tied to model.embed_tokens.weight"):
-        apply_lora(tiny_llama(0, tie=True), LoRAConfig(enabled=True, target_modules=["lm_head"]))
+    with pytest.raises(ConfigError, match=r"lm_head is the output embedding, which the fused loss reads"):
+        apply_lora(tiny_llama(0), LoRAConfig(enabled=True, target_modules=["lm_head"]))
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.up_proj.weight is tied to model.layers.1"):
+        tied = tiny_llama(0)
+        tied.model.layers[0].mlp.up_proj.weight = tied.model.layers[1].mlp.up_proj.weight
+        apply_lora(tied, LoRAConfig(enabled=True, target_modules=["up_proj"]))
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'gkd\[lora\]' \(peft==0.21.2\)"):
         require_peft()
@@ -276,6 +280,31 @@ def test_fsdp2_and_ddp_lora_agree_merge_per_shard_and_checkpoint_the_adapter():
 # ------------------------------------------------------------------------------------- gkd train
 
 
+def _reachable_pair(tiny: dict[str, str], root: Path) -> tuple[str, str]:
+    """(student, teacher) folders: the tiny student with a 4x lm_head, and a teacher that differs from it by
+    rank-2 changes of every o_proj and down_proj, which LoRA can learn exactly (the tiny teacher's edge is
+    a sharper lm_head, which a frozen head and final norm cannot follow)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for name in ("student", "teacher"):
+        model = AutoModelForCausalLM.from_pretrained(tiny["student"])
+        with torch.no_grad():
+            model.lm_head.weight.mul_(4.0)
+            for layer in model.model.layers if name == "teacher" else ():
+                for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    out_f, in_f = lin.weight.shape
+                    lin.weight += (
+                        2.0 * torch.randn(out_f, 2, generator=g) @ torch.randn(2, in_f, generator=g) / in_f
+                    )
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths[0], paths[1]
+
+
 @pytest.mark.slow
 def test_gkd_train_lora_fsdp2_run(tmp_path):
     """configs/cpu_tiny_lora.yaml over configs/cpu_tiny.yaml: 2 FSDP2 ranks, real services and weight
@@ -287,25 +316,26 @@ def test_gkd_train_lora_fsdp2_run(tmp_path):
     from tests.test_train_e2e import ENV, _argv
 
     tiny = build(tmp_path / "tiny", num_prompts=24)
+    student, teacher = _reachable_pair(tiny, tmp_path)
     out = tmp_path / "run"
-    steps = 8
-    argv = _argv(tiny, out, f"trainer.total_steps={steps}", "trainer.save_freq=4", "trainer.scheduler=sync",
-                 "optim.lr=1e-2")  # fmt: skip
+    steps = 10
+    argv = _argv(tiny, out, f"trainer.total_steps={steps}", "trainer.save_freq=5", "trainer.scheduler=sync",
+                 f"model.student_path={student}", f"teacher.model_path={teacher}")  # fmt: skip
     argv[6:6] = ["--config", "configs/cpu_tiny_lora.yaml"]  # after configs/cpu_tiny.yaml, before overrides
     proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kl = [r["actor/kl_loss"] for r in records]
     assert [r["step"] for r in records] == list(range(steps))
-    assert sum(kl[-2:]) < 0.9 * sum(kl[:2]), kl
-    for step in ("step_000004", "step_000008"):
+    assert sum(kl[-3:]) < 0.8 * sum(kl[:3]), kl
+    for step in ("step_000005", "step_000010"):
         names = sorted(p.name for p in (out / "checkpoints" / step).iterdir())
         assert "adapter.safetensors" in names and "model.safetensors" not in names, names
         assert all(".lora_" in k for k in load_file(str(out / "checkpoints" / step / "adapter.safetensors")))
     assert (out / "final_adapter" / "adapter_config.json").is_file()
     final = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
-    start = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(student).state_dict()
     assert set(final) == set(start)
-    assert not torch.equal(final["model.layers.0.self_attn.q_proj.weight"],
-                           start["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert not torch.equal(final["model.layers.0.self_attn.o_proj.weight"],
+                           start["model.layers.0.self_attn.o_proj.weight"])  # fmt: skip
     assert torch.equal(final["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
