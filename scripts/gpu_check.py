@@ -130,7 +130,7 @@ def plan(work: Path, python: str) -> list[Step]:
             "gkd train on one shared GPU, 0.5B/1.5B-shaped, k=0 and k=2",
             95,
             [*steps_py, "e2e", "--work", str(work / "e2e")],
-            needs=[STEPS_PY],
+            needs=[STEPS_PY, "scripts/gpu_check_e2e.py"],
         ),
     ]
 
