@@ -33,7 +33,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from gkd.weights import ChannelReform, WeightGroup, WeightSender, WeightSyncError, make_process_group
+from gkd.weight_wire import ChannelReform, WeightGroup, WeightSyncError, make_process_group
+from gkd.weights import WeightSender
 
 __all__ = ["ChannelHost", "ChannelMember", "ChannelReform", "member_id"]
 

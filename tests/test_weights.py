@@ -234,7 +234,7 @@ def test_fsdp2_gather_to_root():
 
 def test_metadata_round_trip_and_rejection():
     from gkd.flatten import TensorMeta, plan_buckets
-    from gkd.weights import _metadata_bytes, _parse_metadata
+    from gkd.weight_wire import _metadata_bytes, _parse_metadata
 
     metas = [TensorMeta(f"w{i}", dt, (i + 1, 3)) for i, dt in enumerate([torch.bfloat16, torch.float32] * 3)]
     buckets = plan_buckets(metas, 64, alignment=16)
@@ -249,7 +249,7 @@ def test_metadata_round_trip_and_rejection():
         _parse_metadata(lying)
     with pytest.raises(ValueError, match="dtype"):
         _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"bfloat16"', b'"object"'))
-    from gkd.weights import _parse_metadata_doc
+    from gkd.weight_wire import _parse_metadata_doc
 
     assert _parse_metadata_doc(_metadata_bytes(buckets, 16, torch.bfloat16)) == (buckets, "bfloat16")
     with pytest.raises(WeightSyncError, match="dtype 'object'"):
