@@ -74,6 +74,10 @@ def _want_ext(use_ext: bool | None, *tensors: torch.Tensor) -> bool:
         return HAS_EXT and all(t.device.type == "cpu" for t in tensors)
     if use_ext and not HAS_EXT:
         raise RuntimeError(EXT_ERROR)
+    if use_ext:
+        for t in tensors:
+            if t.device.type != "cpu":
+                raise RuntimeError(f"the extension copies CPU tensors only, got one on {t.device}")
     return use_ext
 
 
@@ -108,7 +112,10 @@ def alloc_host(nbytes: int, *, pin: bool = False, use_ext: bool | None = None) -
 def _check_args(
     tensors: Sequence[torch.Tensor], offsets: Sequence[int], buffer: torch.Tensor, what: str
 ) -> None:
-    # The same checks, in the same words, as csrc/bindings.cpp.
+    # The same checks, in the same words, as csrc/bindings.cpp; they run before every call into gkd._C, so
+    # bad arguments never reach its TORCH_CHECKs (kept there as a backstop). On the GPU proof run's machine
+    # (torch 2.11+cu130, an H100) an exception thrown by gkd._C crashed the process (SIGSEGV) instead of
+    # arriving as a RuntimeError.
     if len(tensors) != len(offsets):
         raise RuntimeError(
             f"{what} and offsets must have equal lengths, got {len(tensors)} and {len(offsets)}"
@@ -143,10 +150,10 @@ def pack(
     (``<= 0``: ``torch.get_num_threads()``) without the GIL; the fallback runs one ``torch.cat`` when the
     offsets ascend without overlap (gaps filled with zeros), else one ``copy_`` per tensor.
     """
+    _check_args(tensors, offsets, buffer, "tensors")  # here, not as a C++ exception (see _check_args)
     if _want_ext(use_ext, buffer, *tensors):
         _C.pack(list(tensors), list(offsets), buffer, num_threads)
         return
-    _check_args(tensors, offsets, buffer, "tensors")
     order = sorted(range(len(tensors)), key=lambda i: offsets[i])
     pieces, pos = [], offsets[order[0]] if order else 0
     start = pos
@@ -172,10 +179,10 @@ def unpack(
     use_ext: bool | None = None,
 ) -> None:
     """Copy bytes of ``buffer`` at byte ``offsets`` into the contiguous tensors ``dests`` (pack reversed)."""
+    _check_args(dests, offsets, buffer, "dests")
     if _want_ext(use_ext, buffer, *dests):
         _C.unpack(buffer, list(offsets), list(dests), num_threads)
         return
-    _check_args(dests, offsets, buffer, "dests")
     for t, off in zip(dests, offsets, strict=True):
         _as_bytes(t).copy_(buffer[off : off + t.nbytes])
 
@@ -194,14 +201,14 @@ def checksum(
     """
     if nbytes < 0:
         nbytes = buffer.numel() - offset
-    if _want_ext(use_ext, buffer):
-        return _C.checksum(buffer, offset, nbytes, num_threads)
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
         raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
     if offset < 0 or offset + nbytes > buffer.numel():
         raise RuntimeError(
             f"offset = {offset} with {nbytes} bytes does not fit in a buffer of {buffer.numel()} bytes"
         )
+    if _want_ext(use_ext, buffer):
+        return _C.checksum(buffer, offset, nbytes, num_threads)
     return zlib.crc32(buffer[offset : offset + nbytes].cpu().contiguous().numpy())
 
 

@@ -1,5 +1,5 @@
 """Step 8 of the GPU proof run, end to end: ``gkd train`` on one shared GPU with a random Qwen2-0.5B-shaped
-student and a 1.5B-shaped teacher, 6 steps for k=0 and k=2 (seconds/step, tokens/s, sync seconds).
+student and a 1.5B-shaped teacher, 5 steps for k=0 and k=2 (seconds/step, tokens/s, sync seconds).
 Called by ``scripts/gpu_check_steps.py e2e``; the helpers it shares live there.
 """
 
@@ -17,6 +17,9 @@ from gpu_check_steps import _sh, _tiny_qwen
 QWEN2_05B = dict(hidden=896, layers=24, intermediate=4864, heads=14, kv_heads=2)
 QWEN2_15B = dict(hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2)
 E2E_VOCAB = 151936
+STEPS = (
+    5  # per run; the first carries start-up, the median is over the rest (each run ends with a checkpoint)
+)
 
 
 def _e2e_models(work: Path) -> dict[str, str]:
@@ -71,7 +74,7 @@ def _e2e_run(paths: dict, out: Path, scheduler: str, port_base: int, timeout: fl
         "trainer.allow_shared_gpu=true",
         "trainer.strategy=ddp",
         f"trainer.scheduler={scheduler}",
-        "trainer.total_steps=6",
+        f"trainer.total_steps={STEPS}",
         "trainer.save_freq=0",
         "trainer.resume=never",
         f"trainer.output_dir={out}",
@@ -96,14 +99,31 @@ def _e2e_run(paths: dict, out: Path, scheduler: str, port_base: int, timeout: fl
         rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rows = [r for r in rows if "timing/step" in r]
     steady = rows[1:] or rows  # the first step carries start-up (and for k=2 the pipeline's fill)
-    med = lambda key: round(statistics.median(r[key] for r in steady if key in r), 4) if steady else None  # noqa: E731
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in steady if key in r]
+        return round(statistics.median(values), 4) if values else None
+
+    logs = {}
+    if rc != 0 or len(rows) < STEPS:  # what each process said last, for the report
+        for name in ("trainer", "rollout", "teacher"):
+            log = out / "logs" / f"{name}.log"
+            if log.is_file():
+                logs[name] = log.read_text(errors="replace").splitlines()[-25:]
     return {
+        "logs": logs,
         "exit_code": rc,
         "wall_s": round(wall, 1),
         "steps": len(rows),
         "s_per_step": med("timing/step"),
         "tokens_per_s": med("perf/throughput_tokens_per_s"),
         "sync_s": med("timing/sync_rollout_weights"),
+        # where a step's time goes (medians): the trainer's own update and what it waits for
+        "update_s": med("timing/update_actor"),
+        "wait_gen_s": med("timing/wait_prev_gen"),
+        "wait_teacher_s": med("timing/wait_prev_teacher"),
+        "generate_s": med("timing/generate"),
+        "teacher_s": med("timing/get_teacher_knowledge"),
         "peak_gib": med("perf/max_memory_allocated_gb"),
     }
 
@@ -125,12 +145,10 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         figs[f"k{k}"] = _e2e_run(paths, out, scheduler, 16555 + 10 * i, share)
         budget -= time.perf_counter() - t0
-    ok = all(figs[f"k{k}"]["exit_code"] == 0 and figs[f"k{k}"]["steps"] == 6 for k in (0, 2))
+    ok = all(figs[f"k{k}"]["exit_code"] == 0 and figs[f"k{k}"]["steps"] == STEPS for k in (0, 2))
     headline = "; ".join(
-        f"k={k}: {figs[f'k{k}']['steps']}/6 steps, {figs[f'k{k}']['s_per_step']} s/step, "
+        f"k={k}: {figs[f'k{k}']['steps']}/{STEPS} steps, {figs[f'k{k}']['s_per_step']} s/step, "
         f"{figs[f'k{k}']['tokens_per_s']} tok/s, sync {figs[f'k{k}']['sync_s']} s"
         for k in (0, 2)
     )
     return {**figs, "status": "PASS" if ok else "FAIL", "headline": headline}
-
-

@@ -207,7 +207,7 @@ def step_extension(args) -> dict:
     figs.update(
         locked=locked,
         cuda_registered=registered,
-        is_pinned=tensor.is_pinned(),
+        torch_is_pinned=tensor.is_pinned(),  # torch's own bookkeeping; see the verdict below
         error=error,
         public_pinned=mem.pinned,
     )
@@ -218,15 +218,19 @@ def step_extension(args) -> dict:
     for name, src in (("gkd_pinned", tensor), ("pageable", pageable), ("torch_pinned", torch_pinned)):
         figs[f"h2d_gbps_{name}"] = _gbps(n, _cuda_time(lambda s=src: dst.copy_(s, non_blocking=True)))
     figs["pinned_over_pageable"] = round(figs["h2d_gbps_gkd_pinned"] / figs["h2d_gbps_pageable"], 2)
+    # The verdict is the copy engine's: memory the driver has registered copies at pinned speed.
+    # torch 2.11's Tensor.is_pinned() says False for memory registered outside its host allocator
+    # (measured on an H100: 54.6 GB/s, the same as torch's own pin_memory), so it is recorded, not judged.
+    figs["fraction_of_torch_pinned"] = round(figs["h2d_gbps_gkd_pinned"] / figs["h2d_gbps_torch_pinned"], 3)
     ok = (
         locked
         and registered
-        and figs["is_pinned"]
         and mem.pinned
+        and figs["fraction_of_torch_pinned"] >= 0.8
         and torch.equal(dst.cpu()[:4096], torch_pinned[:4096])
     )
     headline = (
-        f"locked={locked} registered={registered} is_pinned={figs['is_pinned']}; H2D "
+        f"locked={locked} registered={registered} torch.is_pinned={figs['torch_is_pinned']}; H2D "
         f"{figs['h2d_gbps_gkd_pinned']} GB/s pinned vs {figs['h2d_gbps_pageable']} pageable "
         f"(torch pin_memory {figs['h2d_gbps_torch_pinned']})"
     )
@@ -237,15 +241,33 @@ def step_extension(args) -> dict:
 
 
 def step_tests(args) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", *args.paths]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rsf",
+        "-p",
+        "no:cacheprovider",
+        "--durations=10",
+        *args.paths,
+    ]
     try:
         import xdist  # noqa: F401
 
         cmd[4:4] = ["-n", "4"]  # Triton compiles on the CPU: four workers share the GPU
     except ImportError:
         pass
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace")
-    print(out.stdout[-20000:], out.stderr[-4000:], flush=True)
+    # Lines go to the log as they come, so a step killed at its timeout still shows how far it got.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    kept: list[str] = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        kept.append(line.rstrip("\n"))
+    proc.wait()
+    out = subprocess.CompletedProcess(cmd, proc.returncode, "\n".join(kept), "")
     lines = out.stdout.strip().splitlines()
     summary = lines[-1] if lines else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed)", summary)}

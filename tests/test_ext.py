@@ -105,6 +105,34 @@ def test_errors_name_the_argument(use_ext):
 
 
 @needs_ext
+def test_the_native_checks_raise_instead_of_crashing():
+    # gkd/_ext.py checks arguments before calling gkd._C; these calls skip that and reach its TORCH_CHECKs.
+    # A child process: an exception that crashes the interpreter (seen once on a CUDA torch) fails this
+    # test with the signal instead of taking the test run down.
+    code = textwrap.dedent(
+        """
+        import torch
+        from gkd import _ext
+        buf = torch.zeros(64, dtype=torch.uint8)
+        for call in (
+            lambda: _ext._C.pack([torch.ones(4, 4).t()], [0], buf, 1),
+            lambda: _ext._C.unpack(buf, [60], [torch.ones(2)], 1),
+            lambda: _ext._C.checksum(buf, 60, 8, 1),
+        ):
+            try:
+                call()
+            except RuntimeError as e:
+                print("raised:", str(e).splitlines()[0])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and "tensors[0] must be contiguous" in lines[0], lines
+    assert "offsets[0] = 60 with 8 bytes does not fit" in lines[1] and "offset = 60" in lines[2], lines
+
+
+@needs_ext
 @pytest.mark.parametrize("nbytes", [0, 1, 5000, 3 * 4096])
 def test_alloc_host_is_page_aligned_and_zeroed(nbytes):
     mem = _ext.alloc_host(nbytes, pin=True, use_ext=True)
