@@ -22,6 +22,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from gkd.dtypes import DTYPE_NAMES as _DTYPE_NAMES
+
 __all__ = [
     "SCHEDULERS",
     "Config",
@@ -46,9 +48,6 @@ def _choice(default: str, *choices: str) -> Any:
     """A string field restricted to ``choices`` (checked by :func:`validate`)."""
     assert default in choices, (default, choices)
     return field(default=default, metadata={"choices": choices})
-
-
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gkd.dtypes import torch_dtype
 from gkd.kernels import fused_linear_token_logprobs, fused_linear_topk_distill_loss, sampled_reverse_kl_loss
 from gkd.rollout.types import GREEDY_BELOW, Sample
 from gkd.teacher.types import TeacherOutput
@@ -363,13 +364,6 @@ def _loss_options(fn, compute_dtype: torch.dtype | None, chunk_bytes: int | None
 
 
 # ----------------------------------------------------------------------------------------- the step
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16`` (the config's dtype names)."""
-    return _TORCH_DTYPES[name]
 
 
 def autocast_dtype(model: nn.Module, cfg, device: torch.device | str | None = None) -> torch.dtype | None:

