@@ -73,24 +73,14 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from gkd.config import SCHEDULERS, parse_scheduler
+
 __all__ = ["STALENESS_NAMES", "PhaseFailed", "Scheduler", "SchedulerState", "Span", "Step", "parse_staleness"]
 
 log = logging.getLogger("gkd.scheduler")
 
-STALENESS_NAMES = {"sync": 0, "one_step_off": 1, "two_step_off": 2}
-
-
-def parse_staleness(value: str | int) -> int:
-    """``"sync"`` -> 0, ``"one_step_off"`` -> 1, ``"two_step_off"`` -> 2, or an integer ``k >= 0``."""
-    if isinstance(value, str) and value in STALENESS_NAMES:
-        return STALENESS_NAMES[value]
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(
-            f"scheduler must be one of {sorted(STALENESS_NAMES)} or an integer k >= 0, got {value!r}"
-        )
-    return value
+STALENESS_NAMES = SCHEDULERS  # the names trainer.scheduler takes; gkd.config parses them (one home)
+parse_staleness = parse_scheduler  # "sync" -> 0, "one_step_off" -> 1, "two_step_off" -> 2, "3" or 3 -> 3
 
 
 class PhaseFailed(RuntimeError):
@@ -373,10 +363,6 @@ class Scheduler:
             with self._cond:
                 self._spans.append(Span(name, "trainer", batch, t0, t1))
         return t1 - t0
-
-    def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
     def _close(self) -> None:
         with self._cond:

@@ -65,7 +65,7 @@ from gkd.metrics import (
     training_flops,
 )
 from gkd.preflight import check_run
-from gkd.rollout.types import Sample, SamplingConfig
+from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.teacher.types import TeacherOutput
 from gkd.trainer_step import (
@@ -99,7 +99,7 @@ def _bcast(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def broadcast_batch(
-    samples: Sequence[Sample] | None, outputs: Sequence[TeacherOutput] | None, step: int, device
+    samples: Sequence[Sample] | None, outputs: Sequence[TeacherOutput] | None, device
 ) -> tuple[list[Sample], list[TeacherOutput]]:
     """Rank 0 sends ``OP_TRAIN`` + the batch as flat tensors; the others (``samples=None``) receive it.
     Call after the other ranks have read the command header."""
@@ -107,9 +107,17 @@ def broadcast_batch(
         assert outputs is not None
         k = max(int(o.topk_ids.shape[1]) for o in outputs)
         meta = torch.tensor(
-            [[len(s.prompt_ids), len(s.response_ids), int(s.policy_version)] for s in samples],
+            [
+                [
+                    len(s.prompt_ids),
+                    len(s.response_ids),
+                    int(s.policy_version),
+                    FINISH_REASONS.index(s.finish_reason),
+                ]
+                for s in samples
+            ],
             dtype=torch.int64,
-        )  # [B, 3]
+        )  # [B, 4]
         tokens = torch.tensor(
             [t for s in samples for t in [*s.prompt_ids, *s.response_ids]], dtype=torch.int64
         )  # [sum(P + R)]
@@ -127,7 +135,7 @@ def broadcast_batch(
     sizes = _bcast(sizes, device)
     b, n_tok, n_resp, k = sizes.tolist()
     if samples is None:
-        meta = torch.empty(b, 3, dtype=torch.int64)
+        meta = torch.empty(b, 4, dtype=torch.int64)
         tokens = torch.empty(n_tok, dtype=torch.int64)
         r_lp, t_tok = torch.empty(n_resp), torch.empty(n_resp)
         t_ids, t_lp = torch.empty(n_resp, k, dtype=torch.int32), torch.empty(n_resp, k)
@@ -137,10 +145,10 @@ def broadcast_batch(
     if samples is not None:
         return list(samples), list(outputs)
     out_s, out_t, tok_at, resp_at = [], [], 0, 0
-    for p, r, version in meta.tolist():
+    for p, r, version, finish in meta.tolist():
         ids = tokens[tok_at : tok_at + p + r].tolist()
         span = slice(resp_at, resp_at + r)
-        out_s.append(Sample(ids[:p], ids[p:], r_lp[span].clone(), "unknown", version))
+        out_s.append(Sample(ids[:p], ids[p:], r_lp[span].clone(), FINISH_REASONS[finish], version))
         out_t.append(TeacherOutput(t_ids[span].clone(), t_lp[span].clone(), t_tok[span].clone()))
         tok_at, resp_at = tok_at + p + r, resp_at + r
     return out_s, out_t
@@ -466,7 +474,7 @@ def train(cfg: Config) -> int:
         while True:
             op, step = _command(0, 0, device)
             if op == OP_TRAIN:
-                samples, outputs = broadcast_batch(None, None, step, device)
+                samples, outputs = broadcast_batch(None, None, device)
                 train_on(samples, outputs)
             elif op == OP_SAVE:
                 checkpoint(step, SchedulerState(step, step))
@@ -476,7 +484,7 @@ def train(cfg: Config) -> int:
             elif op == OP_EXPORT:
                 full_state_dicts(model)
             elif op == OP_EVAL:
-                samples, outputs = broadcast_batch(None, None, step, device)
+                samples, outputs = broadcast_batch(None, None, device)
                 evaluate_on(samples, outputs)
             else:
                 break
@@ -543,7 +551,7 @@ def train(cfg: Config) -> int:
             def val_loss(samples, outputs) -> tuple[float, int]:
                 if sharded and world > 1:
                     _command(OP_EVAL, 0, device)
-                    broadcast_batch(samples, outputs, 0, device)
+                    broadcast_batch(samples, outputs, device)
                 return evaluate_on(samples, outputs)
 
             prompts = val_prompts(cfg, tokenizer)
@@ -578,7 +586,7 @@ def train(cfg: Config) -> int:
             mid_update = True
             if world > 1:
                 _command(OP_TRAIN, b, device)
-                broadcast_batch(samples, outputs, b, device)
+                broadcast_batch(samples, outputs, device)
             t0 = time.perf_counter()
             metrics = train_on(samples, outputs)
             seconds = time.perf_counter() - t0

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gkd.config import load_config
-from gkd.rollout.types import Sample
+from gkd.rollout.types import FINISH_REASONS, Sample
 from gkd.teacher.service import tokenizer_fingerprint
 from gkd.teacher.types import TeacherOutput
 from gkd.trainer import StartupError, broadcast_batch, check_services
@@ -96,7 +96,13 @@ def _batch():
         [(3, 2, 4), (1, 5, 4), (6, 1, 2)]
     ):  # a teacher answering with fewer columns
         samples.append(
-            Sample(list(range(i, i + p)), list(range(50, 50 + r)), torch.randn(r, generator=g), "stop", 7 + i)
+            Sample(
+                list(range(i, i + p)),
+                list(range(50, 50 + r)),
+                torch.randn(r, generator=g),
+                ("stop", "length")[i % 2],
+                7 + i,
+            )
         )
         ids = torch.randint(0, 100, (r, k), generator=g, dtype=torch.int32)
         outputs.append(TeacherOutput(ids, torch.randn(r, k, generator=g).half(), torch.randn(r, generator=g)))
@@ -128,12 +134,13 @@ def _bcast_worker(rank: int, port: int, out_dir: str) -> None:
     )
     try:
         samples, outputs = _batch() if rank == 0 else (None, None)
-        got_s, got_t = broadcast_batch(samples, outputs, 3, torch.device("cpu"))
+        got_s, got_t = broadcast_batch(samples, outputs, torch.device("cpu"))
         flat = {}
         for i, (s, t) in enumerate(zip(got_s, got_t, strict=True)):
             flat[f"{i}/prompt"] = torch.tensor(s.prompt_ids)
             flat[f"{i}/response"] = torch.tensor(s.response_ids)
             flat[f"{i}/version"] = torch.tensor(s.policy_version)
+            flat[f"{i}/finish"] = torch.tensor(FINISH_REASONS.index(s.finish_reason))
             flat[f"{i}/rlp"] = s.response_logprobs
             flat[f"{i}/ids"], flat[f"{i}/lp"], flat[f"{i}/tok"] = (
                 t.topk_ids,
@@ -153,6 +160,7 @@ def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ra
     for i, (s, t) in enumerate(zip(samples, outputs, strict=True)):
         assert got[f"{i}/prompt"].tolist() == s.prompt_ids and got[f"{i}/response"].tolist() == s.response_ids
         assert int(got[f"{i}/version"]) == s.policy_version
+        assert FINISH_REASONS[int(got[f"{i}/finish"])] == s.finish_reason
         torch.testing.assert_close(got[f"{i}/rlp"], s.response_logprobs)
         torch.testing.assert_close(got[f"{i}/tok"], t.token_logprobs)
         k = t.topk_ids.shape[1]

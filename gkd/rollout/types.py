@@ -52,6 +52,9 @@ class SamplingConfig:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
+FINISH_REASONS = ("length", "stop")  # why a response ended; the wire sends the index
+
+
 @dataclass
 class Sample:
     """One sampled response. ``response_logprobs[j]`` is log softmax(logits / T)[response_ids[j]] of the
@@ -63,7 +66,7 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     response_logprobs: torch.Tensor  # [R] float32
-    finish_reason: str  # "stop" (a stop token, included in response_ids) | "length"
+    finish_reason: str  # FINISH_REASONS: "stop" (a stop token, included in response_ids) | "length"
     policy_version: int
     extra: dict = field(default_factory=dict)
     topk_ids: torch.Tensor | None = None  # [R, m] int32

@@ -31,12 +31,11 @@ from typing import Any
 
 import torch
 
-from gkd.rollout.types import Sample, SamplingConfig
+from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
 from gkd.transport import Limits, Message, ProtocolError
 
 OP_GENERATE = "generate"
 OPS = (OP_GENERATE,)
-FINISH_REASONS = ("length", "stop")
 
 #: Request bounds, enforced by the broker (before queueing) and the worker (before decoding): prompts as
 #: int32 ids, so 16 MiB is ~4M prompt tokens.

@@ -32,7 +32,7 @@ COMBOS = [
 # only the 2x rule (STYLE.md).
 RTOL = 1e-5
 NAMES = ("value", "grad", "grad_weight", "grad_bias")  # grad_hidden for the fused tests
-ERRORS: dict[str, float] = {}  # largest error seen per quantity, for the report printed with -s
+ERRORS: dict[str, float] = {}  # largest error seen per quantity; tests/kernels/conftest.py prints them
 
 
 def make_inputs(n, vocab, k, *, seed=0, dtype=torch.float32, teacher_temp=2.0):
@@ -331,9 +331,3 @@ def test_vocabulary_edges_and_k_equals_v_several_rows(block_r):
     ref.sum().backward()
     assert_close(values, ref.detach(), RTOL, "value")
     assert_close(buf, xr.grad, RTOL, "grad")
-
-
-def test_report_errors():
-    """Runs last: prints the largest errors seen (visible with -s)."""
-    for key, err in sorted(ERRORS.items()):
-        print(f"max normwise error {key}: {err:.2e}")
