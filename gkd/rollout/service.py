@@ -50,9 +50,7 @@ from gkd.placement import (
 from gkd.rollout.types import check_prompts
 from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
 from gkd.transport import Auth, Broker, HandBack, Worker
-
-# Process supervision is the teacher service's, shared as is (signals, orphan check, child shutdown).
-from gkd.transport.process import (
+from gkd.transport.process import (  # supervision both services share: signals, restarts, orphan check
     PARENT_ENV,
     add_restart_args,
     auth_from_file,
