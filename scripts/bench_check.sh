@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The benchmark regression check: runs pytest bench/ and compares every ratio with bench/baselines/cpu.json.
+#   scripts/bench_check.sh [--quick] [--json OUT] [--baselines FILE] [--update] [-- extra pytest args]
+# See scripts/bench_check.py for the verdicts; exit status 1 on a regression.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+[ -x "$PY" ] || PY=python3
+exec "$PY" scripts/bench_check.py "$@"
