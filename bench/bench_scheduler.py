@@ -1,9 +1,11 @@
 """Scheduler overlap on synthetic, sleep-based phases: measured step time / ideal, for k = 0, 1, 2.
 
 Run: ``.venv/bin/python -m pytest bench/bench_scheduler.py --benchmark-only -s``
-(``GKD_BENCH_UNIT_MS`` scales the phases, default 50 ms; ``GKD_BENCH_SYNC_MS`` is S, default 5 ms;
-``GKD_BENCH_BATCHES`` batches per run, default 30). Not part of CI. Ratios are printed at the end and
-written to bench/results/scheduler.json.
+(``GKD_BENCH_UNIT_MS`` scales the phases, default 50 ms, 20 with ``GKD_BENCH_QUICK=1``;
+``GKD_BENCH_SYNC_MS`` is S, default 5 ms; ``GKD_BENCH_BATCHES`` batches per run, default 30, quick 16).
+Ratios (higher is better): ``bound_over_step`` per synthetic case; ``one_step_off_speedup`` and
+``two_step_off_speedup`` (k=0's step time over k=1's / k=2's) for the two real pipelines, which run in full
+mode only. Full-mode figures are printed at the end and written to bench/results/scheduler.json.
 
 Synthetic engines (no model anywhere): the rollout is one worker thread that sleeps G per batch, serves
 requests in order, waits for ``min_version`` and swaps in a synced version at a batch boundary (as the
@@ -16,6 +18,13 @@ Two baselines, from the same phase durations: DESIGN.md's ideal (``max(G, T, U)`
 of this schedule, ``max(G, T, U, S, (G + T + U + S) / (k + 1))`` (see ``gkd.scheduler``): for k=1 it is
 below DESIGN.md's figure, because generation of batch t+1 starts as soon as version t lands, not when
 update t starts. Step time is the mean over the steady state (after warm-up, before the drain).
+
+Third part, the demo task (``test_demo_task_step_time``, full mode only): ``gkd train`` with ``gkd demo``'s
+config (SmolLM2-135M-Instruct teacher, its 16-layer student, the demo prompts, 8 prompts x 32 new tokens,
+one torch thread per process, no validation or checkpoints) for sync, one_step_off and two_step_off in one
+benchmark run (``GKD_BENCH_DEMO_STEPS`` steps each, default 12); step time is the median of
+``timing/step`` over the steady state in metrics.jsonl. Skipped unless ``gkd demo`` has cached its models
+(run it once).
 
 Second part, the real pipeline (``test_tiny_pipeline_step_time``): ``gkd train`` on CPU with the tiny
 random models of ``scripts/make_cpu_tiny.py`` (teacher service with the transformers engine, rollout service
@@ -47,16 +56,20 @@ import pytest
 
 from gkd.scheduler import Scheduler
 
-UNIT = float(os.environ.get("GKD_BENCH_UNIT_MS", "50")) / 1000
+QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
+UNIT = float(os.environ.get("GKD_BENCH_UNIT_MS", "20" if QUICK else "50")) / 1000
 S = float(os.environ.get("GKD_BENCH_SYNC_MS", "5")) / 1000
-BATCHES = int(os.environ.get("GKD_BENCH_BATCHES", "30"))
+BATCHES = int(os.environ.get("GKD_BENCH_BATCHES", "16" if QUICK else "30"))
+full_mode_only = pytest.mark.skipif(QUICK, reason="full mode only (GKD_BENCH_QUICK=1 is set)")
 RATIOS = {"1:1:1": (1, 1, 1), "1:3:1": (1, 3, 1), "3:1:1": (3, 1, 1)}
 RESULTS = Path(__file__).resolve().parent / "results" / "scheduler.json"
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_STEPS = int(os.environ.get("GKD_BENCH_PIPELINE_STEPS", "20"))
 PIPELINE_ROUNDS = int(os.environ.get("GKD_BENCH_PIPELINE_ROUNDS", "2"))
+DEMO_STEPS = int(os.environ.get("GKD_BENCH_DEMO_STEPS", "12"))
 _ROWS: dict[str, dict[str, float]] = {}  # "k=2 1:3:1" -> figures, filled by the benchmarks
 _PIPELINE: dict = {}  # the real tiny-model pipeline, filled by test_tiny_pipeline_step_time
+_DEMO: dict = {}  # the demo task, filled by test_demo_task_step_time
 
 
 @dataclass
@@ -161,6 +174,7 @@ def test_synthetic_step_time(benchmark, k, ratio):
     G, T, U = (UNIT * x for x in RATIOS[ratio])
     row = benchmark.pedantic(_run, args=(k, G, T, U, BATCHES), rounds=1, iterations=1)
     benchmark.extra_info.update(row)
+    benchmark.extra_info["ratios"] = {"bound_over_step": 1 / row["step/bound"]}
     _ROWS[f"k={k} {ratio}"] = row
 
 
@@ -180,16 +194,14 @@ def _tiny_models(root: Path) -> dict[str, str]:
     return module.build(root, num_prompts=64)
 
 
-def _pipeline_run(tiny: dict[str, str], out: Path, k: int, steps: int) -> dict[str, float]:
-    """One ``gkd train`` run; its steady-state step time and mean phase times from metrics.jsonl."""
+def _train(config: str, overrides: list[str], out: Path, k: int, steps: int) -> list[dict]:
+    """One ``gkd train`` run on fresh ports, one torch thread per process; the steady-state records of
+    metrics.jsonl (steps k+2 .. steps-1-k: after warm-up, before the drain of the last k)."""
     ports = [_free_port() for _ in range(5)]
     names = ("teacher.server_port", "teacher.backend_port", "rollout.server_port", "rollout.backend_port")
-    argv = [sys.executable, "-m", "gkd.cli", "train", "--config", "configs/cpu_tiny.yaml"]
+    argv = [sys.executable, "-m", "gkd.cli", "train", "--config", config, *overrides]
     argv += [f"{n}={p}" for n, p in zip(names, ports, strict=False)] + [f"rollout.weight_port={ports[4]}"]
     argv += [
-        f"model.student_path={tiny['student']}",
-        f"teacher.model_path={tiny['teacher']}",
-        f"data.train_files={tiny['prompts']}",
         f"trainer.output_dir={out}",
         f"trainer.scheduler={k}",
         f"trainer.total_steps={steps}",
@@ -197,18 +209,28 @@ def _pipeline_run(tiny: dict[str, str], out: Path, k: int, steps: int) -> dict[s
         "trainer.save_freq=0",
         "logging.progress_bar=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = k + 2, steps - 1 - k  # after warm-up, before the drain of the last k
-    steady = records[first : last + 1]
+    records = [r for r in records if "timing/step" in r]  # training steps only
+    return records[k + 2 : steps - k]
+
+
+def _pipeline_run(tiny: dict[str, str], out: Path, k: int, steps: int) -> dict[str, float]:
+    """One tiny-model ``gkd train`` run; its steady-state step time and mean phase times."""
+    overrides = [
+        f"model.student_path={tiny['student']}",
+        f"teacher.model_path={tiny['teacher']}",
+        f"data.train_files={tiny['prompts']}",
+    ]
+    steady = _train("configs/cpu_tiny.yaml", overrides, out, k, steps)
 
     def mean(name: str) -> float:
         return statistics.fmean(r[name] for r in steady) * 1e3
 
     return {
-        "step_ms": (records[last]["time"] - records[first]["time"]) / (last - first) * 1e3,
+        "step_ms": (steady[-1]["time"] - steady[0]["time"]) / (len(steady) - 1) * 1e3,
         "timing_step_ms": mean("timing/step"),
         "teacher_ms": mean("timing/get_teacher_knowledge"),
         "update_ms": mean("timing/update_actor"),
@@ -238,11 +260,18 @@ def _pipeline(root: Path) -> dict:
     return summary
 
 
+def _speedups(step_ms: dict[int, float]) -> dict[str, float]:
+    """k=0's step time over k=1's and k=2's (higher is better)."""
+    return {"one_step_off_speedup": step_ms[0] / step_ms[1], "two_step_off_speedup": step_ms[0] / step_ms[2]}
+
+
+@full_mode_only
 def test_tiny_pipeline_step_time(benchmark, tmp_path):
     """k = 1 and k = 2 against k = 0 on the real CPU pipeline, one benchmark run."""
     rows = benchmark.pedantic(_pipeline, args=(tmp_path,), rounds=1, iterations=1)
     for k in (1, 2):
         benchmark.extra_info[f"k={k}/k=0"] = rows[f"k={k}"]["step/k0"]
+    benchmark.extra_info["ratios"] = _speedups({k: rows[f"k={k}"]["step_ms"] for k in (0, 1, 2)})
     _PIPELINE.update(
         {
             "what": "gkd train, configs/cpu_tiny.yaml, 1 trainer rank, teacher hf + rollout hf on CPU",
@@ -254,12 +283,58 @@ def test_tiny_pipeline_step_time(benchmark, tmp_path):
     )
 
 
+def _demo_models() -> tuple[Path, Path] | None:
+    """The teacher and student folders ``gkd demo`` cached with its default layers, if both exist."""
+    from gkd.demo.models import MARKER, TEACHER_DIRNAME, default_cache_dir, parse_layers
+    from gkd.demo.run import DemoSettings
+
+    cache = default_cache_dir()
+    teacher = cache / TEACHER_DIRNAME
+    if not (teacher / MARKER).is_file():
+        return None
+    depth = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
+    tag = "_".join(map(str, parse_layers(DemoSettings().student_layers, depth)))
+    student = cache / "students" / f"layers-{tag}"
+    return (teacher, student) if (student / "config.json").is_file() else None
+
+
+def _demo_task(root: Path, models: tuple[Path, Path]) -> dict:
+    from gkd.demo.run import DemoSettings, write_config, write_prompts
+
+    st = DemoSettings(out=str(root), steps=DEMO_STEPS)
+    train_file, _ = write_prompts(root, st.seed, st.heldout)
+    config = write_config(st, root, models[0], models[1], train_file)
+    no_val = ["trainer.test_freq=0", "trainer.val_before_train=false", "data.val_files=[]"]
+    rows = {}
+    for k in (0, 1, 2):
+        steady = _train(str(config), no_val, root / f"run_k{k}", k, DEMO_STEPS)
+        rows[k] = {
+            "step_s": statistics.median(r["timing/step"] for r in steady),
+            "update_s": statistics.median(r["timing/update_actor"] for r in steady),
+            "response_len": statistics.fmean(r["response_seq_len/mean"] for r in steady),
+        }
+    return rows
+
+
+@full_mode_only
+def test_demo_task_step_time(benchmark, tmp_path):
+    """sync, one_step_off and two_step_off on the demo task (cached models), one benchmark run."""
+    models = _demo_models()
+    if models is None:
+        pytest.skip("gkd demo's models are not cached (run `gkd demo` once; GKD_CACHE moves the cache)")
+    rows = benchmark.pedantic(_demo_task, args=(tmp_path, models), rounds=1, iterations=1)
+    benchmark.extra_info.update({f"k={k}": row for k, row in rows.items()})
+    benchmark.extra_info["steps"] = DEMO_STEPS
+    benchmark.extra_info["ratios"] = _speedups({k: row["step_s"] for k, row in rows.items()})
+    _DEMO.update({"steps": DEMO_STEPS, "cpus": os.cpu_count(), "rows": rows})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report():
     """After the module's benchmarks: print the table and write RESULTS (a fixture, so that
     ``--benchmark-only`` does not skip it)."""
     yield
-    if not (_ROWS or _PIPELINE):
+    if not (_ROWS or _PIPELINE or _DEMO):
         return
     # keep the part of RESULTS this session did not run
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -285,5 +360,13 @@ def report():
                 f"{r['update_ms']:7.1f} {r['sync_ms']:6.1f} {r['wait_gen_ms']:9.1f}"
             )
         results["pipeline"] = _PIPELINE
+    if _DEMO:
+        print(f"\nscheduler, the demo task (gkd demo's config, no validation), {DEMO_STEPS} steps per k")
+        for k, r in _DEMO["rows"].items():
+            print(f"  k={k} step {r['step_s']:.2f} s (median), update {r['update_s']:.2f} s, "
+                  f"response {r['response_len']:.1f} tokens")  # fmt: skip
+        results["demo_task"] = _DEMO
+    if QUICK:  # quick-mode figures are for bench_check, not the recorded results
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

@@ -141,7 +141,9 @@ def _load_json(path: Path, what: str) -> dict:
 
 def _run_pytest(args, out_json: Path, session_json: Path) -> int:
     extra = list(args.pytest_args)
-    targets = [] if any(Path(a.split("::")[0]).exists() for a in extra if not a.startswith("-")) else ["bench/"]
+    # extra args naming a path (bench/bench_x.py[::test]) replace the default target
+    named = any(Path(a.split("::")[0]).exists() for a in extra if not a.startswith("-"))
+    targets = [] if named else ["bench/"]
     cmd = [sys.executable, "-m", "pytest", *targets, "--benchmark-only", f"--benchmark-json={out_json}"]
     cmd += ["-q", "-p", "no:cacheprovider", *extra]
     env = dict(os.environ, GKD_BENCH_SESSION=str(session_json))
@@ -163,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", type=Path, default=DEFAULT_BASELINES)
     p.add_argument("--update", action="store_true", help="write the measured ratios into --baselines")
     p.add_argument("--input", type=Path, help="compare this --benchmark-json file; run nothing")
-    p.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_JSON",
-                   help="set --baselines from several runs' JSON (median, 3x spread); run nothing")  # fmt: skip
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        nargs="+",
+        metavar="RUN_JSON",
+        help="set --baselines from several runs' JSON (median, 3x spread); run nothing",
+    )
     args = p.parse_args(argv)
     args.pytest_args = extra
     if args.baselines.exists() or not (args.update or args.calibrate):
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows))
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "NEW", "MISSING", "SKIP")}
-    print("bench_check: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + f" (baselines {args.baselines})")
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items())
+    print(f"bench_check: {summary} (baselines {args.baselines})")
     for test in session.get("failed", []):
         print(f"bench_check: benchmark FAILED: {test} (see the pytest output above)")
     if rc != 0:  # 5: nothing collected
