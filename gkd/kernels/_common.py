@@ -6,7 +6,9 @@ Nothing here runs a kernel; everything is cheap [N, K]-sized work done once per 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +65,19 @@ class LossSpec:
         if self.kind == "jsd" and self.normalize_jsd:
             return 1.0 / (self.beta * (1.0 - self.beta))
         return 1.0
+
+
+class ChunkKernel(NamedTuple):
+    """One backend's loss on a chunk of rows: the contract every top-k loss path calls.
+
+    ``run(logits, ids, lp, valid, scale, spec, need_grad) -> (values [C], dlogits [C, V] or None)`` with
+    ``logits`` a [C, V] chunk the caller owns (overwritten: dlogits comes back in it or in an fp32 copy),
+    ``ids``/``lp``/``valid`` [C, K], ``scale`` [C] row weights. ``column_major``: ``run`` also takes a
+    chunk whose unit stride runs along C, so the fused path may compute logits as ``(W @ h.T).T``."""
+
+    name: str  # the backend: torch | triton
+    run: Callable
+    column_major: bool = False
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -10,6 +10,7 @@ import torch
 from gkd.kernels._common import (
     BACKENDS,
     REDUCTIONS,
+    ChunkKernel,
     LossSpec,
     check_choice,
     check_topk_inputs,
@@ -17,19 +18,23 @@ from gkd.kernels._common import (
     row_weights,
     take_eager_grads,
 )
-from gkd.kernels.topk_torch import topk_chunk_
+from gkd.kernels.topk_torch import topk_chunk_, topk_torch_chunk_
 
 
-def _chunk_fn(backend: str, device: torch.device):
-    """The function that computes values and dlogits for one chunk of rows."""
+def chunk_kernel(backend: str, device: torch.device, *, reused_buffer: bool = False) -> ChunkKernel:
+    """The backend ("auto": Triton for CUDA tensors, else torch) that computes one chunk's values and
+    dlogits. ``reused_buffer``: the caller's chunk is a scratch buffer of its own (the fused path), so the
+    torch backend runs each vocabulary pass over the whole chunk instead of cache-sized row blocks."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        return _torch_chunk
+        if reused_buffer:
+            return ChunkKernel("torch", topk_torch_chunk_, column_major=True)
+        return ChunkKernel("torch", _torch_chunk)
     from gkd.kernels.topk_triton import topk_chunk_triton_
 
-    return topk_chunk_triton_
+    return ChunkKernel("triton", topk_chunk_triton_)
 
 
 def _torch_chunk(logits, ids, lp, valid, scale, spec: LossSpec, need_grad: bool):
@@ -80,7 +85,7 @@ class TopKDistillFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, lp, valid, w, spec, reduction, chunk, chunk_fn):
+    def forward(ctx, logits, ids, lp, valid, w, spec, reduction, chunk, kernel: ChunkKernel):
         n = logits.shape[0]
         need_grad = ctx.needs_input_grad[0] and reduction != "none"
         values = torch.empty(n, dtype=compute_dtype(logits.dtype), device=logits.device)
@@ -88,10 +93,10 @@ class TopKDistillFunction(torch.autograd.Function):
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
             part = logits[sl].clone()  # the chunk functions work in place; never on the caller's tensor
-            values[sl], g = chunk_fn(part, ids[sl], lp[sl], valid[sl], w[sl], spec, need_grad)
+            values[sl], g = kernel.run(part, ids[sl], lp[sl], valid[sl], w[sl], spec, need_grad)
             if need_grad:
                 grad[sl] = g
-        ctx.spec, ctx.reduction, ctx.chunk, ctx.chunk_fn = spec, reduction, chunk, chunk_fn
+        ctx.spec, ctx.reduction, ctx.chunk, ctx.kernel = spec, reduction, chunk, kernel
         ctx.save_for_backward(logits, ids, lp, valid, w)  # references only: recompute if needed
         ctx.eager_grads = (grad,) if need_grad else None
         return _reduce(values, reduction)
@@ -107,7 +112,7 @@ class TopKDistillFunction(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk):
             sl = slice(start, min(start + ctx.chunk, logits.shape[0]))
-            _, grad[sl] = ctx.chunk_fn(
+            _, grad[sl] = ctx.kernel.run(
                 logits[sl].clone(), ids[sl], lp[sl], valid[sl], scale[sl], ctx.spec, True
             )
         return (grad,) + (None,) * 8
@@ -156,5 +161,5 @@ def topk_distill_loss(
     )
     w = row_weights(mask, n, student_logits.device, reduction, lp.dtype)
     chunk = chunk_size or default_chunk_rows(vocab, n)
-    fn = _chunk_fn(backend, student_logits.device)
-    return TopKDistillFunction.apply(student_logits, ids, lp, valid, w, spec, reduction, chunk, fn)
+    kernel = chunk_kernel(backend, student_logits.device)
+    return TopKDistillFunction.apply(student_logits, ids, lp, valid, w, spec, reduction, chunk, kernel)

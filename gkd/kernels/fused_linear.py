@@ -5,22 +5,21 @@ O(chunk x V).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from gkd.kernels._common import (
     REDUCTIONS,
+    ChunkKernel,
     LossSpec,
     check_choice,
     fused_chunk_rows,
     row_weights,
     take_eager_grads,
 )
-from gkd.kernels.functional import _chunk_fn, _prepare, _reduce, _torch_chunk
+from gkd.kernels.functional import _prepare, _reduce, chunk_kernel
 from gkd.kernels.functional import compute_dtype as _acc_dtype
-from gkd.kernels.topk_torch import topk_torch_chunk_
 
 
 def _check_linear(hidden, weight, bias, cdt):
@@ -102,7 +101,7 @@ class _WideAccumulator:
 class _PassOptions(NamedTuple):
     spec: LossSpec
     chunk: int  # rows per chunk
-    chunk_fn: Callable  # the loss on one [C, V] logits chunk: (values [C], dlogits [C, V] in place)
+    kernel: ChunkKernel  # the loss on one [C, V] logits chunk: (values [C], dlogits [C, V] in place)
     cdt: torch.dtype  # GEMM (compute) dtype
 
 
@@ -121,7 +120,7 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptions
 
 
 def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptions, grads):
-    spec, chunk, chunk_fn, cdt = opts
+    spec, chunk, kernel, cdt = opts
     n = hidden.shape[0]
     need_h, need_w, need_b = grads
     need_grad = need_h or need_w or need_b
@@ -135,7 +134,7 @@ def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptio
     # one logits buffer for all chunks; the chunk functions overwrite it with dlogits in place
     size = min(chunk, n) * weight.shape[0]
     buf = torch.empty(size, dtype=cdt, device=hidden.device) if n else None
-    transposed = chunk_fn is topk_torch_chunk_  # other chunk functions want row-major logits
+    transposed = kernel.column_major  # else the chunk is row-major
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         h = h_all[sl]
@@ -143,7 +142,7 @@ def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptio
             z = _logits_t(h, w_c, b_c, buf)
         else:
             z = _logits(h, w_c, b_c, buf[: h.shape[0] * weight.shape[0]].view(h.shape[0], -1))
-        values[sl], d = chunk_fn(z, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
+        values[sl], d = kernel.run(z, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
         if not need_grad:
             continue
         d = d.to(cdt)  # [C, V]
@@ -243,10 +242,7 @@ def fused_linear_topk_distill_loss(
     n, vocab = hidden.shape[0], lm_head_weight.shape[0]
     ids, lp, valid = _prepare(vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, cdt)
     w = row_weights(mask, n, hidden.device, reduction, lp.dtype)
-    fn = _chunk_fn(backend, hidden.device)
-    if fn is _torch_chunk:  # whole-chunk vocabulary passes: this chunk is a reused buffer of ours
-        fn = topk_torch_chunk_
-    opts = _PassOptions(spec, chunk, fn, cdt)
+    opts = _PassOptions(spec, chunk, chunk_kernel(backend, hidden.device, reused_buffer=True), cdt)
     return FusedLinearTopKDistillFunction.apply(
         hidden, lm_head_weight, lm_head_bias, ids, lp, valid, w, reduction, opts
     )
