@@ -1,7 +1,10 @@
 """Rollout: the CPU engine against plain ``transformers`` ``generate``, and applying a weight version.
 
-Run: ``.venv/bin/python -m pytest bench/bench_rollout.py --benchmark-only -s`` (not part of CI).
-Results go to bench/results/rollout.json. The vLLM section runs where vllm is importable (skipped
+Run: ``.venv/bin/python -m pytest bench/bench_rollout.py --benchmark-only -s`` (``GKD_BENCH_QUICK=1``:
+16 new tokens, 3 rounds, no seeded variant). Ratios (higher is better): ``speedup_vs_generate``,
+``seeded_speedup_vs_generate``, ``raw_copy_over_apply`` (the apply's fraction of a raw copy's speed) and,
+with vLLM, ``vllm_speedup_vs_cpu_engine``. Full-mode results go to bench/results/rollout.json.
+The vLLM section runs where vllm is importable (skipped
 elsewhere): ``VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest bench/bench_rollout.py -k vllm
 --benchmark-only -s`` (needs ``pytest-benchmark`` in that venv).
 
@@ -40,9 +43,10 @@ from gkd.flatten import FlatBuffer, TensorMeta, plan_buckets
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
 
-ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "5"))
+QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
+ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "3" if QUICK else "5"))
 THREADS = int(os.environ.get("GKD_BENCH_THREADS", "1"))
-BATCH, PROMPT, NEW = 8, 64, 64
+BATCH, PROMPT, NEW = 8, 64, 16 if QUICK else 64
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "rollout.json"
 
@@ -68,6 +72,8 @@ def _model():
 
 
 def _save(name: str, report: dict) -> None:
+    if QUICK:  # quick-mode figures are for bench_check, not the recorded results
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[name] = report
@@ -113,6 +119,8 @@ def test_engine_vs_transformers_generate(benchmark, model):
         engine.generate(prompts, seeded)
 
     variants = {"generate": hf_generate, "engine": engine_unseeded, "engine_seeded": engine_seeded}
+    if QUICK:
+        del variants["engine_seeded"]
     for fn in variants.values():  # warm-up
         fn()
     times = {k: [] for k in variants}
@@ -129,10 +137,13 @@ def test_engine_vs_transformers_generate(benchmark, model):
         "rounds": ROUNDS,
         **{f"{k}_s": round(v, 4) for k, v in med.items()},
         "speedup_vs_generate": round(med["generate"] / med["engine"], 3),
-        "speedup_seeded_vs_generate": round(med["generate"] / med["engine_seeded"], 3),
         "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
     benchmark.extra_info.update(report)
+    ratios = {f"{'seeded_' if k == 'engine_seeded' else ''}speedup_vs_generate": med["generate"] / med[k]
+              for k in med if k != "generate"}  # fmt: skip
+    benchmark.extra_info["ratios"] = ratios
+    report.update({f"{k}_x": round(v, 3) for k, v in ratios.items()})
     _save("engine_vs_generate", report)
     print(json.dumps(report, indent=2))
 
@@ -179,6 +190,7 @@ def test_apply_version_vs_raw_copy(benchmark, model):
         "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
     benchmark.extra_info.update(report)
+    benchmark.extra_info["ratios"] = {"raw_copy_over_apply": med["raw_copy"] / med["apply"]}
     _save("apply_version", report)
     print(json.dumps(report, indent=2))
 
@@ -249,6 +261,7 @@ def test_vllm_apply_version_vs_raw_copy(benchmark, model, vllm_engine):
         "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
     benchmark.extra_info.update(report)
+    benchmark.extra_info["ratios"] = {"raw_copy_over_apply": med["raw_copy"] / med["apply"]}
     _save("vllm_apply_version", report)
     print(json.dumps(report, indent=2))
 
@@ -289,5 +302,6 @@ def test_vllm_vs_cpu_engine(benchmark, model, vllm_engine):
         "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
     benchmark.extra_info.update(report)
+    benchmark.extra_info["ratios"] = {"vllm_speedup_vs_cpu_engine": med["cpu_engine"] / med["vllm"]}
     _save("vllm_vs_cpu_engine", report)
     print(json.dumps(report, indent=2))

@@ -1,7 +1,9 @@
 """Teacher service: overhead over calling the engine in-process, and wire bytes per scored token.
 
-Run: ``.venv/bin/python -m pytest bench/bench_teacher.py --benchmark-only -s`` (not part of CI).
-Results go to bench/results/teacher.json.
+Run: ``.venv/bin/python -m pytest bench/bench_teacher.py --benchmark-only -s`` (``GKD_BENCH_QUICK=1``:
+16 sequences x (64 + 64) tokens). Ratios (higher is better): ``in_process_over_service`` (time in-process
+/ time through the service), ``verl_over_ours`` and ``bound_over_reply`` (``(4 + itemsize) x K + 8`` bytes
+/ the measured reply bytes per scored token). Full-mode results go to bench/results/teacher.json.
 
 - Overhead: 32 sequences x 256 tokens (128 prompt + 128 response), K=64, transformers engine on a small
   Llama built from a config, scored (a) in-process with ``engine.score`` and (b) through ``TeacherClient``
@@ -33,7 +35,8 @@ from gkd.teacher.wire import make_handler, pack_request
 from gkd.transport import encode
 
 K = 64
-N_SEQ, PROMPT, RESPONSE = 32, 128, 128
+QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
+N_SEQ, PROMPT, RESPONSE = (16, 64, 64) if QUICK else (32, 128, 128)
 ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "5"))
 # 1 intra-op thread by default: on a shared 2-core machine a 2-thread OpenMP team in the worker process
 # competes with the broker/client threads and other jobs, and the ratio then measures that contention.
@@ -79,6 +82,8 @@ def _batch(vocab: int):
 
 
 def _save(name: str, report: dict) -> None:
+    if QUICK:  # quick-mode figures are for bench_check, not the recorded results
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[name] = report
@@ -132,6 +137,7 @@ def test_service_overhead(benchmark, model_dir):
         "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
     benchmark.extra_info.update(report)
+    benchmark.extra_info["ratios"] = {"in_process_over_service": med["in_process"] / med["service"]}
     _save("overhead", report)
     print(json.dumps(report, indent=2))
 
@@ -158,5 +164,10 @@ def test_wire_bytes_per_scored_token(benchmark, model_dir, logprob_dtype):
         "verl_over_ours": round(verl / reply, 2),
     }
     benchmark.extra_info.update(report)
+    bound = (4 + torch.tensor([], dtype=getattr(torch, logprob_dtype)).element_size()) * K + 8
+    benchmark.extra_info["ratios"] = {
+        "verl_over_ours": verl / reply,
+        "bound_over_reply": bound * scored / reply,
+    }
     _save(f"wire_{logprob_dtype}", report)
     print(json.dumps(report, indent=2))
