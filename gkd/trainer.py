@@ -122,12 +122,9 @@ def broadcast_batch(
             [t for s in samples for t in [*s.prompt_ids, *s.response_ids]], dtype=torch.int64
         )  # [sum(P + R)]
         r_lp = torch.cat([s.response_logprobs.float() for s in samples])  # [sum R]
-        ids, lps = [], []
-        for o in outputs:  # teachers answering with fewer columns: pad with unused (-inf) slots
-            pad = k - int(o.topk_ids.shape[1])
-            ids.append(torch.nn.functional.pad(o.topk_ids.to(torch.int32), (0, pad)))
-            lps.append(torch.nn.functional.pad(o.topk_logprobs.float(), (0, pad), value=float("-inf")))
-        t_ids, t_lp = torch.cat(ids), torch.cat(lps)  # [sum R, K]
+        padded = [o.padded(k) for o in outputs]  # teachers answering with fewer columns: unused slots
+        t_ids = torch.cat([ids for ids, _ in padded])  # [sum R, K]
+        t_lp = torch.cat([lp for _, lp in padded])
         t_tok = torch.cat([o.token_logprobs.float() for o in outputs])  # [sum R]
         sizes = torch.tensor([len(samples), tokens.numel(), r_lp.numel(), k], dtype=torch.int64)
     else:

@@ -119,10 +119,7 @@ def _build(idx: list[int], samples, teachers, k: int, pad_id: int) -> MicroBatch
         rows.append(torch.full((r,), b, dtype=torch.long))
         cols.append(torch.arange(p - 1, p - 1 + r, dtype=torch.long))
         targets.append(torch.tensor(list(s.response_ids), dtype=torch.long))
-        ids, lp = t.topk_ids.to(torch.int32), t.topk_logprobs.to(torch.float32)
-        if ids.shape[1] < k:  # teachers answering with different K: pad with unused (-inf) slots
-            ids = torch.cat([ids, ids.new_zeros(r, k - ids.shape[1])], dim=1)
-            lp = torch.cat([lp, lp.new_full((r, k - lp.shape[1]), float("-inf"))], dim=1)
+        ids, lp = t.padded(k)  # teachers answering with different K: unused (-inf) slots
         t_ids.append(ids)
         t_lp.append(lp)
         t_tok.append(t.token_logprobs.to(torch.float32))

@@ -33,6 +33,16 @@ class TeacherOutput:
     def num_tokens(self) -> int:
         return int(self.topk_ids.shape[0])
 
+    def padded(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [R, k] int32, log-probs [R, k] fp32): the top-k widened to ``k`` columns with unused
+        slots (id 0, log-prob -inf), for a batch whose teachers answered with different K."""
+        ids, lp = self.topk_ids.to(torch.int32), self.topk_logprobs.to(torch.float32)
+        extra = k - int(ids.shape[1])
+        if extra > 0:
+            ids = torch.nn.functional.pad(ids, (0, extra))
+            lp = torch.nn.functional.pad(lp, (0, extra), value=float("-inf"))
+        return ids, lp
+
 
 def check_sequences(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
