@@ -229,187 +229,153 @@ class Client:
         return sock
 
     def _io_loop(self) -> None:
-        ids = itertools.count(1)
-        current = self._new_socket()
-        owed: dict[zmq.Socket, set[int]] = {current: set()}  # wire ids each socket still awaits
-        attempts: dict[int, tuple[_Request, zmq.Socket, float]] = {}
-        deadlines: list[tuple[float, int]] = []  # heap; stale entries skipped
-        delayed: list[tuple[float, int, _Request]] = []  # heap of (when, tiebreak, request) resends
-        tiebreak = itertools.count()
-        control: set[int] = set()  # wire ids of pings and cancels: their answers resolve no future
-        last_heard = last_ping = time.monotonic()
-        ping_every = min(1.0, (self.liveness_timeout_s or 4.0) / 4)
-
-        def send_control(sock: zmq.Socket, op: str, fields: dict | None = None) -> None:
-            cid = next(ids)
-            frames = _auth.sign(self.auth, encode(op, cid, fields), _auth.CLIENT_TO_BROKER)
-            with contextlib.suppress(zmq.Again):  # nothing queued: the liveness clock still runs
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                if op == _PING_OP:  # a cancel gets no answer
-                    control.add(cid)
-
-        def replace_current() -> None:
-            nonlocal current
-            current = self._new_socket()
-            owed[current] = set()
-            poller.register(current, zmq.POLLIN)
-            self.stats["reconnects"] += 1
-
-        def send(req: _Request) -> None:
-            if req.future.done():  # cancelled or failed meanwhile
-                return
-            wid = next(ids)
-            try:
-                frames = _auth.sign(self.auth, with_id(req.frames, wid), _auth.CLIENT_TO_BROKER)
-                current.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.Again:  # send queue full: try again shortly rather than block the loop
-                if time.monotonic() > req.give_up_at:
-                    req.future.set_exception(
-                        TimeoutError(
-                            f"could not even queue {req.op!r} for {self.address} within its time budget "
-                            "(send queue full; is the broker reachable?)"
-                        )
-                    )
-                else:
-                    heapq.heappush(delayed, (time.monotonic() + 0.01, next(tiebreak), req))
-                return
-            req.attempts += 1
-            self.stats["sent"] += 1
-            deadline = time.monotonic() + req.timeout_s
-            attempts[wid] = (req, current, deadline)
-            owed[current].add(wid)
-            heapq.heappush(deadlines, (deadline, wid))
-
-        def retry_or_fail(req: _Request, error: BaseException, delay: float = 0.0) -> None:
-            if req.attempts <= req.retries and not self._closed.is_set():
-                self.stats["retries"] += 1
-                heapq.heappush(delayed, (time.monotonic() + delay, next(tiebreak), req))
-            elif not req.future.done():
-                req.future.set_exception(error)
-
-        def settle(wid: int) -> _Request | None:
-            entry = attempts.pop(wid, None)
-            if entry is None:
-                return None
-            owed[entry[1]].discard(wid)
-            return entry[0]
-
-        poller = zmq.Poller()
-        poller.register(current, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        io = _IOThread(self)
         try:
             while True:
-                now = time.monotonic()
-                horizon = min([now + 0.1] + [d[0] for d in deadlines[:1]] + [d[0] for d in delayed[:1]])
-                events = dict(poller.poll(max(0.0, horizon - now) * 1000))
+                events = io.poll()
                 if self._wake_r.fileno() in events:  # raw sockets are reported by fd
                     with contextlib.suppress(BlockingIOError):
                         while self._wake_r.recv(4096):
                             pass
-                stopping = False
-                while True:
-                    try:
-                        req = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if req is None:
-                        stopping = True
-                    elif req.future.set_running_or_notify_cancel():
-                        send(req)
-                if stopping:
-                    return
-                for sock in [s for s in owed if s in events]:
-                    for _ in range(256):
-                        try:
-                            raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        last_heard = time.monotonic()
-                        self._on_reply(raw, settle, retry_or_fail, control)
+                if not io.send_new():
+                    return  # close() asked
+                io.receive(events)
                 now = time.monotonic()
-                if not attempts:
-                    last_heard = now  # nothing awaited, nothing to watch
-                elif self.liveness_timeout_s is not None:
-                    if now - last_heard > self.liveness_timeout_s:
-                        error = ServiceUnavailable(
-                            f"the service at {self.address} has not answered for {now - last_heard:.0f}s "
-                            f"(liveness_timeout_s={self.liveness_timeout_s:g}): it is down or unreachable"
-                        )
-                        for wid in list(attempts):
-                            req = settle(wid)
-                            if req is not None and not req.future.done():
-                                self.stats["unavailable"] += 1
-                                req.future.set_exception(error)
-                        replace_current()  # the next request starts on a fresh connection
-                        control.clear()
-                        last_heard = now
-                    elif now - last_heard >= ping_every and now - last_ping >= ping_every:
-                        send_control(current, _PING_OP)
-                        last_ping = now
-                while deadlines and deadlines[0][0] <= now:
-                    _, wid = heapq.heappop(deadlines)
-                    entry = attempts.get(wid)
-                    if entry is None:
-                        continue
-                    req, sock, _ = entry
-                    settle(wid)
-                    # withdraw it at the broker (same connection: the broker knows it by sender + id)
-                    send_control(sock, CANCEL_OP, {"target": wid})
-                    self.stats["cancelled"] += 1
-                    if sock is current:  # replace the socket that timed out; the old one only drains
-                        replace_current()
-                    retry_or_fail(
-                        req,
-                        TimeoutError(
-                            f"no reply to {req.op!r} from {self.address} within {req.timeout_s}s "
-                            f"({req.attempts} attempt(s)); is the service up? (`gkd teacher ping`)"
-                        ),
-                    )
-                while delayed and delayed[0][0] <= now:
-                    send(heapq.heappop(delayed)[2])
-                for sock in [s for s, pending in owed.items() if not pending and s is not current]:
-                    poller.unregister(sock)
-                    sock.close(linger=200)  # lets a cancel just queued on it leave
-                    del owed[sock]
+                io.watch_liveness(now)
+                io.expire(now)
+                io.resend_due(now)
+                io.close_drained()
         finally:
-            for req, _, _ in list(attempts.values()):
-                if not req.future.done():
-                    req.future.set_exception(ClientClosed("client closed before the reply arrived"))
-            for _, _, req in delayed:
-                if not req.future.done():
-                    req.future.set_exception(ClientClosed("client closed before the reply arrived"))
-            while True:
-                try:
-                    req = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if req is not None and req.future.set_running_or_notify_cancel():
-                    req.future.set_exception(ClientClosed("client closed before the request was sent"))
-            for sock in owed:
-                sock.close(0)
+            io.fail_all()
             self._wake_r.close()
             self._wake_w.close()
 
-    def _on_reply(self, raw: list, settle, retry_or_fail, control: set[int]) -> None:
+
+class _IOThread:
+    """The I/O thread's state and steps (only that thread touches it): the current socket and the old
+    ones still owed replies, every attempt in flight with its deadline, resends waiting for their time,
+    and the liveness clock."""
+
+    def __init__(self, client: Client):
+        self.client, self.stats = client, client.stats
+        self.ids = itertools.count(1)
+        self.tiebreak = itertools.count()
+        self.poller = zmq.Poller()
+        self.poller.register(client._wake_r, zmq.POLLIN)
+        self.owed: dict[zmq.Socket, set[int]] = {}  # wire ids each socket still awaits
+        self.current = self._open()
+        self.attempts: dict[int, tuple[_Request, zmq.Socket, float]] = {}
+        self.deadlines: list[tuple[float, int]] = []  # heap; stale entries skipped
+        self.delayed: list[tuple[float, int, _Request]] = []  # heap of (when, tiebreak, request) resends
+        self.control: set[int] = set()  # wire ids of pings and cancels: their answers resolve no future
+        self.last_heard = self.last_ping = time.monotonic()
+        self.ping_every = min(1.0, (client.liveness_timeout_s or 4.0) / 4)
+
+    def _open(self) -> zmq.Socket:
+        sock = self.client._new_socket()
+        self.owed[sock] = set()
+        self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def poll(self) -> dict:
+        now = time.monotonic()
+        horizon = min([now + 0.1] + [d[0] for d in self.deadlines[:1]] + [d[0] for d in self.delayed[:1]])
+        return dict(self.poller.poll(max(0.0, horizon - now) * 1000))
+
+    def send_new(self) -> bool:
+        """Send what ``submit`` queued; False once ``close()`` has asked the thread to stop."""
+        while True:
+            try:
+                req = self.client._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if req is None:
+                return False
+            if req.future.set_running_or_notify_cancel():
+                self.send(req)
+
+    def send(self, req: _Request) -> None:
+        if req.future.done():  # cancelled or failed meanwhile
+            return
+        wid = next(self.ids)
         try:
-            frames = _auth.verify(self.auth, raw, _auth.BROKER_TO_CLIENT)
+            frames = _auth.sign(self.client.auth, with_id(req.frames, wid), _auth.CLIENT_TO_BROKER)
+            self.current.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # send queue full: try again shortly rather than block the loop
+            if time.monotonic() > req.give_up_at:
+                req.future.set_exception(
+                    TimeoutError(
+                        f"could not even queue {req.op!r} for {self.client.address} within its time "
+                        "budget (send queue full; is the broker reachable?)"
+                    )
+                )
+            else:
+                heapq.heappush(self.delayed, (time.monotonic() + 0.01, next(self.tiebreak), req))
+            return
+        req.attempts += 1
+        self.stats["sent"] += 1
+        deadline = time.monotonic() + req.timeout_s
+        self.attempts[wid] = (req, self.current, deadline)
+        self.owed[self.current].add(wid)
+        heapq.heappush(self.deadlines, (deadline, wid))
+
+    def send_control(self, sock: zmq.Socket, op: str, fields: dict | None = None) -> None:
+        cid = next(self.ids)
+        frames = _auth.sign(self.client.auth, encode(op, cid, fields), _auth.CLIENT_TO_BROKER)
+        with contextlib.suppress(zmq.Again):  # nothing queued: the liveness clock still runs
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            if op == _PING_OP:  # a cancel gets no answer
+                self.control.add(cid)
+
+    def replace_current(self) -> None:
+        self.current = self._open()
+        self.stats["reconnects"] += 1
+
+    def retry_or_fail(self, req: _Request, error: BaseException, delay: float = 0.0) -> None:
+        if req.attempts <= req.retries and not self.client._closed.is_set():
+            self.stats["retries"] += 1
+            heapq.heappush(self.delayed, (time.monotonic() + delay, next(self.tiebreak), req))
+        elif not req.future.done():
+            req.future.set_exception(error)
+
+    def settle(self, wid: int) -> _Request | None:
+        entry = self.attempts.pop(wid, None)
+        if entry is None:
+            return None
+        self.owed[entry[1]].discard(wid)
+        return entry[0]
+
+    def receive(self, events: dict) -> None:
+        for sock in [s for s in self.owed if s in events]:
+            for _ in range(256):
+                try:
+                    raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.last_heard = time.monotonic()
+                self.on_reply(raw)
+
+    def on_reply(self, raw: list) -> None:
+        client = self.client
+        try:
+            frames = _auth.verify(client.auth, raw, _auth.BROKER_TO_CLIENT)
         except AuthError:
             self.stats["bad_replies"] += 1
             return
         try:
-            msg = decode(frames, ops=REPLY_OPS, limits=self.limits)
+            msg = decode(frames, ops=REPLY_OPS, limits=client.limits)
         except ProtocolError as e:
-            rid = peek_id(frames, self.limits)
-            req = settle(rid) if isinstance(rid, int) else None
+            rid = peek_id(frames, client.limits)
+            req = self.settle(rid) if isinstance(rid, int) else None
             if req is None:
                 self.stats["bad_replies"] += 1
             elif not req.future.done():
-                req.future.set_exception(ProtocolError(f"malformed reply from {self.address}: {e}"))
+                req.future.set_exception(ProtocolError(f"malformed reply from {client.address}: {e}"))
             return
-        if msg.id in control:  # a ping's answer (its arrival already counted as a sign of life)
-            control.discard(msg.id)
+        if msg.id in self.control:  # a ping's answer (its arrival already counted as a sign of life)
+            self.control.discard(msg.id)
             return
-        req = settle(msg.id) if isinstance(msg.id, int) else None
+        req = self.settle(msg.id) if isinstance(msg.id, int) else None
         if req is None:
             self.stats["late_replies"] += 1  # the answer to an attempt we gave up on: never a duplicate
             return
@@ -418,11 +384,85 @@ class Client:
         if msg.op == ERROR:
             code, text = str(msg.fields.get("code", "error")), str(msg.fields.get("message", ""))
             if code == "busy":
-                retry_or_fail(req, RemoteError(code, text), delay=self.backoff_s * req.attempts)
+                self.retry_or_fail(req, RemoteError(code, text), delay=client.backoff_s * req.attempts)
             else:
                 req.future.set_exception(RemoteError(code, text))
         else:
             req.future.set_result(msg)
+
+    def watch_liveness(self, now: float) -> None:
+        """Ping while replies are awaited; after ``liveness_timeout_s`` of silence fail them all."""
+        timeout = self.client.liveness_timeout_s
+        if not self.attempts:
+            self.last_heard = now  # nothing awaited, nothing to watch
+        elif timeout is not None:
+            if now - self.last_heard > timeout:
+                error = ServiceUnavailable(
+                    f"the service at {self.client.address} has not answered for {now - self.last_heard:.0f}s "
+                    f"(liveness_timeout_s={timeout:g}): it is down or unreachable"
+                )
+                for wid in list(self.attempts):
+                    req = self.settle(wid)
+                    if req is not None and not req.future.done():
+                        self.stats["unavailable"] += 1
+                        req.future.set_exception(error)
+                self.replace_current()  # the next request starts on a fresh connection
+                self.control.clear()
+                self.last_heard = now
+            elif now - self.last_heard >= self.ping_every and now - self.last_ping >= self.ping_every:
+                self.send_control(self.current, _PING_OP)
+                self.last_ping = now
+
+    def expire(self, now: float) -> None:
+        """Attempts past their deadline: withdrawn at the broker, retried on a fresh socket or failed."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, wid = heapq.heappop(self.deadlines)
+            entry = self.attempts.get(wid)
+            if entry is None:
+                continue
+            req, sock, _ = entry
+            self.settle(wid)
+            # withdraw it at the broker (same connection: the broker knows it by sender + id)
+            self.send_control(sock, CANCEL_OP, {"target": wid})
+            self.stats["cancelled"] += 1
+            if sock is self.current:  # replace the socket that timed out; the old one only drains
+                self.replace_current()
+            self.retry_or_fail(
+                req,
+                TimeoutError(
+                    f"no reply to {req.op!r} from {self.client.address} within {req.timeout_s}s "
+                    f"({req.attempts} attempt(s)); is the service up? (`gkd teacher ping`)"
+                ),
+            )
+
+    def resend_due(self, now: float) -> None:
+        while self.delayed and self.delayed[0][0] <= now:
+            self.send(heapq.heappop(self.delayed)[2])
+
+    def close_drained(self) -> None:
+        """Old sockets owed nothing more are closed."""
+        for sock in [s for s, pending in self.owed.items() if not pending and s is not self.current]:
+            self.poller.unregister(sock)
+            sock.close(linger=200)  # lets a cancel just queued on it leave
+            del self.owed[sock]
+
+    def fail_all(self) -> None:
+        """The thread is ending: every unfinished future fails with ClientClosed; sockets close."""
+        for req, _, _ in list(self.attempts.values()):
+            if not req.future.done():
+                req.future.set_exception(ClientClosed("client closed before the reply arrived"))
+        for _, _, req in self.delayed:
+            if not req.future.done():
+                req.future.set_exception(ClientClosed("client closed before the reply arrived"))
+        while True:
+            try:
+                req = self.client._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None and req.future.set_running_or_notify_cancel():
+                req.future.set_exception(ClientClosed("client closed before the request was sent"))
+        for sock in self.owed:
+            sock.close(0)
 
 
 def plan_chunks(sizes: Sequence[int], *, max_items: int, max_tokens: int | None = None) -> list[range]:
