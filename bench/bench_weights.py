@@ -1,8 +1,20 @@
 """Weight transfer: packing into flat buffers and gloo syncs, every variant against its baseline in one run.
 
 Run: ``.venv/bin/python -m pytest bench/bench_weights.py --benchmark-only -s``
-(``GKD_BENCH_SIZE=small`` for a quick check; ``GKD_BENCH_ROUNDS`` rounds per variant, default 5).
-Not part of CI. Ratios are printed at the end and written to bench/results/weights.json.
+(``GKD_BENCH_SIZE=small`` for smaller shapes; ``GKD_BENCH_ROUNDS`` rounds per variant, default 5).
+Ratios are printed at the end and written to bench/results/weights.json.
+
+In the regression suite (``benchmark.extra_info["ratios"]``, higher is better), through the public API:
+- ``flatbuffer/small_vs_loop``: a Python ``copy_`` loop over 20,000 tensors of 4 KB (layout computed
+  beforehand, buffer faulted in) / ``FlatBuffer.pack(..., out=buf)`` (layout included) into the same
+  buffer; ``flatbuffer/small_vs_loop_reused_layout``: the loop / ``fb.write`` of an existing layout
+  (the weight sender's case: the same names and shapes every version);
+- ``flatbuffer/large_fraction_of_copy``: one ``copy_`` of the byte count of a Qwen2-0.5B-shaped bf16
+  state / ``FlatBuffer.pack(..., out=buf)`` of it (the fraction of ``copy_`` bandwidth reached);
+  ``..._reused_layout`` the same for ``fb.write``.
+``GKD_BENCH_QUICK=1`` (the suite's quick mode): smaller shapes (a 1/8 vocabulary and 4 layers for the
+Qwen2 state; the 20,000 tensors stay), and only these ratio benchmarks: the per-variant pack rows and the
+gloo broadcasts (spawned receivers, tens of seconds) are skipped.
 
 - pack of a Qwen2-0.5B-shaped bf16 state dict (~1 GB): extension vs torch fallback vs a Python
   ``copy_`` loop vs one ``copy_`` of the same byte count (the memory-bandwidth limit);
@@ -20,6 +32,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,8 +46,10 @@ from gkd import _ext
 from gkd.flatten import FlatBuffer, TensorMeta, layout, plan_buckets
 from gkd.weights import WeightReceiver, WeightSender, init_weight_group
 
-SMALL = os.environ.get("GKD_BENCH_SIZE", "full") == "small"
+QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
+SMALL = QUICK or os.environ.get("GKD_BENCH_SIZE", "full") == "small"
 ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "5"))
+skip_in_quick = pytest.mark.skipif(QUICK, reason="GKD_BENCH_QUICK=1 runs only the ratio benchmarks")
 RESULTS = Path(__file__).resolve().parent / "results" / "weights.json"
 BUCKET_BYTES = 64 << 20
 _TIMEOUT = timedelta(seconds=120)  # rendezvous and every collective
@@ -135,6 +152,7 @@ def _one_thread(fn):
     return run
 
 
+@skip_in_quick
 @pytest.mark.parametrize("variant", PACK_VARIANTS)
 def test_pack_qwen2_05b(benchmark, qwen_state, variant):
     flat, views, metas, buf = qwen_state
@@ -166,6 +184,7 @@ def small_state():
     return views, metas, buf
 
 
+@skip_in_quick
 @pytest.mark.parametrize("variant", ["ext", "fallback", "loop", "loop_1t"])
 def test_pack_20k_small(benchmark, small_state, variant):
     views, metas, buf = small_state
@@ -181,6 +200,61 @@ def test_pack_20k_small(benchmark, small_state, variant):
     }[variant]
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
     _record(benchmark, f"pack_small/{variant}")
+
+
+# ------------------------------------------------------------------------- FlatBuffer, the public API
+def _interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each function, called round-robin (one warm-up call each first), so that a
+    noisy machine's drift hits every variant alike and their ratios stay comparable."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _flatbuffer_ratios(benchmark, prefix, fns, baseline, ratio_names):
+    """Time ``fns`` interleaved, store ``baseline time / variant time`` under ``ratio_names[variant]`` in
+    ``extra_info["ratios"]``, and let pytest-benchmark time the first variant (the first write)."""
+    t = _interleaved_medians(fns, max(ROUNDS, 7))
+    benchmark.extra_info["median_seconds"] = t
+    benchmark.extra_info["ratios"] = {name: t[baseline] / t[key] for key, name in ratio_names.items()}
+    _TIMES.update({f"{prefix}/{k}": v for k, v in t.items()})
+    benchmark.pedantic(fns[next(iter(ratio_names))], rounds=ROUNDS, warmup_rounds=1)
+
+
+def test_flatbuffer_small(benchmark, small_state):
+    views, metas, buf = small_state
+    fb = FlatBuffer(buf, metas)
+    benchmark.group = "FlatBuffer public API: 20,000 x 4 KB"
+    fns = {
+        "loop": lambda: _python_loop(views, metas, buf),
+        "pack": lambda: FlatBuffer.pack(views, out=buf),
+        "write": lambda: fb.write(views),
+    }
+    names = {"pack": "flatbuffer/small_vs_loop", "write": "flatbuffer/small_vs_loop_reused_layout"}
+    _flatbuffer_ratios(benchmark, "flatbuffer_small", fns, "loop", names)
+
+
+def test_flatbuffer_large(benchmark, qwen_state):
+    flat, views, metas, buf = qwen_state
+    fb = FlatBuffer(buf, metas)
+    benchmark.group = f"FlatBuffer public API: Qwen2-0.5B shapes, {flat.nbytes / 2**20:.0f} MiB bf16"
+    benchmark.extra_info["bytes"] = flat.nbytes
+    fns = {
+        "copy_": lambda: buf[: flat.nbytes].copy_(flat.view(torch.uint8)),
+        "pack": lambda: FlatBuffer.pack(views, out=buf),
+        "write": lambda: fb.write(views),
+    }
+    names = {
+        "pack": "flatbuffer/large_fraction_of_copy",
+        "write": "flatbuffer/large_fraction_of_copy_reused_layout",
+    }
+    _flatbuffer_ratios(benchmark, "flatbuffer_large", fns, "copy_", names)
 
 
 # ------------------------------------------------------------------------------------------- broadcast
@@ -285,6 +359,7 @@ def _full_sync(group, key, state, sender, staging, version=[0]):  # noqa: B006 -
     _done(group)
 
 
+@skip_in_quick
 @pytest.mark.parametrize("key", list(BROADCAST_STATES))
 @pytest.mark.parametrize("variant", ["per_tensor", "bucketed", "raw", "full_sync"])
 def test_broadcast(benchmark, channel, key, variant):
@@ -330,6 +405,12 @@ def report():
     ratio("pack_small: ext speed-up over loop", "pack_small/loop", "pack_small/ext")
     ratio("pack_small: ext speed-up over loop (1 torch thread)", "pack_small/loop_1t", "pack_small/ext")
     ratio("pack_small: fallback speed-up over loop", "pack_small/loop", "pack_small/fallback")
+    ratio("FlatBuffer.pack (20k x 4 KB) speed-up over loop", "flatbuffer_small/loop", "flatbuffer_small/pack")
+    ratio(
+        "FlatBuffer.write (20k x 4 KB) speed-up over loop", "flatbuffer_small/loop", "flatbuffer_small/write"
+    )
+    ratio("FlatBuffer.pack (Qwen2) / one torch copy_", "flatbuffer_large/copy_", "flatbuffer_large/pack")
+    ratio("FlatBuffer.write (Qwen2) / one torch copy_", "flatbuffer_large/copy_", "flatbuffer_large/write")
     for key in BROADCAST_STATES:
         b = f"broadcast_{key}/"
         ratio(f"{key}: bucketed speed-up over per-tensor broadcast", b + "per_tensor", b + "bucketed")

@@ -50,10 +50,15 @@ __all__ = [
     "EXT_ERROR",
     "HAS_EXT",
     "HostMemory",
+    "LayoutMismatch",
     "PinWarning",
     "alloc_host",
     "checksum",
+    "code_dtype",
+    "copy_layout",
     "device_checksum",
+    "dtype_code",
+    "layout_records",
     "pack",
     "unpack",
 ]
@@ -185,6 +190,162 @@ def unpack(
         return
     for t, off in zip(dests, offsets, strict=True):
         _as_bytes(t).copy_(buffer[off : off + t.nbytes])
+
+
+# Layout records: a layout as tensors the extension reads without Python work per tensor. ``records`` is
+# int64 [n, 4], a row (offset, nbytes, dtype code, ndim) per tensor, ``dims`` int64 [sum of ndim] their
+# sizes back to back. Dtype codes are c10::ScalarType values with the extension, positions in a fixed list
+# without it: compare them only with codes from this module.
+_ALL_DTYPES = list(dict.fromkeys(v for v in vars(torch).values() if isinstance(v, torch.dtype)))
+_DTYPE_CODES = {d: (_C.dtype_code(d) if HAS_EXT else i) for i, d in enumerate(_ALL_DTYPES)}
+_CODE_DTYPES = {c: d for d, c in _DTYPE_CODES.items()}
+_RECORD_FIELDS = 4
+
+# Why a tensor does not match its record, by the codes gkd._C returns (csrc/bindings.cpp, enum Mismatch).
+MISMATCHES = (
+    "matches its record",
+    "is not a dense (strided) tensor",
+    "is not on the CPU",
+    "must be contiguous (call .contiguous() first)",
+    "does not have its record's shape",
+    "does not have its record's dtype",
+    "does not fit in the buffer at its record's offset",
+)
+NOT_STRIDED, NOT_CPU, NOT_CONTIGUOUS, SHAPE, DTYPE, RANGE = range(1, 7)
+
+
+class LayoutMismatch(RuntimeError):
+    """The tensor at ``index`` does not match its layout record; ``reason`` indexes :data:`MISMATCHES`.
+    ``label`` names it in the message (``tensors[3]``; gkd.flatten uses the tensor's name)."""
+
+    def __init__(self, label: str, index: int, reason: int):
+        super().__init__(f"{label} {MISMATCHES[reason]}")
+        self.index, self.reason = index, reason
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The code of ``dtype`` in layout records."""
+    return _DTYPE_CODES[dtype]
+
+
+def code_dtype(code: int) -> torch.dtype:
+    """The dtype of a layout record's code (inverse of :func:`dtype_code`)."""
+    return _CODE_DTYPES[code]
+
+
+def layout_records(
+    tensors: Sequence[torch.Tensor], alignment: int, *, use_ext: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(records, dims, end)`` of ``tensors`` laid out back to back, each offset a multiple of
+    ``alignment`` (a power of two), ``end`` the end of the last. Reads only metadata, on any device; raises
+    :class:`LayoutMismatch` for a sparse or nested tensor."""
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"alignment must be a power of two, got {alignment}")
+    if _want_ext(use_ext):
+        records, dims, end, bad, why = _C.layout_records(list(tensors), alignment)
+        if bad >= 0:
+            raise LayoutMismatch(f"tensors[{bad}]", bad, why)
+        return records, dims, end
+    rows, dims, end = [], [], 0
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided:
+            raise LayoutMismatch(f"tensors[{i}]", i, NOT_STRIDED)
+        offset = (end + alignment - 1) & -alignment
+        end = offset + t.nbytes
+        rows.append((offset, t.nbytes, _DTYPE_CODES[t.dtype], t.dim()))
+        dims.extend(t.shape)
+    records = torch.tensor(rows, dtype=torch.int64).reshape(-1, _RECORD_FIELDS)
+    return records, torch.tensor(dims, dtype=torch.int64), end
+
+
+def _check_layout_args(
+    tensors: Sequence[torch.Tensor], records: torch.Tensor, dims: torch.Tensor, buffer: torch.Tensor
+) -> None:
+    # csrc/bindings.cpp's copy_layout checks these again (see _check_args); the tensors' own checks are
+    # its per-tensor results, returned and raised here as LayoutMismatch, never thrown.
+    for t, name in ((records, "records"), (dims, "dims")):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype != torch.int64:
+            raise RuntimeError(f"{name} must be a contiguous int64 CPU tensor, got {t.dtype} on {t.device}")
+    if records.dim() != 2 or records.shape != (len(tensors), _RECORD_FIELDS):
+        raise RuntimeError(
+            f"records must be int64 [{len(tensors)}, {_RECORD_FIELDS}], got {list(records.shape)}"
+        )
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise RuntimeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} with {buffer.dim()} dims")
+    if not buffer.is_contiguous():
+        raise RuntimeError("buffer must be contiguous (call .contiguous() first)")
+
+
+def _mismatch_py(
+    t: torch.Tensor, record: list[int], shape: list[int], to_buffer: bool, allow_cast: bool, total: int
+) -> int:
+    offset, nbytes, code, _ = record
+    if t.layout != torch.strided:
+        return NOT_STRIDED
+    if not t.is_contiguous():
+        return NOT_CONTIGUOUS
+    if list(t.shape) != shape:
+        return SHAPE
+    if offset < 0 or nbytes < 0 or offset + nbytes > total:
+        return RANGE
+    if _DTYPE_CODES[t.dtype] != code:
+        want = _CODE_DTYPES.get(code)
+        castable = to_buffer and allow_cast and t.is_floating_point() and want is not None
+        return 0 if castable and want.is_floating_point else DTYPE
+    return RANGE if t.nbytes != nbytes else 0
+
+
+def copy_layout(
+    tensors: Sequence[torch.Tensor],
+    records: torch.Tensor,
+    dims: torch.Tensor,
+    buffer: torch.Tensor,
+    *,
+    to_buffer: bool = True,
+    allow_cast: bool = False,
+    num_threads: int = 0,
+    use_ext: bool | None = None,
+) -> None:
+    """Check every tensor against its record, then copy them into ``buffer`` (uint8 ``[N]``) at their
+    records' offsets (``to_buffer=False``: out of it, into the tensors).
+
+    A tensor that does not match (not dense, not contiguous, another shape or dtype, outside the buffer)
+    raises :class:`LayoutMismatch` before anything is copied. ``allow_cast``: a floating-point tensor whose
+    record has another floating dtype is converted on the way in (one ``copy_`` into its view). The
+    extension checks and copies in one call, on ``num_threads`` threads without the GIL, with no Python
+    work per tensor; it takes CPU tensors only: with ``use_ext=None`` another device goes to the fallback
+    (per-tensor checks, then :func:`pack` / :func:`unpack`'s torch code, which moves the bytes across).
+    """
+    _check_layout_args(tensors, records, dims, buffer)
+    what = "tensors" if to_buffer else "dests"
+    ext = _want_ext(use_ext, buffer)
+    casts: list[int] = []
+    if ext:
+        bad, why, casts = _C.copy_layout(
+            list(tensors), records, dims, buffer, to_buffer, allow_cast, num_threads
+        )
+        if bad >= 0 and not (why == NOT_CPU and use_ext is None):
+            raise LayoutMismatch(f"{what}[{bad}]", bad, why)
+        ext = bad < 0
+    rows = records.tolist() if casts or not ext else []  # [n, 4] as lists: microseconds per tensor
+    if not ext:
+        flat_dims, pos, copied = dims.tolist(), 0, []
+        for i, (t, row) in enumerate(zip(tensors, rows, strict=True)):
+            shape = flat_dims[pos : pos + row[3]]
+            pos += row[3]
+            why = _mismatch_py(t, row, shape, to_buffer, allow_cast, buffer.numel())
+            if why:
+                raise LayoutMismatch(f"{what}[{i}]", i, why)
+            (copied if _DTYPE_CODES[t.dtype] == row[2] else casts).append(i)
+        if to_buffer:
+            pack([tensors[i] for i in copied], [rows[i][0] for i in copied], buffer, use_ext=False)
+        else:
+            unpack(buffer, [rows[i][0] for i in copied], [tensors[i] for i in copied], use_ext=False)
+    with torch.no_grad():
+        for i in casts:
+            offset, nbytes, code, _ = rows[i]
+            t = tensors[i]
+            buffer[offset : offset + nbytes].view(_CODE_DTYPES[code]).view(t.shape).copy_(t)
 
 
 def checksum(

@@ -46,6 +46,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ALLOWED_CODES = torch.tensor([_ext.dtype_code(d) for d in DTYPES.values()], dtype=torch.int64)
 _MAX_ITEMSIZE = 8
 
 
@@ -148,6 +149,51 @@ def layout(metas: Iterable[TensorMeta], alignment: int = 256) -> tuple[list[Tens
     return out, end
 
 
+class _Plan:
+    """What a copy needs of a layout, as :func:`gkd._ext.copy_layout` takes it: the names in layout order,
+    the records (int64 [n, 4]: offset, nbytes, dtype code, ndim), the dims (int64 [sum of ndim]) and the
+    end of the last tensor. Built once per layout, so a write or copy does no Python work per tensor
+    beyond picking it by name."""
+
+    __slots__ = ("dims", "end", "names", "records")
+
+    def __init__(self, names: list[str], records: torch.Tensor, dims: torch.Tensor, end: int):
+        self.names, self.records, self.dims, self.end = names, records, dims, end
+
+    @classmethod
+    def of(cls, metas: Sequence[TensorMeta]) -> _Plan:
+        rows = [(m.offset, m.nbytes, _ext.dtype_code(m.dtype), len(m.shape)) for m in metas]
+        dims = [d for m in metas for d in m.shape]
+        records = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        end = max((m.end for m in metas), default=0)
+        return cls([m.name for m in metas], records, torch.tensor(dims, dtype=torch.int64), end)
+
+    def metas(self) -> _Metas:
+        """The :class:`TensorMeta` of every tensor (a few microseconds each: built only when asked)."""
+        out, pos, dims = [], 0, self.dims.tolist()
+        for name, (offset, nbytes, code, ndim) in zip(self.names, self.records.tolist(), strict=True):
+            out.append(TensorMeta(name, _ext.code_dtype(code), tuple(dims[pos : pos + ndim]), offset, nbytes))
+            pos += ndim
+        return _Metas(out, self)
+
+
+class _Metas(tuple):
+    """An immutable run of :class:`TensorMeta` (a tuple) that keeps its :class:`_Plan` once built."""
+
+    def __new__(cls, metas: Iterable[TensorMeta] = (), plan: _Plan | None = None) -> _Metas:
+        self = super().__new__(cls, metas)
+        self._plan = plan
+        return self
+
+    def plan(self) -> _Plan:
+        if self._plan is None:
+            self._plan = _Plan.of(self)
+        return self._plan
+
+    def __reduce__(self):  # pickles as a plain tuple, without the plan's tensors
+        return tuple, (tuple(self),)
+
+
 @dataclass(frozen=True)
 class Bucket:
     """A run of consecutive tensors sent as one flat buffer. Meta offsets are relative to the bucket."""
@@ -155,6 +201,10 @@ class Bucket:
     index: int
     metas: tuple[TensorMeta, ...]
     nbytes: int  # exact: end of the last tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metas, _Metas):  # every FlatBuffer over this bucket shares one copy plan
+            object.__setattr__(self, "metas", _Metas(self.metas))
 
 
 def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int, alignment: int = 256) -> list[Bucket]:
@@ -210,22 +260,40 @@ def _named(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tenso
 
 
 class FlatBuffer:
-    """One uint8 buffer ``[nbytes]`` holding tensors at the offsets in ``metas``.
+    """One uint8 buffer ``[nbytes]`` holding tensors at the offsets in ``metas`` (a tuple of
+    :class:`TensorMeta`).
 
     ``pinned`` is True when the host memory is page-locked; when pinning was asked for and refused (e.g.
     RLIMIT_MEMLOCK) it is False and ``pin_error`` says why (a ``PinWarning`` was issued too).
+
+    Writes and copies go through the layout's copy plan, built once per layout: FlatBuffers made over the
+    same metas tuple (a :class:`Bucket`'s, or another FlatBuffer's ``metas``) share it, so writing the
+    same names and shapes again, as the weight sender does every version, costs no Python work per
+    tensor beyond picking it by name.
     """
 
     def __init__(
         self, buffer: torch.Tensor, metas: Sequence[TensorMeta], *, pinned: bool = False, pin_error: str = ""
     ):
-        end = max((m.end for m in metas), default=0)
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < end:
-            raise ValueError(f"buffer must be uint8 [>= {end}], got {buffer.dtype}{list(buffer.shape)}")
+        metas = metas if isinstance(metas, _Metas) else _Metas(metas)
+        self._init(buffer, metas.plan(), metas, pinned, pin_error)
+
+    def _init(
+        self, buffer: torch.Tensor, plan: _Plan, metas: _Metas | None, pinned: bool, pin_error: str
+    ) -> None:
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < plan.end:
+            raise ValueError(f"buffer must be uint8 [>= {plan.end}], got {buffer.dtype}{list(buffer.shape)}")
         self.buffer = buffer  # [nbytes] uint8
-        self.metas = list(metas)
+        self._plan = plan
+        self._metas = metas  # None until asked for (pack builds the plan straight from the tensors)
         self.pinned = pinned
         self.pin_error = pin_error
+
+    @property
+    def metas(self) -> tuple[TensorMeta, ...]:
+        if self._metas is None:
+            self._metas = self._plan.metas()
+        return self._metas
 
     @property
     def nbytes(self) -> int:
@@ -242,7 +310,9 @@ class FlatBuffer:
         use_ext: bool | None = None,
     ) -> FlatBuffer:
         """A zero-filled buffer for an existing layout (host memory from the extension on CPU)."""
-        nbytes = max((m.end for m in metas), default=0) if nbytes is None else nbytes
+        metas = metas if isinstance(metas, _Metas) else _Metas(metas)
+        plan = metas.plan()
+        nbytes = plan.end if nbytes is None else nbytes
         if torch.device(device).type == "cpu":
             mem = _ext.alloc_host(nbytes, pin=pin, use_ext=use_ext)
             return cls(mem.tensor, metas, pinned=mem.pinned, pin_error=mem.error)
@@ -256,16 +326,51 @@ class FlatBuffer:
         alignment: int = 256,
         pin: bool = False,
         device: torch.device | str | None = None,
+        out: torch.Tensor | None = None,
         num_threads: int = 0,
         use_ext: bool | None = None,
     ) -> FlatBuffer:
-        """Lay out and copy ``named_tensors`` into a new buffer (on ``device``, default: the tensors')."""
-        items = _named(named_tensors)
-        metas, nbytes = layout((TensorMeta.of(n, t) for n, t in items), alignment)
-        if device is None:
-            device = items[0][1].device if items else "cpu"
-        fb = cls.empty(metas, nbytes, pin=pin, device=device, use_ext=use_ext)
-        fb.write(items, num_threads=num_threads, use_ext=use_ext)
+        """Lay out and copy ``named_tensors`` into a new buffer (on ``device``, default: the tensors').
+
+        ``out``: pack into the front of this uint8 buffer instead (e.g. a staging buffer kept across
+        versions: no allocation and no page faults); the FlatBuffer's buffer is ``out[:nbytes]``.
+        The layout is computed from the tensors in one pass (in C++ with the extension); the
+        :class:`TensorMeta` list is built only when ``metas`` is first read."""
+        _check_alignment(alignment)
+        if isinstance(named_tensors, Mapping):
+            names, tensors = list(named_tensors.keys()), list(named_tensors.values())
+        else:
+            items = list(named_tensors)
+            names, tensors = [n for n, _ in items], [t for _, t in items]
+            if len(set(names)) != len(names):
+                seen: set[str] = set()
+                twice = next(n for n in names if n in seen or seen.add(n))
+                raise ValueError(f"tensor name {twice!r} appears twice")
+        try:
+            records, dims, end = _ext.layout_records(tensors, alignment, use_ext=use_ext)
+        except _ext.LayoutMismatch as exc:
+            t = tensors[exc.index]
+            raise ValueError(
+                f"tensor {names[exc.index]!r} is {t.layout}, not dense; pass t.to_dense()"
+            ) from None
+        allowed = torch.isin(records[:, 2], _ALLOWED_CODES)
+        if not bool(allowed.all()):
+            i = int((~allowed).nonzero()[0])
+            _dtype_name(tensors[i].dtype, names[i])  # raises the TypeError naming the tensor
+        plan = _Plan(names, records, dims, end)
+        if out is not None:
+            if pin or device is not None:
+                raise ValueError("FlatBuffer.pack: pass either out= or pin=/device=, not both")
+            if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < end:
+                raise ValueError(f"out must be uint8 [>= {end}], got {out.dtype}{list(out.shape)}")
+            fb = cls.__new__(cls)
+            fb._init(out[:end], plan, None, False, "")
+        else:
+            if device is None:
+                device = tensors[0].device if tensors else "cpu"
+            fb = cls.empty((), end, pin=pin, device=device, use_ext=use_ext)
+            fb._plan, fb._metas = plan, None
+        fb._copy(tensors, "source", cast=False, num_threads=num_threads, use_ext=use_ext)
         return fb
 
     def write(
@@ -280,33 +385,8 @@ class FlatBuffer:
 
         ``cast=True``: a floating-point tensor may have another floating dtype than its meta; it is
         converted on the way in (one ``copy_`` into the buffer's view, on the buffer's device)."""
-        items = _named(named_tensors)
-        self._check_names_match(items, "source", cast=cast)
-        by_name = dict(items)
-        tensors = [by_name[m.name] for m in self.metas]
-        for m, t in zip(self.metas, tensors, strict=True):
-            if not t.is_contiguous():
-                raise ValueError(
-                    f"tensor {m.name!r} is not contiguous; pass t.contiguous() (gkd never "
-                    "copies behind your back)"
-                )
-        converted = [
-            i for i, (m, t) in enumerate(zip(self.metas, tensors, strict=True)) if t.dtype != m.dtype
-        ]
-        if converted:
-            with torch.no_grad():
-                for i in converted:
-                    self.view(self.metas[i]).copy_(tensors[i])
-            skip = set(converted)
-            keep = [i for i in range(len(tensors)) if i not in skip]
-            metas, tensors = [self.metas[i] for i in keep], [tensors[i] for i in keep]
-        else:
-            metas = self.metas
-        if not tensors:
-            return
-        if any(t.device != self.buffer.device for t in tensors):
-            tensors = [t.to(self.buffer.device) for t in tensors]
-        _ext.pack(tensors, [m.offset for m in metas], self.buffer, num_threads=num_threads, use_ext=use_ext)
+        tensors = self._in_order(named_tensors, "source", cast)
+        self._copy(tensors, "source", cast=cast, num_threads=num_threads, use_ext=use_ext)
 
     def view(self, meta: TensorMeta) -> torch.Tensor:
         """The tensor ``meta`` describes, as a view into the buffer (no copy)."""
@@ -329,12 +409,19 @@ class FlatBuffer:
         them before anything is written. Contiguous CPU destinations are filled by one threaded call; the rest
         (GPU, non-contiguous) by ``copy_`` per tensor (asynchronous from pinned memory).
         """
-        items = _named(dest)
-        self._check_names_match(items, "destination")
-        by_name = dict(items)
+        tensors = self._in_order(dest, "destination")
+        if use_ext is not False and _ext.HAS_EXT and self.buffer.device.type == "cpu":
+            try:  # all contiguous CPU tensors (the usual case): one call, nothing per tensor in Python
+                self._copy(tensors, "destination", cast=False, num_threads=num_threads, use_ext=True)
+                return
+            except _ext.LayoutMismatch as exc:
+                if exc.reason not in (_ext.NOT_CPU, _ext.NOT_CONTIGUOUS):
+                    raise
+        pairs = list(zip(self.metas, tensors, strict=True))
+        if any(t.dtype != m.dtype or tuple(t.shape) != m.shape for m, t in pairs):
+            self._check_names_match(list(zip(self._plan.names, tensors, strict=True)), "destination")
         fast, slow = [], []
-        for m in self.metas:
-            t = by_name[m.name]
+        for m, t in pairs:
             plain = t.device.type == "cpu" and t.is_contiguous() and self.buffer.device.type == "cpu"
             (fast if plain else slow).append((m, t))
         with torch.no_grad():
@@ -348,6 +435,55 @@ class FlatBuffer:
                 )
             for m, t in slow:
                 t.copy_(self.view(m), non_blocking=self.pinned)
+
+    def _in_order(
+        self,
+        named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        what: str,
+        cast: bool = False,
+    ) -> list[torch.Tensor]:
+        """The tensors of ``named`` in layout order; :class:`MetadataMismatch` with the full diff unless
+        they carry exactly this layout's names."""
+        items = None if isinstance(named, Mapping) else list(named)
+        by_name = named if items is None else dict(items)
+        names = self._plan.names
+        if len(by_name) == len(names) and (items is None or len(items) == len(names)):
+            try:
+                return [by_name[n] for n in names]
+            except KeyError:
+                pass
+        self._check_names_match(_named(named) if items is None else items, what, cast=cast)
+        raise MetadataMismatch(f"{what} tensors do not match the buffer's names")  # not reached
+
+    def _copy(
+        self, tensors: list[torch.Tensor], what: str, *, cast: bool, num_threads: int, use_ext: bool | None
+    ) -> None:
+        """Copy ``tensors`` (in layout order) into the buffer (``what="source"``) or out of it."""
+        plan = self._plan
+        try:
+            _ext.copy_layout(
+                tensors,
+                plan.records,
+                plan.dims,
+                self.buffer,
+                to_buffer=what == "source",
+                allow_cast=cast,
+                num_threads=num_threads,
+                use_ext=use_ext,
+            )
+        except _ext.LayoutMismatch as exc:
+            # Nothing was copied. Name the tensor, and report every name/dtype/shape mismatch first,
+            # as the checks did before the copy plan existed.
+            self._check_names_match(list(zip(plan.names, tensors, strict=True)), what, cast=cast)
+            name, t = plan.names[exc.index], tensors[exc.index]
+            if exc.reason == _ext.NOT_CONTIGUOUS and what == "source":
+                raise ValueError(
+                    f"tensor {name!r} is not contiguous; pass t.contiguous() (gkd never "
+                    "copies behind your back)"
+                ) from None
+            if exc.reason == _ext.NOT_STRIDED:
+                raise ValueError(f"tensor {name!r} is {t.layout}, not dense; pass t.to_dense()") from None
+            raise _ext.LayoutMismatch(f"{what} tensor {name!r}", exc.index, exc.reason) from None
 
     def checksum(self, *, use_ext: bool | None = None) -> int:
         """CRC-32 of the whole buffer (see :mod:`gkd._ext`)."""
