@@ -2,19 +2,36 @@
 
 An own decoding loop rather than ``model.generate``: it needs per-prompt seeded generators (results must
 not depend on batching), the sampled tokens' log-probs under softmax(logits / T) before truncation, and
-it drops finished rows from the batch and the cache as it goes.
+it drops finished rows from the batch and the cache once half of them have finished.
+
+The loop is built to stay near the cost of streaming the weights once per step (bench/bench_generation.py):
+tokens, log-probs and top ids stay on the device in ``[B, max_new_tokens]`` buffers and reach the host once,
+at the end; sampling is one inverse-CDF draw per row (a single uniform from the row's generator, not one
+random number per vocabulary entry); on CPU the large float32 ``nn.Linear`` weights are reordered once
+into oneDNN's blocked layout for the decode steps (:class:`PackedLinears`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 from gkd.transport.worker import check_cancelled
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Weights with fewer elements stay on ``F.linear``: at decode batch sizes MKL is as fast for them
+#: (measured on the demo student's 576 x 576 and 192 x 576 projections).
+PACK_MIN_NUMEL = 1 << 19
+#: Input rows (batch x tokens) for which the packed weights are used: MKL's GEMV path wins below (a batch
+#: reduced to 1-2 rows), and the prompt pass is compute-bound, where the packing does not help.
+PACK_ROWS = (3, 64)
+#: Block width of the two-level inverse CDF used to sample (:func:`inverse_cdf`).
+CDF_BLOCK = 256
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -31,10 +48,131 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-class HFRolloutEngine:
-    """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` on a transformers model."""
+def sample_rows(
+    logits: torch.Tensor, s: SamplingConfig, uniforms: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next tokens [B], their log-probs [B] float32 under softmax(logits / T) (T = 1 when greedy) and the
+    log normalisers [B] float64 (non-finite when the logits were).
 
-    def __init__(self, model, *, device: str = "cpu", max_batch_size: int = 64, pad_token_id: int = 0):
+    ``logits``: [B, V] float32. ``uniforms``: [B] float64 in [0, 1), one per row (None when greedy): row i
+    takes the token where ``uniforms[i]`` falls in its cumulative distribution (after top-k/top-p), i.e. an
+    exact draw from the filtered distribution that depends on that row's logits and uniform alone.
+    """
+    if s.temperature == 0:
+        tok = logits.argmax(-1)
+        lse = logits.logsumexp(-1).double()
+        return tok, (logits.gather(1, tok[:, None])[:, 0] - lse).float(), lse
+    scaled = logits / s.temperature if s.temperature != 1 else logits
+    peak = scaled.amax(-1, keepdim=True)  # [B, 1]
+    weights = (scaled - peak).exp_()  # [B, V] unnormalised probabilities, the largest 1
+    if s.top_k or s.top_p < 1.0:
+        lse = peak[:, 0].double() + weights.sum(-1, dtype=torch.float64).log()
+        weights = weights.masked_fill_(filter_logits(scaled, s.top_k, s.top_p) == float("-inf"), 0.0)
+        tok, _ = inverse_cdf(weights, uniforms)
+    else:
+        tok, total = inverse_cdf(weights, uniforms)
+        lse = peak[:, 0].double() + total.log()
+    return tok, (scaled.gather(1, tok[:, None])[:, 0].double() - lse).float(), lse
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first index where the running sum of ``weights`` exceeds ``uniforms`` x the row's total,
+    and that total [B] float64. ``weights``: [B, V] >= 0, each row with a positive total.
+
+    Two levels instead of a float64 cumsum over the vocabulary (the costliest part of a decode step's
+    sampling): sums of ``CDF_BLOCK``-wide blocks pick the block, a cumsum inside that block picks the index.
+    Targets are kept strictly below each level's total, so the chosen index always has a non-zero weight.
+    """
+    b, v = weights.shape
+    nb = -(-v // CDF_BLOCK)
+    if nb * CDF_BLOCK != v:  # zero weights pad the last block; they are never chosen
+        weights = F.pad(weights, (0, nb * CDF_BLOCK - v))
+    blocks = weights.view(b, nb, CDF_BLOCK)
+    cdf = F.pad(blocks.sum(-1).double().cumsum(-1), (1, 0))  # [B, nb + 1], cdf[:, k] = mass before block k
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None] * total, _below(total))  # [B, 1]
+    blk = (torch.searchsorted(cdf, target, right=True) - 1).clamp_(0, nb - 1)  # [B, 1]
+    inner = blocks.gather(1, blk[:, :, None].expand(b, 1, CDF_BLOCK))[:, 0].cumsum(-1, dtype=torch.float64)
+    rest = torch.minimum(target - cdf.gather(1, blk), _below(inner[:, -1:])).clamp_min_(0)
+    j = torch.searchsorted(inner, rest, right=True).clamp_max_(CDF_BLOCK - 1)
+    # the clamp only matters for NaN weights (the caller reports those): the padding is never chosen
+    return (blk * CDF_BLOCK + j)[:, 0].clamp_max_(v - 1), total[:, 0]
+
+
+def _below(x: torch.Tensor) -> torch.Tensor:
+    """The largest float below ``x`` (elementwise)."""
+    return torch.nextafter(x, torch.zeros_like(x))
+
+
+class PackedLinears:
+    """oneDNN-packed copies of a model's large float32 ``nn.Linear`` weights, used while :meth:`active`.
+
+    MKL's GEMM repacks the weight on every call; for the decode steps' few rows that repacking costs about
+    as much as the product (the weights are streamed ~twice). Packed once here, a decode step reads each
+    weight once. A copy is remade when its weight changes (``load_weights``, or any in-place update: the
+    tensor's version counter moves), and costs the weight's size in memory. Other layers, other dtypes and
+    inputs outside ``PACK_ROWS`` run ``F.linear`` as before.
+    """
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.modules = []
+        if enabled:
+            self.modules = [
+                m
+                for m in model.modules()
+                if type(m) is torch.nn.Linear
+                and m.weight.dtype == torch.float32
+                and m.weight.device.type == "cpu"
+                and m.weight.numel() >= PACK_MIN_NUMEL
+            ]
+        self._packed: dict[torch.nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    @staticmethod
+    def available() -> bool:
+        ops = torch.ops.mkldnn
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")
+        )
+
+    @contextlib.contextmanager
+    def active(self):
+        """Route the packed modules' forward through :meth:`_forward` (restored on exit)."""
+        for m in self.modules:
+            m.forward = functools.partial(self._forward, m)
+        try:
+            yield
+        finally:
+            for m in self.modules:
+                m.__dict__.pop("forward", None)
+
+    def _forward(self, m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not PACK_ROWS[0] <= x.numel() // x.shape[-1] <= PACK_ROWS[1]:
+            return F.linear(x, m.weight, m.bias)
+        w = m.weight
+        entry = self._packed.get(m)
+        if entry is None or entry[0] is not w or entry[1] != w._version:
+            entry = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS[1]))
+            self._packed[m] = entry
+        return torch.ops.mkldnn._linear_pointwise(x, entry[2], m.bias, "none", [], "")
+
+
+class HFRolloutEngine:
+    """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` on a transformers model.
+
+    ``prepack``: use :class:`PackedLinears` during decoding (None: on CPU when oneDNN is available).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 64,
+        pad_token_id: int = 0,
+        prepack: bool | None = None,
+    ):
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_batch_size = int(max_batch_size)
@@ -43,6 +181,9 @@ class HFRolloutEngine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         # prompt + response positions the model supports (the rollout service refuses longer requests)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 31))
+        if prepack is None:
+            prepack = self.device.type == "cpu" and PackedLinears.available()
+        self.linears = PackedLinears(model, prepack)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", device: str = "cpu", **kwargs):
@@ -81,25 +222,55 @@ class HFRolloutEngine:
             out.extend(self._generate_batch(batch, sampling, seed_offset + start, version))
         return out
 
-    @torch.no_grad()
     def _generate_batch(
         self, prompts, sampling: SamplingConfig, seed_base: int, version: int
     ) -> list[Sample]:
-        b, width = len(prompts), max(len(p) for p in prompts)
+        with torch.inference_mode(), self.linears.active():
+            toks, lps, tops, lengths, stopped, lse_ok = self._decode(prompts, sampling, seed_base)
+        # the one host transfer of the batch (outside inference mode: the samples hold ordinary tensors)
+        toks, lps, lengths, stopped = toks.cpu(), lps.cpu(), lengths.tolist(), stopped.tolist()
+        if not bool(lse_ok):
+            raise RuntimeError(
+                "the rollout model produced non-finite logits (NaN/inf) while sampling: "
+                "check the weights loaded into the rollout engine"
+            )
+        tops = tops.cpu() if tops is not None else None
+        return [
+            Sample(
+                list(p),
+                toks[i, : lengths[i]].tolist(),
+                lps[i, : lengths[i]].clone(),
+                "stop" if stopped[i] else "length",
+                version,
+                topk_ids=tops[i, : lengths[i]].clone() if tops is not None else None,  # [R, m]
+            )
+            for i, p in enumerate(prompts)
+        ]
+
+    def _decode(self, prompts, sampling: SamplingConfig, seed_base: int):
+        """Device buffers of one batch: tokens [B, N], log-probs [B, N] float32, top ids [B, N, m] int32
+        (or None), response lengths [B], stopped-by-a-stop-token [B] bool, all-normalisers-finite []."""
+        b, width, n = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
+        dev = self.device
         ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
         attn = torch.zeros(b, width, dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding: every row's next token lands in the last column
             ids[i, width - len(p) :] = torch.tensor(list(p))
             attn[i, width - len(p) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
+        ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        greedy = sampling.temperature == 0
         gens = None
-        if sampling.seed is not None and sampling.temperature > 0:
-            gens = [
-                torch.Generator(device=self.device).manual_seed(sampling.seed + seed_base + i)
-                for i in range(b)
-            ]
-        stop = torch.tensor(sampling.stop_token_ids or [-1], device=self.device)
+        if sampling.seed is not None and not greedy:
+            gens = [torch.Generator(device=dev).manual_seed(sampling.seed + seed_base + i) for i in range(b)]
+        stop = torch.tensor(sampling.stop_token_ids, device=dev) if sampling.stop_token_ids else None
+        m = min(sampling.return_topk, self.vocab_size)
+        toks = torch.zeros(b, n, dtype=torch.long, device=dev)
+        lps = torch.zeros(b, n, dtype=torch.float32, device=dev)
+        tops = torch.zeros(b, n, m, dtype=torch.int32, device=dev) if m else None
+        lengths = torch.full((b,), n, dtype=torch.long, device=dev)
+        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        lse_ok = torch.ones((), dtype=torch.bool, device=dev)
 
         from transformers import DynamicCache
 
@@ -112,36 +283,48 @@ class HFRolloutEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        rows = list(range(b))  # batch row -> prompt index, shrinks as rows finish
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        logps: list[list[float]] = [[] for _ in range(b)]
-        m = min(sampling.return_topk, self.vocab_size)
-        tops: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        finish = ["length"] * b
+        rows = list(range(b))  # batch row -> prompt index; finished rows leave once half have finished
+        index = torch.arange(b, device=dev)  # the same, on the device
+        live = torch.ones(b, dtype=torch.bool, device=dev)  # per batch row: no stop token yet
         next_pos = pos[:, -1:] + 1
-        for step in range(sampling.max_new_tokens):
+        for step in range(n):
             check_cancelled()  # the broker withdrew this request (its client gave up): stop here
-            logits = out.logits[:, -1].float()  # [B', V]
-            tok, lp = self._sample(logits, sampling, [gens[r] for r in rows] if gens else None)
-            # the student's top-m: softmax(logits / T) keeps the logits' order, so no rescaling needed
-            top = logits.topk(m, dim=-1).indices.to(torch.int32).cpu() if m else None  # [B', m]
-            done = torch.isin(tok, stop)
-            for j, r in enumerate(rows):
-                tokens[r].append(int(tok[j]))
-                logps[r].append(float(lp[j]))
-                if top is not None:
-                    tops[r].append(top[j])
-                if bool(done[j]):
-                    finish[r] = "stop"
-            if step + 1 == sampling.max_new_tokens:
+            logits = out.logits[:, -1].float()  # [B', V] (no copy when already float32)
+            uniforms = None
+            if gens is not None:
+                uniforms = torch.cat(
+                    [torch.rand(1, generator=gens[r], dtype=torch.float64, device=dev) for r in rows]
+                )
+            elif not greedy:
+                uniforms = torch.rand(len(rows), dtype=torch.float64, device=dev)
+            tok, lp, lse = sample_rows(logits, sampling, uniforms)
+            lse_ok &= lse.isfinite().all()
+            toks[index, step] = tok
+            lps[index, step] = lp
+            if m:  # the student's top-m: softmax(logits / T) keeps the logits' order, so no rescaling needed
+                tops[index, step] = logits.topk(m, dim=-1).indices.to(torch.int32)
+            if stop is not None:
+                hit = torch.isin(tok, stop) & live
+                lengths[index] = torch.where(hit, step + 1, lengths[index])
+                stopped[index] |= hit
+                live &= ~hit
+            if step + 1 == n:
                 break
-            keep = (~done).nonzero()[:, 0]
-            if keep.numel() == 0:
-                break
-            if keep.numel() < len(rows):  # drop finished rows from the batch and the KV cache
-                cache.batch_select_indices(keep)
-                rows = [rows[int(j)] for j in keep]
-                tok, attn, next_pos = tok[keep], attn[keep], next_pos[keep]
+            if stop is not None:
+                alive = int(live.sum())  # a host sync, once per step and only with stop tokens
+                if alive == 0:
+                    break
+                if 2 * alive <= len(rows):  # drop finished rows from the batch and the KV cache
+                    keep = live.nonzero()[:, 0]
+                    cache.batch_select_indices(keep)
+                    rows = [rows[j] for j in keep.tolist()]
+                    index, live, tok, attn, next_pos = (
+                        index[keep],
+                        live[keep],
+                        tok[keep],
+                        attn[keep],
+                        next_pos[keep],
+                    )
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             out = self.model(
                 input_ids=tok[:, None],
@@ -151,26 +334,4 @@ class HFRolloutEngine:
                 use_cache=True,
             )
             next_pos = next_pos + 1
-        samples = [
-            Sample(list(p), tokens[i], torch.tensor(logps[i], dtype=torch.float32), finish[i], version)
-            for i, p in enumerate(prompts)
-        ]
-        if m:
-            for i, s in enumerate(samples):
-                s.topk_ids = torch.stack(tops[i])  # [R, m]
-        return samples
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, s: SamplingConfig, gens) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next tokens [B] and their log-probs under softmax(logits / T) (T = 1 when greedy)."""
-        if s.temperature == 0:
-            tok = logits.argmax(-1)
-            return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-        scaled = logits / s.temperature
-        logp = torch.log_softmax(scaled, -1)
-        probs = filter_logits(scaled, s.top_k, s.top_p).softmax(-1)
-        if gens is None:
-            tok = torch.multinomial(probs, 1)[:, 0]
-        else:
-            tok = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
-        return tok, logp.gather(1, tok[:, None])[:, 0]
+        return toks, lps, tops, lengths, stopped, lse_ok

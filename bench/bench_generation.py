@@ -1,0 +1,154 @@
+"""Generation in ``HFRolloutEngine`` against its weight-streaming bound, and against ``model.generate``.
+
+Run: ``.venv/bin/python -m pytest bench/bench_generation.py --benchmark-only -s`` (``GKD_BENCH_QUICK=1``:
+small shapes). Results also go to bench/results/generation.json.
+
+Model: the demo student's shape (SmolLM2-135M-Instruct keeping 16 of its 30 layers: vocab 49152, hidden
+576, 9 heads / 3 KV heads, tied embeddings, ~85 M parameters, float32), random weights from the config (no
+download); quick mode keeps 4 layers. ``GKD_BENCH_THREADS`` intra-op threads (default 1, what the demo's
+rollout worker gets). Batch: 8 prompts of 34-40 tokens (the demo's chat-templated prompt lengths), 32 new
+tokens each (quick: 16), temperature 1, seeded, no stop token (every row decodes every step).
+
+The bound: every forward pass (the prompt pass and each decode step, ``max_new_tokens`` in all) reads every
+parameter once, so the time to stream them is ``param_bytes x max_new_tokens / bandwidth``. The bandwidth is
+a ``copy_`` of a 256 MiB tensor measured in the same run (best of 5) counted as bytes moved, i.e. read +
+written (2 x 256 MiB per copy, STREAM's convention: a copy is a read stream plus a write stream, the weights
+are one read stream). The prompt pass is compute-bound (~37 tokens x 8 rows through every matrix), and the
+bound does not include it beyond one weight read, so no implementation reaches 1.0.
+
+Ratios (``extra_info["ratios"]``, higher is better):
+- ``generation/fraction_of_bound``: bound time / the engine's median generate time.
+- ``generation/vs_hf_generate``: ``model.generate`` (do_sample, the sampled tokens' log-probs from
+  ``compute_transition_scores``, as the engine returns them) median time / the engine's; rounds interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.rollout.hf_engine import HFRolloutEngine
+from gkd.rollout.types import SamplingConfig
+
+QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
+THREADS = int(os.environ.get("GKD_BENCH_THREADS", "1"))
+LAYERS = 4 if QUICK else 16
+NEW = 16 if QUICK else 32
+ROUNDS = 2 if QUICK else 3
+BATCH = 8
+COPY_BYTES = 256 << 20
+# model.generate with the engine's settings; the scores give the sampled tokens' log-probs (as the engine)
+HF_SAMPLING = dict(
+    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, output_scores=True, return_dict_in_generate=True
+)
+RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
+
+
+def demo_student_shape(layers: int):
+    """SmolLM2-135M-Instruct's config (the demo's teacher) with ``layers`` decoder layers, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # model.generate decodes exactly NEW tokens per row too
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def copy_bandwidth(nbytes: int = COPY_BYTES, rounds: int = 5) -> float:
+    """Bytes moved per second (read + written) by the best of ``rounds`` copies of an ``nbytes`` tensor."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of the destination's pages outside the timing
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(THREADS)
+    return demo_student_shape(LAYERS)
+
+
+def test_generation_vs_weight_streaming_bound(benchmark, model):
+    engine = HFRolloutEngine(model, max_batch_size=BATCH)
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(34, 41, (BATCH,), generator=g).tolist()
+    prompts = [torch.randint(3, engine.vocab_size, (n,), generator=g).tolist() for n in lens]
+    sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0, seed=7)
+    width = max(lens)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attn = (torch.arange(width)[None, :] >= width - torch.tensor(lens)[:, None]).long()
+
+    def run_engine():
+        samples = engine.generate(prompts, sampling)
+        assert all(len(s.response_ids) == NEW for s in samples)
+
+    @torch.inference_mode()
+    def run_hf_generate():
+        out = model.generate(ids, attention_mask=attn, max_new_tokens=NEW, **HF_SAMPLING)
+        logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        assert logprobs.shape == (BATCH, NEW)
+
+    variants = {"engine": run_engine, "hf_generate": run_hf_generate}
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(ROUNDS):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    bandwidth = copy_bandwidth()
+    benchmark.pedantic(run_engine, rounds=1, iterations=1)
+
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+    bound_s = param_bytes * NEW / bandwidth
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {
+        "generation/fraction_of_bound": bound_s / med["engine"],
+        "generation/vs_hf_generate": med["hf_generate"] / med["engine"],
+    }
+    report = {
+        "shape": f"{BATCH} prompts x {min(lens)}-{max(lens)} tokens, {NEW} new tokens, {LAYERS} layers, "
+        f"vocab {engine.vocab_size}, float32",
+        "quick": QUICK,
+        "torch_threads": THREADS,
+        "rounds": ROUNDS,
+        "param_bytes": param_bytes,
+        "copy_GBps_moved": round(bandwidth / 1e9, 2),
+        "bound_s": round(bound_s, 4),
+        **{f"{k}_s": round(v, 4) for k, v in med.items()},
+        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+    }
+    benchmark.extra_info.update(report)
+    benchmark.extra_info["ratios"] = ratios
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data["quick" if QUICK else "full"] = report
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
