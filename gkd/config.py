@@ -433,6 +433,19 @@ def _check(ok: bool, key: str, value: Any, need: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Choices, ranges and cross-key rules; each failure names the key."""
+    _check_choices(cfg)
+    _check_services(cfg)
+    _check_engines_and_rollout(cfg)
+    _check_trainer(cfg)
+    _check_loss(cfg)
+    _check_optim(cfg)
+    _check_data(cfg)
+    _check_features(cfg)
+    _check_lora(cfg.model.lora)
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every field declared with ``_choice`` holds one of its choices."""
     for name in _sections():
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
@@ -441,7 +454,10 @@ def validate(cfg: Config) -> None:
                 v = getattr(section, f.name)
                 _check(v in choices, f"{name}.{f.name}", v, f"expected one of {', '.join(choices)}")
 
-    m, t, r, tr, lo, o, d = cfg.model, cfg.teacher, cfg.rollout, cfg.trainer, cfg.loss, cfg.optim, cfg.data
+
+def _check_services(cfg: Config) -> None:
+    """The student, the ports, the teacher service."""
+    m, t, r = cfg.model, cfg.teacher, cfg.rollout
     _check(
         bool(m.student_path), "model.student_path", m.student_path, "required (a transformers model folder)"
     )
@@ -460,6 +476,10 @@ def validate(cfg: Config) -> None:
         not t.launch or bool(t.model_path), "teacher.model_path", t.model_path, "required when teacher.launch"
     )
 
+
+def _check_engines_and_rollout(cfg: Config) -> None:
+    """The engines' knobs (before a vLLM worker gets them), the rollout service and its sampling."""
+    t, r, d = cfg.teacher, cfg.rollout, cfg.data
     for name, sec in (("teacher", t), ("rollout", r)):  # the engines' knobs, before a vLLM worker gets them
         _check(bool(sec.server_ip), f"{name}.server_ip", sec.server_ip, "required (the service's host)")
         util = sec.gpu_memory_utilization
@@ -500,6 +520,10 @@ def validate(cfg: Config) -> None:
         f"must be <= data.max_response_length ({d.max_response_length})",
     )
 
+
+def _check_trainer(cfg: Config) -> None:
+    """Staleness, processes, steps, checkpoints and resume."""
+    tr = cfg.trainer
     k = parse_scheduler(tr.scheduler)
     _check(k >= 0, "trainer.scheduler", tr.scheduler, "staleness must be >= 0")
     _check(tr.n_gpus_per_node >= 0, "trainer.n_gpus_per_node", tr.n_gpus_per_node, "must be >= 0 (0 = CPU)")
@@ -522,6 +546,10 @@ def validate(cfg: Config) -> None:
         "expected auto, never or the path of an existing checkpoint",
     )
 
+
+def _check_loss(cfg: Config) -> None:
+    """The loss and the support it is computed on."""
+    lo, r = cfg.loss, cfg.rollout
     _check(0 <= lo.beta <= 1, "loss.beta", lo.beta, "must lie in [0, 1]")
     _check(lo.temperature > 0, "loss.temperature", lo.temperature, "must be > 0")
     _check(
@@ -551,6 +579,10 @@ def validate(cfg: Config) -> None:
         "must be > 0 bytes (or null for the default)",
     )
 
+
+def _check_optim(cfg: Config) -> None:
+    """AdamW and its schedule."""
+    o = cfg.optim
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 = no clipping)")
@@ -562,6 +594,10 @@ def validate(cfg: Config) -> None:
         "expected two values in [0, 1)",
     )
 
+
+def _check_data(cfg: Config) -> None:
+    """Prompt files and lengths."""
+    d = cfg.data
     _check(len(d.train_files) > 0, "data.train_files", d.train_files, "required (parquet paths or globs)")
     _check(bool(d.prompt_key), "data.prompt_key", d.prompt_key, "required")
     _check(d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length, "must be >= 1")
@@ -574,8 +610,6 @@ def validate(cfg: Config) -> None:
         d.micro_batch_tokens,
         f"must hold one full sequence (>= data.max_prompt_length + data.max_response_length = {need})",
     )
-    _check_features(cfg)
-    _check_lora(cfg.model.lora)
 
 
 def _check_lora(lora: LoRAConfig) -> None:
