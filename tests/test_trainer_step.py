@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from gkd.checkpoint import gather_rng_states
 from gkd.config import LossConfig, OptimConfig
@@ -30,6 +30,7 @@ from gkd.trainer_step import (
     pack_micro_batches,
     train_step,
 )
+from tests.tiny_llama import tiny_config
 
 V, K = 67, 6
 
@@ -45,16 +46,7 @@ def _one_thread():
 
 def tiny_llama(seed: int, dtype=torch.float32, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
+    cfg = tiny_config(V, 64, hidden=32, intermediate=48, heads=4, kv_heads=2, tie=tie)
     return LlamaForCausalLM(cfg).to(dtype)
 
 

@@ -7,18 +7,28 @@ head_dim = 64 / 2 = 32: the smallest vLLM's CPU attention accepts, so the vLLM t
 import torch
 
 
-def tiny_config(vocab: int, max_len: int):
+def tiny_config(
+    vocab: int,
+    max_len: int,
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 2,
+    kv_heads: int = 1,
+    tie: bool = False,
+):
+    """A 2-layer Llama config; the defaults are the engine tests' (head_dim 32)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=max_len,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
 
 

@@ -27,6 +27,7 @@ if importlib.util.find_spec("vllm") is None:
 
 from gkd.rollout.hf_engine import HFRolloutEngine  # noqa: E402
 from gkd.rollout.types import SamplingConfig  # noqa: E402
+from tests.tiny_llama import tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 ATOL = 1e-4
@@ -35,20 +36,10 @@ GREEDY = SamplingConfig(max_new_tokens=16, temperature=0)
 
 
 def _save_llama(path, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_LEN,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(tiny_config(VOCAB, MAX_LEN, tie=True))
     with torch.no_grad():  # peaky output distributions (greedy far from ties) without touching the residuals
         model.model.norm.weight.mul_(6.0)
     model.save_pretrained(path)

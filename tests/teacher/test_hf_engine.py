@@ -4,24 +4,15 @@ import pytest
 import torch
 
 from gkd.teacher.hf_engine import HFTeacherEngine, plan_batches
+from tests.tiny_llama import tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(tiny_config(300, 256)).eval()
 
 
 def _sequences(seed=0):
