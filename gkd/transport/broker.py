@@ -67,7 +67,7 @@ from gkd.transport.protocol import (
     REPLY,
     REQUEST,
     RESET,
-    ServiceThread,
+    Serving,
     bind,
 )
 
@@ -114,12 +114,14 @@ class _Stats:
     cancelled: int = 0
 
 
-class Broker:
+class Broker(Serving):
     """The broker. ``run(stop)`` serves in the calling thread; ``start()``/``stop()`` in a background one.
 
     ``ops`` is the allow-list of ops forwarded to workers (e.g. ``("score",)``); ``frontend_port``/
     ``backend_port`` 0 pick free ports (read ``frontend_address``/``backend_address`` after ``start``).
     """
+
+    thread_name = "gkd-broker"
 
     def __init__(
         self,
@@ -164,27 +166,8 @@ class Broker:
         self._next_jid = 1
         self._queued_bytes = 0
         self._no_worker_since = time.monotonic()
-        self._service: ServiceThread | None = None
 
-    # ------------------------------------------------------------------------------------ lifecycle
-
-    def start(self) -> Broker:
-        """Serve in a daemon thread; returns once both sockets are bound."""
-        self._service = ServiceThread(self.run, name="gkd-broker")
-        self._service.start()
-        return self
-
-    def stop(self) -> None:
-        if self._service is not None:
-            self._service.stop()
-            self._service = None
-
-    def __enter__(self) -> Broker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
+    # start() (serve in a daemon thread; returns once both sockets are bound), stop(), with: Serving
     def run(self, stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set (checked at least every 100 ms)."""
         stop = stop or threading.Event()

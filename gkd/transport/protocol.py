@@ -102,3 +102,27 @@ class ServiceThread:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+
+class Serving:
+    """``start()``/``stop()`` and the context manager for a class whose ``run(stop, ready)`` serves until
+    ``stop`` is set: ``start`` runs it in a daemon thread named ``thread_name`` and returns once ready."""
+
+    thread_name = "gkd-service"
+    _service: ServiceThread | None = None
+
+    def start(self):
+        self._service = ServiceThread(self.run, name=self.thread_name)
+        self._service.start()
+        return self
+
+    def stop(self) -> None:
+        if self._service is not None:
+            self._service.stop()
+            self._service = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -61,7 +61,7 @@ from gkd.transport.protocol import (
     REPLY,
     REQUEST,
     RESET,
-    ServiceThread,
+    Serving,
     tcp_address,
 )
 
@@ -107,12 +107,14 @@ class _Job:
         self.cancel = threading.Event()
 
 
-class Worker:
+class Worker(Serving):
     """Serve ``handler`` behind a broker backend; ``run(stop)`` blocks, ``start()``/``stop()`` thread it.
 
     Use the broker's heartbeat settings: the worker declares the broker gone after ``heartbeat_timeout_s``
     without a message from it, so that must exceed the broker's ``heartbeat_interval_s`` several times.
     """
+
+    thread_name = "gkd-worker"
 
     def __init__(
         self,
@@ -145,23 +147,7 @@ class Worker:
         self.served = 0
         self.auth_failures = 0
         self.reconnects = 0
-        self._service: ServiceThread | None = None
-
-    def start(self) -> Worker:
-        self._service = ServiceThread(self.run, name="gkd-worker")
-        self._service.start()
-        return self
-
-    def stop(self) -> None:
-        if self._service is not None:
-            self._service.stop()
-            self._service = None
-
-    def __enter__(self) -> Worker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        # start() (serve in a daemon thread), stop(), with: Serving
 
     # ------------------------------------------------------------------------------------------ loop
 
