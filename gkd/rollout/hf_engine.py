@@ -158,6 +158,64 @@ class PackedLinears:
         return torch.ops.mkldnn._linear_pointwise(x, entry[2], m.bias, "none", [], "")
 
 
+#: transformers' attention name under which :func:`sdpa_gqa_decode` is registered (used while decoding).
+GQA_ATTENTION = "gkd_sdpa_gqa"
+
+
+def sdpa_gqa_decode(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
+):
+    """transformers' ``sdpa`` attention, except that a CPU decode step (one query token) hands the grouped
+    KV heads to SDPA (``enable_gqa``) instead of repeating them: transformers repeats them whenever there is
+    a mask (what its CUDA kernels need); the CPU kernel takes both and gives the same result without two
+    ``[B, H, L, D]`` copies per layer and step. Anything else goes to transformers' function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (
+        query.shape[2] != 1
+        or query.device.type != "cpu"
+        or dropout
+        or kw.get("position_bias") is not None
+        or kw.get("cache") is not None
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kw,
+        )
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def gqa_decode_attention(model):
+    """While active, a model on transformers' ``sdpa`` attention runs :func:`sdpa_gqa_decode` (other
+    attention implementations are left alone)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_decode)  # a new name: existing ones are untouched
+    AttentionMaskInterface.register(GQA_ATTENTION, AttentionMaskInterface._global_mapping["sdpa"])
+    config._attn_implementation = GQA_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 class HFRolloutEngine:
     """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` on a transformers model.
 
@@ -225,7 +283,7 @@ class HFRolloutEngine:
     def _generate_batch(
         self, prompts, sampling: SamplingConfig, seed_base: int, version: int
     ) -> list[Sample]:
-        with torch.inference_mode(), self.linears.active():
+        with torch.inference_mode(), self.linears.active(), gqa_decode_attention(self.model):
             toks, lps, tops, lengths, stopped, lse_ok = self._decode(prompts, sampling, seed_base)
         # the one host transfer of the batch (outside inference mode: the samples hold ordinary tensors)
         toks, lps, lengths, stopped = toks.cpu(), lps.cpu(), lengths.tolist(), stopped.tolist()

@@ -1,6 +1,8 @@
 """The CPU engine's decoding loop: the inverse-CDF sampler, rows finishing at different steps (and leaving
 the batch), top ids of rows that left, the oneDNN-packed linears, cancellation and non-finite logits."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -155,3 +157,26 @@ def test_non_finite_logits_are_an_error():
         broken.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite logits"):
         HFRolloutEngine(broken).generate(PROMPTS, SamplingConfig(max_new_tokens=3, seed=1))
+
+
+def test_decode_steps_hand_grouped_kv_heads_to_sdpa(model, monkeypatch):
+    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads == 1
+    seen = []
+    inner = hf_engine.sdpa_gqa_decode
+
+    def spy(module, query, key, *args, **kwargs):
+        seen.append((query.shape[1], key.shape[1], query.shape[2]))
+        return inner(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(hf_engine, "sdpa_gqa_decode", spy)
+    s = SamplingConfig(max_new_tokens=5, temperature=0)
+    got = HFRolloutEngine(model).generate(PROMPTS, s)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 5 * layers and {q for q, _, _ in seen} == {2} and {k for _, k, _ in seen} == {1}
+    assert sum(n == 1 for _, _, n in seen) == 4 * layers  # every decode step (the prompt pass delegates)
+    monkeypatch.setattr(hf_engine, "gqa_decode_attention", lambda m: contextlib.nullcontext())
+    want = HFRolloutEngine(model).generate(PROMPTS, s)  # transformers' own sdpa (KV heads repeated)
+    for a, b in zip(got, want, strict=True):
+        assert a.response_ids == b.response_ids
+        torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=1e-6, rtol=0)
