@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from gkd.dtypes import torch_dtype
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_requested, check_sequences, union_rows
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_score_request, union_rows
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -82,14 +82,9 @@ class HFTeacherEngine:
         top_k: int,
         temperature: float = 1.0,
         requested_ids: Sequence[torch.Tensor] | None = None,
+        index_offset: int = 0,
     ) -> list[TeacherOutput]:
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be positive")
-        check_sequences(
-            sequences, vocab_size=self.vocab_size, max_len=self.max_len, top_k=top_k, max_top_k=self.max_top_k
-        )
-        if requested_ids is not None:
-            check_requested(sequences, requested_ids, vocab_size=self.vocab_size, max_width=self.max_top_k)
+        check_score_request(self, sequences, top_k, temperature, requested_ids, index_offset)
         lengths = [len(p) + len(r) for p, r in sequences]
         outputs: list[TeacherOutput | None] = [None] * len(sequences)
         for batch in plan_batches(lengths, self.max_batch_tokens):

@@ -130,3 +130,34 @@ def check_requested(
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
             bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
             raise ValueError(f"sequence {i}: requested id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_score_request(
+    engine,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    top_k: int,
+    temperature: float,
+    requested_ids: Sequence[torch.Tensor] | None = None,
+    index_offset: int = 0,
+) -> None:
+    """Every check of a ``score`` call against ``engine``'s limits (its ``vocab_size``, ``max_len`` and
+    ``max_top_k``), run once per request by the engine itself; messages name sequences from
+    ``index_offset`` (a service's micro-request names them by their index in the caller's batch)."""
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature={temperature} must be a positive finite number")
+    check_sequences(
+        sequences,
+        vocab_size=engine.vocab_size,
+        max_len=engine.max_len,
+        top_k=top_k,
+        max_top_k=engine.max_top_k,
+        index_offset=index_offset,
+    )
+    if requested_ids is not None:
+        check_requested(
+            sequences,
+            requested_ids,
+            vocab_size=engine.vocab_size,
+            max_width=engine.max_top_k,
+            index_offset=index_offset,
+        )

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_requested, check_sequences
+from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_score_request
 from gkd.vllm_support import import_vllm, set_logit_scale
 
 
@@ -111,16 +111,12 @@ class VLLMTeacherEngine:
         top_k: int,
         temperature: float = 1.0,
         requested_ids: Sequence[torch.Tensor] | None = None,
+        index_offset: int = 0,
     ) -> list[TeacherOutput]:
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be positive")
-        check_sequences(
-            sequences, vocab_size=self.vocab_size, max_len=self.max_len, top_k=top_k, max_top_k=self.max_top_k
-        )
+        check_score_request(self, sequences, top_k, temperature, requested_ids, index_offset)
         if not sequences:
             return []
         if requested_ids is not None:  # no exact gather in vLLM: a larger top-k (module docstring)
-            check_requested(sequences, requested_ids, vocab_size=self.vocab_size, max_width=self.max_top_k)
             top_k = min(top_k + int(requested_ids[0].shape[1]), self.vocab_size)
         self._set_temperature(float(temperature))
         params = self._sampling_params(top_k)

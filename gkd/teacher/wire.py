@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gkd.teacher.types import LOGPROB_DTYPES, SUPPORTS, TeacherOutput, check_requested, check_sequences
+from gkd.teacher.types import LOGPROB_DTYPES, SUPPORTS, TeacherOutput
 from gkd.transport import Limits, Message, ProtocolError
 
 OP_SCORE = "score"
@@ -167,31 +167,11 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
         offset = header.get("offset", 0)
         if type(top_k) is not int or not isinstance(temperature, int | float) or type(offset) is not int:
             raise ValueError("fields top_k and offset must be ints and temperature a number")
-        if not 0 < temperature < float("inf"):
-            raise ValueError(f"temperature={temperature} must be a positive finite number")
         sequences = unpack_request(header, tensors)
         requested = unpack_requested(tensors)
-        info = engine.info()
-        check_sequences(
-            sequences,
-            vocab_size=info["vocab_size"],
-            max_len=info["max_len"],
-            top_k=top_k,
-            max_top_k=info["max_top_k"],
-            index_offset=offset,
-        )
-        extra = {}
-        if requested is not None:
-            check_requested(
-                sequences,
-                requested,
-                vocab_size=info["vocab_size"],
-                max_width=info["max_top_k"],
-                index_offset=offset,
-            )
-            extra["requested_ids"] = requested
         start = time.perf_counter()
-        outputs = engine.score(sequences, top_k, float(temperature), **extra) if sequences else []
+        # the engine checks the request (sequences named by their index in the caller's batch)
+        outputs = engine.score(sequences, top_k, float(temperature), requested, index_offset=offset)
         seconds = time.perf_counter() - start
         k = top_k  # the width of an empty reply
         if outputs:
