@@ -50,6 +50,19 @@ def member_id(slot: int) -> str:
     return f"{socket.gethostname()}/{os.getpid()}/slot{slot}"
 
 
+def _wait_listening(host: str, port: int, timeout_s: float, poll_s: float = 0.05) -> None:
+    """Plain connects until ``host:port`` accepts (or ``timeout_s`` passes): a TCPStore client that finds
+    no server retries with a back-off growing to seconds, which would delay a worker that starts before
+    the trainer hosts the store (``gkd train`` starts them together)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(poll_s)
+
+
 def _root_store(host: str, port: int, *, master: bool, timeout: timedelta) -> dist.PrefixStore:
     store = dist.TCPStore(host, port, None, is_master=master, timeout=timeout, wait_for_workers=False)
     return dist.PrefixStore(_PREFIX, store)
@@ -248,6 +261,7 @@ class ChannelMember:
     ):
         self.host, self.port, self.id, self.backend = host, port, ident, backend
         self.timeout, self.idle_timeout = timeout, idle_timeout
+        _wait_listening(host, port, timeout.total_seconds())
         self.store = _root_store(host, port, master=False, timeout=timeout)
         self.generation = -1
         self._groups: list[WeightGroup] = []  # every group joined stays referenced (see ChannelHost._retired)

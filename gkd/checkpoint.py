@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from gkd.lora import adapter_state_dict, is_lora, merged_state_dict
@@ -61,6 +61,9 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "should_save",
+    "snapshot",
+    "write_snapshot",
+    "Snapshot",
 ]
 
 FORMAT_VERSION = 1
@@ -116,14 +119,6 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
         else:
             first[id(p)] = name
     return alias
-
-
-def _save_state(state: Mapping[str, torch.Tensor], path: Path, model: nn.Module) -> None:
-    """A full state dict as safetensors, each shared parameter once (as ``save_model`` stores it)."""
-    from safetensors.torch import save_file
-
-    tied = _tied_names(model)
-    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(path))
 
 
 def _load_sharded_model(model: nn.Module, path: Path) -> None:
@@ -330,8 +325,29 @@ def _atomic_dir(final: Path, write) -> Path:
     return final
 
 
-def save_checkpoint(
-    output_dir: str | os.PathLike,
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, keep_last: int = 2, **state: Any) -> Path:
+    """Write ``OUTPUT_DIR/checkpoints/step_{step:06d}`` atomically from the live state (the keyword
+    arguments of :func:`snapshot`: ``model``, ``optimizer``, ``lr_scheduler``, ...), then delete all but
+    the newest ``keep_last`` complete checkpoints. Call on trainer rank 0 only (DDP replicas are
+    identical). :class:`gkd.checkpoint_writer.CheckpointWriter` writes the same files from a host-memory
+    copy on a background thread."""
+    return write_snapshot(output_dir, snapshot(step, **state), keep_last=keep_last)
+
+
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, as in memory (:func:`snapshot`); :func:`write_snapshot` writes it."""
+
+    step: int
+    weights_file: str  # model.safetensors | adapter.safetensors
+    weights: dict[str, torch.Tensor]
+    weights_metadata: dict[str, str] | None  # safetensors' header metadata (the tied names save_model drops)
+    optimizer: dict[str, Any] | None
+    trainer_state: dict[str, Any]
+    config_yaml: str
+
+
+def snapshot(
     step: int,
     *,
     model: nn.Module,
@@ -341,25 +357,20 @@ def save_checkpoint(
     scheduler_state: Mapping[str, Any] | None = None,
     config_yaml: str = "",
     rng_states: Sequence[Mapping[str, torch.Tensor]] | None = None,
-    keep_last: int = 2,
     model_state: Mapping[str, torch.Tensor] | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``OUTPUT_DIR/checkpoints/step_{step:06d}`` atomically, then delete all but the newest
-    ``keep_last`` complete checkpoints. Call on trainer rank 0 only (DDP replicas are identical).
+    copy=None,
+) -> Snapshot:
+    """What :func:`save_checkpoint` writes. The tensors are the live ones unless ``copy`` (a function
+    mapping nested dicts / lists of tensors to a copy) makes them independent of training.
+
     A sharded model passes ``model_state`` / ``optimizer_state`` from :func:`full_state_dicts` (gathered
     on every rank before this call); ``model`` then only names the tied parameters. A LoRA student writes
     ``adapter.safetensors`` (its trainable tensors; sharded: ``full_state_dicts(..., frozen=False)``).
-
     ``data_state`` is ``PromptLoader.state_dict_at(next batch)``; ``scheduler_state`` the staleness
     scheduler's resume state; both must hold plain values / tensors only. ``rng_states`` defaults to this
-    process's (:func:`gather_rng_states` for all ranks).
-    """
-    if keep_last < 1:
-        raise ValueError(f"keep_last={keep_last} must be >= 1")
-    root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root)
+    process's (:func:`gather_rng_states` for all ranks)."""
+    copy = copy or (lambda obj: obj)
     rng = list(rng_states) if rng_states is not None else [capture_rng_state()]
     trainer_state = {
         "format_version": FORMAT_VERSION,
@@ -370,28 +381,52 @@ def save_checkpoint(
         "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
         "optimizer_format": "fqn" if optimizer_state is not None else "torch",
     }
+    metadata = None
+    if is_lora(model):  # the adapter only: the base is model.student_path, unchanged
+        adapter = model_state if model_state is not None else adapter_state_dict(model)
+        name, weights = _ADAPTER_FILE, {k: v.contiguous() for k, v in adapter.items()}
+    elif model_state is not None:  # each shared parameter once
+        tied = _tied_names(_unwrap(model))
+        weights = {k: v.contiguous() for k, v in model_state.items() if k not in tied}
+        name = "model.safetensors"
+    else:  # what safetensors' save_model writes: shared tensors once, the dropped names in the metadata
+        from safetensors.torch import _remove_duplicate_names
+
+        state = _unwrap(model).state_dict()
+        for kept, dropped in _remove_duplicate_names(state).items():
+            for alias in dropped:
+                metadata = {**(metadata or {}), alias: kept}
+                del state[alias]
+        name, weights = "model.safetensors", {k: v.contiguous() for k, v in state.items()}
+    if optimizer_state is not None:
+        optim = dict(optimizer_state)
+    else:
+        optim = optimizer.state_dict() if optimizer is not None else None
+    return Snapshot(int(step), name, copy(weights), metadata, copy(optim), copy(trainer_state), config_yaml)
+
+
+def write_snapshot(output_dir: str | os.PathLike, state: Snapshot, *, keep_last: int = 2) -> Path:
+    """Write ``state`` as ``OUTPUT_DIR/checkpoints/step_{step:06d}`` (atomically: a temporary folder,
+    fsynced, renamed), then delete all but the newest ``keep_last`` complete checkpoints."""
+    from safetensors.torch import save_file
+
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1")
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
 
     def write(tmp: Path) -> None:
-        if is_lora(model):  # the adapter only: the base is model.student_path, unchanged
-            from safetensors.torch import save_file
-
-            adapter = model_state if model_state is not None else adapter_state_dict(model)
-            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / _ADAPTER_FILE))
-        elif model_state is not None:
-            _save_state(model_state, tmp / "model.safetensors", _unwrap(model))
-        else:
-            save_model(_unwrap(model), str(tmp / "model.safetensors"))
-        if optimizer_state is not None:
-            torch.save(dict(optimizer_state), tmp / "optimizer.pt")
-        elif optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
+        save_file(state.weights, str(tmp / state.weights_file), metadata=state.weights_metadata)
+        if state.optimizer is not None:
+            torch.save(state.optimizer, tmp / "optimizer.pt")
+        torch.save(state.trainer_state, tmp / "trainer_state.pt")
+        (tmp / "config.yaml").write_text(state.config_yaml)
         files = sorted(p.name for p in tmp.iterdir())
-        meta = {"format_version": FORMAT_VERSION, "step": int(step), "files": files, "time": time.time()}
+        meta = {"format_version": FORMAT_VERSION, "step": state.step, "files": files, "time": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the content complete
 
-    path = _atomic_dir(root / f"step_{step:06d}", write)
+    path = _atomic_dir(root / f"step_{state.step:06d}", write)
     for _, old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old)
     return path

@@ -167,6 +167,9 @@ class TrainerConfig:
     total_epochs: int = 1
     save_freq: int = 100  # steps between checkpoints; 0 = only the final one
     keep_last: int = 2  # checkpoints kept; older ones are deleted
+    # copy the state to host memory and write the checkpoint on a background thread (false: write it
+    # before training goes on); either way a checkpoint is committed atomically
+    async_save: bool = True
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | PATH to a checkpoint
     output_dir: str = "runs/gkd"
     strategy: str = _choice("ddp", "ddp", "fsdp2")

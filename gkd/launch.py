@@ -4,12 +4,15 @@
    (``gkd.placement``: disjoint device sets per role, refusals in one line) and print the plan.
    ``--dry-run`` stops here after printing every command with its environment.
 2. With ``teacher.launch`` / ``rollout.launch``: start ``gkd teacher serve`` / ``gkd rollout serve
-   --weight-channel 127.0.0.1:rollout.weight_port`` as child processes and wait until every configured
-   worker has registered with its broker (each child's exit or a timeout is an error naming the service).
-   A service on GPUs gets ``--gpus`` (its pool; it hands each worker one tensor-parallel slice as
-   ``CUDA_VISIBLE_DEVICES``), ``--device cuda``, its dtype and, for vLLM, the engine knobs of its section.
-3. Build and run the torchrun command (``python -m torch.distributed.run --standalone --nproc-per-node N
-   -m gkd.train --config ... overrides``) with the trainer's ``CUDA_VISIBLE_DEVICES``.
+   --weight-channel 127.0.0.1:rollout.weight_port`` as child processes. A service on GPUs gets ``--gpus``
+   (its pool; it hands each worker one tensor-parallel slice as ``CUDA_VISIBLE_DEVICES``), ``--device
+   cuda``, its dtype and, for vLLM, the engine knobs of its section.
+3. At the same time, start the trainer with its ``CUDA_VISIBLE_DEVICES``: the torchrun command (``python
+   -m torch.distributed.run --standalone --nproc-per-node N -m gkd.train --config ... overrides``), or, for
+   one DDP process, ``python -m gkd.train`` itself (torchrun's agent would only add an interpreter start
+   and a torch import before it). The trainer loads the student while the services load their models,
+   then waits (``GKD_SERVICE_WAIT_S``) until every configured worker has registered with its broker;
+   ``GKD_LAUNCH_T0`` lets it report its start-up from this launcher's start (``gkd.startup``).
 4. Watch every child: a service or the trainer exiting stops the rest, and the console gets one line per
    failure (what died, its exit status, its last error line, where its log is). Each child's full output
    goes to ``trainer.output_dir/logs/<name>.log``; the trainer's also streams here, without tracebacks
@@ -50,6 +53,7 @@ from gkd.placement import (
 )
 from gkd.placement import plan as place
 from gkd.preflight import check_launch
+from gkd.startup import LAUNCH_T0_ENV, SERVICE_WAIT_ENV, process_start_time
 from gkd.transport.process import (
     PARENT_ENV,
     _describe_exit,
@@ -149,6 +153,18 @@ def torchrun_command(cfg: Config, config_paths: Sequence[str], overrides: Sequen
     return argv + list(overrides)
 
 
+def trainer_command(cfg: Config, config_paths: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """:func:`torchrun_command`, or ``python -u -m gkd.train`` for one DDP process on one node (no process
+    group is needed; FSDP2 needs one even alone)."""
+    tr = cfg.trainer
+    if tr.procs_per_node == 1 and tr.nnodes == 1 and tr.strategy == "ddp":
+        argv = [sys.executable, "-u", "-m", "gkd.train"]  # -u: its output reaches the log as it comes
+        for path in config_paths:
+            argv += ["--config", str(path)]
+        return argv + list(overrides)
+    return torchrun_command(cfg, config_paths, overrides)
+
+
 def commands(cfg: Config, plan: Plan, config_paths: Sequence[str], overrides: Sequence[str]) -> list[Command]:
     """Every child of the run, in start order (services, then the trainer), with its GPUs."""
 
@@ -162,7 +178,7 @@ def commands(cfg: Config, plan: Plan, config_paths: Sequence[str], overrides: Se
     if cfg.rollout.launch:
         pool = Plan.pool(plan.rollout)
         out.append(Command("rollout", rollout_command(cfg, pool), visible(pool)))
-    trainer = torchrun_command(cfg, config_paths, overrides)
+    trainer = trainer_command(cfg, config_paths, overrides)
     out.append(Command("trainer", trainer, visible(plan.trainer)))
     return out
 
@@ -193,9 +209,13 @@ def run(
     *,
     health_timeout_s: float = HEALTH_TIMEOUT_S,
     dry_run: bool = False,
+    started_at: float | None = None,
 ) -> int:
-    """Plan the GPUs, start the configured services and torchrun; stop every child at the end. Returns
-    torchrun's status (0 for ``dry_run``, which prints the plan and the commands and starts nothing)."""
+    """Plan the GPUs, start the configured services and the trainer together; stop every child at the end.
+    Returns the trainer's status (0 for ``dry_run``, which prints the plan and the commands and starts
+    nothing). ``health_timeout_s``: how long the trainer waits for the services' workers; ``started_at``:
+    ``time.time()`` when this run started (the trainer's start-up is measured from it; default now)."""
+    started_at = time.time() if started_at is None else started_at
     cfg = load_config(config_paths, overrides)
     if cfg.trainer.nnodes > 1:
         raise LaunchError(
@@ -224,34 +244,24 @@ def run(
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
         raise KeyboardInterrupt
 
-    from gkd.trainer import StartupError
-
     previous = signal.signal(signal.SIGTERM, terminate)
+    # Everything starts at once: the trainer's imports and student load overlap the services' model loads;
+    # it then waits for their workers itself (a service that exits meanwhile ends the run in ``watch``).
+    trainer_env = {LAUNCH_T0_ENV: repr(started_at)}
+    if len(cmds) > 1:
+        trainer_env[SERVICE_WAIT_ENV] = repr(health_timeout_s)
     try:
-        services = []
         for c in cmds[:-1]:
             child = _start(c, log_dir, {PARENT_ENV: str(os.getpid())})  # its workers watch this pid
             log.info("started the %s service (log: %s): %s", c.name, child.log_path, c.shell())
             children.append(child)
-            services.append((child, _client(cfg, c.name)))
-        for child, (client, workers) in services:
-            try:
-                wait_healthy(
-                    child.name, child.proc, lambda c=client: c.info(timeout_s=2), workers, health_timeout_s
-                )
-            except LaunchError as e:
-                raise LaunchError(f"{e}{child.log_hint()}") from None
-            finally:
-                client.close()
-        child = _start(cmds[-1], log_dir, {}, console=sys.stderr.buffer)
+        child = _start(cmds[-1], log_dir, trainer_env, console=sys.stderr.buffer)
         log.info("started the trainer (log: %s): %s", child.log_path, cmds[-1].shell())
         children.append(child)
         return watch(children)
     except KeyboardInterrupt:
         log.warning("interrupted; stopping every child process")
         return 130
-    except StartupError as e:  # an unreadable secret file
-        raise LaunchError(str(e)) from e
     finally:
         stop_children([c.proc for c in reversed(children)])  # the trainer first, then the services
         for c in children:
@@ -398,29 +408,12 @@ def _pump(stream: IO[bytes], log_path: Path, console: IO[bytes]) -> None:
     stream.close()
 
 
-def _client(cfg: Config, name: str):
-    """(a client of the local ``name`` service for the health wait, the number of workers it must reach)."""
-    from gkd.trainer import secret_auth
-
-    if name == "teacher":
-        from gkd.teacher.client import TeacherClient as client_class
-
-        section = cfg.teacher
-    else:
-        from gkd.rollout.client import RolloutClient as client_class
-
-        section = cfg.rollout
-    auth = secret_auth(f"{name}.auth_secret_file", section.auth_secret_file)
-    client = client_class(f"127.0.0.1:{section.server_port}", timeout_s=5, retries=0, auth=auth)
-    return client, section.workers
-
-
 def _train(args: argparse.Namespace) -> int:
     from gkd.config import ConfigError
 
     configure_logging(args.log_level)
     try:
-        return run(args.config, args.overrides, dry_run=args.dry_run)
+        return run(args.config, args.overrides, dry_run=args.dry_run, started_at=process_start_time())
     except (ConfigError, LaunchError, PlacementError) as e:
         print(f"gkd train: error: {e}", file=sys.stderr)
         return 2

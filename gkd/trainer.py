@@ -41,15 +41,16 @@ import torch
 import torch.distributed as dist
 
 from gkd.checkpoint import (
+    CheckpointError,
     export_hf,
     full_state_dicts,
     gather_rng_states,
     has_checkpoint,
     load_checkpoint,
     resolve_resume,
-    save_checkpoint,
     should_save,
 )
+from gkd.checkpoint_writer import CheckpointWriter
 from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
 from gkd.lora import weight_source
 from gkd.metrics import (
@@ -67,6 +68,7 @@ from gkd.metrics import (
 from gkd.preflight import check_run
 from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
+from gkd.startup import StartupClock, service_info
 from gkd.teacher.types import TeacherOutput
 from gkd.trainer_step import (
     build_optimizer,
@@ -295,14 +297,15 @@ def shard_fsdp2(
     return model
 
 
-def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None:
-    """Teacher reachable and on the student's vocabulary; rollout reachable with its workers."""
+def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokenizer=None) -> None:
+    """Teacher reachable and on the student's vocabulary; rollout reachable with its workers. Services
+    that ``gkd train`` started with the trainer (``*.launch``) are waited for until their workers are up."""
     from gkd.teacher.service import tokenizer_fingerprint
 
     vocab = int(unwrap(model).config.vocab_size)
     t_addr = f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}"
     try:
-        info = teacher.info(timeout_s=STARTUP_TIMEOUT_S)
+        info = service_info(teacher, cfg.teacher.workers, cfg.teacher.launch, STARTUP_TIMEOUT_S)
     except Exception as e:
         raise StartupError(
             f"teacher service at {t_addr} is not reachable ({type(e).__name__}: {e}); start it with "
@@ -312,7 +315,7 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None
     workers = [w.get("info", {}) for w in info.get("workers", [])]
     if not workers:
         raise StartupError(f"teacher service at {t_addr} has no workers; start some with `gkd teacher join`")
-    mine = tokenizer_fingerprint(cfg.model.student_path)
+    mine = tokenizer_fingerprint(cfg.model.student_path, tokenizer=tokenizer)
     for w in workers:
         if int(w.get("vocab_size", -1)) != vocab:
             raise StartupError(
@@ -331,7 +334,7 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int) -> None
             )
     r_addr = f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}"
     try:
-        info = rollout.info(timeout_s=STARTUP_TIMEOUT_S)
+        info = service_info(rollout, n_rollout, cfg.rollout.launch, STARTUP_TIMEOUT_S)
     except Exception as e:
         raise StartupError(
             f"rollout service at {r_addr} is not reachable ({type(e).__name__}: {e}); start it with "
@@ -383,7 +386,9 @@ def weight_backend(cfg: Config) -> str:
 
 
 def train(cfg: Config) -> int:
+    startup = StartupClock()  # where start-up time goes: one log line, and the first step's metrics
     rank, world, device = _init_distributed(cfg)
+    startup.mark("distributed")
     check_run(cfg, data=rank == 0)  # model folder, prompt files, output folder: one line, before loading
     torch.manual_seed(cfg.trainer.seed + rank)
     model, tokenizer = _load_student(cfg, device)
@@ -391,6 +396,7 @@ def train(cfg: Config) -> int:
     lora = cfg.model.lora.enabled
     if sharded:  # before the optimizer: it holds the shards
         model = shard_fsdp2(model, device, torch_dtype(compute_dtype(cfg)))
+    startup.mark("student")
     out = Path(cfg.trainer.output_dir)
     k = cfg.trainer.staleness
 
@@ -405,6 +411,7 @@ def train(cfg: Config) -> int:
             raise StartupError(f"data.train_batch_size={cfg.data.train_batch_size} < {world} trainer ranks")
     if world > 1:
         total = int(_bcast(torch.tensor([total]), device).item())
+    startup.mark("data")
     optimizer, lr_scheduler = build_optimizer(model, cfg.optim, total)
 
     # resume: every rank loads the model, optimizer, LR schedule and its own RNG state
@@ -423,6 +430,7 @@ def train(cfg: Config) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    startup.mark("optimizer")
 
     def train_on(samples, outputs) -> dict[str, float]:
         mine = list(range(rank, len(samples), world))  # this rank's shard
@@ -439,6 +447,9 @@ def train(cfg: Config) -> int:
         micro = pack_micro_batches(samples, outputs, cfg.data.micro_batch_tokens, pad_id=pad_id)
         return eval_loss(model if sharded else unwrap(model), micro, cfg, device)
 
+    # trainer.async_save: rank 0 copies the state to host memory and writes it on a thread
+    saver = CheckpointWriter(background=cfg.trainer.async_save)
+
     def checkpoint(done: int, sched_state: SchedulerState) -> None:
         rngs = gather_rng_states()
         model_state, optimizer_state = (
@@ -446,7 +457,7 @@ def train(cfg: Config) -> int:
         )
         if rank == 0:
             assert loader is not None
-            path = save_checkpoint(
+            path = saver.save(
                 out,
                 done,
                 model=model,
@@ -460,7 +471,8 @@ def train(cfg: Config) -> int:
                 model_state=model_state,
                 optimizer_state=optimizer_state,
             )
-            log.info("checkpoint %s", path)
+            if not saver.background:
+                log.info("checkpoint %s", path)
 
     if rank != 0:  # follow rank 0's commands until STOP
         from gkd.weights import WeightSender
@@ -501,7 +513,8 @@ def train(cfg: Config) -> int:
         teacher, rollout = open_clients(cfg)
         cleanup.enter_context(teacher)
         cleanup.enter_context(rollout)
-        check_services(cfg, teacher, rollout, model, n_rollout)
+        check_services(cfg, teacher, rollout, model, n_rollout, tokenizer)
+        startup.mark("services")
         log.info(
             "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
         )
@@ -527,6 +540,7 @@ def train(cfg: Config) -> int:
             )
         except Exception as e:
             raise StartupError(f"the weight channel to the rollout engines failed: {e}") from e
+        startup.mark("weight_channel")
 
         eos = tokenizer.eos_token_id
         spans = SpanRecorder(out / "trace.json" if cfg.logging.trace else None)
@@ -541,6 +555,14 @@ def train(cfg: Config) -> int:
             wandb=open_wandb(cfg, out),
         )
         cleanup.callback(logger.close)
+
+        def finish_saves() -> None:  # every exit path waits for the pending checkpoint write
+            try:
+                saver.close()
+            except CheckpointError as e:  # on an exception path: reported, the exception stays the cause
+                log.error("%s", e)
+
+        cleanup.callback(finish_saves)
         validator = None
         if cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train:
             from gkd.validation import Validator, val_prompts
@@ -603,12 +625,14 @@ def train(cfg: Config) -> int:
         def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
             if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
                 return
+            saver.wait()  # a periodic save of this step may still be being written
             if has_checkpoint(out, sched_state.next_batch):  # the periodic save of this step is there
                 log.info("checkpoint of step %d already saved", sched_state.next_batch)
                 return
             if world > 1:
                 _command(OP_SAVE, sched_state.next_batch, device)
             checkpoint(sched_state.next_batch, sched_state)
+            saver.wait()
 
         def sync(version: int) -> dict[str, float]:
             nonlocal mid_update, sent
@@ -639,14 +663,20 @@ def train(cfg: Config) -> int:
             on_failure=on_failure,
             sync_gate="pipelined" if n_rollout == 1 else "strict",
         )
+        startup.mark("setup")
+        log.info("%s", startup.summary())
         if validator is not None and cfg.trainer.val_before_train and state.next_batch == 0:
             logger.log(-1, validator.run(min_version=0), check=False)  # the initial weights, step -1
         for step in scheduler.run(total, state):
+            saver.poll()  # a background checkpoint write that failed stops the run here
             m = dict(step.metrics)
             m["perf/throughput_tokens_per_s"] = m.get("actor/total_tokens", 0) / max(m["timing/step"], 1e-9)
             m["perf/cpu_memory_used_gb"] = cpu_memory_used_gb()
             m["perf/max_memory_allocated_gb"] = max_memory_allocated_gb(device)
             m["data/batch"] = step.batch
+            if startup is not None:  # the first step of this run holds its start-up breakdown
+                m.update(startup.metrics())
+                startup = None
             if validator is not None and evaluation_due(step.batch + 1, cfg.trainer.test_freq, total):
                 if step.batch + 1 == total and sent < total:
                     sync(total)  # the final evaluation answers with the final weights
@@ -674,6 +704,7 @@ def train(cfg: Config) -> int:
             spans.flush()
             draw_timeline(out / "trace.json", out / "timeline.png")
             logger.log_image("timeline", out / "timeline.png")
+        saver.wait()  # the last checkpoint is committed (or its failure raised) before a clean exit
         channel.close()  # the rollout workers keep their last version
         status = 0
     finally:

@@ -1,9 +1,12 @@
 """Checkpoints: bitwise round trip, resumed training equals an uninterrupted run, keep_last pruning, a crash
-mid-write leaves the previous checkpoint as the newest, resume resolution, Hugging Face export."""
+mid-write leaves the previous checkpoint as the newest, resume resolution, Hugging Face export; background
+saves write what a synchronous save writes, and their failures surface."""
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +26,7 @@ from gkd.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from gkd.checkpoint_writer import CheckpointWriter, HostCopy
 from gkd.config import Config, LossConfig, OptimConfig, to_yaml
 from gkd.data import PromptLoader
 from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
@@ -246,3 +250,130 @@ def test_export_hf_writes_a_loadable_folder_with_tokenizer(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("t5") == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+# ------------------------------------------------------------------------------ background (async) saves
+
+
+def _same(a, b) -> bool:
+    """Nested dicts / lists of tensors and plain values, equal exactly (tensors bitwise, dtypes too)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _gated_writes(monkeypatch):
+    """Hold every background write until the returned event is set (the test changes the live state
+    first, so a snapshot that aliased it would show)."""
+    import gkd.checkpoint_writer as writer_module
+
+    gate, real = threading.Event(), writer_module.write_snapshot
+
+    def write_after_gate(*args, **kwargs):
+        assert gate.wait(60), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_snapshot", write_after_gate)
+    return gate
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_async_save_writes_what_a_sync_save_writes_and_resumes(tmp_path, teacher, monkeypatch, tie):
+    """The files of a background save equal a synchronous save's (safetensors bytes, optimizer and trainer
+    state), although training changed the model and optimizer before the write began; it resumes."""
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    model = tiny_llama(0, tie=tie)
+    opt, sched = build_optimizer(model, CFG.optim, TOTAL)
+    for _ in range(2):
+        _step(model, opt, sched, teacher)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = [capture_rng_state()]  # both saves record the same RNG state
+    sync_path = _save(tmp_path / "sync", 2, model, opt, sched, rng_states=rng)
+    gate = _gated_writes(monkeypatch)
+    writer = CheckpointWriter(background=True)
+    kw = dict(model=model, optimizer=opt, lr_scheduler=sched, config_yaml="loss: {}\n", rng_states=rng)
+    kw.update(data_state={"batch": 2, "epoch": 0}, scheduler_state={"next_train": 2, "versions": [1, 2]})
+    path = writer.save(tmp_path / "async", 2, **kw)
+    assert writer.pending and not path.exists()  # training goes on while the write waits
+    _step(model, opt, sched, teacher)  # changes the weights and the optimizer state in place
+    gate.set()
+    assert writer.wait() == path and path.is_dir() and not writer.pending
+    writer.close()
+
+    assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in sync_path.iterdir())
+    assert (path / "model.safetensors").read_bytes() == (sync_path / "model.safetensors").read_bytes()
+    for name in ("optimizer.pt", "trainer_state.pt"):
+        a, b = (torch.load(p / name, weights_only=True) for p in (sync_path, path))
+        assert _same(a, b), name
+    assert (path / "config.yaml").read_text() == (sync_path / "config.yaml").read_text()
+
+    fresh = tiny_llama(5, tie=tie)
+    fresh_opt, fresh_sched = build_optimizer(fresh, CFG.optim, TOTAL)
+    loaded = load_checkpoint(resolve_resume("auto", tmp_path / "async"), model=fresh, optimizer=fresh_opt,
+                             lr_scheduler=fresh_sched)  # fmt: skip
+    assert loaded.step == 2 and loaded.data_state == {"batch": 2, "epoch": 0}
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_a_failed_background_write_is_raised_by_the_next_save_and_by_wait(tmp_path):
+    model, opt, sched = _fresh()
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("a file where the checkpoint folder goes")  # unwritable root
+    writer = CheckpointWriter(background=True)
+    writer.save(blocked, 1, model=model, optimizer=opt, lr_scheduler=sched)  # returns: the write is queued
+    with pytest.raises(CheckpointError, match=r"step_000001 could not be written \(FileExistsError"):
+        writer.save(blocked, 2, model=model, optimizer=opt, lr_scheduler=sched)
+    assert not writer.pending  # the failed save raised before it queued anything
+    writer.save(blocked, 2, model=model, optimizer=opt, lr_scheduler=sched)
+    with pytest.raises(CheckpointError, match="step_000002 could not be written"):
+        writer.close()  # the end of training
+    writer = CheckpointWriter(background=True)
+    writer.save(blocked, 3, model=model)
+    deadline = time.monotonic() + 60
+    while not writer._pending.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(CheckpointError, match="step_000003"):
+        writer.poll()  # every step: the failure shows once the write has ended
+    writer.poll()  # reported once
+    assert writer.wait() is None
+
+
+def test_a_background_write_that_fails_midway_commits_nothing(tmp_path, monkeypatch):
+    model, opt, sched = _fresh()
+    writer = CheckpointWriter(background=True)
+    writer.save(tmp_path, 1, model=model, optimizer=opt, lr_scheduler=sched)
+    first = writer.wait()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **kw):
+        if str(f).endswith("trainer_state.pt"):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    writer.save(tmp_path, 2, model=model, optimizer=opt, lr_scheduler=sched, keep_last=1)
+    with pytest.raises(CheckpointError, match="disk full"):
+        writer.wait()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    assert latest(tmp_path) == first
+
+
+def test_host_copy_reuses_its_buffers_and_never_aliases():
+    copy = HostCopy()
+    state = {"w": torch.arange(6.0).reshape(2, 3), "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}
+    first = copy(state)
+    assert first["groups"] == state["groups"] and first["groups"] is not state["groups"]
+    assert torch.equal(first["w"], state["w"]) and first["w"].data_ptr() != state["w"].data_ptr()
+    state["w"].add_(1)
+    assert first["w"][0, 0] == 0  # a copy
+    second = copy(state)
+    assert second["w"] is first["w"] and second["w"][0, 0] == 1  # the same buffer, refilled
+    assert copy({"w": torch.zeros(4)})["w"] is not first["w"]  # another shape: a new buffer
+    assert copy.nbytes == 4 * 4

@@ -114,16 +114,19 @@ class EngineSpec:
         return argv + (["--gguf-file", self.gguf_file] if self.gguf_file else [])
 
 
-def tokenizer_fingerprint(model: str, gguf_file: str | None = None) -> str:
+def tokenizer_fingerprint(model: str, gguf_file: str | None = None, tokenizer=None) -> str:
     """``sha256:<16 hex>`` of the tokenizer's vocabulary (sorted token -> id pairs), or ``none`` when the
-    model folder has no tokenizer. Two services with equal fingerprints map text to the same ids."""
+    model folder has no tokenizer. Two services with equal fingerprints map text to the same ids.
+    ``tokenizer``: the folder's tokenizer when the caller has loaded it already (not loaded again)."""
     folder = Path(model)
     if not folder.is_dir() or not (gguf_file or any((folder / f).exists() for f in _TOKENIZER_FILES)):
         return "none"
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError) as e:  # shown by `ping`; scoring needs ids, not the tokenizer
         log.warning("could not load the tokenizer in %s: %s", folder, e)
         return f"unreadable ({type(e).__name__})"
