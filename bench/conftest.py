@@ -5,7 +5,9 @@
 - ``GKD_BENCH_QUICK=1``: every benchmark uses its small shapes and few rounds (read by each module).
 - ``GKD_BENCH_PLANT=name[,name]``: a regression planted on purpose, to show that
   ``scripts/bench_check.sh`` catches it (read here only, never by gkd):
-  ``fused_rows32``: the fused lm_head losses run in 32-row chunks (their GEMMs re-read the weight per chunk).
+  ``fused_rows<R>`` (e.g. ``fused_rows8``): the fused lm_head losses run in R-row chunks (each chunk's
+  GEMMs re-read the whole weight; on one CPU thread 8-row chunks make bench_losses' fused loss ~2.2x
+  slower, 32-row chunks only ~1.2x).
 - ``GKD_BENCH_SESSION=FILE`` (set by scripts/bench_check.py): the selected tests, the skipped ones with
   their reasons and the failed ones are written there as JSON at the end of the session, so that a
   baseline whose benchmark was skipped reads SKIP, not MISSING.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,31 +29,36 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _plant_fused_rows32(mp: pytest.MonkeyPatch) -> None:
+def _plant_fused_rows(mp: pytest.MonkeyPatch, rows: str) -> None:
     import gkd.kernels.fused_linear as fused_linear
 
-    mp.setattr(fused_linear, "fused_chunk_rows", lambda *args, **kwargs: 32)
+    mp.setattr(fused_linear, "fused_chunk_rows", lambda *args, **kwargs: int(rows))
 
 
-PLANTS = {"fused_rows32": _plant_fused_rows32}
+PLANTS = {r"fused_rows([1-9][0-9]*)": _plant_fused_rows}  # name pattern -> plant(mp, *groups)
 _SESSION: dict = {"selected": [], "skipped": {}, "failed": []}
 
 
-def _plants() -> list[str]:
-    names = [n.strip() for n in os.environ.get("GKD_BENCH_PLANT", "").split(",") if n.strip()]
-    unknown = [n for n in names if n not in PLANTS]
-    if unknown:
-        raise pytest.UsageError(
-            f"GKD_BENCH_PLANT={os.environ['GKD_BENCH_PLANT']}: unknown plant {', '.join(unknown)}; "
-            f"valid: {', '.join(PLANTS)} (unset it for a normal run)"
-        )
-    return names
+def _plants() -> list[tuple[str, Callable, tuple[str, ...]]]:
+    """(name, plant, pattern groups) for each name in GKD_BENCH_PLANT; an unknown name is a usage error."""
+    found = []
+    for name in (n.strip() for n in os.environ.get("GKD_BENCH_PLANT", "").split(",")):
+        if not name:
+            continue
+        match = next(((p, m) for pat, p in PLANTS.items() if (m := re.fullmatch(pat, name))), None)
+        if match is None:
+            raise pytest.UsageError(
+                f"GKD_BENCH_PLANT={os.environ['GKD_BENCH_PLANT']}: unknown plant {name}; "
+                f"valid: fused_rows<R> (e.g. fused_rows8); unset it for a normal run"
+            )
+        found.append((name, match[0], match[1].groups()))
+    return found
 
 
 def pytest_configure(config):
     config._gkd_plant_mp = pytest.MonkeyPatch()
-    for name in _plants():
-        PLANTS[name](config._gkd_plant_mp)
+    for _, plant, groups in _plants():
+        plant(config._gkd_plant_mp, *groups)
 
 
 def pytest_unconfigure(config):
@@ -62,7 +71,8 @@ def pytest_report_header(config):
     quick = os.environ.get("GKD_BENCH_QUICK") == "1"
     lines = [f"gkd benchmarks: {'quick' if quick else 'full'} mode (GKD_BENCH_QUICK={int(quick)})"]
     if _plants():
-        lines.append(f"gkd benchmarks: PLANTED REGRESSION active: GKD_BENCH_PLANT={','.join(_plants())}")
+        names = ",".join(name for name, _, _ in _plants())
+        lines.append(f"gkd benchmarks: PLANTED REGRESSION active: GKD_BENCH_PLANT={names}")
     return lines
 
 
@@ -98,5 +108,6 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     out = os.environ.get("GKD_BENCH_SESSION")
     if out:
-        record = {**_SESSION, "quick": os.environ.get("GKD_BENCH_QUICK") == "1", "plants": _plants()}
+        plants = [name for name, _, _ in _plants()]
+        record = {**_SESSION, "quick": os.environ.get("GKD_BENCH_QUICK") == "1", "plants": plants}
         Path(out).write_text(json.dumps(record, indent=2))

@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "NEW", "MISSING", "SKIP")}
     summary = ", ".join(f"{n} {v}" for v, n in counts.items())
     print(f"bench_check: {summary} (baselines {args.baselines})")
+    if session.get("plants"):
+        print(f"bench_check: PLANTED REGRESSION active: GKD_BENCH_PLANT={','.join(session['plants'])}")
     for test in session.get("failed", []):
         print(f"bench_check: benchmark FAILED: {test} (see the pytest output above)")
     if rc != 0:  # 5: nothing collected
