@@ -1,9 +1,10 @@
 """Teacher service: overhead over calling the engine in-process, and wire bytes per scored token.
 
 Run: ``.venv/bin/python -m pytest bench/bench_teacher.py --benchmark-only -s`` (``GKD_BENCH_QUICK=1``:
-16 sequences x (64 + 64) tokens). Ratios (higher is better): ``in_process_over_service`` (time in-process
-/ time through the service), ``verl_over_ours`` and ``bound_over_reply`` (``(4 + itemsize) x K + 8`` bytes
-/ the measured reply bytes per scored token). Full-mode results go to bench/results/teacher.json.
+16 sequences x (64 + 64) tokens). Ratios (higher is better): ``in_process_over_service`` (fastest round
+in-process / fastest round through the service), ``verl_over_ours`` and ``bound_over_reply``
+(``(4 + itemsize) x K + 8`` bytes / the measured reply bytes per scored token). Full-mode results go to
+bench/results/teacher.json.
 
 - Overhead: 32 sequences x 256 tokens (128 prompt + 128 response), K=64, transformers engine on a small
   Llama built from a config, scored (a) in-process with ``engine.score`` and (b) through ``TeacherClient``
@@ -137,7 +138,8 @@ def test_service_overhead(benchmark, model_dir):
         "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
     }
     benchmark.extra_info.update(report)
-    benchmark.extra_info["ratios"] = {"in_process_over_service": med["in_process"] / med["service"]}
+    best = {k: min(v) for k, v in times.items()}  # the rounds least disturbed by other load
+    benchmark.extra_info["ratios"] = {"in_process_over_service": best["in_process"] / best["service"]}
     _save("overhead", report)
     print(json.dumps(report, indent=2))
 
