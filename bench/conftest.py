@@ -7,7 +7,9 @@
   ``scripts/bench_check.sh`` catches it (read here only, never by gkd):
   ``fused_rows<R>`` (e.g. ``fused_rows8``): the fused lm_head losses run in R-row chunks (each chunk's
   GEMMs re-read the whole weight; on one CPU thread 8-row chunks make bench_losses' fused loss ~2.2x
-  slower, 32-row chunks only ~1.2x).
+  slower, 32-row chunks only ~1.2x);
+  ``decode_sleep<MS>`` (e.g. ``decode_sleep20``): ``HFRolloutEngine`` sleeps MS milliseconds per decode
+  step (in its sampling call), as a slow sampling loop would.
 - ``GKD_BENCH_SESSION=FILE`` (set by scripts/bench_check.py): the selected tests, the skipped ones with
   their reasons and the failed ones are written there as JSON at the end of the session, so that a
   baseline whose benchmark was skipped reads SKIP, not MISSING.
@@ -35,7 +37,24 @@ def _plant_fused_rows(mp: pytest.MonkeyPatch, rows: str) -> None:
     mp.setattr(fused_linear, "fused_chunk_rows", lambda *args, **kwargs: int(rows))
 
 
-PLANTS = {r"fused_rows([1-9][0-9]*)": _plant_fused_rows}  # name pattern -> plant(mp, *groups)
+def _plant_decode_sleep(mp: pytest.MonkeyPatch, ms: str) -> None:
+    import time
+
+    import gkd.rollout.hf_engine as hf_engine
+
+    sample_rows = hf_engine.sample_rows
+
+    def slow_sample_rows(*args, **kwargs):
+        time.sleep(int(ms) / 1000)
+        return sample_rows(*args, **kwargs)
+
+    mp.setattr(hf_engine, "sample_rows", slow_sample_rows)
+
+
+PLANTS = {  # name pattern -> plant(mp, *groups)
+    r"fused_rows([1-9][0-9]*)": _plant_fused_rows,
+    r"decode_sleep([1-9][0-9]*)": _plant_decode_sleep,
+}
 _SESSION: dict = {"selected": [], "skipped": {}, "failed": []}
 
 
@@ -49,7 +68,8 @@ def _plants() -> list[tuple[str, Callable, tuple[str, ...]]]:
         if match is None:
             raise pytest.UsageError(
                 f"GKD_BENCH_PLANT={os.environ['GKD_BENCH_PLANT']}: unknown plant {name}; "
-                f"valid: fused_rows<R> (e.g. fused_rows8); unset it for a normal run"
+                f"valid: fused_rows<R> (e.g. fused_rows8), decode_sleep<MS> (e.g. decode_sleep20); "
+                "unset it for a normal run"
             )
         found.append((name, match[0], match[1].groups()))
     return found
