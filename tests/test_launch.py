@@ -1,7 +1,7 @@
 """``gkd train``'s launcher: the commands it builds, the GPU plan it prints (``--dry-run``, ``GKD_FAKE_GPUS``)
-and its one-line refusals, the services' per-worker GPU slices, the health wait, and Ctrl-C (SIGINT to
+and its one-line refusals, the services' per-worker GPU slices, the health wait, Ctrl-C (SIGINT to
 the launcher) stopping every process it started: torchrun and its ranks, both services and their
-workers."""
+workers; the trainer started together with the services, and one DDP process started without torchrun."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest
 
 from gkd.config import load_config
 from gkd.launch import (
+    Command,
     LaunchError,
     commands,
     rollout_command,
@@ -395,7 +396,7 @@ def test_bad_gpus_flag_is_one_line(capsys, tmp_path):
 
 
 def _child(tmp_path, name: str, code: str, console=None):
-    from gkd.launch import Command, _start
+    from gkd.launch import _start
 
     return _start(Command(name, [sys.executable, "-c", code]), tmp_path, {}, console=console)
 
@@ -517,3 +518,53 @@ def test_a_rank_exits_when_its_parent_is_killed(tmp_path):
     assert not _grandchild_outlives_a_killed_parent(
         pidfile, f"import subprocess, sys, time\n{spawn}\ntime.sleep(60)\n"
     )
+
+
+# ------------------------------------------------------------------------------------------ start-up
+
+
+def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_path, monkeypatch):
+    """The services never become healthy here; the trainer starts anyway (it waits for their workers
+    itself, ``GKD_SERVICE_WAIT_S``), gets the launcher's start time, and the run ends when it exits."""
+    import json
+
+    import gkd.launch as launch
+
+    service = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(120)"
+    trainer = (
+        "import json, os, pathlib, sys, time\n"
+        "keys = ('GKD_SERVICE_WAIT_S', 'GKD_LAUNCH_T0')\n"
+        "seen = {k: os.environ.get(k) for k in keys}\n"
+        "pathlib.Path(sys.argv[1]).write_text(json.dumps({**seen, 'now': time.time()}))\n"
+    )
+
+    def fake_commands(*_args):
+        return [
+            Command("teacher", [sys.executable, "-c", service, str(tmp_path / "teacher.up")]),
+            Command("rollout", [sys.executable, "-c", service, str(tmp_path / "rollout.up")]),
+            Command("trainer", [sys.executable, "-c", trainer, str(tmp_path / "trainer.json")]),
+        ]
+
+    monkeypatch.setattr(launch, "commands", fake_commands)
+    monkeypatch.setattr(launch, "check_launch", lambda cfg: None)
+    overrides = ["model.student_path=S", "data.train_files=[p]", "teacher.model_path=T"]
+    started = time.time()
+    status = run(["configs/cpu_tiny.yaml"], [*overrides, f"trainer.output_dir={tmp_path / 'run'}"],
+                 health_timeout_s=45.0, started_at=started)  # fmt: skip
+    assert status == 0
+    seen = json.loads((tmp_path / "trainer.json").read_text())
+    assert seen["GKD_SERVICE_WAIT_S"] == "45.0" and float(seen["GKD_LAUNCH_T0"]) == started
+    assert (tmp_path / "teacher.up").exists() and (tmp_path / "rollout.up").exists()  # started as well
+    assert sorted(p.name for p in (tmp_path / "run" / "logs").iterdir()) == [
+        "rollout.log", "teacher.log", "trainer.log"
+    ]  # fmt: skip
+
+
+def test_one_ddp_trainer_process_runs_without_torchrun():
+    from gkd.launch import trainer_command
+
+    one = trainer_command(_cfg("trainer.nproc_per_node=1"), ["c.yaml"], ["trainer.total_steps=3"])
+    assert one[1:] == ["-u", "-m", "gkd.train", "--config", "c.yaml", "trainer.total_steps=3"]
+    for overrides in (["trainer.nproc_per_node=2"], ["trainer.nproc_per_node=1", "trainer.strategy=fsdp2"]):
+        argv = trainer_command(_cfg(*overrides), ["c.yaml"], [])
+        assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"], overrides
