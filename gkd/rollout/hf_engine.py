@@ -158,6 +158,55 @@ class PackedLinears:
         return torch.ops.mkldnn._linear_pointwise(x, entry[2], m.bias, "none", [], "")
 
 
+def reserved_cache(capacity: int):
+    """A transformers ``DynamicCache`` whose layers are :func:`reserved_layer_class` layers (``capacity``
+    positions each)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = functools.partial(reserved_layer_class(), capacity)
+    return cache
+
+
+@functools.cache
+def reserved_layer_class():
+    """``ReservedLayer``: a ``DynamicLayer`` whose keys and values are views into buffers reserved for
+    ``capacity`` positions, so that a decode step writes its one position in place instead of concatenating
+    (copying) the whole cache per layer and step. A batch reselection (``batch_select_indices``) or an
+    overflow moves them into new buffers. (A class made on first use: transformers is imported lazily.)"""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._view: torch.Tensor | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            old = self.get_seq_length()
+            new = old + key_states.shape[-2]
+            bufs = self._buffers
+            if bufs is None or self.keys is not self._view or new > bufs[0].shape[-2]:
+                cap = max(self.capacity, new)
+                bufs = tuple(
+                    t.new_empty((*t.shape[:-2], cap, t.shape[-1])) for t in (key_states, value_states)
+                )
+                if old:
+                    bufs[0][..., :old, :] = self.keys
+                    bufs[1][..., :old, :] = self.values
+                self._buffers = bufs
+            bufs[0][..., old:new, :] = key_states
+            bufs[1][..., old:new, :] = value_states
+            self.keys, self.values = bufs[0][..., :new, :], bufs[1][..., :new, :]
+            self._view = self.keys
+            return self.keys, self.values
+
+    return ReservedLayer
+
+
 #: transformers' attention name under which :func:`sdpa_gqa_decode` is registered (used while decoding).
 GQA_ATTENTION = "gkd_sdpa_gqa"
 
@@ -330,9 +379,7 @@ class HFRolloutEngine:
         stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         lse_ok = torch.ones((), dtype=torch.bool, device=dev)
 
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = reserved_cache(width + n)
         out = self.model(
             input_ids=ids,
             attention_mask=attn,

@@ -180,3 +180,24 @@ def test_decode_steps_hand_grouped_kv_heads_to_sdpa(model, monkeypatch):
     for a, b in zip(got, want, strict=True):
         assert a.response_ids == b.response_ids
         torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=1e-6, rtol=0)
+
+
+def test_reserved_cache_layers_match_dynamic_layers():
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(4)
+    ref, got = DynamicLayer(), hf_engine.reserved_layer_class()(capacity=5)
+    steps = [4, 1, "select", 1, 1, 3]  # a prompt, decode steps, a batch reselection, an overflow past 5
+    for step in steps:
+        if step == "select":
+            keep = torch.tensor([0, 2])
+            ref.batch_select_indices(keep)
+            got.batch_select_indices(keep)
+            continue
+        rows = ref.keys.shape[0] if ref.is_initialized and ref.keys.numel() else 3
+        k, v = torch.randn(rows, 2, step, 8, generator=g), torch.randn(rows, 2, step, 6, generator=g)
+        want_k, want_v = ref.update(k, v)
+        got_k, got_v = got.update(k.clone(), v.clone())
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        assert got.get_seq_length() == ref.get_seq_length()
+    assert got._buffers[0].shape[-2] == 10  # moved to larger buffers past its capacity
