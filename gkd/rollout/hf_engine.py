@@ -24,9 +24,9 @@ from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check
 from gkd.transport.worker import check_cancelled
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Weights with fewer elements stay on ``F.linear``: at decode batch sizes MKL is as fast for them
-#: (measured on the demo student's 576 x 576 and 192 x 576 projections).
-PACK_MIN_NUMEL = 1 << 19
+#: Weights with fewer elements stay on ``F.linear``: packing gains nothing measurable for them at decode
+#: batch sizes (the demo student's 192 x 576 K/V projections; its 576 x 576 Q/O ones do gain).
+PACK_MIN_NUMEL = 1 << 18
 #: Input rows (batch x tokens) for which the packed weights are used: MKL's GEMV path wins below (a batch
 #: reduced to 1-2 rows), and the prompt pass is compute-bound, where the packing does not help.
 PACK_ROWS = (3, 64)
