@@ -118,6 +118,8 @@ def test_the_native_checks_raise_instead_of_crashing():
             lambda: _ext._C.pack([torch.ones(4, 4).t()], [0], buf, 1),
             lambda: _ext._C.unpack(buf, [60], [torch.ones(2)], 1),
             lambda: _ext._C.checksum(buf, 60, 8, 1),
+            lambda: _ext._C.copy_layout([torch.ones(2)], torch.zeros(2, 4, dtype=torch.int64),
+                                        torch.zeros(1, dtype=torch.int64), buf, True, False, 1),
         ):
             try:
                 call()
@@ -128,8 +130,75 @@ def test_the_native_checks_raise_instead_of_crashing():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
-    assert len(lines) == 3 and "tensors[0] must be contiguous" in lines[0], lines
+    assert len(lines) == 4 and "tensors[0] must be contiguous" in lines[0], lines
     assert "offsets[0] = 60 with 8 bytes does not fit" in lines[1] and "offset = 60" in lines[2], lines
+    assert "records must be int64 [1, 4]" in lines[3], lines
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("alignment", [8, 256])
+def test_layout_records_and_copy_layout_round_trip(use_ext, alignment):
+    tensors = _mixed_tensors()
+    records, dims, end = _ext.layout_records(tensors, alignment, use_ext=use_ext)
+    offsets = records[:, 0].tolist()
+    assert all(o % alignment == 0 for o in offsets) and end == offsets[-1] + tensors[-1].nbytes
+    assert records[:, 1].tolist() == [t.nbytes for t in tensors]
+    assert records[:, 3].tolist() == [t.dim() for t in tensors]
+    assert dims.tolist() == [d for t in tensors for d in t.shape]
+    assert [_ext.code_dtype(c) for c in records[:, 2].tolist()] == [t.dtype for t in tensors]
+    buf, ref = torch.zeros(end, dtype=torch.uint8), torch.zeros(end, dtype=torch.uint8)
+    _ext.copy_layout(tensors, records, dims, buf, use_ext=use_ext)
+    _ext.pack(tensors, offsets, ref, use_ext=False)
+    assert torch.equal(buf, ref)
+    dests = [torch.zeros_like(t) for t in tensors]
+    _ext.copy_layout(dests, records, dims, buf, to_buffer=False, num_threads=3, use_ext=use_ext)
+    for d, t in zip(dests, tensors, strict=True):
+        assert torch.equal(d.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+def _one_record(t: torch.Tensor, offset: int = 0):
+    records = torch.tensor([[offset, t.nbytes, _ext.dtype_code(t.dtype), t.dim()]], dtype=torch.int64)
+    return records, torch.tensor(list(t.shape), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize(
+    "tensor, reason",
+    [
+        (torch.ones(4, 3).t(), _ext.NOT_CONTIGUOUS),
+        (torch.ones(4, 3), _ext.SHAPE),
+        (torch.ones(3, 4, dtype=torch.int32), _ext.DTYPE),
+        (torch.ones(3, 4, dtype=torch.float64), _ext.DTYPE),  # castable, but allow_cast is off
+        (torch.ones(3, 4).to_sparse(), _ext.NOT_STRIDED),
+    ],
+    ids=["non-contiguous", "shape", "dtype", "float-without-cast", "sparse"],
+)
+def test_copy_layout_mismatches_copy_nothing(use_ext, tensor, reason):
+    records, dims = _one_record(torch.ones(3, 4))  # float32 [3, 4] at offset 0
+    good = torch.full((5,), 7, dtype=torch.int16)
+    good_records, good_dims = _one_record(good, offset=64)
+    records, dims = torch.cat([good_records, records]), torch.cat([good_dims, dims])
+    buf = torch.zeros(128, dtype=torch.uint8)
+    with pytest.raises(_ext.LayoutMismatch) as err:
+        _ext.copy_layout([good, tensor], records, dims, buf, use_ext=use_ext)
+    assert (err.value.index, err.value.reason) == (1, reason)
+    assert str(err.value) == f"tensors[1] {_ext.MISMATCHES[reason]}"
+    assert int(buf.count_nonzero()) == 0  # the matching tensor before it was not copied either
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_copy_layout_range_and_cast(use_ext):
+    src = torch.randn(3, 4, dtype=torch.float64)
+    records, dims = _one_record(torch.ones(3, 4), offset=40)  # float32 [3, 4]: 48 bytes
+    with pytest.raises(_ext.LayoutMismatch, match=r"tensors\[0\] does not fit in the buffer"):
+        _ext.copy_layout([src.float()], records, dims, torch.zeros(64, dtype=torch.uint8), use_ext=use_ext)
+    buf = torch.zeros(96, dtype=torch.uint8)
+    _ext.copy_layout([src], records, dims, buf, allow_cast=True, use_ext=use_ext)  # converted on the way
+    assert torch.equal(buf[40:88].view(torch.float32).view(3, 4), src.float())
+    with pytest.raises(_ext.LayoutMismatch, match="dtype"):  # never into an integer record
+        _ext.copy_layout(
+            [src], *_one_record(torch.ones(3, 4, dtype=torch.int64)), buf, allow_cast=True, use_ext=use_ext
+        )
 
 
 @needs_ext

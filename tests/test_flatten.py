@@ -1,5 +1,7 @@
 """gkd.flatten: bitwise round trips, strict copies, and bucket plans."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -179,3 +181,80 @@ def test_plan_buckets_large_tensor_alone():
     assert [[m.name for m in b.metas] for b in buckets] == [["a"], ["big"], ["b", "c"]]
     assert [b.nbytes for b in buckets] == [40, 4000, 104]
     assert plan_buckets([], 512) == []
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_pack_builds_the_layout_of_layout(use_ext):
+    state = _state(seed=5)
+    fb = FlatBuffer.pack(state, alignment=64, use_ext=use_ext)
+    metas, nbytes = layout((TensorMeta.of(n, t) for n, t in state.items()), 64)
+    assert list(fb.metas) == metas and fb.nbytes == nbytes  # the metas, built from the plan when read
+    pairs = FlatBuffer.pack(list(state.items()), alignment=64, use_ext=use_ext)
+    assert torch.equal(pairs.buffer, fb.buffer)
+    with pytest.raises(ValueError, match="'w.fp32' appears twice"):
+        FlatBuffer.pack([*state.items(), ("w.fp32", torch.ones(1))], use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_pack_into_out(use_ext):
+    state = _state(seed=6)
+    out = torch.full((4096,), 0xAB, dtype=torch.uint8)
+    fb = FlatBuffer.pack(state, out=out, use_ext=use_ext)
+    assert fb.buffer.data_ptr() == out.data_ptr() and fb.nbytes == fb.metas[-1].end
+    assert bool((out[fb.nbytes :] == 0xAB).all())  # nothing written past the layout
+    for name, t in state.items():
+        assert torch.equal(_bits(fb.unpack()[name]), _bits(t)), name
+    with pytest.raises(ValueError, match=r"out must be uint8 \[>= "):
+        FlatBuffer.pack(state, out=out[:100], use_ext=use_ext)
+    with pytest.raises(ValueError, match="either out= or pin=/device="):
+        FlatBuffer.pack(state, out=out, pin=True, use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_bucket_metas_share_one_copy_plan_across_writes(use_ext):
+    # The weight sender's pattern: a new FlatBuffer over the same bucket every version, fp32 master
+    # weights cast into a bf16 layout; every version's values must land, nothing stale from the plan.
+    shapes = {f"w{i}": (i + 1, 5) for i in range(6)}
+    metas = [
+        TensorMeta(n, torch.bfloat16 if i % 2 else torch.float32, s)
+        for i, (n, s) in enumerate(shapes.items())
+    ]
+    (bucket,) = plan_buckets(metas, 1 << 20, alignment=64)
+    buffers = [torch.zeros(bucket.nbytes, dtype=torch.uint8) for _ in range(2)]
+    assert FlatBuffer(buffers[0], bucket.metas)._plan is FlatBuffer(buffers[1], bucket.metas)._plan
+    for version in range(3):
+        src = {n: torch.randn(s, generator=torch.Generator().manual_seed(version)) for n, s in shapes.items()}
+        fb = FlatBuffer(buffers[version % 2], bucket.metas)
+        fb.write(src, cast=True, use_ext=use_ext)
+        views = fb.unpack()
+        for m in bucket.metas:
+            assert views[m.name].dtype == m.dtype
+            assert torch.equal(views[m.name], src[m.name].to(m.dtype)), (version, m.name)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_write_is_strict_and_writes_nothing_on_mismatch(use_ext):
+    fb = FlatBuffer.empty(
+        layout([TensorMeta("a", torch.float32, (2, 3)), TensorMeta("b", torch.int32, (4,))])[0]
+    )
+    ones = {"a": torch.ones(2, 3), "b": torch.ones(4, dtype=torch.int32)}
+    cases = [
+        ({"a": ones["a"]}, "missing (1): b"),
+        ({**ones, "c": torch.ones(1)}, "unexpected (1): c"),
+        ({**ones, "a": torch.ones(3, 2)}, "a: expected torch.float32[2, 3], got torch.float32[3, 2]"),
+        ({**ones, "b": torch.ones(4)}, "b: expected torch.int32[4], got torch.float32[4]"),
+        # a non-contiguous tensor before the mismatch: the mismatch is reported, as a full diff
+        ({"a": torch.ones(3, 2).t(), "b": torch.ones(4, dtype=torch.int64)}, "b: expected torch.int32[4]"),
+    ]
+    for source, message in cases:
+        with pytest.raises(MetadataMismatch, match=re.escape(message)):
+            fb.write(source, cast=True, use_ext=use_ext)
+    with pytest.raises(MetadataMismatch, match="repeat a name"):
+        fb.write([*ones.items(), ("a", ones["a"])], use_ext=use_ext)
+    with pytest.raises(ValueError, match="'a' is not contiguous"):
+        fb.write({**ones, "a": torch.ones(3, 2).t()}, use_ext=use_ext)
+    with pytest.raises(ValueError, match=r"'b' is torch.sparse_coo, not dense"):
+        fb.write({**ones, "b": ones["b"].to_sparse()}, use_ext=use_ext)
+    assert int(fb.buffer.count_nonzero()) == 0
+    with pytest.raises(ValueError, match=r"'s' is torch.sparse_coo, not dense"):
+        FlatBuffer.pack({"x": torch.ones(2), "s": torch.ones(3).to_sparse()}, use_ext=use_ext)
