@@ -1,7 +1,7 @@
 """Flat byte buffers holding many tensors, their metadata, and bucket plans.
 
-A :class:`FlatBuffer` is one uint8 tensor plus a list of :class:`TensorMeta` (name, dtype, shape, byte
-offset, byte count). Packing copies every tensor in once (threaded, in C++ when ``gkd._C`` is built);
+A :class:`FlatBuffer` is one uint8 tensor plus a tuple of :class:`TensorMeta` (name, dtype, shape, byte
+offset, byte count) and the copy plan built from them once (see :class:`FlatBuffer`). Packing copies every tensor in once (threaded, in C++ when ``gkd._C`` is built);
 :meth:`FlatBuffer.unpack` gives views without copying; :meth:`FlatBuffer.copy_into` writes into existing
 tensors (e.g. an inference model's parameters) and is strict about names, shapes and dtypes.
 
@@ -190,8 +190,8 @@ class _Metas(tuple):
             self._plan = _Plan.of(self)
         return self._plan
 
-    def __reduce__(self):  # pickles as a plain tuple, without the plan's tensors
-        return tuple, (tuple(self),)
+    def __reduce__(self):  # pickled without the plan, which is rebuilt when first needed
+        return _Metas, (tuple(self),)
 
 
 @dataclass(frozen=True)
