@@ -109,9 +109,10 @@ class PackedLinears:
 
     MKL's GEMM repacks the weight on every call; for the decode steps' few rows that repacking costs about
     as much as the product (the weights are streamed ~twice). Packed once here, a decode step reads each
-    weight once. A copy is remade when its weight changes (``load_weights``, or any in-place update: the
-    tensor's version counter moves), and costs the weight's size in memory. Other layers, other dtypes and
-    inputs outside ``PACK_ROWS`` run ``F.linear`` as before.
+    weight once. A copy is remade when its weight changes: ``load_weights`` drops them all, and any other
+    in-place torch update moves the tensor's version counter; a write that bypasses it (through ``.data``,
+    or native code writing into the storage) must call :meth:`invalidate`. The copies cost the weights'
+    size in memory. Other layers, other dtypes and inputs outside ``PACK_ROWS`` run ``F.linear`` as before.
     """
 
     def __init__(self, model: torch.nn.Module, enabled: bool):
@@ -135,6 +136,10 @@ class PackedLinears:
             and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise")
         )
+
+    def invalidate(self) -> None:
+        """Drop every packed copy (they are remade from the weights on next use)."""
+        self._packed.clear()
 
     @contextlib.contextmanager
     def active(self):
@@ -312,6 +317,7 @@ class HFRolloutEngine:
         """Copy a full state into the model (strict: every parameter, no unknown name, same shapes)."""
         params = self.parameters_spec()
         incoming = check_named_tensors(params, named_tensors)
+        self.linears.invalidate()
         for name, tensor in incoming.items():
             params[name].copy_(tensor)
         if version is not None:

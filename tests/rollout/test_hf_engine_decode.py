@@ -132,6 +132,12 @@ def test_packed_linears_match_the_model_and_follow_weight_updates(model, monkeyp
     for a, b in zip(engine.generate(PROMPTS, s), want, strict=True):
         assert a.response_ids == b.response_ids
         torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=2e-5, rtol=0)
+    with torch.no_grad():  # an in-place update outside load_weights: the version counters move
+        for m in engine.linears.modules:
+            m.weight.mul_(1.5)
+    want = HFRolloutEngine(engine.model, prepack=False).generate(PROMPTS, s)
+    for a, b in zip(engine.generate(PROMPTS, s), want, strict=True):
+        torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=2e-5, rtol=0)
 
 
 def test_cancellation_is_checked_every_step(model, monkeypatch):
