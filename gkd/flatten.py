@@ -1,8 +1,9 @@
 """Flat byte buffers holding many tensors, their metadata, and bucket plans.
 
 A :class:`FlatBuffer` is one uint8 tensor plus a tuple of :class:`TensorMeta` (name, dtype, shape, byte
-offset, byte count) and the copy plan built from them once (see :class:`FlatBuffer`). Packing copies every tensor in once (threaded, in C++ when ``gkd._C`` is built);
-:meth:`FlatBuffer.unpack` gives views without copying; :meth:`FlatBuffer.copy_into` writes into existing
+offset, byte count) and the copy plan built from them once (see :class:`FlatBuffer`). Packing copies
+every tensor in once (threaded, in C++ when ``gkd._C`` is built); :meth:`FlatBuffer.unpack` gives views
+without copying; :meth:`FlatBuffer.copy_into` writes into existing
 tensors (e.g. an inference model's parameters) and is strict about names, shapes and dtypes.
 
 Dtypes travel as they are (bf16 stays bf16) unless :meth:`FlatBuffer.write` is asked to ``cast``: then a
