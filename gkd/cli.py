@@ -11,6 +11,7 @@ function; the work lives in those functions (``gkd.teacher.service`` for ``gkd t
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Sequence
@@ -127,16 +128,38 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
     ping.set_defaults(func=_teacher_ping)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# subcommand -> (module, its registration function), in --help order after ``teacher``
+_GROUPS = {
+    "rollout": ("gkd.rollout.service", "add_rollout_cli"),  # gkd rollout serve|join
+    "timeline": ("gkd.timeline", "add_timeline_cli"),  # gkd timeline RUN_DIR -o PNG
+    "train": ("gkd.launch", "add_train_cli"),  # gkd train --config X.yaml [k=v ...]
+    "demo": ("gkd.demo.run", "add_demo_cli"),  # gkd demo [--tiny] [--steps N ...]
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand, or only the ``only`` group: then only its module is imported (``gkd train``
+    starts its children without importing torch or the services' modules)."""
     parser = argparse.ArgumentParser(prog="gkd", description="asynchronous on-policy knowledge distillation")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_teacher(sub)
-    __import__("gkd.rollout.service", fromlist=["*"]).add_rollout_cli(sub)  # gkd rollout serve|join
-    __import__("gkd.timeline", fromlist=["*"]).add_timeline_cli(sub)  # gkd timeline RUN_DIR -o PNG
-    __import__("gkd.launch", fromlist=["*"]).add_train_cli(sub)  # gkd train --config X.yaml [k=v ...]
-    __import__("gkd.demo.run", fromlist=["*"]).add_demo_cli(sub)  # gkd demo [--tiny] [--steps N ...]
+    if only in (None, "teacher"):
+        _add_teacher(sub)
+    for name, (module, register) in _GROUPS.items():
+        if only in (None, name):
+            getattr(importlib.import_module(module), register)(sub)
     return parser
+
+
+def _group(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word that is not a top-level option), if it is one."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word == "teacher" or word in _GROUPS else None
+    return None
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -151,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     DEBUG`` its traceback too. Anything else propagates: a traceback means a bug."""
     from gkd.preflight import InputError, check_service_args
 
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_group(words)).parse_args(words)
     try:
         if args.command in ("teacher", "rollout"):
             check_service_args(args)

@@ -45,6 +45,7 @@ from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollou
 from gkd.placement import (
     FAKE_GPUS_ENV,
     VISIBLE_ENV,
+    Found,
     PlacementError,
     Plan,
     VLLMOptions,
@@ -223,7 +224,7 @@ def run(
             "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT --config ...` (torchrun with those flags, "
             "-m gkd.train) on each trainer node, services started separately (README: Multi-node)"
         )
-    found = detect_gpus()
+    found = _probe_gpus(cfg)
     plan = place(cfg, found)
     cmds = commands(cfg, plan, config_paths, overrides)
     if dry_run:
@@ -267,6 +268,14 @@ def run(
         for c in children:
             c.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _probe_gpus(cfg: Config) -> Found:
+    """This node's GPUs, looked for only when a role asks for some (or ``GKD_FAKE_GPUS`` is set):
+    ``detect_gpus`` imports torch, about a second before the first child could start."""
+    sections = (cfg.teacher, cfg.rollout)
+    asks = cfg.trainer.n_gpus_per_node != 0 or any(s.launch and s.n_gpus_per_node != 0 for s in sections)
+    return detect_gpus() if asks or FAKE_GPUS_ENV in os.environ else Found((), "unprobed")
 
 
 @dataclass

@@ -67,7 +67,7 @@ class Found:
     """The GPUs this node has: ``ids`` as ``CUDA_VISIBLE_DEVICES`` takes them; ``source`` says how known."""
 
     ids: tuple[str, ...]
-    source: str  # "cuda" | "GKD_FAKE_GPUS" | "none" (no CUDA)
+    source: str  # "cuda" | "GKD_FAKE_GPUS" | "none" (no CUDA) | "unprobed" (nothing asked for GPUs)
 
     @property
     def count(self) -> int:
@@ -113,6 +113,7 @@ class Plan:
     def table(self) -> str:
         """The plan as a small table (printed by ``gkd train`` before anything starts)."""
         source = {"cuda": "CUDA", FAKE_GPUS_ENV: f"{FAKE_GPUS_ENV}={self.found.count}", "none": "no CUDA"}
+        source["unprobed"] = "not probed: no role asks for GPUs"
         lines = [f"GPU plan for this node: {self.found.count} GPU(s) ({source[self.found.source]})"]
         rows = [("role", "worker", "GPUs", "CUDA_VISIBLE_DEVICES")]
         n = self.trainer_procs

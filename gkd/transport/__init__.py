@@ -21,21 +21,37 @@ A service built on this (teacher, rollout) defines its ops and field/tensor name
 engine, and a thin typed client that packs requests and unpacks ``Message`` replies.
 """
 
-from gkd.transport.auth import Auth, AuthError
-from gkd.transport.broker import Broker
-from gkd.transport.client import Client, ClientClosed, RemoteError, ServiceUnavailable, plan_chunks
-from gkd.transport.codec import (
-    PROTOCOL_VERSION,
-    Limits,
-    Message,
-    ProtocolError,
-    decode,
-    encode,
-    error_frames,
-    reply_frames,
-)
-from gkd.transport.protocol import DEFAULT_BACKEND_PORT, DEFAULT_FRONTEND_PORT, tcp_address
-from gkd.transport.worker import HandBack, Worker
+import importlib
+
+# Names resolve on first use (PEP 562): importing gkd.transport.process or .auth does not import torch
+# (the codec's tensors), so `gkd train`'s launcher starts its children without paying for it.
+_EXPORTS = {
+    "auth": ("Auth", "AuthError"),
+    "broker": ("Broker",),
+    "client": ("Client", "ClientClosed", "RemoteError", "ServiceUnavailable", "plan_chunks"),
+    "codec": (
+        "PROTOCOL_VERSION",
+        "Limits",
+        "Message",
+        "ProtocolError",
+        "decode",
+        "encode",
+        "error_frames",
+        "reply_frames",
+    ),
+    "protocol": ("DEFAULT_BACKEND_PORT", "DEFAULT_FRONTEND_PORT", "tcp_address"),
+    "worker": ("HandBack", "Worker"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_BACKEND_PORT",
