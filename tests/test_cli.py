@@ -4,7 +4,6 @@
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ from gkd.teacher.client import TeacherClient
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.transport import Auth
 from tests.teacher.conftest import assert_outputs_equal, random_sequences, save_tiny_model
+from tests.transport.helpers import free_port, pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model; spare the shared cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +27,8 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-teacher"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
-    port, backend_port = _free_port(), _free_port()
+    port, backend_port = free_port(), free_port()
     secret = tmp_path / "secret"
     secret.write_text("cli-test-secret-0123456789abcdef\n")
     address = f"127.0.0.1:{port}"
@@ -96,7 +82,7 @@ def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
         ):
             assert line in out, out
         pids = [int(line.rsplit(":", 1)[1].split()[0]) for line in out.splitlines() if "worker " in line]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
 
         # Unauthenticated: no reply (dropped), so unhealthy with the reason.
         assert main(["teacher", "ping", address, "--timeout", "0.3"]) == 1
@@ -110,9 +96,9 @@ def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(20) == 0
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(p) for p in pids), "worker processes outlived serve"
+        assert not any(pid_alive(p) for p in pids), "worker processes outlived serve"
         assert "teacher service stopped" in serve.stderr.read()
     finally:
         if serve.poll() is None:
@@ -121,7 +107,7 @@ def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
 
 
 def test_ping_nothing_there_is_unhealthy_with_reason(capsys):
-    assert main(["teacher", "ping", f"127.0.0.1:{_free_port()}", "--timeout", "0.3"]) == 1
+    assert main(["teacher", "ping", f"127.0.0.1:{free_port()}", "--timeout", "0.3"]) == 1
     assert "unhealthy: no reply from 127.0.0.1" in capsys.readouterr().err
 
 

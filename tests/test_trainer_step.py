@@ -30,18 +30,12 @@ from gkd.trainer_step import (
     pack_micro_batches,
     train_step,
 )
-from tests.tiny_llama import tiny_config
+from tests.tiny_llama import one_intra_op_thread, random_pairs, tiny_config
 
 V, K = 67, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: intra-op threads only contend (100x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread)
 
 
 def tiny_llama(seed: int, dtype=torch.float32, tie: bool = False) -> LlamaForCausalLM:
@@ -52,20 +46,16 @@ def tiny_llama(seed: int, dtype=torch.float32, tie: bool = False) -> LlamaForCau
 
 def make_samples(seed: int, n: int, *, max_prompt: int = 6, max_response: int = 8) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
-        r = int(torch.randint(1, max_response + 1, (1,), generator=g))
-        out.append(
-            Sample(
-                prompt_ids=torch.randint(0, V, (p,), generator=g).tolist(),
-                response_ids=torch.randint(0, V, (r,), generator=g).tolist(),
-                response_logprobs=-torch.rand(r, generator=g) * 3 - 0.5,
-                finish_reason="length",
-                policy_version=i,
-            )
+    return [
+        Sample(
+            prompt_ids=prompt,
+            response_ids=response,
+            response_logprobs=-torch.rand(len(response), generator=g) * 3 - 0.5,  # drawn before the next pair
+            finish_reason="length",
+            policy_version=i,
         )
-    return out
+        for i, (prompt, response) in enumerate(random_pairs(g, n, V, max_prompt, max_response))
+    ]
 
 
 @torch.no_grad()
@@ -153,20 +143,26 @@ CASES = [
 ]
 
 
+def _loss_grads_and_logits(student, samples, teacher, cfg):
+    """``loss_on_micro_batch`` over the samples as one micro-batch, with its gradients (then zeroed), and
+    the student's full logits at the loss rows for a reference to backpropagate through:
+    (micro-batch, loss, tokens, gradients, logits)."""
+    (mb,) = pack_micro_batches(samples, teacher, 1000)
+    total, n = loss_on_micro_batch(student, mb, cfg)
+    total.backward()
+    got = grads(student)
+    student.zero_grad()
+    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[mb.rows, mb.cols]
+    return mb, total, n, got, logits
+
+
 @pytest.mark.parametrize("name,tail,tie", CASES)
 def test_loss_on_micro_batch_matches_full_logits_reference(name, tail, tie):
     student = tiny_llama(0, torch.float64, tie=tie)
     samples = make_samples(3, 5)
     teacher = teacher_outputs(tiny_llama(1), samples)
     cfg = LossConfig(name=name, tail=tail, beta=0.3, temperature=1.3)
-    (mb,) = pack_micro_batches(samples, teacher, 1000)
-
-    total, n = loss_on_micro_batch(student, mb, cfg)
-    total.backward()
-    got = grads(student)
-    student.zero_grad()
-
-    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[mb.rows, mb.cols]
+    mb, total, n, got, logits = _loss_grads_and_logits(student, samples, teacher, cfg)
     ref = topk_distill_loss_reference(
         logits,
         mb.teacher_ids,
@@ -191,13 +187,7 @@ def test_sampled_reverse_kl_uses_rollout_logprobs_against_full_logits_reference(
     samples = make_samples(4, 4)
     teacher = teacher_outputs(tiny_llama(1), samples)
     cfg = LossConfig(name="sampled_reverse_kl", temperature=0.7)
-    (mb,) = pack_micro_batches(samples, teacher, 1000)
-    total, _ = loss_on_micro_batch(student, mb, cfg)
-    total.backward()
-    got = grads(student)
-    student.zero_grad()
-
-    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[mb.rows, mb.cols]
+    mb, total, _, got, logits = _loss_grads_and_logits(student, samples, teacher, cfg)
     logq = torch.log_softmax(logits / 0.7, dim=-1).gather(1, mb.target_ids[:, None])[:, 0]
     ref = sampled_reverse_kl_loss(logq, mb.rollout_logprobs.double(), mb.teacher_token_logprobs.double())
     ref.backward()

@@ -3,24 +3,11 @@
 import pytest
 import torch
 
-from tests.tiny_llama import one_intra_op_thread, save_tiny_llama
-from tests.tiny_llama import tiny_config as _tiny_config
+from tests.tiny_llama import SavedTinyLlama, one_intra_op_thread
 
-VOCAB = 320
-MAX_LEN = 128
-
-
-def tiny_config():
-    return _tiny_config(VOCAB, MAX_LEN)
-
-
-def save_tiny_student(path) -> str:
-    return save_tiny_llama(path, vocab=VOCAB, max_len=MAX_LEN, seed=4321, head_scale=4.0)
-
-
-@pytest.fixture(scope="session")
-def student_dir(tmp_path_factory):
-    return save_tiny_student(tmp_path_factory.mktemp("tiny-student"))
+STUDENT = SavedTinyLlama(vocab=320, max_len=128, seed=4321, head_scale=4.0)
+VOCAB, MAX_LEN = STUDENT.vocab, STUDENT.max_len
+student_dir = STUDENT.dir_fixture("student_dir", "tiny-student")
 
 
 def random_prompts(n, seed=0, max_len=12):

@@ -5,22 +5,11 @@ import torch
 
 from gkd.rollout.hf_engine import HFRolloutEngine, filter_logits
 from gkd.rollout.types import SamplingConfig
+from tests.tiny_llama import tiny_llama
 
 
 def _tiny(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, 320, 256)
 
 
 @pytest.fixture(scope="module")

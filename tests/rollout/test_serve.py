@@ -4,7 +4,6 @@ holds a request (every prompt still answered exactly once), then SIGTERM shuts d
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import wait
@@ -19,30 +18,16 @@ from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
 from gkd.weights import WeightSender
 from tests.rollout.conftest import assert_samples_equal, random_prompts
-from tests.transport.helpers import wait_for
+from tests.transport.helpers import free_port, pid_alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_serve_with_weight_channel_survives_a_sigkilled_worker_and_stops_cleanly(student_dir):
     from transformers import LlamaForCausalLM
 
-    port, backend_port, weight_port = _free_port(), _free_port(), _free_port()
+    port, backend_port, weight_port = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "gkd.rollout.service", "rollout", "serve", "--model", student_dir]
     argv += ["--workers", "2", "--port", str(port), "--backend-port", str(backend_port)]
     argv += [
@@ -94,7 +79,7 @@ def test_serve_with_weight_channel_survives_a_sigkilled_worker_and_stops_cleanly
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(30) == 0, serve.stderr.read()[-3000:]
         survivor = next(p for p in pids if p != victim["info"]["pid"])
-        wait_for(lambda: not _alive(survivor), 10, "the surviving worker to exit")
+        wait_for(lambda: not pid_alive(survivor), 10, "the surviving worker to exit")
     finally:
         client.close()
         if serve.poll() is None:

@@ -16,36 +16,20 @@ from gkd.rollout.types import SamplingConfig
 from gkd.rollout.wire import OP_GENERATE, pack_request
 from gkd.transport import Client, RemoteError
 from tests.rollout.conftest import MAX_LEN, VOCAB, assert_samples_equal, random_prompts
-from tests.transport.helpers import FAST, wait_for
+from tests.transport.helpers import FAST, ServiceThreads
 
 
-class Service:
+class Service(ServiceThreads):
     """Broker + worker threads (one engine each, optionally in a weight channel) on free ports."""
 
     def __init__(self, model_dir, workers=2, channels=None, heartbeat=FAST, **worker_kwargs):
         self.spec = RolloutSpec(model=model_dir)
-        self.broker = make_broker(host="127.0.0.1", port=0, backend_port=0, **heartbeat).start()
-        channels = channels or [None] * workers
-        self.workers = [
-            make_worker(
-                self.spec, self.broker.backend_address, channel=ch, **heartbeat, **worker_kwargs
-            ).start()
-            for ch in channels
+        broker = make_broker(host="127.0.0.1", port=0, backend_port=0, **heartbeat).start()
+        threads = [
+            make_worker(self.spec, broker.backend_address, channel=ch, **heartbeat, **worker_kwargs).start()
+            for ch in channels or [None] * workers
         ]
-        self.clients = []
-        probe = self.client()
-        wait_for(lambda: len(probe.info()["workers"]) == workers, what=f"{workers} workers")
-
-    def client(self, **kwargs):
-        self.clients.append(RolloutClient(self.broker.frontend_address, **{"timeout_s": 30.0, **kwargs}))
-        return self.clients[-1]
-
-    def close(self):
-        for c in self.clients:
-            c.close()
-        for w in self.workers:
-            w.stop()
-        self.broker.stop()
+        super().__init__(broker, threads, RolloutClient)
 
 
 @pytest.fixture(scope="module")

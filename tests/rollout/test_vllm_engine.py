@@ -11,19 +11,12 @@ Tolerance: 1e-4 absolute on log-probs (both fp32; vLLM's CPU kernels -- oneDNN G
 -- reorder sums). Greedy tokens must be identical (the models are made peaky, far from ties).
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from tests.vllm_env import require_vllm
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("GKD_REQUIRE_VLLM") == "1":
-        raise ImportError("GKD_REQUIRE_VLLM=1 but vllm is not importable in this environment")
-    pytest.skip("vllm is not installed (run scripts/ci_vllm.sh)", allow_module_level=True)
+require_vllm()
 
 from gkd.rollout.hf_engine import HFRolloutEngine  # noqa: E402
 from gkd.rollout.types import SamplingConfig  # noqa: E402

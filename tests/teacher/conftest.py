@@ -7,39 +7,16 @@ head_dim = 64 / 2 = 32: the smallest vLLM's CPU attention accepts, so the vLLM t
 import pytest
 import torch
 
-from tests.tiny_llama import one_intra_op_thread, save_tiny_llama
-from tests.tiny_llama import tiny_config as _tiny_config
+from tests.tiny_llama import SavedTinyLlama, one_intra_op_thread, random_pairs
 
-VOCAB = 300
-MAX_LEN = 256
-
-
-def tiny_config():
-    return _tiny_config(VOCAB, MAX_LEN)
-
-
-def save_tiny_model(path) -> str:
-    return save_tiny_llama(path, vocab=VOCAB, max_len=MAX_LEN, seed=1234, head_scale=8.0)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-teacher"))
+TEACHER = SavedTinyLlama(vocab=300, max_len=256, seed=1234, head_scale=8.0)
+VOCAB, MAX_LEN = TEACHER.vocab, TEACHER.max_len
+save_tiny_model = TEACHER.save
+tiny_model_dir = TEACHER.dir_fixture("tiny_model_dir", "tiny-teacher")
 
 
 def random_sequences(n, seed=0, max_prompt=20, max_response=24):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        plen = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
-        rlen = int(torch.randint(1, max_response + 1, (1,), generator=g))
-        out.append(
-            (
-                torch.randint(0, VOCAB, (plen,), generator=g).tolist(),
-                torch.randint(0, VOCAB, (rlen,), generator=g).tolist(),
-            )
-        )
-    return out
+    return list(random_pairs(torch.Generator().manual_seed(seed), n, VOCAB, max_prompt, max_response))
 
 
 def assert_outputs_equal(got, want, atol=1e-5):

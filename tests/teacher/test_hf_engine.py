@@ -4,15 +4,12 @@ import pytest
 import torch
 
 from gkd.teacher.hf_engine import HFTeacherEngine, plan_batches
-from tests.tiny_llama import tiny_config
+from tests.tiny_llama import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_config(300, 256)).eval()
+    return tiny_llama(0, 300, 256)
 
 
 def _sequences(seed=0):

@@ -18,37 +18,23 @@ from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.service import EngineSpec, make_broker, make_worker, tokenizer_fingerprint
 from gkd.transport import Auth, RemoteError
 from tests.teacher.conftest import MAX_LEN, VOCAB, assert_outputs_equal, random_sequences
-from tests.transport.helpers import FAST, wait_for
+from tests.transport.helpers import FAST, ServiceThreads, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"teacher-service-test-secret-0123"
 
 
-class Service:
+class Service(ServiceThreads):
     """Broker + worker threads sharing one engine, on free ports; clients closed on exit."""
 
     def __init__(self, engine, spec, workers=2, auth=None):
         self.auth, self.spec = auth, spec
-        self.broker = make_broker(host="127.0.0.1", port=0, backend_port=0, auth=auth, **FAST).start()
-        self.workers = [
-            make_worker(spec, self.broker.backend_address, engine=engine, auth=auth, **FAST).start()
+        broker = make_broker(host="127.0.0.1", port=0, backend_port=0, auth=auth, **FAST).start()
+        threads = [
+            make_worker(spec, broker.backend_address, engine=engine, auth=auth, **FAST).start()
             for _ in range(workers)
         ]
-        self.clients = []
-        probe = self.client()
-        wait_for(lambda: len(probe.info()["workers"]) == workers, what=f"{workers} workers")
-
-    def client(self, **kwargs):
-        kwargs = {"timeout_s": 30.0, "auth": self.auth, **kwargs}
-        self.clients.append(TeacherClient(self.broker.frontend_address, **kwargs))
-        return self.clients[-1]
-
-    def close(self):
-        for c in self.clients:
-            c.close()
-        for w in self.workers:
-            w.stop()
-        self.broker.stop()
+        super().__init__(broker, threads, TeacherClient, auth=auth)
 
 
 @pytest.fixture(scope="module")

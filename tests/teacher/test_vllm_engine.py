@@ -8,21 +8,13 @@ Tolerance: 1e-4 absolute on log-probs (both fp32; vLLM's CPU kernels -- oneDNN G
 distribution, the log-probs vLLM reports for them, and the sorted top-k values must agree.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from tests.teacher.conftest import VOCAB, random_sequences
+from tests.vllm_env import require_vllm
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("GKD_REQUIRE_VLLM") == "1":
-        raise ImportError("GKD_REQUIRE_VLLM=1 but vllm is not importable in this environment")
-    pytest.skip("vllm is not installed (run scripts/ci_vllm.sh)", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.vllm
 ATOL = 1e-4

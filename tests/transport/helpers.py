@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import socket
 import threading
 import time
 
@@ -85,6 +86,46 @@ class Service:
         for w in self.workers.values():
             with contextlib.suppress(TimeoutError):
                 w.stop()
+        self.broker.stop()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ServiceThreads:
+    """A started broker and a list of started worker threads (the teacher's or rollout's), with clients of
+    ``client_cls`` made by ``client()`` (30 s timeout and ``client_defaults`` unless overridden); waits for
+    every worker to register. ``close()`` closes the clients, then stops the workers and the broker."""
+
+    def __init__(self, broker, workers, client_cls, **client_defaults):
+        self.broker, self.workers, self.clients = broker, workers, []
+        self._client_cls, self._client_defaults = client_cls, {"timeout_s": 30.0, **client_defaults}
+        probe = self.client()
+        wait_for(lambda: len(probe.info()["workers"]) == len(workers), what=f"{len(workers)} workers")
+
+    def client(self, **kwargs):
+        self.clients.append(
+            self._client_cls(self.broker.frontend_address, **{**self._client_defaults, **kwargs})
+        )
+        return self.clients[-1]
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        for w in self.workers:
+            w.stop()
         self.broker.stop()
 
 
