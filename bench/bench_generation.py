@@ -29,15 +29,15 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench._common import QUICK, interleaved_times, record, rounded
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
+from tests.tiny_llama import tiny_llama
 
-QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
 THREADS = int(os.environ.get("GKD_BENCH_THREADS", "1"))
 LAYERS = 4 if QUICK else 16
 NEW = 16 if QUICK else 32
@@ -48,28 +48,14 @@ COPY_BYTES = 256 << 20
 HF_SAMPLING = dict(
     do_sample=True, temperature=1.0, top_k=0, top_p=1.0, output_scores=True, return_dict_in_generate=True
 )
-RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
 
 
 def demo_student_shape(layers: int):
     """SmolLM2-135M-Instruct's config (the demo's teacher) with ``layers`` decoder layers, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(
+        0, 49152, 8192, hidden=576, intermediate=1536, layers=layers, heads=9, kv_heads=3, tie=True,
+        head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+    )  # fmt: skip
     model.generation_config.eos_token_id = None  # model.generate decodes exactly NEW tokens per row too
     model.generation_config.pad_token_id = 0
     return model
@@ -119,14 +105,7 @@ def test_generation_vs_weight_streaming_bound(benchmark, model):
         model(input_ids=ids, attention_mask=attn, logits_to_keep=1)
 
     variants = {"engine": run_engine, "hf_generate": run_hf_generate, "prompt_pass": run_prompt_pass}
-    for fn in variants.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(variants, ROUNDS)
     bandwidth = copy_bandwidth()
     benchmark.pedantic(run_engine, rounds=1, iterations=1)
 
@@ -151,13 +130,10 @@ def test_generation_vs_weight_streaming_bound(benchmark, model):
             param_bytes * (NEW - 1) / bandwidth / (med["engine"] - med["prompt_pass"]), 4
         ),
         **{f"{k}_s": round(v, 4) for k, v in med.items()},
-        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "all_s": rounded(times),
         "ratios": {k: round(v, 4) for k, v in ratios.items()},
     }
     benchmark.extra_info.update(report)
     benchmark.extra_info["ratios"] = ratios
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data["quick" if QUICK else "full"] = report
-    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    record("generation", "quick" if QUICK else "full", report)
     print(json.dumps(report, indent=2))

@@ -34,50 +34,72 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench._common import QUICK, interleaved_times, record, rounded
 from gkd.flatten import FlatBuffer, TensorMeta, plan_buckets
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
+from tests.tiny_llama import tiny_llama
 
-QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
 ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "3" if QUICK else "5"))
 THREADS = int(os.environ.get("GKD_BENCH_THREADS", "1"))
 BATCH, PROMPT, NEW = 8, 64, 16 if QUICK else 64
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "rollout.json"
 
 
 def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(0, 49152, 2048, hidden=576, intermediate=1536, layers=6, heads=9, kv_heads=3, tie=True)
     model.generation_config.eos_token_id = None  # both sides generate exactly NEW tokens per row
     model.generation_config.pad_token_id = 0
     return model
 
 
 def _save(name: str, report: dict) -> None:
-    if QUICK:  # quick-mode figures are for bench_check, not the recorded results
-        return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data[name] = report
-    RESULTS.write_text(json.dumps(data, indent=2))
+    if not QUICK:  # quick-mode figures are for bench_check, not the recorded results
+        record("rollout", name, report)
+
+
+def _staged_version(params: dict[str, torch.Tensor]) -> list[FlatBuffer]:
+    """The WeightReceiver's staging buffers holding a "new version": the given weights, perturbed."""
+    metas = [TensorMeta(n, p.dtype, tuple(p.shape)) for n, p in params.items()]
+    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in plan_buckets(metas, 256 << 20, 256)]
+    with torch.no_grad():
+        for fb in staging:
+            fb.write({m.name: params[m.name] + 0.01 for m in fb.metas})
+    return staging
+
+
+def _apply_vs_raw_copy(benchmark, engine, params, context: dict, check, name: str) -> None:
+    """Time ``engine.load_weights`` of a staged version of ``params`` against one raw copy of as many
+    bytes, interleaved; ``check(staging)`` after the applies; report ``raw_copy_over_apply``."""
+    staging = _staged_version(params)
+    nbytes = sum(p.numel() * p.element_size() for p in params.values())
+    src = torch.full((nbytes,), 1, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+
+    def apply():
+        engine.load_weights(((n, t) for fb in staging for n, t in fb.unpack().items()), version=1)
+
+    times = interleaved_times({"apply": apply, "raw_copy": lambda: dst.copy_(src)}, max(ROUNDS, 5))
+    check(staging)
+    benchmark.pedantic(apply, rounds=1, iterations=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {
+        **context,
+        "bytes": nbytes,
+        "tensors": len(params),
+        "apply_s": round(med["apply"], 4),
+        "raw_copy_s": round(med["raw_copy"], 4),
+        "apply_over_raw_copy": round(med["apply"] / med["raw_copy"], 3),
+        "apply_GBps": round(nbytes / med["apply"] / 1e9, 2),
+        "all_s": rounded(times),
+    }
+    benchmark.extra_info.update(report)
+    benchmark.extra_info["ratios"] = {"raw_copy_over_apply": min(times["raw_copy"]) / min(times["apply"])}
+    _save(name, report)
+    print(json.dumps(report, indent=2))
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +143,7 @@ def test_engine_vs_transformers_generate(benchmark, model):
     variants = {"generate": hf_generate, "engine": engine_unseeded, "engine_seeded": engine_seeded}
     if QUICK:
         del variants["engine_seeded"]
-    for fn in variants.values():  # warm-up
-        fn()
-    times = {k: [] for k in variants}
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(variants, ROUNDS)
     benchmark.pedantic(engine_unseeded, rounds=1, iterations=1)
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {
@@ -137,7 +152,7 @@ def test_engine_vs_transformers_generate(benchmark, model):
         "rounds": ROUNDS,
         **{f"{k}_s": round(v, 4) for k, v in med.items()},
         "speedup_vs_generate": round(med["generate"] / med["engine"], 3),
-        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "all_s": rounded(times),
     }
     benchmark.extra_info.update(report)
     best = {k: min(v) for k, v in times.items()}  # the rounds least disturbed by other load
@@ -152,63 +167,17 @@ def test_engine_vs_transformers_generate(benchmark, model):
 def test_apply_version_vs_raw_copy(benchmark, model):
     engine = HFRolloutEngine(model)
     params = engine.parameters_spec()
-    metas = [TensorMeta(n, p.dtype, tuple(p.shape)) for n, p in params.items()]
-    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in plan_buckets(metas, 256 << 20, 256)]
-    with torch.no_grad():
-        for fb in staging:  # a "new version": the current weights, perturbed
-            fb.write({m.name: params[m.name] + 0.01 for m in fb.metas})
-    nbytes = sum(p.numel() * p.element_size() for p in params.values())
-    src = torch.empty(nbytes, dtype=torch.uint8)
-    src.fill_(1)
-    dst = torch.empty_like(src)
-    dst.fill_(0)
 
-    def apply():
-        engine.load_weights(((n, t) for fb in staging for n, t in fb.unpack().items()), version=1)
+    def check(staging):
+        first = next(iter(staging[0].metas))
+        assert torch.equal(params[first.name], staging[0].unpack()[first.name])
 
-    def raw_copy():
-        dst.copy_(src)
-
-    apply()
-    first = next(iter(staging[0].metas))
-    assert torch.equal(params[first.name], staging[0].unpack()[first.name])
-    times = {"apply": [], "raw_copy": []}
-    for _ in range(max(ROUNDS, 5)):
-        for name, fn in (("apply", apply), ("raw_copy", raw_copy)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    benchmark.pedantic(apply, rounds=1, iterations=1)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    report = {
-        "bytes": nbytes,
-        "tensors": len(params),
-        "torch_threads": THREADS,
-        "apply_s": round(med["apply"], 4),
-        "raw_copy_s": round(med["raw_copy"], 4),
-        "apply_over_raw_copy": round(med["apply"] / med["raw_copy"], 3),
-        "apply_GBps": round(nbytes / med["apply"] / 1e9, 2),
-        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
-    }
-    benchmark.extra_info.update(report)
-    benchmark.extra_info["ratios"] = {"raw_copy_over_apply": min(times["raw_copy"]) / min(times["apply"])}
-    _save("apply_version", report)
-    print(json.dumps(report, indent=2))
+    _apply_vs_raw_copy(benchmark, engine, params, {"torch_threads": THREADS}, check, "apply_version")
 
 
 # ---------------------------------------------------------------------------------------------- vLLM
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-
-
-def _staged_version(params: dict[str, torch.Tensor]) -> list[FlatBuffer]:
-    """The WeightReceiver's staging buffers holding a "new version": the given weights, perturbed."""
-    metas = [TensorMeta(n, p.dtype, tuple(p.shape)) for n, p in params.items()]
-    staging = [FlatBuffer.empty(b.metas, b.nbytes) for b in plan_buckets(metas, 256 << 20, 256)]
-    with torch.no_grad():
-        for fb in staging:
-            fb.write({m.name: params[m.name] + 0.01 for m in fb.metas})
-    return staging
 
 
 @pytest.fixture(scope="module")
@@ -228,43 +197,14 @@ def vllm_engine(model, tmp_path_factory):
 @needs_vllm
 def test_vllm_apply_version_vs_raw_copy(benchmark, model, vllm_engine):
     engine, info = vllm_engine
-    hf_params = dict(model.named_parameters())
-    staging = _staged_version(hf_params)
-    nbytes = sum(p.numel() * p.element_size() for p in hf_params.values())
-    src = torch.full((nbytes,), 1, dtype=torch.uint8)
-    dst = torch.zeros_like(src)
 
-    def apply():
-        engine.load_weights(((n, t) for fb in staging for n, t in fb.unpack().items()), version=1)
+    def check(_):
+        assert engine.policy_version == 1
 
-    def raw_copy():
-        dst.copy_(src)
-
-    apply()
-    assert engine.policy_version == 1
-    times = {"apply": [], "raw_copy": []}
-    for _ in range(max(ROUNDS, 5)):
-        for name, fn in (("apply", apply), ("raw_copy", raw_copy)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    benchmark.pedantic(apply, rounds=1, iterations=1)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    report = {
-        **info,
-        "bytes": nbytes,
-        "tensors": len(hf_params),
-        "on_cpu": engine.on_cpu,
-        "apply_s": round(med["apply"], 4),
-        "raw_copy_s": round(med["raw_copy"], 4),
-        "apply_over_raw_copy": round(med["apply"] / med["raw_copy"], 3),
-        "apply_GBps": round(nbytes / med["apply"] / 1e9, 2),
-        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
-    }
-    benchmark.extra_info.update(report)
-    benchmark.extra_info["ratios"] = {"raw_copy_over_apply": min(times["raw_copy"]) / min(times["apply"])}
-    _save("vllm_apply_version", report)
-    print(json.dumps(report, indent=2))
+    context = {**info, "on_cpu": engine.on_cpu}
+    _apply_vs_raw_copy(
+        benchmark, engine, dict(model.named_parameters()), context, check, "vllm_apply_version"
+    )
 
 
 @needs_vllm
@@ -283,15 +223,7 @@ def test_vllm_vs_cpu_engine(benchmark, model, vllm_engine):
     def run_hf():
         hf.generate(prompts, seeded)
 
-    variants = {"cpu_engine": run_hf, "vllm": run_vllm}
-    for fn in variants.values():  # warm-up
-        fn()
-    times = {k: [] for k in variants}
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times({"cpu_engine": run_hf, "vllm": run_vllm}, ROUNDS)
     benchmark.pedantic(run_vllm, rounds=1, iterations=1)
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {
@@ -300,7 +232,7 @@ def test_vllm_vs_cpu_engine(benchmark, model, vllm_engine):
         "torch_threads": THREADS,
         **{f"{k}_s": round(v, 4) for k, v in med.items()},
         "vllm_speedup_vs_cpu_engine": round(med["cpu_engine"] / med["vllm"], 3),
-        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "all_s": rounded(times),
     }
     benchmark.extra_info.update(report)
     benchmark.extra_info["ratios"] = {

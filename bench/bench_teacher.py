@@ -29,21 +29,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench._common import QUICK, interleaved_times, record, rounded
 from gkd.teacher.client import TeacherClient
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.service import EngineSpec, make_broker
 from gkd.teacher.wire import make_handler, pack_request
 from gkd.transport import encode
+from tests.tiny_llama import tiny_llama
 
 K = 64
-QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
 N_SEQ, PROMPT, RESPONSE = (16, 64, 64) if QUICK else (32, 128, 128)
 ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "5"))
 # 1 intra-op thread by default: on a shared 2-core machine a 2-thread OpenMP team in the worker process
 # competes with the broker/client threads and other jobs, and the ratio then measures that contention.
 THREADS = int(os.environ.get("GKD_BENCH_THREADS", "1"))
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "teacher.json"
 
 WORKER_MAIN = """
 import sys, torch
@@ -54,20 +54,9 @@ make_worker(EngineSpec(model=sys.argv[2], top_k=64), sys.argv[1]).run()
 
 
 def _save_model(path: Path) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
+    tiny_llama(0, 8192, 1024, hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4).save_pretrained(
+        path
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
     return str(path)
 
 
@@ -83,12 +72,8 @@ def _batch(vocab: int):
 
 
 def _save(name: str, report: dict) -> None:
-    if QUICK:  # quick-mode figures are for bench_check, not the recorded results
-        return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data[name] = report
-    RESULTS.write_text(json.dumps(data, indent=2))
+    if not QUICK:  # quick-mode figures are for bench_check, not the recorded results
+        record("teacher", name, report)
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +95,8 @@ def test_service_overhead(benchmark, model_dir):
         while not client.info()["workers"]:
             assert time.monotonic() < deadline and proc.poll() is None, "worker did not start"
             time.sleep(0.2)
-        client.score(batch, K)  # warm-up both paths
-        engine.score(batch, K)
-        times = {"in_process": [], "service": []}
-        for _ in range(ROUNDS):
-            for name, fn in (
-                ("in_process", lambda: engine.score(batch, K)),
-                ("service", lambda: client.score(batch, K)),
-            ):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        variants = {"in_process": lambda: engine.score(batch, K), "service": lambda: client.score(batch, K)}
+        times = interleaved_times(variants, ROUNDS)
         benchmark.pedantic(client.score, args=(batch, K), rounds=1, iterations=1)
     finally:
         client.close()
@@ -135,7 +111,7 @@ def test_service_overhead(benchmark, model_dir):
         "in_process_s": round(med["in_process"], 4),
         "service_s": round(med["service"], 4),
         "ratio": round(med["service"] / med["in_process"], 3),
-        "all_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "all_s": rounded(times),
     }
     benchmark.extra_info.update(report)
     best = {k: min(v) for k, v in times.items()}  # the rounds least disturbed by other load

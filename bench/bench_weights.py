@@ -33,7 +33,6 @@ import json
 import os
 import socket
 import statistics
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +41,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from bench._common import interleaved_times
 from gkd import _ext
 from gkd.flatten import FlatBuffer, TensorMeta, layout, plan_buckets
 from gkd.weights import WeightReceiver, WeightSender, init_weight_group
@@ -210,15 +210,7 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> d
     after a short pause: a torch ``copy_`` leaves its OpenMP threads spin-waiting for a few milliseconds,
     which slowed the variant that came next by ~25 % on a 2-core machine (measured: 15.0 vs 11.6 ms,
     equal with OMP_WAIT_POLICY=PASSIVE), whichever it was."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            time.sleep(_SETTLE_S)
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved_times(fns, rounds, settle_s=_SETTLE_S)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
