@@ -32,6 +32,8 @@ class RolloutClient(ServiceClient[Sample]):
     """Thread-safe client of a rollout service (one ZeroMQ socket, futures). ``info()`` lists the workers
     with their model, vocab_size, max_len and weight channel."""
 
+    reply_limits = REPLY_LIMITS
+
     def __init__(
         self,
         address: str,
@@ -47,14 +49,7 @@ class RolloutClient(ServiceClient[Sample]):
         self.max_prompts_per_request = max_prompts_per_request
         self.max_tokens_per_request = max_tokens_per_request  # prompt + max_new_tokens per micro-request
         self.min_version_wait_s = timeout_s / 2 if min_version_wait_s is None else min_version_wait_s
-        super().__init__(
-            address,
-            timeout_s=timeout_s,
-            retries=retries,
-            auth=auth,
-            limits=REPLY_LIMITS,
-            liveness_timeout_s=liveness_timeout_s,
-        )
+        super().__init__(address, timeout_s, retries, auth, liveness_timeout_s)
 
     def submit(
         self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None

@@ -29,6 +29,8 @@ class TeacherClient(ServiceClient[TeacherOutput]):
     """Thread-safe client of a teacher service (one ZeroMQ socket, futures). ``info()`` lists the workers
     with their model, vocab_size, max_top_k and tokenizer."""
 
+    reply_limits = REPLY_LIMITS
+
     def __init__(
         self,
         address: str,
@@ -42,14 +44,7 @@ class TeacherClient(ServiceClient[TeacherOutput]):
     ):
         self.max_sequences_per_request = max_sequences_per_request
         self.max_tokens_per_request = max_tokens_per_request
-        super().__init__(
-            address,
-            timeout_s=timeout_s,
-            retries=retries,
-            auth=auth,
-            limits=REPLY_LIMITS,
-            liveness_timeout_s=liveness_timeout_s,
-        )
+        super().__init__(address, timeout_s, retries, auth, liveness_timeout_s)
 
     def submit(
         self,

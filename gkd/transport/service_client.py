@@ -23,24 +23,26 @@ def item_length(ids: Any) -> int:
 
 
 class ServiceClient(Generic[T]):
-    """Thread-safe client of a gkd service (one ZeroMQ socket, futures); subclasses pack and unpack."""
+    """Thread-safe client of a gkd service (one ZeroMQ socket, futures); subclasses pack and unpack, and
+    set ``reply_limits`` (their wire's bounds on a reply). Subclasses forward their transport arguments
+    positionally: each documents them in its own signature, with its own defaults."""
+
+    reply_limits: Limits
 
     def __init__(
         self,
         address: str,
-        *,
         timeout_s: float,
         retries: int,
         auth: Auth | None,
-        limits: Limits,
-        liveness_timeout_s: float | None = 15.0,
+        liveness_timeout_s: float | None,
     ):
         self._client = Client(
             address,
             timeout_s=timeout_s,
             retries=retries,
             auth=auth,
-            limits=limits,
+            limits=self.reply_limits,
             liveness_timeout_s=liveness_timeout_s,
         )
 
