@@ -1,10 +1,13 @@
 """The training loop, top to bottom. torchrun entry: ``python -m gkd.train --config X.yaml [key=value ...]``
 (``gkd train`` builds that command and starts the services).
 
-Every rank: init torch.distributed (gloo on CPU, NCCL on GPU) -> config -> student -> optimizer + LR schedule
--> resume. Rank 0 alone: data, the teacher and rollout clients, the weight channel (rank 0 of a group with
-the rollout workers), startup checks, and the :class:`~gkd.scheduler.Scheduler`. Rank 0 drives the other
-ranks with commands over the trainer's own group (flat tensors, never pickles):
+The recipe is :class:`Trainer`. ``setup()``, every rank: init torch.distributed (gloo on CPU, NCCL on GPU)
+-> student -> step count (rank 0 owns the data) -> optimizer + LR schedule -> resume. ``train()``, rank 0
+alone: the teacher and rollout clients, the weight channel (rank 0 of a group with the rollout workers),
+startup checks, the :class:`~gkd.scheduler.Scheduler` calling the phases (``generate``, ``score``,
+``update``, ``sync``) and the loop. Rank 0 drives the other ranks, which run ``follow()``, with commands
+over the trainer's own group (flat tensors, never pickles); the building blocks (process group, student,
+clients, FSDP2) live in ``gkd.trainer_setup``:
 
 - ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; rank r trains on samples r, r + W, ...
   and every rank calls ``train_step`` (gradients averaged by DDP, loss normalised by the global token count);
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -56,7 +58,6 @@ from gkd.lora import weight_source
 from gkd.metrics import (
     MetricsLogger,
     SpanRecorder,
-    WandbRun,
     completion_rows,
     cpu_memory_used_gb,
     max_memory_allocated_gb,
@@ -70,6 +71,19 @@ from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.startup import StartupClock, service_info
 from gkd.teacher.types import TeacherOutput
+from gkd.trainer_setup import (  # re-exported: the building blocks' public home stays gkd.trainer
+    StartupError,
+    _auth_hint,
+    _init_distributed,
+    _load_student,
+    _weight_host,
+    open_clients,
+    open_wandb,
+    param_dtype,
+    secret_auth,
+    shard_fsdp2,
+    weight_backend,
+)
 from gkd.trainer_step import (
     build_optimizer,
     pack_micro_batches,
@@ -81,14 +95,15 @@ from gkd.trainer_step import (
 from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
 from gkd.validation import evaluation_due
 
+__all__ = [
+    "StartupError", "Trainer", "broadcast_batch", "check_services", "main", "open_clients", "open_wandb",
+    "param_dtype", "secret_auth", "shard_fsdp2", "train", "weight_backend",
+]  # fmt: skip
+
 log = logging.getLogger("gkd.trainer")
 
 OP_TRAIN, OP_SAVE, OP_STOP, OP_SYNC, OP_EXPORT, OP_EVAL = 0, 1, 2, 3, 4, 5
 STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
-
-
-class StartupError(RuntimeError):
-    """A check before training failed (service unreachable, vocabularies differ...); says what to do."""
 
 
 # ------------------------------------------------------------------------------------------ batch wire
@@ -159,142 +174,7 @@ def _command(op: int, step: int, device) -> tuple[int, int]:
     return int(got[0]), int(got[1])
 
 
-# ------------------------------------------------------------------------------------------ setup
-
-
-def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """torchrun env -> (rank, world, device). Without torchrun env: a single process, no group."""
-    gpu = cfg.trainer.n_gpus_per_node > 0
-    if gpu and not torch.cuda.is_available():
-        raise StartupError(
-            f"trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} asks for GPUs, but CUDA is not available "
-            f"here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); set "
-            "trainer.n_gpus_per_node=0 to train on the CPU"
-        )
-    if gpu:
-        # fp32 matmuls that remain (e.g. outside autocast) use TF32 tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=30))
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
-def param_dtype(cfg: Config) -> str:
-    """The student's master weights and AdamW state: ``model.param_dtype`` on every device. (The rollout
-    engines run in ``gkd.config.rollout_dtype(cfg)``: weights are cast to it when packed.)"""
-    return cfg.model.param_dtype
-
-
-def _load_student(cfg: Config, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = cfg.model.student_path
-    if not Path(path).is_dir():
-        raise StartupError(f"model.student_path={path}: no such folder (a transformers model folder)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(param_dtype(cfg))).to(device)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.model.lora.enabled:  # frozen base + adapter in the base's dtype (before sharding / DDP)
-        from gkd.lora import apply_lora
-
-        with torch.random.fork_rng(devices=[]):  # one adapter init on every rank, whatever the world size
-            torch.manual_seed(cfg.trainer.seed)
-            model = apply_lora(model, cfg.model.lora)
-    model.train()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def _auth_hint(service: str, secret_file: str | None) -> str:
-    """A service with authentication on drops unsigned or wrongly signed requests without a reply, so a
-    missing or wrong secret looks like an unreachable service: say so."""
-    if secret_file:
-        return (
-            f"; if it runs with --auth-secret-file, {service}.auth_secret_file={secret_file} must hold "
-            "the same secret (a wrong secret gets no reply)"
-        )
-    return (
-        f"; if it runs with --auth-secret-file (authentication on), set {service}.auth_secret_file to the "
-        "same secret file: requests without it get no reply"
-    )
-
-
-def secret_auth(key: str, path: str | None):
-    """The :class:`~gkd.transport.auth.Auth` for the secret file at config key ``key`` (None: auth off);
-    an unreadable or too short file is a :class:`StartupError` naming the key."""
-    from gkd.transport.process import auth_from_file
-
-    try:
-        return auth_from_file(path)
-    except (OSError, ValueError) as e:
-        raise StartupError(f"{key}={path}: {e}") from e
-
-
-def open_clients(cfg: Config, *, timeout_s: float | None = None, retries: int = 2):
-    """(TeacherClient, RolloutClient) for the configured services, signing every message with
-    ``teacher.auth_secret_file`` / ``rollout.auth_secret_file`` when set (the services' own secrets)."""
-    from gkd.rollout.client import RolloutClient
-    from gkd.teacher.client import TeacherClient
-
-    n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
-    teacher = TeacherClient(
-        f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}",
-        timeout_s=timeout_s or cfg.teacher.request_timeout_s,
-        liveness_timeout_s=cfg.teacher.liveness_timeout_s,
-        retries=retries,
-        auth=secret_auth("teacher.auth_secret_file", cfg.teacher.auth_secret_file),
-    )
-    try:
-        rollout = RolloutClient(
-            f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}",
-            timeout_s=timeout_s or cfg.rollout.request_timeout_s,
-            liveness_timeout_s=cfg.rollout.liveness_timeout_s,
-            retries=retries,
-            auth=secret_auth("rollout.auth_secret_file", cfg.rollout.auth_secret_file),
-            # one worker: a batch is one request (the pipelined sync gate's exactness needs it);
-            # several: spread a batch over them and use the strict gate
-            max_prompts_per_request=-(-cfg.data.train_batch_size * cfg.rollout.n // n_rollout),
-        )
-    except BaseException:
-        teacher.close()
-        raise
-    return teacher, rollout
-
-
-def shard_fsdp2(
-    model: torch.nn.Module, device: torch.device, compute: torch.dtype | None = None
-) -> torch.nn.Module:
-    """``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root
-    (embeddings, final norm and lm_head: the root's parameters stay gathered from forward to backward, so
-    the fused loss can read the lm_head weight after the forward). Needs an initialised process group.
-
-    ``compute``: when it differs from the parameters' dtype, ``MixedPrecisionPolicy(param_dtype=compute,
-    reduce_dtype=float32)``: the shards (master weights, AdamW) keep their dtype, the gathered parameters
-    used by forward and backward are cast to ``compute``, gradients are reduced in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized():
-        raise StartupError("trainer.strategy=fsdp2 needs torchrun (a process group); use ddp for one process")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in blocks]
-    if not layers:
-        log.warning("%s names no decoder layer class: fsdp2 shards it as one unit", type(model).__name__)
-    kwargs = {}
-    if compute is not None and compute != next(model.parameters()).dtype:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, **kwargs)
-    fully_shard(model, mesh=mesh, **kwargs)
-    return model
+# ------------------------------------------------------------------------------------------ start-up checks
 
 
 def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokenizer=None) -> None:
@@ -353,176 +233,184 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokeniz
     )
 
 
-def open_wandb(cfg: Config, out: Path):
-    """The W&B run of ``logging.wandb`` (None when off), with the resolved config logged once."""
-    w = cfg.logging.wandb
-    if not w.enabled:
-        return None
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
-    try:
-        return WandbRun(out, project=w.project, name=w.name, mode=w.mode, config=config)
-    except RuntimeError as e:
-        raise StartupError(str(e)) from e
+# ------------------------------------------------------------------------------------------ the recipe
 
 
-def _weight_host(cfg: Config) -> str:
-    """Where trainer rank 0 hosts the weight channel's store: loopback when the rollout service is local."""
-    import socket
+class Trainer:
+    """One rank's part of a run. ``setup()`` builds what every rank needs (process group, student, data size,
+    optimizer, resume); rank 0 then runs :meth:`train` (services, weight channel, scheduler, the loop) and
+    the other ranks :meth:`follow`, which obeys rank 0's commands until ``STOP``. The phases the scheduler
+    calls (:meth:`generate`, :meth:`score`, :meth:`update`, :meth:`sync`, :meth:`on_failure`) are methods."""
 
-    return "127.0.0.1" if cfg.rollout.server_ip in ("127.0.0.1", "localhost") else socket.gethostname()
+    def __init__(self, cfg: Config) -> None:
+        self.startup: StartupClock | None = StartupClock()  # one log line, and the first step's metrics
+        self.cfg = cfg
+        self.sharded = cfg.trainer.strategy == "fsdp2"
+        self.lora = cfg.model.lora.enabled
+        self.out = Path(cfg.trainer.output_dir)
+        self.k = cfg.trainer.staleness
+        self.n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
+        self.others_busy = False  # see others_in_collective
 
+    # ---- every rank
 
-def weight_backend(cfg: Config) -> str:
-    """NCCL only when both ends are on GPUs they do not share (``gkd.placement.weight_backend``: gloo with
-    trainer.allow_shared_gpu); the launcher passes the same to ``gkd rollout serve``."""
-    from gkd.placement import weight_backend as channel_backend
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world, self.device = _init_distributed(cfg)
+        self.startup.mark("distributed")
+        # model folder, prompt files, output folder: one line, before loading
+        check_run(cfg, data=self.rank == 0)
+        torch.manual_seed(cfg.trainer.seed + self.rank)
+        self.model, self.tokenizer = _load_student(cfg, self.device)
+        if self.sharded:  # before the optimizer: it holds the shards
+            self.model = shard_fsdp2(self.model, self.device, torch_dtype(compute_dtype(cfg)))
+        self.startup.mark("student")
+        self.setup_data()
+        self.startup.mark("data")
+        self.optimizer, self.lr_scheduler = build_optimizer(self.model, cfg.optim, self.total)
+        self.state = self.resume()
+        if self.world > 1 and not self.sharded:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        self.startup.mark("optimizer")
+        # trainer.async_save: rank 0 copies the state to host memory and writes it on a thread
+        self.saver = CheckpointWriter(background=cfg.trainer.async_save)
 
-    return channel_backend(cfg)
+    def setup_data(self) -> None:
+        """The prompt loader (rank 0 only: it alone draws batches); the step count goes to every rank for
+        the LR schedule."""
+        cfg = self.cfg
+        self.loader, self.total = None, 0
+        if self.rank == 0:
+            from gkd.data import PromptDataset, PromptLoader
 
+            self.loader = PromptLoader.from_config(
+                PromptDataset.from_config(cfg.data, self.tokenizer), cfg.data
+            )
+            self.total = cfg.trainer.total_steps or self.loader.num_batches(cfg.trainer.total_epochs)
+            if cfg.data.train_batch_size < self.world:
+                raise StartupError(
+                    f"data.train_batch_size={cfg.data.train_batch_size} < {self.world} trainer ranks"
+                )
+        if self.world > 1:
+            self.total = int(_bcast(torch.tensor([self.total]), self.device).item())
 
-# ------------------------------------------------------------------------------------------ the loop
-
-
-def train(cfg: Config) -> int:
-    startup = StartupClock()  # where start-up time goes: one log line, and the first step's metrics
-    rank, world, device = _init_distributed(cfg)
-    startup.mark("distributed")
-    check_run(cfg, data=rank == 0)  # model folder, prompt files, output folder: one line, before loading
-    torch.manual_seed(cfg.trainer.seed + rank)
-    model, tokenizer = _load_student(cfg, device)
-    sharded = cfg.trainer.strategy == "fsdp2"
-    lora = cfg.model.lora.enabled
-    if sharded:  # before the optimizer: it holds the shards
-        model = shard_fsdp2(model, device, torch_dtype(compute_dtype(cfg)))
-    startup.mark("student")
-    out = Path(cfg.trainer.output_dir)
-    k = cfg.trainer.staleness
-
-    # data (rank 0 only: it alone draws batches); the step count goes to every rank for the LR schedule
-    loader, total = None, 0
-    if rank == 0:
-        from gkd.data import PromptDataset, PromptLoader, batch_seed, repeat_prompts
-
-        loader = PromptLoader.from_config(PromptDataset.from_config(cfg.data, tokenizer), cfg.data)
-        total = cfg.trainer.total_steps or loader.num_batches(cfg.trainer.total_epochs)
-        if cfg.data.train_batch_size < world:
-            raise StartupError(f"data.train_batch_size={cfg.data.train_batch_size} < {world} trainer ranks")
-    if world > 1:
-        total = int(_bcast(torch.tensor([total]), device).item())
-    startup.mark("data")
-    optimizer, lr_scheduler = build_optimizer(model, cfg.optim, total)
-
-    # resume: every rank loads the model, optimizer, LR schedule and its own RNG state
-    state = SchedulerState()
-    resume = resolve_resume(cfg.trainer.resume, out)
-    if resume is not None:
-        ck = load_checkpoint(resume, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, rank=rank)
+    def resume(self) -> SchedulerState:
+        """Every rank loads the model, optimizer, LR schedule and its own RNG state; rank 0 the data state."""
+        path = resolve_resume(self.cfg.trainer.resume, self.out)
+        if path is None:
+            return SchedulerState()
+        ck = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, rank=self.rank
+        )
         state = (
             SchedulerState(**ck.scheduler_state) if ck.scheduler_state else SchedulerState(ck.step, ck.step)
         )
-        if loader is not None and ck.data_state:
-            loader.load_state_dict(ck.data_state)
-        log.info("rank %d resumed from %s at step %d", rank, resume, state.next_batch)
-    if world > 1 and not sharded:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    startup.mark("optimizer")
+        if self.loader is not None and ck.data_state:
+            self.loader.load_state_dict(ck.data_state)
+        log.info("rank %d resumed from %s at step %d", self.rank, path, state.next_batch)
+        return state
 
-    def train_on(samples, outputs) -> dict[str, float]:
-        mine = list(range(rank, len(samples), world))  # this rank's shard
-        micro = pack_micro_batches(
-            [samples[i] for i in mine], [outputs[i] for i in mine], cfg.data.micro_batch_tokens, pad_id=pad_id
-        )
-        return train_step(model, optimizer, lr_scheduler, micro, cfg, device=device)
+    def train_on(self, samples, outputs) -> dict[str, float]:
+        mine = list(range(self.rank, len(samples), self.world))  # this rank's shard
+        mine_s, mine_o = [samples[i] for i in mine], [outputs[i] for i in mine]
+        micro = pack_micro_batches(mine_s, mine_o, self.cfg.data.micro_batch_tokens, pad_id=self.pad_id)
+        return train_step(self.model, self.optimizer, self.lr_scheduler, micro, self.cfg, device=self.device)
 
-    def evaluate_on(samples, outputs) -> tuple[float, int]:
+    def evaluate_on(self, samples, outputs) -> tuple[float, int]:
         """The loss on validation answers, no gradient: rank 0 alone on its replica (DDP, one process), or
         every rank on all of them (FSDP2: the same micro-batches everywhere, so the gathers match)."""
         from gkd.validation import eval_loss
 
-        micro = pack_micro_batches(samples, outputs, cfg.data.micro_batch_tokens, pad_id=pad_id)
-        return eval_loss(model if sharded else unwrap(model), micro, cfg, device)
+        micro = pack_micro_batches(samples, outputs, self.cfg.data.micro_batch_tokens, pad_id=self.pad_id)
+        return eval_loss(self.model if self.sharded else unwrap(self.model), micro, self.cfg, self.device)
 
-    # trainer.async_save: rank 0 copies the state to host memory and writes it on a thread
-    saver = CheckpointWriter(background=cfg.trainer.async_save)
-
-    def checkpoint(done: int, sched_state: SchedulerState) -> None:
+    def checkpoint(self, done: int, sched_state: SchedulerState) -> None:
+        """Every rank gives its RNG state (and, sharded, its shards); rank 0 writes step ``done``."""
         rngs = gather_rng_states()
-        model_state, optimizer_state = (
-            full_state_dicts(model, optimizer, frozen=not lora) if sharded else (None, None)
-        )
-        if rank == 0:
-            assert loader is not None
-            path = saver.save(
-                out,
+        model_state, optimizer_state = None, None
+        if self.sharded:
+            model_state, optimizer_state = full_state_dicts(self.model, self.optimizer, frozen=not self.lora)
+        if self.rank == 0:
+            assert self.loader is not None
+            path = self.saver.save(
+                self.out,
                 done,
-                model=model,
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                data_state=loader.state_dict_at(sched_state.next_batch),
+                model=self.model,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                data_state=self.loader.state_dict_at(sched_state.next_batch),
                 scheduler_state={"next_batch": sched_state.next_batch, "version": sched_state.version},
-                config_yaml=to_yaml(cfg),
+                config_yaml=to_yaml(self.cfg),
                 rng_states=rngs,
-                keep_last=cfg.trainer.keep_last,
+                keep_last=self.cfg.trainer.keep_last,
                 model_state=model_state,
                 optimizer_state=optimizer_state,
             )
-            if not saver.background:
+            if not self.saver.background:
                 log.info("checkpoint %s", path)
 
-    if rank != 0:  # follow rank 0's commands until STOP
+    def follow(self) -> int:
+        """Ranks other than 0: obey rank 0's commands until ``STOP``."""
         from gkd.weights import WeightSender
 
         # gathers shards for rank 0's syncs (the same dtype, hence the same bucket plan, as rank 0's)
-        dtype = torch_dtype(rollout_dtype(cfg))
-        helper = WeightSender(None, weight_source(model), dtype=dtype) if sharded else None
-        while True:
-            op, step = _command(0, 0, device)
-            if op == OP_TRAIN:
-                samples, outputs = broadcast_batch(None, None, device)
-                train_on(samples, outputs)
-            elif op == OP_SAVE:
-                checkpoint(step, SchedulerState(step, step))
-            elif op == OP_SYNC:
-                assert helper is not None
-                helper.sync(step)
-            elif op == OP_EXPORT:
-                full_state_dicts(model)
-            elif op == OP_EVAL:
-                samples, outputs = broadcast_batch(None, None, device)
-                evaluate_on(samples, outputs)
-            else:
-                break
+        dtype = torch_dtype(rollout_dtype(self.cfg))
+        helper = WeightSender(None, weight_source(self.model), dtype=dtype) if self.sharded else None
+        obey = {
+            OP_TRAIN: lambda step: self.train_on(*broadcast_batch(None, None, self.device)),
+            OP_SAVE: lambda step: self.checkpoint(step, SchedulerState(step, step)),
+            OP_SYNC: lambda step: helper.sync(step),
+            OP_EXPORT: lambda step: full_state_dicts(self.model),
+            OP_EVAL: lambda step: self.evaluate_on(*broadcast_batch(None, None, self.device)),
+        }
+        while (command := _command(0, 0, self.device))[0] in obey:
+            op, step = command
+            obey[op](step)
         dist.destroy_process_group()
         return 0
 
-    # ---- rank 0: services, weight channel, scheduler
-    from gkd.channel import ChannelHost
-    from gkd.weights import WeightSender
+    # ---- rank 0: the driver
 
-    assert loader is not None
-    n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
-    # mid_update: the other ranks are inside collectives (train_step, or a sharded sync / export gather)
-    status, mid_update = 1, False
-    cleanup = contextlib.ExitStack()  # whatever is open when the run ends, however it ends
-    try:
-        teacher, rollout = open_clients(cfg)
-        cleanup.enter_context(teacher)
-        cleanup.enter_context(rollout)
-        check_services(cfg, teacher, rollout, model, n_rollout, tokenizer)
-        startup.mark("services")
+    def tell(self, op: int, step: int = 0) -> None:
+        """Send the other ranks a command (nothing to do in a one-process run)."""
+        if self.world > 1:
+            _command(op, step, self.device)
+
+    @contextlib.contextmanager
+    def others_in_collective(self):
+        """While open, the other ranks are inside collectives with rank 0 (``train_step``, the export's
+        gather). When the block raises they stay there: the run's end then sends no ``STOP`` (torchrun
+        tears them down)."""
+        self.others_busy = True
+        yield
+        self.others_busy = False
+
+    def open_services(self, cleanup: contextlib.ExitStack) -> None:
+        """The teacher and rollout clients (closed by ``cleanup``), checked against the student."""
+        self.teacher, self.rollout = open_clients(self.cfg)
+        cleanup.enter_context(self.teacher)
+        cleanup.enter_context(self.rollout)
+        check_services(self.cfg, self.teacher, self.rollout, self.model, self.n_rollout, self.tokenizer)
+
+    def open_channel(self) -> None:
+        """The weight channel to the rollout workers; a dead worker makes it re-form with the current ones."""
+        from gkd.channel import ChannelHost
+        from gkd.weights import WeightSender
+
+        cfg = self.cfg
         log.info(
-            "weight channel: waiting for %d rollout worker(s) on port %d", n_rollout, cfg.rollout.weight_port
+            "weight channel: waiting for %d rollout worker(s) on port %d",
+            self.n_rollout,
+            cfg.rollout.weight_port,
         )
-        # generations of the channel: a dead rollout worker makes it re-form with the current ones
-        channel = ChannelHost(
+        self.channel = ChannelHost(
             _weight_host(cfg),
             cfg.rollout.weight_port,
-            n_rollout,
+            self.n_rollout,
             backend=weight_backend(cfg),
             timeout=timedelta(seconds=cfg.rollout.weight_timeout_s),
             reform_timeout=timedelta(seconds=cfg.rollout.weight_reform_timeout_s),
@@ -530,190 +418,219 @@ def train(cfg: Config) -> int:
         )
         try:
             # the engines receive their own dtype (bf16 engines: half the bytes of fp32 master weights)
-            channel.start(
+            self.channel.start(
                 lambda group: WeightSender(
                     group,
-                    weight_source(model),  # LoRA: merged weights under the base model's names
+                    weight_source(self.model),  # LoRA: merged weights under the base model's names
                     dtype=torch_dtype(rollout_dtype(cfg)),
                     ready_timeout=timedelta(seconds=cfg.rollout.weight_ready_timeout_s),
                 )
             )
         except Exception as e:
             raise StartupError(f"the weight channel to the rollout engines failed: {e}") from e
-        startup.mark("weight_channel")
 
-        eos = tokenizer.eos_token_id
-        spans = SpanRecorder(out / "trace.json" if cfg.logging.trace else None)
-        cleanup.callback(spans.close)
-        logger = MetricsLogger(
-            out,
-            total_steps=total,
-            start_step=state.next_batch,
+    def open_logging(self, cleanup: contextlib.ExitStack) -> None:
+        """Spans, the metrics logger (JSONL, TensorBoard, W&B) and the wait for the pending checkpoint write,
+        all closed by ``cleanup`` however the run ends; the validator; the peak TFLOP/s behind perf/mfu."""
+        cfg = self.cfg
+        self.spans = SpanRecorder(self.out / "trace.json" if cfg.logging.trace else None)
+        cleanup.callback(self.spans.close)
+        self.logger = MetricsLogger(
+            self.out,
+            total_steps=self.total,
+            start_step=self.state.next_batch,
             tensorboard=cfg.logging.tensorboard,
             progress=cfg.logging.progress_bar,
-            required=metric_names(k),
-            wandb=open_wandb(cfg, out),
+            required=metric_names(self.k),
+            wandb=open_wandb(cfg, self.out),
         )
-        cleanup.callback(logger.close)
-
-        def finish_saves() -> None:  # every exit path waits for the pending checkpoint write
-            try:
-                saver.close()
-            except CheckpointError as e:  # on an exception path: reported, the exception stays the cause
-                log.error("%s", e)
-
-        cleanup.callback(finish_saves)
-        validator = None
+        cleanup.callback(self.logger.close)
+        cleanup.callback(self.finish_saves)
+        self.validator = None
         if cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train:
             from gkd.validation import Validator, val_prompts
 
-            def val_loss(samples, outputs) -> tuple[float, int]:
-                if sharded and world > 1:
-                    _command(OP_EVAL, 0, device)
-                    broadcast_batch(samples, outputs, device)
-                return evaluate_on(samples, outputs)
-
-            prompts = val_prompts(cfg, tokenizer)
-            validator = Validator(cfg, prompts, rollout, teacher, val_loss, eos_id=eos)
-        peak = cfg.trainer.peak_tflops or measure_peak_tflops(device, torch_dtype(compute_dtype(cfg)))
-        log.info("perf/mfu against %.3g TFLOP/s per trainer device (%s)", peak,
+            prompts = val_prompts(cfg, self.tokenizer)
+            self.validator = Validator(
+                cfg, prompts, self.rollout, self.teacher, self.val_loss, eos_id=self.tokenizer.eos_token_id
+            )
+        compute = torch_dtype(compute_dtype(cfg))
+        self.peak = cfg.trainer.peak_tflops or measure_peak_tflops(self.device, compute)
+        log.info("perf/mfu against %.3g TFLOP/s per trainer device (%s)", self.peak,
                  "trainer.peak_tflops" if cfg.trainer.peak_tflops else "measured")  # fmt: skip
-        n = cfg.rollout.n
-        sent = state.version  # the newest version the rollout engines hold or will hold (validation)
+        self.sent = self.state.version  # the newest version the rollout engines hold or will hold
 
-        def generate(b: int, min_version: int):
-            sampling = SamplingConfig(
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                stop_token_ids=(eos,) if eos is not None else (),
-                seed=batch_seed(cfg.trainer.seed, b, cfg.data.train_batch_size, n),
-                return_topk=cfg.rollout.return_topk,
-            )
-            # rollout.n: the copies of a prompt get distinct seeds (sample j of the batch: base + j)
-            return rollout.submit(
-                repeat_prompts(loader.batch(b).prompt_ids, n), sampling, min_version=min_version
-            )
+    def finish_saves(self) -> None:
+        """Every exit path waits for the pending checkpoint write."""
+        try:
+            self.saver.close()
+        except CheckpointError as e:  # on an exception path: reported, the exception stays the cause
+            log.error("%s", e)
 
-        def score(b: int, samples):
-            pairs = [(s.prompt_ids, s.response_ids) for s in samples]
-            wanted = union_request(samples) if cfg.loss.support == "union" else None
-            return teacher.submit(pairs, cfg.teacher.top_k, cfg.teacher.temperature, requested_ids=wanted)
+    def val_loss(self, samples, outputs) -> tuple[float, int]:
+        if self.sharded and self.world > 1:
+            self.tell(OP_EVAL)
+            broadcast_batch(samples, outputs, self.device)
+        return self.evaluate_on(samples, outputs)
 
-        def update(b: int, samples, outputs) -> dict[str, float]:
-            nonlocal mid_update
-            mid_update = True
-            if world > 1:
-                _command(OP_TRAIN, b, device)
-                broadcast_batch(samples, outputs, device)
-            t0 = time.perf_counter()
-            metrics = train_on(samples, outputs)
-            seconds = time.perf_counter() - t0
-            mid_update = False
-            lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
-            flops = training_flops(unwrap(model).config, lens, int(metrics["actor/response_tokens"]))
-            metrics["perf/model_tflops"] = flops / 1e12
-            metrics["perf/mfu"] = flops / max(seconds, 1e-9) / (peak * 1e12 * world)
-            metrics["actor/num_prompts"] = len(samples) // n
-            metrics.update(service_throughput(samples, outputs))
-            every = cfg.logging.completions_every
-            if every and (b + 1) % every == 0:
-                rows = completion_rows(samples, outputs, tokenizer.decode, cfg.logging.completions_n)
-                logger.log_completions(b, rows)
-            return metrics
+    def generate(self, b: int, min_version: int):
+        from gkd.data import batch_seed, repeat_prompts
 
-        def on_failure(sched_state: SchedulerState, err: PhaseFailed) -> None:
-            if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
-                return
-            saver.wait()  # a periodic save of this step may still be being written
-            if has_checkpoint(out, sched_state.next_batch):  # the periodic save of this step is there
-                log.info("checkpoint of step %d already saved", sched_state.next_batch)
-                return
-            if world > 1:
-                _command(OP_SAVE, sched_state.next_batch, device)
-            checkpoint(sched_state.next_batch, sched_state)
-            saver.wait()
-
-        def sync(version: int) -> dict[str, float]:
-            nonlocal mid_update, sent
-            sent = max(sent, version)
-            if not (sharded and world > 1):
-                return channel.sync(version)
-
-            # every worker ready first: the other ranks then wait in no collective for the rollout
-            def gather_too():
-                nonlocal mid_update
-                mid_update = True  # the other ranks hold shards: they take part in the gather
-                _command(OP_SYNC, version, device)
-
-            try:
-                return channel.sync(version, before_transfer=gather_too)
-            finally:
-                # the sender finishes every gather even when a broadcast failed, so the other ranks are
-                # back at their command loop: the failure path (checkpoint, stop) may use the group
-                mid_update = False
-
-        scheduler = Scheduler(
-            k,
-            generate,
-            score,
-            update,
-            sync,
-            clock=time.time,
-            on_failure=on_failure,
-            sync_gate="pipelined" if n_rollout == 1 else "strict",
+        cfg, eos, n = self.cfg, self.tokenizer.eos_token_id, self.cfg.rollout.n
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            stop_token_ids=(eos,) if eos is not None else (),
+            seed=batch_seed(cfg.trainer.seed, b, cfg.data.train_batch_size, n),
+            return_topk=cfg.rollout.return_topk,
         )
-        startup.mark("setup")
-        log.info("%s", startup.summary())
-        if validator is not None and cfg.trainer.val_before_train and state.next_batch == 0:
-            logger.log(-1, validator.run(min_version=0), check=False)  # the initial weights, step -1
-        for step in scheduler.run(total, state):
-            saver.poll()  # a background checkpoint write that failed stops the run here
-            m = dict(step.metrics)
-            m["perf/throughput_tokens_per_s"] = m.get("actor/total_tokens", 0) / max(m["timing/step"], 1e-9)
-            m["perf/cpu_memory_used_gb"] = cpu_memory_used_gb()
-            m["perf/max_memory_allocated_gb"] = max_memory_allocated_gb(device)
-            m["data/batch"] = step.batch
-            if startup is not None:  # the first step of this run holds its start-up breakdown
-                m.update(startup.metrics())
-                startup = None
-            if validator is not None and evaluation_due(step.batch + 1, cfg.trainer.test_freq, total):
-                if step.batch + 1 == total and sent < total:
-                    sync(total)  # the final evaluation answers with the final weights
-                m.update(validator.run(min_version=sent))
-            logger.log(step.batch, m)
-            for s in step.spans:
-                spans.add(s.name, s.start, s.end, process=s.lane, lane=s.name, batch=s.batch)
-            done = step.batch + 1
-            if should_save(done, cfg.trainer.save_freq, total):
-                if world > 1:
-                    _command(OP_SAVE, done, device)
-                checkpoint(done, step.state)
+        # rollout.n: the copies of a prompt get distinct seeds (sample j of the batch: base + j)
+        prompts = repeat_prompts(self.loader.batch(b).prompt_ids, n)
+        return self.rollout.submit(prompts, sampling, min_version=min_version)
+
+    def score(self, b: int, samples):
+        cfg = self.cfg
+        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+        wanted = union_request(samples) if cfg.loss.support == "union" else None
+        return self.teacher.submit(pairs, cfg.teacher.top_k, cfg.teacher.temperature, requested_ids=wanted)
+
+    def update(self, b: int, samples, outputs) -> dict[str, float]:
+        with self.others_in_collective():
+            self.tell(OP_TRAIN, b)
+            if self.world > 1:
+                broadcast_batch(samples, outputs, self.device)
+            t0 = time.perf_counter()
+            metrics = self.train_on(samples, outputs)
+            seconds = time.perf_counter() - t0
+        lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
+        flops = training_flops(unwrap(self.model).config, lens, int(metrics["actor/response_tokens"]))
+        metrics["perf/model_tflops"] = flops / 1e12
+        metrics["perf/mfu"] = flops / max(seconds, 1e-9) / (self.peak * 1e12 * self.world)
+        metrics["actor/num_prompts"] = len(samples) // self.cfg.rollout.n
+        metrics.update(service_throughput(samples, outputs))
+        every = self.cfg.logging.completions_every
+        if every and (b + 1) % every == 0:
+            rows = completion_rows(samples, outputs, self.tokenizer.decode, self.cfg.logging.completions_n)
+            self.logger.log_completions(b, rows)
+        return metrics
+
+    def sync(self, version: int) -> dict[str, float]:
+        self.sent = max(self.sent, version)
+        if not (self.sharded and self.world > 1):
+            return self.channel.sync(version)
+
+        def gather_too() -> None:  # every worker is ready: the other ranks wait in no collective until now
+            self.others_busy = True  # they hold shards: they take part in the gather
+            self.tell(OP_SYNC, version)
+
+        try:
+            return self.channel.sync(version, before_transfer=gather_too)
+        finally:
+            # the sender finishes every gather even when a broadcast failed, so the other ranks are back at
+            # their command loop: the failure path (checkpoint, stop) may use the group
+            self.others_busy = False
+
+    def on_failure(self, sched_state: SchedulerState, err: PhaseFailed) -> None:
+        if err.phase == "update":  # the model may be half-updated: keep the last good checkpoint
+            return
+        self.saver.wait()  # a periodic save of this step may still be being written
+        if has_checkpoint(self.out, sched_state.next_batch):  # the periodic save of this step is there
+            log.info("checkpoint of step %d already saved", sched_state.next_batch)
+            return
+        self.save(sched_state.next_batch, sched_state)
+        self.saver.wait()
+
+    def save(self, done: int, sched_state: SchedulerState) -> None:
+        self.tell(OP_SAVE, done)
+        self.checkpoint(done, sched_state)
+
+    def step_metrics(self, step) -> dict[str, float]:
+        """A finished step's record: the scheduler's timings, throughput, memory, the start-up breakdown
+        (the first step of this run) and, when due, validation."""
+        m = dict(step.metrics)
+        m["perf/throughput_tokens_per_s"] = m.get("actor/total_tokens", 0) / max(m["timing/step"], 1e-9)
+        m["perf/cpu_memory_used_gb"] = cpu_memory_used_gb()
+        m["perf/max_memory_allocated_gb"] = max_memory_allocated_gb(self.device)
+        m["data/batch"] = step.batch
+        if self.startup is not None:
+            m.update(self.startup.metrics())
+            self.startup = None
+        due = evaluation_due(step.batch + 1, self.cfg.trainer.test_freq, self.total)
+        if self.validator is not None and due:
+            if step.batch + 1 == self.total and self.sent < self.total:
+                self.sync(self.total)  # the final evaluation answers with the final weights
+            m.update(self.validator.run(min_version=self.sent))
+        return m
+
+    def export(self) -> None:
+        """The final Hugging Face folder (FSDP2: every rank helps gather the full state)."""
         final_state = None
-        if sharded:
-            mid_update = True
-            if world > 1:
-                _command(OP_EXPORT, 0, device)
-            final_state = full_state_dicts(model)[0]
-            mid_update = False
-        export_hf(model, tokenizer, out / "final", state=final_state)
-        log.info("final student exported to %s%s", out / "final", " (adapter: final_adapter)" if lora else "")
-        if cfg.logging.wandb.enabled and cfg.logging.trace:
+        if self.sharded:
+            with self.others_in_collective():
+                self.tell(OP_EXPORT)
+                final_state = full_state_dicts(self.model)[0]
+        export_hf(self.model, self.tokenizer, self.out / "final", state=final_state)
+        adapter = " (adapter: final_adapter)" if self.lora else ""
+        log.info("final student exported to %s%s", self.out / "final", adapter)
+        if self.cfg.logging.wandb.enabled and self.cfg.logging.trace:
             from gkd.timeline import draw_timeline
 
-            spans.flush()
-            draw_timeline(out / "trace.json", out / "timeline.png")
-            logger.log_image("timeline", out / "timeline.png")
-        saver.wait()  # the last checkpoint is committed (or its failure raised) before a clean exit
-        channel.close()  # the rollout workers keep their last version
-        status = 0
-    finally:
-        cleanup.close()
-        if world > 1 and not mid_update:  # else torchrun tears down the ranks stuck in a collective
-            _command(OP_STOP, 0, device)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return status
+            self.spans.flush()
+            draw_timeline(self.out / "trace.json", self.out / "timeline.png")
+            self.logger.log_image("timeline", self.out / "timeline.png")
+
+    def train(self) -> int:
+        """Rank 0: services, weight channel, scheduler; then the loop (each step: log, trace, maybe save);
+        the export. Returns the exit status."""
+        cfg, status = self.cfg, 1
+        cleanup = contextlib.ExitStack()  # whatever is open when the run ends, however it ends
+        try:
+            self.open_services(cleanup)
+            self.startup.mark("services")
+            self.open_channel()
+            self.startup.mark("weight_channel")
+            self.open_logging(cleanup)
+            scheduler = Scheduler(
+                self.k,
+                self.generate,
+                self.score,
+                self.update,
+                self.sync,
+                clock=time.time,
+                on_failure=self.on_failure,
+                sync_gate="pipelined" if self.n_rollout == 1 else "strict",
+            )
+            self.startup.mark("setup")
+            log.info("%s", self.startup.summary())
+            if self.validator is not None and cfg.trainer.val_before_train and self.state.next_batch == 0:
+                self.logger.log(-1, self.validator.run(min_version=0), check=False)  # the initial weights
+            for step in scheduler.run(self.total, self.state):
+                self.saver.poll()  # a background checkpoint write that failed stops the run here
+                self.logger.log(step.batch, self.step_metrics(step))
+                for s in step.spans:
+                    self.spans.add(s.name, s.start, s.end, process=s.lane, lane=s.name, batch=s.batch)
+                done = step.batch + 1
+                if should_save(done, cfg.trainer.save_freq, self.total):
+                    self.save(done, step.state)
+            self.export()
+            self.saver.wait()  # the last checkpoint is committed (or its failure raised) before a clean exit
+            self.channel.close()  # the rollout workers keep their last version
+            status = 0
+        finally:
+            cleanup.close()
+            if self.world > 1 and not self.others_busy:  # else torchrun tears down the ranks in a collective
+                _command(OP_STOP, 0, self.device)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return status
+
+
+def train(cfg: Config) -> int:
+    """One rank of a run (every rank calls it; rank 0 drives). Returns the exit status."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.train() if trainer.rank == 0 else trainer.follow()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,185 @@
+"""The trainer's building blocks, one call per start-up step of :class:`gkd.trainer.Trainer`: the process
+group and device, the student (sharded with FSDP2 or wrapped by DDP later), the service clients and their
+secrets, W&B, where the weight channel is hosted and on which backend. ``gkd.trainer`` re-exports them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gkd.config import Config
+from gkd.metrics import WandbRun
+from gkd.trainer_step import torch_dtype
+
+log = logging.getLogger("gkd.trainer")  # the trainer's log lines keep one name, wherever they are written
+
+
+class StartupError(RuntimeError):
+    """A check before training failed (service unreachable, vocabularies differ...); says what to do."""
+
+
+def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun env -> (rank, world, device). Without torchrun env: a single process, no group."""
+    gpu = cfg.trainer.n_gpus_per_node > 0
+    if gpu and not torch.cuda.is_available():
+        raise StartupError(
+            f"trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} asks for GPUs, but CUDA is not available "
+            f"here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); set "
+            "trainer.n_gpus_per_node=0 to train on the CPU"
+        )
+    if gpu:
+        # fp32 matmuls that remain (e.g. outside autocast) use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=30))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def param_dtype(cfg: Config) -> str:
+    """The student's master weights and AdamW state: ``model.param_dtype`` on every device. (The rollout
+    engines run in ``gkd.config.rollout_dtype(cfg)``: weights are cast to it when packed.)"""
+    return cfg.model.param_dtype
+
+
+def _load_student(cfg: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cfg.model.student_path
+    if not Path(path).is_dir():
+        raise StartupError(f"model.student_path={path}: no such folder (a transformers model folder)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(param_dtype(cfg))).to(device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.model.lora.enabled:  # frozen base + adapter in the base's dtype (before sharding / DDP)
+        from gkd.lora import apply_lora
+
+        with torch.random.fork_rng(devices=[]):  # one adapter init on every rank, whatever the world size
+            torch.manual_seed(cfg.trainer.seed)
+            model = apply_lora(model, cfg.model.lora)
+    model.train()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _auth_hint(service: str, secret_file: str | None) -> str:
+    """A service with authentication on drops unsigned or wrongly signed requests without a reply, so a
+    missing or wrong secret looks like an unreachable service: say so."""
+    if secret_file:
+        return (
+            f"; if it runs with --auth-secret-file, {service}.auth_secret_file={secret_file} must hold "
+            "the same secret (a wrong secret gets no reply)"
+        )
+    return (
+        f"; if it runs with --auth-secret-file (authentication on), set {service}.auth_secret_file to the "
+        "same secret file: requests without it get no reply"
+    )
+
+
+def secret_auth(key: str, path: str | None):
+    """The :class:`~gkd.transport.auth.Auth` for the secret file at config key ``key`` (None: auth off);
+    an unreadable or too short file is a :class:`StartupError` naming the key."""
+    from gkd.transport.process import auth_from_file
+
+    try:
+        return auth_from_file(path)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"{key}={path}: {e}") from e
+
+
+def open_clients(cfg: Config, *, timeout_s: float | None = None, retries: int = 2):
+    """(TeacherClient, RolloutClient) for the configured services, signing every message with
+    ``teacher.auth_secret_file`` / ``rollout.auth_secret_file`` when set (the services' own secrets)."""
+    from gkd.rollout.client import RolloutClient
+    from gkd.teacher.client import TeacherClient
+
+    def client(cls, key: str, service, **kwargs):
+        return cls(
+            f"{service.server_ip}:{service.server_port}",
+            timeout_s=timeout_s or service.request_timeout_s,
+            liveness_timeout_s=service.liveness_timeout_s,
+            retries=retries,
+            auth=secret_auth(f"{key}.auth_secret_file", service.auth_secret_file),
+            **kwargs,
+        )
+
+    n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
+    teacher = client(TeacherClient, "teacher", cfg.teacher)
+    try:
+        # one worker: a batch is one request (the pipelined sync gate's exactness needs it); several:
+        # spread a batch over them and use the strict gate
+        per_request = -(-cfg.data.train_batch_size * cfg.rollout.n // n_rollout)
+        rollout = client(RolloutClient, "rollout", cfg.rollout, max_prompts_per_request=per_request)
+    except BaseException:
+        teacher.close()
+        raise
+    return teacher, rollout
+
+
+def shard_fsdp2(
+    model: torch.nn.Module, device: torch.device, compute: torch.dtype | None = None
+) -> torch.nn.Module:
+    """``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root
+    (embeddings, final norm and lm_head: the root's parameters stay gathered from forward to backward, so
+    the fused loss can read the lm_head weight after the forward). Needs an initialised process group.
+
+    ``compute``: when it differs from the parameters' dtype, ``MixedPrecisionPolicy(param_dtype=compute,
+    reduce_dtype=float32)``: the shards (master weights, AdamW) keep their dtype, the gathered parameters
+    used by forward and backward are cast to ``compute``, gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise StartupError("trainer.strategy=fsdp2 needs torchrun (a process group); use ddp for one process")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        log.warning("%s names no decoder layer class: fsdp2 shards it as one unit", type(model).__name__)
+    kwargs = {}
+    if compute is not None and compute != next(model.parameters()).dtype:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def open_wandb(cfg: Config, out: Path):
+    """The W&B run of ``logging.wandb`` (None when off), with the resolved config logged once."""
+    w = cfg.logging.wandb
+    if not w.enabled:
+        return None
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    try:
+        return WandbRun(out, project=w.project, name=w.name, mode=w.mode, config=config)
+    except RuntimeError as e:
+        raise StartupError(str(e)) from e
+
+
+def _weight_host(cfg: Config) -> str:
+    """Where trainer rank 0 hosts the weight channel's store: loopback when the rollout service is local."""
+    import socket
+
+    return "127.0.0.1" if cfg.rollout.server_ip in ("127.0.0.1", "localhost") else socket.gethostname()
+
+
+def weight_backend(cfg: Config) -> str:
+    """NCCL only when both ends are on GPUs they do not share (``gkd.placement.weight_backend``: gloo with
+    trainer.allow_shared_gpu); the launcher passes the same to ``gkd rollout serve``."""
+    from gkd.placement import weight_backend as channel_backend
+
+    return channel_backend(cfg)
