@@ -17,14 +17,11 @@ took (until the service listed two workers again, and the longest step around th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,44 +29,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gkd.demo.run import free_ports
+from tests.tiny_run import build_tiny, train_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 60
 RUN_TIMEOUT_S = 200
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
-    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(tmp_path_factory.mktemp("tiny"), num_prompts=24)
+    return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=24)
 
 
 def _start(tiny: dict[str, str], out: Path) -> tuple[subprocess.Popen, dict[str, int]]:
     names = ("teacher", "teacher_backend", "rollout", "rollout_backend", "weights")
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    argv = [sys.executable, "-m", "gkd.cli", "train", "--config", "configs/cpu_tiny.yaml"]
-    argv += [
-        f"model.student_path={tiny['student']}",
-        f"teacher.model_path={tiny['teacher']}",
-        f"data.train_files={tiny['prompts']}",
-        f"trainer.output_dir={out}",
-        f"teacher.server_port={ports['teacher']}",
-        f"teacher.backend_port={ports['teacher_backend']}",
-        f"rollout.server_port={ports['rollout']}",
-        f"rollout.backend_port={ports['rollout_backend']}",
-        f"rollout.weight_port={ports['weights']}",
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    argv = train_argv(
+        tiny,
+        out,
+        list(ports.values()),
         "teacher.workers=2",
         "rollout.workers=2",
         "teacher.top_k=8",
@@ -82,7 +62,7 @@ def _start(tiny: dict[str, str], out: Path) -> tuple[subprocess.Popen, dict[str,
         "trainer.save_freq=0",
         "optim.lr=5e-3",
         "logging.progress_bar=false",
-    ]
+    )
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +37,7 @@ from gkd.lora import (  # noqa: E402
     weight_source,
 )
 from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step  # noqa: E402
+from tests.ranks import gloo_group  # noqa: E402
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,10 +201,7 @@ def _ranks_worker(rank: int, port: int, out: str) -> None:
     from gkd.weights import _gather_to_root
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
-    )
-    try:
+    with gloo_group(rank, port, timeout_s=120):
         cfg = _cfg(lr=3e-3)
         samples = make_samples(3, 8)
         teacher = teacher_outputs(tiny_llama(1), samples)
@@ -244,18 +241,14 @@ def _ranks_worker(rank: int, port: int, out: str) -> None:
         res["resumed"] = train_step(fresh, fresh_opt, fresh_sched, micro, cfg)["actor/kl_loss"]
         if rank == 0:
             torch.save(res, f"{out}/rank0.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_and_ddp_lora_agree_merge_per_shard_and_checkpoint_the_adapter():
     from transformers import AutoModelForCausalLM
 
-    from tests.test_trainer import _free_port, run_ranks
+    from tests.ranks import rank0_result
 
-    with tempfile.TemporaryDirectory() as out:
-        run_ranks(_ranks_worker, _free_port(), out, timeout_s=240)
-        res = torch.load(f"{out}/rank0.pt", weights_only=True)
+    with rank0_result(_ranks_worker, timeout_s=240) as (out, res):
         files = sorted(p.name for p in Path(f"{out}/run/checkpoints/step_000003").iterdir())
         exported = AutoModelForCausalLM.from_pretrained(f"{out}/final").state_dict()
         adapter_folder = sorted(p.name for p in Path(f"{out}/final_adapter").iterdir())

@@ -3,9 +3,7 @@ before any training) and the batch broadcast from rank 0 over two gloo ranks (fl
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,26 +13,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gkd.config import load_config
 from gkd.rollout.types import FINISH_REASONS, Sample
 from gkd.teacher.service import tokenizer_fingerprint
 from gkd.teacher.types import TeacherOutput
 from gkd.trainer import StartupError, broadcast_batch, check_services
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.ranks import gloo_group, run_ranks
+from tests.tiny_run import ROOT, build_tiny, make_cpu_tiny
+from tests.transport.helpers import free_port
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory) -> str:
     """A folder holding only the tiny tokenizer (what the fingerprint check reads)."""
-    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     path = tmp_path_factory.mktemp("student")
-    module.tokenizer().save_pretrained(path)
+    make_cpu_tiny().tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -109,30 +103,8 @@ def _batch():
     return samples, outputs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(worker, *args, nprocs: int = 2, timeout_s: float = 120.0) -> None:
-    """``worker(rank, *args)`` in ``nprocs`` spawned processes (one intra-op thread each); fails when they
-    are not done within ``timeout_s``."""
-    with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
-        ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
-        deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, f"workers did not finish within {timeout_s:.0f} s"
-
-
 def _bcast_worker(rank: int, port: int, out_dir: str) -> None:
-    from datetime import timedelta
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, port):
         samples, outputs = _batch() if rank == 0 else (None, None)
         got_s, got_t = broadcast_batch(samples, outputs, torch.device("cpu"))
         flat = {}
@@ -148,13 +120,11 @@ def _bcast_worker(rank: int, port: int, out_dir: str) -> None:
                 t.token_logprobs,
             )
         torch.save(flat, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ranks():
     with tempfile.TemporaryDirectory() as out:
-        run_ranks(_bcast_worker, _free_port(), out)
+        run_ranks(_bcast_worker, free_port(), out)
         got = torch.load(f"{out}/rank1.pt", weights_only=True)
     samples, outputs = _batch()
     for i, (s, t) in enumerate(zip(samples, outputs, strict=True)):
@@ -172,11 +142,8 @@ def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ra
 
 def test_unreachable_teacher_fails_fast_with_a_clear_message(tmp_path, student_dir):
     """``python -m gkd.train`` alone (no torchrun: one process) against a port nobody serves."""
-    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tiny = module.build(tmp_path / "tiny", num_prompts=4)
-    port = _free_port()
+    tiny = build_tiny(tmp_path / "tiny", num_prompts=4)
+    port = free_port()
     argv = [sys.executable, "-m", "gkd.train", "--config", "configs/cpu_tiny.yaml"]
     argv += [f"model.student_path={tiny['student']}", f"data.train_files={tiny['prompts']}"]
     argv += [f"trainer.output_dir={tmp_path / 'out'}", "teacher.launch=false", "rollout.launch=false"]

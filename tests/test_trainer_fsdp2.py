@@ -6,8 +6,6 @@ gathered state is a loadable Hugging Face folder."""
 
 from __future__ import annotations
 
-import tempfile
-from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +16,7 @@ from gkd.checkpoint import export_hf, full_state_dicts, is_sharded, load_checkpo
 from gkd.config import LossConfig, ModelConfig, OptimConfig
 from gkd.trainer import shard_fsdp2
 from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
-from tests.test_trainer import _free_port, run_ranks
+from tests.ranks import gloo_group, rank0_result
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
 
 STEPS = 3
@@ -45,10 +43,7 @@ def _full(model) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
-    )
-    try:
+    with gloo_group(rank, port, timeout_s=120):
         cfg = _cfg()
         samples = make_samples(3, 8)
         teacher = teacher_outputs(tiny_llama(1), samples)
@@ -106,17 +101,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             assert set(got) == set(state)
             assert all(torch.equal(got[k], state[k]) for k in state)
             torch.save(res, f"{out}/rank0.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_matches_ddp_and_checkpoints_full_state_dicts():
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as out:
-        run_ranks(_worker, _free_port(), out, timeout_s=240)
-        res = torch.load(f"{out}/rank0.pt", weights_only=True)
+    with rank0_result(_worker, timeout_s=240) as (out, res):
         saved = load_file(f"{out}/run/checkpoints/step_{STEPS:06d}/model.safetensors")
         exported = AutoModelForCausalLM.from_pretrained(f"{out}/final").state_dict()
         plain = tiny_llama(7)  # an unsharded model loads the sharded run's checkpoint

@@ -16,6 +16,14 @@ def random_prompts(n, seed=0, max_len=12):
     return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lens]
 
 
+def response_logits(model, sample):
+    """float32 logits ``[R, V]`` of a transformers forward pass over prompt + response, at the positions
+    that predict the sample's response tokens."""
+    full = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        return model(full).logits[0, len(sample.prompt_ids) - 1 : -1].float()
+
+
 def assert_samples_equal(got, want, atol=1e-5):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):

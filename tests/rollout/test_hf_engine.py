@@ -5,6 +5,7 @@ import torch
 
 from gkd.rollout.hf_engine import HFRolloutEngine, filter_logits
 from gkd.rollout.types import SamplingConfig
+from tests.rollout.conftest import response_logits
 from tests.tiny_llama import tiny_llama
 
 
@@ -39,9 +40,7 @@ def test_logprobs_equal_forward_pass(model, temperature):
     engine = HFRolloutEngine(model)
     s = SamplingConfig(max_new_tokens=10, temperature=temperature, top_k=50, top_p=0.9, seed=3)
     for sample in engine.generate(PROMPTS, s):
-        full = torch.tensor([sample.prompt_ids + sample.response_ids])
-        with torch.no_grad():
-            logits = model(full).logits[0, len(sample.prompt_ids) - 1 : -1].float() / temperature
+        logits = response_logits(model, sample) / temperature
         ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(sample.response_ids)[:, None])[:, 0]
         torch.testing.assert_close(sample.response_logprobs, ref, atol=2e-5, rtol=1e-5)
 

@@ -8,6 +8,7 @@ from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.rollout.wire import OP_GENERATE, REPLY_LIMITS, pack_reply, pack_request, unpack_reply, unpack_request
 from gkd.transport.codec import ProtocolError, decode, encode
+from tests.rollout.conftest import response_logits
 from tests.rollout.test_hf_engine import PROMPTS, _tiny
 
 
@@ -21,9 +22,7 @@ def test_top_ids_are_the_top_m_of_the_sampling_logits(model, temperature):
     engine = HFRolloutEngine(model)
     s = SamplingConfig(max_new_tokens=6, temperature=temperature, top_k=20, seed=1, return_topk=5)
     for sample in engine.generate(PROMPTS, s):
-        full = torch.tensor([sample.prompt_ids + sample.response_ids])
-        with torch.no_grad():
-            logits = model(full).logits[0, len(sample.prompt_ids) - 1 : -1].float()
+        logits = response_logits(model, sample)
         assert sample.topk_ids.dtype == torch.int32 and sample.topk_ids.shape == (len(sample.response_ids), 5)
         want = logits.topk(5, dim=-1)
         got = logits.gather(1, sample.topk_ids.long())  # ties may order differently: compare values

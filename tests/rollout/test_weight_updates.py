@@ -15,7 +15,7 @@ from gkd.rollout.service import WeightChannel
 from gkd.rollout.types import SamplingConfig
 from gkd.transport import RemoteError
 from gkd.weights import WeightSender
-from tests.rollout.conftest import random_prompts
+from tests.rollout.conftest import random_prompts, response_logits
 from tests.rollout.test_service import Service
 from tests.transport.helpers import wait_for
 
@@ -42,9 +42,7 @@ def _perturb(model, seed: int) -> None:
 
 def _rescore(model, sample, temperature: float):
     """Log-probs of the sample's tokens under softmax(logits / T) and the argmax at each position."""
-    full = torch.tensor([sample.prompt_ids + sample.response_ids])
-    with torch.no_grad():
-        logits = model(full).logits[0, len(sample.prompt_ids) - 1 : -1].float()
+    logits = response_logits(model, sample)
     logp = torch.log_softmax(logits / (temperature or 1.0), -1)
     tokens = torch.tensor(sample.response_ids)
     return logp.gather(1, tokens[:, None])[:, 0], logits.argmax(-1)

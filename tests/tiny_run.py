@@ -1,0 +1,43 @@
+"""``gkd train`` on the CPU tiny models, as the end-to-end tests start it: the student, teacher and prompts
+of ``scripts/make_cpu_tiny.py`` (nothing downloaded) and ``configs/cpu_tiny.yaml`` with every port given."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cpu_tiny():
+    """The module ``scripts/make_cpu_tiny.py`` (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_tiny(folder: Path, num_prompts: int) -> dict[str, str]:
+    """``scripts/make_cpu_tiny.py``'s ``build``: paths of ``student``, ``teacher``, ``prompts``..."""
+    return make_cpu_tiny().build(folder, num_prompts=num_prompts)
+
+
+def train_argv(tiny: dict[str, str], out: Path, ports: Sequence[int], *overrides: str) -> list[str]:
+    """``python -m gkd.cli train`` (run it from ROOT) writing to ``out``; ``ports``: the teacher's
+    frontend and backend, the rollout's frontend and backend, the weight channel's."""
+    teacher, teacher_backend, rollout, rollout_backend, weights = ports
+    return [
+        *(sys.executable, "-m", "gkd.cli", "train", "--config", "configs/cpu_tiny.yaml"),
+        f"model.student_path={tiny['student']}",
+        f"teacher.model_path={tiny['teacher']}",
+        f"data.train_files={tiny['prompts']}",
+        f"trainer.output_dir={out}",
+        f"teacher.server_port={teacher}",
+        f"teacher.backend_port={teacher_backend}",
+        f"rollout.server_port={rollout}",
+        f"rollout.backend_port={rollout_backend}",
+        f"rollout.weight_port={weights}",
+        *overrides,
+    ]
