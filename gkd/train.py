@@ -1,5 +1,6 @@
 """torchrun entry point: ``python -m torch.distributed.run --nproc-per-node N -m gkd.train --config X.yaml``
-(``gkd train`` builds this command). The loop is :func:`gkd.trainer.train`."""
+(``gkd train`` builds this command). The recipe is :class:`gkd.trainer.Trainer`; every rank calls
+:func:`gkd.trainer.train`."""
 
 from gkd.trainer import main
 
