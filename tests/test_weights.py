@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from gkd import _ext
 from gkd.flatten import FlatBuffer, MetadataMismatch
 from gkd.weights import ChannelReform, WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from tests.tiny_llama import tiny_llama
 
 _GROUP_TIMEOUT = timedelta(seconds=60)
 _TEST_TIMEOUT = 150.0
@@ -60,20 +61,10 @@ def _spawn(fn, nprocs: int, *args) -> None:
 
 
 def _tiny_lm(seed: int, intermediate: int = 64, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
+    model = tiny_llama(
+        seed, 128, 64, hidden=32, intermediate=intermediate, layers=layers, heads=4, kv_heads=2
     )
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model.to(torch.bfloat16)
 
 
 def _logits(model) -> torch.Tensor:
