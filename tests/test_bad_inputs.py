@@ -27,78 +27,84 @@ from gkd.demo.run import free_ports
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
+
+def _train(*overrides: str) -> list[str]:
+    """``gkd train`` on the fixture's config with these overrides."""
+    return ["train", "--config", "{cfg}", *overrides]
+
+
 # id -> (arguments after `gkd`, formatted with the fixture's paths; text the error line must contain)
 CASES: dict[str, tuple[list[str], str]] = {
     # gkd train: the config's local inputs, before any service starts
     "train-config-missing": (["train", "--config", "{tmp}/nope.yaml"], "nope.yaml not found"),
     "train-config-value": (
-        ["train", "--config", "{cfg}", "teacher.gpu_memory_utilization=1.5"],
+        _train("teacher.gpu_memory_utilization=1.5"),
         "teacher.gpu_memory_utilization=1.5: must lie in (0, 1]",
     ),
-    "train-config-nan": (["train", "--config", "{cfg}", "optim.lr=nan"], "optim.lr=nan: must be > 0"),
+    "train-config-nan": (_train("optim.lr=nan"), "optim.lr=nan: must be > 0"),
     "train-student-missing": (
-        ["train", "--config", "{cfg}", "model.student_path={tmp}/nope"],
+        _train("model.student_path={tmp}/nope"),
         "model.student_path={tmp}/nope: no such folder",
     ),
     "train-student-hub-id": (
-        ["train", "--config", "{cfg}", "model.student_path=HuggingFaceTB/SmolLM2-135M"],
+        _train("model.student_path=HuggingFaceTB/SmolLM2-135M"),
         "never downloaded from a hub",
     ),
     "train-student-no-config": (
-        ["train", "--config", "{cfg}", "model.student_path={tmp}"],
+        _train("model.student_path={tmp}"),
         "model.student_path={tmp}: no config.json",
     ),
     "train-student-no-tokenizer": (
-        ["train", "--config", "{cfg}", "model.student_path={teacher}"],
+        _train("model.student_path={teacher}"),
         "model.student_path={teacher}: no tokenizer files",
     ),
     "train-teacher-missing": (
-        ["train", "--config", "{cfg}", "teacher.model_path={tmp}/nope"],
+        _train("teacher.model_path={tmp}/nope"),
         "teacher.model_path={tmp}/nope: no such folder",
     ),
     "train-data-missing": (
-        ["train", "--config", "{cfg}", "data.train_files={tmp}/nope.parquet"],
+        _train("data.train_files={tmp}/nope.parquet"),
         "data.train_files: data file {tmp}/nope.parquet not found",
     ),
     "train-data-folder": (
-        ["train", "--config", "{cfg}", "data.train_files={tmp}"],
+        _train("data.train_files={tmp}"),
         "data.train_files: data file {tmp} is a folder",
     ),
     "train-data-not-parquet": (
-        ["train", "--config", "{cfg}", "data.train_files={text}"],
+        _train("data.train_files={text}"),
         "data.train_files: data file {text}: cannot read as parquet",
     ),
-    "train-data-no-rows": (["train", "--config", "{cfg}", "data.train_files={empty}"], "have no rows"),
+    "train-data-no-rows": (_train("data.train_files={empty}"), "have no rows"),
     "train-prompt-column": (
-        ["train", "--config", "{cfg}", "data.prompt_key=question"],
+        _train("data.prompt_key=question"),
         "no column 'question' (data.prompt_key); available columns: prompt",
     ),
     "train-val-missing": (
-        ["train", "--config", "{cfg}", "data.val_files={tmp}/val.parquet", "trainer.test_freq=1"],
+        _train("data.val_files={tmp}/val.parquet", "trainer.test_freq=1"),
         "data.val_files: data file {tmp}/val.parquet not found",
     ),
     "train-output-under-file": (
-        ["train", "--config", "{cfg}", "trainer.output_dir={text}/out"],
+        _train("trainer.output_dir={text}/out"),
         "trainer.output_dir={text}/out: cannot be a folder",
     ),
     "train-port-busy": (
-        ["train", "--config", "{cfg}", "teacher.backend_port={busy}"],
+        _train("teacher.backend_port={busy}"),
         "teacher.backend_port={busy}: cannot bind 127.0.0.1:{busy}",
     ),
     "train-weight-port-busy": (
-        ["train", "--config", "{cfg}", "rollout.weight_port={busy}"],
+        _train("rollout.weight_port={busy}"),
         "rollout.weight_port={busy}: cannot bind",
     ),
     "train-ports-clash": (
-        ["train", "--config", "{cfg}", "rollout.server_port=15551", "teacher.server_port=15551"],
+        _train("rollout.server_port=15551", "teacher.server_port=15551"),
         "the same port as teacher.server_port",
     ),
     "train-secret-missing": (
-        ["train", "--config", "{cfg}", "rollout.auth_secret_file={tmp}/nope"],
+        _train("rollout.auth_secret_file={tmp}/nope"),
         "rollout.auth_secret_file={tmp}/nope: cannot read it",
     ),
     "train-secret-short": (
-        ["train", "--config", "{cfg}", "teacher.auth_secret_file={short}"],
+        _train("teacher.auth_secret_file={short}"),
         "teacher.auth_secret_file={short}: the secret is 5 bytes",
     ),
     # gkd timeline
