@@ -210,6 +210,15 @@ def weighted_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor
     )
 
 
+def reduce_weighted(values: torch.Tensor, w: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row ``values`` (already multiplied by their weights ``w``) reduced: as they are ("none"),
+    summed ("sum"), or summed over ``w``'s sum ("mean"; 0 when nothing is weighted)."""
+    if reduction == "none":
+        return values
+    total = values.sum()
+    return weighted_mean(total, w.sum()) if reduction == "mean" else total
+
+
 def take_eager_grads(ctx, grad_out: torch.Tensor) -> tuple:
     """Scale the gradients computed during forward by the scalar upstream gradient, in place.
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from gkd.kernels._common import LOG_TAIL_FLOOR, REDUCTIONS, TAIL_FLOOR, LossSpec, check_choice, weighted_mean
+from gkd.kernels._common import (
+    LOG_TAIL_FLOOR,
+    REDUCTIONS,
+    TAIL_FLOOR,
+    LossSpec,
+    check_choice,
+    reduce_weighted,
+)
 
 
 def _divergence(s: torch.Tensor, t: torch.Tensor, present: torch.Tensor, spec: LossSpec) -> torch.Tensor:
@@ -83,9 +90,4 @@ def topk_distill_loss_reference(
 
     w = torch.ones(n, dtype=dtype, device=per_row.device) if mask is None else mask.to(dtype)
     per_row = torch.where(w != 0, per_row * w, torch.zeros_like(per_row))
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if reduction == "mean":
-        return weighted_mean(total, w.sum())
-    return total
+    return reduce_weighted(per_row, w, reduction)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gkd.kernels._common import REDUCTIONS, check_choice, weighted_mean
+from gkd.kernels._common import REDUCTIONS, check_choice, reduce_weighted
 
 
 def sampled_reverse_kl_loss(
@@ -50,9 +50,4 @@ def sampled_reverse_kl_loss(
         ratio = log_ratio.detach().exp().clamp(max=ratio_clip) * (logq - logq.detach()).exp()
     w = torch.ones_like(logq) if mask is None else mask.to(logq.dtype)
     per_token = torch.where(w != 0, -ratio * adv * w, torch.zeros_like(logq))
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
-    if reduction == "mean":
-        return weighted_mean(total, w.sum())
-    return total
+    return reduce_weighted(per_token, w, reduction)
