@@ -224,18 +224,12 @@ class MetricsLogger:
             self._wandb.log_image(name, path)
 
     def close(self) -> None:
-        if self._completions is not None:
-            self._completions.close()
-            self._completions = None
-        if self._wandb is not None:
-            self._wandb.close()
-            self._wandb = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Close every sink once, in this order, then the JSONL file; a second call does nothing."""
+        sinks = (self._completions, self._wandb, self._bar, self._tb)
+        self._completions = self._wandb = self._bar = self._tb = None
+        for sink in sinks:
+            if sink is not None:
+                sink.close()
         if not self._file.closed:
             self._file.close()
 
