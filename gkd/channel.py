@@ -319,3 +319,6 @@ class ChannelMember:
 
     def close(self) -> None:
         self._stop.set()
+        if self._beat is not threading.current_thread():
+            # a heartbeat still inside the store's C++ client when the interpreter exits aborts the process
+            self._beat.join(HEARTBEAT_INTERVAL_S + 5.0)

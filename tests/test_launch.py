@@ -335,7 +335,7 @@ def test_services_hand_each_worker_its_slice(monkeypatch, name, overrides, slice
     )
     args = build_parser().parse_args(cmd.argv[3:])  # after `python -m gkd.cli`
     args.port = args.backend_port = 0  # free ports for the broker
-    module = importlib.import_module(f"gkd.{name}.service")
+    module = importlib.import_module("gkd.service")  # both services spawn and stop through it
     spawned: list[_Spawned] = []
 
     def popen(argv, env):

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from gkd import service
 from gkd.channel import ChannelMember
 from gkd.placement import (
     VLLMOptions,
@@ -44,24 +43,19 @@ from gkd.placement import (
     describe_engine,
     engine_on_gpu,
     engine_slices,
-    run_service,
-    worker_env,
 )
 from gkd.rollout.types import check_prompts
 from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
+from gkd.service import ServiceKind
 from gkd.transport import Auth, Broker, HandBack, Worker
 from gkd.transport.process import (  # supervision both services share: signals, restarts, orphan check
-    PARENT_ENV,
-    add_restart_args,
     auth_from_file,
-    configure_logging,
     run_until_stopped,
-    serve_broker,
     stop_on_signals,
-    supervise,
 )
 
 log = logging.getLogger("gkd.rollout")
+ROLLOUT = ServiceKind("rollout", OPS, LIMITS, port=15557, backend_port=15558, log=log)
 
 BACKENDS = ("hf", "vllm")
 
@@ -226,6 +220,7 @@ class VersionedEngine:
         from gkd.weights import ChannelReform, WeightReceiver, WeightSyncError
 
         ch = self.channel
+        member = None
         try:
             member = ChannelMember(
                 ch.host,
@@ -274,6 +269,9 @@ class VersionedEngine:
         except Exception as e:  # the worker keeps serving its current version; min_version waits report this
             log.exception("weight channel %s failed; no further updates", ch.address)
             self._notify(state="failed", error=f"{type(e).__name__}: {e}")
+        finally:
+            if member is not None:
+                member.close()  # its heartbeat thread ends with the channel
 
     def _receive_versions(self, receiver) -> bool:
         """Stage and apply versions until the sender closes (-> True) or the group fails (raises)."""
@@ -356,9 +354,7 @@ def make_worker(
 
 
 def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = None, **kwargs) -> Broker:
-    return Broker(
-        OPS, host=host, frontend_port=port, backend_port=backend_port, limits=LIMITS, auth=auth, **kwargs
-    )
+    return service.make_broker(ROLLOUT, host=host, port=port, backend_port=backend_port, auth=auth, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -375,27 +371,6 @@ def _channel_argv(
     if "idle_timeout_s" in opts:
         argv += ["--weight-idle-timeout", repr(opts["idle_timeout_s"])]
     return argv + (["--weight-staging", opts["staging"]] if "staging" in opts else [])
-
-
-def _spawn_worker(
-    spec: RolloutSpec, broker: str, channel_argv: list[str], auth_secret_file: str | None, env: dict[str, str]
-):
-    """``rollout join --workers 1`` with ``env`` added (its ``CUDA_VISIBLE_DEVICES`` slice)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "gkd.rollout.service",
-        "rollout",
-        "join",
-        "--broker",
-        broker,
-        "--workers",
-        "1",
-    ]
-    argv += (
-        spec.to_argv() + channel_argv + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
-    )
-    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **env})
 
 
 def serve(
@@ -420,40 +395,29 @@ def serve(
     the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``. A worker that exits is restarted
     (at most ``max_restarts`` times within ``restart_window_s``; then status 1 with the reason); the
     restarted worker joins the weight channel's next generation before it takes requests."""
-    if workers < 1:
-        raise ValueError("--workers must be >= 1")
     if weight_channel is not None:
         parse_host_port(weight_channel)
-    slices = engine_slices(spec, gpus, workers)
-    stop = stop_on_signals()
-    broker = make_broker(
-        host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
-    )
-    return serve_broker(
-        "rollout",
-        broker,
-        workers,
-        lambda backend, i: _spawn_worker(
-            spec,
-            backend,
-            _channel_argv(
-                weight_channel,
-                i + 1,
-                workers + 1,
-                weight_backend,
-                weight_timeout_s,
-                idle_timeout_s=weight_idle_timeout_s,
-                staging=weight_staging,
-            ),
-            auth_secret_file,
-            worker_env(slices, i),
-        ),
-        stop,
-        what=f"{spec.backend} worker(s) for {spec.model}",
-        detail=f"auth {'on' if auth_secret_file else 'off'}, weight channel {weight_channel or 'off'}",
-        svc_log=log,
+    return service.serve(
+        ROLLOUT,
+        spec,
+        host=host,
+        port=port,
+        backend_port=backend_port,
+        workers=workers,
+        auth_secret_file=auth_secret_file,
+        gpus=gpus,
         max_restarts=max_restarts,
         restart_window_s=restart_window_s,
+        worker_argv=lambda i: _channel_argv(
+            weight_channel,
+            i + 1,
+            workers + 1,
+            weight_backend,
+            weight_timeout_s,
+            idle_timeout_s=weight_idle_timeout_s,
+            staging=weight_staging,
+        ),
+        detail=f"weight channel {weight_channel or 'off'}",
     )
 
 
@@ -477,13 +441,16 @@ def join(
     ``weight_rank + 1``, ...) until stopped (``gpus`` as for :func:`serve`)."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
-    slices = engine_slices(spec, gpus, workers)
     world = weight_world_size if weight_world_size is not None else weight_rank + workers
-    stop = stop_on_signals()
     if workers > 1:
-
-        def spawn(i: int) -> subprocess.Popen:
-            channel_argv = _channel_argv(
+        return service.join_supervised(
+            ROLLOUT,
+            spec,
+            broker,
+            workers,
+            auth_secret_file,
+            gpus,
+            lambda i: _channel_argv(
                 weight_channel,
                 weight_rank + i,
                 world,
@@ -491,10 +458,9 @@ def join(
                 weight_timeout_s,
                 idle_timeout_s=weight_idle_timeout_s,
                 staging=weight_staging,
-            )
-            return _spawn_worker(spec, broker, channel_argv, auth_secret_file, worker_env(slices, i))
-
-        return supervise([spawn(i) for i in range(workers)], stop, spawn)
+            ),
+        )
+    stop = stop_on_signals()
     channel = None
     if weight_channel is not None:
         host, port = parse_host_port(weight_channel)
@@ -508,7 +474,7 @@ def join(
             weight_idle_timeout_s,
             weight_staging,
         )
-    apply_worker_gpus(slices, log)  # before the engine starts CUDA
+    apply_worker_gpus(engine_slices(spec, gpus, 1), log)  # before the engine starts CUDA
     # a worker that starts after the trainer sent a version (a restart) serves only once it holds it
     sent = None if channel is None else ChannelMember.sent_version(channel.host, channel.port)
     log.info("worker %d: loading the %s", os.getpid(), spec.describe())
@@ -525,14 +491,7 @@ def join(
         except TimeoutError as e:
             log.error("worker %d: %s", os.getpid(), e)
             return 1
-    log.info(
-        "worker %d: %s engine for %s loaded in %.1fs; serving %s",
-        os.getpid(),
-        spec.backend,
-        spec.model,
-        time.monotonic() - start,
-        worker.address,
-    )
+    service.log_serving(ROLLOUT, spec, start, worker.address)
     return run_until_stopped(worker, stop)
 
 
@@ -583,69 +542,33 @@ def _spec(args: argparse.Namespace) -> RolloutSpec:
     return RolloutSpec(args.model, args.backend, args.dtype, args.device, args.max_batch_size, vllm)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
-    return run_service(
-        "gkd rollout serve",
-        lambda: _spec(args),
-        lambda spec: serve(
-            spec,
-            host=args.host,
-            port=args.port,
-            backend_port=args.backend_port,
-            workers=args.workers,
-            weight_channel=args.weight_channel,
-            weight_backend=args.weight_backend,
-            weight_timeout_s=args.weight_timeout,
-            weight_idle_timeout_s=args.weight_idle_timeout,
-            weight_staging=args.weight_staging,
-            auth_secret_file=args.auth_secret_file,
-            gpus=args.gpus,
-            max_restarts=args.max_restarts,
-            restart_window_s=args.restart_window,
-        ),
+def _channel_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        weight_channel=args.weight_channel,
+        weight_backend=args.weight_backend,
+        weight_timeout_s=args.weight_timeout,
+        weight_idle_timeout_s=args.weight_idle_timeout,
+        weight_staging=args.weight_staging,
     )
 
 
-def _join(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
-    return run_service(
-        "gkd rollout join",
-        lambda: _spec(args),
-        lambda spec: join(
-            spec,
-            args.broker,
-            workers=args.workers,
-            weight_channel=args.weight_channel,
-            weight_rank=args.weight_rank,
-            weight_world_size=args.weight_world_size,
-            weight_backend=args.weight_backend,
-            weight_timeout_s=args.weight_timeout,
-            weight_idle_timeout_s=args.weight_idle_timeout,
-            weight_staging=args.weight_staging,
-            max_wait_s=args.max_wait,
-            auth_secret_file=args.auth_secret_file,
-            gpus=args.gpus,
-        ),
+def _serve(spec: RolloutSpec, args: argparse.Namespace) -> int:
+    return serve(spec, **service.serve_options(args), **_channel_options(args))
+
+
+def _join(spec: RolloutSpec, args: argparse.Namespace) -> int:
+    return join(
+        spec,
+        args.broker,
+        **service.join_options(args),
+        **_channel_options(args),
+        weight_rank=args.weight_rank,
+        weight_world_size=args.weight_world_size,
+        max_wait_s=args.max_wait,
     )
 
 
-def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``gkd rollout serve|join`` (the top-level parser must define ``--log-level``)."""
-    rollout = subparsers.add_parser("rollout", help="the student rollout (generation) service")
-    rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="{serve,join}")
-
-    s = rsub.add_parser("serve", help="start a broker and N rollout worker processes")
-    _add_common(s)
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=15557, help="client (frontend) port (default 15557)")
-    s.add_argument("--backend-port", type=int, default=15558, help="worker (backend) port (default 15558)")
-    add_restart_args(s)
-    s.set_defaults(func=_serve)
-
-    j = rsub.add_parser("join", help="add rollout workers to a running broker (e.g. from another machine)")
-    j.add_argument("--broker", required=True, help="the broker's backend, HOST:PORT")
-    _add_common(j)
+def _add_join_args(j: argparse.ArgumentParser) -> None:
     j.add_argument("--weight-rank", type=int, default=1, help="weight rank of the first worker (default 1)")
     j.add_argument(
         "--weight-world-size",
@@ -654,7 +577,20 @@ def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
         help="trainer rank 0 + all rollout workers (default: weight-rank + workers)",
     )
     j.add_argument("--max-wait", type=float, default=600.0, help="longest min_version wait, seconds")
-    j.set_defaults(func=_join)
+
+
+def add_rollout_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``gkd rollout serve|join`` (the top-level parser must define ``--log-level``)."""
+    service.add_service_cli(
+        subparsers,
+        ROLLOUT,
+        help="the student rollout (generation) service",
+        add_engine_args=_add_common,
+        spec_from_args=_spec,
+        serve=_serve,
+        join=_join,
+        add_join_args=_add_join_args,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

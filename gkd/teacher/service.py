@@ -13,37 +13,36 @@ SIGKILLed ``serve`` does not leave engines holding memory.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gkd import service
 from gkd.placement import (
     VLLMOptions,
     apply_worker_gpus,
     describe_engine,
     engine_on_gpu,
     engine_slices,
-    worker_env,
 )
+from gkd.service import ServiceKind
 from gkd.teacher.wire import LIMITS, OPS, make_handler
 from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
 from gkd.transport.process import (
-    PARENT_ENV,
     auth_from_file,
     run_until_stopped,
-    serve_broker,
     stop_on_signals,
-    supervise,
 )
 
 log = logging.getLogger("gkd.teacher")
+TEACHER = ServiceKind("teacher", OPS, LIMITS, port=15555, backend_port=15556, log=log)
 
 BACKENDS = ("hf", "vllm")
 # vLLM's prompt-logprobs path allocates [tokens, vocab] logits plus an fp32 log-softmax outside what its
@@ -157,21 +156,7 @@ def make_worker(spec: EngineSpec, broker: str, *, auth: Auth | None = None, engi
 
 
 def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = None, **kwargs) -> Broker:
-    return Broker(
-        OPS, host=host, frontend_port=port, backend_port=backend_port, limits=LIMITS, auth=auth, **kwargs
-    )
-
-
-# ------------------------------------------------------------------------------------ processes
-
-
-def _spawn_worker(
-    spec: EngineSpec, broker: str, auth_secret_file: str | None, env: dict[str, str]
-) -> subprocess.Popen:
-    """``gkd teacher join --workers 1`` with ``env`` added (its ``CUDA_VISIBLE_DEVICES`` slice)."""
-    argv = [sys.executable, "-m", "gkd.cli", "teacher", "join", "--broker", broker, "--workers", "1"]
-    argv += spec.to_argv() + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
-    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **env})
+    return service.make_broker(TEACHER, host=host, port=port, backend_port=backend_port, auth=auth, **kwargs)
 
 
 def serve(
@@ -190,22 +175,15 @@ def serve(
     ``gpus`` (``"4,5"``): worker i gets the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``.
     A worker that exits is restarted (the broker re-queues its request), at most ``max_restarts`` times
     within ``restart_window_s``; past that the service stops with status 1 and says why."""
-    if workers < 1:
-        raise ValueError("--workers must be >= 1")
-    slices = engine_slices(spec, gpus, workers)
-    stop = stop_on_signals()
-    broker = make_broker(
-        host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
-    )
-    return serve_broker(
-        "teacher",
-        broker,
-        workers,
-        lambda backend, i: _spawn_worker(spec, backend, auth_secret_file, worker_env(slices, i)),
-        stop,
-        what=f"{spec.backend} worker(s) for {spec.model}",
-        detail=f"auth {'on' if auth_secret_file else 'off'}",
-        svc_log=log,
+    return service.serve(
+        TEACHER,
+        spec,
+        host=host,
+        port=port,
+        backend_port=backend_port,
+        workers=workers,
+        auth_secret_file=auth_secret_file,
+        gpus=gpus,
         max_restarts=max_restarts,
         restart_window_s=restart_window_s,
     )
@@ -223,26 +201,14 @@ def join(
     (``gpus`` as for :func:`serve`)."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
-    slices = engine_slices(spec, gpus, workers)
-    stop = stop_on_signals()
     if workers > 1:
-
-        def spawn(i: int) -> subprocess.Popen:
-            return _spawn_worker(spec, broker, auth_secret_file, worker_env(slices, i))
-
-        return supervise([spawn(i) for i in range(workers)], stop, spawn)
-    apply_worker_gpus(slices, log)  # before the engine starts CUDA
+        return service.join_supervised(TEACHER, spec, broker, workers, auth_secret_file, gpus)
+    stop = stop_on_signals()
+    apply_worker_gpus(engine_slices(spec, gpus, 1), log)  # before the engine starts CUDA
     log.info("worker %d: loading the %s", os.getpid(), spec.describe())
     start = time.monotonic()
     worker = make_worker(spec, broker, auth=auth_from_file(auth_secret_file))
-    log.info(
-        "worker %d: %s engine for %s loaded in %.1fs; serving %s",
-        os.getpid(),
-        spec.backend,
-        spec.model,
-        time.monotonic() - start,
-        worker.address,
-    )
+    service.log_serving(TEACHER, spec, start, worker.address)
     return run_until_stopped(worker, stop)
 
 
@@ -286,3 +252,68 @@ def ping(address: str, *, timeout_s: float = 5.0, auth_secret_file: str | None =
 def _unhealthy(reason: str) -> int:
     print(f"unhealthy: {reason}", file=sys.stderr)
     return 1
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher engine")
+    g.add_argument(
+        "--model", required=True, help="local model folder (transformers layout; never downloaded)"
+    )
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load instead")
+    g.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="engine (default: hf)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--top-k", type=int, default=64, help="maximum (and default) top-k served (default 64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="default teacher temperature")
+    g.add_argument(
+        "--logprob-dtype",
+        choices=("float16", "float32"),
+        default="float32",
+        help="top-k log-probs on the wire (token log-probs are always float32)",
+    )
+    g.add_argument("--max-batch-tokens", type=int, default=8192, help="hf engine: padded tokens per batch")
+    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
+    g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
+    g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
+    VLLMOptions.add_args(p, memory_default=GPU_MEMORY_UTILIZATION)
+
+
+def engine_spec(args: argparse.Namespace) -> EngineSpec:
+    """The ``EngineSpec`` that ``gkd teacher serve|join``'s engine options describe."""
+    return EngineSpec(
+        model=args.model,
+        backend=args.backend,
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        logprob_dtype=args.logprob_dtype,
+        max_batch_tokens=args.max_batch_tokens,
+        device=args.device,
+        vllm=VLLMOptions.from_args(args),
+    )
+
+
+def _ping(args: argparse.Namespace) -> int:
+    return ping(args.address, timeout_s=args.timeout, auth_secret_file=args.auth_secret_file)
+
+
+def add_teacher_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``gkd teacher serve|join|ping`` (the top-level parser must define ``--log-level``)."""
+    tsub = service.add_service_cli(
+        sub,
+        TEACHER,
+        help="the teacher scoring service",
+        add_engine_args=_add_engine_args,
+        spec_from_args=engine_spec,
+        serve=lambda spec, args: serve(spec, **service.serve_options(args)),
+        join=lambda spec, args: join(spec, args.broker, **service.join_options(args)),
+        extra=("ping",),
+    )
+    p = tsub.add_parser("ping", help="print a teacher service's state; exit 0 if healthy, 1 if not")
+    p.add_argument("address", help="the broker's client port, HOST:PORT (default port 15555)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    p.add_argument("--auth-secret-file", default=None)
+    p.set_defaults(func=_ping)

@@ -275,8 +275,7 @@ def test_restart_bounds_reach_both_services_from_the_config(monkeypatch):
     cfg = load_config(
         [], ["model.student_path=S", "teacher.model_path=T", "data.train_files=[x.parquet]", *keys]
     )
-    monkeypatch.setattr("gkd.cli.run_service", lambda name, spec, serve: serve(None))
-    monkeypatch.setattr("gkd.rollout.service.run_service", lambda name, spec, serve: serve(None))
+    monkeypatch.setattr("gkd.service.run_service", lambda name, spec, serve: serve(None))
     monkeypatch.setattr("gkd.transport.process.configure_logging", lambda level: None)
     got = {}
     for name, module, argv in (

@@ -1,0 +1,225 @@
+"""The service layer the teacher and the rollout services share: how a broker is made, how ``serve``
+starts and supervises worker processes, how ``join`` runs one engine or supervises several, and how
+``gkd <service> serve|join`` is registered on the command line.
+
+A service is described once by a :class:`ServiceKind` (its name, ops, wire limits, default ports and
+logger); what differs between the two services stays in their own modules: the engine spec
+(``EngineSpec`` / ``RolloutSpec``), the worker (``make_worker``), the wire layout, the rollout's weight
+channel (extra ``join`` options per worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gkd.placement import engine_slices, run_service, worker_env
+from gkd.transport import Auth, Broker, Limits
+from gkd.transport.process import (
+    PARENT_ENV,
+    add_restart_args,
+    auth_from_file,
+    configure_logging,
+    serve_broker,
+    stop_on_signals,
+    supervise,
+)
+
+
+@dataclass(frozen=True)
+class ServiceKind:
+    name: str  # the CLI group and the role in log lines: teacher | rollout
+    ops: tuple[str, ...]  # what the broker forwards to workers
+    limits: Limits  # request bounds on the wire
+    port: int  # default client (frontend) port
+    backend_port: int  # default worker (backend) port
+    log: logging.Logger
+
+
+def make_broker(
+    kind: ServiceKind, *, host: str, port: int, backend_port: int, auth: Auth | None = None, **kwargs: Any
+) -> Broker:
+    return Broker(
+        kind.ops,
+        host=host,
+        frontend_port=port,
+        backend_port=backend_port,
+        limits=kind.limits,
+        auth=auth,
+        **kwargs,
+    )
+
+
+def spawn_join(
+    kind: ServiceKind,
+    spec,
+    broker: str,
+    extra_argv: list[str],
+    auth_secret_file: str | None,
+    env: dict[str, str],
+) -> subprocess.Popen:
+    """``gkd <service> join --workers 1`` for ``spec`` (plus ``extra_argv``) with ``env`` added (its
+    ``CUDA_VISIBLE_DEVICES`` slice); the child knows its supervisor's pid and exits when orphaned."""
+    argv = [sys.executable, "-m", "gkd.cli", kind.name, "join", "--broker", broker, "--workers", "1"]
+    argv += (
+        spec.to_argv() + extra_argv + (["--auth-secret-file", auth_secret_file] if auth_secret_file else [])
+    )
+    return subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid()), **env})
+
+
+def serve(
+    kind: ServiceKind,
+    spec,
+    *,
+    host: str,
+    port: int,
+    backend_port: int,
+    workers: int,
+    auth_secret_file: str | None,
+    gpus: str | None,
+    max_restarts: int,
+    restart_window_s: float,
+    worker_argv: Callable[[int], list[str]] = lambda i: [],
+    detail: str = "",
+) -> int:
+    """A broker in this process and ``workers`` worker processes (worker i: ``worker_argv(i)`` added to
+    its ``join``; its ``tensor_parallel_size`` slice of ``gpus`` as ``CUDA_VISIBLE_DEVICES``) until
+    SIGINT/SIGTERM. A worker that exits is restarted, at most ``max_restarts`` times within
+    ``restart_window_s``; past that the service stops with status 1 and says why."""
+    if workers < 1:
+        raise ValueError("--workers must be >= 1")
+    slices = engine_slices(spec, gpus, workers)
+    stop = stop_on_signals()
+    broker = make_broker(
+        kind, host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
+    )
+    auth = f"auth {'on' if auth_secret_file else 'off'}"
+    return serve_broker(
+        kind.name,
+        broker,
+        workers,
+        lambda backend, i: spawn_join(
+            kind, spec, backend, worker_argv(i), auth_secret_file, worker_env(slices, i)
+        ),
+        stop,
+        what=f"{spec.backend} worker(s) for {spec.model}",
+        detail=f"{auth}, {detail}" if detail else auth,
+        svc_log=kind.log,
+        max_restarts=max_restarts,
+        restart_window_s=restart_window_s,
+    )
+
+
+def join_supervised(
+    kind: ServiceKind,
+    spec,
+    broker: str,
+    workers: int,
+    auth_secret_file: str | None,
+    gpus: str | None,
+    worker_argv: Callable[[int], list[str]] = lambda i: [],
+) -> int:
+    """``join --workers N`` with N > 1: one ``join --workers 1`` process per engine, supervised."""
+    slices = engine_slices(spec, gpus, workers)
+    stop = stop_on_signals()
+
+    def spawn(i: int) -> subprocess.Popen:
+        return spawn_join(kind, spec, broker, worker_argv(i), auth_secret_file, worker_env(slices, i))
+
+    return supervise([spawn(i) for i in range(workers)], stop, spawn)
+
+
+def log_serving(kind: ServiceKind, spec, started: float, address: str) -> None:
+    kind.log.info(
+        "worker %d: %s engine for %s loaded in %.1fs; serving %s",
+        os.getpid(),
+        spec.backend,
+        spec.model,
+        time.monotonic() - started,
+        address,
+    )
+
+
+def serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve``'s keyword arguments from the options every ``gkd <service> serve`` has."""
+    return dict(
+        host=args.host,
+        port=args.port,
+        backend_port=args.backend_port,
+        workers=args.workers,
+        auth_secret_file=args.auth_secret_file,
+        gpus=args.gpus,
+        max_restarts=args.max_restarts,
+        restart_window_s=args.restart_window,
+    )
+
+
+def join_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``join``'s keyword arguments from the options every ``gkd <service> join`` has."""
+    return dict(workers=args.workers, auth_secret_file=args.auth_secret_file, gpus=args.gpus)
+
+
+def _command(kind: ServiceKind, command: str, spec_from_args, fn) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        configure_logging(args.log_level)
+        return run_service(
+            f"gkd {kind.name} {command}", lambda: spec_from_args(args), lambda spec: fn(spec, args)
+        )
+
+    return run
+
+
+def add_service_cli(
+    sub: argparse._SubParsersAction,
+    kind: ServiceKind,
+    *,
+    help: str,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    spec_from_args: Callable[[argparse.Namespace], Any],
+    serve: Callable[[Any, argparse.Namespace], int],
+    join: Callable[[Any, argparse.Namespace], int],
+    add_join_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    extra: tuple[str, ...] = (),
+) -> argparse._SubParsersAction:
+    """Register ``gkd <service> serve|join`` the same way for every service: the engine options
+    (``add_engine_args``, read back by ``spec_from_args``), the broker's address and restart bounds for
+    ``serve``, ``--broker`` (and ``add_join_args``) for ``join``; ``serve(spec, args)`` / ``join(spec, args)``
+    run after the inputs are checked (:func:`gkd.placement.run_service`). Returns the group's subparsers
+    (for extra commands named in ``extra``, e.g. ``ping``)."""
+    group = sub.add_parser(kind.name, help=help)
+    names = ",".join(("serve", "join", *extra))
+    gsub = group.add_subparsers(dest=f"{kind.name}_command", required=True, metavar=f"{{{names}}}")
+
+    s = gsub.add_parser("serve", help=f"start a broker and N {kind.name} worker processes")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    s.add_argument(
+        "--port", type=int, default=kind.port, help=f"client (frontend) port (default {kind.port})"
+    )
+    s.add_argument(
+        "--backend-port",
+        type=int,
+        default=kind.backend_port,
+        help=f"worker (backend) port (default {kind.backend_port})",
+    )
+    add_restart_args(s)
+    s.set_defaults(func=_command(kind, "serve", spec_from_args, serve))
+
+    j = gsub.add_parser(
+        "join", help=f"add {kind.name} workers to a running broker (e.g. from another machine)"
+    )
+    j.add_argument(
+        "--broker", required=True, help=f"the broker's backend, HOST:PORT (default port {kind.backend_port})"
+    )
+    add_engine_args(j)
+    if add_join_args is not None:
+        add_join_args(j)
+    j.set_defaults(func=_command(kind, "join", spec_from_args, join))
+    return gsub
