@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -211,11 +211,13 @@ def run(
     health_timeout_s: float = HEALTH_TIMEOUT_S,
     dry_run: bool = False,
     started_at: float | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> int:
     """Plan the GPUs, start the configured services and the trainer together; stop every child at the end.
     Returns the trainer's status (0 for ``dry_run``, which prints the plan and the commands and starts
     nothing). ``health_timeout_s``: how long the trainer waits for the services' workers; ``started_at``:
-    ``time.time()`` when this run started (the trainer's start-up is measured from it; default now)."""
+    ``time.time()`` when this run started (the trainer's start-up is measured from it; default now);
+    ``env``: added to every child's environment (e.g. thread counts)."""
     started_at = time.time() if started_at is None else started_at
     cfg = load_config(config_paths, overrides)
     if cfg.trainer.nnodes > 1:
@@ -248,12 +250,13 @@ def run(
     previous = signal.signal(signal.SIGTERM, terminate)
     # Everything starts at once: the trainer's imports and student load overlap the services' model loads;
     # it then waits for their workers itself (a service that exits meanwhile ends the run in ``watch``).
-    trainer_env = {LAUNCH_T0_ENV: repr(started_at)}
+    env = dict(env or {})
+    trainer_env = {**env, LAUNCH_T0_ENV: repr(started_at)}
     if len(cmds) > 1:
         trainer_env[SERVICE_WAIT_ENV] = repr(health_timeout_s)
     try:
         for c in cmds[:-1]:
-            child = _start(c, log_dir, {PARENT_ENV: str(os.getpid())})  # its workers watch this pid
+            child = _start(c, log_dir, {**env, PARENT_ENV: str(os.getpid())})  # its workers watch this pid
             log.info("started the %s service (log: %s): %s", c.name, child.log_path, c.shell())
             children.append(child)
         child = _start(cmds[-1], log_dir, trainer_env, console=sys.stderr.buffer)

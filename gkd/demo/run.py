@@ -24,7 +24,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 from gkd.config import load_config, parse_scheduler
 from gkd.demo.models import MARKER
@@ -259,6 +258,78 @@ def _stage(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
+def _summary(
+    st: DemoSettings,
+    out: Path,
+    *,
+    models: tuple,
+    held_texts: list[str],
+    decode,
+    kl: tuple[dict, dict],
+    greedy: tuple[list, list],
+    teacher_logprob: tuple[float, float],
+    teacher_answers: list,
+    seconds: tuple[float, float, float],
+) -> dict:
+    """What ``summary.json`` holds: settings, the held-out KLs before/after, the training record, samples."""
+    teacher_dir, student_dir, layers, depth = models
+    before, after = kl
+    before_greedy, after_greedy = greedy
+    before_lp, after_lp = teacher_logprob
+    train_s, eval_s, total_s = seconds
+    held = held_texts
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r["step"] >= 0]  # step -1: the validation before training
+    step_times = [s["timing/step"] for s in steps if "timing/step" in s]
+    return {
+        "teacher": str(teacher_dir),
+        "student_init": str(student_dir),
+        "student_final": str(out / "final"),
+        "student_layers": layers,
+        "teacher_layers": depth,
+        "tiny": st.tiny,
+        "settings": {k: v for k, v in vars(st).items() if k not in ("out", "cache_dir", "overwrite")},
+        "heldout_prompts": len(held),
+        "kl": {
+            kind: {
+                "before": before[kind].kl,
+                "after": after[kind].kl,
+                "change": after[kind].kl / before[kind].kl - 1.0 if before[kind].kl > 0 else 0.0,
+                "tokens_before": before[kind].tokens,
+                "tokens_after": after[kind].tokens,
+            }
+            for kind in ("on_policy", "off_policy")
+        },
+        "reverse_kl": {
+            kind: {"before": before[kind].reverse_kl, "after": after[kind].reverse_kl}
+            for kind in ("on_policy", "off_policy")
+        },
+        # the teacher's mean log-prob (nats/token) of the student's greedy answers to the held-out prompts
+        "teacher_logprob_of_greedy": {"before": before_lp, "after": after_lp},
+        "train_steps": len(steps),
+        "train_seconds": train_s,
+        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
+        "staleness_max": [s.get("staleness/max") for s in steps],
+        "kl_loss": [s.get("actor/kl_loss") for s in steps],
+        # trainer validation on the held-out prompts: [step, val/kl] (step -1 = before training)
+        "val_kl": [[r["step"], r["val/kl"]] for r in records if "val/kl" in r],
+        "eval_seconds_before": eval_s,
+        "total_seconds": total_s,
+        "samples": [
+            {
+                "prompt": q,
+                "student_before": decode(b),
+                "student_after": decode(a),
+                "teacher": decode(tt),
+            }
+            for q, b, a, tt in zip(
+                held_texts[: st.samples_shown], before_greedy, after_greedy, teacher_answers, strict=False
+            )
+        ],
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+
+
 def run_demo(st: DemoSettings) -> dict:
     """Everything ``gkd demo`` does; returns the summary (also written to ``OUT/summary.json``)."""
     st.check()
@@ -308,8 +379,7 @@ def run_demo(st: DemoSettings) -> dict:
     _stage(f"training: {st.steps} steps, {st.scheduler}, loss {st.loss} (gkd train --config {config})")
     t = time.monotonic()
     threads_env = {k: str(st.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    with mock.patch.dict(os.environ, threads_env):  # the children inherit it; restored afterwards
-        status = launch.run([str(config)], [])
+    status = launch.run([str(config)], [], env=threads_env)  # the children's thread counts
     train_s = time.monotonic() - t
     if status != 0:
         raise RuntimeError(f"training failed (gkd train exited with status {status}); see the log above")
@@ -321,56 +391,18 @@ def run_demo(st: DemoSettings) -> dict:
     after_lp = teacher_logprob(teacher, list(zip(held, after_greedy, strict=True)), pad_id=pad_id)
     draw_timeline(out / "trace.json", out / "timeline.png", title=f"gkd demo: {st.scheduler}")
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if r["step"] >= 0]  # step -1: the validation before training
-    step_times = [s["timing/step"] for s in steps if "timing/step" in s]
-    summary = {
-        "teacher": str(teacher_dir),
-        "student_init": str(student_dir),
-        "student_final": str(out / "final"),
-        "student_layers": layers,
-        "teacher_layers": depth,
-        "tiny": st.tiny,
-        "settings": {k: v for k, v in vars(st).items() if k not in ("out", "cache_dir", "overwrite")},
-        "heldout_prompts": len(held),
-        "kl": {
-            kind: {
-                "before": before[kind].kl,
-                "after": after[kind].kl,
-                "change": after[kind].kl / before[kind].kl - 1.0 if before[kind].kl > 0 else 0.0,
-                "tokens_before": before[kind].tokens,
-                "tokens_after": after[kind].tokens,
-            }
-            for kind in ("on_policy", "off_policy")
-        },
-        "reverse_kl": {
-            kind: {"before": before[kind].reverse_kl, "after": after[kind].reverse_kl}
-            for kind in ("on_policy", "off_policy")
-        },
-        # the teacher's mean log-prob (nats/token) of the student's greedy answers to the held-out prompts
-        "teacher_logprob_of_greedy": {"before": before_lp, "after": after_lp},
-        "train_steps": len(steps),
-        "train_seconds": train_s,
-        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
-        "staleness_max": [s.get("staleness/max") for s in steps],
-        "kl_loss": [s.get("actor/kl_loss") for s in steps],
-        # trainer validation on the held-out prompts: [step, val/kl] (step -1 = before training)
-        "val_kl": [[r["step"], r["val/kl"]] for r in records if "val/kl" in r],
-        "eval_seconds_before": eval_s,
-        "total_seconds": time.monotonic() - t0,
-        "samples": [
-            {
-                "prompt": q,
-                "student_before": tok.decode(b, skip_special_tokens=True),
-                "student_after": tok.decode(a, skip_special_tokens=True),
-                "teacher": tok.decode(tt, skip_special_tokens=True),
-            }
-            for q, b, a, tt in zip(
-                held_texts[: st.samples_shown], before_greedy, after_greedy, teacher_answers, strict=False
-            )
-        ],
-        "files": sorted(p.name for p in out.iterdir()),
-    }
+    summary = _summary(
+        st,
+        out,
+        models=(teacher_dir, student_dir, layers, depth),
+        held_texts=held_texts,
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        kl=(before, after),
+        greedy=(before_greedy, after_greedy),
+        teacher_logprob=(before_lp, after_lp),
+        teacher_answers=teacher_answers,
+        seconds=(train_s, eval_s, time.monotonic() - t0),
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _stage("results")
     print(kl_table(summary))
