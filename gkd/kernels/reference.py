@@ -45,16 +45,14 @@ def topk_distill_loss_reference(
     teacher_logprobs: torch.Tensor,  # [N, K]; -inf marks an unused slot
     mask: torch.Tensor | None = None,  # [N] bool or float weights
     *,
-    loss: str = "forward_kl",
-    beta: float = 0.5,
-    normalize_jsd: bool = False,
-    tail: str = "bucket",
-    temperature: float = 1.0,
     reduction: str = "sum",
+    **options,
 ) -> torch.Tensor:
-    """Top-k distillation loss, computed the obvious way (see gkd.kernels.topk_distill_loss)."""
-    spec = LossSpec(loss=loss, tail=tail, beta=beta, normalize_jsd=normalize_jsd, temperature=temperature)
+    """Top-k distillation loss, computed the obvious way (see gkd.kernels.topk_distill_loss). ``options``:
+    ``LossSpec``'s fields (loss, tail, beta, normalize_jsd, temperature), with its defaults."""
+    spec = LossSpec(**options)
     check_choice("reduction", reduction, REDUCTIONS)
+    tail, temperature = spec.tail, spec.temperature
     dtype = student_logits.dtype
     n, vocab = student_logits.shape
     logq = torch.log_softmax(student_logits / temperature, dim=-1)  # [N, V]
