@@ -5,7 +5,6 @@ workers; the trainer started together with the services, and one DDP process sta
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import signal
@@ -31,6 +30,7 @@ from gkd.launch import (
     wait_healthy,
 )
 from gkd.placement import FAKE_GPUS_ENV, Found, plan
+from tests.tiny_run import build_tiny, train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -114,27 +114,17 @@ def _pids_mentioning(marks: list[str]) -> set[int]:
 def test_stopping_the_launcher_stops_every_child(tmp_path, sig, status, grace_s):
     """Ctrl-C stops every child in order; ``kill -9`` of the launcher (nothing runs in it any more) leaves
     no process behind within 10 s: parent-death signals and the ranks' watch on torchrun."""
-    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tiny = module.build(tmp_path / "tiny", num_prompts=8)
+    tiny = build_tiny(tmp_path / "tiny", num_prompts=8)
     ports = [_free_port() for _ in range(5)]
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "gkd.cli", "train", "--config", "configs/cpu_tiny.yaml"]
-    argv += [
-        f"model.student_path={tiny['student']}",
-        f"teacher.model_path={tiny['teacher']}",
-        f"data.train_files={tiny['prompts']}",
-        f"trainer.output_dir={out}",
-        f"teacher.server_port={ports[0]}",
-        f"teacher.backend_port={ports[1]}",
-        f"rollout.server_port={ports[2]}",
-        f"rollout.backend_port={ports[3]}",
-        f"rollout.weight_port={ports[4]}",
+    argv = train_argv(
+        tiny,
+        out,
+        ports,
         "trainer.total_steps=100000",
         "logging.progress_bar=false",
         "rollout.max_new_tokens=4",
-    ]
+    )
     marks = [str(out), f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[3]}", f"127.0.0.1:{ports[4]}"]
     marks += [f"--port {p}" for p in (ports[0], ports[2])]
     launcher = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,7 +12,6 @@ uninterrupted run's losses (k = 0 is deterministic end to end).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from gkd.metrics import metric_names
+from tests.tiny_run import build_tiny, train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; spare the shared cores
@@ -42,32 +42,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
-    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(tmp_path_factory.mktemp("tiny"), num_prompts=24)
+    return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=24)
 
 
 def _argv(tiny: dict[str, str], out: Path, *overrides: str) -> list[str]:
     ports = [_free_port() for _ in range(5)]
-    argv = [sys.executable, "-m", "gkd.cli", "train", "--config", "configs/cpu_tiny.yaml"]
-    argv += [
-        f"model.student_path={tiny['student']}",
-        f"teacher.model_path={tiny['teacher']}",
-        f"data.train_files={tiny['prompts']}",
-        f"trainer.output_dir={out}",
-        f"teacher.server_port={ports[0]}",
-        f"teacher.backend_port={ports[1]}",
-        f"rollout.server_port={ports[2]}",
-        f"rollout.backend_port={ports[3]}",
-        f"rollout.weight_port={ports[4]}",
-        "teacher.top_k=8",
-        "rollout.max_new_tokens=8",
-        "optim.lr=5e-3",
-        "logging.progress_bar=false",
-        *overrides,
-    ]
-    return argv
+    common = ("teacher.top_k=8", "rollout.max_new_tokens=8", "optim.lr=5e-3", "logging.progress_bar=false")
+    return train_argv(tiny, out, ports, *common, *overrides)
 
 
 def _records(out: Path) -> list[dict]:
