@@ -20,17 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gkd.placement import engine_slices, run_service, worker_env
-from gkd.transport import Auth, Broker, Limits
+from gkd.placement import apply_worker_gpus, engine_slices, run_service, worker_env
+from gkd.transport import Auth, Broker, Limits, Worker
 from gkd.transport.process import (
     PARENT_ENV,
     add_restart_args,
     auth_from_file,
     configure_logging,
+    run_until_stopped,
     serve_broker,
     stop_on_signals,
     supervise,
 )
+
+BACKENDS = ("hf", "vllm")  # the engines both services build: transformers (any device) or vLLM (GPU)
 
 
 @dataclass(frozen=True)
@@ -136,15 +139,31 @@ def join_supervised(
     return supervise([spawn(i) for i in range(workers)], stop, spawn)
 
 
-def log_serving(kind: ServiceKind, spec, started: float, address: str) -> None:
+def join_one(
+    kind: ServiceKind,
+    spec,
+    gpus: str | None,
+    build: Callable[[], Worker],
+    ready: Callable[[Worker], bool] | None = None,
+) -> int:
+    """``join --workers 1``: take this worker's GPU slice (before anything starts CUDA), ``build()`` the
+    engine's worker, wait until ``ready(worker)`` (False: status 1), then serve until SIGINT/SIGTERM."""
+    stop = stop_on_signals()
+    apply_worker_gpus(engine_slices(spec, gpus, 1), kind.log)
+    kind.log.info("worker %d: loading the %s", os.getpid(), spec.describe())
+    start = time.monotonic()
+    worker = build()
+    if ready is not None and not ready(worker):
+        return 1
     kind.log.info(
         "worker %d: %s engine for %s loaded in %.1fs; serving %s",
         os.getpid(),
         spec.backend,
         spec.model,
-        time.monotonic() - started,
-        address,
+        time.monotonic() - start,
+        worker.address,
     )
+    return run_until_stopped(worker, stop)
 
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -357,7 +357,7 @@ def test_a_single_worker_narrows_its_own_devices_before_loading(monkeypatch, nam
         raise InterruptedError("stop before loading anything")
 
     monkeypatch.setattr(module, "make_worker", make_worker)
-    monkeypatch.setattr(module, "stop_on_signals", _stop_after_30s)
+    monkeypatch.setattr("gkd.service.stop_on_signals", _stop_after_30s)  # the shared join path
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     with pytest.raises(InterruptedError):
         module.join(spec_class(model="M", device="cuda"), "127.0.0.1:1", gpus="3")

@@ -37,27 +37,16 @@ from typing import Any
 
 from gkd import service
 from gkd.channel import ChannelMember
-from gkd.placement import (
-    VLLMOptions,
-    apply_worker_gpus,
-    describe_engine,
-    engine_on_gpu,
-    engine_slices,
-)
+from gkd.dtypes import DTYPE_NAMES
+from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
 from gkd.rollout.types import check_prompts
 from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
-from gkd.service import ServiceKind
+from gkd.service import BACKENDS, ServiceKind
 from gkd.transport import Auth, Broker, HandBack, Worker
-from gkd.transport.process import (  # supervision both services share: signals, restarts, orphan check
-    auth_from_file,
-    run_until_stopped,
-    stop_on_signals,
-)
+from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.rollout")
 ROLLOUT = ServiceKind("rollout", OPS, LIMITS, port=15557, backend_port=15558, log=log)
-
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -460,7 +449,6 @@ def join(
                 staging=weight_staging,
             ),
         )
-    stop = stop_on_signals()
     channel = None
     if weight_channel is not None:
         host, port = parse_host_port(weight_channel)
@@ -474,15 +462,13 @@ def join(
             weight_idle_timeout_s,
             weight_staging,
         )
-    apply_worker_gpus(engine_slices(spec, gpus, 1), log)  # before the engine starts CUDA
     # a worker that starts after the trainer sent a version (a restart) serves only once it holds it
     sent = None if channel is None else ChannelMember.sent_version(channel.host, channel.port)
-    log.info("worker %d: loading the %s", os.getpid(), spec.describe())
-    start = time.monotonic()
-    worker = make_worker(
-        spec, broker, channel=channel, auth=auth_from_file(auth_secret_file), max_wait_s=max_wait_s
-    )
-    if sent is not None:  # the trainer takes it into the channel at its next sync (a step or so)
+
+    def holds_sent_version(worker) -> bool:
+        if sent is None:
+            return True
+        # the trainer takes it into the channel at its next sync (a step or so)
         log.info(
             "worker %d: the trainer has sent version %d; serving once this worker holds it", os.getpid(), sent
         )
@@ -490,9 +476,18 @@ def join(
             worker.versioned.wait_for(sent, weight_idle_timeout_s, hand_back=False)
         except TimeoutError as e:
             log.error("worker %d: %s", os.getpid(), e)
-            return 1
-    service.log_serving(ROLLOUT, spec, start, worker.address)
-    return run_until_stopped(worker, stop)
+            return False
+        return True
+
+    return service.join_one(
+        ROLLOUT,
+        spec,
+        gpus,
+        lambda: make_worker(
+            spec, broker, channel=channel, auth=auth_from_file(auth_secret_file), max_wait_s=max_wait_s
+        ),
+        holds_sent_version,
+    )
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -502,7 +497,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rollout engine")
     g.add_argument("--model", required=True, help="student model folder (transformers layout)")
     g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
     g.add_argument("--max-batch-size", type=int, default=64, help="hf engine: prompts per decoding batch")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")

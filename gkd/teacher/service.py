@@ -17,34 +17,21 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gkd import service
-from gkd.placement import (
-    VLLMOptions,
-    apply_worker_gpus,
-    describe_engine,
-    engine_on_gpu,
-    engine_slices,
-)
-from gkd.service import ServiceKind
+from gkd.dtypes import DTYPE_NAMES
+from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
+from gkd.service import BACKENDS, ServiceKind
 from gkd.teacher.wire import LIMITS, OPS, make_handler
 from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
-from gkd.transport.process import (
-    auth_from_file,
-    run_until_stopped,
-    stop_on_signals,
-)
+from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.teacher")
 TEACHER = ServiceKind("teacher", OPS, LIMITS, port=15555, backend_port=15556, log=log)
-
-BACKENDS = ("hf", "vllm")
 # vLLM's prompt-logprobs path allocates [tokens, vocab] logits plus an fp32 log-softmax outside what its
 # memory profiler counts (~7.5 GiB at 8192 tokens x 152k vocab), so the teacher leaves more headroom
 # than vLLM's own 0.9.
@@ -203,13 +190,9 @@ def join(
         raise ValueError("--workers must be >= 1")
     if workers > 1:
         return service.join_supervised(TEACHER, spec, broker, workers, auth_secret_file, gpus)
-    stop = stop_on_signals()
-    apply_worker_gpus(engine_slices(spec, gpus, 1), log)  # before the engine starts CUDA
-    log.info("worker %d: loading the %s", os.getpid(), spec.describe())
-    start = time.monotonic()
-    worker = make_worker(spec, broker, auth=auth_from_file(auth_secret_file))
-    service.log_serving(TEACHER, spec, start, worker.address)
-    return run_until_stopped(worker, stop)
+    return service.join_one(
+        TEACHER, spec, gpus, lambda: make_worker(spec, broker, auth=auth_from_file(auth_secret_file))
+    )
 
 
 def ping(address: str, *, timeout_s: float = 5.0, auth_secret_file: str | None = None, out=None) -> int:
@@ -263,8 +246,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="local model folder (transformers layout; never downloaded)"
     )
     g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load instead")
-    g.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="engine (default: hf)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     g.add_argument("--top-k", type=int, default=64, help="maximum (and default) top-k served (default 64)")
     g.add_argument("--temperature", type=float, default=1.0, help="default teacher temperature")
     g.add_argument(
