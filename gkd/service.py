@@ -166,23 +166,18 @@ def join_one(
     return run_until_stopped(worker, stop)
 
 
+_JOIN_OPTIONS = ("workers", "auth_secret_file", "gpus")
+_SERVE_OPTIONS = (*_JOIN_OPTIONS, "host", "port", "backend_port", "max_restarts")
+
+
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     """``serve``'s keyword arguments from the options every ``gkd <service> serve`` has."""
-    return dict(
-        host=args.host,
-        port=args.port,
-        backend_port=args.backend_port,
-        workers=args.workers,
-        auth_secret_file=args.auth_secret_file,
-        gpus=args.gpus,
-        max_restarts=args.max_restarts,
-        restart_window_s=args.restart_window,
-    )
+    return {**{k: getattr(args, k) for k in _SERVE_OPTIONS}, "restart_window_s": args.restart_window}
 
 
 def join_options(args: argparse.Namespace) -> dict[str, Any]:
     """``join``'s keyword arguments from the options every ``gkd <service> join`` has."""
-    return dict(workers=args.workers, auth_secret_file=args.auth_secret_file, gpus=args.gpus)
+    return {k: getattr(args, k) for k in _JOIN_OPTIONS}
 
 
 def _command(kind: ServiceKind, command: str, spec_from_args, fn) -> Callable[[argparse.Namespace], int]:

@@ -177,6 +177,20 @@ def _command(op: int, step: int, device) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------ start-up checks
 
 
+def _worker_infos(client, name: str, section, expected: int, serve_command: str) -> list[dict]:
+    """The ``info`` of each worker of the ``name`` service (waiting for ``expected`` workers of a service
+    this run launched); an unreachable service is a StartupError saying how to start it."""
+    try:
+        info = service_info(client, expected, section.launch, STARTUP_TIMEOUT_S)
+    except Exception as e:
+        raise StartupError(
+            f"{name} service at {section.server_ip}:{section.server_port} is not reachable "
+            f"({type(e).__name__}: {e}); start it with {serve_command} or set {name}.launch=true"
+            + _auth_hint(name, section.auth_secret_file)
+        ) from e
+    return [w.get("info", {}) for w in info.get("workers", [])]
+
+
 def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokenizer=None) -> None:
     """Teacher reachable and on the student's vocabulary; rollout reachable with its workers. Services
     that ``gkd train`` started with the trainer (``*.launch``) are waited for until their workers are up."""
@@ -184,15 +198,7 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokeniz
 
     vocab = int(unwrap(model).config.vocab_size)
     t_addr = f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}"
-    try:
-        info = service_info(teacher, cfg.teacher.workers, cfg.teacher.launch, STARTUP_TIMEOUT_S)
-    except Exception as e:
-        raise StartupError(
-            f"teacher service at {t_addr} is not reachable ({type(e).__name__}: {e}); start it with "
-            "`gkd teacher serve` or set teacher.launch=true"
-            + _auth_hint("teacher", cfg.teacher.auth_secret_file)
-        ) from e
-    workers = [w.get("info", {}) for w in info.get("workers", [])]
+    workers = _worker_infos(teacher, "teacher", cfg.teacher, cfg.teacher.workers, "`gkd teacher serve`")
     if not workers:
         raise StartupError(f"teacher service at {t_addr} has no workers; start some with `gkd teacher join`")
     mine = tokenizer_fingerprint(cfg.model.student_path, tokenizer=tokenizer)
@@ -213,15 +219,9 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokeniz
                 f"teacher.top_k={cfg.teacher.top_k} exceeds the teacher's {w.get('max_top_k')}"
             )
     r_addr = f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}"
-    try:
-        info = service_info(rollout, n_rollout, cfg.rollout.launch, STARTUP_TIMEOUT_S)
-    except Exception as e:
-        raise StartupError(
-            f"rollout service at {r_addr} is not reachable ({type(e).__name__}: {e}); start it with "
-            "`gkd rollout serve --weight-channel ...` or set rollout.launch=true"
-            + _auth_hint("rollout", cfg.rollout.auth_secret_file)
-        ) from e
-    for w in (w.get("info", {}) for w in info.get("workers", [])):
+    for w in _worker_infos(
+        rollout, "rollout", cfg.rollout, n_rollout, "`gkd rollout serve --weight-channel ...`"
+    ):
         if int(w.get("vocab_size", -1)) != vocab:
             raise StartupError(f"rollout worker vocabulary {w.get('vocab_size')} != the student's {vocab}")
     log.info(
