@@ -67,10 +67,20 @@ from gkd.metrics import (
     training_flops,
 )
 from gkd.preflight import check_run
-from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
+from gkd.rollout.types import SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
 from gkd.startup import StartupClock, service_info
-from gkd.teacher.types import TeacherOutput
+from gkd.trainer_ranks import (
+    OP_EVAL,
+    OP_EXPORT,
+    OP_SAVE,
+    OP_STOP,
+    OP_SYNC,
+    OP_TRAIN,
+    broadcast_batch,
+    broadcast_tensor,
+    exchange_command,
+)
 from gkd.trainer_setup import (  # re-exported: the building blocks' public home stays gkd.trainer
     StartupError,
     _auth_hint,
@@ -102,76 +112,7 @@ __all__ = [
 
 log = logging.getLogger("gkd.trainer")
 
-OP_TRAIN, OP_SAVE, OP_STOP, OP_SYNC, OP_EXPORT, OP_EVAL = 0, 1, 2, 3, 4, 5
 STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
-
-
-# ------------------------------------------------------------------------------------------ batch wire
-
-
-def _bcast(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    moved = t.to(device)
-    dist.broadcast(moved, src=0)
-    return moved.cpu()
-
-
-def broadcast_batch(
-    samples: Sequence[Sample] | None, outputs: Sequence[TeacherOutput] | None, device
-) -> tuple[list[Sample], list[TeacherOutput]]:
-    """Rank 0 sends ``OP_TRAIN`` + the batch as flat tensors; the others (``samples=None``) receive it.
-    Call after the other ranks have read the command header."""
-    if samples is not None:
-        assert outputs is not None
-        k = max(int(o.topk_ids.shape[1]) for o in outputs)
-        meta = torch.tensor(
-            [
-                [
-                    len(s.prompt_ids),
-                    len(s.response_ids),
-                    int(s.policy_version),
-                    FINISH_REASONS.index(s.finish_reason),
-                ]
-                for s in samples
-            ],
-            dtype=torch.int64,
-        )  # [B, 4]
-        tokens = torch.tensor(
-            [t for s in samples for t in [*s.prompt_ids, *s.response_ids]], dtype=torch.int64
-        )  # [sum(P + R)]
-        r_lp = torch.cat([s.response_logprobs.float() for s in samples])  # [sum R]
-        padded = [o.padded(k) for o in outputs]  # teachers answering with fewer columns: unused slots
-        t_ids = torch.cat([ids for ids, _ in padded])  # [sum R, K]
-        t_lp = torch.cat([lp for _, lp in padded])
-        t_tok = torch.cat([o.token_logprobs.float() for o in outputs])  # [sum R]
-        sizes = torch.tensor([len(samples), tokens.numel(), r_lp.numel(), k], dtype=torch.int64)
-    else:
-        sizes = torch.zeros(4, dtype=torch.int64)
-    sizes = _bcast(sizes, device)
-    b, n_tok, n_resp, k = sizes.tolist()
-    if samples is None:
-        meta = torch.empty(b, 4, dtype=torch.int64)
-        tokens = torch.empty(n_tok, dtype=torch.int64)
-        r_lp, t_tok = torch.empty(n_resp), torch.empty(n_resp)
-        t_ids, t_lp = torch.empty(n_resp, k, dtype=torch.int32), torch.empty(n_resp, k)
-    meta, tokens, r_lp, t_ids, t_lp, t_tok = (
-        _bcast(x, device) for x in (meta, tokens, r_lp, t_ids, t_lp, t_tok)
-    )
-    if samples is not None:
-        return list(samples), list(outputs)
-    out_s, out_t, tok_at, resp_at = [], [], 0, 0
-    for p, r, version, finish in meta.tolist():
-        ids = tokens[tok_at : tok_at + p + r].tolist()
-        span = slice(resp_at, resp_at + r)
-        out_s.append(Sample(ids[:p], ids[p:], r_lp[span].clone(), FINISH_REASONS[finish], version))
-        out_t.append(TeacherOutput(t_ids[span].clone(), t_lp[span].clone(), t_tok[span].clone()))
-        tok_at, resp_at = tok_at + p + r, resp_at + r
-    return out_s, out_t
-
-
-def _command(op: int, step: int, device) -> tuple[int, int]:
-    """Rank 0 sends (op, step); every other rank receives it."""
-    got = _bcast(torch.tensor([op, step], dtype=torch.int64), device).tolist()
-    return int(got[0]), int(got[1])
 
 
 # ------------------------------------------------------------------------------------------ start-up checks
@@ -296,7 +237,7 @@ class Trainer:
                     f"data.train_batch_size={cfg.data.train_batch_size} < {self.world} trainer ranks"
                 )
         if self.world > 1:
-            self.total = int(_bcast(torch.tensor([self.total]), self.device).item())
+            self.total = int(broadcast_tensor(torch.tensor([self.total]), self.device).item())
 
     def resume(self) -> SchedulerState:
         """Every rank loads the model, optimizer, LR schedule and its own RNG state; rank 0 the data state."""
@@ -367,7 +308,7 @@ class Trainer:
             OP_EXPORT: lambda step: full_state_dicts(self.model),
             OP_EVAL: lambda step: self.evaluate_on(*broadcast_batch(None, None, self.device)),
         }
-        while (command := _command(0, 0, self.device))[0] in obey:
+        while (command := exchange_command(0, 0, self.device))[0] in obey:
             op, step = command
             obey[op](step)
         dist.destroy_process_group()
@@ -378,7 +319,7 @@ class Trainer:
     def tell(self, op: int, step: int = 0) -> None:
         """Send the other ranks a command (nothing to do in a one-process run)."""
         if self.world > 1:
-            _command(op, step, self.device)
+            exchange_command(op, step, self.device)
 
     @contextlib.contextmanager
     def others_in_collective(self):
@@ -620,7 +561,7 @@ class Trainer:
         finally:
             cleanup.close()
             if self.world > 1 and not self.others_busy:  # else torchrun tears down the ranks in a collective
-                _command(OP_STOP, 0, self.device)
+                exchange_command(OP_STOP, 0, self.device)
             if dist.is_initialized():
                 dist.destroy_process_group()
         return status
