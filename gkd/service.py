@@ -81,21 +81,24 @@ def serve(
     kind: ServiceKind,
     spec,
     *,
-    host: str,
-    port: int,
-    backend_port: int,
-    workers: int,
-    auth_secret_file: str | None,
-    gpus: str | None,
-    max_restarts: int,
-    restart_window_s: float,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend_port: int | None = None,
+    workers: int = 1,
+    auth_secret_file: str | None = None,
+    gpus: str | None = None,
+    max_restarts: int = 5,
+    restart_window_s: float = 600.0,
     worker_argv: Callable[[int], list[str]] = lambda i: [],
     detail: str = "",
 ) -> int:
-    """A broker in this process and ``workers`` worker processes (worker i: ``worker_argv(i)`` added to
-    its ``join``; its ``tensor_parallel_size`` slice of ``gpus`` as ``CUDA_VISIBLE_DEVICES``) until
-    SIGINT/SIGTERM. A worker that exits is restarted, at most ``max_restarts`` times within
+    """A broker in this process (``port``/``backend_port``: the kind's defaults when None) and ``workers``
+    worker processes (worker i: ``worker_argv(i)`` added to its ``join``; its ``tensor_parallel_size``
+    slice of ``gpus`` as ``CUDA_VISIBLE_DEVICES``) until SIGINT/SIGTERM; returns the exit status. A worker
+    that exits is restarted (the broker re-queues its request), at most ``max_restarts`` times within
     ``restart_window_s``; past that the service stops with status 1 and says why."""
+    port = kind.port if port is None else port
+    backend_port = kind.backend_port if backend_port is None else backend_port
     if workers < 1:
         raise ValueError("--workers must be >= 1")
     slices = engine_slices(spec, gpus, workers)

@@ -163,38 +163,24 @@ def _channel_argv(
 def serve(
     spec: RolloutSpec,
     *,
-    host: str = "127.0.0.1",
-    port: int = 15557,
-    backend_port: int = 15558,
     workers: int = 1,
     weight_channel: str | None = None,
     weight_backend: str | None = None,
     weight_timeout_s: float = 600.0,
     weight_idle_timeout_s: float = 86400.0,
     weight_staging: str = "host",
-    auth_secret_file: str | None = None,
-    gpus: str | None = None,
-    max_restarts: int = 5,
-    restart_window_s: float = 600.0,
+    **options: Any,
 ) -> int:
-    """Run a broker and ``workers`` worker processes (weight slots 1..workers of a channel of
-    ``workers + 1``) until SIGINT/SIGTERM; returns the exit status. ``gpus`` (``"4,5"``): worker i gets
-    the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``. A worker that exits is restarted
-    (at most ``max_restarts`` times within ``restart_window_s``; then status 1 with the reason); the
-    restarted worker joins the weight channel's next generation before it takes requests."""
+    """``gkd rollout serve``: :func:`gkd.service.serve` with the rollout's ports (15557, 15558) by default
+    (``options``: host, port, backend_port, auth_secret_file, gpus, max_restarts, restart_window_s); the
+    ``workers`` take weight slots 1..workers of a channel of ``workers + 1``, and a restarted worker joins
+    the weight channel's next generation before it takes requests."""
     if weight_channel is not None:
         parse_host_port(weight_channel)
     return service.serve(
         ROLLOUT,
         spec,
-        host=host,
-        port=port,
-        backend_port=backend_port,
         workers=workers,
-        auth_secret_file=auth_secret_file,
-        gpus=gpus,
-        max_restarts=max_restarts,
-        restart_window_s=restart_window_s,
         worker_argv=lambda i: _channel_argv(
             weight_channel,
             i + 1,
@@ -205,6 +191,7 @@ def serve(
             staging=weight_staging,
         ),
         detail=f"weight channel {weight_channel or 'off'}",
+        **options,
     )
 
 

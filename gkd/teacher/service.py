@@ -146,34 +146,11 @@ def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = 
     return service.make_broker(TEACHER, host=host, port=port, backend_port=backend_port, auth=auth, **kwargs)
 
 
-def serve(
-    spec: EngineSpec,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 15555,
-    backend_port: int = 15556,
-    workers: int = 1,
-    auth_secret_file: str | None = None,
-    gpus: str | None = None,
-    max_restarts: int = 5,
-    restart_window_s: float = 600.0,
-) -> int:
-    """Run a broker and ``workers`` worker processes until SIGINT/SIGTERM; returns the exit status.
-    ``gpus`` (``"4,5"``): worker i gets the i-th ``tensor_parallel_size`` ids as ``CUDA_VISIBLE_DEVICES``.
-    A worker that exits is restarted (the broker re-queues its request), at most ``max_restarts`` times
-    within ``restart_window_s``; past that the service stops with status 1 and says why."""
-    return service.serve(
-        TEACHER,
-        spec,
-        host=host,
-        port=port,
-        backend_port=backend_port,
-        workers=workers,
-        auth_secret_file=auth_secret_file,
-        gpus=gpus,
-        max_restarts=max_restarts,
-        restart_window_s=restart_window_s,
-    )
+def serve(spec: EngineSpec, **options: Any) -> int:
+    """``gkd teacher serve``: :func:`gkd.service.serve` with the teacher's ports (15555, 15556) by
+    default; ``options``: host, port, backend_port, workers, auth_secret_file, gpus, max_restarts,
+    restart_window_s."""
+    return service.serve(TEACHER, spec, **options)
 
 
 def join(
