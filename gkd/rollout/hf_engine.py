@@ -7,8 +7,10 @@ it drops finished rows from the batch and the cache once half of them have finis
 The loop is built to stay near the cost of streaming the weights once per step (bench/bench_generation.py):
 tokens, log-probs and top ids stay on the device in ``[B, max_new_tokens]`` buffers and reach the host once,
 at the end; sampling is one inverse-CDF draw per row (a single uniform from the row's generator, not one
-random number per vocabulary entry); on CPU the large float32 ``nn.Linear`` weights are reordered once
-into oneDNN's blocked layout for the decode steps (:class:`PackedLinears`).
+random number per vocabulary entry); Llama-family models run their decode steps through
+:class:`~gkd.rollout.llama_decode.FusedLlamaSteps` (fused q/k/v and gate/up products on oneDNN-packed
+weights, a few operations per layer); other models run them through transformers, with the large float32
+``nn.Linear`` weights reordered once into oneDNN's blocked layout on CPU (:class:`PackedLinears`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from gkd.rollout.llama_decode import FusedLlamaSteps, FusedWeights, packing_available, unsupported_reason
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 from gkd.transport.worker import check_cancelled
 
@@ -128,14 +131,7 @@ class PackedLinears:
             ]
         self._packed: dict[torch.nn.Module, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
-    @staticmethod
-    def available() -> bool:
-        ops = torch.ops.mkldnn
-        return (
-            torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise")
-        )
+    available = staticmethod(packing_available)
 
     def invalidate(self) -> None:
         """Drop every packed copy (they are remade from the weights on next use)."""
@@ -273,7 +269,9 @@ def gqa_decode_attention(model):
 class HFRolloutEngine:
     """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` on a transformers model.
 
-    ``prepack``: use :class:`PackedLinears` during decoding (None: on CPU when oneDNN is available).
+    ``prepack``: packed weights for the decode steps (None: on CPU when oneDNN is available).
+    ``fused``: decode Llama-family models through :class:`FusedLlamaSteps` (None: when the model is one);
+    False runs every step through the transformers model (with :class:`PackedLinears` when ``prepack``).
     """
 
     def __init__(
@@ -284,6 +282,7 @@ class HFRolloutEngine:
         max_batch_size: int = 64,
         pad_token_id: int = 0,
         prepack: bool | None = None,
+        fused: bool | None = None,
     ):
         self.model = model.eval()
         self.device = torch.device(device)
@@ -295,7 +294,18 @@ class HFRolloutEngine:
         self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 31))
         if prepack is None:
             prepack = self.device.type == "cpu" and PackedLinears.available()
-        self.linears = PackedLinears(model, prepack)
+        # Llama-family models decode through FusedLlamaSteps (packed fused weights on CPU); others through
+        # the transformers model, with PackedLinears swapped in for its large float32 linears
+        if fused is None:
+            fused = unsupported_reason(model) is None
+        elif fused and unsupported_reason(model) is not None:
+            raise ValueError(
+                f"fused=True: this model cannot use the fused decode steps: {unsupported_reason(model)}"
+            )
+        self.fused = fused
+        packable = prepack and model.dtype in (torch.float32, torch.bfloat16)
+        self.fused_weights = FusedWeights(model) if self.fused and packable else None
+        self.linears = PackedLinears(model, prepack and not self.fused)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", device: str = "cpu", **kwargs):
@@ -318,6 +328,8 @@ class HFRolloutEngine:
         params = self.parameters_spec()
         incoming = check_named_tensors(params, named_tensors)
         self.linears.invalidate()
+        if self.fused_weights is not None:
+            self.fused_weights.invalidate()
         for name, tensor in incoming.items():
             params[name].copy_(tensor)
         if version is not None:
@@ -385,22 +397,13 @@ class HFRolloutEngine:
         stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         lse_ok = torch.ones((), dtype=torch.bool, device=dev)
 
-        cache = reserved_cache(width + n)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits, steps = self._prompt_pass(ids, attn, pos, width + n, padded=min(map(len, prompts)) < width)
         rows = list(range(b))  # batch row -> prompt index; finished rows leave once half have finished
         index = torch.arange(b, device=dev)  # the same, on the device
         live = torch.ones(b, dtype=torch.bool, device=dev)  # per batch row: no stop token yet
         next_pos = pos[:, -1:] + 1
         for step in range(n):
             check_cancelled()  # the broker withdrew this request (its client gave up): stop here
-            logits = out.logits[:, -1].float()  # [B', V] (no copy when already float32)
             uniforms = None
             if gens is not None:
                 uniforms = torch.cat(
@@ -427,7 +430,7 @@ class HFRolloutEngine:
                     break
                 if 2 * alive <= len(rows):  # drop finished rows from the batch and the KV cache
                     keep = live.nonzero()[:, 0]
-                    cache.batch_select_indices(keep)
+                    steps.select(keep)
                     rows = [rows[j] for j in keep.tolist()]
                     index, live, tok, attn, next_pos = (
                         index[keep],
@@ -437,12 +440,53 @@ class HFRolloutEngine:
                         next_pos[keep],
                     )
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            out = self.model(
-                input_ids=tok[:, None],
-                attention_mask=attn,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
+            logits = steps.step(tok, next_pos, attn)  # [B', V] float32
             next_pos = next_pos + 1
         return toks, lps, tops, lengths, stopped, lse_ok
+
+    def _prompt_pass(self, ids, attn, pos, capacity: int, padded: bool):
+        """The prompt pass through the transformers model: the next position's logits [B, V] float32 and
+        the decode steps that follow (:class:`FusedLlamaSteps` or :class:`ModelSteps`)."""
+        if not self.fused:
+            cache = reserved_cache(capacity)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1].float(), ModelSteps(self.model, cache)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        weights = self.fused_weights.current() if self.fused_weights is not None else None
+        hidden = self.model.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        ).last_hidden_state[:, -1]  # [B, H], after the final norm
+        if weights is not None and PACK_ROWS[0] <= hidden.shape[0] <= PACK_ROWS[1]:
+            logits = weights.logits(hidden)
+        else:
+            logits = self.model.get_output_embeddings()(hidden).float()
+        return logits, FusedLlamaSteps(self.model, weights, cache, capacity, padded)
+
+
+class ModelSteps:
+    """Decode steps through the transformers model itself (any architecture), on a reserved cache."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=attn,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()

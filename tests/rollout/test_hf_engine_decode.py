@@ -116,8 +116,8 @@ def test_seeded_rows_do_not_depend_on_which_rows_left_the_batch(model):
 @pytest.mark.skipif(not PackedLinears.available(), reason="oneDNN linear ops unavailable in this torch")
 def test_packed_linears_match_the_model_and_follow_weight_updates(model, monkeypatch):
     monkeypatch.setattr(hf_engine, "PACK_MIN_NUMEL", 0)  # the tiny model's layers are all small
-    engine = HFRolloutEngine(_tiny(seed=1), prepack=True)
-    plain = HFRolloutEngine(model, prepack=False)
+    engine = HFRolloutEngine(_tiny(seed=1), prepack=True, fused=False)  # the transformers path
+    plain = HFRolloutEngine(model, prepack=False, fused=False)
     assert len(engine.linears.modules) == 2 * 7 + 1
     engine.load_weights(plain.parameters_spec().items(), version=1)
     s = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3)
@@ -128,14 +128,14 @@ def test_packed_linears_match_the_model_and_follow_weight_updates(model, monkeyp
     assert all("forward" not in m.__dict__ for m in engine.linears.modules)  # restored after generate
     other = _tiny(seed=2)  # new weights: every packed copy is remade from them
     engine.load_weights(other.named_parameters(), version=2)
-    want = HFRolloutEngine(other, prepack=False).generate(PROMPTS, s)
+    want = HFRolloutEngine(other, prepack=False, fused=False).generate(PROMPTS, s)
     for a, b in zip(engine.generate(PROMPTS, s), want, strict=True):
         assert a.response_ids == b.response_ids
         torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=2e-5, rtol=0)
     with torch.no_grad():  # an in-place update outside load_weights: the version counters move
         for m in engine.linears.modules:
             m.weight.mul_(1.5)
-    want = HFRolloutEngine(engine.model, prepack=False).generate(PROMPTS, s)
+    want = HFRolloutEngine(engine.model, prepack=False, fused=False).generate(PROMPTS, s)
     for a, b in zip(engine.generate(PROMPTS, s), want, strict=True):
         torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=2e-5, rtol=0)
 
@@ -176,13 +176,15 @@ def test_decode_steps_hand_grouped_kv_heads_to_sdpa(model, monkeypatch):
 
     monkeypatch.setattr(hf_engine, "sdpa_gqa_decode", spy)
     s = SamplingConfig(max_new_tokens=5, temperature=0)
-    got = HFRolloutEngine(model).generate(PROMPTS, s)
+    got = HFRolloutEngine(model, fused=False).generate(PROMPTS, s)  # the transformers path
     assert model.config._attn_implementation == "sdpa"  # restored
     layers = model.config.num_hidden_layers
     assert len(seen) == 5 * layers and {q for q, _, _ in seen} == {2} and {k for _, k, _ in seen} == {1}
     assert sum(n == 1 for _, _, n in seen) == 4 * layers  # every decode step (the prompt pass delegates)
     monkeypatch.setattr(hf_engine, "gqa_decode_attention", lambda m: contextlib.nullcontext())
-    want = HFRolloutEngine(model).generate(PROMPTS, s)  # transformers' own sdpa (KV heads repeated)
+    want = HFRolloutEngine(model, fused=False).generate(
+        PROMPTS, s
+    )  # transformers' own sdpa (KV heads repeated)
     for a, b in zip(got, want, strict=True):
         assert a.response_ids == b.response_ids
         torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=1e-6, rtol=0)

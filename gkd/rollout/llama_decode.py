@@ -1,0 +1,243 @@
+"""Decode steps of a Llama-family transformers model in a few large operations per layer.
+
+:class:`HFRolloutEngine` runs the prompt pass through the transformers model (compute-bound: its cost is
+the matrix products), then, for the models :func:`unsupported_reason` accepts, each one-token decode step
+through :class:`FusedLlamaSteps` instead of the model's modules. A decode step streams every weight once
+for a handful of rows, so its cost beyond that stream is per-operation overhead; per layer this path runs
+
+- one product for the query, key and value projections (their weights concatenated), one for the output
+  projection, one for gate and up (concatenated), one for down, each on oneDNN-packed weights on CPU;
+- rotary embedding on queries and keys together (cos/sin computed once per step for every layer);
+- the new key and value written in place into per-layer buffers reserved for the whole answer, and one
+  SDPA call over them with grouped KV heads (no repeated heads, no mask when no row is padded).
+
+The layers' own weights stay the source of truth: the fused and packed copies (:class:`FusedWeights`) are
+remade when any of them changes (``invalidate``, or a torch in-place update moving a version counter).
+Results match the transformers forward up to float rounding (tests/test_llama_decode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FusedLlamaSteps", "FusedWeights", "unsupported_reason"]
+
+#: transformers ``model_type`` values whose decoder layers have Llama's structure: RMSNorm, q/k/v/o
+#: projections (biases allowed), rotary embedding from the model's ``rotary_emb``, a SiLU-gated MLP.
+MODEL_TYPES = ("llama", "qwen2")
+#: Rows (batch) from which the packed products are used; fewer rows run ``F.linear`` on the layers' own
+#: weights (MKL's GEMV is ~1.25x faster there). The upper end is the packing's row hint.
+PACKED_ROWS = (3, 64)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`FusedLlamaSteps` cannot run ``model`` (None when it can)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in MODEL_TYPES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {MODEL_TYPES}"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} (only silu)"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    if getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return "no model.model.layers / rotary_emb"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if (
+            attn is None
+            or mlp is None
+            or any(
+                not isinstance(getattr(attn, n, None), torch.nn.Linear)
+                for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+            )
+        ):
+            return "a layer without self_attn.{q,k,v,o}_proj"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "query/key norms"
+        if any(
+            getattr(getattr(mlp, n, None), "bias", None) is not None
+            for n in ("gate_proj", "up_proj", "down_proj")
+        ):
+            return "MLP biases"
+    return None
+
+
+def packing_available() -> bool:
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """A transformers RMSNorm module applied to ``x`` in one operation (its own forward takes eight)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+class FusedWeights:
+    """Per layer: the concatenated q/k/v weight (and bias) and gate/up weight, and the o/down weights, in
+    oneDNN's packed layout (CPU, float32/bfloat16); plus the packed output embedding. Rebuilt by
+    :meth:`current` whenever a source weight was replaced or updated in place since the last build. They
+    cost the model's size in memory."""
+
+    def __init__(self, model):
+        self.model = model
+        self._key: tuple | None = None
+        self.layers: list[dict] = []
+        self.lm_head: torch.Tensor | None = None
+
+    def invalidate(self) -> None:
+        self._key = None
+
+    def _sources(self) -> list[torch.Tensor]:
+        out = []
+        for layer in self.model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+            out += [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+            out += [p.bias for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj) if p.bias is not None]
+        return out + [self.model.get_output_embeddings().weight]
+
+    def current(self) -> FusedWeights:
+        key = tuple((id(t), t._version) for t in self._sources())
+        if key != self._key:
+            self._build()
+            self._key = key
+        return self
+
+    @staticmethod
+    def _packed(w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACKED_ROWS[1])
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        self.layers = []
+        for layer in self.model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            bias = None
+            if any(p.bias is not None for p in qkv):
+                bias = torch.cat(
+                    [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in qkv]
+                )
+            self.layers.append(
+                {
+                    "qkv": self._packed(torch.cat([p.weight for p in qkv])),
+                    "qkv_bias": bias,
+                    "o": self._packed(a.o_proj.weight),
+                    "o_bias": a.o_proj.bias,
+                    "gate_up": self._packed(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    "down": self._packed(m.down_proj.weight),
+                }
+            )
+        self.lm_head = self._packed(self.model.get_output_embeddings().weight)
+
+    @staticmethod
+    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ w.T + bias`` with ``w`` one of the packed weights."""
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output embedding's product with ``hidden`` [B, H] (rows in ``PACKED_ROWS``), float32."""
+        return self.linear(hidden, self.lm_head).float()
+
+
+class FusedLlamaSteps:
+    """One batch's decode steps after a transformers prompt pass: ``step(tokens, positions, attn)`` ->
+    logits [B, V] float32 of the next position, reading and extending reserved per-layer KV buffers.
+
+    ``cache``: the transformers cache the prompt pass filled (its keys/values are copied once into buffers
+    of ``capacity`` positions). ``weights``: the model's :class:`FusedWeights`, current, or None (no
+    packing: every product on the layers' own modules). ``padded``: some row has padding (a key mask is
+    needed; without it SDPA runs unmasked)."""
+
+    def __init__(self, model, weights: FusedWeights | None, cache, capacity: int, padded: bool):
+        cfg = model.config
+        self.model, self.w = model, weights
+        inner = model.model
+        self.layers, self.norm, self.rotary, self.embed = (
+            inner.layers,
+            inner.norm,
+            inner.rotary_emb,
+            inner.embed_tokens,
+        )
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values  # [B, kv_heads, L, head_dim]
+            kb = k.new_empty((*k.shape[:2], capacity, k.shape[-1]))
+            vb = v.new_empty((*v.shape[:2], capacity, v.shape[-1]))
+            kb[:, :, : k.shape[2]] = k
+            vb[:, :, : v.shape[2]] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+        self.length = cache.layers[0].keys.shape[2]
+        self.padded = padded
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only these batch rows (finished rows leave)."""
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, n, D] rotated: x * cos + rotate_half(x) * sin, with rotate_half as a half swap and the
+        sign folded into ``sin_signed``."""
+        b, n, d = x.shape
+        swapped = x.view(b, n, 2, d // 2).flip(2).view(b, n, d)
+        return torch.addcmul(x * cos, swapped, sin_signed)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """``tokens`` [B] long, ``positions`` [B, 1] long, ``attn`` [B, length + 1] (1: a real position, 0:
+        padding). Returns logits [B, V] float32."""
+        b = tokens.shape[0]
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        t = self.length
+        x = self.embed(tokens)  # [B, H]
+        cos, sin = self.rotary(x[:, None], positions)  # [B, 1, D] each
+        half = d // 2
+        sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        mask = attn[:, None, None, : t + 1].bool() if self.padded else None
+        packed = self.w is not None and PACKED_ROWS[0] <= b <= PACKED_ROWS[1]
+        for i, layer in enumerate(self.layers):
+            wl = self.w.layers[i] if packed else None
+            a = _rms_norm(layer.input_layernorm, x)
+            if packed:
+                qkv = self.w.linear(a, wl["qkv"], wl["qkv_bias"])
+            else:
+                at = layer.self_attn
+                qkv = torch.cat(
+                    [F.linear(a, p.weight, p.bias) for p in (at.q_proj, at.k_proj, at.v_proj)], -1
+                )
+            qk = self._rope(qkv[:, : (h + kvh) * d].view(b, h + kvh, d), cos, sin_signed)
+            self.keys[i][:, :, t] = qk[:, h:]
+            self.values[i][:, :, t] = qkv[:, (h + kvh) * d :].view(b, kvh, d)
+            att = F.scaled_dot_product_attention(
+                qk[:, :h, None],
+                self.keys[i][:, :, : t + 1],
+                self.values[i][:, :, : t + 1],
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=h != kvh,
+            ).reshape(b, h * d)
+            if packed:
+                x = x + self.w.linear(att, wl["o"], wl["o_bias"])
+                gu = self.w.linear(_rms_norm(layer.post_attention_layernorm, x), wl["gate_up"])
+                g, u = gu.chunk(2, dim=-1)
+                x = x + self.w.linear(F.silu(g) * u, wl["down"])
+            else:
+                x = x + layer.self_attn.o_proj(att)
+                x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+        self.length = t + 1
+        x = _rms_norm(self.norm, x)
+        if packed:
+            return self.w.linear(x, self.w.lm_head).float()
+        return self.model.get_output_embeddings()(x).float()
