@@ -80,8 +80,9 @@ class Validator:
         self.batch = cfg.data.val_batch_size or cfg.data.train_batch_size
 
     def answer(self, min_version: int | None) -> tuple[list[Sample], list[TeacherOutput]]:
-        """Every prompt answered (requests of ``data.val_batch_size``, all in flight together) and scored.
-        Seeds: prompt ``i`` of the set always samples with ``val.seed + i``."""
+        """Every prompt answered (requests of ``data.val_batch_size``, all in flight together) and scored,
+        each request's answers sent for scoring as soon as they are back (the teacher scores one while the
+        rollout answers the next). Seeds: prompt ``i`` of the set always samples with ``val.seed + i``."""
         from gkd.trainer_step import union_request
 
         gens = []
@@ -89,11 +90,11 @@ class Validator:
             chunk = self.prompts[start : start + self.batch]
             sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + start)
             gens.append(self.rollout.submit(chunk, sampling, min_version=min_version))
-        samples = [s for fut in gens for s in fut.result()]
         union = self.cfg.loss.support == "union"
-        scores = []
-        for start in range(0, len(samples), self.batch):
-            part = samples[start : start + self.batch]
+        samples, scores = [], []
+        for fut in gens:
+            part = fut.result()
+            samples += part
             pairs = [(s.prompt_ids, s.response_ids) for s in part]
             scores.append(
                 self.teacher.submit(

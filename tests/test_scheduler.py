@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState, parse_staleness
@@ -404,6 +404,10 @@ phase = st.integers(1, 6).map(float)
     blocking=st.booleans(),
     strict=st.booleans(),
 )
+@example(  # batch 4 queues behind batch 2's retry on the serial worker: it starts on a newer version
+    k=3, start=0, n=6, retries=1, G=[1.0] * 16, T=[1.0] * 16, U=[1.0] * 16, S=[0.0] * 16,
+    gen_fails={(2, 0)}, score_fails=set(), blocking=False, strict=False,
+)  # fmt: skip
 def test_property_random_durations_and_failures(
     k, start, n, retries, G, T, U, S, gen_fails, score_fails, blocking, strict
 ):
@@ -445,10 +449,13 @@ def test_property_random_durations_and_failures(
     # Generation never started on weights older than allowed; staleness <= k, and == k after warm-up.
     retried = {b for b, a, *_ in h.rollout.log if a > 0}
     first = {b: v for b, a, _, v, _ in h.rollout.log if a == 0}
+    # a batch whose generation starts behind a retry on the serial worker may get a newer version than k allows
+    retry_starts = [t for _, a, t, _, _ in h.rollout.log if a > 0]
+    delayed = {b for b, a, t, _, _ in h.rollout.log if a == 0 and any(r <= t for r in retry_starts)}
     for b, _, _, version, min_version in h.rollout.log:
         assert min_version == max(start, b - k) and version >= min_version
     for s in steps:
         assert 0 <= s.metrics["staleness"] <= k
-        if s.batch not in retried:
+        if s.batch not in retried | delayed:
             assert s.metrics["staleness"] == min(k, s.batch - start)
             assert first[s.batch] == max(start, s.batch - k)

@@ -161,7 +161,7 @@ def write_config(st: DemoSettings, out: Path, teacher: Path, student: Path, trai
     text = f"""\
 # gkd train --config {out / "config.yaml"}
 # Written by `gkd demo`: local teacher and rollout services on 127.0.0.1, one CPU trainer process;
-# validation (val/kl in metrics.jsonl) on the held-out prompts before training and every test_freq steps.
+# validation (val/kl in metrics.jsonl) on the held-out prompts before training, halfway and at the end.
 model:
   student_path: {student}
   param_dtype: float32
@@ -194,7 +194,7 @@ trainer:
   resume: never
   output_dir: {out}
   seed: {st.seed}
-  test_freq: {max(st.steps // 4, 1)}
+  test_freq: {max(st.steps // 2, 1)}
   val_before_train: true
 loss:
   name: {st.loss}
