@@ -449,7 +449,7 @@ def test_property_random_durations_and_failures(
     # Generation never started on weights older than allowed; staleness <= k, and == k after warm-up.
     retried = {b for b, a, *_ in h.rollout.log if a > 0}
     first = {b: v for b, a, _, v, _ in h.rollout.log if a == 0}
-    # a batch whose generation starts behind a retry on the serial worker may get a newer version than k allows
+    # a batch whose generation starts behind a retry on the serial worker may start on a newer version
     retry_starts = [t for _, a, t, _, _ in h.rollout.log if a > 0]
     delayed = {b for b, a, t, _, _ in h.rollout.log if a == 0 and any(r <= t for r in retry_starts)}
     for b, _, _, version, min_version in h.rollout.log:
