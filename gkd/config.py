@@ -245,6 +245,9 @@ class ValConfig:
     top_p: float = 1.0
     max_new_tokens: int | None = None  # null = rollout.max_new_tokens
     seed: int = 1234
+    # mid-run evaluations run beside training and are measured at the first step boundary after their
+    # scores are back (their val/* in that step's record); false: the trainer waits at the due step
+    overlap: bool = True
 
 
 @dataclass

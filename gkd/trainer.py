@@ -103,7 +103,6 @@ from gkd.trainer_step import (
     unwrap,
 )
 from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
-from gkd.validation import evaluation_due
 
 __all__ = [
     "StartupError", "Trainer", "broadcast_batch", "check_services", "main", "open_clients", "open_wandb",
@@ -387,14 +386,15 @@ class Trainer:
         )
         cleanup.callback(self.logger.close)
         cleanup.callback(self.finish_saves)
-        self.validator = None
+        self.validator = self.evaluations = None
         if cfg.trainer.test_freq > 0 or cfg.trainer.val_before_train:
-            from gkd.validation import Validator, val_prompts
+            from gkd.validation import Evaluations, Validator, val_prompts
 
             prompts = val_prompts(cfg, self.tokenizer)
             self.validator = Validator(
                 cfg, prompts, self.rollout, self.teacher, self.val_loss, eos_id=self.tokenizer.eos_token_id
             )
+            self.evaluations = Evaluations(self.validator, cfg.trainer.test_freq, self.total, cfg.val.overlap)
         compute = torch_dtype(compute_dtype(cfg))
         self.peak = cfg.trainer.peak_tflops or measure_peak_tflops(self.device, compute)
         log.info("perf/mfu against %.3g TFLOP/s per trainer device (%s)", self.peak,
@@ -497,12 +497,15 @@ class Trainer:
         if self.startup is not None:
             m.update(self.startup.metrics())
             self.startup = None
-        due = evaluation_due(step.batch + 1, self.cfg.trainer.test_freq, self.total)
-        if self.validator is not None and due:
-            if step.batch + 1 == self.total and self.sent < self.total:
-                self.sync(self.total)  # the final evaluation answers with the final weights
-            m.update(self.validator.run(min_version=self.sent))
+        if self.evaluations is not None:
+            m.update(self.evaluations.for_record(step.batch + 1, self.val_version))
         return m
+
+    def val_version(self, done: int) -> int:
+        """The version an evaluation after ``done`` steps asks for (the final one: the final weights)."""
+        if done == self.total and self.sent < self.total:
+            self.sync(self.total)
+        return self.sent
 
     def export(self) -> None:
         """The final Hugging Face folder (FSDP2: every rank helps gather the full state)."""

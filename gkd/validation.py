@@ -5,16 +5,22 @@ scores the answers, and the trainer measures its training loss on them (no gradi
     validator = Validator(cfg, prompts, rollout, teacher, loss_fn, eos_id=tokenizer.eos_token_id)
     if evaluation_due(done, cfg.trainer.test_freq, total):
         metrics.update(validator.run(min_version=last_sent))   # val/kl, val/teacher_token_logprob, ...
+    pending = validator.start(min_version=last_sent)            # or in flight: pending.poll() / .finish()
 
-How it interleaves with the scheduler (``gkd/trainer.py``): the evaluation runs on the trainer thread after
-the update of the step it reports (``val/*`` sit in that step's record), while the scheduler's generation
-and scoring requests of later batches stay in flight: the rollout and teacher services take the
-validation requests in turn with those, and the trainer starts the next update once the evaluation is back.
-The pipeline stalls for the evaluation's own time only. Staleness: the answers come from the newest
-version the trainer has sent to the rollout (``min_version`` = that version), which with staleness ``k``
-trails the trainer's weights by up to ``k`` updates (``val/policy_version`` says which), while ``val/kl``
-is measured with the trainer's current weights on those answers. The final evaluation (after the last
-step) first sends the final weights, so it measures the exported student on its own answers.
+How it interleaves with the scheduler (``gkd/trainer.py``), with ``val.overlap`` (default): an evaluation
+due after step ``s`` is *requested* then (:meth:`Validator.start`) and runs beside training: the rollout
+and teacher services take its requests in turn with the scheduler's, and the trainer keeps updating. At
+each later step boundary the trainer polls it; once every score is back it measures the loss with its
+weights of that step, and ``val/*`` go into that step's record (``val/requested_step`` = ``s``). It waits
+for an evaluation still in flight at the next due step, and at the step before the last, so that the last
+step's record holds the final evaluation alone; the final evaluation (after the last step), the one
+before training, and any due too close to the end for a boundary in between are waited for (the pipeline
+stalls for their time). ``val.overlap: false`` waits for every evaluation at its due step, whose record
+then holds it. Staleness: the answers come from the newest version the trainer has sent to the rollout
+(``min_version`` = that version), which trails the trainer's weights by up to ``k`` updates, plus the
+steps the evaluation spent in flight when overlapped (``val/policy_version`` says which), while
+``val/kl`` is measured with the trainer's weights at measurement. The final evaluation first sends the
+final weights, so it measures the exported student on its own answers.
 
 Sampling settings ``val.*`` (greedy by default, a fixed seed): consecutive evaluations answer the same
 prompts the same way up to the policy's change, so the curve is comparable step to step. Resume-safe:
@@ -26,11 +32,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.teacher.types import TeacherOutput
 
-__all__ = ["Validator", "evaluation_due", "val_prompts"]
+__all__ = ["Evaluations", "PendingValidation", "Validator", "evaluation_due", "val_prompts"]
 
 
 def evaluation_due(done: int, test_freq: int, total: int) -> bool:
@@ -79,40 +86,40 @@ class Validator:
         )
         self.batch = cfg.data.val_batch_size or cfg.data.train_batch_size
 
-    def answer(self, min_version: int | None) -> tuple[list[Sample], list[TeacherOutput]]:
-        """Every prompt answered (requests of ``data.val_batch_size``, all in flight together) and scored,
-        each request's answers sent for scoring as soon as they are back (the teacher scores one while the
-        rollout answers the next). Seeds: prompt ``i`` of the set always samples with ``val.seed + i``."""
-        from gkd.trainer_step import union_request
-
+    def submit_answers(self, min_version: int | None) -> list[Future]:
+        """The answer requests (of ``data.val_batch_size`` prompts each, all in flight together). Seeds:
+        prompt ``i`` of the set always samples with ``val.seed + i``."""
         gens = []
         for start in range(0, len(self.prompts), self.batch):
             chunk = self.prompts[start : start + self.batch]
             sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + start)
             gens.append(self.rollout.submit(chunk, sampling, min_version=min_version))
-        union = self.cfg.loss.support == "union"
-        samples, scores = [], []
-        for fut in gens:
-            part = fut.result()
-            samples += part
-            pairs = [(s.prompt_ids, s.response_ids) for s in part]
-            scores.append(
-                self.teacher.submit(
-                    pairs,
-                    self.cfg.teacher.top_k,
-                    self.cfg.teacher.temperature,
-                    requested_ids=union_request(part) if union else None,
-                )
-            )
-        outputs = [o for fut in scores for o in fut.result()]
-        return samples, outputs
+        return gens
+
+    def submit_scores(self, samples: list[Sample]) -> Future:
+        """The teacher request scoring one answer request's samples."""
+        from gkd.trainer_step import union_request
+
+        return self.teacher.submit(
+            [(s.prompt_ids, s.response_ids) for s in samples],
+            self.cfg.teacher.top_k,
+            self.cfg.teacher.temperature,
+            requested_ids=union_request(samples) if self.cfg.loss.support == "union" else None,
+        )
+
+    def start(self, min_version: int | None = None) -> PendingValidation:
+        """An evaluation in flight: answers requested now, measured by the :class:`PendingValidation`."""
+        return PendingValidation(self, min_version)
 
     def run(self, min_version: int | None = None) -> dict[str, float]:
-        """One evaluation: ``val/kl`` (the training loss per response token), ``val/teacher_token_logprob``
-        (the teacher's mean log-prob of the student's tokens), ``val/response_len/mean``,
-        ``val/policy_version`` (the version that answered), ``val/num_samples``, ``val/wall_s``."""
-        t0 = time.perf_counter()
-        samples, outputs = self.answer(min_version)
+        """One evaluation, waited for: ``val/kl`` (the training loss per response token),
+        ``val/teacher_token_logprob`` (the teacher's mean log-prob of the student's tokens),
+        ``val/response_len/mean``, ``val/policy_version`` (the version that answered), ``val/num_samples``,
+        ``val/wall_s`` (request to measurement)."""
+        return self.start(min_version).finish()
+
+    def measure(self, samples: list[Sample], outputs: list[TeacherOutput], t0: float) -> dict[str, float]:
+        """The ``val/*`` metrics of scored answers, the loss with the trainer's weights as they are now."""
         loss_sum, tokens = self.loss_fn(samples, outputs)
         teacher_lp = sum(float(o.token_logprobs.float().sum()) for o in outputs)
         n_resp = sum(len(s.response_ids) for s in samples)
@@ -124,6 +131,79 @@ class Validator:
             "val/num_samples": float(len(samples)),
             "val/wall_s": time.perf_counter() - t0,
         }
+
+
+class PendingValidation:
+    """An evaluation in flight. Each answer request, once back, is sent to the teacher (the teacher scores
+    one while the rollout answers the next); :meth:`poll` (never waits) returns the metrics once every
+    score is back, :meth:`finish` waits for them. The loss is measured when either returns them."""
+
+    def __init__(self, validator: Validator, min_version: int | None):
+        self.validator, self.t0 = validator, time.perf_counter()
+        self.gens = validator.submit_answers(min_version)
+        self.answers: list[list[Sample]] = []
+        self.scores: list[Future] = []
+
+    def _advance(self, wait: bool) -> bool:
+        """Send each answered request for scoring, in order; True when every score is back (or waited)."""
+        while len(self.scores) < len(self.gens):
+            fut = self.gens[len(self.scores)]
+            if not wait and not fut.done():
+                return False
+            self.answers.append(fut.result())
+            self.scores.append(self.validator.submit_scores(self.answers[-1]))
+        return wait or all(f.done() for f in self.scores)
+
+    def poll(self) -> dict[str, float] | None:
+        return self._measure() if self._advance(wait=False) else None
+
+    def finish(self) -> dict[str, float]:
+        self._advance(wait=True)
+        return self._measure()
+
+    def _measure(self) -> dict[str, float]:
+        samples = [s for part in self.answers for s in part]
+        outputs = [o for fut in self.scores for o in fut.result()]
+        return self.validator.measure(samples, outputs, self.t0)
+
+
+class Evaluations:
+    """Which evaluations run when, and which step's record holds each (at most one per record).
+
+    Due after every ``test_freq`` steps and after the last (:func:`evaluation_due`). With ``overlap`` a
+    due evaluation starts and runs beside training when the next step is neither the last nor due itself;
+    it is polled at each later boundary and waited for at the next due step, or at the boundary before an
+    evaluation that is waited for (so that no record needs two). Otherwise (the final evaluation; overlap
+    off; a due step followed by another) it is waited for at its due step."""
+
+    def __init__(self, validator: Validator, test_freq: int, total: int, overlap: bool):
+        self.validator, self.test_freq, self.total, self.overlap = validator, test_freq, total, overlap
+        self.pending: tuple[int, PendingValidation] | None = None  # (requested after step, evaluation)
+
+    def due(self, done: int) -> bool:
+        return evaluation_due(done, self.test_freq, self.total)
+
+    def can_overlap(self, done: int) -> bool:
+        return self.overlap and done + 1 < self.total and not self.due(done + 1)
+
+    def for_record(self, done: int, version: Callable[[int], int]) -> dict[str, float]:
+        """The ``val/*`` metrics of the record of the step that made ``done`` steps (possibly none), with
+        ``val/requested_step``. ``version(done)``: the policy version a starting evaluation asks for."""
+        m: dict[str, float] = {}
+        if self.pending is not None:
+            requested, pending = self.pending
+            nxt = done + 1
+            wait = self.due(done) or nxt >= self.total or (self.due(nxt) and not self.can_overlap(nxt))
+            got = pending.finish() if wait else pending.poll()
+            if got is not None:
+                m = {**got, "val/requested_step": float(requested)}
+                self.pending = None
+        if not self.due(done):
+            return m
+        if self.can_overlap(done):
+            self.pending = (done - 1, self.validator.start(version(done)))
+            return m
+        return {**self.validator.run(version(done)), "val/requested_step": float(done - 1)}
 
 
 def eval_loss(model, micro_batches, cfg, device) -> tuple[float, int]:

@@ -1,0 +1,117 @@
+"""Where evaluations run and which record holds each (gkd.validation.Evaluations), on fake services whose
+answers take a chosen number of step boundaries to come back; and the pipelined scoring of
+PendingValidation."""
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gkd.validation import Evaluations, PendingValidation, evaluation_due
+
+
+class FakePending:
+    """Back after ``latency`` polls; records when it was measured."""
+
+    def __init__(self, log, requested, latency):
+        self.log, self.requested, self.left = log, requested, latency
+
+    def poll(self):
+        self.left -= 1
+        return self.finish() if self.left <= 0 else None
+
+    def finish(self):
+        self.log.append(("measured", self.requested))
+        return {"val/kl": float(self.requested)}
+
+
+class FakeValidator:
+    def __init__(self, latency):
+        self.latency, self.log, self.done = latency, [], None
+
+    def start(self, version):
+        self.log.append(("started", self.done))
+        return FakePending(self.log, self.done, self.latency)
+
+    def run(self, version):
+        self.log.append(("waited", self.done))
+        return {"val/kl": float(self.done)}
+
+
+def _run(total, freq, overlap, latency):
+    v = FakeValidator(latency)
+    ev = Evaluations(v, freq, total, overlap)
+    versions, records = [], {}
+    for done in range(1, total + 1):
+        v.done = done
+        m = ev.for_record(done, lambda d: versions.append(d) or d)
+        if m:
+            records[done] = m
+    return v.log, records, versions
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(1, 30), freq=st.integers(1, 12), overlap=st.booleans(), latency=st.integers(1, 15))
+def test_every_due_evaluation_lands_in_exactly_one_record(total, freq, overlap, latency):
+    log, records, versions = _run(total, freq, overlap, latency)
+    due = [d for d in range(1, total + 1) if evaluation_due(d, freq, total)]
+    assert versions == due  # each due evaluation asked for its version once, at its due step
+    # one record per evaluation, none before it was due, the requesting step recorded
+    assert sorted(int(m["val/kl"]) for m in records.values()) == due
+    for done, m in records.items():
+        assert m["val/requested_step"] == m["val/kl"] - 1 and done >= m["val/kl"]
+    assert records[total]["val/kl"] == total and ("waited", total) in log  # the final one, waited for
+    if not overlap:
+        assert all(kind == "waited" for kind, _ in log) and set(records) == set(due)
+
+
+def test_the_demo_schedule_overlaps_the_mid_run_evaluation():
+    log, records, _ = _run(total=24, freq=12, overlap=True, latency=2)
+    assert log == [("started", 12), ("measured", 12), ("waited", 24)]
+    assert records[14] == {"val/kl": 12.0, "val/requested_step": 11.0} and set(records) == {14, 24}
+    log, records, _ = _run(total=24, freq=12, overlap=True, latency=50)  # still in flight near the end
+    assert set(records) == {23, 24}  # waited for at the boundary before the final evaluation
+    log, records, _ = _run(total=10, freq=1, overlap=True, latency=1)  # every step due: nothing overlaps
+    assert set(records) == set(range(1, 11)) and all(kind == "waited" for kind, _ in log)
+
+
+class FakeClient:
+    def __init__(self, log, name):
+        self.log, self.name, self.futures = log, name, []
+
+    def submit(self, *args, **kwargs):
+        fut = Future()
+        self.futures.append(fut)
+        self.log.append((self.name, len(self.futures) - 1))
+        return fut
+
+
+def test_pending_validation_scores_each_request_as_it_comes_back():
+    from types import SimpleNamespace
+
+    from gkd.config import Config
+    from gkd.rollout.types import Sample
+    from gkd.validation import Validator
+
+    cfg = Config()
+    cfg.data.val_batch_size = 2
+    log = []
+    rollout, teacher = FakeClient(log, "answer"), FakeClient(log, "score")
+    loss_calls = []
+    v = Validator(cfg, [[1], [2], [3]], rollout, teacher, lambda s, o: loss_calls.append(len(s)) or (6.0, 3))
+    pending = v.start(min_version=4)
+    assert log == [("answer", 0), ("answer", 1)] and pending.poll() is None
+    sample = Sample([1], [5], None, "stop", 4)
+    rollout.futures[0].set_result([sample, sample])
+    assert pending.poll() is None and log[-1] == ("score", 0)  # the first request scored, the second not back
+    rollout.futures[1].set_result([sample])
+    assert pending.poll() is None and log[-1] == ("score", 1)
+    out = SimpleNamespace(token_logprobs=torch.zeros(1))
+    teacher.futures[0].set_result([out, out])
+    assert pending.poll() is None and not loss_calls
+    teacher.futures[1].set_result([out])
+    m = pending.poll()
+    assert loss_calls == [3] and m["val/kl"] == pytest.approx(2.0) and m["val/policy_version"] == 4
+    assert isinstance(pending, PendingValidation)
