@@ -162,8 +162,9 @@ def test_rollout_n_gives_distinct_responses_and_global_token_normalisation():
 @pytest.mark.slow
 def test_gkd_train_with_validation_wandb_completions_and_n(tmp_path):
     """One tiny run with configs/cpu_tiny_full.yaml's features (no LoRA): val/* at steps -1, 5..8 (the
-    overlapped evaluation requested after step 4), 9 and 10 (the end), finite, val/kl lower at the end than before training (train and val prompts of one
-    distribution); two distinct samples per prompt; the offline W&B run holds the metrics; completions."""
+    overlapped evaluation requested after step 4), 9 and 10 (the end), finite, val/kl lower at the end
+    than before training (train and val prompts of one distribution); two distinct samples per prompt;
+    the offline W&B run holds the metrics; completions."""
     pytest.importorskip("wandb")
     from gkd.demo.tiny import build
     from tests.test_train_e2e import ENV, _argv  # free ports, the tiny models' paths
