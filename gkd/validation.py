@@ -86,15 +86,18 @@ class Validator:
         )
         self.batch = cfg.data.val_batch_size or cfg.data.train_batch_size
 
-    def submit_answers(self, min_version: int | None) -> list[Future]:
-        """The answer requests (of ``data.val_batch_size`` prompts each, all in flight together). Seeds:
-        prompt ``i`` of the set always samples with ``val.seed + i``."""
-        gens = []
-        for start in range(0, len(self.prompts), self.batch):
-            chunk = self.prompts[start : start + self.batch]
-            sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + start)
-            gens.append(self.rollout.submit(chunk, sampling, min_version=min_version))
-        return gens
+    @property
+    def requests(self) -> int:
+        """Answer requests per evaluation (``data.val_batch_size`` prompts each)."""
+        return -(-len(self.prompts) // self.batch)
+
+    def submit_answer(self, i: int, min_version: int | None) -> Future:
+        """Answer request ``i``. Seeds: prompt ``j`` of the set always samples with ``val.seed + j``."""
+        start = i * self.batch
+        sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + start)
+        return self.rollout.submit(
+            self.prompts[start : start + self.batch], sampling, min_version=min_version
+        )
 
     def submit_scores(self, samples: list[Sample]) -> Future:
         """The teacher request scoring one answer request's samples."""
@@ -107,9 +110,11 @@ class Validator:
             requested_ids=union_request(samples) if self.cfg.loss.support == "union" else None,
         )
 
-    def start(self, min_version: int | None = None) -> PendingValidation:
-        """An evaluation in flight: answers requested now, measured by the :class:`PendingValidation`."""
-        return PendingValidation(self, min_version)
+    def start(self, min_version: int | None = None, *, paced: bool = False) -> PendingValidation:
+        """An evaluation in flight, measured by the :class:`PendingValidation`. ``paced``: one answer request
+        at a time (the next one sent when the previous is back, at a poll), so that beside training the
+        rollout serves the scheduler's requests in between instead of a whole evaluation ahead of them."""
+        return PendingValidation(self, min_version, paced)
 
     def run(self, min_version: int | None = None) -> dict[str, float]:
         """One evaluation, waited for: ``val/kl`` (the training loss per response token),
@@ -136,22 +141,32 @@ class Validator:
 class PendingValidation:
     """An evaluation in flight. Each answer request, once back, is sent to the teacher (the teacher scores
     one while the rollout answers the next); :meth:`poll` (never waits) returns the metrics once every
-    score is back, :meth:`finish` waits for them. The loss is measured when either returns them."""
+    score is back, :meth:`finish` waits for them (sending every answer request still unsent at once). The
+    loss is measured when either returns them."""
 
-    def __init__(self, validator: Validator, min_version: int | None):
-        self.validator, self.t0 = validator, time.perf_counter()
-        self.gens = validator.submit_answers(min_version)
+    def __init__(self, validator: Validator, min_version: int | None, paced: bool = False):
+        self.validator, self.min_version, self.t0 = validator, min_version, time.perf_counter()
+        self.gens: list[Future] = []
         self.answers: list[list[Sample]] = []
         self.scores: list[Future] = []
+        self._send(1 if paced else validator.requests)
+
+    def _send(self, upto: int) -> None:
+        while len(self.gens) < min(upto, self.validator.requests):
+            self.gens.append(self.validator.submit_answer(len(self.gens), self.min_version))
 
     def _advance(self, wait: bool) -> bool:
-        """Send each answered request for scoring, in order; True when every score is back (or waited)."""
-        while len(self.scores) < len(self.gens):
+        """Send each answered request for scoring, in order, and (paced) the next answer request; True when
+        every score is back (or waited for)."""
+        if wait:
+            self._send(self.validator.requests)
+        while len(self.scores) < self.validator.requests:
             fut = self.gens[len(self.scores)]
             if not wait and not fut.done():
                 return False
             self.answers.append(fut.result())
             self.scores.append(self.validator.submit_scores(self.answers[-1]))
+            self._send(len(self.scores) + 1)
         return wait or all(f.done() for f in self.scores)
 
     def poll(self) -> dict[str, float] | None:
@@ -171,10 +186,11 @@ class Evaluations:
     """Which evaluations run when, and which step's record holds each (at most one per record).
 
     Due after every ``test_freq`` steps and after the last (:func:`evaluation_due`). With ``overlap`` a
-    due evaluation starts and runs beside training when the next step is neither the last nor due itself;
-    it is polled at each later boundary and waited for at the next due step, or at the boundary before an
-    evaluation that is waited for (so that no record needs two). Otherwise (the final evaluation; overlap
-    off; a due step followed by another) it is waited for at its due step."""
+    due evaluation starts and runs beside training (paced: one answer request at a time) when the next
+    step is neither the last nor due itself; it is polled at each later boundary and waited for at the
+    next due step, or at the boundary before an evaluation that is waited for (so that no record needs
+    two). Otherwise (the final evaluation; overlap off; a due step followed by another) it is waited for
+    at its due step."""
 
     def __init__(self, validator: Validator, test_freq: int, total: int, overlap: bool):
         self.validator, self.test_freq, self.total, self.overlap = validator, test_freq, total, overlap
@@ -201,7 +217,7 @@ class Evaluations:
         if not self.due(done):
             return m
         if self.can_overlap(done):
-            self.pending = (done - 1, self.validator.start(version(done)))
+            self.pending = (done - 1, self.validator.start(version(done), paced=True))
             return m
         return {**self.validator.run(version(done)), "val/requested_step": float(done - 1)}
 

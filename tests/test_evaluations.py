@@ -3,12 +3,14 @@ answers take a chosen number of step boundaries to come back; and the pipelined 
 PendingValidation."""
 
 from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gkd.rollout.types import Sample
 from gkd.validation import Evaluations, PendingValidation, evaluation_due
 
 
@@ -31,7 +33,8 @@ class FakeValidator:
     def __init__(self, latency):
         self.latency, self.log, self.done = latency, [], None
 
-    def start(self, version):
+    def start(self, version, paced=False):
+        assert paced  # beside training: one answer request at a time
         self.log.append(("started", self.done))
         return FakePending(self.log, self.done, self.latency)
 
@@ -88,19 +91,22 @@ class FakeClient:
         return fut
 
 
-def test_pending_validation_scores_each_request_as_it_comes_back():
-    from types import SimpleNamespace
-
+def _validator(log, requests=2):
     from gkd.config import Config
-    from gkd.rollout.types import Sample
     from gkd.validation import Validator
 
     cfg = Config()
     cfg.data.val_batch_size = 2
-    log = []
     rollout, teacher = FakeClient(log, "answer"), FakeClient(log, "score")
     loss_calls = []
-    v = Validator(cfg, [[1], [2], [3]], rollout, teacher, lambda s, o: loss_calls.append(len(s)) or (6.0, 3))
+    prompts = [[i] for i in range(1, 2 * requests)]  # the last request holds one prompt
+    v = Validator(cfg, prompts, rollout, teacher, lambda s, o: loss_calls.append(len(s)) or (6.0, 3))
+    return v, rollout, teacher, loss_calls
+
+
+def test_pending_validation_scores_each_request_as_it_comes_back():
+    log = []
+    v, rollout, teacher, loss_calls = _validator(log)
     pending = v.start(min_version=4)
     assert log == [("answer", 0), ("answer", 1)] and pending.poll() is None
     sample = Sample([1], [5], None, "stop", 4)
@@ -115,3 +121,33 @@ def test_pending_validation_scores_each_request_as_it_comes_back():
     m = pending.poll()
     assert loss_calls == [3] and m["val/kl"] == pytest.approx(2.0) and m["val/policy_version"] == 4
     assert isinstance(pending, PendingValidation)
+
+
+def test_paced_validation_sends_one_answer_request_at_a_time():
+    log = []
+    v, rollout, teacher, _ = _validator(log, requests=3)
+    pending = v.start(min_version=0, paced=True)
+    assert log == [("answer", 0)] and pending.poll() is None
+    sample, out = Sample([1], [5], None, "stop", 0), SimpleNamespace(token_logprobs=torch.zeros(1))
+    rollout.futures[0].set_result([sample, sample])
+    assert pending.poll() is None and log[1:] == [("score", 0), ("answer", 1)]
+    rollout.futures[1].set_result([sample, sample])
+    teacher.futures[0].set_result([out, out])
+    assert pending.poll() is None and log[3:] == [("score", 1), ("answer", 2)]
+    rollout.futures[2].set_result([sample])
+    for fut in teacher.futures[1:]:
+        fut.set_result([out, out])
+    # finish() answers what is left: the last request's score is set once it is sent
+    teacher_submit = teacher.submit
+
+    def answered(*args, **kwargs):
+        fut = teacher_submit(*args, **kwargs)
+        fut.set_result([out])
+        return fut
+
+    teacher.submit = answered
+    m = pending.finish()
+    assert log[5:] == [("score", 2)] and m["val/num_samples"] == 5
+    log.clear()
+    v.start(min_version=0, paced=False)  # waited for: every answer request at once
+    assert [name for name, _ in log] == ["answer"] * 3

@@ -157,11 +157,11 @@ def write_prompts(out: Path, seed: int, heldout: int) -> tuple[Path, list[str]]:
 def write_config(st: DemoSettings, out: Path, teacher: Path, student: Path, train_file: Path) -> Path:
     """The run's ``gkd train`` config (every value explicit, so the file documents the run)."""
     t_port, t_back, r_port, r_back, w_port = free_ports(5)
-    save_freq = max(st.steps // 2, 1)
     text = f"""\
 # gkd train --config {out / "config.yaml"}
 # Written by `gkd demo`: local teacher and rollout services on 127.0.0.1, one CPU trainer process;
-# validation (val/kl in metrics.jsonl) on the held-out prompts before training, halfway and at the end.
+# validation (val/kl in metrics.jsonl) on the held-out prompts halfway (beside training) and at the end
+# (`gkd demo` measures the student before training itself); one checkpoint, at the end.
 model:
   student_path: {student}
   param_dtype: float32
@@ -189,13 +189,13 @@ trainer:
   n_gpus_per_node: 0
   nproc_per_node: 1
   total_steps: {st.steps}
-  save_freq: {save_freq}
+  save_freq: {st.steps}
   keep_last: 2
   resume: never
   output_dir: {out}
   seed: {st.seed}
   test_freq: {max(st.steps // 2, 1)}
-  val_before_train: true
+  val_before_train: false
 loss:
   name: {st.loss}
   tail: bucket
@@ -279,7 +279,7 @@ def _summary(
     train_s, eval_s, total_s = seconds
     held = held_texts
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if r["step"] >= 0]  # step -1: the validation before training
+    steps = [r for r in records if r["step"] >= 0]  # step -1: a validation before training (none by default)
     step_times = [s["timing/step"] for s in steps if "timing/step" in s]
     return {
         "teacher": str(teacher_dir),
@@ -311,7 +311,7 @@ def _summary(
         "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
         "staleness_max": [s.get("staleness/max") for s in steps],
         "kl_loss": [s.get("actor/kl_loss") for s in steps],
-        # trainer validation on the held-out prompts: [step, val/kl] (step -1 = before training)
+        # trainer validation on the held-out prompts: [step of the record, val/kl]
         "val_kl": [[r["step"], r["val/kl"]] for r in records if "val/kl" in r],
         "eval_seconds_before": eval_s,
         "total_seconds": total_s,

@@ -101,9 +101,9 @@ def test_gkd_demo_tiny_leaves_a_complete_run_folder(tmp_path):
     assert any((out / "checkpoints").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_steps"] == 8
-    val = summary["val_kl"]  # the trainer's validation: before training, halfway, after the last
-    steps = [s for s, _ in val]  # the halfway one runs beside training: recorded 1-2 steps later
-    assert steps[0] == -1 and steps[1] in (4, 5, 6) and steps[2] == 7 and len(steps) == 3, val
+    val = summary["val_kl"]  # the trainer's validation: halfway (beside training) and after the last step
+    steps = [s for s, _ in val]  # the halfway one is recorded 1-3 steps after it was requested
+    assert len(steps) == 2 and steps[0] in (4, 5, 6) and steps[1] == 7, val
     assert all(math.isfinite(v) for _, v in val), val
     on = summary["kl"]["on_policy"]
     assert on["after"] < on["before"], on  # the student moved towards the teacher on its own samples
