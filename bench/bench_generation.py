@@ -3,6 +3,9 @@
 Run: ``.venv/bin/python -m pytest bench/bench_generation.py --benchmark-only -s`` (``GKD_BENCH_QUICK=1``:
 small shapes). Results also go to bench/results/generation.json.
 
+The engine runs this Llama through its fused decode steps (``gkd/rollout/llama_decode.py``); ``HFRolloutEngine
+(model, fused=False)`` would measure the transformers path instead.
+
 Model: the demo student's shape (SmolLM2-135M-Instruct keeping 16 of its 30 layers: vocab 49152, hidden
 576, 9 heads / 3 KV heads, tied embeddings, ~85 M parameters, float32), random weights from the config (no
 download); quick mode keeps 4 layers. ``GKD_BENCH_THREADS`` intra-op threads (default 1, what the demo's
