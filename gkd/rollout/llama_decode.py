@@ -24,8 +24,9 @@ import torch.nn.functional as F
 __all__ = ["FusedLlamaSteps", "FusedWeights", "unsupported_reason"]
 
 #: transformers ``model_type`` values whose decoder layers have Llama's structure: RMSNorm, q/k/v/o
-#: projections (biases allowed), rotary embedding from the model's ``rotary_emb``, a SiLU-gated MLP.
-MODEL_TYPES = ("llama", "qwen2")
+#: projections (biases allowed), rotary embedding from the model's ``rotary_emb``, a SiLU-gated MLP; qwen3
+#: adds per-head RMSNorms on queries and keys before the rotary embedding (``q_norm``, ``k_norm``).
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
 #: Rows (batch) from which the packed products are used; fewer rows run ``F.linear`` on the layers' own
 #: weights (MKL's GEMV is ~1.25x faster there). The upper end is the packing's row hint.
 PACKED_ROWS = (3, 64)
@@ -40,7 +41,9 @@ def unsupported_reason(model) -> str | None:
         return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} (only silu)"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
-    if getattr(cfg, "use_sliding_window", False):
+    if getattr(cfg, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()
+    ):
         return "sliding-window attention"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
@@ -56,7 +59,7 @@ def unsupported_reason(model) -> str | None:
             )
         ):
             return "a layer without self_attn.{q,k,v,o}_proj"
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        if (hasattr(attn, "q_norm") or hasattr(attn, "k_norm")) and cfg.model_type != "qwen3":
             return "query/key norms"
         if any(
             getattr(getattr(mlp, n, None), "bias", None) is not None
@@ -217,7 +220,11 @@ class FusedLlamaSteps:
                 qkv = torch.cat(
                     [F.linear(a, p.weight, p.bias) for p in (at.q_proj, at.k_proj, at.v_proj)], -1
                 )
-            qk = self._rope(qkv[:, : (h + kvh) * d].view(b, h + kvh, d), cos, sin_signed)
+            qk = qkv[:, : (h + kvh) * d].view(b, h + kvh, d)
+            if hasattr(layer.self_attn, "q_norm"):  # per-head norms before the rotary embedding (qwen3)
+                at = layer.self_attn
+                qk = torch.cat([_rms_norm(at.q_norm, qk[:, :h]), _rms_norm(at.k_norm, qk[:, h:])], dim=1)
+            qk = self._rope(qk, cos, sin_signed)
             self.keys[i][:, :, t] = qk[:, h:]
             self.values[i][:, :, t] = qkv[:, (h + kvh) * d :].view(b, kvh, d)
             att = F.scaled_dot_product_attention(

@@ -1,6 +1,6 @@
 """The fused Llama decode steps (gkd/rollout/llama_decode.py) against the transformers forward: the same
-tokens and log-probs for Llama and Qwen2 models, padded batches, rows leaving the batch (down to the
-unpacked few-row path), biases, weight updates, bfloat16, and the models it refuses."""
+tokens and log-probs for Llama, Qwen2 and Qwen3 (query/key norms) models, padded batches, rows leaving the
+batch (down to the unpacked few-row path), biases, weight updates, bfloat16, and the models it refuses."""
 
 import pytest
 import torch
@@ -27,6 +27,22 @@ def _qwen2(seed: int):
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def _qwen3(seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial query/key norm weights
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 def _assert_same(fused, plain, atol=2e-5):
     for a, b in zip(fused, plain, strict=True):
         assert a.response_ids == b.response_ids
@@ -47,8 +63,9 @@ def _stops_from(engine, s):
         lambda: tiny_llama(0, 320, 256, heads=4, kv_heads=2),
         lambda: tiny_llama(1, 320, 256, heads=4, kv_heads=4, tie=True, attention_bias=True),
         lambda: _qwen2(2),
+        lambda: _qwen3(3),
     ],
-    ids=["llama_gqa", "llama_bias_mha", "qwen2"],
+    ids=["llama_gqa", "llama_bias_mha", "qwen2", "qwen3"],
 )
 def test_fused_steps_match_the_transformers_forward(make, prepack):
     model = make()
@@ -104,3 +121,9 @@ def test_other_models_run_through_transformers():
     with pytest.raises(ValueError, match="fused=True.*hidden_act"):
         HFRolloutEngine(gelu, fused=True)
     assert unsupported_reason(tiny_llama(0, 320, 256)) is None
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=0)  # fmt: skip
+    assert "sliding" in unsupported_reason(Qwen3ForCausalLM(cfg))
