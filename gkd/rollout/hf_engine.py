@@ -22,7 +22,15 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from gkd.rollout.llama_decode import FusedLlamaSteps, FusedWeights, packing_available, unsupported_reason
+from gkd.rollout.llama_decode import (
+    FusedLlamaSteps,
+    FusedWeights,
+    in_packed_rows,
+    pack_weight,
+    packed_linear,
+    packing_available,
+    unsupported_reason,
+)
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 from gkd.transport.worker import check_cancelled
 
@@ -30,9 +38,6 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 #: Weights with fewer elements stay on ``F.linear``: packing gains nothing measurable for them at decode
 #: batch sizes (the demo student's 192 x 576 K/V projections; its 576 x 576 Q/O ones do gain).
 PACK_MIN_NUMEL = 1 << 18
-#: Input rows (batch x tokens) for which the packed weights are used: MKL's GEMV path wins below (a batch
-#: reduced to 1-2 rows), and the prompt pass is compute-bound, where the packing does not help.
-PACK_ROWS = (3, 64)
 #: Block width of the two-level inverse CDF used to sample (:func:`inverse_cdf`).
 CDF_BLOCK = 256
 
@@ -115,7 +120,7 @@ class PackedLinears:
     weight once. A copy is remade when its weight changes: ``load_weights`` drops them all, and any other
     in-place torch update moves the tensor's version counter; a write that bypasses it (through ``.data``,
     or native code writing into the storage) must call :meth:`invalidate`. The copies cost the weights'
-    size in memory. Other layers, other dtypes and inputs outside ``PACK_ROWS`` run ``F.linear`` as before.
+    size in memory. Other layers, other dtypes and inputs outside ``PACKED_ROWS`` run ``F.linear`` as before.
     """
 
     def __init__(self, model: torch.nn.Module, enabled: bool):
@@ -149,14 +154,14 @@ class PackedLinears:
                 m.__dict__.pop("forward", None)
 
     def _forward(self, m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if not PACK_ROWS[0] <= x.numel() // x.shape[-1] <= PACK_ROWS[1]:
+        if not in_packed_rows(x.numel() // x.shape[-1]):
             return F.linear(x, m.weight, m.bias)
         w = m.weight
         entry = self._packed.get(m)
         if entry is None or entry[0] is not w or entry[1] != w._version:
-            entry = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS[1]))
+            entry = (w, w._version, pack_weight(w))
             self._packed[m] = entry
-        return torch.ops.mkldnn._linear_pointwise(x, entry[2], m.bias, "none", [], "")
+        return packed_linear(x, entry[2], m.bias)
 
 
 def reserved_cache(capacity: int):
@@ -465,7 +470,7 @@ class HFRolloutEngine:
         hidden = self.model.model(
             input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
         ).last_hidden_state[:, -1]  # [B, H], after the final norm
-        if weights is not None and PACK_ROWS[0] <= hidden.shape[0] <= PACK_ROWS[1]:
+        if weights is not None and in_packed_rows(hidden.shape[0]):
             logits = weights.logits(hidden)
         else:
             logits = self.model.get_output_embeddings()(hidden).float()

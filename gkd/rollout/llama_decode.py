@@ -27,8 +27,9 @@ __all__ = ["FusedLlamaSteps", "FusedWeights", "unsupported_reason"]
 #: projections (biases allowed), rotary embedding from the model's ``rotary_emb``, a SiLU-gated MLP; qwen3
 #: adds per-head RMSNorms on queries and keys before the rotary embedding (``q_norm``, ``k_norm``).
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
-#: Rows (batch) from which the packed products are used; fewer rows run ``F.linear`` on the layers' own
-#: weights (MKL's GEMV is ~1.25x faster there). The upper end is the packing's row hint.
+#: Input rows (batch x tokens) for which the packed products are used: fewer rows run ``F.linear`` on the
+#: layers' own weights (MKL's GEMV is ~1.25x faster there), and more (the prompt pass) are compute-bound,
+#: where packing does not help. The upper end is the packing's row hint.
 PACKED_ROWS = (3, 64)
 
 
@@ -67,6 +68,21 @@ def unsupported_reason(model) -> str | None:
         ):
             return "MLP biases"
     return None
+
+
+def in_packed_rows(rows: int) -> bool:
+    """Whether a product with ``rows`` input rows runs on the packed weights (:data:`PACKED_ROWS`)."""
+    return PACKED_ROWS[0] <= rows <= PACKED_ROWS[1]
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [out, in] reordered into oneDNN's blocked layout for :func:`packed_linear` (a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACKED_ROWS[1])
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` with ``w`` from :func:`pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 def packing_available() -> bool:
@@ -114,10 +130,6 @@ class FusedWeights:
             self._key = key
         return self
 
-    @staticmethod
-    def _packed(w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACKED_ROWS[1])
-
     @torch.no_grad()
     def _build(self) -> None:
         self.layers = []
@@ -131,24 +143,19 @@ class FusedWeights:
                 )
             self.layers.append(
                 {
-                    "qkv": self._packed(torch.cat([p.weight for p in qkv])),
+                    "qkv": pack_weight(torch.cat([p.weight for p in qkv])),
                     "qkv_bias": bias,
-                    "o": self._packed(a.o_proj.weight),
+                    "o": pack_weight(a.o_proj.weight),
                     "o_bias": a.o_proj.bias,
-                    "gate_up": self._packed(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                    "down": self._packed(m.down_proj.weight),
+                    "gate_up": pack_weight(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    "down": pack_weight(m.down_proj.weight),
                 }
             )
-        self.lm_head = self._packed(self.model.get_output_embeddings().weight)
-
-    @staticmethod
-    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ w.T + bias`` with ``w`` one of the packed weights."""
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        self.lm_head = pack_weight(self.model.get_output_embeddings().weight)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output embedding's product with ``hidden`` [B, H] (rows in ``PACKED_ROWS``), float32."""
-        return self.linear(hidden, self.lm_head).float()
+        return packed_linear(hidden, self.lm_head).float()
 
 
 class FusedLlamaSteps:
@@ -209,12 +216,12 @@ class FusedLlamaSteps:
         half = d // 2
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         mask = attn[:, None, None, : t + 1].bool() if self.padded else None
-        packed = self.w is not None and PACKED_ROWS[0] <= b <= PACKED_ROWS[1]
+        packed = self.w is not None and in_packed_rows(b)
         for i, layer in enumerate(self.layers):
             wl = self.w.layers[i] if packed else None
             a = _rms_norm(layer.input_layernorm, x)
             if packed:
-                qkv = self.w.linear(a, wl["qkv"], wl["qkv_bias"])
+                qkv = packed_linear(a, wl["qkv"], wl["qkv_bias"])
             else:
                 at = layer.self_attn
                 qkv = torch.cat(
@@ -236,15 +243,15 @@ class FusedLlamaSteps:
                 enable_gqa=h != kvh,
             ).reshape(b, h * d)
             if packed:
-                x = x + self.w.linear(att, wl["o"], wl["o_bias"])
-                gu = self.w.linear(_rms_norm(layer.post_attention_layernorm, x), wl["gate_up"])
+                x = x + packed_linear(att, wl["o"], wl["o_bias"])
+                gu = packed_linear(_rms_norm(layer.post_attention_layernorm, x), wl["gate_up"])
                 g, u = gu.chunk(2, dim=-1)
-                x = x + self.w.linear(F.silu(g) * u, wl["down"])
+                x = x + packed_linear(F.silu(g) * u, wl["down"])
             else:
                 x = x + layer.self_attn.o_proj(att)
                 x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
         self.length = t + 1
         x = _rms_norm(self.norm, x)
         if packed:
-            return self.w.linear(x, self.w.lm_head).float()
+            return packed_linear(x, self.w.lm_head).float()
         return self.model.get_output_embeddings()(x).float()

@@ -124,7 +124,7 @@ def test_packed_linears_match_the_model_and_follow_weight_updates(model, monkeyp
     for a, b in zip(engine.generate(PROMPTS, s), plain.generate(PROMPTS, s), strict=True):
         assert a.response_ids == b.response_ids
         torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=2e-5, rtol=0)
-    assert len(engine.linears._packed) == 15  # packed on first use (4 rows: inside PACK_ROWS)
+    assert len(engine.linears._packed) == 15  # packed on first use (4 rows: inside PACKED_ROWS)
     assert all("forward" not in m.__dict__ for m in engine.linears.modules)  # restored after generate
     other = _tiny(seed=2)  # new weights: every packed copy is remade from them
     engine.load_weights(other.named_parameters(), version=2)
