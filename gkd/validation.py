@@ -219,7 +219,7 @@ class Evaluations:
         if self.can_overlap(done):
             self.pending = (done - 1, self.validator.start(version(done), paced=True))
             return m
-        return {**self.validator.run(version(done)), "val/requested_step": float(done - 1)}
+        return {**m, **self.validator.run(version(done)), "val/requested_step": float(done - 1)}
 
 
 def eval_loss(model, micro_batches, cfg, device) -> tuple[float, int]:
