@@ -1,22 +1,22 @@
 """Atomic, resumable checkpoints and the final Hugging Face export.
 
-Layout: ``OUTPUT_DIR/checkpoints/step_000042/`` holding
+Layout: ``OUTPUT_DIR/checkpoints/step_000042/``. Two layouts, named by ``meta.json``'s ``"layout"``:
+
+``files`` (DDP and one-process runs; every checkpoint of gkd's format 1)::
 
     model.safetensors   the student's state (tied tensors stored once)
       or adapter.safetensors: a LoRA student's (``model.lora``) adapter tensors only, by their peft names
     optimizer.pt        optimizer.state_dict() (a LoRA student's optimizer holds the adapter only)
     trainer_state.pt    step, LR scheduler, RNG states (one per trainer rank), data position, scheduler state
     config.yaml         the resolved run config
-    meta.json           written last: format version, step, file list
+    meta.json           written last: format version, layout, step, file list
 
-Sharded students (FSDP2, ``trainer.strategy=fsdp2``) are saved as *full* state dicts: every trainer rank
-calls :func:`full_state_dicts` (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True``),
-rank 0 writes the same ``model.safetensors`` a DDP run writes and ``optimizer.pt`` keyed by parameter name
-(``optimizer_format: "fqn"`` in trainer_state.pt); :func:`load_checkpoint` reshards both on every rank, so a
-checkpoint does not depend on the number of ranks. Final export: :func:`export_hf` with the gathered state
-(a LoRA student: the merged Hugging Face folder and, next to it, ``<name>_adapter``, peft's adapter folder).
+``dcp`` (FSDP2 students): ``dcp/`` holds every rank's shards of the model and optimizer, written by
+``torch.distributed.checkpoint`` (:mod:`gkd.checkpoint_sharded`), next to the same ``trainer_state.pt``,
+``config.yaml`` and ``meta.json`` written by rank 0. :func:`load_checkpoint` reads either layout into
+either strategy and any world size.
 
-A checkpoint is written into ``.tmp-step_000042-<pid>`` in the same parent, every file and the directory
+A checkpoint is written into ``.tmp-step_000042-<suffix>`` in the same parent, every file and the directory
 fsynced, then renamed to its final name (atomic on POSIX), so a directory named ``step_*`` is always
 complete: a crash or ``kill -9`` mid-write leaves at most a ``.tmp-*`` directory, which :func:`latest`
 ignores and the next save deletes. ``.pt`` files are our own, read back from local disk with
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -36,20 +35,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_model
 from torch import nn
 
+from gkd.checkpoint_rng import capture_rng_state, gather_rng_states, restore_rng_state
 from gkd.lora import adapter_state_dict, is_lora, merged_state_dict
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "LoadedCheckpoint",
+    "begin_sharded",
     "capture_rng_state",
     "checkpoint_root",
     "export_hf",
+    "finish_sharded",
     "full_state_dicts",
     "gather_rng_states",
     "has_checkpoint",
@@ -57,16 +57,20 @@ __all__ = [
     "latest",
     "list_checkpoints",
     "load_checkpoint",
+    "make_trainer_state",
+    "read_meta",
     "resolve_resume",
     "restore_rng_state",
     "save_checkpoint",
+    "sharded_tmp",
     "should_save",
     "snapshot",
     "write_snapshot",
     "Snapshot",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json names the layout (files | dcp); 1: files only
+_READABLE = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -121,103 +125,7 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
     return alias
 
 
-def _load_sharded_model(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    state = load_file(str(path))
-    for name, source in _tied_names(model).items():
-        if name not in state and source in state:
-            state[name] = state[source]
-    try:
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatch
-        raise CheckpointError(f"{path} does not match the model (a different student?): {e}") from e
-
-
 _ADAPTER_FILE = "adapter.safetensors"
-
-
-def _load_adapter(model: nn.Module, path: Path, sharded: bool) -> None:
-    """A LoRA checkpoint's adapter into ``model``: exactly its trainable parameters, by name; the frozen
-    base stays as loaded from ``model.student_path``."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path / _ADAPTER_FILE))
-    hf = _unwrap(model)
-    want = {n: p for n, p in hf.named_parameters() if p.requires_grad}
-    if set(state) != set(want):
-        missing, unexpected = sorted(set(want) - set(state))[:5], sorted(set(state) - set(want))[:5]
-        raise CheckpointError(
-            f"{path}/{_ADAPTER_FILE} does not match the adapter: missing {missing}, unexpected "
-            f"{unexpected} (model.lora.target_modules changed?)"
-        )
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(want[name].shape):
-                raise CheckpointError(
-                    f"{path}/{_ADAPTER_FILE}: {name} has shape {tuple(tensor.shape)}, the adapter "
-                    f"{tuple(want[name].shape)} (model.lora.r changed?)"
-                )
-            want[name].copy_(tensor)
-
-
-# ------------------------------------------------------------------------------------------------ RNG
-
-
-def capture_rng_state() -> dict[str, torch.Tensor]:
-    """This process's python / numpy / torch (and CUDA) RNG states as fixed-size tensors (so ranks can
-    all-gather them without pickling, and ``torch.load(weights_only=True)`` reads them back)."""
-    version, words, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=True)  # ('MT19937', key[624] uint32, pos, has_gauss, gauss)
-    state = {
-        "python": torch.tensor([version, *words], dtype=torch.int64),
-        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
-        "numpy": torch.tensor([*np_state[1].tolist(), np_state[2], np_state[3]], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
-    return state
-
-
-def restore_rng_state(state: Mapping[str, torch.Tensor]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    py = state["python"].tolist()
-    has_gauss, gauss = state["python_gauss"].tolist()
-    random.setstate((int(py[0]), tuple(int(w) for w in py[1:]), gauss if has_gauss else None))
-    npy = state["numpy"].tolist()
-    key = np.array(npy[:624], dtype=np.uint32)
-    np.random.set_state(("MT19937", key, int(npy[624]), int(npy[625]), float(state["numpy_gauss"][0])))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states(group=None) -> list[dict[str, torch.Tensor]]:
-    """Every trainer rank's :func:`capture_rng_state` (call on all ranks; rank 0 saves the list). Tensors
-    travel through all_gather, on the device the group's backend needs."""
-    import torch.distributed as dist
-
-    mine = capture_rng_state()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return [mine]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    world = dist.get_world_size(group)
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-    for name, t in sorted(mine.items()):
-        local = t.to(device) if device is not None else t
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local, group=group)
-        for r, part in enumerate(parts):
-            out[r][name] = part.cpu()
-    return out
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -298,27 +206,39 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    """``.tmp-*`` directories are saves that died (kill -9); only rank 0 saves, so none is in progress."""
+    """``.tmp-*`` directories are saves that died (kill -9); only rank 0 commits and a save starts after
+    the previous one is committed, so none is in progress."""
     for p in root.iterdir():
         if p.name.startswith(_TMP_PREFIX) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _atomic_dir(final: Path, write) -> Path:
-    """Run ``write(tmp_dir)``, fsync, rename to ``final``. On any failure the temp dir is removed and
-    ``final`` is untouched."""
+def _tmp_dir(final: Path, suffix: str) -> Path:
+    """A fresh ``.tmp-<name>-<suffix>`` next to ``final`` (which must not exist)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         raise CheckpointError(f"{final} already exists; refusing to overwrite a complete checkpoint")
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{suffix}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """fsync everything under ``tmp``, rename it to ``final``, fsync the parent (the rename is durable)."""
+    _fsync_tree(tmp)
+    os.rename(tmp, final)
+    _fsync_path(final.parent)
+
+
+def _atomic_dir(final: Path, write) -> Path:
+    """Run ``write(tmp_dir)``, fsync, rename to ``final``. On any failure the temp dir is removed and
+    ``final`` is untouched."""
+    tmp = _tmp_dir(final, str(os.getpid()))
     try:
         write(tmp)
-        _fsync_tree(tmp)
-        os.rename(tmp, final)
-        _fsync_path(final.parent)  # make the rename itself durable
+        _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -371,16 +291,10 @@ def snapshot(
     scheduler's resume state; both must hold plain values / tensors only. ``rng_states`` defaults to this
     process's (:func:`gather_rng_states` for all ranks)."""
     copy = copy or (lambda obj: obj)
-    rng = list(rng_states) if rng_states is not None else [capture_rng_state()]
-    trainer_state = {
-        "format_version": FORMAT_VERSION,
-        "step": int(step),
-        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-        "rng": rng,
-        "data": dict(data_state) if data_state is not None else None,
-        "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
-        "optimizer_format": "fqn" if optimizer_state is not None else "torch",
-    }
+    trainer_state = make_trainer_state(
+        step, lr_scheduler, data_state, scheduler_state, rng_states,
+        optimizer_format="fqn" if optimizer_state is not None else "torch",
+    )  # fmt: skip
     metadata = None
     if is_lora(model):  # the adapter only: the base is model.student_path, unchanged
         adapter = model_state if model_state is not None else adapter_state_dict(model)
@@ -405,6 +319,73 @@ def snapshot(
     return Snapshot(int(step), name, copy(weights), metadata, copy(optim), copy(trainer_state), config_yaml)
 
 
+def make_trainer_state(
+    step: int,
+    lr_scheduler=None,
+    data_state: Mapping[str, Any] | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    rng_states: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    *,
+    optimizer_format: str,
+) -> dict[str, Any]:
+    """``trainer_state.pt``'s content (both layouts): plain values and tensors only. ``optimizer_format``:
+    ``torch`` (keyed by parameter index), ``fqn`` (by name) or ``dcp`` (the optimizer is in ``dcp/``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "rng": list(rng_states) if rng_states is not None else [capture_rng_state()],
+        "data": dict(data_state) if data_state is not None else None,
+        "scheduler": dict(scheduler_state) if scheduler_state is not None else None,
+        "optimizer_format": optimizer_format,
+    }
+
+
+def _write_small_files(tmp: Path, trainer_state: dict, config_yaml: str, step: int, **meta: Any) -> None:
+    """``trainer_state.pt``, ``config.yaml``, then ``meta.json`` (last: marks the content complete)."""
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    files = sorted(p.name for p in tmp.iterdir())
+    meta = {"format_version": FORMAT_VERSION, **meta, "step": step, "files": files, "time": time.time()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _prune(output_dir: str | os.PathLike, keep_last: int) -> None:
+    for _, old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def sharded_tmp(output_dir: str | os.PathLike, step: int) -> Path:
+    """The temporary folder every rank of a sharded save writes into (the same name on every rank)."""
+    return checkpoint_root(output_dir) / f"{_TMP_PREFIX}step_{step:06d}-dcp"
+
+
+def begin_sharded(output_dir: str | os.PathLike, step: int) -> Path:
+    """Rank 0, before a sharded save: sweep dead temporary folders, create :func:`sharded_tmp`."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
+    return _tmp_dir(root / f"step_{step:06d}", "dcp")
+
+
+def finish_sharded(
+    output_dir: str | os.PathLike, step: int, trainer_state: dict, config_yaml: str, *, lora: bool,
+    keep_last: int,
+) -> Path:  # fmt: skip
+    """Rank 0, once every rank's shards are in :func:`sharded_tmp`: the small files, then the atomic
+    commit and the pruning; on failure the temporary folder is removed (no checkpoint)."""
+    tmp = sharded_tmp(output_dir, step)
+    final = checkpoint_root(output_dir) / f"step_{step:06d}"
+    try:
+        _write_small_files(tmp, trainer_state, config_yaml, step, layout="dcp", lora=lora)
+        _commit(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(output_dir, keep_last)
+    return final
+
+
 def write_snapshot(output_dir: str | os.PathLike, state: Snapshot, *, keep_last: int = 2) -> Path:
     """Write ``state`` as ``OUTPUT_DIR/checkpoints/step_{step:06d}`` (atomically: a temporary folder,
     fsynced, renamed), then delete all but the newest ``keep_last`` complete checkpoints."""
@@ -420,114 +401,12 @@ def write_snapshot(output_dir: str | os.PathLike, state: Snapshot, *, keep_last:
         save_file(state.weights, str(tmp / state.weights_file), metadata=state.weights_metadata)
         if state.optimizer is not None:
             torch.save(state.optimizer, tmp / "optimizer.pt")
-        torch.save(state.trainer_state, tmp / "trainer_state.pt")
-        (tmp / "config.yaml").write_text(state.config_yaml)
-        files = sorted(p.name for p in tmp.iterdir())
-        meta = {"format_version": FORMAT_VERSION, "step": state.step, "files": files, "time": time.time()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the content complete
+        lora = state.weights_file == _ADAPTER_FILE
+        _write_small_files(tmp, state.trainer_state, state.config_yaml, state.step, layout="files", lora=lora)
 
     path = _atomic_dir(root / f"step_{state.step:06d}", write)
-    for _, old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    _prune(output_dir, keep_last)
     return path
-
-
-# ----------------------------------------------------------------------------------------------- load
-
-
-@dataclass
-class LoadedCheckpoint:
-    path: Path
-    step: int  # optimizer steps done when it was saved
-    data_state: dict | None
-    scheduler_state: dict | None
-    config_yaml: str
-    rng_states: list[dict[str, torch.Tensor]]
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    lr_scheduler=None,
-    rank: int = 0,
-    restore_rng: bool = True,
-) -> LoadedCheckpoint:
-    """Load a checkpoint from :func:`save_checkpoint` into ``model`` (strictly: names and shapes must
-    match), ``optimizer`` and ``lr_scheduler`` when given; restore this rank's RNG states (rank ``r``
-    takes the saved rank ``r``'s, so with a different world size only ranks that existed are restored).
-    Every trainer rank calls it. Returns the step, data position, scheduler state and config."""
-    path = Path(path)
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {meta.get('format_version')}, this gkd reads {FORMAT_VERSION}"
-        )
-    sharded = is_sharded(model)
-    saved_lora = (path / _ADAPTER_FILE).is_file()
-    if saved_lora != is_lora(model):
-        raise CheckpointError(
-            f"{path} holds "
-            + ("a LoRA adapter (adapter.safetensors)" if saved_lora else "a full student (model.safetensors)")
-            + f" but this run's student is {'a LoRA' if is_lora(model) else 'a full'} model: resume it with "
-            f"model.lora.enabled={str(saved_lora).lower()} (and the same model.lora settings)"
-        )
-    if saved_lora:
-        _load_adapter(model, path, sharded)
-    elif sharded:  # every rank reads the full tensors and keeps its shards
-        _load_sharded_model(model, path / "model.safetensors")
-    else:
-        missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}/model.safetensors does not match the model: missing {sorted(missing)[:10]}, "
-                f"unexpected {sorted(unexpected)[:10]} (a different student?)"
-            )
-    state = _torch_load(path / "trainer_state.pt")
-    if optimizer is not None:
-        _load_optimizer(model, optimizer, _torch_load(path / "optimizer.pt"), state, sharded, path)
-    if lr_scheduler is not None:
-        if state["lr_scheduler"] is None:
-            raise CheckpointError(f"{path}: saved without an LR scheduler state")
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-    rng = list(state["rng"])
-    if restore_rng and rank < len(rng):
-        restore_rng_state(rng[rank])
-    config_file = path / "config.yaml"
-    return LoadedCheckpoint(
-        path=path,
-        step=int(state["step"]),
-        data_state=state["data"],
-        scheduler_state=state["scheduler"],
-        config_yaml=config_file.read_text() if config_file.is_file() else "",
-        rng_states=rng,
-    )
-
-
-def _load_optimizer(model, optimizer, saved: dict, trainer_state: dict, sharded: bool, path: Path) -> None:
-    fmt = trainer_state.get("optimizer_format", "torch")
-    if fmt == "torch" and not sharded:
-        optimizer.load_state_dict(saved)
-        return
-    if fmt != "fqn":
-        raise CheckpointError(
-            f"{path}: the optimizer state was saved by an unsharded (ddp) run, this run is sharded (fsdp2); "
-            "resume it with trainer.strategy=ddp"
-        )
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -582,3 +461,7 @@ def _replace_dir(final: Path, write) -> Path:
     _fsync_path(final.parent)
     shutil.rmtree(old)
     return final
+
+
+# the loading half lives in its own module (it needs the names above)
+from gkd.checkpoint_load import LoadedCheckpoint, load_checkpoint, read_meta  # noqa: E402
