@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_model
 from torch import nn
 
-from gkd.checkpoint import _ADAPTER_FILE, _READABLE, CheckpointError, _tied_names, _unwrap
+from gkd.checkpoint import _ADAPTER_FILE, _READABLE, CheckpointError, _tied_names, _unwrap, is_sharded
 from gkd.checkpoint_rng import restore_rng_state
 from gkd.lora import is_lora
 
