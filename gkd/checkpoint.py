@@ -419,35 +419,33 @@ def export_hf(
     *,
     state: Mapping[str, torch.Tensor] | None = None,
     adapter_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Save the student as a Hugging Face folder (safetensors weights + config + tokenizer), atomically;
-    an existing folder at ``path`` is replaced only after the new one is complete. A sharded model passes
-    its full ``state`` (from :func:`full_state_dicts`, gathered on every rank).
+    """Save the student as a Hugging Face folder (safetensors weights in ``dtype``, default the
+    parameters'; config; tokenizer), atomically; an existing folder at ``path`` is replaced only after the
+    new one is complete. A sharded model passes its full ``state`` (from :func:`full_state_dicts`).
 
     A LoRA student: ``path`` gets the base model with every adapter merged (``W + scale * B @ A``, what
     the rollout engines ran; loads with ``AutoModelForCausalLM``), and ``adapter_path`` (default: next
     to it, ``<name>_adapter``) peft's adapter folder (``PeftModel.from_pretrained(base, adapter_path)``)."""
+    from gkd.export import export_state
+
     final = Path(path)
-    hf = _unwrap(model)
-    if not is_lora(model):
-        return _replace_dir(final, lambda tmp: _save_hf(hf, tokenizer, tmp, state))
+    hf = base = _unwrap(model)
     full = dict(state) if state is not None else hf.state_dict()
-    merged = merged_state_dict(hf, full)
-    adapter = {k: v for k, v in full.items() if k in {n for n, p in hf.named_parameters() if p.requires_grad}}
+    if is_lora(model):
+        trainable = {n for n, p in hf.named_parameters() if p.requires_grad}
+        adapter = {k: v for k, v in full.items() if k in trainable}
 
-    def write_adapter(tmp: Path) -> None:
-        hf.save_pretrained(str(tmp), state_dict=adapter, save_embedding_layers=False)
+        def write_adapter(tmp: Path) -> None:
+            hf.save_pretrained(str(tmp), state_dict=adapter, save_embedding_layers=False)
 
-    _replace_dir(
-        Path(adapter_path) if adapter_path else final.parent / f"{final.name}_adapter", write_adapter
-    )
-    return _replace_dir(final, lambda tmp: _save_hf(hf.get_base_model(), tokenizer, tmp, merged))
-
-
-def _save_hf(hf: nn.Module, tokenizer, tmp: Path, state: Mapping[str, torch.Tensor] | None) -> None:
-    hf.save_pretrained(str(tmp), state_dict=dict(state) if state is not None else None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+        _replace_dir(
+            Path(adapter_path) if adapter_path else final.parent / f"{final.name}_adapter", write_adapter
+        )
+        full, base = merged_state_dict(hf, full), hf.get_base_model()
+    dtype = dtype or next(base.parameters()).dtype
+    return export_state(base, full, final, dtype=dtype, tokenizer=tokenizer, skip=list(_tied_names(base)))
 
 
 def _replace_dir(final: Path, write) -> Path:

@@ -12,15 +12,19 @@ folder, fsync, rename, then pruning to ``keep_last``). Training goes on while th
 - The end of training and every exit path wait for the pending write (:meth:`~CheckpointWriter.close`).
 
 With ``background=False`` it is :func:`~gkd.checkpoint.save_checkpoint`: the files are written before
-``save`` returns, from the live tensors. Sharded (FSDP2) students are gathered into full CPU state dicts
-by every rank first (a collective, on the critical path either way); rank 0 then copies and writes them
-like any other state.
+``save`` returns, from the live tensors.
+
+Sharded (FSDP2) students: :meth:`~CheckpointWriter.save_sharded`, called by every rank, writes each
+rank's shards with ``torch.distributed.checkpoint`` (``dcp.async_save`` in the background: each rank copies
+only its own shards to host memory); rank 0's thread commits once every rank's shards are written. Every
+rank then has a pending write that its next save, ``wait`` or ``close`` collects.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +33,16 @@ from typing import Any
 
 import torch
 
-from gkd.checkpoint import CheckpointError, Snapshot, checkpoint_root, snapshot, write_snapshot
+from gkd.checkpoint import (
+    CheckpointError,
+    Snapshot,
+    begin_sharded,
+    checkpoint_root,
+    finish_sharded,
+    sharded_tmp,
+    snapshot,
+    write_snapshot,
+)
 
 log = logging.getLogger("gkd.checkpoint")
 
@@ -99,6 +112,65 @@ class CheckpointWriter:
         )
         self._pending = self._pool.submit(self._write, output_dir, state, keep_last)
         self._pending_path = path
+        return path
+
+    def save_sharded(
+        self,
+        output_dir: str | os.PathLike,
+        step: int,
+        *,
+        model,
+        optimizer=None,
+        frozen: bool = True,
+        keep_last: int = 2,
+        rank0: dict[str, Any] | None = None,
+    ) -> Path:
+        """Every rank: write its shards of ``model`` / ``optimizer`` (``frozen=False``: trainable tensors
+        only, a LoRA adapter) into step ``step``'s checkpoint. ``rank0`` (rank 0 only, None elsewhere):
+        ``trainer_state`` (:func:`gkd.checkpoint.make_trainer_state`) and ``config_yaml``; rank 0 commits."""
+        import torch.distributed as dist
+
+        from gkd.checkpoint_sharded import checkpoint_group, save_sharded_state
+
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be >= 1")
+        self.wait()
+        path = checkpoint_root(output_dir) / f"step_{int(step):06d}"
+        tmp, failure = sharded_tmp(output_dir, step), None
+        if rank0 is not None:
+            try:
+                begin_sharded(output_dir, step)
+            except (CheckpointError, OSError) as e:
+                failure = e
+        ok = torch.tensor([int(failure is None)])
+        dist.broadcast(ok, 0, group=checkpoint_group())  # also the barrier: the folder exists for everyone
+        if not ok.item():
+            why = failure or "see rank 0's log"
+            raise CheckpointError(f"{path}: rank 0 could not start the checkpoint ({why})")
+        t0 = time.perf_counter()
+        upload = save_sharded_state(tmp, model, optimizer, frozen=frozen, background=self.background)
+        if self.background:
+            log.info("checkpoint %s: shards copied to host memory in %.2fs; writing in the background",
+                     path.name, time.perf_counter() - t0)  # fmt: skip
+        if rank0 is None:
+            self._pending, self._pending_path = upload, path
+            if not self.background:
+                self.wait()
+            return path
+
+        def commit() -> Path:
+            try:
+                upload.result()
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return finish_sharded(output_dir, step, rank0["trainer_state"], rank0["config_yaml"],
+                                  lora=not frozen, keep_last=keep_last)  # fmt: skip
+
+        if self._pool is None:
+            commit()
+            return path
+        self._pending, self._pending_path = self._pool.submit(commit), path
         return path
 
     @staticmethod

@@ -22,6 +22,7 @@ _GROUPS = {
     "teacher": ("gkd.teacher.service", "add_teacher_cli"),  # gkd teacher serve|join|ping
     "rollout": ("gkd.rollout.service", "add_rollout_cli"),  # gkd rollout serve|join
     "timeline": ("gkd.timeline", "add_timeline_cli"),  # gkd timeline RUN_DIR -o PNG
+    "export": ("gkd.export", "add_export_cli"),  # gkd export CHECKPOINT OUT [--dtype D]
     "train": ("gkd.launch", "add_train_cli"),  # gkd train --config X.yaml [k=v ...]
     "demo": ("gkd.demo.run", "add_demo_cli"),  # gkd demo [--tiny] [--steps N ...]
 }

@@ -171,6 +171,9 @@ class TrainerConfig:
     async_save: bool = True
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | PATH to a checkpoint
     output_dir: str = "runs/gkd"
+    # dtype of the final Hugging Face export (output_dir/final; `gkd export` takes it as its default): auto =
+    # the dtype the student's own config.json names (bf16 for a bf16 hub model, not the fp32 master weights)
+    export_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
     strategy: str = _choice("ddp", "ddp", "fsdp2")
     seed: int = 0
     # single-GPU smoke runs only: trainer, rollout and teacher may share GPUs (the weight channel then
