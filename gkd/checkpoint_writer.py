@@ -39,6 +39,7 @@ from gkd.checkpoint import (
     begin_sharded,
     checkpoint_root,
     finish_sharded,
+    make_trainer_state,
     sharded_tmp,
     snapshot,
     write_snapshot,
@@ -126,8 +127,9 @@ class CheckpointWriter:
         rank0: dict[str, Any] | None = None,
     ) -> Path:
         """Every rank: write its shards of ``model`` / ``optimizer`` (``frozen=False``: trainable tensors
-        only, a LoRA adapter) into step ``step``'s checkpoint. ``rank0`` (rank 0 only, None elsewhere):
-        ``trainer_state`` (:func:`gkd.checkpoint.make_trainer_state`) and ``config_yaml``; rank 0 commits."""
+        only, a LoRA adapter) into step ``step``'s checkpoint. ``rank0`` (rank 0 only, None elsewhere): the
+        small state, as :meth:`save` takes it (``lr_scheduler``, ``data_state``, ``scheduler_state``,
+        ``rng_states``, ``config_yaml``); rank 0 writes it and commits."""
         import torch.distributed as dist
 
         from gkd.checkpoint_sharded import checkpoint_group, save_sharded_state
@@ -137,7 +139,10 @@ class CheckpointWriter:
         self.wait()
         path = checkpoint_root(output_dir) / f"step_{int(step):06d}"
         tmp, failure = sharded_tmp(output_dir, step), None
-        if rank0 is not None:
+        if rank0 is not None:  # taken now: the live objects change once this returns
+            rank0 = dict(rank0)
+            config_yaml = rank0.pop("config_yaml", "")
+            trainer_state = make_trainer_state(step, **rank0, optimizer_format="dcp")
             try:
                 begin_sharded(output_dir, step)
             except (CheckpointError, OSError) as e:
@@ -164,8 +169,8 @@ class CheckpointWriter:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            return finish_sharded(output_dir, step, rank0["trainer_state"], rank0["config_yaml"],
-                                  lora=not frozen, keep_last=keep_last)  # fmt: skip
+            return finish_sharded(output_dir, step, trainer_state, config_yaml, lora=not frozen,
+                                  keep_last=keep_last)  # fmt: skip
 
         if self._pool is None:
             commit()

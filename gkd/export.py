@@ -31,7 +31,7 @@ from gkd.dtypes import DTYPE_NAMES, torch_dtype
 
 log = logging.getLogger("gkd.export")
 
-__all__ = ["add_export_cli", "export_checkpoint", "student_dtype", "write_hf_folder"]
+__all__ = ["add_export_cli", "export_checkpoint", "export_dtype", "student_dtype", "write_hf_folder"]
 
 MAX_SHARD_BYTES = 2 << 30
 READ_BYTES = 1 << 30  # the dcp layout: tensors read per dcp.load call
@@ -49,6 +49,14 @@ def student_dtype(student_path: str | os.PathLike, fallback: str = "float32") ->
         config = {}
     name = config.get("dtype") or config.get("torch_dtype")
     return torch_dtype(name if name in DTYPE_NAMES else fallback)
+
+
+def export_dtype(cfg) -> torch.dtype:
+    """``trainer.export_dtype`` of a run's config (``auto``: the student's own, else model.param_dtype)."""
+    name = cfg.trainer.export_dtype
+    return (
+        student_dtype(cfg.model.student_path, cfg.model.param_dtype) if name == "auto" else torch_dtype(name)
+    )
 
 
 def _plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -201,7 +209,7 @@ def export_checkpoint(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     student: str | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
@@ -213,8 +221,12 @@ def export_checkpoint(
     path = Path(checkpoint)
     meta = read_meta(path)
     cfg, folder = _checkpoint_config(path, student)
-    name = dtype or cfg.trainer.export_dtype
-    target = student_dtype(folder, cfg.model.param_dtype) if name == "auto" else torch_dtype(name, "--dtype")
+    if isinstance(dtype, torch.dtype):
+        target = dtype
+    else:
+        cfg.trainer.export_dtype = dtype or cfg.trainer.export_dtype
+        cfg.model.student_path = folder
+        target = export_dtype(cfg)
     tokenizer, generation = _tokenizer(folder), _generation_config(folder)
     if meta["lora"]:
         return _export_lora(path, out, cfg, folder, target, tokenizer)

@@ -11,10 +11,10 @@ clients, FSDP2) live in ``gkd.trainer_setup``:
 
 - ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; rank r trains on samples r, r + W, ...
   and every rank calls ``train_step`` (gradients averaged by DDP, loss normalised by the global token count);
-- ``SAVE``: every rank's RNG state (and, sharded, the full model and optimizer state) is gathered; rank 0
-  writes the checkpoint;
+- ``SAVE``: every rank's RNG state is gathered; rank 0 writes the checkpoint (sharded: every rank writes its
+  shards with torch.distributed.checkpoint, rank 0 commits);
 - ``SYNC`` (FSDP2 only): every rank helps gather the weight shards rank 0 sends to the rollout engines;
-- ``EXPORT`` (FSDP2 only): the full state is gathered for the final Hugging Face folder;
+- ``EXPORT`` (FSDP2 LoRA only): the full state is gathered for the final Hugging Face folder;
 - ``EVAL`` (FSDP2 only): the validation answers are broadcast and every rank computes the loss on all of them
   (no gradient; the sharded forward needs every rank);
 - ``STOP``: the run is over (done, or failed on rank 0).
@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from gkd.checkpoint import (
     CheckpointError,
+    checkpoint_root,
     export_hf,
     full_state_dicts,
     gather_rng_states,
@@ -54,6 +55,7 @@ from gkd.checkpoint import (
 )
 from gkd.checkpoint_writer import CheckpointWriter
 from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
+from gkd.export import export_checkpoint, export_dtype
 from gkd.lora import weight_source
 from gkd.metrics import (
     MetricsLogger,
@@ -269,29 +271,20 @@ class Trainer:
         return eval_loss(self.model if self.sharded else unwrap(self.model), micro, self.cfg, self.device)
 
     def checkpoint(self, done: int, sched_state: SchedulerState) -> None:
-        """Every rank gives its RNG state (and, sharded, its shards); rank 0 writes step ``done``."""
-        rngs = gather_rng_states()
-        model_state, optimizer_state = None, None
-        if self.sharded:
-            model_state, optimizer_state = full_state_dicts(self.model, self.optimizer, frozen=not self.lora)
+        """Every rank gives its RNG state; rank 0 writes step ``done`` (sharded: every rank its shards)."""
+        rngs, keep, small, b = gather_rng_states(), self.cfg.trainer.keep_last, None, sched_state.next_batch
         if self.rank == 0:
-            assert self.loader is not None
-            path = self.saver.save(
-                self.out,
-                done,
-                model=self.model,
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
-                data_state=self.loader.state_dict_at(sched_state.next_batch),
-                scheduler_state={"next_batch": sched_state.next_batch, "version": sched_state.version},
-                config_yaml=to_yaml(self.cfg),
-                rng_states=rngs,
-                keep_last=self.cfg.trainer.keep_last,
-                model_state=model_state,
-                optimizer_state=optimizer_state,
-            )
-            if not self.saver.background:
-                log.info("checkpoint %s", path)
+            small = dict(lr_scheduler=self.lr_scheduler, rng_states=rngs, config_yaml=to_yaml(self.cfg),
+                         data_state=self.loader.state_dict_at(b),
+                         scheduler_state={"next_batch": b, "version": sched_state.version})  # fmt: skip
+        if self.sharded:  # DCP: each rank its shards, never a full copy
+            path = self.saver.save_sharded(self.out, done, model=self.model, optimizer=self.optimizer,
+                                           frozen=not self.lora, keep_last=keep, rank0=small)  # fmt: skip
+        elif small is not None:
+            path = self.saver.save(self.out, done, model=self.model, optimizer=self.optimizer, keep_last=keep,
+                                   **small)  # fmt: skip
+        if self.rank == 0 and not self.saver.background:  # else logged by the writer
+            log.info("checkpoint %s", path)
 
     def follow(self) -> int:
         """Ranks other than 0: obey rank 0's commands until ``STOP``."""
@@ -310,6 +303,7 @@ class Trainer:
         while (command := exchange_command(0, 0, self.device))[0] in obey:
             op, step = command
             obey[op](step)
+        self.saver.close()  # this rank's shards of the last checkpoint are written
         dist.destroy_process_group()
         return 0
 
@@ -508,15 +502,19 @@ class Trainer:
         return self.sent
 
     def export(self) -> None:
-        """The final Hugging Face folder (FSDP2: every rank helps gather the full state)."""
-        final_state = None
-        if self.sharded:
-            with self.others_in_collective():
-                self.tell(OP_EXPORT)
-                final_state = full_state_dicts(self.model)[0]
-        export_hf(self.model, self.tokenizer, self.out / "final", state=final_state)
-        adapter = " (adapter: final_adapter)" if self.lora else ""
-        log.info("final student exported to %s%s", self.out / "final", adapter)
+        """The final Hugging Face folder in ``trainer.export_dtype`` (FSDP2: streamed from the final
+        checkpoint by rank 0 alone; FSDP2 LoRA: every rank helps gather the full state)."""
+        dtype, final, state = export_dtype(self.cfg), self.out / "final", None
+        self.saver.wait()  # a pending final checkpoint is committed
+        if self.sharded and not self.lora and has_checkpoint(self.out, self.total):  # streamed, rank 0 alone
+            export_checkpoint(checkpoint_root(self.out) / f"step_{self.total:06d}", final, dtype=dtype)
+        else:
+            if self.sharded:
+                with self.others_in_collective():
+                    self.tell(OP_EXPORT)
+                    state = full_state_dicts(self.model)[0]
+            export_hf(self.model, self.tokenizer, final, state=state, dtype=dtype)
+        log.info("final student exported to %s%s", final, " (adapter: final_adapter)" if self.lora else "")
         if self.cfg.logging.wandb.enabled and self.cfg.logging.trace:
             from gkd.timeline import draw_timeline
 
