@@ -88,6 +88,7 @@ from gkd.trainer_setup import (  # re-exported: the building blocks' public home
     _auth_hint,
     _init_distributed,
     _load_student,
+    materialize_student,
     _weight_host,
     open_clients,
     open_wandb,
@@ -203,9 +204,10 @@ class Trainer:
         # model folder, prompt files, output folder: one line, before loading
         check_run(cfg, data=self.rank == 0)
         torch.manual_seed(cfg.trainer.seed + self.rank)
-        self.model, self.tokenizer = _load_student(cfg, self.device)
+        self.model, self.tokenizer = _load_student(cfg, self.device, sharded=self.sharded)  # FSDP2: on meta
         if self.sharded:  # before the optimizer: it holds the shards
             self.model = shard_fsdp2(self.model, self.device, torch_dtype(compute_dtype(cfg)))
+            materialize_student(self.model, cfg, self.device)  # rank 0 reads, every rank keeps its shards
         self.startup.mark("student")
         self.setup_data()
         self.startup.mark("data")

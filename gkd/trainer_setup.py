@@ -4,6 +4,7 @@ secrets, W&B, where the weight channel is hosted and on which backend. ``gkd.tra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -54,13 +55,20 @@ def param_dtype(cfg: Config) -> str:
     return cfg.model.param_dtype
 
 
-def _load_student(cfg: Config, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_student(cfg: Config, device: torch.device, *, sharded: bool = False):
+    """(student, tokenizer). ``sharded`` (FSDP2 without LoRA, a folder of safetensors): the parameters are
+    left on the meta device (no memory) for :func:`materialize_student` to fill after ``shard_fsdp2``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = cfg.model.student_path
     if not Path(path).is_dir():
         raise StartupError(f"model.student_path={path}: no such folder (a transformers model folder)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(param_dtype(cfg))).to(device)
+    dtype = torch_dtype(param_dtype(cfg))
+    if sharded and not cfg.model.lora.enabled and _weight_files(path):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.lora.enabled:  # frozen base + adapter in the base's dtype (before sharding / DDP)
@@ -71,6 +79,77 @@ def _load_student(cfg: Config, device: torch.device):
             model = apply_lora(model, cfg.model.lora)
     model.train()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _weight_files(path: str) -> list[Path]:
+    """The safetensors files of a model folder (one file, or the shards an index names)."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+def materialize_student(model: torch.nn.Module, cfg: Config, device: torch.device, read_bytes: int = 1 << 30):
+    """Fill a sharded student built on the meta device by :func:`_load_student`: allocate each rank's
+    shards, recompute the buffers a checkpoint does not hold (rotary ``inv_freq``: transformers'
+    ``_init_weights`` of the modules that own them), and load the weights: rank 0 reads them from the
+    safetensors files a group of at most ``read_bytes`` at a time, and ``set_model_state_dict(...,
+    broadcast_from_rank0=True)`` broadcasts each tensor into every rank's shards. No rank holds more than its
+    shards plus one group. Tied parameters stay one parameter (loaded once, by their first name)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not any(p.is_meta for p in model.parameters()):
+        return
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():  # parameterless modules with buffers: rotary embeddings
+            if not list(module.parameters(recurse=False)) and list(module.buffers(recurse=False)):
+                model._init_weights(module)
+    seen, names, saved = set(), [], set(model.state_dict())
+    for name, p in model.named_parameters():  # first names only: a tied alias is the same parameter
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append((name, p.numel() * p.element_size()))
+    names += [(n, b.numel() * b.element_size()) for n, b in model.named_buffers() if n in saved]
+    dtype = next(model.parameters()).dtype
+    reader = _WeightReader(cfg.model.student_path, dtype) if dist.get_rank() == 0 else None
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    group, used = [], 0
+    for i, (name, nbytes) in enumerate(names):
+        group.append(name)
+        used += nbytes
+        if used >= read_bytes or i == len(names) - 1:
+            set_model_state_dict(model, reader.read(group) if reader else {}, options=options)
+            group, used = [], 0
+    if reader is not None:
+        log.info(
+            "student loaded from %s: %d tensors broadcast into the shards", reader.path, len(reader.done)
+        )
+
+
+class _WeightReader:
+    """Rank 0's view of a student folder's safetensors: tensors by name, cast to ``dtype``."""
+
+    def __init__(self, path: str, dtype: torch.dtype) -> None:
+        from safetensors import safe_open
+
+        self.dtype, self.path = dtype, path
+        self.where: dict[str, object] = {}
+        self.files = [safe_open(str(f), framework="pt") for f in _weight_files(path)]
+        for f in self.files:
+            self.where.update(dict.fromkeys(f.keys(), f))
+        self.done: set[str] = set()
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise StartupError(
+                f"model.student_path={self.path}: its safetensors lack {missing[:3]} (other parameter "
+                "names?); load it once with transformers and save_pretrained it"
+            )
+        self.done.update(names)
+        return {n: self.where[n].get_tensor(n).to(self.dtype) for n in names}
 
 
 def _auth_hint(service: str, secret_file: str | None) -> str:
