@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -181,7 +182,9 @@ def _dcp_tensors(path: Path) -> tuple[list[tuple[str, torch.Size]], Callable[[],
             state = {
                 f"model.{n}": torch.empty(entries[n].size, dtype=entries[n].properties.dtype) for n in group
             }
-            dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
             for n in group:
                 yield n, state.pop(f"model.{n}")
 
