@@ -205,3 +205,61 @@ def test_export_of_a_sharded_checkpoint_gives_the_trained_logits(runs, tmp_path)
     assert half.dtype == torch.bfloat16
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     torch.testing.assert_close(half(input_ids=ids).logits.float(), want, rtol=0.1, atol=0.1)
+
+
+# ------------------------------------------------------------------------------ meta-device student load
+
+
+def _save_student(folder: Path, tie: bool) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama(3, tie=tie).save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(67)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0"
+    )
+    tok.save_pretrained(folder)
+
+
+def _meta_load(rank: int, port: int, out: str) -> None:
+    """The meta-device load (rank 0 reads, a few tensors per broadcast group) against the normal load."""
+    from gkd.trainer_setup import _load_student, materialize_student
+
+    torch.set_num_threads(1)
+    cpu, ids, res = torch.device("cpu"), torch.tensor([[1, 5, 9, 2, 7, 3]]), {}
+    with gloo_group(rank, port, 2, timeout_s=120):
+        for name in ("tied", "untied"):
+            cfg = Config()
+            cfg.model.student_path, cfg.trainer.strategy = f"{out}/{name}", "fsdp2"
+            meta = _load_student(cfg, cpu, sharded=True)[0]
+            assert all(p.is_meta for p in meta.parameters())
+            meta = shard_fsdp2(meta, cpu)
+            materialize_student(meta, cfg, cpu, read_bytes=4096)  # several groups
+            normal = shard_fsdp2(_load_student(cfg, cpu)[0], cpu)
+            got = {"tied": meta.lm_head.weight is meta.model.embed_tokens.weight}
+            for label, model in (("meta", meta), ("normal", normal)):
+                model.eval()
+                got[label] = {
+                    "logits": model(input_ids=ids).logits.detach(),
+                    "state": full_state_dicts(model)[0],
+                    "inv_freq": model.model.rotary_emb.inv_freq.clone(),
+                }
+            res[name] = got
+    if rank == 0:
+        torch.save(res, f"{out}/meta.pt")
+
+
+def test_meta_device_load_equals_the_normal_load(tmp_path):
+    for name in ("tied", "untied"):
+        _save_student(tmp_path / name, tie=name == "tied")
+    run_ranks(_meta_load, free_port(), str(tmp_path), nprocs=2, timeout_s=300)
+    res = torch.load(tmp_path / "meta.pt", weights_only=True)
+    for name in ("tied", "untied"):
+        got, want = res[name]["meta"], res[name]["normal"]
+        assert res[name]["tied"] == (name == "tied")
+        assert set(got["state"]) == set(want["state"])
+        for key, value in want["state"].items():
+            assert torch.equal(got["state"][key], value), (name, key)
+        assert torch.equal(got["inv_freq"], want["inv_freq"]) and bool(got["inv_freq"].ne(0).all())
+        torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=0)
