@@ -146,17 +146,23 @@ def export_state(
 
 
 def _files_tensors(path: Path) -> tuple[list[tuple[str, torch.Size]], Callable[[], Iterator]]:
+    """The tensors of ``model.safetensors``, read one at a time; a tied name the file stores once (its
+    header metadata maps the dropped name to the kept one) is listed under both names."""
     from safetensors import safe_open
 
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        shapes = [(k, torch.Size(f.get_slice(k).get_shape())) for k in f.keys()]  # noqa: SIM118
+    file = str(path / "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        keys = list(f.keys())
+        shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in keys}
+        aliases = {a: k for a, k in (f.metadata() or {}).items() if k in shapes and a not in shapes}
+    listed = [*((k, shapes[k]) for k in keys), *((a, shapes[k]) for a, k in aliases.items())]
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            for name, _ in shapes:
-                yield name, f.get_tensor(name)
+        with safe_open(file, framework="pt") as f:
+            for name, _ in listed:
+                yield name, f.get_tensor(aliases.get(name, name))
 
-    return shapes, read
+    return listed, read
 
 
 def _dcp_tensors(path: Path) -> tuple[list[tuple[str, torch.Size]], Callable[[], Iterator]]:
@@ -297,11 +303,18 @@ def add_export_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gkd.checkpoint import resolve_resume
+    from gkd.checkpoint import checkpoint_root, latest
     from gkd.preflight import InputError
 
+    path = Path(args.checkpoint)
+    if not (path / "meta.json").is_file():
+        if (newest := latest(path)) is None:
+            raise InputError(
+                f"{path}: not a checkpoint (no meta.json) and no complete checkpoint under "
+                f"{checkpoint_root(path)}; pass a step_* folder or a run's output_dir"
+            )
+        path = newest
     try:
-        path = resolve_resume(args.checkpoint, args.checkpoint)
         print(export_checkpoint(path, args.out, dtype=args.dtype, student=args.student))
     except (CheckpointError, ExportError) as e:
         raise InputError(str(e)) from e
