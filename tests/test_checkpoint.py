@@ -377,3 +377,24 @@ def test_host_copy_reuses_its_buffers_and_never_aliases():
     assert second["w"] is first["w"] and second["w"][0, 0] == 1  # the same buffer, refilled
     assert copy({"w": torch.zeros(4)})["w"] is not first["w"]  # another shape: a new buffer
     assert copy.nbytes == 4 * 4
+
+
+def test_format_1_checkpoints_still_load_and_newer_ones_are_refused_in_one_line(tmp_path):
+    import json
+
+    model, opt, sched = _fresh()
+    path = _save(tmp_path, 1, model, opt, sched)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format_version"] == 2 and meta["layout"] == "files" and meta["lora"] is False
+    del meta["layout"], meta["lora"]
+    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))  # what gkd 1 wrote
+    fresh, fresh_opt, fresh_sched = _fresh(seed=4)
+    assert load_checkpoint(path, model=fresh, optimizer=fresh_opt, lr_scheduler=fresh_sched).step == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
+    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(CheckpointError, match=r"format 3, this gkd reads formats 1, 2: use the gkd") as e:
+        load_checkpoint(path, model=fresh)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot be read .* the checkpoint is damaged"):
+        load_checkpoint(path, model=fresh)
