@@ -27,6 +27,8 @@ shards; a DDP optimizer state (keyed by parameter index) is converted to paramet
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "load_dcp",
     "load_full_into_sharded",
     "named_optimizer_state",
+    "one_process_quiet",
     "save_sharded_state",
     "sharded_state",
 ]
@@ -61,6 +64,14 @@ def checkpoint_group():
         _GROUP.clear()
         _GROUP[key] = dist.new_group(backend="gloo")
     return _GROUP[key]
+
+
+@contextlib.contextmanager
+def one_process_quiet():
+    """Without a process group ``dcp.load`` warns that it assumes one process: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def _options(frozen: bool, **extra):
@@ -112,7 +123,8 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
 
     state = sharded_state(model, optimizer, frozen=frozen)
     try:
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR), process_group=checkpoint_group())
+        with one_process_quiet():
+            dcp.load(state, checkpoint_id=str(path / DCP_DIR), process_group=checkpoint_group())
     except Exception as e:  # a key or shape the checkpoint lacks (DCP raises CheckpointException / KeyError)
         raise CheckpointError(
             f"{path}/{DCP_DIR} does not match this run's student or optimizer (a different model, "

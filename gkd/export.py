@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -171,7 +170,7 @@ def _dcp_tensors(path: Path) -> tuple[list[tuple[str, torch.Size]], Callable[[],
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from gkd.checkpoint_sharded import DCP_DIR
+    from gkd.checkpoint_sharded import DCP_DIR, one_process_quiet
 
     folder = str(path / DCP_DIR)
     meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
@@ -188,8 +187,7 @@ def _dcp_tensors(path: Path) -> tuple[list[tuple[str, torch.Size]], Callable[[],
             state = {
                 f"model.{n}": torch.empty(entries[n].size, dtype=entries[n].properties.dtype) for n in group
             }
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            with one_process_quiet():
                 dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
             for n in group:
                 yield n, state.pop(f"model.{n}")
