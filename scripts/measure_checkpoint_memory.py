@@ -17,8 +17,10 @@ the figures.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -89,7 +91,8 @@ def _save(cfg, model, opt, sharded: bool) -> None:
 
     writer = CheckpointWriter(background=True)
     if sharded:
-        small = dict(rng_states=gather_rng_states(), config_yaml="") if dist.get_rank() == 0 else None
+        rngs = gather_rng_states()  # a collective
+        small = dict(rng_states=rngs, config_yaml="") if dist.get_rank() == 0 else None
         writer.save_sharded(cfg.trainer.output_dir, 1, model=model, optimizer=opt, rank0=small)
     else:  # format 1: gathered on rank 0, copied to host memory and written there
         weights, optim = full_state_dicts(model, opt)
@@ -99,11 +102,25 @@ def _save(cfg, model, opt, sharded: bool) -> None:
     writer.close()
 
 
+def _warm_up(student: str) -> None:
+    """What every measured path imports or builds once whatever the model size (modules, tokenizer, a
+    meta-device model, FSDP2), so the figures are the model's memory."""
+    import torch.distributed.checkpoint  # noqa: F401
+    from torch.distributed.checkpoint import state_dict  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(student)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student))
+
+
 def _rank(rank: int, port: int, what: str, student: str, out: str, result: str) -> None:
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: every thread's stack on stderr
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4,
                             timeout=timedelta(minutes=10))  # fmt: skip
     cfg = _cfg(student, out)
+    _warm_up(student)
     try:
         if what.startswith("load"):
             peak = PeakRSS().start()
