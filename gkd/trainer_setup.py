@@ -94,9 +94,10 @@ def materialize_student(model: torch.nn.Module, cfg: Config, device: torch.devic
     """Fill a sharded student built on the meta device by :func:`_load_student`: allocate each rank's
     shards, recompute the buffers a checkpoint does not hold (rotary ``inv_freq``: transformers'
     ``_init_weights`` of the modules that own them), and load the weights: rank 0 reads them from the
-    safetensors files a group of at most ``read_bytes`` at a time, and ``set_model_state_dict(...,
-    broadcast_from_rank0=True)`` broadcasts each tensor into every rank's shards. No rank holds more than its
-    shards plus one group. Tied parameters stay one parameter (loaded once, by their first name)."""
+    safetensors files a group at a time (at most ``read_bytes``, and at most 1/(2 x world) of the model), and
+    ``set_model_state_dict(..., broadcast_from_rank0=True)`` broadcasts each tensor into every rank's
+    shards. Rank 0 holds its shards plus one group, the others their shards plus the tensor being
+    broadcast. Tied parameters stay one parameter (loaded once, by their first name)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not any(p.is_meta for p in model.parameters()):
@@ -113,6 +114,7 @@ def materialize_student(model: torch.nn.Module, cfg: Config, device: torch.devic
             names.append((name, p.numel() * p.element_size()))
     names += [(n, b.numel() * b.element_size()) for n, b in model.named_buffers() if n in saved]
     dtype = next(model.parameters()).dtype
+    read_bytes = max(1, min(read_bytes, sum(n for _, n in names) // (2 * dist.get_world_size())))
     reader = _WeightReader(cfg.model.student_path, dtype) if dist.get_rank() == 0 else None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     group, used = [], 0

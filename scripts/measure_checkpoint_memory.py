@@ -8,7 +8,7 @@ meta-device load (one fresh set of processes per measurement, so freed-but-kept 
   background and waiting for the write: full state dicts gathered to rank 0 (gkd's format 1) against
   every rank writing its DCP shards.
 
-    OMP_NUM_THREADS=1 python scripts/measure_checkpoint_memory.py [--hidden 1024 --layers 8 --vocab 32000]
+    OMP_NUM_THREADS=1 python scripts/measure_checkpoint_memory.py [--hidden 1024 --layers 12 --vocab 8000]
 
 RSS is sampled every 2 ms by a thread of each rank (psutil); one fp32 copy of the model is printed next to
 the figures.
@@ -147,8 +147,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=8000)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from tokenizers import Tokenizer, models
