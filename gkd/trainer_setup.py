@@ -115,23 +115,29 @@ def materialize_student(model: torch.nn.Module, cfg: Config, device: torch.devic
     names += [(n, b.numel() * b.element_size()) for n, b in model.named_buffers() if n in saved]
     dtype = next(model.parameters()).dtype
     read_bytes = max(1, min(read_bytes, sum(n for _, n in names) // (2 * dist.get_world_size())))
-    reader = _WeightReader(cfg.model.student_path, dtype) if dist.get_rank() == 0 else None
+    reader = _WeightReader(cfg.model.student_path, dtype)  # every rank: the names (headers only)
+    missing = [n for n, _ in names if n not in reader.where]
+    if missing:  # on every rank, before any collective
+        raise StartupError(
+            f"model.student_path={reader.path}: its safetensors lack {missing[:3]} (other parameter "
+            "names?); load it once with transformers and save_pretrained it"
+        )
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     group, used = [], 0
     for i, (name, nbytes) in enumerate(names):
         group.append(name)
         used += nbytes
         if used >= read_bytes or i == len(names) - 1:
-            set_model_state_dict(model, reader.read(group) if reader else {}, options=options)
+            set_model_state_dict(model, reader.read(group) if dist.get_rank() == 0 else {}, options=options)
             group, used = [], 0
-    if reader is not None:
+    if dist.get_rank() == 0:
         log.info(
             "student loaded from %s: %d tensors broadcast into the shards", reader.path, len(reader.done)
         )
 
 
 class _WeightReader:
-    """Rank 0's view of a student folder's safetensors: tensors by name, cast to ``dtype``."""
+    """A student folder's safetensors: which file holds each name (headers), tensors cast to ``dtype``."""
 
     def __init__(self, path: str, dtype: torch.dtype) -> None:
         from safetensors import safe_open
@@ -144,12 +150,6 @@ class _WeightReader:
         self.done: set[str] = set()
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        missing = [n for n in names if n not in self.where]
-        if missing:
-            raise StartupError(
-                f"model.student_path={self.path}: its safetensors lack {missing[:3]} (other parameter "
-                "names?); load it once with transformers and save_pretrained it"
-            )
         self.done.update(names)
         return {n: self.where[n].get_tensor(n).to(self.dtype) for n in names}
 

@@ -263,3 +263,21 @@ def test_meta_device_load_equals_the_normal_load(tmp_path):
             assert torch.equal(got["state"][key], value), (name, key)
         assert torch.equal(got["inv_freq"], want["inv_freq"]) and bool(got["inv_freq"].ne(0).all())
         torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=0)
+
+
+def test_meta_device_load_of_a_folder_with_other_names_fails_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gkd.trainer_setup import StartupError, _load_student, materialize_student
+
+    _save_student(tmp_path / "odd", tie=False)
+    weights = load_file(str(tmp_path / "odd" / "model.safetensors"))
+    weights["transformer.norm.weight"] = weights.pop("model.norm.weight")
+    save_file(weights, str(tmp_path / "odd" / "model.safetensors"), metadata={"format": "pt"})
+    cfg = Config()
+    cfg.model.student_path = str(tmp_path / "odd")
+    with gloo_group(0, free_port(), world_size=1):
+        model = shard_fsdp2(_load_student(cfg, torch.device("cpu"), sharded=True)[0], torch.device("cpu"))
+        with pytest.raises(StartupError, match=r"odd: its safetensors lack \['model.norm.weight'\]") as e:
+            materialize_student(model, cfg, torch.device("cpu"))
+    assert "\n" not in str(e.value)
