@@ -137,21 +137,28 @@ def materialize_student(model: torch.nn.Module, cfg: Config, device: torch.devic
 
 
 class _WeightReader:
-    """A student folder's safetensors: which file holds each name (headers), tensors cast to ``dtype``."""
+    """A student folder's safetensors: which file holds each name (headers only), and groups of tensors
+    cast to ``dtype``. Files are opened per group: a mapping kept open would count every page read so far
+    in this process's RSS."""
 
     def __init__(self, path: str, dtype: torch.dtype) -> None:
         from safetensors import safe_open
 
-        self.dtype, self.path = dtype, path
-        self.where: dict[str, object] = {}
-        self.files = [safe_open(str(f), framework="pt") for f in _weight_files(path)]
-        for f in self.files:
-            self.where.update(dict.fromkeys(f.keys(), f))
+        self.dtype, self.path, self.where = dtype, path, {}
+        for file in _weight_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), str(file)))
         self.done: set[str] = set()
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out = {}
+        for file in sorted({self.where[n] for n in names}):
+            with safe_open(file, framework="pt") as f:
+                out.update({n: f.get_tensor(n).to(self.dtype) for n in names if self.where[n] == file})
         self.done.update(names)
-        return {n: self.where[n].get_tensor(n).to(self.dtype) for n in names}
+        return out
 
 
 def _auth_hint(service: str, secret_file: str | None) -> str:
