@@ -261,6 +261,7 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
                     w_acc.add(d.t(), h)
                 if need_b:
                     g_b += d.sum(0, dtype=acc)
+                del d  # before the next chunk's logits
         return (
             g_h,
             None if w_acc is None else w_acc.result().to(weight.dtype),

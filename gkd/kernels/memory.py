@@ -4,9 +4,12 @@ rows derived from it.
 The model counts what a fused call allocates on top of ``hidden``, ``weight`` (and bias), the teacher's
 [N, K] data and the gradients it returns:
 
-- the [rows, V] logits chunk at its peak, ``per_logit_bytes`` per logit: the Triton loss works in place
-  on the compute-dtype chunk (its itemsize); the torch loss adds an fp32 copy of a 16-bit chunk; the
-  token log-prob path holds the fp32 chunk and the two fp32 temporaries of ``torch.logsumexp``;
+- the [rows, V] logits chunk while its loss runs, ``per_logit_bytes`` per logit: the Triton loss works
+  in place on the compute-dtype chunk (its itemsize); the torch loss adds an fp32 copy of a 16-bit
+  chunk; the token log-prob path holds the fp32 chunk and one more fp32 [rows, V] (log-sum-exp's
+  temporary in forward, beside the 16-bit chunk; the softmax in backward); the dlogits are back in the
+  compute dtype (in the chunk's buffer) before the weight gradient takes them, so the two phases do
+  not add up;
 - compute-dtype copies of ``hidden`` / ``weight`` / bias when their dtype differs from it;
 - the weight gradient's accumulator beyond the gradient itself (gkd.kernels.grad_accumulate): none when
   the gradient is in the GEMM dtype or is the fp32 accumulator (fp32 master weights); for 16-bit weights
@@ -58,7 +61,6 @@ class FusedShape:
     bias: bool = False
     cuda: bool = True  # elsewhere the 16-bit weight-gradient products take a 16-bit buffer first
 
-
     @classmethod
     def of(cls, hidden, weight, bias, cdt, path: str) -> FusedShape:
         return cls(
@@ -76,43 +78,59 @@ class FusedShape:
 
 
 def per_logit_bytes(path: str, cdt: torch.dtype) -> int:
-    """Bytes per logit of a chunk at its peak, by loss path (see the module docstring)."""
+    """Bytes per logit of a chunk while its loss runs, by loss path (see the module docstring)."""
     size, acc = _size(cdt), _size(_acc_dtype(cdt))
+    widened = acc if size < acc else 0  # the fp32 copy of a 16-bit chunk
     if path == "topk_triton":
         return size
     if path == "topk_torch":
-        return size + (acc if size < acc else 0)
-    if path == "token_logprobs":
-        return 3 * acc
+        return size + widened
+    if path == "token_logprobs":  # backward: the fp32 logits and their softmax
+        return 2 * acc
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
 
+def _pair(s: FusedShape, chunks: int) -> bool:
+    return s.weight_grad and s.cdt != _acc_dtype(s.cdt) and s.weight_dtype == s.cdt and chunks > 1
+
+
 def fixed_extra_bytes(s: FusedShape, chunks: int) -> int:
-    """The chunk-independent part of the extra peak: input casts and the weight-gradient accumulator."""
+    """What stays allocated across the chunks: input casts and the weight-gradient accumulator's
+    buffers beyond the gradient."""
     size = _size(s.cdt)
     total = 0
     if s.hidden_dtype != s.cdt:
         total += s.n * s.hidden * size
     if s.weight_dtype != s.cdt:
         total += (s.vocab * s.hidden + (s.vocab if s.bias else 0)) * size
-    if s.weight_grad and s.cdt != _acc_dtype(s.cdt):
-        if s.weight_dtype == s.cdt:  # pair accumulator
-            if chunks > 1:
-                block = product_block_rows(s.vocab, s.hidden) * s.hidden * (4 if s.cuda else 4 + size)
-                total += s.vocab * s.hidden * size + block
-        else:
-            if s.weight_dtype != _acc_dtype(s.cdt):  # an fp32 accumulator beside the returned gradient
-                total += s.vocab * s.hidden * 4
-            if not s.cuda:  # no fp32-output GEMM: a [V, H] product buffer
-                total += s.vocab * s.hidden * size
+    if _pair(s, chunks):  # the correction term and the fp32 product block
+        total += s.vocab * s.hidden * size + product_block_rows(s.vocab, s.hidden) * s.hidden * 4
+    elif s.weight_grad and s.cdt != _acc_dtype(s.cdt) and s.weight_dtype != s.cdt:
+        if s.weight_dtype != _acc_dtype(s.cdt):  # an fp32 accumulator beside the returned gradient
+            total += s.vocab * s.hidden * 4
+        if not s.cuda:  # no fp32-output GEMM: a [V, H] product buffer
+            total += s.vocab * s.hidden * size
     return total
 
 
 def extra_peak_bytes(s: FusedShape, rows: int) -> int:
-    """Modelled extra peak of one call in chunks of ``rows`` rows."""
+    """Modelled extra peak of one call in chunks of ``rows`` rows: the fixed part plus the larger of the
+    chunk while its loss runs and the chunk's dlogits while the weight gradient takes them (beside, off
+    CUDA, the 16-bit product block that the pair accumulator widens)."""
     rows = max(1, min(rows, s.n))
     chunks = -(-s.n // rows)
-    return rows * s.vocab * per_logit_bytes(s.path, s.cdt) + fixed_extra_bytes(s, chunks)
+    logits = rows * s.vocab
+    loss = logits * per_logit_bytes(s.path, s.cdt)
+    grad = logits * _size(s.cdt)
+    if _pair(s, chunks) and not s.cuda:
+        grad += product_block_rows(s.vocab, s.hidden) * s.hidden * _size(s.cdt)
+    peak = fixed_extra_bytes(s, chunks) + max(loss, grad)
+    if s.path == "token_logprobs":  # its forward: the chunk, its fp32 copy, log-sum-exp's temporary
+        peak = max(
+            peak,
+            logits * (per_logit_bytes(s.path, s.cdt) + (_size(s.cdt) if s.cdt != _acc_dtype(s.cdt) else 0)),
+        )
+    return peak
 
 
 def balanced_rows(n: int, most: int) -> int:

@@ -18,9 +18,10 @@ def _pair_add_kernel(hi_ptr, lo_ptr, prod_ptr, n, BLOCK: tl.constexpr):
     hi = tl.load(hi_ptr + offs, mask=m, other=0.0)
     s = tl.load(prod_ptr + offs, mask=m, other=0.0) + hi.to(tl.float32)
     s += tl.load(lo_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    new_hi = s.to(hi_ptr.dtype.element_ty)
+    new_hi = s.to(hi_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(hi_ptr + offs, new_hi, mask=m)
-    tl.store(lo_ptr + offs, (s - new_hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=m)
+    lo = (s - new_hi.to(tl.float32)).to(lo_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(lo_ptr + offs, lo, mask=m)
 
 
 def pair_add_triton_(hi: torch.Tensor, lo: torch.Tensor, prod: torch.Tensor) -> None:

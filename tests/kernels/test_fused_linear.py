@@ -7,8 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.kernels import fused_linear, fused_linear_token_logprobs, fused_linear_topk_distill_loss
-from gkd.kernels import grad_accumulate
+from gkd.kernels import (
+    fused_linear,
+    fused_linear_token_logprobs,
+    fused_linear_topk_distill_loss,
+    grad_accumulate,
+)
 from gkd.kernels._common import default_chunk_rows
 from gkd.kernels.memory import FusedShape, fused_chunk_rows
 from gkd.kernels.reference import topk_distill_loss_reference as reference
@@ -140,7 +144,9 @@ def test_chunk_bytes_sets_the_chunks_not_the_result(monkeypatch, backend):
 
     seen = _chunk_rows_seen(monkeypatch)
     default = run()
-    assert seen == [N]  # the default (CPU: about N/8 rows but >= 4M logits; CUDA: 1.375 GiB in all) is one chunk here
+    assert seen == [
+        N
+    ]  # the default (CPU: about N/8 rows but >= 4M logits; CUDA: 1.375 GiB in all) is one chunk here
     seen.clear()
     budget = run(chunk_bytes=V * 4 * 9)  # nine fp32 rows: 41 rows -> 5 balanced chunks of <= 9
     assert seen == [9, 9, 9, 9, 5]
