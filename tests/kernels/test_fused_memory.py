@@ -25,6 +25,7 @@ from tests.kernels.helpers import rand_mask, teacher_topk
 # Liger-Kernel 0.8.5's LigerFusedLinearJSDLoss (beta=0, bf16, N=16384, V=151936): extra peak measured on
 # an H100 at H=1024 and H=2048 (bench/results/gpu_check.json, "liger N=16384 H=... V=151936"); its
 # distillation base runs 1024-row chunks, so the figure does not depend on H.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton paths need CUDA or the interpreter
 LIGER_EXTRA_PEAK = {1024: 1.4480009078979492 * 2**30, 2048: 1.4455595016479492 * 2**30}
 
 
@@ -80,7 +81,8 @@ def _inputs(dtype, weight_dtype):
     hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, generator=g) / H**0.5).to(weight_dtype).requires_grad_()
     ids, lp, _ = teacher_topk(N, V, K, seed=3)
-    return hidden, weight, ids, lp.float(), rand_mask(N, 3)
+    leaves = [t.to(DEVICE).detach().requires_grad_() for t in (hidden, weight)]
+    return *leaves, ids.to(DEVICE), lp.float().to(DEVICE), rand_mask(N, 3).to(DEVICE)
 
 
 def _small_terms(n, k):
@@ -212,9 +214,9 @@ def test_pair_triton_kernel_matches_torch():
 
     g = torch.Generator().manual_seed(9)
     n = BLOCK + 123  # two programs, the second masked
-    hi = torch.randn(n, generator=g).bfloat16()
-    lo = (torch.randn(n, generator=g) * 1e-3).bfloat16()
-    prod = torch.randn(n, generator=g) * 10
+    hi = torch.randn(n, generator=g).bfloat16().to(DEVICE)
+    lo = (torch.randn(n, generator=g) * 1e-3).bfloat16().to(DEVICE)
+    prod = (torch.randn(n, generator=g) * 10).to(DEVICE)
     hi_t, lo_t, prod_t = hi.clone(), lo.clone(), prod.clone()
     exact = prod.double() + hi.double() + lo.double()
     pair_add_triton_(hi_t, lo_t, prod_t)
@@ -224,6 +226,8 @@ def test_pair_triton_kernel_matches_torch():
         assert ((h.double() + lo_.double() - exact).abs() <= exact.abs() * 2**-15).all()
         assert ((h.double() - exact).abs() <= exact.abs() * 2**-7).all()  # within one bf16 ulp
     assert torch.equal(hi, exact.float().bfloat16())  # torch: round to nearest
+    if DEVICE == "cuda":  # a GPU rounds to nearest even as torch does: bit for bit
+        assert torch.equal(hi_t, hi) and torch.equal(lo_t, lo)
     with pytest.raises(ValueError, match="contiguous"):
         pair_add_triton_(hi_t[::2], lo_t[::2], prod_t[::2])
 
@@ -235,10 +239,10 @@ def test_bf16_weights_in_many_chunks_within_2x_one_rounding(backend):
     tests allow."""
     g = torch.Generator().manual_seed(12)
     n, v, h, k = 96, 1271, 64, 7
-    hidden = torch.randn(n, h, generator=g).bfloat16()
-    weight = (torch.randn(v, h, generator=g) / h**0.5).bfloat16()
+    hidden = torch.randn(n, h, generator=g).bfloat16().to(DEVICE)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).bfloat16().to(DEVICE)
     ids, lp, _ = teacher_topk(n, v, k, seed=5)
-    mask = rand_mask(n, 5)
+    ids, lp, mask = ids.to(DEVICE), lp.to(DEVICE), rand_mask(n, 5).to(DEVICE)
 
     def grads(fn, *leaves):
         leaves = [t.clone().requires_grad_() for t in leaves]
