@@ -61,8 +61,9 @@ from gkd.metrics import (
     completion_rows,
     cpu_memory_used_gb,
     max_memory_allocated_gb,
-    measure_peak_tflops,
     metric_names,
+    mfu,
+    resolve_peak_tflops,
     service_throughput,
     training_flops,
 )
@@ -396,9 +397,7 @@ class Trainer:
             )
             self.evaluations = Evaluations(self.validator, cfg.trainer.test_freq, self.total, cfg.val.overlap)
         compute = torch_dtype(compute_dtype(cfg))
-        self.peak = cfg.trainer.peak_tflops or measure_peak_tflops(self.device, compute)
-        log.info("perf/mfu against %.3g TFLOP/s per trainer device (%s)", self.peak,
-                 "trainer.peak_tflops" if cfg.trainer.peak_tflops else "measured")  # fmt: skip
+        self.peak = resolve_peak_tflops(self.device, compute, cfg.trainer.peak_tflops)  # logs its source
         self.sent = self.state.version  # the newest version the rollout engines hold or will hold
 
     def finish_saves(self) -> None:
@@ -447,7 +446,7 @@ class Trainer:
         lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
         flops = training_flops(unwrap(self.model).config, lens, int(metrics["actor/response_tokens"]))
         metrics["perf/model_tflops"] = flops / 1e12
-        metrics["perf/mfu"] = flops / max(seconds, 1e-9) / (self.peak * 1e12 * self.world)
+        metrics["perf/mfu"] = mfu(flops, seconds, self.peak, self.world)
         metrics["actor/num_prompts"] = len(samples) // self.cfg.rollout.n
         metrics.update(service_throughput(samples, outputs))
         every = self.cfg.logging.completions_every
