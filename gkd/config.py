@@ -180,7 +180,8 @@ class TrainerConfig:
     test_freq: int = 0
     val_before_train: bool = False  # also evaluate before the first step (fresh runs; logged as step -1)
     # perf/mfu's denominator: peak dense TFLOP/s of ONE trainer device in the compute dtype (e.g. 989 for
-    # an H100 in bf16); null = measured once at start-up with a GEMM on the trainer's device
+    # an H100 in bf16); null = the datasheet figure for the GPU's name (gkd/peak_flops.py), else measured
+    # once at start-up with a GEMM on the trainer's device
     peak_tflops: float | None = None
 
     @property
@@ -207,7 +208,8 @@ class LossConfig:
     # is weighted by min(pi_current(y) / pi_behaviour(y), is_clip), from the rollout's log-probs
     is_correction: str = _choice("none", "none", "token", "sequence")
     is_clip: float = 2.0
-    # bytes of the fused loss's [rows, vocab] logits chunk (null: 1.25 GiB on CUDA, about N/8 rows on CPU)
+    # bytes of the fused loss's [rows, vocab] logits chunk (null on CUDA: chunks that keep the whole call
+    # within 1.375 GiB of extra memory, gkd/kernels/memory.py; on CPU about N/8 rows)
     chunk_bytes: int | None = None
 
 
