@@ -145,13 +145,16 @@ def balanced_rows(n: int, most: int) -> int:
 
 
 def budget_rows(s: FusedShape, budget: int = DEFAULT_EXTRA_BYTES) -> int:
-    """The largest balanced chunk rows whose modelled extra peak fits ``budget``; at least
-    MIN_CHUNK_ROWS (or N) when the fixed part alone nearly fills it."""
+    """The largest balanced chunk rows whose modelled extra peak fits ``budget`` (the model grows with
+    the rows: a search over them); at least MIN_CHUNK_ROWS (or N) when the fixed part alone nearly
+    fills it."""
     if extra_peak_bytes(s, s.n) <= budget:
         return max(s.n, 1)
-    room = budget - fixed_extra_bytes(s, 2)
-    most = max(MIN_CHUNK_ROWS, room // (max(s.vocab, 1) * per_logit_bytes(s.path, s.cdt)))
-    return balanced_rows(s.n, most)
+    lo, hi = 0, s.n  # extra_peak_bytes(s, hi) > budget; lo rows fit (0: none found yet)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if extra_peak_bytes(s, mid) <= budget else (lo, mid)
+    return balanced_rows(s.n, max(MIN_CHUNK_ROWS, lo))
 
 
 def fused_chunk_rows(

@@ -164,6 +164,12 @@ def test_budget_rows_floor_when_the_fixed_part_fills_the_budget():
     # a huge lm_head: the correction term alone exceeds the budget; chunks stay at MIN_CHUNK_ROWS
     shape = FusedShape(16384, 262144, 8192, bf16, bf16, bf16, "topk_triton")
     assert budget_rows(shape) == 256
+    # every path's default fits the budget, the token log-probs' forward (10 bytes a bf16 logit) included
+    for path in ("topk_triton", "topk_torch", "token_logprobs"):
+        for wdt in (bf16, torch.float32):
+            shape = FusedShape(16384, 151936, 2048, bf16, bf16, wdt, path)
+            rows = budget_rows(shape)
+            assert extra_peak_bytes(shape, rows) <= DEFAULT_EXTRA_BYTES < extra_peak_bytes(shape, 2 * rows)
     # small calls run as one chunk (no correction term then)
     shape = FusedShape(512, 32000, 1024, bf16, bf16, bf16, "topk_triton")
     assert budget_rows(shape) == 512 and fixed_extra_bytes(shape, 1) == 0
