@@ -22,7 +22,8 @@ clients, FSDP2) live in ``gkd.trainer_setup``:
 
 ``trainer.strategy``: ``ddp`` replicates the student on every rank; ``fsdp2`` shards it with
 ``torch.distributed.fsdp.fully_shard`` (each decoder layer, then the root; works with gloo on CPU too), so a
-larger student fits: parameters, gradients and AdamW state are split over the ranks.
+larger student fits: parameters, gradients and AdamW state are split over the ranks (over groups of
+``trainer.fsdp.shard_size`` ranks, replicated across the groups: HSDP, ``gkd.trainer_setup.fsdp_mesh``).
 
 ``model.lora.enabled``: the student is a peft model (``gkd.lora``) whose base is frozen; the same units are
 sharded (FSDP2 shards per parameter, so a unit may mix frozen and trainable tensors: only the trainable ones
@@ -254,8 +255,7 @@ class Trainer:
         return state
 
     def train_on(self, samples, outputs) -> dict[str, float]:
-        """This rank's share of the batch (dealt by length, the same plan on every rank), packed and trained;
-        ``train_step`` pads the ranks to one micro-batch count."""
+        """This rank's share of the batch (dealt by length, the same plan on every rank), packed, trained."""
         budget = self.cfg.data.micro_batch_tokens
         micro = rank_micro_batches(samples, outputs, self.rank, self.world, budget, pad_id=self.pad_id)
         return train_step(self.model, self.optimizer, self.lr_scheduler, micro, self.cfg, device=self.device)
