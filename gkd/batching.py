@@ -179,8 +179,6 @@ def _build(idx: list[int], samples, teachers, k: int, pad_id: int) -> MicroBatch
     )
 
 
-
-
 def pack_micro_batches(
     samples: Sequence[Sample],
     teacher_outputs: Sequence[TeacherOutput],

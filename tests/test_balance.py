@@ -24,10 +24,11 @@ from gkd.batching import (
     sequence_length,
     zero_weight_micro_batch,
 )
-from gkd.checkpoint import full_state_dicts
+from gkd.checkpoint import full_state_dicts, load_checkpoint, save_checkpoint
 from gkd.config import ConfigError, LossConfig, ModelConfig, OptimConfig, load_config
 from gkd.rollout.types import Sample
-from gkd.trainer import Trainer, shard_fsdp2
+from gkd.trainer import StartupError, Trainer, shard_fsdp2
+from gkd.trainer_setup import fsdp_mesh
 from gkd.trainer_step import accumulate_gradients, build_optimizer, loss_on_micro_batch, train_step
 from gkd.weights import _gather_to_root
 from tests.ranks import gloo_group, run_ranks
@@ -80,7 +81,8 @@ def test_partition_is_within_the_lpt_bound_of_the_optimum():
         tight += got == best
     assert tight > 30  # mostly optimal on small random batches
     # the classic worst case of greedy LPT (2 parts): 3,3,2,2,2 -> {3,2,2}, {3,2} = 7 vs the optimum 6
-    assert sorted(sum([3, 3, 2, 2, 2][i] for i in p) for p in balanced_partition([3, 3, 2, 2, 2], 2)) == [5, 7]
+    worst = [3, 3, 2, 2, 2]
+    assert sorted(sum(worst[i] for i in p) for p in balanced_partition(worst, 2)) == [5, 7]
 
 
 def _samples(lengths: list[tuple[int, int]], seed: int = 0) -> list[Sample]:
@@ -192,12 +194,21 @@ def _train(model, rank: int, world: int, batches, teachers) -> dict:
     }
 
 
-def _hsdp_checks(model, rank: int) -> dict:
-    """The 2-D mesh, and the weight sender's gather: full tensors on rank 0 only."""
+def _hsdp_checks(model, rank: int, out: str) -> dict:
+    """The 2-D mesh; a checkpoint of it loaded into fresh HSDP shards; the weight sender's gather: full
+    tensors on rank 0 only."""
     assert all(p.device_mesh.ndim == 2 and p.device_mesh.mesh_dim_names == ("replicate", "shard")
                for p in model.parameters())  # fmt: skip
+    state = full_state_dicts(model)[0]
+    if rank == 0:
+        save_checkpoint(f"{out}/hsdp", 1, model=model, model_state=state)
+    dist.barrier()
+    fresh = shard_fsdp2(tiny_llama(5), torch.device("cpu"), shard_size=2)
+    load_checkpoint(f"{out}/hsdp/checkpoints/step_000001", model=fresh, rank=rank)
+    reloaded = full_state_dicts(fresh)[0]
     gathered = {n: _gather_to_root(p.detach()) for n, p in model.named_parameters()}
     if rank == 0:
+        assert all(torch.equal(reloaded[k], state[k]) for k in state)
         return gathered
     assert all(t is None for t in gathered.values())
     return {}
@@ -208,15 +219,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         batches = _batches(world)
         teachers = [teacher_outputs(tiny_llama(1), b) for b in batches]
+        ddp = torch.nn.parallel.DistributedDataParallel(tiny_llama(0))
         res: dict = {
-            "ddp": _train(torch.nn.parallel.DistributedDataParallel(tiny_llama(0)), rank, world, batches, teachers),
+            "ddp": _train(ddp, rank, world, batches, teachers),
             "fsdp2": _train(shard_fsdp2(tiny_llama(0), torch.device("cpu")), rank, world, batches, teachers),
         }
-        res["own"] = [len(rank_micro_batches(b, t, rank, world, BUDGET)) for b, t in zip(batches, teachers)]
+        with pytest.raises(StartupError, match=f"shard_size=3 does not divide the {world} trainer ranks"):
+            fsdp_mesh(torch.device("cpu"), 3)
+        pairs = zip(batches, teachers, strict=True)
+        res["own"] = [len(rank_micro_batches(b, t, rank, world, BUDGET)) for b, t in pairs]
         if world == 4:
             hsdp = shard_fsdp2(tiny_llama(0), torch.device("cpu"), shard_size=2)
             res["hsdp"] = _train(hsdp, rank, world, batches, teachers)
-            res["hsdp_gathered"] = _hsdp_checks(hsdp, rank)
+            res["hsdp_gathered"] = _hsdp_checks(hsdp, rank, out)
         # DDP with every sample on rank 0: the other ranks' zero-weight micro-batches add exactly nothing
         model = torch.nn.parallel.DistributedDataParallel(tiny_llama(0))
         mbs = pack_micro_batches(batches[0], teachers[0], BUDGET) if rank == 0 else []
@@ -257,7 +272,9 @@ def test_uneven_ranks_run_equal_micro_batch_counts_and_match_one_process(world, 
     batches = _batches(world)
     teachers = [teacher_outputs(tiny_llama(1), b) for b in batches]
     # the naive round-robin dealing packs different micro-batch counts per rank (what hung FSDP2)
-    naive = [len(pack_micro_batches(batches[0][r::world], teachers[0][r::world], BUDGET)) for r in range(world)]
+    naive = [
+        len(pack_micro_batches(batches[0][r::world], teachers[0][r::world], BUDGET)) for r in range(world)
+    ]
     assert len(set(naive)) > 1, naive
     assert len(batches[1]) < world  # and one rank gets no sample at all in step 2
 
@@ -273,12 +290,15 @@ def test_uneven_ranks_run_equal_micro_batch_counts_and_match_one_process(world, 
         _close(got, want, strategy)
     if world == 4:
         _close(res["hsdp"], res["fsdp2"], "hsdp vs fsdp2")
+
     def imbalance(parts: list[list[int]], batch: list[Sample]) -> float:  # response tokens: max / mean
         tokens = [sum(len(batch[i].response_ids) for i in part) for part in parts]
         return max(tokens) / (sum(tokens) / world)
 
     dealt = [deal(b, world) for b in batches]
-    assert res["ddp"]["imbalance"] == pytest.approx([imbalance(d, b) for d, b in zip(dealt, batches)])
+    assert res["ddp"]["imbalance"] == pytest.approx(
+        [imbalance(d, b) for d, b in zip(dealt, batches, strict=True)]
+    )
     round_robin = [list(range(r, len(batches[0]), world)) for r in range(world)]
     assert imbalance(round_robin, batches[0]) > 1.5 > 1.2 > res["ddp"]["imbalance"][0]
     # the DDP rank without samples: its zero-weight backward changed no gradient bit
