@@ -157,6 +157,16 @@ class RolloutConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """``trainer.fsdp``: how ``trainer.strategy=fsdp2`` lays the student over the trainer ranks."""
+
+    # ranks one copy of the student is sharded over; null = all of them (plain FSDP2). Fewer (HSDP):
+    # shards within groups of shard_size ranks, replicated across the groups (a 2-D device mesh); it must
+    # divide the trainer world size (e.g. 8 = one node of 8 GPUs: gathers stay on the node's links)
+    shard_size: int | None = None
+
+
+@dataclass
 class TrainerConfig:
     scheduler: str = "one_step_off"  # sync | one_step_off | two_step_off | an integer staleness k >= 0
     n_gpus_per_node: int = 0  # 0 = CPU (gloo); otherwise torchrun --nproc-per-node
@@ -172,6 +182,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | PATH to a checkpoint
     output_dir: str = "runs/gkd"
     strategy: str = _choice("ddp", "ddp", "fsdp2")
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     seed: int = 0
     # single-GPU smoke runs only: trainer, rollout and teacher may share GPUs (the weight channel then
     # uses gloo, since NCCL refuses two ranks on one GPU)

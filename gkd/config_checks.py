@@ -124,11 +124,28 @@ def _check_trainer(cfg: Config) -> None:
     _check(tr.save_freq >= 0, "trainer.save_freq", tr.save_freq, "must be >= 0 (0 = final checkpoint only)")
     _check(tr.keep_last >= 1, "trainer.keep_last", tr.keep_last, "must be >= 1")
     _check(bool(tr.output_dir), "trainer.output_dir", tr.output_dir, "required")
+    _check_fsdp(tr)
     _check(
         tr.resume in ("auto", "never") or os.path.exists(tr.resume),
         "trainer.resume",
         tr.resume,
         "expected auto, never or the path of an existing checkpoint",
+    )
+
+
+def _check_fsdp(tr) -> None:
+    """``trainer.fsdp.shard_size``: fsdp2 only, and it divides the trainer world size."""
+    size, world = tr.fsdp.shard_size, tr.procs_per_node * tr.nnodes
+    if size is None:
+        return
+    key = "trainer.fsdp.shard_size"
+    _check(tr.strategy == "fsdp2", key, size, "needs trainer.strategy=fsdp2 (or null)")
+    _check(size >= 1, key, size, "must be >= 1 (or null: shard over all trainer ranks)")
+    _check(
+        world % size == 0,
+        key,
+        size,
+        f"must divide the {world} trainer ranks (trainer.nnodes x processes per node); use a divisor or null",
     )
 
 

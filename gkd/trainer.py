@@ -9,8 +9,9 @@ startup checks, the :class:`~gkd.scheduler.Scheduler` calling the phases (``gene
 over the trainer's own group (flat tensors, never pickles); the building blocks (process group, student,
 clients, FSDP2) live in ``gkd.trainer_setup``:
 
-- ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; rank r trains on samples r, r + W, ...
-  and every rank calls ``train_step`` (gradients averaged by DDP, loss normalised by the global token count);
+- ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; every rank deals it by sequence length
+  (``gkd.batching.deal``, the same plan everywhere), packs its share and calls ``train_step`` (gradients
+  averaged by DDP / FSDP2, loss normalised by the global token count, equal micro-batch counts);
 - ``SAVE``: every rank's RNG state (and, sharded, the full model and optimizer state) is gathered; rank 0
   writes the checkpoint;
 - ``SYNC`` (FSDP2 only): every rank helps gather the weight shards rank 0 sends to the rollout engines;
@@ -21,7 +22,8 @@ clients, FSDP2) live in ``gkd.trainer_setup``:
 
 ``trainer.strategy``: ``ddp`` replicates the student on every rank; ``fsdp2`` shards it with
 ``torch.distributed.fsdp.fully_shard`` (each decoder layer, then the root; works with gloo on CPU too), so a
-larger student fits: parameters, gradients and AdamW state are split over the ranks.
+larger student fits: parameters, gradients and AdamW state are split over the ranks (over groups of
+``trainer.fsdp.shard_size`` ranks, replicated across the groups: HSDP, ``gkd.trainer_setup.fsdp_mesh``).
 
 ``model.lora.enabled``: the student is a peft model (``gkd.lora``) whose base is frozen; the same units are
 sharded (FSDP2 shards per parameter, so a unit may mix frozen and trainable tensors: only the trainable ones
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gkd.batching import rank_micro_batches
 from gkd.checkpoint import (
     CheckpointError,
     export_hf,
@@ -204,7 +207,8 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed + self.rank)
         self.model, self.tokenizer = _load_student(cfg, self.device)
         if self.sharded:  # before the optimizer: it holds the shards
-            self.model = shard_fsdp2(self.model, self.device, torch_dtype(compute_dtype(cfg)))
+            compute = torch_dtype(compute_dtype(cfg))
+            self.model = shard_fsdp2(self.model, self.device, compute, cfg.trainer.fsdp.shard_size)
         self.startup.mark("student")
         self.setup_data()
         self.startup.mark("data")
@@ -232,10 +236,6 @@ class Trainer:
                 PromptDataset.from_config(cfg.data, self.tokenizer), cfg.data
             )
             self.total = cfg.trainer.total_steps or self.loader.num_batches(cfg.trainer.total_epochs)
-            if cfg.data.train_batch_size < self.world:
-                raise StartupError(
-                    f"data.train_batch_size={cfg.data.train_batch_size} < {self.world} trainer ranks"
-                )
         if self.world > 1:
             self.total = int(broadcast_tensor(torch.tensor([self.total]), self.device).item())
 
@@ -256,9 +256,9 @@ class Trainer:
         return state
 
     def train_on(self, samples, outputs) -> dict[str, float]:
-        mine = list(range(self.rank, len(samples), self.world))  # this rank's shard
-        mine_s, mine_o = [samples[i] for i in mine], [outputs[i] for i in mine]
-        micro = pack_micro_batches(mine_s, mine_o, self.cfg.data.micro_batch_tokens, pad_id=self.pad_id)
+        """This rank's share of the batch (dealt by length, the same plan on every rank), packed, trained."""
+        budget = self.cfg.data.micro_batch_tokens
+        micro = rank_micro_batches(samples, outputs, self.rank, self.world, budget, pad_id=self.pad_id)
         return train_step(self.model, self.optimizer, self.lr_scheduler, micro, self.cfg, device=self.device)
 
     def evaluate_on(self, samples, outputs) -> tuple[float, int]:

@@ -108,15 +108,18 @@ def _wire_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 def _gather_to_root(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Full tensor of a DTensor on mesh rank 0 (None elsewhere), cast to its wire dtype first (a bf16
-    engine: half the gather traffic). Dim-0 shards (FSDP2) go through one ``gather`` to rank 0 only;
-    other placements fall back to ``full_tensor()`` (an all-gather)."""
-    from torch.distributed.tensor import Shard
+    engine: half the gather traffic). Dim-0 shards (FSDP2; HSDP: replicated across the first mesh dims)
+    go through one ``gather`` to rank 0 within its shard group only; other placements fall back to
+    ``full_tensor()`` (an all-gather)."""
+    from torch.distributed.tensor import Replicate, Shard
 
-    mesh = t.device_mesh
-    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+    mesh, coordinate = t.device_mesh, t.device_mesh.get_coordinate()
+    if t.placements[-1] != Shard(0) or any(p != Replicate() for p in t.placements[:-1]):
         full = t.full_tensor()
-        return full if mesh.get_local_rank() == 0 else None
-    pg = mesh.get_group()
+        return full if not any(coordinate) else None
+    if any(coordinate[:-1]):  # HSDP: another shard group holds the same tensor; the root's group sends it
+        return None
+    pg = mesh.get_group(mesh.ndim - 1)
     world, me = pg.size(), dist.get_rank(pg)
     rows = -(-t.shape[0] // world)  # torch.chunk's chunk size, which FSDP2 shards by
     local = t.to_local()

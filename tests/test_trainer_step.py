@@ -251,7 +251,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         samples = make_samples(6, 7)
         teacher = teacher_outputs(tiny_llama(1), samples)
         mine = slice(0, 2) if rank == 0 else slice(2, 7)  # uneven token counts on purpose
-        budget = 10_000 if rank == 0 else 16  # rank 1: several micro-batches (DDP no_sync path)
+        # rank 1: several micro-batches (DDP no_sync path); rank 0 one, padded with zero-weight ones
+        budget = 10_000 if rank == 0 else 16
         cfg = LossConfig()
         plain = tiny_llama(0, torch.float64)
         g_plain, _ = _grads_for(plain, samples[mine], teacher[mine], budget, cfg, group=None)
@@ -324,6 +325,7 @@ def test_train_step_lowers_kl_to_a_fixed_teacher_and_reports_metrics():
     assert m["actor/response_tokens"] == sum(lens)
     assert m["actor/total_tokens"] == sum(lens) + sum(len(s.prompt_ids) for s in samples)
     assert m["actor/micro_batches"] == len(mbs) and m["actor/grad_norm"] > 0
+    assert m["actor/tokens_imbalance"] == 1.0  # one rank holds every token
 
 
 def test_lr_schedule_and_weight_decay_groups():
