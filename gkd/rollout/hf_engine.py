@@ -29,6 +29,7 @@ from gkd.rollout.llama_decode import (
     pack_weight,
     packed_linear,
     packing_available,
+    packing_for,
     unsupported_reason,
 )
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
@@ -274,7 +275,8 @@ def gqa_decode_attention(model):
 class HFRolloutEngine:
     """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` on a transformers model.
 
-    ``prepack``: packed weights for the decode steps (None: on CPU when oneDNN is available).
+    ``prepack``: packed weights for the decode steps (None: on CPU when its oneDNN can pack the model's
+    dtype; never where it cannot, see :func:`~gkd.rollout.llama_decode.packing_unsupported`).
     ``fused``: decode Llama-family models through :class:`FusedLlamaSteps` (None: when the model is one);
     False runs every step through the transformers model (with :class:`PackedLinears` when ``prepack``).
     """
@@ -297,8 +299,10 @@ class HFRolloutEngine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         # prompt + response positions the model supports (the rollout service refuses longer requests)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 31))
-        if prepack is None:
-            prepack = self.device.type == "cpu" and PackedLinears.available()
+        if prepack is None and self.device.type != "cpu":
+            prepack = False
+        # packed copies only where this CPU's oneDNN can make them (bf16 needs AVX-512 or AVX-NE-CONVERT)
+        prepack = packing_for(model.dtype, prepack)
         # Llama-family models decode through FusedLlamaSteps (packed fused weights on CPU); others through
         # the transformers model, with PackedLinears swapped in for its large float32 linears
         if fused is None:
@@ -308,8 +312,7 @@ class HFRolloutEngine:
                 f"fused=True: this model cannot use the fused decode steps: {unsupported_reason(model)}"
             )
         self.fused = fused
-        packable = prepack and model.dtype in (torch.float32, torch.bfloat16)
-        self.fused_weights = FusedWeights(model) if self.fused and packable else None
+        self.fused_weights = FusedWeights(model) if self.fused and prepack else None
         self.linears = PackedLinears(model, prepack and not self.fused)
 
     @classmethod
