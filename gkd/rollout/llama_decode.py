@@ -154,7 +154,9 @@ def packing_for(dtype: torch.dtype, wanted: bool | None) -> bool:
     reason = packing_unsupported(dtype)
     if reason is not None:
         if wanted or dtype in (torch.float32, torch.bfloat16):
-            log.info("rollout: %s weights unpacked (plain products): %s", str(dtype).removeprefix("torch."), reason)
+            log.info(
+                "rollout: %s weights unpacked (plain products): %s", str(dtype).removeprefix("torch."), reason
+            )
         return False
     return True
 
