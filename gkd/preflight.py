@@ -28,6 +28,7 @@ __all__ = [
     "check_launch",
     "check_run",
     "check_service_args",
+    "check_tokenizers",
     "data_files",
     "host_port",
     "model_folder",
@@ -191,12 +192,29 @@ def check_bind_ports(cfg: Config) -> None:
         port_free("127.0.0.1", port, key)
 
 
+def check_tokenizers(cfg: Config) -> None:
+    """A launched teacher has the student's tokenizer (vocabulary and special tokens; reads the tokenizer
+    files only). Different embedding padding (``config.vocab_size``) is fine (gkd.vocab); a teacher
+    folder without tokenizer files is left to the trainer's check of the teacher service's fingerprint."""
+    from gkd.vocab import check_same_tokenizer, has_tokenizer
+
+    if not cfg.teacher.launch or not has_tokenizer(cfg.teacher.model_path):
+        return
+    try:
+        check_same_tokenizer(
+            cfg.model.student_path, cfg.teacher.model_path, "model.student_path", "teacher.model_path"
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(_first_line(e)) from e
+
+
 def check_launch(cfg: Config) -> None:
     """Everything ``gkd train`` checks before it starts a child: a launched teacher's model folder,
-    :func:`check_run`, :func:`check_bind_ports`."""
+    :func:`check_run`, :func:`check_tokenizers`, :func:`check_bind_ports`."""
     if cfg.teacher.launch:
         model_folder(cfg.teacher.model_path, "teacher.model_path")
     check_run(cfg)
+    check_tokenizers(cfg)
     check_bind_ports(cfg)
 
 
