@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO
 
 from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
+from gkd.hub import localize as localize_hub_ids
 from gkd.placement import (
     FAKE_GPUS_ENV,
     VISIBLE_ENV,
@@ -220,6 +221,7 @@ def run(
     ``env``: added to every child's environment (e.g. thread counts)."""
     started_at = time.time() if started_at is None else started_at
     cfg = load_config(config_paths, overrides)
+    cfg, overrides = localize_hub_ids(cfg, overrides, dry_run=dry_run)  # fetched once, children get folders
     if cfg.trainer.nnodes > 1:
         raise LaunchError(
             f"trainer.nnodes={cfg.trainer.nnodes}: `gkd train` starts one node; run `scripts/launch.sh "

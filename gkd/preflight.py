@@ -30,6 +30,7 @@ __all__ = [
     "check_service_args",
     "check_tokenizers",
     "data_files",
+    "data_sources",
     "host_port",
     "model_folder",
     "number",
@@ -69,7 +70,7 @@ def model_folder(path: str, key: str, *, gguf_file: str | None = None, tokenizer
     if not folder.exists():
         raise InputError(
             f"{what}: no such folder; give a local model folder (config.json, weights, tokenizer): "
-            "models are never downloaded from a hub"
+            "models are never downloaded here (`gkd train` fetches hub ids such as owner/name)"
         )
     if not folder.is_dir():
         raise InputError(f"{what}: not a folder; give the model's folder (it holds config.json)")
@@ -95,6 +96,18 @@ def data_files(patterns: Sequence[str], key: str, prompt_key: str) -> list[str]:
         return inspect_files(patterns, prompt_key)
     except (FileNotFoundError, DataError) as e:
         raise InputError(f"{key}: {_first_line(e)}") from e
+
+
+def data_sources(data_cfg) -> None:
+    """Every ``data.sources`` entry exists, has its prompt column and rows (headers only; hub datasets are
+    read by the trainer)."""
+    from gkd.data import DataError, inspect_source, sources_from_config
+
+    for i, source in enumerate(sources_from_config(data_cfg)):
+        try:
+            inspect_source(source)
+        except (FileNotFoundError, DataError) as e:
+            raise InputError(f"data.sources[{i}]: {_first_line(e)}") from e
 
 
 def writable_folder(path: str, key: str) -> Path:
@@ -168,8 +181,10 @@ def check_run(cfg: Config, *, data: bool = True) -> None:
     """What a trainer process reads and writes: the student's model folder, the prompt files and their
     column (``data``: only trainer rank 0 reads them), the output folder, the services' secret files."""
     model_folder(cfg.model.student_path, "model.student_path", tokenizer=True)
-    if data:
+    if data and cfg.data.train_files:
         data_files(cfg.data.train_files, "data.train_files", cfg.data.prompt_key)
+    if data and cfg.data.sources:
+        data_sources(cfg.data)
     if data and cfg.data.val_files:
         data_files(cfg.data.val_files, "data.val_files", cfg.data.prompt_key)
     writable_folder(cfg.trainer.output_dir, "trainer.output_dir")

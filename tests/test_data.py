@@ -186,7 +186,7 @@ def test_inspect_files_reads_footers_only_and_names_the_problem(tmp_path, monkey
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("inspect_files read a table"))
     assert inspect_files(str(tmp_path / "*.parquet"), "prompt") == [a, b]
     with pytest.raises(
-        FileNotFoundError, match=r"is a folder; name its parquet files, e\.g\. .*/\*\.parquet"
+        FileNotFoundError, match=r"is a folder; name its files, e\.g\. .*/\*\.parquet"
     ):
         inspect_files(str(tmp_path), "prompt")
     with pytest.raises(DataError, match=r"a\.parquet has no column 'question'"):
