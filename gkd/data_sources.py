@@ -4,7 +4,7 @@ HF_HUB_OFFLINE honoured). :class:`Source` names one; :func:`read_source` returns
 :func:`inspect_source` checks it from headers only (a parquet footer, a jsonl file's first line, a saved
 dataset's metadata), as preflight does before anything starts.
 
-What a path is: an existing folder with ``state.json`` or ``dataset_info.json`` is a saved dataset; a path
+What a path is: an existing folder with ``state.json`` or ``dataset_dict.json`` is a saved dataset; a path
 with a file extension, a glob, or an existing file is a file (by extension: ``.jsonl``/``.json`` are JSON
 lines or a JSON array of objects, anything else parquet); anything else (``owner/name``) is a hub dataset.
 """
@@ -31,7 +31,7 @@ __all__ = [
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 FILE_SUFFIXES = (".parquet", ".pq", *JSON_SUFFIXES)
-_SAVED_DATASET = ("state.json", "dataset_info.json")  # what datasets.save_to_disk writes into its folder
+_SAVED_DATASET = ("state.json", "dataset_dict.json")  # what datasets.save_to_disk writes into its folder
 
 
 class DataError(ValueError):
