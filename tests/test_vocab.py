@@ -5,6 +5,7 @@ different tokenizer is refused in one line naming both folders; every generation
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -146,6 +147,16 @@ def test_every_generation_config_eos_id_stops_the_rollout(pair):
             assert a.finish_reason == "length"
 
 
+def test_validation_and_the_vllm_rollout_stop_on_the_same_ids(pair):
+    from gkd.rollout.vllm_engine import _folder_stop_ids
+    from gkd.validation import Validator
+
+    cfg = load_config([], [f"model.student_path={pair['student']}", "data.train_files=[x.parquet]"])
+    v = Validator(cfg, [[1, 2]], None, None, lambda s, o: (0.0, 1), eos_id=1)
+    assert v.sampling.stop_token_ids == (1, 5)
+    assert _folder_stop_ids(pair["student"], no_tokenizer=False) == (1, 5)  # generation config, then eos
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,26 +164,37 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_gkd_train_with_a_teacher_padded_further_than_the_student(pair, tmp_path):
-    """The Qwen2.5-7B -> 1.5B situation in miniature: one tokenizer, 320 vs 264 embedding rows, a teacher
-    whose padded rows would rank high: the run starts, trains and its losses are finite."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def test_gkd_train_from_hub_ids_with_a_teacher_padded_further_than_the_student(pair, tmp_path):
+    """The Qwen2.5-7B -> 1.5B situation in miniature, named as a new user would: student, teacher and
+    prompts are hub ids (a local huggingface_hub cache under HF_HOME, HF_HUB_OFFLINE=1), one tokenizer,
+    320 vs 264 embedding rows, a teacher whose padded rows would rank high. ``gkd train`` resolves the ids
+    once, starts, trains, and its losses are finite."""
+    from tests.test_hub import MAIN, cache_repo
 
-    prompts = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"prompt": [f"the quick fox {i}" for i in range(8)]}), prompts)
-    tiny = {"student": pair["student"], "teacher": pair["teacher"], "prompts": str(prompts)}
+    hub = tmp_path / "home" / "hub"
+    cache_repo(hub, "model", "acme/student", Path(pair["student"]), MAIN)
+    cache_repo(hub, "model", "acme/teacher", Path(pair["teacher"]), MAIN)
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"the quick fox {i}"}) + "\n" for i in range(8))
+    )
+    cache_repo(hub, "dataset", "acme/prompts", data, MAIN)
+    tiny = {"student": "acme/student", "teacher": "acme/teacher", "prompts": "acme/prompts"}
     out = tmp_path / "run"
     ports = [_free_port() for _ in range(5)]
     argv = train_argv(tiny, out, ports, "trainer.total_steps=3", "trainer.save_freq=0",
                       "teacher.top_k=8", "rollout.max_new_tokens=8", "logging.progress_bar=false",
                       "trainer.nproc_per_node=1")  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    env.pop("HF_HUB_CACHE", None)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
-    assert all(r["actor/kl_loss"] == r["actor/kl_loss"] and abs(r["actor/kl_loss"]) < 1e6 for r in records)
+    assert all(math.isfinite(r["actor/kl_loss"]) for r in records)
+    teacher_log = (out / "logs" / "teacher.log").read_text()
+    assert str(hub / "models--acme--teacher" / "snapshots" / MAIN) in teacher_log + proc.stdout + proc.stderr
 
 
 if __name__ == "__main__":
