@@ -4,9 +4,9 @@ HF_HUB_OFFLINE honoured). :class:`Source` names one; :func:`read_source` returns
 :func:`inspect_source` checks it from headers only (a parquet footer, a jsonl file's first line, a saved
 dataset's metadata), as preflight does before anything starts.
 
-What a path is: an existing folder with ``state.json`` or ``dataset_dict.json`` is a saved dataset; a path
-with a file extension, a glob, or an existing file is a file (by extension: ``.jsonl``/``.json`` are JSON
-lines or a JSON array of objects, anything else parquet); anything else (``owner/name``) is a hub dataset.
+What a path is: an existing folder with ``state.json`` or ``dataset_dict.json`` is a saved dataset; an
+``owner/name`` that is no existing path (:func:`gkd.hub.is_hub_id`) a hub dataset; anything else a file or
+glob (by extension: ``.jsonl``/``.json`` are JSON lines or a JSON array of objects, anything else parquet).
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def source_kind(path: str) -> str:
     p = os.path.expanduser(path)
     if _is_saved_dataset(p):
         return "disk"
-    if glob.has_magic(p) or os.path.exists(p) or os.path.splitext(p)[1] or p.startswith((".", "/", "~")):
-        return "files"
-    return "hub"
+    from gkd.hub import is_hub_id
+
+    return "hub" if is_hub_id(path) and not glob.has_magic(p) else "files"
 
 
 def expand_files(patterns: Sequence[str] | str) -> list[str]:

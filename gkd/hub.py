@@ -9,8 +9,9 @@ their local folders through ``key=value`` overrides, so that the services and ev
 folders and never the network; a dataset id stays an id and its readers find the snapshot in the cache
 (:func:`local_dataset`).
 
-What is a hub id: ``name`` or ``owner/name`` (letters, digits, ``-_.``), not an existing path and without
-a file extension of a prompt file. Anything else is a local path, checked as before.
+What is a hub id: ``owner/name`` (letters, digits, ``-_.``; legacy ids without an owner are spelled with
+it, e.g. ``openai-community/gpt2``), not an existing path and without a prompt file's extension. Anything
+else is a local path, checked as before.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gkd.config import ConfigError
 
 __all__ = ["HubError", "is_hub_id", "local_dataset", "local_model", "localize"]
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PROMPT_SUFFIXES = (".parquet", ".pq", ".jsonl", ".json", ".ndjson")
 #: Files of a model repository no gkd engine reads: other frameworks' weights, the original checkpoints.
 MODEL_IGNORE = ["*.pth", "*.pt", "original/*", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf", "*.mlmodel"]

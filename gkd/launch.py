@@ -221,13 +221,13 @@ def run(
     ``env``: added to every child's environment (e.g. thread counts)."""
     started_at = time.time() if started_at is None else started_at
     cfg = load_config(config_paths, overrides)
-    cfg, overrides = localize_hub_ids(cfg, overrides, dry_run=dry_run)  # fetched once, children get folders
     if cfg.trainer.nnodes > 1:
         raise LaunchError(
             f"trainer.nnodes={cfg.trainer.nnodes}: `gkd train` starts one node; run `scripts/launch.sh "
             "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT --config ...` (torchrun with those flags, "
             "-m gkd.train) on each trainer node, services started separately (README: Multi-node)"
         )
+    cfg, overrides = localize_hub_ids(cfg, overrides, dry_run=dry_run)  # fetched once, children get folders
     found = _probe_gpus(cfg)
     plan = place(cfg, found)
     cmds = commands(cfg, plan, config_paths, overrides)

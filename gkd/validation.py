@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from gkd.rollout.types import Sample, SamplingConfig
-from gkd.vocab import stop_token_ids
 from gkd.teacher.types import TeacherOutput
+from gkd.vocab import stop_token_ids
 
 __all__ = ["Evaluations", "PendingValidation", "Validator", "evaluation_due", "val_prompts"]
 

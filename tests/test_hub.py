@@ -52,7 +52,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_what_is_a_hub_id(tmp_path):
-    assert is_hub_id("Qwen/Qwen2.5-1.5B-Instruct") and is_hub_id("gpt2")
+    assert is_hub_id("Qwen/Qwen2.5-1.5B-Instruct") and is_hub_id("openai-community/gpt2")
+    assert not is_hub_id("gpt2") and not is_hub_id("S")  # owner/name only: a bare name is a local path
     assert not is_hub_id(str(tmp_path))  # an existing folder
     assert not is_hub_id("runs/tiny/student")  # a path (two slashes), checked as a local folder
     assert not is_hub_id("prompts.parquet") and not is_hub_id("data/x.jsonl") and not is_hub_id("./x")
