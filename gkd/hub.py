@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from gkd.config import ConfigError
 
@@ -108,10 +107,3 @@ def localize(cfg, overrides: Sequence[str], *, dry_run: bool = False):
     for key, repo_id, revision in _dataset_ids(cfg.data):
         local_dataset(repo_id, revision, key)
     return dataclasses.replace(cfg, model=model, teacher=teacher), [*overrides, *extra]
-
-
-def hub_cache() -> Path:
-    """Where ``huggingface_hub`` keeps repositories (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
