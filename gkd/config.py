@@ -73,6 +73,8 @@ class ModelConfig:
     compute_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
     gradient_checkpointing: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # model.student_path may be a hub id (owner/name): downloaded once by `gkd train`; this pins the revision
+    revision: str | None = None
 
 
 @dataclass
@@ -83,7 +85,8 @@ class TeacherConfig:
     top_k: int = 64  # teacher top-k per response position
     temperature: float = 1.0
     launch: bool = False  # start a local teacher service with the settings below
-    model_path: str = ""  # required when launch
+    model_path: str = ""  # required when launch; a hub id (owner/name) is downloaded once by `gkd train`
+    revision: str | None = None  # the hub revision of teacher.model_path (branch, tag or commit)
     backend: str = _choice("hf", "hf", "vllm")
     workers: int = 1
     auth_secret_file: str | None = None
@@ -235,10 +238,29 @@ class OptimConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One entry of ``data.sources``: a prompt source and its share of the mixture."""
+
+    path: str = ""  # parquet/jsonl/json file or glob, a datasets.save_to_disk folder, or a hub dataset id
+    weight: float = 1.0  # relative share of the training prompts drawn from this source
+    prompt_key: str | None = None  # null = data.prompt_key
+    config: str | None = None  # hub datasets: configuration name
+    split: str = "train"  # hub and saved datasets
+    revision: str | None = None  # hub datasets: branch, tag or commit
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # parquet paths or globs (required)
+    # parquet/jsonl/json paths or globs, save_to_disk folders or hub dataset ids, concatenated (a,b on the
+    # command line); required unless data.sources is set
+    train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
     prompt_key: str = "prompt"  # column: a string or a chat-message list [{role, content}, ...]
+    # weighted training sources, mixed by a seeded draw per batch (instead of data.train_files)
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # passed to the tokenizer's apply_chat_template, e.g. {enable_thinking: false} (Qwen3)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None  # a system message before every prompt that has none
     max_prompt_length: int = 512  # tokens, after the chat template
     max_response_length: int = 512  # tokens
     train_batch_size: int = 8  # prompts per step
@@ -346,11 +368,14 @@ def _valid_keys(full_key: str | None) -> str:
     sections = _sections()
     if len(parts) >= 2 and parts[0] in sections:
         cls, at = sections[parts[0]], parts[0]
-        for part in parts[1:-1]:  # a nested section (model.lora)
-            inner = typing.get_type_hints(cls).get(part)
+        for part in parts[1:-1]:  # a nested section (model.lora), or a list's item (data.sources[0])
+            name = part.split("[")[0]
+            inner = typing.get_type_hints(cls).get(name)
+            if typing.get_origin(inner) is list:
+                inner = typing.get_args(inner)[0]
             if not dataclasses.is_dataclass(inner):
                 break
-            cls, at = inner, f"{at}.{part}"
+            cls, at = inner, f"{at}.{name}"
         names = [f.name for f in dataclasses.fields(cls)]
         return f"valid keys in '{at}': {', '.join(names)}"
     return f"valid sections: {', '.join(sections)}"
@@ -372,8 +397,11 @@ def _wrap_list_scalars(raw: DictConfig) -> None:
             continue
         hints = typing.get_type_hints(cls)
         for key, tp in hints.items():
-            if typing.get_origin(tp) is list and isinstance(section.get(key), str | int | float):
-                section[key] = [section[key]]
+            value = section.get(key)
+            if typing.get_origin(tp) is list and isinstance(value, str) and "," in value:
+                section[key] = [v.strip() for v in value.split(",") if v.strip()]  # a,b on the command line
+            elif typing.get_origin(tp) is list and isinstance(value, str | int | float):
+                section[key] = [value]
 
 
 def _merge(base: DictConfig, raw: DictConfig, source: str) -> DictConfig:

@@ -200,7 +200,22 @@ def _check_optim(cfg: Config) -> None:
 def _check_data(cfg: Config) -> None:
     """Prompt files and lengths."""
     d = cfg.data
-    _check(len(d.train_files) > 0, "data.train_files", d.train_files, "required (parquet paths or globs)")
+    _check(
+        len(d.train_files) > 0 or len(d.sources) > 0,
+        "data.train_files",
+        d.train_files,
+        "required (parquet/jsonl paths or globs, dataset folders or hub ids), or set data.sources",
+    )
+    _check(
+        not (d.train_files and d.sources),
+        "data.sources",
+        [s.path for s in d.sources],
+        "set data.sources or data.train_files, not both (data.sources mixes the training prompts)",
+    )
+    for i, s in enumerate(d.sources):
+        _check(bool(s.path), f"data.sources[{i}].path", s.path, "required: a file, glob, folder or hub id")
+        ok = s.weight > 0 and s.weight < float("inf")
+        _check(ok, f"data.sources[{i}].weight", s.weight, "must be > 0 (its relative share)")
     _check(bool(d.prompt_key), "data.prompt_key", d.prompt_key, "required")
     _check(d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length, "must be >= 1")
     _check(d.max_response_length >= 1, "data.max_response_length", d.max_response_length, "must be >= 1")

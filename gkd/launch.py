@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO
 
 from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
+from gkd.hub import localize as localize_hub_ids
 from gkd.placement import (
     FAKE_GPUS_ENV,
     VISIBLE_ENV,
@@ -226,6 +227,7 @@ def run(
             "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT --config ...` (torchrun with those flags, "
             "-m gkd.train) on each trainer node, services started separately (README: Multi-node)"
         )
+    cfg, overrides = localize_hub_ids(cfg, overrides, dry_run=dry_run)  # fetched once, children get folders
     found = _probe_gpus(cfg)
     plan = place(cfg, found)
     cmds = commands(cfg, plan, config_paths, overrides)

@@ -28,7 +28,9 @@ __all__ = [
     "check_launch",
     "check_run",
     "check_service_args",
+    "check_tokenizers",
     "data_files",
+    "data_sources",
     "host_port",
     "model_folder",
     "number",
@@ -68,7 +70,7 @@ def model_folder(path: str, key: str, *, gguf_file: str | None = None, tokenizer
     if not folder.exists():
         raise InputError(
             f"{what}: no such folder; give a local model folder (config.json, weights, tokenizer): "
-            "models are never downloaded from a hub"
+            "models are never downloaded here (`gkd train` fetches hub ids such as owner/name)"
         )
     if not folder.is_dir():
         raise InputError(f"{what}: not a folder; give the model's folder (it holds config.json)")
@@ -94,6 +96,18 @@ def data_files(patterns: Sequence[str], key: str, prompt_key: str) -> list[str]:
         return inspect_files(patterns, prompt_key)
     except (FileNotFoundError, DataError) as e:
         raise InputError(f"{key}: {_first_line(e)}") from e
+
+
+def data_sources(data_cfg) -> None:
+    """Every ``data.sources`` entry exists, has its prompt column and rows (headers only; hub datasets are
+    read by the trainer)."""
+    from gkd.data import DataError, inspect_source, sources_from_config
+
+    for i, source in enumerate(sources_from_config(data_cfg)):
+        try:
+            inspect_source(source)
+        except (FileNotFoundError, DataError) as e:
+            raise InputError(f"data.sources[{i}]: {_first_line(e)}") from e
 
 
 def writable_folder(path: str, key: str) -> Path:
@@ -167,8 +181,10 @@ def check_run(cfg: Config, *, data: bool = True) -> None:
     """What a trainer process reads and writes: the student's model folder, the prompt files and their
     column (``data``: only trainer rank 0 reads them), the output folder, the services' secret files."""
     model_folder(cfg.model.student_path, "model.student_path", tokenizer=True)
-    if data:
+    if data and cfg.data.train_files:
         data_files(cfg.data.train_files, "data.train_files", cfg.data.prompt_key)
+    if data and cfg.data.sources:
+        data_sources(cfg.data)
     if data and cfg.data.val_files:
         data_files(cfg.data.val_files, "data.val_files", cfg.data.prompt_key)
     writable_folder(cfg.trainer.output_dir, "trainer.output_dir")
@@ -191,12 +207,29 @@ def check_bind_ports(cfg: Config) -> None:
         port_free("127.0.0.1", port, key)
 
 
+def check_tokenizers(cfg: Config) -> None:
+    """A launched teacher has the student's tokenizer (vocabulary and special tokens; reads the tokenizer
+    files only). Different embedding padding (``config.vocab_size``) is fine (gkd.vocab); a teacher
+    folder without tokenizer files is left to the trainer's check of the teacher service's fingerprint."""
+    from gkd.vocab import check_same_tokenizer, has_tokenizer
+
+    if not cfg.teacher.launch or not has_tokenizer(cfg.teacher.model_path):
+        return
+    try:
+        check_same_tokenizer(
+            cfg.model.student_path, cfg.teacher.model_path, "model.student_path", "teacher.model_path"
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(_first_line(e)) from e
+
+
 def check_launch(cfg: Config) -> None:
     """Everything ``gkd train`` checks before it starts a child: a launched teacher's model folder,
-    :func:`check_run`, :func:`check_bind_ports`."""
+    :func:`check_run`, :func:`check_tokenizers`, :func:`check_bind_ports`."""
     if cfg.teacher.launch:
         model_folder(cfg.teacher.model_path, "teacher.model_path")
     check_run(cfg)
+    check_tokenizers(cfg)
     check_bind_ports(cfg)
 
 

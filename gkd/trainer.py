@@ -147,10 +147,10 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokeniz
         raise StartupError(f"teacher service at {t_addr} has no workers; start some with `gkd teacher join`")
     mine = tokenizer_fingerprint(cfg.model.student_path, tokenizer=tokenizer)
     for w in workers:
-        if int(w.get("vocab_size", -1)) != vocab:
+        if int(w.get("token_ids", w.get("vocab_size", -1))) > vocab:  # embedding padding may differ
             raise StartupError(
-                f"teacher {w.get('model')} has vocabulary size {w.get('vocab_size')}, the student "
-                f"{cfg.model.student_path} has {vocab}: distillation needs one shared vocabulary"
+                f"teacher {w.get('model')} serves ids below {w.get('token_ids', w.get('vocab_size'))}, the "
+                f"student {cfg.model.student_path} has {vocab} rows: distillation needs one shared vocabulary"
             )
         theirs = str(w.get("tokenizer", "none"))
         if mine.startswith("sha256:") and theirs.startswith("sha256:") and theirs != mine:

@@ -60,6 +60,8 @@ def test_startup_checks_pass_and_each_failure_says_what_to_do(student_dir):
     cfg = _cfg(student_dir)
     rollout = FakeClient([{"vocab_size": 303}])
     check_services(cfg, _teacher(student_dir), rollout, MODEL, 1)  # all good: no error
+    # a teacher embedding padded further than the student's, serving only the tokenizer's ids: fine
+    check_services(cfg, _teacher(student_dir, vocab_size=512, token_ids=300), rollout, MODEL, 1)
 
     cases = [
         (
@@ -68,7 +70,7 @@ def test_startup_checks_pass_and_each_failure_says_what_to_do(student_dir):
             r"teacher service at 127\.0\.0\.1:15555 .*gkd teacher serve",
         ),
         (FakeClient([]), rollout, "has no workers"),
-        (_teacher(student_dir, vocab_size=512), rollout, "vocabulary size 512, the student .* has 303"),
+        (_teacher(student_dir, vocab_size=512), rollout, "serves ids below 512, the student .* has 303 rows"),
         (_teacher(student_dir, tokenizer="sha256:0123456789abcdef"), rollout, "tokenizer .* differs"),
         (_teacher(student_dir, max_top_k=4), rollout, "teacher.top_k=8 exceeds"),
         (
