@@ -83,6 +83,7 @@ class TeacherConfig:
     top_k: int = 64  # teacher top-k per response position
     temperature: float = 1.0
     launch: bool = False  # start a local teacher service with the settings below
+    node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     model_path: str = ""  # required when launch
     backend: str = _choice("hf", "hf", "vllm")
     workers: int = 1
@@ -125,6 +126,7 @@ class RolloutConfig:
     # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
     return_topk: int = 0
     launch: bool = False  # start a local rollout service
+    node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     auth_secret_file: str | None = None
     dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)  # engine precision; auto = model's compute dtype
     tensor_parallel_size: int = 1  # GPUs per rollout engine
