@@ -57,8 +57,8 @@ def test_commands_carry_the_config():
     assert t[t.index("--top-k") + 1] == "16"
 
 
-def test_multi_node_trainer_is_refused_with_the_torchrun_flags():
-    with pytest.raises(LaunchError, match="--nnodes N --node-rank R --rdzv-endpoint"):
+def test_multi_node_config_without_this_nodes_place_is_refused():
+    with pytest.raises(LaunchError, match="--node-rank R --rdzv-endpoint NODE0:PORT"):
         overrides = [
             "model.student_path=S",
             "data.train_files=[p]",
