@@ -348,3 +348,35 @@ def test_kill_9_of_one_node_stops_the_other_naming_it(tiny, tmp_path, killed):
         stopped.set()
     finally:
         _stop(nodes)
+
+
+def test_sbatch_script_starts_gkd_train_on_every_node(tmp_path):
+    """``scripts/slurm/gkd.sbatch`` under a stand-in ``srun`` (each node's task in turn, its
+    SLURM_NODEID set) and ``scontrol``: every node's ``gkd train`` gets its rank and node 0's endpoint."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\nprintf "gpu07\\ngpu08\\n"\n')
+    srun = '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+    srun += 'for n in 0 1; do SLURM_NODEID=$n "$@" || exit $?; done\n'
+    (bin_dir / "srun").write_text(srun)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "PYTHON": sys.executable, FAKE_GPUS_ENV: "8"}
+    env |= {"SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "123", "SLURM_NNODES": "2"}
+    env |= {"SLURM_JOB_NODELIST": "gpu[07-08]"}
+    args = ["--config", "configs/gpu_2nodes.yaml", "--host", "10.0.0.7", "--dry-run"]
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/slurm/gkd.sbatch"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "launchers meet at gpu07:29646" in out  # 29400 + 123 * 2
+    assert "GPU plan for node 0 (10.0.0.7, this node)" in out and "GPU plan for node 1 (gpu08)" in out
+    assert "GPU plan for node 0 (gpu07)" in out and "GPU plan for node 1 (10.0.0.7, this node)" in out
+    assert "--node-rank 0 --nproc-per-node 4" in out and "--node-rank 1 --nproc-per-node 4" in out
