@@ -1,28 +1,34 @@
-"""``gkd train --config configs/X.yaml [key=value ...]``: one command for a whole run on one node.
+"""``gkd train --config configs/X.yaml [key=value ...]``: one command for a whole run on one node, or
+for this node's share of a run on several (``--nnodes N --node-rank R --rdzv-endpoint HOST:PORT``, or
+Slurm's environment: ``gkd.nodes``).
 
 1. Load and check the config (a bad key fails here, before anything starts); plan this node's GPUs
-   (``gkd.placement``: disjoint device sets per role, refusals in one line) and print the plan.
-   ``--dry-run`` stops here after printing every command with its environment.
-2. With ``teacher.launch`` / ``rollout.launch``: start ``gkd teacher serve`` / ``gkd rollout serve
-   --weight-channel 127.0.0.1:rollout.weight_port`` as child processes. A service on GPUs gets ``--gpus``
-   (its pool; it hands each worker one tensor-parallel slice as ``CUDA_VISIBLE_DEVICES``), ``--device
-   cuda``, its dtype and, for vLLM, the engine knobs of its section.
-3. At the same time, start the trainer with its ``CUDA_VISIBLE_DEVICES``: the torchrun command (``python
-   -m torch.distributed.run --standalone --nproc-per-node N -m gkd.train --config ... overrides``), or, for
-   one DDP process, ``python -m gkd.train`` itself (torchrun's agent would only add an interpreter start
-   and a torch import before it). The trainer loads the student while the services load their models,
-   then waits (``GKD_SERVICE_WAIT_S``) until every configured worker has registered with its broker;
+   (``gkd.placement``: disjoint device sets per role, refusals in one line) and print the plan (every
+   node's, with several). ``--dry-run`` stops here after printing this node's commands with their
+   environment.
+2. Several nodes: meet the other nodes' ``gkd train`` (``gkd.roster``: node 0 listens on the rendezvous
+   endpoint; every node learns every node's address) before starting anything.
+3. With ``teacher.launch`` / ``rollout.launch`` (on several nodes: on node ``*.node_rank``): start ``gkd
+   teacher serve`` / ``gkd rollout serve --weight-channel <node 0>:rollout.weight_port`` as child
+   processes, bound to this node's address (``--host``; 127.0.0.1 on one node). A service on GPUs gets
+   ``--gpus`` (its pool; it hands each worker one tensor-parallel slice as ``CUDA_VISIBLE_DEVICES``),
+   ``--device cuda``, its dtype and, for vLLM, the engine knobs of its section.
+4. At the same time, start the trainer with its ``CUDA_VISIBLE_DEVICES``: the torchrun command (``python
+   -m torch.distributed.run --standalone --nproc-per-node N -m gkd.train --config ... overrides``; on
+   several nodes torchrun's static rendezvous, ``gkd.multinode``), or, for one DDP process on one node,
+   ``python -m gkd.train`` itself (torchrun's agent would only add an interpreter start and a torch
+   import before it). The trainer loads the student while the services load their models, then waits
+   (``GKD_SERVICE_WAIT_S``) until every configured worker has registered with its broker;
    ``GKD_LAUNCH_T0`` lets it report its start-up from this launcher's start (``gkd.startup``).
-4. Watch every child: a service or the trainer exiting stops the rest, and the console gets one line per
-   failure (what died, its exit status, its last error line, where its log is). Each child's full output
-   goes to ``trainer.output_dir/logs/<name>.log``; the trainer's also streams here, without tracebacks
-   and torchrun's failure report (they stay in the log).
-5. On exit, error, Ctrl-C or SIGTERM: stop every child (SIGTERM, then SIGKILL after a grace period). The
-   children get a parent-death signal (``prctl``), so ``kill -9`` of this launcher stops them too; the
+5. Watch every child and the other nodes: a service or the trainer exiting, or another node lost or
+   failing, stops the rest, and the console gets one line per failure (what died, its exit status, its
+   last error line, where its log is; or which node was lost). Each child's full output goes to
+   ``trainer.output_dir/logs/<name>.log`` (``logs/node<R>/`` on several nodes); the trainer's also
+   streams here, without tracebacks and torchrun's failure report (they stay in the log).
+6. On exit, error, Ctrl-C or SIGTERM: tell the other nodes (done, or failed and why), stop every child
+   (SIGTERM, then SIGKILL after a grace period). The children get a parent-death signal (``prctl``), so
+   ``kill -9`` of this launcher stops them too (and the other nodes notice its closed connection); the
    trainer's ranks watch their torchrun agent.
-
-Multi-node trainers (``trainer.nnodes > 1``) run ``scripts/launch.sh`` (torchrun with a c10d rendezvous)
-on each node themselves (README, "Multi-node").
 """
 
 from __future__ import annotations
