@@ -162,12 +162,15 @@ def rollout_command(
     return argv + (["--auth-secret-file", r.auth_secret_file] if r.auth_secret_file else [])
 
 
+def _train_args(config_paths: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``gkd.train``'s arguments: every ``--config`` file, then the overrides."""
+    return [a for path in config_paths for a in ("--config", str(path))] + list(overrides)
+
+
 def torchrun_command(cfg: Config, config_paths: Sequence[str], overrides: Sequence[str]) -> list[str]:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     argv += ["--nproc-per-node", str(cfg.trainer.procs_per_node), "-m", "gkd.train"]
-    for path in config_paths:
-        argv += ["--config", str(path)]
-    return argv + list(overrides)
+    return argv + _train_args(config_paths, overrides)
 
 
 def trainer_command(
@@ -183,14 +186,10 @@ def trainer_command(
     tr = cfg.trainer
     if node is not None and node.multi:
         argv = trainer_node_argv(cfg, node, hosts) + ["-m", "gkd.train"]
-        for path in config_paths:
-            argv += ["--config", str(path)]
-        return argv + list(overrides) + trainer_overrides(cfg, hosts)
+        return argv + _train_args(config_paths, [*overrides, *trainer_overrides(cfg, hosts)])
     if tr.procs_per_node == 1 and tr.nnodes == 1 and tr.strategy == "ddp":
         argv = [sys.executable, "-u", "-m", "gkd.train"]  # -u: its output reaches the log as it comes
-        for path in config_paths:
-            argv += ["--config", str(path)]
-        return argv + list(overrides)
+        return argv + _train_args(config_paths, overrides)
     return torchrun_command(cfg, config_paths, overrides)
 
 
