@@ -528,7 +528,7 @@ def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_p
         "pathlib.Path(sys.argv[1]).write_text(json.dumps({**seen, 'now': time.time()}))\n"
     )
 
-    def fake_commands(*_args):
+    def fake_commands(*_args, **_kwargs):
         return [
             Command("teacher", [sys.executable, "-c", service, str(tmp_path / "teacher.up")]),
             Command("rollout", [sys.executable, "-c", service, str(tmp_path / "rollout.up")]),
@@ -536,7 +536,7 @@ def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_p
         ]
 
     monkeypatch.setattr(launch, "commands", fake_commands)
-    monkeypatch.setattr(launch, "check_launch", lambda cfg: None)
+    monkeypatch.setattr(launch, "check_launch", lambda *_a, **_k: None)
     overrides = ["model.student_path=S", "data.train_files=[p]", "teacher.model_path=T"]
     started = time.time()
     status = run(["configs/cpu_tiny.yaml"], [*overrides, f"trainer.output_dir={tmp_path / 'run'}"],
