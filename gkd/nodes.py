@@ -206,15 +206,17 @@ def node_spec(
             f"{given}={nnodes} does not match trainer.nnodes={config_nnodes} in the config; make them equal "
             f"or drop trainer.nnodes ({given} wins over its default)"
         )
+    rank_name = "--node-rank"
     if node_rank is None:
+        rank_name = "SLURM_NODEID"
         node_rank = _int(env["SLURM_NODEID"], "SLURM_NODEID", 0) if slurm else 0
         if nnodes > 1 and not slurm:
             raise NodeError(
                 f"--nnodes {nnodes} needs --node-rank R (0..{nnodes - 1}; node 0 hosts trainer rank 0)"
             )
-    node_rank = _int(node_rank, "--node-rank", 0)
+    node_rank = _int(node_rank, rank_name, 0)
     if node_rank >= nnodes:
-        raise NodeError(f"--node-rank {node_rank} is not in 0..{nnodes - 1} (--nnodes {nnodes})")
+        raise NodeError(f"{rank_name} {node_rank} is not in 0..{nnodes - 1} (nodes: {nnodes})")
     if rdzv_endpoint is not None:
         rdzv_host, rdzv_port = _endpoint(rdzv_endpoint, "--rdzv-endpoint")
     elif nnodes == 1:

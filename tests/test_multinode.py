@@ -97,6 +97,7 @@ def test_one_node_binds_loopback_and_several_bind_the_route_to_the_rendezvous_ho
         ({}, {"SLURM_NNODES": "4", "SLURM_NODEID": "0"}, 2, "SLURM_NNODES=4 does not match trainer.nnodes=2"),
         ({"nnodes": 2, "rdzv_endpoint": "h:1"}, {}, 1, "--nnodes 2 needs --node-rank R"),
         ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, {}, 1, "--node-rank 2 is not in 0..1"),
+        ({"nnodes": 1}, {"SLURM_NNODES": "2", "SLURM_NODEID": "1"}, 1, "SLURM_NODEID 1 is not in 0..0"),
         ({"nnodes": 2, "node_rank": 1}, {}, 1, "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
         ({"nnodes": 2, "node_rank": 1, "rdzv_endpoint": "h:port"}, {}, 1, "--rdzv-endpoint=h:port: expected"),
         ({}, {"SLURM_NNODES": "two", "SLURM_NODEID": "0"}, 1, "SLURM_NNODES='two': expected an integer"),
