@@ -349,7 +349,7 @@ def _why(children: Sequence[_Child], status: int) -> str:
         code = c.proc.poll()
         if code is not None and (code != 0 or c.name != "trainer"):
             return f"{c.what} {'was ' if code < 0 else 'exited with '}{_describe_exit(code)}"
-    return "it was interrupted" if status == 130 else "it stopped"
+    return "it was interrupted" if status == 130 else "it stopped after another node's loss or failure"
 
 
 def _probe_gpus(cfg: Config) -> Found:

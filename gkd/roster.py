@@ -161,7 +161,11 @@ class Roster:
         if op == "done":
             peer.said_done = True
             self._events.put(Event("done", peer.node))
-        elif op in ("failed", "lost") and self.node.node_rank != 0 and isinstance(msg.get("node"), int):
+        elif (
+            op in ("failed", "lost")
+            and self.node.node_rank != 0
+            and msg.get("node") in range(len(self.hosts))
+        ):
             self._events.put(Event(op, msg["node"], str(msg.get("why", ""))[:500]))  # relayed by node 0
         elif op == "failed":
             self._report(Event("failed", peer.node, str(msg.get("why", ""))[:500]))
