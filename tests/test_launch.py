@@ -333,6 +333,7 @@ def test_services_hand_each_worker_its_slice(monkeypatch, name, overrides, slice
         return spawned[-1]
 
     monkeypatch.setattr(module.subprocess, "Popen", popen)
+    monkeypatch.setattr(module, "check_vllm_imports", lambda: None)  # vLLM is not installed here
     monkeypatch.setattr(module, "stop_on_signals", _stop_after(1.5))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # the flag wins over the inherited list
     assert args.func(args) == 0  # stopped by its (timed) signal, every worker still running
