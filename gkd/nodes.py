@@ -12,13 +12,15 @@ at :data:`DEFAULT_RDZV_PORT`.
 
 The bind address (``--host``) defaults to 127.0.0.1 on one node; on several, to the address this machine
 uses to reach the rendezvous host (the source address of a UDP "connection" to it: no packet is sent), so
-a hostname that ``/etc/hosts`` maps to 127.0.1.1 does not leak into the run.
+a hostname that ``/etc/hosts`` maps to 127.0.1.1 does not leak into the run; a loopback ``--host`` with a
+rendezvous host elsewhere is refused (the other nodes could not reach it).
 
 Imports nothing heavy (``gkd train`` runs it before it starts anything).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import socket
@@ -182,6 +184,13 @@ def _endpoint(text: str, name: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def node_spec(
     *,
     nnodes: int | None,
@@ -229,4 +238,9 @@ def node_spec(
         )
     if host is None:
         host = "127.0.0.1" if nnodes == 1 else route_address(rdzv_host, rdzv_port)
+    if nnodes > 1 and _loopback(host) and not _loopback(rdzv_host):
+        raise NodeError(
+            f"--host {host} is a loopback address, which the other nodes cannot reach; give this node's "
+            "address on the network the nodes share"
+        )
     return NodeSpec(nnodes, node_rank, rdzv_host, rdzv_port, host, source)

@@ -72,7 +72,7 @@ def test_slurm_hosts_asks_scontrol_first_and_falls_back_to_the_parser(tmp_path):
 
 
 def _spec(env=None, config_nnodes=1, **flags):
-    args = {"nnodes": None, "node_rank": None, "rdzv_endpoint": None, "host": "10.0.0.9", **flags}
+    args = {"nnodes": None, "node_rank": None, "rdzv_endpoint": None, "host": "10.0.0.9"} | flags
     return node_spec(**args, config_nnodes=config_nnodes, env=env or {})
 
 
@@ -101,6 +101,12 @@ def test_one_node_binds_loopback_and_several_bind_the_route_to_the_rendezvous_ho
         ({"nnodes": 2, "node_rank": 1}, {}, 1, "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
         ({"nnodes": 2, "node_rank": 1, "rdzv_endpoint": "h:port"}, {}, 1, "--rdzv-endpoint=h:port: expected"),
         ({}, {"SLURM_NNODES": "two", "SLURM_NODEID": "0"}, 1, "SLURM_NNODES='two': expected an integer"),
+        (
+            {"nnodes": 2, "node_rank": 1, "rdzv_endpoint": "10.0.0.1:9", "host": "127.0.0.1"},
+            {},
+            1,
+            "--host 127.0.0.1 is a loopback address, which the other nodes cannot reach",
+        ),
     ],
 )
 def test_node_spec_refuses_in_one_line(flags, env, config_nnodes, message):
