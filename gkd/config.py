@@ -85,6 +85,7 @@ class TeacherConfig:
     top_k: int = 64  # teacher top-k per response position
     temperature: float = 1.0
     launch: bool = False  # start a local teacher service with the settings below
+    node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     model_path: str = ""  # required when launch; a hub id (owner/name) is downloaded once by `gkd train`
     revision: str | None = None  # the hub revision of teacher.model_path (branch, tag or commit)
     backend: str = _choice("hf", "hf", "vllm")
@@ -128,6 +129,7 @@ class RolloutConfig:
     # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
     return_topk: int = 0
     launch: bool = False  # start a local rollout service
+    node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     auth_secret_file: str | None = None
     dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)  # engine precision; auto = model's compute dtype
     tensor_parallel_size: int = 1  # GPUs per rollout engine

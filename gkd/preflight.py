@@ -6,7 +6,7 @@ to do; ``gkd`` prints it as ``gkd <command>: error: <line>`` and exits with stat
 (``--log-level DEBUG`` adds one). The checks read metadata only (a parquet schema, a folder listing, a
 test bind), so they take well under a second and run before any model is loaded or child started.
 
-    check_launch(cfg)      # gkd train: check_run + the ports its services and trainer rank 0 will bind
+    check_launch(cfg, r)   # gkd train on node r: check_run + the ports its services (and trainer rank 0) bind
     check_run(cfg)         # every trainer rank: models, data, output folder, secret files
     check_service_args(args)  # gkd teacher|rollout serve|join|ping: the flags of one command line
 """
@@ -192,19 +192,26 @@ def check_run(cfg: Config, *, data: bool = True) -> None:
     secret_file(cfg.rollout.auth_secret_file, "rollout.auth_secret_file")
 
 
-def check_bind_ports(cfg: Config) -> None:
-    """The ports ``gkd train`` binds on 127.0.0.1: the launched services' client and worker ports, and the
-    weight channel's store (trainer rank 0): distinct and free."""
-    ports = [("rollout.weight_port", cfg.rollout.weight_port)]
-    if cfg.teacher.launch:
-        ports += [("teacher.server_port", cfg.teacher.server_port)]
-        ports += [("teacher.backend_port", cfg.teacher.backend_port)]
-    if cfg.rollout.launch:
-        ports += [("rollout.server_port", cfg.rollout.server_port)]
-        ports += [("rollout.backend_port", cfg.rollout.backend_port)]
+def check_bind_ports(
+    cfg: Config, node_rank: int = 0, host: str = "127.0.0.1", *, torch_port: int | None = None
+) -> None:
+    """The ports ``gkd train`` binds on node ``node_rank`` at ``host``: the client and worker ports of the
+    services launched there and, on node 0, the weight channel's store (trainer rank 0) and
+    (``torch_port``) torchrun's store: distinct and free."""
+    ports = []
+    if node_rank == 0:
+        ports += [("rollout.weight_port", cfg.rollout.weight_port)]
+        ports += [("--rdzv-endpoint port + 1", torch_port)] if torch_port is not None else []
+    for name in ("teacher", "rollout"):
+        section = getattr(cfg, name)
+        if section.launch and section.node_rank == node_rank:
+            ports += [
+                (f"{name}.server_port", section.server_port),
+                (f"{name}.backend_port", section.backend_port),
+            ]
     _distinct(ports)
     for key, port in ports:
-        port_free("127.0.0.1", port, key)
+        port_free(host, port, key)
 
 
 def check_tokenizers(cfg: Config) -> None:
@@ -223,14 +230,18 @@ def check_tokenizers(cfg: Config) -> None:
         raise InputError(_first_line(e)) from e
 
 
-def check_launch(cfg: Config) -> None:
-    """Everything ``gkd train`` checks before it starts a child: a launched teacher's model folder,
-    :func:`check_run`, :func:`check_tokenizers`, :func:`check_bind_ports`."""
-    if cfg.teacher.launch:
+def check_launch(
+    cfg: Config, node_rank: int = 0, host: str = "127.0.0.1", *, torch_port: int | None = None
+) -> None:
+    """Everything ``gkd train`` checks on node ``node_rank`` before it starts a child: the teacher's model
+    folder when it starts there, :func:`check_run` (the prompt files on node 0 only: trainer rank 0 reads
+    them), :func:`check_tokenizers` where the teacher starts, :func:`check_bind_ports` at ``host``."""
+    if cfg.teacher.launch and cfg.teacher.node_rank == node_rank:
         model_folder(cfg.teacher.model_path, "teacher.model_path")
-    check_run(cfg)
-    check_tokenizers(cfg)
-    check_bind_ports(cfg)
+    check_run(cfg, data=node_rank == 0)
+    if cfg.teacher.node_rank == node_rank:
+        check_tokenizers(cfg)
+    check_bind_ports(cfg, node_rank, host, torch_port=torch_port)
 
 
 # ---------------------------------------------------------------------------- gkd teacher / rollout

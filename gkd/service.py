@@ -183,9 +183,58 @@ def join_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _JOIN_OPTIONS}
 
 
+AUTO = "auto"
+VLLM_CHECK_TIMEOUT_S = 600.0
+
+
+def resolve_auto(args: argparse.Namespace, cuda: bool | None = None) -> None:
+    """``--device auto``: ``cuda`` when CUDA is present (``cuda``: None = ask torch), else ``cpu``;
+    ``--dtype auto``: ``bfloat16`` on CUDA, ``float32`` on CPU. Set in ``args`` in place, before the
+    engine spec is made (so ``join`` children get the resolved values)."""
+    if AUTO not in (args.device, args.dtype):
+        return
+    device = args.device
+    if device == AUTO:
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        device = args.device = "cuda" if cuda else "cpu"
+    if args.dtype == AUTO:
+        args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def check_vllm_imports(python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    """``--backend vllm``: vLLM must import in this interpreter (tried in a child process, so this one
+    stays light); raises :class:`~gkd.preflight.InputError` naming the ``vllm`` extra otherwise."""
+    from gkd.preflight import InputError
+
+    try:
+        done = subprocess.run(
+            [python, "-c", "import vllm"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=VLLM_CHECK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise InputError(f"--backend vllm: `import vllm` took over {VLLM_CHECK_TIMEOUT_S:.0f}s") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"status {done.returncode}"
+        raise InputError(
+            f"--backend vllm: vLLM does not import here ({why}); install the `vllm` extra "
+            "(pip install 'gkd[vllm]'), or use --backend hf"
+        )
+
+
 def _command(kind: ServiceKind, command: str, spec_from_args, fn) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         configure_logging(args.log_level)
+        resolve_auto(args)
+        # before any worker starts; a worker a supervisor spawned (PARENT_ENV) skips what it checked
+        if args.backend == "vllm" and PARENT_ENV not in os.environ:
+            check_vllm_imports()
         return run_service(
             f"gkd {kind.name} {command}", lambda: spec_from_args(args), lambda spec: fn(spec, args)
         )

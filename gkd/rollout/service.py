@@ -282,8 +282,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rollout engine")
     g.add_argument("--model", required=True, help="student model folder (transformers layout)")
     g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
+    g.add_argument(
+        "--dtype",
+        choices=(*DTYPE_NAMES, "auto"),
+        default="auto",
+        help="engine precision (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument("--device", default="auto", help="hf engine: torch device (default auto: cuda if present)")
     g.add_argument("--max-batch-size", type=int, default=64, help="hf engine: prompts per decoding batch")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
     g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")

@@ -224,7 +224,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load instead")
     g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    g.add_argument(
+        "--dtype",
+        choices=(*DTYPE_NAMES, "auto"),
+        default="auto",
+        help="engine precision (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
     g.add_argument("--top-k", type=int, default=64, help="maximum (and default) top-k served (default 64)")
     g.add_argument("--temperature", type=float, default=1.0, help="default teacher temperature")
     g.add_argument(
@@ -234,7 +239,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="top-k log-probs on the wire (token log-probs are always float32)",
     )
     g.add_argument("--max-batch-tokens", type=int, default=8192, help="hf engine: padded tokens per batch")
-    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
+    g.add_argument("--device", default="auto", help="hf engine: torch device (default auto: cuda if present)")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
     g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
     VLLMOptions.add_args(p, memory_default=GPU_MEMORY_UTILIZATION)
