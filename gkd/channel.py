@@ -126,7 +126,7 @@ class ChannelHost:
         if self.key is None and host not in ("127.0.0.1", "localhost", "::1"):
             log.warning(
                 "weight channel store on %s:%d without a channel token: anyone who reaches it can join and "
-                "receive the weights (start the run with `gkd train`, or set GKD_CHANNEL_TOKEN on every side)",
+                "receive the weights (start the run with `gkd train`, or set GKD_CHANNEL_TOKEN everywhere)",
                 host,
                 port,
             )

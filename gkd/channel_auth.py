@@ -37,7 +37,7 @@ _MARK = b"\x00gkdmac1"  # between a signed value and its MAC
 _MAC_BYTES = 32
 
 
-class ChannelAuthError(RuntimeError):
+class ChannelAuthError(ValueError):
     """A weight-channel value is signed and this side has no token, or a token is unusable."""
 
 
@@ -110,7 +110,9 @@ class SignedStore:
     """A store whose ``set``/``get`` values carry a MAC (see the module docstring); everything else is
     passed through. ``scope``: the store's key prefix, part of every MAC. ``key`` None: no signing."""
 
-    def __init__(self, store, key: bytes | None, scope: str = "", timeout: timedelta = timedelta(seconds=600)):
+    def __init__(
+        self, store, key: bytes | None, scope: str = "", timeout: timedelta = timedelta(seconds=600)
+    ):
         self.raw, self.key, self.scope, self.timeout = store, key, scope, timeout
         self._warned: set[str] = set()
 
@@ -129,7 +131,9 @@ class SignedStore:
         if not self.raw.check([name]):
             return None
         data = self.raw.get(name)
-        signed = len(data) >= len(_MARK) + _MAC_BYTES and data[-_MAC_BYTES - len(_MARK) : -_MAC_BYTES] == _MARK
+        signed = (
+            len(data) >= len(_MARK) + _MAC_BYTES and data[-_MAC_BYTES - len(_MARK) : -_MAC_BYTES] == _MARK
+        )
         if self.key is None:
             if signed:
                 raise ChannelAuthError(

@@ -20,8 +20,8 @@ Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes
    ``gkd.channel`` forms the next generation of the channel with the current workers).
 3. Then a header ``int64 [magic, version, n_buckets, op]``; each bucket as one broadcast of exactly its
    bytes (verl sends the full bucket capacity every time) plus a 32-byte trailer ``int64 [version, index,
-   kind, checksum]`` (and 32 bytes of MAC with a channel key); then an all-reduce of per-rank status. ``kind`` says which
-   checksum: CRC-32 (host buffers, the C++ extension) or the device word sum
+   kind, checksum]`` (and 32 bytes of MAC with a channel key); then an all-reduce of per-rank status.
+   ``kind`` says which checksum: CRC-32 (host buffers, the C++ extension) or the device word sum
    (:func:`gkd._ext.device_checksum`, computed where a GPU bucket lives: no copy to the host, and on the
    sender no host sync). The receiver computes the same kind over its own bytes. With the run's channel
    key (``group.key``, :mod:`gkd.channel_auth`) the MAC is HMAC-SHA256 over the bucket's version, index
@@ -73,8 +73,8 @@ from gkd.weight_wire import (  # the channel's group, constants and wire helpers
     _write_trailer,
     bucket_mac,
     init_weight_group,
-    trailer_bytes,
     make_process_group,
+    trailer_bytes,
 )
 
 __all__ = [

@@ -3,6 +3,7 @@ records and generation keys are signed with the run's channel token, and buckets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -39,10 +40,8 @@ def _other_local_address() -> str | None:
         found |= {line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3}
     except (OSError, subprocess.SubprocessError):
         pass
-    try:
+    with contextlib.suppress(OSError):
         found |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
-    except OSError:
-        pass
     return next((a for a in sorted(found) if not a.startswith("127.")), None)
 
 
@@ -83,7 +82,13 @@ def test_a_member_without_the_token_cannot_join(caplog):
     quick = timedelta(seconds=4)
     good = ChannelMember("127.0.0.1", port, "good", backend="gloo", timeout=TIMEOUT, key=KEY)
     wrong = ChannelMember(
-        "127.0.0.1", port, "wrong", backend="gloo", timeout=TIMEOUT, idle_timeout=quick, key=channel_key("b" * 64)
+        "127.0.0.1",
+        port,
+        "wrong",
+        backend="gloo",
+        timeout=TIMEOUT,
+        idle_timeout=quick,
+        key=channel_key("b" * 64),
     )
     with ThreadPoolExecutor(3) as pool, caplog.at_level(logging.WARNING, logger="gkd.weights"):
         wrong_join = pool.submit(_join(wrong))  # asks first: its record is read first, and skipped

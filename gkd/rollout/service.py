@@ -19,6 +19,7 @@ from typing import Any
 
 from gkd import service
 from gkd.channel import ChannelMember
+from gkd.channel_auth import TOKEN_ENV, read_token_file
 from gkd.dtypes import DTYPE_NAMES
 from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
 from gkd.rollout.types import check_prompts
@@ -297,6 +298,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     w.add_argument("--weight-backend", choices=("gloo", "nccl"), default=None, help="default: nccl with CUDA")
     w.add_argument(
+        "--channel-token-file",
+        default=None,
+        metavar="FILE",
+        help="the run's weight-channel token (`gkd train` writes <output_dir>/logs/channel.token; its own "
+        f"workers get it in {TOKEN_ENV})",
+    )
+    w.add_argument(
         "--weight-timeout",
         type=float,
         default=600.0,
@@ -318,6 +326,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(args: argparse.Namespace) -> RolloutSpec:
+    if args.channel_token_file:  # the workers this process starts inherit it
+        os.environ[TOKEN_ENV] = read_token_file(args.channel_token_file)
     vllm = VLLMOptions.from_args(args)
     return RolloutSpec(args.model, args.backend, args.dtype, args.device, args.max_batch_size, vllm)
 
