@@ -22,6 +22,7 @@ from typing import Any
 
 from gkd.placement import apply_worker_gpus, engine_slices, run_service, worker_env
 from gkd.transport import Auth, Broker, Limits, Worker
+from gkd.transport.codec import DEFAULT_LIMITS
 from gkd.transport.process import (
     PARENT_ENV,
     add_restart_args,
@@ -44,6 +45,7 @@ class ServiceKind:
     port: int  # default client (frontend) port
     backend_port: int  # default worker (backend) port
     log: logging.Logger
+    reply_limits: Limits = DEFAULT_LIMITS  # reply bounds: the broker's backend refuses bigger messages
 
 
 def make_broker(
@@ -55,6 +57,7 @@ def make_broker(
         frontend_port=port,
         backend_port=backend_port,
         limits=kind.limits,
+        reply_limits=kind.reply_limits,
         auth=auth,
         **kwargs,
     )

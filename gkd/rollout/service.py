@@ -24,13 +24,13 @@ from gkd.dtypes import DTYPE_NAMES
 from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
 from gkd.rollout.types import check_prompts
 from gkd.rollout.versioned import VersionedEngine, WeightChannel, parse_host_port
-from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
+from gkd.rollout.wire import LIMITS, OPS, REPLY_LIMITS, pack_reply, unpack_request
 from gkd.service import BACKENDS, ServiceKind
 from gkd.transport import Auth, Broker, Worker
 from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.rollout")
-ROLLOUT = ServiceKind("rollout", OPS, LIMITS, port=15557, backend_port=15558, log=log)
+ROLLOUT = ServiceKind("rollout", OPS, LIMITS, 15557, 15558, log, reply_limits=REPLY_LIMITS)
 
 
 @dataclass(frozen=True)

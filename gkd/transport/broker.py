@@ -20,6 +20,10 @@ Routing (see ``protocol.py`` for the envelopes):
 - ``cancel`` from a client withdraws one of its requests (after the client's own timeout), so a request
   nobody waits for does not keep a worker busy.
 - The queue is bounded in requests (``max_queue``) and in bytes (``max_queue_bytes``, queued and running).
+  Before that, each socket bounds what a peer can make it hold: messages up to the service's limits
+  (``limits`` on the frontend, ``reply_limits`` on the backend; ``MAXMSGSIZE``), at most ``receive_hwm``
+  unread per peer (``RCVHWM``); each loop turn reads at most 256 messages or 64 MiB per socket, so a flood
+  (junk failing authentication is dropped and counted: ``auth_failures``) cannot hold up heartbeats.
 - A frontend or backend bound beyond loopback without ``auth`` logs a warning: anyone who can reach the
   backend port can register as a worker, read the prompts and return forged results.
 - No workers: requests wait up to ``no_worker_grace_s`` (since start, or since the last worker left) for
@@ -75,6 +79,7 @@ log = logging.getLogger("gkd.broker")
 
 _MAX_INFO_BYTES = 1 << 16
 _DRAIN = 256  # messages read per socket per loop turn, so neither side starves the other
+_DRAIN_BYTES = 64 << 20  # and at most this many bytes (each is MAC'd): heartbeats keep their pace in a flood
 
 
 @dataclass
@@ -106,7 +111,8 @@ class _Stats:
     bad_requests: int = 0
     bad_backend_messages: int = 0
     busy_rejections: int = 0
-    auth_failures: int = 0
+    auth_failures: int = 0  # messages dropped unanswered: they failed authentication
+    reads_deferred: int = 0  # loop turns that left messages queued in a socket (read budget spent)
     requeued: int = 0
     late_replies_dropped: int = 0
     workers_lost: int = 0
@@ -141,6 +147,7 @@ class Broker(Serving):
         heartbeat_timeout_s: float = 5.0,
         no_worker_grace_s: float = 30.0,
         max_attempts: int = 3,
+        receive_hwm: int = 64,
         context: zmq.Context | None = None,
     ):
         clash = set(ops) & (set(INFO_OPS) | set(REPLY_OPS) | {CANCEL_OP})
@@ -154,6 +161,7 @@ class Broker(Serving):
         self.max_queue_bytes, self.job_timeout_s = max_queue_bytes, job_timeout_s
         self.heartbeat_interval_s, self.heartbeat_timeout_s = heartbeat_interval_s, heartbeat_timeout_s
         self.no_worker_grace_s = no_worker_grace_s
+        self.receive_hwm = receive_hwm
         self._ctx = context
         self.frontend_address: str | None = None
         self.backend_address: str | None = None
@@ -178,6 +186,9 @@ class Broker(Serving):
                 s.setsockopt(zmq.LINGER, 0)
                 # libzmq drops the connection of a peer that sends a bigger frame, before we read it.
                 s.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + 4096)
+                # at most this many unread messages per peer; past it libzmq stops reading that peer's
+                # connection (its sends block), so memory is bounded before anything is authenticated
+                s.setsockopt(zmq.RCVHWM, self.receive_hwm)
             self.frontend_address = bind(front, self.host, self.frontend_port)
             self.backend_address = bind(back, self.backend_host, self.backend_port)
             self._warn_if_exposed()
@@ -228,8 +239,8 @@ class Broker(Serving):
             self._expire_without_workers(now)
             self._dispatch()
 
-    @staticmethod
-    def _drain(sock: zmq.Socket, handle) -> None:
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        budget = _DRAIN_BYTES
         for _ in range(_DRAIN):
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -237,6 +248,10 @@ class Broker(Serving):
                 return
             if len(msg) >= 2:  # a ROUTER always prepends the identity; anything less is not a message
                 handle(msg[0].bytes, msg[1:])
+            budget -= sum(len(f) for f in msg)
+            if budget <= 0:
+                break
+        self.stats.reads_deferred += 1
 
     # ------------------------------------------------------------------------------------ frontend
 
