@@ -135,6 +135,7 @@ def make_worker(
         limits=LIMITS,
         auth=auth,
         available=lambda: versioned.available,
+        failure=versioned.failure,
         **kwargs,
     )
     worker.versioned = versioned

@@ -173,13 +173,20 @@ def auth_from_file(auth_secret_file: str | None) -> Auth | None:
     return Auth.from_file(auth_secret_file) if auth_secret_file else None
 
 
-def run_until_stopped(worker, stop: threading.Event) -> int:
-    """Run a started-to-be transport worker until ``stop`` is set (-> 0) or the supervisor is gone (-> 1)."""
+def run_until_stopped(worker, stop: threading.Event, poll_s: float = 0.5) -> int:
+    """Run a started-to-be transport worker until ``stop`` is set (-> 0), the supervisor is gone or the
+    worker's ``failure()`` names a reason (-> 1: its supervisor restarts it)."""
     worker.start()
     try:
-        while not stop.wait(0.5):
+        while not stop.wait(poll_s):
             if orphaned():
                 log.error("worker %d: supervisor is gone; exiting", os.getpid())
+                return 1
+            why = worker.failure() if hasattr(worker, "failure") else None
+            if why:
+                log.error(
+                    "worker %d: cannot serve any longer (%s); exiting to be restarted", os.getpid(), why
+                )
                 return 1
         return 0
     finally:
