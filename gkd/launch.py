@@ -115,6 +115,8 @@ def _restart_argv(section) -> list[str]:
         str(section.max_worker_restarts),
         "--restart-window",
         repr(section.restart_window_s),
+        "--restart-grace",
+        repr(section.worker_restart_grace_s),
     ]
 
 

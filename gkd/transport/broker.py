@@ -27,7 +27,9 @@ Routing (see ``protocol.py`` for the envelopes):
 - A frontend or backend bound beyond loopback without ``auth`` logs a warning: anyone who can reach the
   backend port can register as a worker, read the prompts and return forged results.
 - No workers: requests wait up to ``no_worker_grace_s`` (since start, or since the last worker left) for
-  one to join; after that queued and new requests fail with ``no_workers``.
+  one to join; after that queued and new requests fail with ``no_workers``. While a worker is known to be
+  (re)starting (``note_restart``: its supervisor spawned it) they wait up to ``worker_restart_grace_s``
+  instead: a single worker that reloads a large engine for minutes does not end the run.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class Broker(Serving):
         heartbeat_interval_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         no_worker_grace_s: float = 30.0,
+        worker_restart_grace_s: float = 600.0,
         max_attempts: int = 3,
         receive_hwm: int = 64,
         context: zmq.Context | None = None,
@@ -160,8 +163,11 @@ class Broker(Serving):
         self.max_queue, self.max_attempts = max_queue, max_attempts
         self.max_queue_bytes, self.job_timeout_s = max_queue_bytes, job_timeout_s
         self.heartbeat_interval_s, self.heartbeat_timeout_s = heartbeat_interval_s, heartbeat_timeout_s
-        self.no_worker_grace_s = no_worker_grace_s
+        self.no_worker_grace_s, self.worker_restart_grace_s = no_worker_grace_s, worker_restart_grace_s
         self.receive_hwm = receive_hwm
+        # until when requests wait for a worker known to be (re)starting (see note_restart); set from the
+        # supervisor's thread, read in the broker's (a float assignment is atomic)
+        self._restart_until = 0.0
         self._ctx = context
         self.frontend_address: str | None = None
         self.backend_address: str | None = None
@@ -202,6 +208,16 @@ class Broker(Serving):
             back.close(0)
             if self._ctx is None:
                 ctx.term()
+
+    def note_restart(self) -> None:
+        """A worker of this service is (re)starting (its supervisor just spawned it): without workers,
+        requests wait for it up to ``worker_restart_grace_s`` rather than ``no_worker_grace_s`` (loading a
+        large engine takes minutes). Ends when a worker registers. Callable from any thread."""
+        self._restart_until = time.monotonic() + self.worker_restart_grace_s
+
+    def _out_of_grace(self, now: float) -> bool:
+        """No worker, and none is worth waiting for any longer."""
+        return now - self._no_worker_since > self.no_worker_grace_s and now > self._restart_until
 
     def _warn_if_exposed(self) -> None:
         exposed = [
@@ -296,7 +312,7 @@ class Broker(Serving):
                 f"{self.max_queue} requests, {self.max_queue_bytes} bytes); retry later",
             )
             return
-        if not self._workers and time.monotonic() - self._no_worker_since > self.no_worker_grace_s:
+        if not self._workers and self._out_of_grace(time.monotonic()):
             self._error(client, rid, "no_workers", self._no_workers_message())
             return
         jid, self._next_jid = self._epoch | (self._next_jid & 0xFFFFFFFF), self._next_jid + 1
@@ -351,6 +367,7 @@ class Broker(Serving):
             "queue": len(self._queue),
             "in_flight": sum(w.job is not None for w in self._workers.values()),
             "auth": self.auth is not None,
+            "restarting_s": round(max(0.0, self._restart_until - now), 1),  # a worker awaited this long
             "stats": stats,
         }
 
@@ -408,6 +425,7 @@ class Broker(Serving):
             self._remove(worker, lost=False)  # re-announced (e.g. restarted): forget its old state
         self._workers[ident] = _Worker(ident, info, time.monotonic())
         self._idle.append(ident)
+        self._restart_until = 0.0  # whoever was awaited is here (or another worker is)
 
     def _remove(self, worker: _Worker, lost: bool = False) -> None:
         del self._workers[worker.ident]
@@ -469,7 +487,7 @@ class Broker(Serving):
                 self._requeue(job.jid)
 
     def _expire_without_workers(self, now: float) -> None:
-        if self._workers or not self._queue or now - self._no_worker_since <= self.no_worker_grace_s:
+        if self._workers or not self._queue or not self._out_of_grace(now):
             return
         message = self._no_workers_message()
         while self._queue:
