@@ -33,7 +33,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from gkd.channel_auth import SignedStore, channel_key, listen_socket
+from gkd.channel_auth import LOOPBACK_NAMES, SignedStore, channel_key, listen_socket
 from gkd.weight_wire import ChannelReform, WeightGroup, WeightSyncError, make_process_group
 from gkd.weights import WeightSender
 
@@ -123,7 +123,7 @@ class ChannelHost:
         self.key = key if key is not None else channel_key()  # default: the run's GKD_CHANNEL_TOKEN
         self.raw = _root_store(host, port, master=True, timeout=timeout)
         self.store = SignedStore(self.raw, self.key, _PREFIX, timeout)
-        if self.key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        if self.key is None and host not in LOOPBACK_NAMES:
             log.warning(
                 "weight channel store on %s:%d without a channel token: anyone who reaches it can join and "
                 "receive the weights (start the run with `gkd train`, or set GKD_CHANNEL_TOKEN everywhere)",

@@ -91,14 +91,40 @@ def mac(key: bytes, *parts: bytes | memoryview) -> bytes:
     return h.digest()
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def listen_address(host: str) -> str:
+    """The address to bind for a store hosted on ``host``: that address itself, except a machine name
+    that resolves to loopback (Debian's 127.0.1.1 for the hostname): remote workers could not reach it,
+    so every interface is bound, as torch would (the token still guards membership), with a warning."""
+    if host in LOOPBACK_NAMES:
+        return host
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
+    except (OSError, IndexError):
+        return host  # the bind names the problem
+    address = addr[0]
+    if address.startswith("127.") or address == "::1":
+        log.warning(
+            "weight channel: %s resolves to %s (loopback), which remote workers cannot reach; the store "
+            "listens on every interface",
+            host,
+            address,
+        )
+        return "::" if family == socket.AF_INET6 else "0.0.0.0"
+    return address
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` only. torch's TCPStore server binds every interface whatever
-    host it is given; given this socket's descriptor (``master_listen_fd``) it serves on it instead."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """A listening socket on ``host:port`` only (:func:`listen_address`). torch's TCPStore server binds
+    every interface whatever host it is given; given this socket's descriptor (``master_listen_fd``) it
+    serves on it instead."""
+    address = listen_address(host)
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind((address, port))
         sock.listen(1024)
     except OSError:
         sock.close()

@@ -18,7 +18,14 @@ import torch.distributed as dist
 
 from gkd import _ext
 from gkd.channel import ChannelHost, ChannelMember
-from gkd.channel_auth import ChannelAuthError, channel_key
+from gkd.channel_auth import (
+    TOKEN_ENV,
+    ChannelAuthError,
+    channel_key,
+    listen_address,
+    read_token_file,
+    token_env,
+)
 from gkd.weight_wire import _CHECK_BYTES, trailer_bytes
 from gkd.weights import WeightReceiver, WeightSender, WeightSyncError, init_weight_group
 
@@ -194,3 +201,35 @@ def test_sender_and_receiver_must_agree_on_the_token():
             receiver.handshake()
         with pytest.raises(WeightSyncError, match="disagree on the channel token"):
             sent.result(timeout=60)
+
+
+def test_a_store_for_a_machine_address_binds_that_address_only():
+    other = _other_local_address()
+    if other is None:
+        pytest.skip("this machine has no IPv4 address besides loopback")
+    assert listen_address(other) == other and listen_address("127.0.0.1") == "127.0.0.1"
+
+
+def test_channel_token_file_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from gkd.rollout.service import main
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    short = tmp_path / "short.token"
+    short.write_text("abc\n")
+    for path, needle in (
+        (tmp_path / "missing.token", "cannot read it"),
+        (short, "the token is 3 characters"),
+    ):
+        argv = ["rollout", "join", "--broker", "127.0.0.1:1", "--model", str(tmp_path)]
+        assert main([*argv, "--channel-token-file", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--channel-token-file {path}: " in err[0] and needle in err[0], err
+
+
+def test_gkd_train_writes_the_token_for_hand_started_workers(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    env = token_env(tmp_path)
+    path = tmp_path / "channel.token"
+    assert read_token_file(path) == env[TOKEN_ENV] and len(env[TOKEN_ENV]) == 64
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert token_env(tmp_path) != env  # a new run, a new token
