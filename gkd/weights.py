@@ -26,7 +26,7 @@ Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes
    sender no host sync). The receiver computes the same kind over its own bytes. With the run's channel
    key (``group.key``, :mod:`gkd.channel_auth`) the MAC is HMAC-SHA256 over the bucket's version, index
    and bytes, and it decides (a checksum catches corruption, not forgery); it is computed on host bytes,
-   so a GPU bucket is copied down for it (about 1-2 GB/s per side). A receiver that sees a bad checksum
+   so a GPU bucket is copied down for it. A receiver that sees a bad checksum
    or MAC keeps its previous weights and raises :class:`WeightSyncError`; so does the sender.
 4. ``close()`` announces ``stop``: receivers' ``receive()`` returns None; ``abandon()`` announces
    ``reform``: receivers' ``receive()`` raises :class:`ChannelReform`.
