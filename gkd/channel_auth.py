@@ -9,7 +9,7 @@ is ignored and logged once per key. Counters (``store.add``: join counts, heartb
 the records they count can, and a count without a valid record is skipped.
 
 The token: ``gkd train`` makes a random one per run, passes it to every child in ``GKD_CHANNEL_TOKEN``
-and writes it to ``<output_dir>/logs/channel.token`` (mode 0600) for rollout workers started by hand,
+and writes it to ``<output_dir>/channel.token`` (mode 0600) for rollout workers started by hand,
 which read it with ``gkd rollout serve|join --channel-token-file FILE``. Without a token (the API used
 directly, no environment variable) the channel is unauthenticated, as before, and says so when its store
 is bound beyond loopback.
@@ -67,7 +67,7 @@ def read_token_file(path: str | os.PathLike) -> str:
     if len(token) < MIN_TOKEN_CHARS:
         raise ChannelAuthError(
             f"--channel-token-file {path}: the token is {len(token)} characters, need at least "
-            f"{MIN_TOKEN_CHARS} (use the file `gkd train` writes: <output_dir>/logs/{TOKEN_FILE})"
+            f"{MIN_TOKEN_CHARS} (use the file `gkd train` writes: <output_dir>/{TOKEN_FILE})"
         )
     return token
 
@@ -164,7 +164,7 @@ class SignedStore:
             if signed:
                 raise ChannelAuthError(
                     "the weight channel is authenticated and this worker has no channel token: pass "
-                    f"--channel-token-file (the trainer's <output_dir>/logs/{TOKEN_FILE}) or set {TOKEN_ENV}"
+                    f"--channel-token-file (the trainer's <output_dir>/{TOKEN_FILE}) or set {TOKEN_ENV}"
                 )
             return data
         if signed:

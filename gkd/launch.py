@@ -253,7 +253,7 @@ def run(
     previous = signal.signal(signal.SIGTERM, terminate)
     # Everything starts at once: the trainer's imports and student load overlap the services' model loads;
     # it then waits for their workers itself (a service that exits meanwhile ends the run in ``watch``).
-    env = {**token_env(log_dir), **(env or {})}  # the weight channel's token, for every child
+    env = {**token_env(log_dir.parent), **(env or {})}  # the weight channel's token, for every child
     trainer_env = {**env, LAUNCH_T0_ENV: repr(started_at)}
     if len(cmds) > 1:
         trainer_env[SERVICE_WAIT_ENV] = repr(health_timeout_s)

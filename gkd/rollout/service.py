@@ -302,7 +302,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--channel-token-file",
         default=None,
         metavar="FILE",
-        help="the run's weight-channel token (`gkd train` writes <output_dir>/logs/channel.token; its own "
+        help="the run's weight-channel token (`gkd train` writes <output_dir>/channel.token; its own "
         f"workers get it in {TOKEN_ENV})",
     )
     w.add_argument(
