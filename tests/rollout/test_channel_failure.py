@@ -66,6 +66,8 @@ def test_a_worker_whose_channel_thread_died_leaves_the_broker_and_exits_to_be_re
         host.sync(2)
         assert len(host.members) == 1 and host.members[0].endswith("slot2")
         assert [s.policy_version for s in client.generate(random_prompts(1), GREEDY, min_version=2)] == [2]
+        host.close()  # the healthy worker's channel thread ends before the store goes
+        wait_for(lambda: healthy.versioned.state == "closed", 30, "the channel closed")
     finally:
         stop.set()
         pool.shutdown(wait=True)
