@@ -109,6 +109,9 @@ class TeacherConfig:
     # (then it stops, unhealthy, with the reason); rollout.* the same for the rollout service
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
+    # while a worker restarts and none is up, the broker holds requests this long for it (the broker's
+    # no_worker_grace_s, 30 s, otherwise): a large engine reloads for minutes
+    worker_restart_grace_s: float = 600.0
 
 
 @dataclass
@@ -156,9 +159,10 @@ class RolloutConfig:
     weight_heartbeat_timeout_s: float = 15.0
     # a re-form waits this long for the first worker to ask for the new generation
     weight_reform_timeout_s: float = 120.0
-    # as teacher.max_worker_restarts / restart_window_s, for the rollout workers
+    # as teacher.max_worker_restarts / restart_window_s / worker_restart_grace_s, for the rollout workers
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
+    worker_restart_grace_s: float = 600.0
 
 
 @dataclass

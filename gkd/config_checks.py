@@ -92,7 +92,7 @@ def _check_engines_and_rollout(cfg: Config) -> None:
     for name, section in (("teacher", t), ("rollout", r)):
         n = section.max_worker_restarts
         _check(n >= 0, f"{name}.max_worker_restarts", n, "must be >= 0")
-        for key in ("request_timeout_s", "liveness_timeout_s", "restart_window_s"):
+        for key in ("request_timeout_s", "liveness_timeout_s", "restart_window_s", "worker_restart_grace_s"):
             v = getattr(section, key)
             _check(0 < v < float("inf"), f"{name}.{key}", v, "must be a positive number of seconds")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from gkd.channel_auth import ChannelAuthError, shared_token_env, token_env
 from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
 from gkd.hub import localize as localize_hub_ids
 from gkd.multinode import check_nodes, dry_run_hosts, node_report, trainer_node_argv, trainer_overrides
@@ -127,6 +128,8 @@ def _restart_argv(section) -> list[str]:
         str(section.max_worker_restarts),
         "--restart-window",
         repr(section.restart_window_s),
+        "--restart-grace",
+        repr(section.worker_restart_grace_s),
     ]
 
 
@@ -277,8 +280,11 @@ def run(
         )
     # models, data, output folder, ports: one line each (a dry run plans for any machine)
     check_launch(cfg, node.node_rank, node.host, torch_port=node.torch_port if node.multi else None)
+    # the weight channel's token: made by node 0 before the others can meet it, read by them after
+    token = token_env(cfg.trainer.output_dir) if node.node_rank == 0 else {}
     roster = form_roster(node, digest, join_timeout_s=health_timeout_s) if node.multi else None
     try:
+        token = token or shared_token_env(cfg.trainer.output_dir)
         hosts = roster.hosts if roster else [LOOPBACK]
         cmds = commands(cfg, plan, config_paths, overrides, node, hosts)
         print(node_report(cfg, found, node, hosts) if roster else plan.table(), flush=True)
@@ -286,7 +292,7 @@ def run(
         if node.multi:
             log_dir = log_dir / f"node{node.node_rank}"  # one folder per node (a shared file system)
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(env or {})
+        env = {**token, **(env or {})}  # the weight channel's token, for every child
         trainer_env = {**env, LAUNCH_T0_ENV: repr(started_at)}
         if cfg.teacher.launch or cfg.rollout.launch:
             trainer_env[SERVICE_WAIT_ENV] = repr(health_timeout_s)
@@ -547,7 +553,7 @@ def _train(args: argparse.Namespace) -> int:
         return run(
             args.config, args.overrides, node=node, dry_run=args.dry_run, started_at=process_start_time()
         )
-    except (ConfigError, LaunchError, PlacementError, NodeError, RosterError) as e:
+    except (ConfigError, LaunchError, PlacementError, NodeError, RosterError, ChannelAuthError) as e:
         print(f"gkd train: error: {e}", file=sys.stderr)
         return 2
 

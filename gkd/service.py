@@ -22,6 +22,7 @@ from typing import Any
 
 from gkd.placement import apply_worker_gpus, engine_slices, run_service, worker_env
 from gkd.transport import Auth, Broker, Limits, Worker
+from gkd.transport.codec import DEFAULT_LIMITS
 from gkd.transport.process import (
     PARENT_ENV,
     add_restart_args,
@@ -44,6 +45,7 @@ class ServiceKind:
     port: int  # default client (frontend) port
     backend_port: int  # default worker (backend) port
     log: logging.Logger
+    reply_limits: Limits = DEFAULT_LIMITS  # reply bounds: the broker's backend refuses bigger messages
 
 
 def make_broker(
@@ -55,6 +57,7 @@ def make_broker(
         frontend_port=port,
         backend_port=backend_port,
         limits=kind.limits,
+        reply_limits=kind.reply_limits,
         auth=auth,
         **kwargs,
     )
@@ -89,6 +92,7 @@ def serve(
     gpus: str | None = None,
     max_restarts: int = 5,
     restart_window_s: float = 600.0,
+    worker_restart_grace_s: float = 600.0,
     worker_argv: Callable[[int], list[str]] = lambda i: [],
     detail: str = "",
 ) -> int:
@@ -96,7 +100,8 @@ def serve(
     worker processes (worker i: ``worker_argv(i)`` added to its ``join``; its ``tensor_parallel_size``
     slice of ``gpus`` as ``CUDA_VISIBLE_DEVICES``) until SIGINT/SIGTERM; returns the exit status. A worker
     that exits is restarted (the broker re-queues its request), at most ``max_restarts`` times within
-    ``restart_window_s``; past that the service stops with status 1 and says why."""
+    ``restart_window_s``; past that the service stops with status 1 and says why. While a worker
+    restarts and none is up, the broker holds requests for it up to ``worker_restart_grace_s``."""
     port = kind.port if port is None else port
     backend_port = kind.backend_port if backend_port is None else backend_port
     if workers < 1:
@@ -104,7 +109,12 @@ def serve(
     slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     broker = make_broker(
-        kind, host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
+        kind,
+        host=host,
+        port=port,
+        backend_port=backend_port,
+        auth=auth_from_file(auth_secret_file),
+        worker_restart_grace_s=worker_restart_grace_s,
     )
     auth = f"auth {'on' if auth_secret_file else 'off'}"
     return serve_broker(
@@ -175,7 +185,11 @@ _SERVE_OPTIONS = (*_JOIN_OPTIONS, "host", "port", "backend_port", "max_restarts"
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     """``serve``'s keyword arguments from the options every ``gkd <service> serve`` has."""
-    return {**{k: getattr(args, k) for k in _SERVE_OPTIONS}, "restart_window_s": args.restart_window}
+    return {
+        **{k: getattr(args, k) for k in _SERVE_OPTIONS},
+        "restart_window_s": args.restart_window,
+        "worker_restart_grace_s": args.restart_grace,
+    }
 
 
 def join_options(args: argparse.Namespace) -> dict[str, Any]:

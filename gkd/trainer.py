@@ -356,6 +356,7 @@ class Trainer:
             timeout=timedelta(seconds=cfg.rollout.weight_timeout_s),
             reform_timeout=timedelta(seconds=cfg.rollout.weight_reform_timeout_s),
             heartbeat_timeout_s=cfg.rollout.weight_heartbeat_timeout_s,
+            bucket_macs=cfg.rollout.auth_secret_file is not None,  # as the rollout service decides
         )
         try:
             # the engines receive their own dtype (bf16 engines: half the bytes of fp32 master weights)

@@ -26,12 +26,12 @@ from gkd import service
 from gkd.dtypes import DTYPE_NAMES
 from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
 from gkd.service import BACKENDS, ServiceKind
-from gkd.teacher.wire import LIMITS, OPS, make_handler
+from gkd.teacher.wire import LIMITS, OPS, REPLY_LIMITS, make_handler
 from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
 from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.teacher")
-TEACHER = ServiceKind("teacher", OPS, LIMITS, port=15555, backend_port=15556, log=log)
+TEACHER = ServiceKind("teacher", OPS, LIMITS, 15555, 15556, log, reply_limits=REPLY_LIMITS)
 # vLLM's prompt-logprobs path allocates [tokens, vocab] logits plus an fp32 log-softmax outside what its
 # memory profiler counts (~7.5 GiB at 8192 tokens x 152k vocab), so the teacher leaves more headroom
 # than vLLM's own 0.9.
