@@ -267,3 +267,50 @@ def test_fp32_master_bf16_compute_at_lr_1e6_changes_the_exported_student_and_bf1
     assert changed(fp32, torch.float32) > 0.9
     control = _export_after_one_step(folder, tmp_path / "bf16", "bfloat16")
     assert changed(control, torch.bfloat16) < 0.05  # the update rounded away (bar weights near zero)
+
+
+class RecordingTeacher:
+    """A teacher client that records what the trainer asks it to score."""
+
+    def __init__(self):
+        self.calls = []
+
+    def submit(self, pairs, top_k, temperature, requested_ids=None):
+        self.calls.append({"pairs": pairs, "top_k": top_k, "requested_ids": requested_ids})
+        return "future"
+
+
+def _topk_samples(m: int) -> list[Sample]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for i, r in enumerate((4, 1, 6)):  # answers of different lengths
+        response = torch.randint(0, 50, (r,), generator=g).tolist()
+        top = torch.randint(0, 50, (r, m), generator=g).to(torch.int32)
+        out.append(Sample([1, 2 + i], response, torch.zeros(r), "length", 0, topk_ids=top))
+    return out
+
+
+@pytest.mark.parametrize("support", ["union", "teacher_topk"])
+def test_score_requests_the_students_top_m_and_the_sampled_token(support):
+    """``loss.support=union``: each score request carries, per response position, the student's top-m ids
+    (from the rollout) followed by the sampled token; ``teacher_topk`` requests none."""
+    from gkd.trainer import Trainer
+
+    m = 3
+    cfg = load_config(["configs/cpu_tiny.yaml"], [f"loss.support={support}", f"rollout.return_topk={m}"])
+    trainer = Trainer(cfg)
+    trainer.teacher = RecordingTeacher()
+    samples = _topk_samples(m)
+    assert trainer.score(0, samples) == "future"
+    (call,) = trainer.teacher.calls
+    assert call["pairs"] == [(s.prompt_ids, s.response_ids) for s in samples]
+    assert call["top_k"] == cfg.teacher.top_k
+    if support == "teacher_topk":
+        assert call["requested_ids"] is None
+        return
+    wanted = call["requested_ids"]
+    assert len(wanted) == len(samples)
+    for s, w in zip(samples, wanted, strict=True):
+        assert w.dtype == torch.int32 and tuple(w.shape) == (len(s.response_ids), m + 1)
+        assert torch.equal(w[:, :m], s.topk_ids)
+        assert w[:, m].tolist() == s.response_ids
