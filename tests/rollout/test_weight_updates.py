@@ -167,14 +167,14 @@ def test_a_failed_channel_is_reported_to_min_version_requests(student_dir):
     svc = Service(student_dir, workers=1, channels=[channel])
     try:
         wait_for(lambda: svc.workers[0].versioned.state == "failed", timeout_s=20, what="channel failure")
-        client = svc.client(min_version_wait_s=5)
-        start = time.monotonic()
+        # a failed channel ends the wait at once: the wait allowed (600 s) is far above the client's
+        # 30 s timeout, so only the worker's answer, not a timeout, can end the request
+        client = svc.client(min_version_wait_s=600, retries=0)
         try:
             client.generate(random_prompts(1), GREEDY, min_version=1)
             raise AssertionError("expected an error")
         except RemoteError as e:
             assert "policy version 1 did not arrive" in str(e) and "weight channel failed" in str(e)
-        assert time.monotonic() - start < 4  # a failed channel ends the wait at once
         assert client.generate(random_prompts(1), GREEDY)[0].policy_version == 0
     finally:
         svc.close()
