@@ -147,14 +147,15 @@ def test_unreachable_teacher_fails_fast_with_a_clear_message(tmp_path, student_d
     argv = [sys.executable, "-m", "gkd.train", "--config", "configs/cpu_tiny.yaml"]
     argv += [f"model.student_path={tiny['student']}", f"data.train_files={tiny['prompts']}"]
     argv += [f"trainer.output_dir={tmp_path / 'out'}", "teacher.launch=false", "rollout.launch=false"]
-    argv += [f"teacher.server_port={port}", "logging.progress_bar=false"]
-    start = time.monotonic()
+    # the request timeout (600 s) and liveness (15 s) are far above the start-up check's own 10 s: the
+    # message says which ended the wait
+    argv += [f"teacher.server_port={port}", "logging.progress_bar=false", "teacher.request_timeout_s=600"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"teacher service at 127.0.0.1:{port} is not reachable" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert time.monotonic() - start < 60
+    assert "no reply to 'info'" in proc.stderr and "within 10.0s (1 attempt(s))" in proc.stderr
 
 
 def test_gkd_train_bad_key_is_an_error_naming_the_valid_keys(capsys):
@@ -243,6 +244,8 @@ def _export_after_one_step(folder: Path, out: Path, param_dtype: str) -> dict[st
     samples = make_samples(5, 24)
     micro = pack_micro_batches(samples, teacher_outputs(tiny_llama(1), samples), 200)
     train_step(model, *build_optimizer(model, cfg.optim, 1), micro, cfg)
+    want = getattr(torch, param_dtype)  # master weights and their gradients stay in model.param_dtype
+    assert all(p.dtype == want and p.grad.dtype == want for p in model.parameters())
     export_hf(model, tokenizer, out)
     return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
 
@@ -250,6 +253,9 @@ def _export_after_one_step(folder: Path, out: Path, param_dtype: str) -> dict[st
 def test_fp32_master_bf16_compute_at_lr_1e6_changes_the_exported_student_and_bf16_master_does_not(
     tmp_path, student_dir
 ):
+    """fp32 master weights + bf16 compute: AdamW's ~1e-6 steps land (fp32 spacing near 0.02 is ~2e-9) and
+    reach the exported student; the bf16-master control rounds nearly all of them away (bf16 spacing near
+    0.02 is ~1e-4). The one test of this claim on one process (FSDP2's: tests/test_trainer_fsdp2.py)."""
     from transformers import AutoTokenizer
 
     from tests.test_trainer_step import tiny_llama
