@@ -55,7 +55,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "reverse_kl: gradient of KL(Q||P)",
         "gkd/kernels/topk_torch.py",
         "return (q * diff).sum(-1), q * (diff + 1.0)\n",
-        "return (q * diff).sum(-1), q * (0.5 * diff + 1.0)\n",  # (plain q * diff is no bug: the softmax Jacobian cancels the + q term)
+        # (q * diff alone would be no bug: the softmax Jacobian cancels the q term)
+        "return (q * diff).sum(-1), q * (0.5 * diff + 1.0)\n",
         ("tests/kernels/test_losses.py::test_topk_distill_loss_matches_reference_fp32", "-k", "reverse_kl"),
     ),
     Mutation(
@@ -119,7 +120,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "gkd/validation.py",
         '"val/kl": loss_sum / max(tokens, 1),',
         '"val/kl": loss_sum / max(len(samples), 1),',
-        ("tests/test_evaluations.py::test_val_kl_is_the_training_loss_per_token_on_answers_of_different_lengths",),
+        (
+            "tests/test_evaluations.py::test_val_kl_is_the_training_loss_per_token_on_answers_of_different_lengths",
+        ),
     ),
     Mutation(
         "staleness <= k: a batch is generated on version >= b - k",
@@ -169,7 +172,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "LoRA: the base weights are frozen (bitwise unchanged)",
         "gkd/lora.py",
-        "    for name, layer in wrapped.named_modules():\n        if not isinstance(layer, peft.tuners.lora.LoraLayer):\n",
+        "    for name, layer in wrapped.named_modules():\n"
+        "        if not isinstance(layer, peft.tuners.lora.LoraLayer):\n",
         "    wrapped.requires_grad_(True)\n    for name, layer in wrapped.named_modules():\n"
         "        if not isinstance(layer, peft.tuners.lora.LoraLayer):\n",
         ("tests/test_lora.py::test_only_the_adapter_trains_and_the_engine_receives_the_merge",),
@@ -179,7 +183,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "gkd/transport/broker.py",
         "            self._requeue(job.jid)\n        if not self._workers:\n",
         "            self._forget(job.jid)\n        if not self._workers:\n",
-        ("tests/transport/test_faults.py::test_sigkilled_worker_request_completes_elsewhere_none_lost_none_duplicated",),
+        (
+            "tests/transport/test_faults.py::test_sigkilled_worker_request_completes_elsewhere_none_lost_none_duplicated",
+        ),
     ),
     Mutation(
         "preflight: a model folder without config.json is refused in one line",
@@ -251,7 +257,8 @@ def check_imports_from(copy: Path) -> None:
     )  # fmt: skip
     where = out.stdout.strip()
     if out.returncode != 0 or not where.startswith(str(copy)):
-        raise SystemExit(f"mutation_check: the copy's gkd is not the one imported ({where or out.stderr[-500:]})")
+        why = where or out.stderr[-500:]
+        raise SystemExit(f"mutation_check: the copy's gkd is not the one imported ({why})")
 
 
 @dataclass
@@ -287,7 +294,7 @@ def run_one(i: int, m: Mutation, base: Path, work: Path, timeout_s: float) -> Re
 
 def print_table(rows: list[tuple[str, str, str]], header: tuple[str, str, str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(line.format(*header))
     print(line.format(*("-" * w for w in widths)))
     for r in rows:
@@ -325,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         base = make_base_copy(ROOT, Path(tmp) / "base")
         check_imports_from(base)
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            results = list(pool.map(lambda im: run_one(*im, base, Path(tmp), args.timeout), enumerate(chosen)))
+            jobs = [pool.submit(run_one, i, m, base, Path(tmp), args.timeout) for i, m in enumerate(chosen)]
+            results = [job.result() for job in jobs]
     bad = [r for r in results if r.verdict != "caught"]
     for r in bad:
         print(f"\n--- {r.verdict}: {r.mutation.claim} ({r.mutation.file})\n{r.tail}")

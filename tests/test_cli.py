@@ -1,5 +1,5 @@
-"""``gkd teacher serve`` in a subprocess (2 worker processes, auth, free ports, stack dumps on SIGUSR1, SIGTERM
-shutdown) checked with ``gkd teacher ping`` and a TeacherClient."""
+"""``gkd teacher serve`` in a subprocess (2 worker processes, auth, free ports, stack dumps on SIGUSR1,
+SIGTERM shutdown) checked with ``gkd teacher ping`` and a TeacherClient."""
 
 import contextlib
 import os

@@ -399,9 +399,9 @@ _FAIL = "import sys, time; time.sleep({delay}); print('Traceback (most recent ca
 def test_a_dying_service_stops_the_run_with_one_line(tmp_path, capfd):
     """The watch returns as soon as a service exits; the console line says what died, how, its last error
     and where its log is; the traceback stays in the log."""
-    from gkd.launch import watch
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from gkd.launch import watch
 
     rollout = _child(tmp_path, "rollout", _FAIL.format(delay=0.5, name="rollout", status=3))
     trainer = _child(tmp_path, "trainer", "import time; time.sleep(600)")  # far beyond the 60 s below

@@ -107,7 +107,8 @@ def test_memory_helpers_agree_with_the_kernel_and_follow_an_allocation():
     assert cpu_memory_used_gb() == pytest.approx((vm.total - vm.available) / 2**30, abs=0.25)
 
     def vm_hwm_gb() -> float:
-        line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
         return int(line.split()[1]) * 1024 / 2**30
 
     assert max_memory_allocated_gb() == pytest.approx(vm_hwm_gb(), abs=0.01)

@@ -66,7 +66,9 @@ def test_a_mutant_runs_on_a_copy_and_its_verdict_follows_the_tests(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "lib.py").write_text("def double(x):\n    return 2 * x\n")
-    (repo / "test_lib.py").write_text("from lib import double\n\n\ndef test_double():\n    assert double(3) == 6\n")
+    (repo / "test_lib.py").write_text(
+        "from lib import double\n\n\ndef test_double():\n    assert double(3) == 6\n"
+    )
     cases = {
         "caught": check.Mutation("c", "lib.py", "2 * x", "3 * x", ("test_lib.py::test_double",)),
         "SURVIVED": check.Mutation("s", "lib.py", "2 * x", "x + x", ("test_lib.py::test_double",)),

@@ -327,12 +327,12 @@ def test_a_receiver_inside_a_collective_leaves_an_abandoned_group_at_once():
     # the 30 s the test gives the receiver to leave
     tx, rx = _pair(_free_port(), timedelta(seconds=120))
     receiver = WeightReceiver(rx, {"w": torch.zeros(4)})
-    done = _in_thread(receiver.handshake, join_s=30)  # waits in the size broadcast, never posted by the sender
+    done = _in_thread(receiver.handshake, join_s=30)  # waits in the size broadcast, which is never posted
     time.sleep(0.5)
     WeightSender(tx, {"w": torch.zeros(4)}).abandon()
     with pytest.raises(ChannelReform, match="abandoned the weight channel during the handshake size"):
         done()
-    rx.pg.abort()  # the receiver's own side of the abandoned group: its pending broadcast ends now, not at exit
+    rx.pg.abort()  # the receiver's side of the abandoned group: its pending broadcast ends now, not at exit
 
 
 def test_gpu_path_on_cpu_tensors_casts_to_the_engine_dtype_and_the_word_sum_catches_a_flipped_byte():

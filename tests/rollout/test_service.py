@@ -3,7 +3,6 @@ the same seeds whatever the split, bad input gets an error naming the prompt whi
 serving, and a ``min_version`` the worker does not reach ends in a clear error after its wait."""
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
