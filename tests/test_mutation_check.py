@@ -2,22 +2,11 @@
 the tree exactly once, and every test it names exists (the full check, which runs them, is a CI stage)."""
 
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tiny_run import ROOT, load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "scripts" / "mutation_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load()
+check = load_script("mutation_check")
 
 
 def _test_functions(path: Path) -> set[str]:
