@@ -388,8 +388,13 @@ def service_throughput(samples, outputs) -> dict[str, float]:
     teacher workers' scoring time) of one batch, from the seconds the services report with each reply
     (``Sample.extra['service_s']``, ``TeacherOutput.service_s``: a request's time shared over its
     sequences). Per busy worker: requests that ran in parallel add their seconds. Absent when the service
-    did not report its time."""
+    did not report its time. Also the support the teacher scored on: ``teacher/support_width`` (slots per
+    position: K, or K + m + 1 with ``loss.support=union``) and ``teacher/union_share`` (the share of replies
+    scored on the union; below 1 when an engine answered with its top-k instead, as vLLM does)."""
     out: dict[str, float] = {}
+    if outputs:
+        out["teacher/support_width"] = float(max(o.topk_ids.shape[1] for o in outputs))
+        out["teacher/union_share"] = sum(o.support == "union" for o in outputs) / len(outputs)
     gen_s = sum(float(s.extra.get("service_s", 0.0)) for s in samples)
     if gen_s > 0:
         out["perf/rollout_tokens_per_s"] = sum(len(s.response_ids) for s in samples) / gen_s

@@ -400,18 +400,21 @@ _FAIL = "import sys, time; time.sleep({delay}); print('Traceback (most recent ca
 def test_a_dying_service_stops_the_run_with_one_line(tmp_path, capfd):
     """The watch returns as soon as a service exits; the console line says what died, how, its last error
     and where its log is; the traceback stays in the log."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from gkd.launch import watch
 
     rollout = _child(tmp_path, "rollout", _FAIL.format(delay=0.5, name="rollout", status=3))
-    trainer = _child(tmp_path, "trainer", "import time; time.sleep(60)")
+    trainer = _child(tmp_path, "trainer", "import time; time.sleep(600)")  # far beyond the 60 s below
+    pool = ThreadPoolExecutor(1)
     try:
-        start = time.monotonic()
-        assert watch([rollout, trainer], interval_s=0.1) == 1
-        assert time.monotonic() - start < 10
+        assert pool.submit(watch, [rollout, trainer], interval_s=0.1).result(timeout=60) == 1
+        assert trainer.proc.poll() is None  # the rollout's exit ended the watch, the trainer still runs
     finally:
         for c in (trainer, rollout):
             c.proc.kill()
             c.proc.wait()
+        pool.shutdown()
     err = capfd.readouterr().err
     line = next(x for x in err.splitlines() if "exited" in x)
     assert "the rollout service exited with status 3" in line and "ValueError: boom rollout" in line
