@@ -106,9 +106,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "global token normalisation across ranks",
         "gkd/trainer_step.py",
-        "dist.all_reduce(count, group=group)",
-        "count.mul_(1)",
+        "    n_global = plan.tokens\n",
+        "    n_global = plan.rank_tokens[dist.get_rank(group) if world > 1 else 0]\n",
         ("tests/test_trainer_step.py::test_two_gloo_ranks_average_to_the_single_process_gradient",),
+    ),
+    Mutation(
+        "DDP/FSDP2 ranks run equal micro-batch counts (a rank short of work pads with zero-weight ones)",
+        "gkd/trainer_step.py",
+        "micro_batches += [zero_weight_micro_batch()] * (plan.micro_batches - len(micro_batches))",
+        "micro_batches += []",
+        ("tests/test_balance.py::test_uneven_ranks_run_equal_micro_batch_counts_and_match_one_process[2]",),
     ),
     Mutation(
         "loss.support=union: the trainer asks the teacher for the student's top-m + the sampled token",
