@@ -19,22 +19,23 @@ Sections:
   Target: >= 80 % of the copy's GB/s. Tiles of 4096 (the default) and 8192.
 - fused: forward + backward of the fused lm_head loss at N=16384, H in {1024, 2048}, V=151936, bf16:
   median time (CUDA events) and extra peak memory (torch.cuda.max_memory_allocated minus what was allocated
-  before), for gkd (Triton; and with fp32 master weights + bf16 compute), gkd's torch path, a naive
-  full-logits loss and Liger-Kernel's LigerFusedLinearJSDLoss(beta=0) when liger_kernel imports.
-  Target: gkd >= 2x faster than Liger, peak <= Liger's. Plus: no host sync in a gkd step
-  (torch.cuda.set_sync_debug_mode("error")), and whether torch has the fp32-output addmm gkd's weight
-  gradient uses.
+  before), for gkd (Triton with its default chunks; with fp32 master weights + bf16 compute; with
+  320 MiB logits chunks; with the former 4096-row chunks), gkd's torch path, a naive full-logits loss and
+  Liger-Kernel's LigerFusedLinearJSDLoss(beta=0) when liger_kernel imports. Each gkd row also gives its
+  rows per chunk and the extra peak gkd.kernels.memory models for it (``model_ratio``: measured /
+  modelled). Target: gkd (default chunks) >= 1.5x faster than Liger at a peak <= Liger's. Plus: no host
+  sync in a gkd step (torch.cuda.set_sync_debug_mode("error")), whether torch has the fp32-output GEMMs
+  gkd's weight gradients use, and the 16-bit pair accumulator's Triton pass bit for bit against its torch
+  ops (round to nearest even) and against fp32 accumulation.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -48,7 +49,21 @@ LOSS_TAILS = [  # every valid combination: tail="none" defines forward_kl only
     for tail in ("bucket", "renorm", "none")
     if tail != "none" or loss == "forward_kl"
 ]
-TARGETS = {"kernel_fraction_of_copy": 0.8, "fused_speedup_vs_liger": 2.0, "fused_peak_ratio_vs_liger": 1.0}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, however it is loaded
+from gpu_kernels_fused import TARGETS as FUSED_TARGETS  # noqa: E402
+from gpu_kernels_fused import (  # noqa: E402
+    fused_case,
+    fused_inputs,
+    fused_variants,
+    liger_case,
+    no_sync_case,
+    pair_accumulator_case,
+    versus_liger,
+    wide_addmm_case,
+)
+from gpu_kernels_util import Skip, _free, median_seconds, normwise  # noqa: E402
+
+TARGETS = {"kernel_fraction_of_copy": 0.8, **FUSED_TARGETS}
 FULL = {
     "vocab": 151936,
     "vocabs": [151936, 152064, 128256, 262144],
@@ -75,10 +90,6 @@ SMOKE = {
     "fused_hs": [16, 32],
     "iters": 2,
 }
-
-
-class Skip(Exception):
-    """A case that cannot run here (its reason goes into the row)."""
 
 
 class Report:
@@ -119,69 +130,6 @@ class Report:
         tmp = self.out.with_suffix(self.out.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.out)
-
-
-def _free():
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def _sync(dev):
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def median_seconds(fn, dev, iters: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` (CUDA events on a GPU)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    times = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def extra_peak_bytes(fn, dev) -> int | None:
-    """Peak bytes allocated during ``fn`` beyond what was allocated before it (CUDA only)."""
-    import torch
-
-    if dev.type != "cuda":
-        return None
-    _sync(dev)
-    _free()
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    fn()
-    _sync(dev)
-    return torch.cuda.max_memory_allocated(dev) - base
-
-
-def normwise(got, want) -> float:
-    """max |got - want| / max |want| (0 when both are 0)."""
-    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-    scale = want.double().abs().max().item() if want.numel() else 0.0
-    return err / scale if scale > 0 else err
 
 
 def teacher_batch(n, vocab, k, dev, seed):
@@ -334,156 +282,6 @@ def kernel_bandwidth_case(dev, rows, vocab, k, block_v, iters, judge):
     return res
 
 
-def fused_inputs(dev, n, h, vocab, k):
-    import torch
-
-    gen = torch.Generator(device=dev).manual_seed(5)
-    hidden = torch.randn(n, h, device=dev, generator=gen).to(torch.bfloat16)
-    weight = (torch.randn(vocab, h, device=dev, generator=gen) / h**0.5).to(torch.bfloat16)
-    # distinct ids per row, drawn 2048 rows at a time (a [N, V] random matrix would be 10 GB)
-    blocks = [torch.rand(min(2048, n - i), vocab, device=dev, generator=gen) for i in range(0, n, 2048)]
-    ids = torch.cat([b.topk(k, dim=-1).indices for b in blocks])
-    lp = torch.log_softmax(torch.randn(n, k, device=dev, generator=gen) * 2, -1) + math.log(0.9)
-    return hidden, weight, ids, lp
-
-
-def fused_variants(dev, hidden, weight, ids, lp):
-    """name -> (leaves needing grad, loss function of them)."""
-    import torch
-
-    from gkd.kernels import fused_linear_topk_distill_loss
-
-    n = hidden.shape[0]
-
-    def gkd(backend, **kw):
-        return lambda h, w: fused_linear_topk_distill_loss(
-            h, w, ids, lp, backend=backend, reduction="mean", check_inputs=False, **kw
-        )
-
-    def naive(h, w):  # full logits, torch log_softmax, the same value as tail="none"
-        logq = torch.log_softmax((h @ w.t()).float(), dim=-1)
-        return (lp.exp() * (lp - logq.gather(1, ids))).sum() / n
-
-    return {
-        "gkd_triton": ((hidden, weight), gkd("triton")),
-        "gkd_triton_fp32_master": ((hidden, weight.float()), gkd("triton", compute_dtype=torch.bfloat16)),
-        # a quarter of the default logits budget: the memory / time trade-off of chunk_bytes
-        "gkd_triton_chunk_320MiB": ((hidden, weight), gkd("triton", chunk_bytes=320 << 20)),
-        "gkd_torch": ((hidden, weight), gkd("torch")),
-        "naive": ((hidden, weight), naive),
-    }
-
-
-def fused_step(leaves, fn):
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves).backward()
-
-    return step
-
-
-def fused_case(dev, leaves, fn, iters, warmup=1):
-    import torch
-
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    step = fused_step(leaves, fn)
-    t = median_seconds(step, dev, iters, warmup)
-    peak = extra_peak_bytes(step, dev)
-    if not all(torch.isfinite(x.grad).all() for x in leaves):
-        raise AssertionError("non-finite gradient")
-    return {"ms": t * 1e3, "extra_peak_GiB": None if peak is None else peak / 2**30}
-
-
-def liger_case(dev, hidden, weight, iters):
-    import torch
-
-    if dev.type != "cuda":
-        raise Skip("Liger's comparison runs on CUDA only (smoke run)")
-    try:
-        import inspect
-        from importlib.metadata import version
-
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-        from liger_kernel.chunked_loss import jsd_loss as liger_jsd
-    except ImportError as e:
-        raise Skip(f"liger_kernel not importable: {e}") from None
-    src = inspect.getsource(liger_jsd.LigerFusedLinearJSDFunction.distillation_loss_fn)
-    meaning = (
-        "forward KL(teacher || student) over the full vocabulary"
-        if "beta == 0" in src
-        else "KL(student || teacher) over the full vocabulary (this version's beta=0 convention)"
-    )
-    # the student part is gkd's; the teacher's full logits come from its own lm_head inside Liger's
-    # chunk loop (an extra [N, H] x [H, V] GEMM per chunk): what one runs without served top-k
-    gen = torch.Generator(device=dev).manual_seed(9)
-    t_hidden = torch.randn(hidden.shape, device=dev, generator=gen).to(hidden.dtype)
-    t_weight = (torch.randn(weight.shape, device=dev, generator=gen) / weight.shape[1] ** 0.5).to(
-        weight.dtype
-    )
-    labels = torch.randint(0, weight.shape[0], (hidden.shape[0],), device=dev, generator=gen)
-    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=True)
-    fn = lambda h, w: loss(h, w, t_hidden, t_weight, labels, None, None)  # noqa: E731
-    res = fused_case(dev, (hidden, weight), fn, iters, warmup=2)  # warm-up includes torch.compile
-    return {
-        **res,
-        "liger_version": version("liger-kernel"),
-        "liger_beta0": meaning,
-        "comparison": "gkd: forward KL on the teacher's served top-64 + tail bucket; Liger: "
-        "LigerFusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1, beta=0, compiled=True) = "
-        f"{meaning}, "
-        "teacher logits from a teacher lm_head of the same shape; both bf16, mean over tokens",
-    }
-
-
-def no_sync_case(dev, hidden, weight, ids, lp):
-    import torch
-
-    from gkd.kernels import fused_linear_topk_distill_loss
-
-    if dev.type != "cuda":
-        raise Skip("torch.cuda.set_sync_debug_mode needs CUDA")
-    leaves = [hidden.detach().clone().requires_grad_(), weight.float().requires_grad_()]
-    fn = lambda h, w: fused_linear_topk_distill_loss(  # noqa: E731
-        h, w, ids, lp, backend="triton", reduction="mean", check_inputs=False, compute_dtype=torch.bfloat16
-    )
-    step = fused_step(leaves, fn)
-    step()  # compile first: only the steady state counts
-    _sync(dev)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    _sync(dev)
-    return {"host_syncs": 0}
-
-
-def wide_addmm_case(dev):
-    import torch
-
-    if dev.type != "cuda":
-        raise Skip("the fp32-output addmm is a CUDA op")
-    a = torch.randn(64, 32, device=dev).to(torch.bfloat16)
-    b = torch.randn(32, 48, device=dev).to(torch.bfloat16)
-    acc = torch.ones(64, 48, device=dev)
-    try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, TypeError) as e:
-        return {"fp32_output_addmm": False, "note": f"fallback (bf16 product buffer) in use: {str(e)[:200]}"}
-    err = normwise(acc, 1 + a.double() @ b.double())
-    return {"fp32_output_addmm": True, "err": err, "status": "PASS" if err < 1e-5 else "FAIL"}
-
-
-def versus_liger(ours: dict, liger: dict) -> dict:
-    if liger["status"] != "PASS" or ours["status"] != "PASS":
-        raise Skip("gkd's or Liger's row did not pass")
-    speedup = liger["ms"] / ours["ms"]
-    peak = ours["extra_peak_GiB"] / liger["extra_peak_GiB"]
-    ok = speedup >= TARGETS["fused_speedup_vs_liger"] and peak <= TARGETS["fused_peak_ratio_vs_liger"]
-    return {"speedup": speedup, "peak_ratio": peak, "status": "PASS" if ok else "FAIL"}
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -557,15 +355,16 @@ def main(argv=None) -> int:
     n = cfg["fused_n"]
     for h in cfg["fused_hs"]:
         inputs = fused_inputs(dev, n, h, v0, k0)
-        for name, (leaves, fn) in fused_variants(dev, *inputs).items():
-            case = partial(fused_case, dev, leaves, fn, cfg["iters"])
+        for name, (leaves, fn, call) in fused_variants(dev, *inputs).items():
+            case = partial(fused_case, dev, leaves, fn, cfg["iters"], call=call)
             fused[(name, h)] = report.run("fused", f"{name} N={n} H={h} V={v0}", case)
         if h == cfg["fused_hs"][0]:
             report.run("fused", f"no host sync in a step N={n} H={h}", partial(no_sync_case, dev, *inputs))
             report.run(
                 "fused", "fp32-output addmm (weight-gradient accumulation)", partial(wide_addmm_case, dev)
             )
-        del inputs, leaves, fn
+            report.run("fused", "16-bit pair accumulator (bf16 weights)", partial(pair_accumulator_case, dev))
+        del inputs, leaves, fn, call
         _free()
 
     # after the others: a bad offset here would leave the CUDA context unusable

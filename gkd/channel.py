@@ -33,6 +33,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from gkd.channel_auth import LOOPBACK_NAMES, SignedStore, channel_key, listen_socket
 from gkd.weight_wire import ChannelReform, WeightGroup, WeightSyncError, make_process_group
 from gkd.weights import WeightSender
 
@@ -42,6 +43,7 @@ log = logging.getLogger("gkd.weights")
 
 HEARTBEAT_INTERVAL_S = 1.0
 SETTLE_S = 2.0  # a re-form waits this long after the last worker asked for more to ask
+JOIN_RECORD_WAIT_S = 5.0  # a join count without its record after this long is skipped
 _PREFIX = "gkd_weights/"
 
 
@@ -64,8 +66,31 @@ def _wait_listening(host: str, port: int, timeout_s: float, poll_s: float = 0.05
 
 
 def _root_store(host: str, port: int, *, master: bool, timeout: timedelta) -> dist.PrefixStore:
-    store = dist.TCPStore(host, port, None, is_master=master, timeout=timeout, wait_for_workers=False)
+    if not master:
+        store = dist.TCPStore(host, port, None, is_master=False, timeout=timeout, wait_for_workers=False)
+        return dist.PrefixStore(_PREFIX, store)
+    # the server gets a socket bound to ``host`` only (given just a host, it listens on every interface);
+    # it owns a duplicate of the descriptor, this side closes its own
+    sock = listen_socket(host, port)
+    try:
+        store = dist.TCPStore(
+            host,
+            sock.getsockname()[1],
+            None,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=os.dup(sock.fileno()),
+        )
+    finally:
+        sock.close()
     return dist.PrefixStore(_PREFIX, store)
+
+
+def _group_stores(root: dist.Store, g: int, key: bytes | None, timeout: timedelta):
+    """Generation ``g``'s store prefix: raw for its process group's rendezvous, signed for the channel."""
+    raw = dist.PrefixStore(f"g{g}/", root)
+    return raw, SignedStore(raw, key, f"{_PREFIX}g{g}/", timeout)
 
 
 class ChannelHost:
@@ -87,6 +112,8 @@ class ChannelHost:
         reform_timeout: timedelta = timedelta(seconds=120),
         heartbeat_timeout_s: float = 15.0,
         max_reforms: int = 3,
+        key: bytes | None = None,
+        bucket_macs: bool = False,
     ):
         self.host, self.expected, self.backend, self.timeout = host, expected, backend, timeout
         self.reform_timeout, self.heartbeat_timeout_s, self.max_reforms = (
@@ -94,7 +121,19 @@ class ChannelHost:
             heartbeat_timeout_s,
             max_reforms,
         )
-        self.store = _root_store(host, port, master=True, timeout=timeout)
+        self.key = key if key is not None else channel_key()  # default: the run's GKD_CHANNEL_TOKEN
+        # the weights' bytes carry an HMAC only when asked (a secret configured: a pass over every byte on
+        # the host, a device-to-host copy per bucket on GPUs); the store's records are signed either way
+        self.bucket_key = self.key if bucket_macs else None
+        self.raw = _root_store(host, port, master=True, timeout=timeout)
+        self.store = SignedStore(self.raw, self.key, _PREFIX, timeout)
+        if self.key is None and host not in LOOPBACK_NAMES:
+            log.warning(
+                "weight channel store on %s:%d without a channel token: anyone who reaches it can join and "
+                "receive the weights (start the run with `gkd train`, or set GKD_CHANNEL_TOKEN everywhere)",
+                host,
+                port,
+            )
         self.generation = -1
         self.members: list[str] = []
         self.group: WeightGroup | None = None
@@ -109,6 +148,17 @@ class ChannelHost:
     def _asked(self, g: int) -> int:
         return int(self.store.add(f"want/{g}/count", 0))
 
+    def _join_record(self, g: int, i: int) -> str | None:
+        """Join record ``i`` of generation ``g``: a worker id, or None (missing or not signed with the
+        token: a count bumped by someone else)."""
+        try:  # a worker bumps the count just before it writes its record
+            self.store.wait([f"want/{g}/{i}"], timedelta(seconds=JOIN_RECORD_WAIT_S))
+        except (RuntimeError, dist.DistError):
+            log.warning("weight channel generation %d: join request %d came without a record; skipped", g, i)
+            return None
+        value = self.store.verified(f"want/{g}/{i}")
+        return None if value is None else value.decode(errors="replace")
+
     def pending(self) -> bool:
         """A worker asks to join the next generation (a restarted worker, or a survivor of a failure)."""
         return self._asked(self.generation + 1) > 0
@@ -121,34 +171,34 @@ class ChannelHost:
         g = self.generation + 1
         wait_s = (wait or self.timeout).total_seconds()
         deadline = time.monotonic() + wait_s
-        asked, changed = self._asked(g), time.monotonic()
-        while asked < self.expected and time.monotonic() < deadline:
-            if not need_all and asked > 0 and time.monotonic() - changed > SETTLE_S:
-                break
-            time.sleep(0.05)
-            now_asked = self._asked(g)
-            if now_asked != asked:
-                asked, changed = now_asked, time.monotonic()
-        if asked < (self.expected if need_all else 1):
-            raise WeightSyncError(
-                f"weight channel generation {g}: {asked} of {self.expected} rollout worker(s) joined within "
-                f"{wait_s:g}s (are the workers up, with --weight-channel {self.host}:<rollout.weight_port>?)"
-            )
         members: list[str] = []
-        for i in range(1, asked + 1):  # a worker bumps the count just before it writes its id
-            self.store.wait([f"want/{g}/{i}"], timedelta(seconds=10))
-            who = self.store.get(f"want/{g}/{i}").decode()
-            if who not in members:
-                members.append(who)
+        read, changed = 0, time.monotonic()  # join records read so far; when the last genuine one came
+        while len(members) < self.expected and time.monotonic() < deadline:
+            if not need_all and members and time.monotonic() - changed > SETTLE_S:
+                break
+            asked = self._asked(g)
+            while read < asked:
+                read += 1
+                who = self._join_record(g, read)
+                if who is not None and who not in members:
+                    members.append(who)
+                    changed = time.monotonic()
+            if len(members) < self.expected:
+                time.sleep(0.05)
+        if len(members) < (self.expected if need_all else 1):
+            raise WeightSyncError(
+                f"weight channel generation {g}: {len(members)} of {self.expected} rollout worker(s) joined "
+                f"within {wait_s:g}s (are the workers up, with --weight-channel {self.host}:"
+                "<rollout.weight_port>, and the run's channel token?)"
+            )
         self.store.set(f"gen/{g}", json.dumps({"members": members, "version": version}))
         self.store.set("latest", str(g))
         world = 1 + len(members)
-        pg, device = make_process_group(
-            dist.PrefixStore(f"g{g}/", self.store), self.host, 0, world, self.backend, self.timeout
-        )
+        raw, signed = _group_stores(self.raw, g, self.key, self.timeout)
+        pg, device = make_process_group(raw, self.host, 0, world, self.backend, self.timeout)
         if self.group is not None:
             self._retired.append(self.group)
-        self.group = WeightGroup(pg, dist.PrefixStore(f"g{g}/", self.store), 0, world, device, self.timeout)
+        self.group = WeightGroup(pg, signed, 0, world, device, self.timeout, key=self.bucket_key)
         self.group.liveness = self._check_heartbeats
         self.generation, self.members = g, members
         now = time.monotonic()
@@ -258,11 +308,18 @@ class ChannelMember:
         backend: str | None = None,
         timeout: timedelta = timedelta(minutes=10),
         idle_timeout: timedelta = timedelta(days=1),
+        key: bytes | None = None,
+        bucket_macs: bool = False,
     ):
         self.host, self.port, self.id, self.backend = host, port, ident, backend
         self.timeout, self.idle_timeout = timeout, idle_timeout
+        self.key = key if key is not None else channel_key()  # default: the run's GKD_CHANNEL_TOKEN
+        # the weights' bytes carry an HMAC only when asked (a secret configured: a pass over every byte on
+        # the host, a device-to-host copy per bucket on GPUs); the store's records are signed either way
+        self.bucket_key = self.key if bucket_macs else None
         _wait_listening(host, port, timeout.total_seconds())
-        self.store = _root_store(host, port, master=False, timeout=timeout)
+        self.raw = _root_store(host, port, master=False, timeout=timeout)
+        self.store = SignedStore(self.raw, self.key, _PREFIX, timeout)
         self.generation = -1
         self._groups: list[WeightGroup] = []  # every group joined stays referenced (see ChannelHost._retired)
         self._stop = threading.Event()
@@ -270,16 +327,18 @@ class ChannelMember:
         self._beat.start()
 
     @staticmethod
-    def sent_version(host: str, port: int, timeout_s: float = 2.0) -> int | None:
-        """The newest version the trainer has sent, or None (no trainer yet, or nothing sent)."""
+    def sent_version(host: str, port: int, timeout_s: float = 2.0, key: bytes | None = None) -> int | None:
+        """The newest version the trainer has sent, or None (no trainer yet, nothing sent, or no genuine
+        record of it). ``key``: default the run's ``GKD_CHANNEL_TOKEN``."""
         try:  # a plain connect first: a TCPStore client that finds no server logs a C++ stack trace
             socket.create_connection((host, port), timeout=timeout_s).close()
         except OSError:
             return None
         try:
-            store = _root_store(host, port, master=False, timeout=timedelta(seconds=timeout_s))
-            return int(store.get("sent")) if store.check(["sent"]) else None
-        except (RuntimeError, dist.DistError):
+            raw = _root_store(host, port, master=False, timeout=timedelta(seconds=timeout_s))
+            value = SignedStore(raw, key if key is not None else channel_key(), _PREFIX).verified("sent")
+            return None if value is None else int(value)
+        except (RuntimeError, dist.DistError, ValueError):
             return None
 
     def _heartbeat(self) -> None:
@@ -295,26 +354,27 @@ class ChannelMember:
         """Ask for the next generation until one includes this worker; returns its group and the version
         the trainer sends right after the handshake (None: none)."""
         while True:
-            latest = int(self.store.get("latest")) if self.store.check(["latest"]) else -1
-            g = max(latest, self.generation) + 1
+            latest = self.store.verified("latest")
+            g = max(-1 if latest is None else int(latest), self.generation) + 1
             n = int(self.store.add(f"want/{g}/count", 1))
             self.store.set(f"want/{g}/{n}", self.id)
             start = time.monotonic()
-            while not self.store.check([f"gen/{g}"]):
+            # only a generation record signed with the token counts: a forged one is ignored (logged once)
+            while (raw_doc := self.store.verified(f"gen/{g}")) is None:
                 if time.monotonic() - start > self.idle_timeout.total_seconds():
                     raise WeightSyncError(
                         f"weight channel: generation {g} was not formed within "
                         f"{self.idle_timeout.total_seconds():g}s"
                     )
                 time.sleep(0.05)
-            doc = json.loads(self.store.get(f"gen/{g}"))
+            doc = json.loads(raw_doc)
             self.generation = g
             if self.id not in doc["members"]:
                 continue  # formed just before this worker asked: ask for the next one
             rank, world = doc["members"].index(self.id) + 1, len(doc["members"]) + 1
-            store = dist.PrefixStore(f"g{g}/", self.store)
-            pg, device = make_process_group(store, self.host, rank, world, self.backend, self.timeout)
-            self._groups.append(WeightGroup(pg, store, rank, world, device, self.timeout))
+            raw, signed = _group_stores(self.raw, g, self.key, self.timeout)
+            pg, device = make_process_group(raw, self.host, rank, world, self.backend, self.timeout)
+            self._groups.append(WeightGroup(pg, signed, rank, world, device, self.timeout, key=self.bucket_key))
             return self._groups[-1], doc["version"]
 
     def close(self) -> None:

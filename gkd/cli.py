@@ -3,10 +3,12 @@ for ``gkd teacher ...``, ``gkd.rollout.service`` for ``gkd rollout ...``, both t
 and dispatches to a library function that does the work.
 
     gkd teacher serve --model PATH [--backend hf|vllm] [--workers N] [--port 15555] [--backend-port 15556]
-                      [--gpus 4,5] [--tensor-parallel-size 1] [--dtype bfloat16] [vLLM knobs]
+                      [--gpus 4,5] [--tensor-parallel-size 1] [--dtype auto] [--device auto] [vLLM knobs]
                       [--max-restarts 5] [--restart-window 600]
     gkd teacher join  --broker HOST:15556 --model PATH [--workers N] [--gpus 4,5]
     gkd teacher ping  HOST:15555
+    gkd train --config X.yaml [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT [--host ADDR]] [--dry-run]
+              [key=value ...]
 """
 
 from __future__ import annotations

@@ -73,6 +73,8 @@ class ModelConfig:
     compute_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
     gradient_checkpointing: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # model.student_path may be a hub id (owner/name): downloaded once by `gkd train`; this pins the revision
+    revision: str | None = None
 
 
 @dataclass
@@ -83,7 +85,9 @@ class TeacherConfig:
     top_k: int = 64  # teacher top-k per response position
     temperature: float = 1.0
     launch: bool = False  # start a local teacher service with the settings below
-    model_path: str = ""  # required when launch
+    node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
+    model_path: str = ""  # required when launch; a hub id (owner/name) is downloaded once by `gkd train`
+    revision: str | None = None  # the hub revision of teacher.model_path (branch, tag or commit)
     backend: str = _choice("hf", "hf", "vllm")
     workers: int = 1
     auth_secret_file: str | None = None
@@ -105,6 +109,9 @@ class TeacherConfig:
     # (then it stops, unhealthy, with the reason); rollout.* the same for the rollout service
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
+    # while a worker restarts and none is up, the broker holds requests this long for it (the broker's
+    # no_worker_grace_s, 30 s, otherwise): a large engine reloads for minutes
+    worker_restart_grace_s: float = 600.0
 
 
 @dataclass
@@ -125,6 +132,7 @@ class RolloutConfig:
     # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
     return_topk: int = 0
     launch: bool = False  # start a local rollout service
+    node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     auth_secret_file: str | None = None
     dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)  # engine precision; auto = model's compute dtype
     tensor_parallel_size: int = 1  # GPUs per rollout engine
@@ -151,9 +159,20 @@ class RolloutConfig:
     weight_heartbeat_timeout_s: float = 15.0
     # a re-form waits this long for the first worker to ask for the new generation
     weight_reform_timeout_s: float = 120.0
-    # as teacher.max_worker_restarts / restart_window_s, for the rollout workers
+    # as teacher.max_worker_restarts / restart_window_s / worker_restart_grace_s, for the rollout workers
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
+    worker_restart_grace_s: float = 600.0
+
+
+@dataclass
+class FSDPConfig:
+    """``trainer.fsdp``: how ``trainer.strategy=fsdp2`` lays the student over the trainer ranks."""
+
+    # ranks one copy of the student is sharded over; null = all of them (plain FSDP2). Fewer (HSDP):
+    # shards within groups of shard_size ranks, replicated across the groups (a 2-D device mesh); it must
+    # divide the trainer world size (e.g. 8 = one node of 8 GPUs: gathers stay on the node's links)
+    shard_size: int | None = None
 
 
 @dataclass
@@ -175,6 +194,7 @@ class TrainerConfig:
     # the dtype the student's own config.json names (bf16 for a bf16 hub model, not the fp32 master weights)
     export_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)
     strategy: str = _choice("ddp", "ddp", "fsdp2")
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     seed: int = 0
     # single-GPU smoke runs only: trainer, rollout and teacher may share GPUs (the weight channel then
     # uses gloo, since NCCL refuses two ranks on one GPU)
@@ -183,7 +203,8 @@ class TrainerConfig:
     test_freq: int = 0
     val_before_train: bool = False  # also evaluate before the first step (fresh runs; logged as step -1)
     # perf/mfu's denominator: peak dense TFLOP/s of ONE trainer device in the compute dtype (e.g. 989 for
-    # an H100 in bf16); null = measured once at start-up with a GEMM on the trainer's device
+    # an H100 in bf16); null = the datasheet figure for the GPU's name (gkd/peak_flops.py), else measured
+    # once at start-up with a GEMM on the trainer's device
     peak_tflops: float | None = None
 
     @property
@@ -210,7 +231,8 @@ class LossConfig:
     # is weighted by min(pi_current(y) / pi_behaviour(y), is_clip), from the rollout's log-probs
     is_correction: str = _choice("none", "none", "token", "sequence")
     is_clip: float = 2.0
-    # bytes of the fused loss's [rows, vocab] logits chunk (null: 1.25 GiB on CUDA, about N/8 rows on CPU)
+    # bytes of the fused loss's [rows, vocab] logits chunk (null on CUDA: chunks that keep the whole call
+    # within 1.375 GiB of extra memory, gkd/kernels/memory.py; on CPU about N/8 rows)
     chunk_bytes: int | None = None
 
 
@@ -225,10 +247,29 @@ class OptimConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One entry of ``data.sources``: a prompt source and its share of the mixture."""
+
+    path: str = ""  # parquet/jsonl/json file or glob, a datasets.save_to_disk folder, or a hub dataset id
+    weight: float = 1.0  # relative share of the training prompts drawn from this source
+    prompt_key: str | None = None  # null = data.prompt_key
+    config: str | None = None  # hub datasets: configuration name
+    split: str = "train"  # hub and saved datasets
+    revision: str | None = None  # hub datasets: branch, tag or commit
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # parquet paths or globs (required)
+    # parquet/jsonl/json paths or globs, save_to_disk folders or hub dataset ids, concatenated (a,b on the
+    # command line); required unless data.sources is set
+    train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
     prompt_key: str = "prompt"  # column: a string or a chat-message list [{role, content}, ...]
+    # weighted training sources, mixed by a seeded draw per batch (instead of data.train_files)
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # passed to the tokenizer's apply_chat_template, e.g. {enable_thinking: false} (Qwen3)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None  # a system message before every prompt that has none
     max_prompt_length: int = 512  # tokens, after the chat template
     max_response_length: int = 512  # tokens
     train_batch_size: int = 8  # prompts per step
@@ -336,11 +377,14 @@ def _valid_keys(full_key: str | None) -> str:
     sections = _sections()
     if len(parts) >= 2 and parts[0] in sections:
         cls, at = sections[parts[0]], parts[0]
-        for part in parts[1:-1]:  # a nested section (model.lora)
-            inner = typing.get_type_hints(cls).get(part)
+        for part in parts[1:-1]:  # a nested section (model.lora), or a list's item (data.sources[0])
+            name = part.split("[")[0]
+            inner = typing.get_type_hints(cls).get(name)
+            if typing.get_origin(inner) is list:
+                inner = typing.get_args(inner)[0]
             if not dataclasses.is_dataclass(inner):
                 break
-            cls, at = inner, f"{at}.{part}"
+            cls, at = inner, f"{at}.{name}"
         names = [f.name for f in dataclasses.fields(cls)]
         return f"valid keys in '{at}': {', '.join(names)}"
     return f"valid sections: {', '.join(sections)}"
@@ -362,8 +406,11 @@ def _wrap_list_scalars(raw: DictConfig) -> None:
             continue
         hints = typing.get_type_hints(cls)
         for key, tp in hints.items():
-            if typing.get_origin(tp) is list and isinstance(section.get(key), str | int | float):
-                section[key] = [section[key]]
+            value = section.get(key)
+            if typing.get_origin(tp) is list and isinstance(value, str) and "," in value:
+                section[key] = [v.strip() for v in value.split(",") if v.strip()]  # a,b on the command line
+            elif typing.get_origin(tp) is list and isinstance(value, str | int | float):
+                section[key] = [value]
 
 
 def _merge(base: DictConfig, raw: DictConfig, source: str) -> DictConfig:

@@ -92,7 +92,7 @@ def _check_engines_and_rollout(cfg: Config) -> None:
     for name, section in (("teacher", t), ("rollout", r)):
         n = section.max_worker_restarts
         _check(n >= 0, f"{name}.max_worker_restarts", n, "must be >= 0")
-        for key in ("request_timeout_s", "liveness_timeout_s", "restart_window_s"):
+        for key in ("request_timeout_s", "liveness_timeout_s", "restart_window_s", "worker_restart_grace_s"):
             v = getattr(section, key)
             _check(0 < v < float("inf"), f"{name}.{key}", v, "must be a positive number of seconds")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
@@ -124,11 +124,28 @@ def _check_trainer(cfg: Config) -> None:
     _check(tr.save_freq >= 0, "trainer.save_freq", tr.save_freq, "must be >= 0 (0 = final checkpoint only)")
     _check(tr.keep_last >= 1, "trainer.keep_last", tr.keep_last, "must be >= 1")
     _check(bool(tr.output_dir), "trainer.output_dir", tr.output_dir, "required")
+    _check_fsdp(tr)
     _check(
         tr.resume in ("auto", "never") or os.path.exists(tr.resume),
         "trainer.resume",
         tr.resume,
         "expected auto, never or the path of an existing checkpoint",
+    )
+
+
+def _check_fsdp(tr) -> None:
+    """``trainer.fsdp.shard_size``: fsdp2 only, and it divides the trainer world size."""
+    size, world = tr.fsdp.shard_size, tr.procs_per_node * tr.nnodes
+    if size is None:
+        return
+    key = "trainer.fsdp.shard_size"
+    _check(tr.strategy == "fsdp2", key, size, "needs trainer.strategy=fsdp2 (or null)")
+    _check(size >= 1, key, size, "must be >= 1 (or null: shard over all trainer ranks)")
+    _check(
+        world % size == 0,
+        key,
+        size,
+        f"must divide the {world} trainer ranks (trainer.nnodes x processes per node); use a divisor or null",
     )
 
 
@@ -183,7 +200,22 @@ def _check_optim(cfg: Config) -> None:
 def _check_data(cfg: Config) -> None:
     """Prompt files and lengths."""
     d = cfg.data
-    _check(len(d.train_files) > 0, "data.train_files", d.train_files, "required (parquet paths or globs)")
+    _check(
+        len(d.train_files) > 0 or len(d.sources) > 0,
+        "data.train_files",
+        d.train_files,
+        "required (parquet/jsonl paths or globs, dataset folders or hub ids), or set data.sources",
+    )
+    _check(
+        not (d.train_files and d.sources),
+        "data.sources",
+        [s.path for s in d.sources],
+        "set data.sources or data.train_files, not both (data.sources mixes the training prompts)",
+    )
+    for i, s in enumerate(d.sources):
+        _check(bool(s.path), f"data.sources[{i}].path", s.path, "required: a file, glob, folder or hub id")
+        ok = s.weight > 0 and s.weight < float("inf")
+        _check(ok, f"data.sources[{i}].weight", s.weight, "must be > 0 (its relative share)")
     _check(bool(d.prompt_key), "data.prompt_key", d.prompt_key, "required")
     _check(d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length, "must be >= 1")
     _check(d.max_response_length >= 1, "data.max_response_length", d.max_response_length, "must be >= 1")

@@ -19,92 +19,80 @@ not yet trained with ``loader.state_dict_at(batch_index)``.
 
 from __future__ import annotations
 
-import glob
 import math
-import os
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from gkd.data_sources import (
+    DataError,
+    Source,
+    expand_files,
+    file_rows,
+    inspect_source,
+    read_source,
+    sources_from_config,
+)
 
 __all__ = [
     "DataError",
     "PromptBatch",
     "PromptDataset",
     "PromptLoader",
+    "Source",
     "batch_seed",
     "expand_files",
     "inspect_files",
+    "inspect_source",
+    "inspect_sources",
+    "sources_from_config",
     "repeat_prompts",
 ]
 
 _TOKENIZE_CHUNK = 1024  # texts per tokenizer call: fast tokenizers parallelise inside a call
+_MIX_TAG = 0x6D6978  # seeds the mixture's source draws apart from the shuffles
 
 
-class DataError(ValueError):
-    """A problem with the prompt data; the message names the file, the column and, if any, the row."""
-
-
-def expand_files(patterns: Sequence[str] | str) -> list[str]:
-    """Paths and globs -> files in the given order (each glob sorted); duplicates dropped. A pattern that
-    matches nothing raises ``FileNotFoundError`` naming it."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out: list[str] = []
-    for pat in patterns:
-        path = os.path.expanduser(str(pat))
-        hits = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.isfile(path) else [])
-        if not hits and os.path.isdir(path):
-            raise FileNotFoundError(
-                f"data file {pat} is a folder; name its parquet files, e.g. {pat}/*.parquet"
-            )
-        if not hits:
-            raise FileNotFoundError(
-                f"data file {pat} not found" + (" (no file matches)" if glob.has_magic(path) else "")
-            )
-        out.extend(h for h in hits if h not in out)
-    return out
-
-
-def _parquet_rows(path: str, key: str) -> int:
-    """Rows of the parquet file ``path``, which must have the column ``key``; reads the footer only."""
-    import pyarrow.parquet as pq  # heavy import; only data users pay for it
-
-    try:
-        meta = pq.read_metadata(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data file {path}: cannot read as parquet: {reason}") from e
-    names = meta.schema.to_arrow_schema().names
-    if key not in names:
-        raise DataError(
-            f"data file {path} has no column '{key}' (data.prompt_key); available columns: {', '.join(names)}"
-        )
-    return meta.num_rows
+def inspect_sources(sources: Sequence[Source]) -> None:
+    """Every source exists, has its prompt column and rows, read from headers only
+    (:func:`gkd.data_sources.inspect_source`); raises ``FileNotFoundError`` or :class:`DataError`."""
+    for source in sources:
+        inspect_source(source)
 
 
 def inspect_files(patterns: Sequence[str] | str, key: str) -> list[str]:
-    """The files of ``patterns`` (:func:`expand_files`), each readable parquet with the column ``key``, with
-    at least one row among them; raises ``FileNotFoundError`` or :class:`DataError` naming the file."""
-    files = expand_files(patterns)
-    if sum(_parquet_rows(path, key) for path in files) == 0:
-        raise DataError(f"data files {', '.join(files)} have no rows")
-    return files
+    """The paths of ``patterns`` (files and globs expanded; saved datasets and hub ids as given), each
+    with the column ``key`` and at least one row among them (headers only); raises ``FileNotFoundError``
+    or :class:`DataError` naming the file."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    sources = [Source(str(p), key) for p in patterns]
+    out, rows = [], 0
+    for source in sources:
+        if source.kind == "files":
+            files = expand_files(source.path)
+            rows += sum(file_rows(f, key) for f in files)
+            out.extend(f for f in files if f not in out)
+        else:
+            rows += abs(inspect_source(source))  # hub datasets: -1, read later
+            out.append(source.path)
+    if rows == 0:
+        raise DataError(f"data files {', '.join(out)} have no rows")
+    return out
 
 
-def _read_column(path: str, key: str) -> list[Any]:
-    import pyarrow.parquet as pq
-
-    _parquet_rows(path, key)
-    return pq.read_table(path, columns=[key]).column(key).to_pylist()
-
-
-def _render(tokenizer, value: Any, where: str) -> tuple[str, bool]:
-    """One prompt -> (text, add_special_tokens). Chat templates insert their own special tokens."""
+def _render(tokenizer, value: Any, where: str, template: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+    """One prompt -> (text, add_special_tokens). Chat templates insert their own special tokens.
+    ``template``: ``system_prompt`` (a system message first, unless the chat has one) and ``kwargs``
+    (``data.chat_template_kwargs``, passed to ``apply_chat_template``)."""
+    template = template or {}
+    system = template.get("system_prompt")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(value, str):
-        if not has_template:
+        if not has_template and system is None:
             return value, True
         messages = [{"role": "user", "content": value}]
     elif isinstance(value, list | tuple) and value and all(isinstance(m, dict) for m in value):
@@ -113,46 +101,73 @@ def _render(tokenizer, value: Any, where: str) -> tuple[str, bool]:
         ]
         if bad:
             raise DataError(f"{where}: every chat message needs string 'role' and 'content'; got {bad[0]!r}")
-        if not has_template:
-            raise DataError(f"{where}: chat-message prompts need a tokenizer with a chat template")
         messages = [{"role": m["role"], "content": m["content"]} for m in value]
     else:
         raise DataError(
             f"{where}: expected a string or a list of {{role, content}} messages, got {value!r:.80}"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not has_template:
+        what = "chat-message prompts" if system is None else "data.system_prompt"
+        raise DataError(f"{where}: {what} need a tokenizer with a chat template")
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    kwargs = dict(template.get("kwargs") or {})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     return text, False
 
 
 class PromptDataset:
-    """Tokenized prompts of one or more parquet files, in file order then row order.
+    """Tokenized prompts of one or more sources, in source order then row order.
 
-    Token ids are held flat (``int32``) with offsets, so a large dataset costs 4 bytes per token.
-    ``truncation``: ``error`` (raise, naming file, row and length), ``left`` (keep the last
-    ``max_prompt_length`` tokens: the end of a chat template holds the generation prompt) or ``right``.
+    ``files``: paths, globs, saved-dataset folders or hub dataset ids (each with ``prompt_key``), or
+    :class:`Source` objects. Sources with a ``weight`` form a mixture (:class:`PromptLoader` draws from
+    them by weight; ``groups`` holds each one's rows). Token ids are held flat (``int32``) with offsets,
+    so a large dataset costs 4 bytes per token. ``truncation``: ``error`` (raise, naming file, row and
+    length), ``left`` (keep the last ``max_prompt_length`` tokens: the end of a chat template holds the
+    generation prompt) or ``right``. ``chat_template_kwargs`` go to ``apply_chat_template`` (e.g.
+    ``{"enable_thinking": False}``); ``system_prompt`` becomes the first message of every chat that has
+    no system message of its own.
     """
 
     def __init__(
         self,
-        files: Sequence[str] | str,
+        files: Sequence[str | Source] | str,
         tokenizer,
         *,
         prompt_key: str = "prompt",
         max_prompt_length: int = 512,
         truncation: str = "error",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        system_prompt: str | None = None,
     ):
         if truncation not in ("error", "left", "right"):
             raise DataError(f"data.truncation={truncation!r}: expected one of error, left, right")
         if max_prompt_length < 1:
             raise DataError(f"data.max_prompt_length={max_prompt_length}: must be >= 1")
-        self.files = expand_files(files)
+        if isinstance(files, str):
+            files = [files]
+        sources = [f if isinstance(f, Source) else Source(str(f), prompt_key) for f in files]
         self.prompt_key = prompt_key
         self.num_truncated = 0
+        self._template = {"system_prompt": system_prompt, "kwargs": dict(chat_template_kwargs or {})}
         ids: list[list[int]] = []
-        self.sources: list[tuple[str, int]] = []  # (file, first global row) per file
-        for path in self.files:
-            self.sources.append((path, len(ids)))
-            ids.extend(self._tokenize_file(path, tokenizer, max_prompt_length, truncation))
+        self.sources: list[tuple[str, int]] = []  # (file or dataset, first global row) per file
+        self.groups: list[tuple[int, int]] = []  # (first global row, rows) per source
+        for source in sources:
+            first = len(ids)
+            for where, values in read_source(source):
+                self.sources.append((where.split(" ", 2)[-1], len(ids)))
+                ids.extend(
+                    self._tokenize(where, source.prompt_key, values, tokenizer, max_prompt_length, truncation)
+                )
+            if source.weight is not None and len(ids) == first:
+                raise DataError(f"data source {source.path}: no prompts in column '{source.prompt_key}'")
+            self.groups.append((first, len(ids) - first))
+        self.files = [path for path, _ in self.sources]
+        weighted = [s.weight is not None for s in sources]
+        if any(weighted) and not all(weighted):
+            raise DataError("data sources: give every source a weight, or none")
+        self.weights = [float(s.weight) for s in sources] if all(weighted) and len(sources) > 1 else None
         if not ids:
             raise DataError(
                 f"no prompts in column '{prompt_key}' of data files {', '.join(self.files)} (empty dataset)"
@@ -164,20 +179,22 @@ class PromptDataset:
 
     @classmethod
     def from_config(cls, data_cfg, tokenizer, *, split: str = "train") -> PromptDataset:
-        """From ``cfg.data`` (``split``: ``train`` or ``val``)."""
-        files = data_cfg.train_files if split == "train" else data_cfg.val_files
+        """From ``cfg.data`` (``split``: ``train`` or ``val``; ``data.sources`` mix the training prompts)."""
         return cls(
-            files,
+            sources_from_config(data_cfg, split),
             tokenizer,
             prompt_key=data_cfg.prompt_key,
             max_prompt_length=data_cfg.max_prompt_length,
             truncation=data_cfg.truncation,
+            chat_template_kwargs=getattr(data_cfg, "chat_template_kwargs", None),
+            system_prompt=getattr(data_cfg, "system_prompt", None),
         )
 
-    def _tokenize_file(self, path: str, tokenizer, max_len: int, truncation: str) -> list[list[int]]:
-        values = _read_column(path, self.prompt_key)
+    def _tokenize(
+        self, where: str, key: str, values, tokenizer, max_len: int, truncation: str
+    ) -> list[list[int]]:
         rendered = [
-            _render(tokenizer, v, f"data file {path}, row {i}, column '{self.prompt_key}'")
+            _render(tokenizer, v, f"{where}, row {i}, column '{key}'", self._template)
             for i, v in enumerate(values)
         ]
         out: list[list[int]] = [[] for _ in rendered]
@@ -190,13 +207,11 @@ class PromptDataset:
                     out[i] = list(row_ids)
         for i, row_ids in enumerate(out):
             if not row_ids:
-                raise DataError(
-                    f"data file {path}, row {i}, column '{self.prompt_key}': prompt has no tokens"
-                )
+                raise DataError(f"{where}, row {i}, column '{key}': prompt has no tokens")
             if len(row_ids) > max_len:
                 if truncation == "error":
                     raise DataError(
-                        f"data file {path}, row {i}: prompt has {len(row_ids)} tokens > "
+                        f"{where}, row {i}: prompt has {len(row_ids)} tokens > "
                         f"data.max_prompt_length={max_len}; set data.truncation=left|right or filter the data"
                     )
                 out[i] = row_ids[-max_len:] if truncation == "left" else row_ids[:max_len]
@@ -230,7 +245,12 @@ class PromptBatch:
 
 class PromptLoader:
     """Fixed-size prompt batches, shuffled per epoch from ``seed``; an iterator (endless: the trainer
-    decides when to stop, see :meth:`num_batches`) with a checkpointable position."""
+    decides when to stop, see :meth:`num_batches`) with a checkpointable position.
+
+    A dataset with weighted sources (``dataset.weights``) is a mixture: each prompt of batch ``b`` comes
+    from a source drawn with probability weight / total (the draws of batch ``b`` seeded by ``(seed, b)``),
+    and a source's k-th prompt is entry k of its own stream of per-epoch permutations, so a small source
+    repeats sooner than a large one. Batch ``b`` is still a pure function of ``b``: resuming is exact."""
 
     def __init__(self, dataset: PromptDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True):
         if batch_size < 1:
@@ -240,21 +260,49 @@ class PromptLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.next_batch = 0  # the iterator's position, as a global batch index
-        self._perms: dict[int, np.ndarray] = {}
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        weights = dataset.weights
+        self._p = None if weights is None else np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        # mixture: picks of each source before batch b, for b = 0 .. len - 1 (grown as batches are asked)
+        self._counts = [np.zeros(len(dataset.groups), dtype=np.int64)]
 
     @classmethod
     def from_config(cls, dataset: PromptDataset, data_cfg) -> PromptLoader:
         """From ``cfg.data`` (``train_batch_size``, ``seed``, ``shuffle``)."""
         return cls(dataset, data_cfg.train_batch_size, seed=data_cfg.seed, shuffle=data_cfg.shuffle)
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            n = len(self.dataset)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            if len(self._perms) >= 4:  # batches touch at most two epochs; keep a few for look-ahead
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = perm
-        return self._perms[epoch]
+    def _perm(self, epoch: int, source: int = -1) -> np.ndarray:
+        """The order of epoch ``epoch`` of the whole dataset (``source`` -1) or of one mixture source."""
+        key = (source, epoch)
+        if key not in self._perms:
+            if source < 0:
+                n, seed = len(self.dataset), [self.seed, epoch]
+            else:
+                n, seed = self.dataset.groups[source][1], [self.seed, _MIX_TAG, source, epoch]
+            perm = np.random.default_rng(seed).permutation(n) if self.shuffle else np.arange(n)
+            # batches touch at most two epochs of each source; keep a few for look-ahead
+            if len(self._perms) >= 4 * len(self.dataset.groups) + 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = perm
+        return self._perms[key]
+
+    def _draws(self, index: int) -> np.ndarray:
+        """Mixture: the source of each prompt of batch ``index`` [batch_size]."""
+        rng = np.random.default_rng([self.seed, _MIX_TAG, index])
+        return rng.choice(len(self._p), size=self.batch_size, p=self._p)
+
+    def _mixed_rows(self, index: int) -> list[int]:
+        while len(self._counts) <= index:
+            b = len(self._counts) - 1
+            self._counts.append(self._counts[b] + np.bincount(self._draws(b), minlength=len(self._p)))
+        seen = self._counts[index].copy()
+        rows = []
+        for s in self._draws(index).tolist():
+            first, n = self.dataset.groups[s]
+            epoch, i = divmod(int(seen[s]), n)
+            rows.append(first + int(self._perm(epoch, s)[i]))
+            seen[s] += 1
+        return rows
 
     def num_batches(self, epochs: int) -> int:
         """Batches that cover ``epochs`` passes over the data (the last one may borrow prompts from the
@@ -267,10 +315,10 @@ class PromptLoader:
             raise IndexError(f"batch index {index} must be >= 0")
         n = len(self.dataset)
         start = index * self.batch_size
-        rows = []
-        for pos in range(start, start + self.batch_size):
-            epoch, i = divmod(pos, n)
-            rows.append(int(self._perm(epoch)[i]))
+        if self._p is not None:
+            rows = self._mixed_rows(index)
+        else:
+            rows = [int(self._perm(pos // n)[pos % n]) for pos in range(start, start + self.batch_size)]
         return PromptBatch(
             index=index, epoch=start // n, prompt_ids=[self.dataset[r] for r in rows], rows=rows
         )
@@ -295,7 +343,15 @@ class PromptLoader:
             "seed": self.seed,
             "shuffle": int(self.shuffle),
             "num_prompts": len(self.dataset),
+            "mixture": self._mixture_id(),
         }
+
+    def _mixture_id(self) -> int:
+        """0 without weighted sources, else a CRC-32 of the weights and the sources' sizes."""
+        if self._p is None:
+            return 0
+        desc = repr((list(self.dataset.weights), [n for _, n in self.dataset.groups]))
+        return zlib.crc32(desc.encode()) or 1
 
     def state_dict(self) -> dict[str, int]:
         return self.state_dict_at(self.next_batch)
@@ -303,7 +359,7 @@ class PromptLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at a saved position; the data and batching must be the ones it was saved with."""
         mine = self.state_dict_at(0)
-        for key in ("batch_size", "seed", "shuffle", "num_prompts"):
+        for key in ("batch_size", "seed", "shuffle", "num_prompts", "mixture"):
             if key in state and int(state[key]) != mine[key]:
                 raise DataError(
                     f"checkpoint data position was saved with {key}={state[key]}, this run has {mine[key]}; "

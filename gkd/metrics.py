@@ -12,7 +12,7 @@ https://ui.perfetto.dev or chrome://tracing, or draw it with ``gkd timeline RUN_
 Only trainer rank 0 creates these. Metric names are the ones in ``../shared/DESIGN.md`` (``METRIC_NAMES``).
 Also here: Weights & Biases (:class:`WandbRun`, ``logging.wandb``), completion rows
 (:func:`completion_rows`, ``completions.jsonl``) and the throughput figures (:func:`training_flops`,
-:func:`measure_peak_tflops` for ``perf/mfu``, :func:`service_throughput`).
+:func:`service_throughput`; ``perf/mfu``'s peak and formula are gkd.peak_flops', re-exported here).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gkd.peak_flops import measure_peak_tflops, mfu, resolve_peak_tflops
+
 __all__ = [
     "METRIC_NAMES",
     "MetricsLogger",
@@ -40,7 +42,9 @@ __all__ = [
     "max_memory_allocated_gb",
     "measure_peak_tflops",
     "metric_names",
+    "mfu",
     "pack_lanes",
+    "resolve_peak_tflops",
     "service_throughput",
     "training_flops",
 ]
@@ -378,35 +382,19 @@ def training_flops(config, seq_lens: Sequence[int], response_tokens: int) -> flo
     return 6.0 * layers * per_layer * tokens + attn + 6.0 * h * int(config.vocab_size) * response_tokens
 
 
-def measure_peak_tflops(device=None, dtype=None, *, size: int = 1024, repeats: int = 5) -> float:
-    """Dense matmul TFLOP/s of this device, measured once (``trainer.peak_tflops`` unset): the best of
-    ``repeats`` timed ``[size, size] @ [size, size]`` products in ``dtype`` (default float32) after a
-    warm-up. A measured peak, not the datasheet's: MFU against it reads higher than against the
-    vendor figure (set ``trainer.peak_tflops`` to that on GPUs)."""
-    import torch
-
-    device = torch.device(device or "cpu")
-    dtype = dtype or torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = math.inf
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        (a @ b).sum().item()  # a host sync: the product is done
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best / 1e12
-
-
 def service_throughput(samples, outputs) -> dict[str, float]:
     """``perf/rollout_tokens_per_s`` (response tokens generated per second of the rollout workers' own
     generation time) and ``perf/teacher_tokens_per_s`` (prompt + response tokens scored per second of the
     teacher workers' scoring time) of one batch, from the seconds the services report with each reply
     (``Sample.extra['service_s']``, ``TeacherOutput.service_s``: a request's time shared over its
     sequences). Per busy worker: requests that ran in parallel add their seconds. Absent when the service
-    did not report its time."""
+    did not report its time. Also the support the teacher scored on: ``teacher/support_width`` (slots per
+    position: K, or K + m + 1 with ``loss.support=union``) and ``teacher/union_share`` (the share of replies
+    scored on the union; below 1 when an engine answered with its top-k instead, as vLLM does)."""
     out: dict[str, float] = {}
+    if outputs:
+        out["teacher/support_width"] = float(max(o.topk_ids.shape[1] for o in outputs))
+        out["teacher/union_share"] = sum(o.support == "union" for o in outputs) / len(outputs)
     gen_s = sum(float(s.extra.get("service_s", 0.0)) for s in samples)
     if gen_s > 0:
         out["perf/rollout_tokens_per_s"] = sum(len(s.response_ids) for s in samples) / gen_s

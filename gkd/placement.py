@@ -3,7 +3,8 @@
 ``plan(cfg, gpus)`` is pure: from the config and the number of GPUs on this node it returns disjoint
 device sets for the trainer (``trainer.n_gpus_per_node``, one torchrun process per GPU), each rollout
 worker and each teacher worker (``tensor_parallel_size`` GPUs each, ``n_gpus_per_node / tensor_parallel_size``
-workers) -- only for the services this launcher starts (``teacher.launch`` / ``rollout.launch``) -- or
+workers) -- only for the services this launcher starts (``teacher.launch`` / ``rollout.launch``; with
+several nodes, those whose ``*.node_rank`` is this node's: ``plan(cfg, gpus, node_rank)``) -- or
 raises :class:`PlacementError` with one line naming the keys and counts. Device ids are strings, as
 ``CUDA_VISIBLE_DEVICES`` takes them: the node's physical ids (``0..N-1``, or the launcher's own inherited
 ``CUDA_VISIBLE_DEVICES`` list), so each child gets its own ``CUDA_VISIBLE_DEVICES``.
@@ -42,6 +43,7 @@ __all__ = [
     "PlacementError",
     "VLLMOptions",
     "detect_gpus",
+    "launched_here",
     "plan",
     "weight_backend",
     "worker_gpus",
@@ -105,19 +107,21 @@ class Plan:
     weight_backend: str
     trainer_procs: int  # torchrun processes on this node
     cpu_services: tuple[tuple[str, int], ...] = ()  # (role, workers) of services started here on CPU
+    node_rank: int = 0  # this node of trainer.nnodes; its trainer ranks follow the lower nodes'
 
     @staticmethod
     def pool(slices: Sequence[Sequence[str]]) -> tuple[str, ...]:
         return tuple(d for s in slices for d in s)
 
-    def table(self) -> str:
-        """The plan as a small table (printed by ``gkd train`` before anything starts)."""
+    def table(self, node: str = "this node") -> str:
+        """The plan as a small table (printed by ``gkd train`` before anything starts); ``node`` names
+        the node in its first line."""
         source = {"cuda": "CUDA", FAKE_GPUS_ENV: f"{FAKE_GPUS_ENV}={self.found.count}", "none": "no CUDA"}
         source["unprobed"] = "not probed: no role asks for GPUs"
-        lines = [f"GPU plan for this node: {self.found.count} GPU(s) ({source[self.found.source]})"]
+        lines = [f"GPU plan for {node}: {self.found.count} GPU(s) ({source[self.found.source]})"]
         rows = [("role", "worker", "GPUs", "CUDA_VISIBLE_DEVICES")]
-        n = self.trainer_procs
-        ranks = "rank 0" if n == 1 else f"ranks 0-{n - 1}"
+        n, first = self.trainer_procs, self.node_rank * self.trainer_procs
+        ranks = f"rank {first}" if n == 1 else f"ranks {first}-{first + n - 1}"
         if self.trainer:
             rows.append(("trainer", ranks, str(len(self.trainer)), _ids(self.trainer)))
         else:
@@ -150,11 +154,16 @@ class _Pool:
     launched: bool
 
 
-def _pools(cfg: Config) -> list[_Pool]:
+def launched_here(section, node_rank: int) -> bool:
+    """The teacher or rollout ``section`` is started by the ``gkd train`` of node ``node_rank``."""
+    return section.launch and section.node_rank == node_rank
+
+
+def _pools(cfg: Config, node_rank: int) -> list[_Pool]:
     t, r = cfg.teacher, cfg.rollout
     return [
-        _Pool("rollout", r.n_gpus_per_node, r.tensor_parallel_size, r.workers, r.launch),
-        _Pool("teacher", t.n_gpus_per_node, t.tensor_parallel_size, t.workers, t.launch),
+        _Pool("rollout", r.n_gpus_per_node, r.tensor_parallel_size, r.workers, launched_here(r, node_rank)),
+        _Pool("teacher", t.n_gpus_per_node, t.tensor_parallel_size, t.workers, launched_here(t, node_rank)),
     ]
 
 
@@ -185,10 +194,11 @@ def _check_pool(p: _Pool, backend: str) -> None:
         )
 
 
-def plan(cfg: Config, found: Found) -> Plan:
-    """Place the trainer and the locally launched services on ``found``'s GPUs; see the module docstring."""
+def plan(cfg: Config, found: Found, node_rank: int = 0) -> Plan:
+    """Place the trainer and the services launched on node ``node_rank`` (``*.launch`` and
+    ``*.node_rank``) on ``found``'s GPUs; see the module docstring."""
     tr = cfg.trainer
-    pools = _pools(cfg)
+    pools = _pools(cfg, node_rank)
     backends = {"rollout": cfg.rollout.backend, "teacher": cfg.teacher.backend}
     for p in pools:
         if p.launched:
@@ -243,6 +253,7 @@ def plan(cfg: Config, found: Found) -> Plan:
         weight_backend=weight_backend(cfg),
         trainer_procs=tr.procs_per_node,
         cpu_services=tuple((p.role, p.workers) for p in pools if p.launched and p.gpus == 0),
+        node_rank=node_rank,
     )
 
 

@@ -6,7 +6,7 @@ to do; ``gkd`` prints it as ``gkd <command>: error: <line>`` and exits with stat
 (``--log-level DEBUG`` adds one). The checks read metadata only (a parquet schema, a folder listing, a
 test bind), so they take well under a second and run before any model is loaded or child started.
 
-    check_launch(cfg)      # gkd train: check_run + the ports its services and trainer rank 0 will bind
+    check_launch(cfg, r)   # gkd train on node r: check_run + the ports its services (and trainer rank 0) bind
     check_run(cfg)         # every trainer rank: models, data, output folder, secret files
     check_service_args(args)  # gkd teacher|rollout serve|join|ping: the flags of one command line
 """
@@ -28,7 +28,9 @@ __all__ = [
     "check_launch",
     "check_run",
     "check_service_args",
+    "check_tokenizers",
     "data_files",
+    "data_sources",
     "host_port",
     "model_folder",
     "number",
@@ -68,7 +70,7 @@ def model_folder(path: str, key: str, *, gguf_file: str | None = None, tokenizer
     if not folder.exists():
         raise InputError(
             f"{what}: no such folder; give a local model folder (config.json, weights, tokenizer): "
-            "models are never downloaded from a hub"
+            "models are never downloaded here (`gkd train` fetches hub ids such as owner/name)"
         )
     if not folder.is_dir():
         raise InputError(f"{what}: not a folder; give the model's folder (it holds config.json)")
@@ -94,6 +96,18 @@ def data_files(patterns: Sequence[str], key: str, prompt_key: str) -> list[str]:
         return inspect_files(patterns, prompt_key)
     except (FileNotFoundError, DataError) as e:
         raise InputError(f"{key}: {_first_line(e)}") from e
+
+
+def data_sources(data_cfg) -> None:
+    """Every ``data.sources`` entry exists, has its prompt column and rows (headers only; hub datasets are
+    read by the trainer)."""
+    from gkd.data import DataError, inspect_source, sources_from_config
+
+    for i, source in enumerate(sources_from_config(data_cfg)):
+        try:
+            inspect_source(source)
+        except (FileNotFoundError, DataError) as e:
+            raise InputError(f"data.sources[{i}]: {_first_line(e)}") from e
 
 
 def writable_folder(path: str, key: str) -> Path:
@@ -167,8 +181,10 @@ def check_run(cfg: Config, *, data: bool = True) -> None:
     """What a trainer process reads and writes: the student's model folder, the prompt files and their
     column (``data``: only trainer rank 0 reads them), the output folder, the services' secret files."""
     model_folder(cfg.model.student_path, "model.student_path", tokenizer=True)
-    if data:
+    if data and cfg.data.train_files:
         data_files(cfg.data.train_files, "data.train_files", cfg.data.prompt_key)
+    if data and cfg.data.sources:
+        data_sources(cfg.data)
     if data and cfg.data.val_files:
         data_files(cfg.data.val_files, "data.val_files", cfg.data.prompt_key)
     writable_folder(cfg.trainer.output_dir, "trainer.output_dir")
@@ -176,28 +192,56 @@ def check_run(cfg: Config, *, data: bool = True) -> None:
     secret_file(cfg.rollout.auth_secret_file, "rollout.auth_secret_file")
 
 
-def check_bind_ports(cfg: Config) -> None:
-    """The ports ``gkd train`` binds on 127.0.0.1: the launched services' client and worker ports, and the
-    weight channel's store (trainer rank 0): distinct and free."""
-    ports = [("rollout.weight_port", cfg.rollout.weight_port)]
-    if cfg.teacher.launch:
-        ports += [("teacher.server_port", cfg.teacher.server_port)]
-        ports += [("teacher.backend_port", cfg.teacher.backend_port)]
-    if cfg.rollout.launch:
-        ports += [("rollout.server_port", cfg.rollout.server_port)]
-        ports += [("rollout.backend_port", cfg.rollout.backend_port)]
+def check_bind_ports(
+    cfg: Config, node_rank: int = 0, host: str = "127.0.0.1", *, torch_port: int | None = None
+) -> None:
+    """The ports ``gkd train`` binds on node ``node_rank`` at ``host``: the client and worker ports of the
+    services launched there and, on node 0, the weight channel's store (trainer rank 0) and
+    (``torch_port``) torchrun's store: distinct and free."""
+    ports = []
+    if node_rank == 0:
+        ports += [("rollout.weight_port", cfg.rollout.weight_port)]
+        ports += [("--rdzv-endpoint port + 1", torch_port)] if torch_port is not None else []
+    for name in ("teacher", "rollout"):
+        section = getattr(cfg, name)
+        if section.launch and section.node_rank == node_rank:
+            ports += [
+                (f"{name}.server_port", section.server_port),
+                (f"{name}.backend_port", section.backend_port),
+            ]
     _distinct(ports)
     for key, port in ports:
-        port_free("127.0.0.1", port, key)
+        port_free(host, port, key)
 
 
-def check_launch(cfg: Config) -> None:
-    """Everything ``gkd train`` checks before it starts a child: a launched teacher's model folder,
-    :func:`check_run`, :func:`check_bind_ports`."""
-    if cfg.teacher.launch:
+def check_tokenizers(cfg: Config) -> None:
+    """A launched teacher has the student's tokenizer (vocabulary and special tokens; reads the tokenizer
+    files only). Different embedding padding (``config.vocab_size``) is fine (gkd.vocab); a teacher
+    folder without tokenizer files is left to the trainer's check of the teacher service's fingerprint."""
+    from gkd.vocab import check_same_tokenizer, has_tokenizer
+
+    if not cfg.teacher.launch or not has_tokenizer(cfg.teacher.model_path):
+        return
+    try:
+        check_same_tokenizer(
+            cfg.model.student_path, cfg.teacher.model_path, "model.student_path", "teacher.model_path"
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(_first_line(e)) from e
+
+
+def check_launch(
+    cfg: Config, node_rank: int = 0, host: str = "127.0.0.1", *, torch_port: int | None = None
+) -> None:
+    """Everything ``gkd train`` checks on node ``node_rank`` before it starts a child: the teacher's model
+    folder when it starts there, :func:`check_run` (the prompt files on node 0 only: trainer rank 0 reads
+    them), :func:`check_tokenizers` where the teacher starts, :func:`check_bind_ports` at ``host``."""
+    if cfg.teacher.launch and cfg.teacher.node_rank == node_rank:
         model_folder(cfg.teacher.model_path, "teacher.model_path")
-    check_run(cfg)
-    check_bind_ports(cfg)
+    check_run(cfg, data=node_rank == 0)
+    if cfg.teacher.node_rank == node_rank:
+        check_tokenizers(cfg)
+    check_bind_ports(cfg, node_rank, host, torch_port=torch_port)
 
 
 # ---------------------------------------------------------------------------- gkd teacher / rollout

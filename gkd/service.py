@@ -22,6 +22,7 @@ from typing import Any
 
 from gkd.placement import apply_worker_gpus, engine_slices, run_service, worker_env
 from gkd.transport import Auth, Broker, Limits, Worker
+from gkd.transport.codec import DEFAULT_LIMITS
 from gkd.transport.process import (
     PARENT_ENV,
     add_restart_args,
@@ -44,6 +45,7 @@ class ServiceKind:
     port: int  # default client (frontend) port
     backend_port: int  # default worker (backend) port
     log: logging.Logger
+    reply_limits: Limits = DEFAULT_LIMITS  # reply bounds: the broker's backend refuses bigger messages
 
 
 def make_broker(
@@ -55,6 +57,7 @@ def make_broker(
         frontend_port=port,
         backend_port=backend_port,
         limits=kind.limits,
+        reply_limits=kind.reply_limits,
         auth=auth,
         **kwargs,
     )
@@ -89,6 +92,7 @@ def serve(
     gpus: str | None = None,
     max_restarts: int = 5,
     restart_window_s: float = 600.0,
+    worker_restart_grace_s: float = 600.0,
     worker_argv: Callable[[int], list[str]] = lambda i: [],
     detail: str = "",
 ) -> int:
@@ -96,7 +100,8 @@ def serve(
     worker processes (worker i: ``worker_argv(i)`` added to its ``join``; its ``tensor_parallel_size``
     slice of ``gpus`` as ``CUDA_VISIBLE_DEVICES``) until SIGINT/SIGTERM; returns the exit status. A worker
     that exits is restarted (the broker re-queues its request), at most ``max_restarts`` times within
-    ``restart_window_s``; past that the service stops with status 1 and says why."""
+    ``restart_window_s``; past that the service stops with status 1 and says why. While a worker
+    restarts and none is up, the broker holds requests for it up to ``worker_restart_grace_s``."""
     port = kind.port if port is None else port
     backend_port = kind.backend_port if backend_port is None else backend_port
     if workers < 1:
@@ -104,7 +109,12 @@ def serve(
     slices = engine_slices(spec, gpus, workers)
     stop = stop_on_signals()
     broker = make_broker(
-        kind, host=host, port=port, backend_port=backend_port, auth=auth_from_file(auth_secret_file)
+        kind,
+        host=host,
+        port=port,
+        backend_port=backend_port,
+        auth=auth_from_file(auth_secret_file),
+        worker_restart_grace_s=worker_restart_grace_s,
     )
     auth = f"auth {'on' if auth_secret_file else 'off'}"
     return serve_broker(
@@ -175,7 +185,11 @@ _SERVE_OPTIONS = (*_JOIN_OPTIONS, "host", "port", "backend_port", "max_restarts"
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     """``serve``'s keyword arguments from the options every ``gkd <service> serve`` has."""
-    return {**{k: getattr(args, k) for k in _SERVE_OPTIONS}, "restart_window_s": args.restart_window}
+    return {
+        **{k: getattr(args, k) for k in _SERVE_OPTIONS},
+        "restart_window_s": args.restart_window,
+        "worker_restart_grace_s": args.restart_grace,
+    }
 
 
 def join_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,9 +197,58 @@ def join_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _JOIN_OPTIONS}
 
 
+AUTO = "auto"
+VLLM_CHECK_TIMEOUT_S = 600.0
+
+
+def resolve_auto(args: argparse.Namespace, cuda: bool | None = None) -> None:
+    """``--device auto``: ``cuda`` when CUDA is present (``cuda``: None = ask torch), else ``cpu``;
+    ``--dtype auto``: ``bfloat16`` on CUDA, ``float32`` on CPU. Set in ``args`` in place, before the
+    engine spec is made (so ``join`` children get the resolved values)."""
+    if AUTO not in (args.device, args.dtype):
+        return
+    device = args.device
+    if device == AUTO:
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        device = args.device = "cuda" if cuda else "cpu"
+    if args.dtype == AUTO:
+        args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def check_vllm_imports(python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    """``--backend vllm``: vLLM must import in this interpreter (tried in a child process, so this one
+    stays light); raises :class:`~gkd.preflight.InputError` naming the ``vllm`` extra otherwise."""
+    from gkd.preflight import InputError
+
+    try:
+        done = subprocess.run(
+            [python, "-c", "import vllm"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=VLLM_CHECK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise InputError(f"--backend vllm: `import vllm` took over {VLLM_CHECK_TIMEOUT_S:.0f}s") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"status {done.returncode}"
+        raise InputError(
+            f"--backend vllm: vLLM does not import here ({why}); install the `vllm` extra "
+            "(pip install 'gkd[vllm]'), or use --backend hf"
+        )
+
+
 def _command(kind: ServiceKind, command: str, spec_from_args, fn) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         configure_logging(args.log_level)
+        resolve_auto(args)
+        # before any worker starts; a worker a supervisor spawned (PARENT_ENV) skips what it checked
+        if args.backend == "vllm" and PARENT_ENV not in os.environ:
+            check_vllm_imports()
         return run_service(
             f"gkd {kind.name} {command}", lambda: spec_from_args(args), lambda spec: fn(spec, args)
         )

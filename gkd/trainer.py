@@ -9,8 +9,9 @@ startup checks, the :class:`~gkd.scheduler.Scheduler` calling the phases (``gene
 over the trainer's own group (flat tensors, never pickles); the building blocks (process group, student,
 clients, FSDP2) live in ``gkd.trainer_setup``:
 
-- ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; rank r trains on samples r, r + W, ...
-  and every rank calls ``train_step`` (gradients averaged by DDP, loss normalised by the global token count);
+- ``TRAIN``: the whole batch (samples + teacher top-k) is broadcast; every rank deals it by sequence length
+  (``gkd.batching.deal``, the same plan everywhere), packs its share and calls ``train_step`` (gradients
+  averaged by DDP / FSDP2, loss normalised by the global token count, equal micro-batch counts);
 - ``SAVE``: every rank's RNG state is gathered; rank 0 writes the checkpoint (sharded: every rank writes its
   shards with torch.distributed.checkpoint, rank 0 commits);
 - ``SYNC`` (FSDP2 only): every rank helps gather the weight shards rank 0 sends to the rollout engines;
@@ -21,7 +22,8 @@ clients, FSDP2) live in ``gkd.trainer_setup``:
 
 ``trainer.strategy``: ``ddp`` replicates the student on every rank; ``fsdp2`` shards it with
 ``torch.distributed.fsdp.fully_shard`` (each decoder layer, then the root; works with gloo on CPU too), so a
-larger student fits: parameters, gradients and AdamW state are split over the ranks.
+larger student fits: parameters, gradients and AdamW state are split over the ranks (over groups of
+``trainer.fsdp.shard_size`` ranks, replicated across the groups: HSDP, ``gkd.trainer_setup.fsdp_mesh``).
 
 ``model.lora.enabled``: the student is a peft model (``gkd.lora``) whose base is frozen; the same units are
 sharded (FSDP2 shards per parameter, so a unit may mix frozen and trainable tensors: only the trainable ones
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gkd.batching import rank_micro_batches
 from gkd.checkpoint import (
     CheckpointError,
     checkpoint_root,
@@ -63,8 +66,9 @@ from gkd.metrics import (
     completion_rows,
     cpu_memory_used_gb,
     max_memory_allocated_gb,
-    measure_peak_tflops,
     metric_names,
+    mfu,
+    resolve_peak_tflops,
     service_throughput,
     training_flops,
 )
@@ -146,10 +150,10 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokeniz
         raise StartupError(f"teacher service at {t_addr} has no workers; start some with `gkd teacher join`")
     mine = tokenizer_fingerprint(cfg.model.student_path, tokenizer=tokenizer)
     for w in workers:
-        if int(w.get("vocab_size", -1)) != vocab:
+        if int(w.get("token_ids", w.get("vocab_size", -1))) > vocab:  # embedding padding may differ
             raise StartupError(
-                f"teacher {w.get('model')} has vocabulary size {w.get('vocab_size')}, the student "
-                f"{cfg.model.student_path} has {vocab}: distillation needs one shared vocabulary"
+                f"teacher {w.get('model')} serves ids below {w.get('token_ids', w.get('vocab_size'))}, the "
+                f"student {cfg.model.student_path} has {vocab} rows: distillation needs one shared vocabulary"
             )
         theirs = str(w.get("tokenizer", "none"))
         if mine.startswith("sha256:") and theirs.startswith("sha256:") and theirs != mine:
@@ -206,7 +210,8 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed + self.rank)
         self.model, self.tokenizer = _load_student(cfg, self.device, sharded=self.sharded)  # FSDP2: on meta
         if self.sharded:  # before the optimizer: it holds the shards
-            self.model = shard_fsdp2(self.model, self.device, torch_dtype(compute_dtype(cfg)))
+            compute = torch_dtype(compute_dtype(cfg))
+            self.model = shard_fsdp2(self.model, self.device, compute, cfg.trainer.fsdp.shard_size)
             materialize_student(self.model, cfg, self.device)  # rank 0 reads, every rank keeps its shards
         self.startup.mark("student")
         self.setup_data()
@@ -235,10 +240,6 @@ class Trainer:
                 PromptDataset.from_config(cfg.data, self.tokenizer), cfg.data
             )
             self.total = cfg.trainer.total_steps or self.loader.num_batches(cfg.trainer.total_epochs)
-            if cfg.data.train_batch_size < self.world:
-                raise StartupError(
-                    f"data.train_batch_size={cfg.data.train_batch_size} < {self.world} trainer ranks"
-                )
         if self.world > 1:
             self.total = int(broadcast_tensor(torch.tensor([self.total]), self.device).item())
 
@@ -259,9 +260,9 @@ class Trainer:
         return state
 
     def train_on(self, samples, outputs) -> dict[str, float]:
-        mine = list(range(self.rank, len(samples), self.world))  # this rank's shard
-        mine_s, mine_o = [samples[i] for i in mine], [outputs[i] for i in mine]
-        micro = pack_micro_batches(mine_s, mine_o, self.cfg.data.micro_batch_tokens, pad_id=self.pad_id)
+        """This rank's share of the batch (dealt by length, the same plan on every rank), packed, trained."""
+        budget = self.cfg.data.micro_batch_tokens
+        micro = rank_micro_batches(samples, outputs, self.rank, self.world, budget, pad_id=self.pad_id)
         return train_step(self.model, self.optimizer, self.lr_scheduler, micro, self.cfg, device=self.device)
 
     def evaluate_on(self, samples, outputs) -> tuple[float, int]:
@@ -351,6 +352,7 @@ class Trainer:
             timeout=timedelta(seconds=cfg.rollout.weight_timeout_s),
             reform_timeout=timedelta(seconds=cfg.rollout.weight_reform_timeout_s),
             heartbeat_timeout_s=cfg.rollout.weight_heartbeat_timeout_s,
+            bucket_macs=cfg.rollout.auth_secret_file is not None,  # as the rollout service decides
         )
         try:
             # the engines receive their own dtype (bf16 engines: half the bytes of fp32 master weights)
@@ -392,9 +394,7 @@ class Trainer:
             )
             self.evaluations = Evaluations(self.validator, cfg.trainer.test_freq, self.total, cfg.val.overlap)
         compute = torch_dtype(compute_dtype(cfg))
-        self.peak = cfg.trainer.peak_tflops or measure_peak_tflops(self.device, compute)
-        log.info("perf/mfu against %.3g TFLOP/s per trainer device (%s)", self.peak,
-                 "trainer.peak_tflops" if cfg.trainer.peak_tflops else "measured")  # fmt: skip
+        self.peak = resolve_peak_tflops(self.device, compute, cfg.trainer.peak_tflops)  # logs its source
         self.sent = self.state.version  # the newest version the rollout engines hold or will hold
 
     def finish_saves(self) -> None:
@@ -443,7 +443,7 @@ class Trainer:
         lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
         flops = training_flops(unwrap(self.model).config, lens, int(metrics["actor/response_tokens"]))
         metrics["perf/model_tflops"] = flops / 1e12
-        metrics["perf/mfu"] = flops / max(seconds, 1e-9) / (self.peak * 1e12 * self.world)
+        metrics["perf/mfu"] = mfu(flops, seconds, self.peak, self.world)
         metrics["actor/num_prompts"] = len(samples) // self.cfg.rollout.n
         metrics.update(service_throughput(samples, outputs))
         every = self.cfg.logging.completions_every

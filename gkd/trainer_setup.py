@@ -215,8 +215,31 @@ def open_clients(cfg: Config, *, timeout_s: float | None = None, retries: int = 
     return teacher, rollout
 
 
+def fsdp_mesh(device: torch.device, shard_size: int | None = None):
+    """The device mesh ``fully_shard`` lays the student on: 1-D over every rank (FSDP2), or with
+    ``shard_size`` < world a 2-D ``(replicate, shard)`` mesh (HSDP): ranks ``g * shard_size ...
+    (g + 1) * shard_size - 1`` hold one sharded copy, and the copies are replicated across the groups.
+    Needs an initialised process group; every rank must call it (it creates the groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if shard_size is None or shard_size == world:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    if shard_size < 1 or world % shard_size:
+        raise StartupError(
+            f"trainer.fsdp.shard_size={shard_size} does not divide the {world} trainer ranks; use a divisor "
+            "of the world size, or null to shard over all ranks"
+        )
+    return init_device_mesh(
+        device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
 def shard_fsdp2(
-    model: torch.nn.Module, device: torch.device, compute: torch.dtype | None = None
+    model: torch.nn.Module,
+    device: torch.device,
+    compute: torch.dtype | None = None,
+    shard_size: int | None = None,
 ) -> torch.nn.Module:
     """``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root
     (embeddings, final norm and lm_head: the root's parameters stay gathered from forward to backward, so
@@ -224,13 +247,15 @@ def shard_fsdp2(
 
     ``compute``: when it differs from the parameters' dtype, ``MixedPrecisionPolicy(param_dtype=compute,
     reduce_dtype=float32)``: the shards (master weights, AdamW) keep their dtype, the gathered parameters
-    used by forward and backward are cast to ``compute``, gradients are reduced in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
+    used by forward and backward are cast to ``compute``, gradients are reduced in fp32.
+    ``shard_size`` (``trainer.fsdp.shard_size``): see :func:`fsdp_mesh`; with HSDP the forward's
+    all-gathers and the gradients' reduce-scatter stay within a shard group, and the reduced gradient
+    shards are then all-reduced across the groups (FSDP2 averages over all ranks either way)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise StartupError("trainer.strategy=fsdp2 needs torchrun (a process group); use ddp for one process")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = fsdp_mesh(device, shard_size)
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:

@@ -1,8 +1,9 @@
-"""The trainer's building blocks: micro-batches by token budget, the distillation loss of one micro-batch
-on hidden states + lm_head (never full logits), one optimizer step normalised by the GLOBAL token count,
-and the AdamW + warmup/cosine optimizer. The loop (``gkd/trainer.py``) reads them top to bottom:
+"""The trainer's building blocks: the distillation loss of one micro-batch on hidden states + lm_head
+(never full logits), one optimizer step normalised by the GLOBAL token count, and the AdamW +
+warmup/cosine optimizer. Micro-batches (dealing to ranks, packing by token budget) live in
+``gkd.batching`` and are re-exported here. The loop (``gkd/trainer.py``) reads them top to bottom:
 
-    micro = pack_micro_batches(samples, teacher_outputs, cfg.data.micro_batch_tokens)
+    micro = rank_micro_batches(samples, teacher_outputs, rank, world, cfg.data.micro_batch_tokens)
     metrics = train_step(model, optimizer, lr_scheduler, micro, cfg, group=None)
 
 Normalisation: every micro-batch contributes ``sum of its per-token losses / N`` where ``N`` is the number
@@ -10,6 +11,10 @@ of response tokens in the whole step, over all micro-batches and all data-parall
 before the first backward). The gradient is then that of the token-mean over the global batch, however the
 tokens are split into micro-batches or ranks (verl's and TRL's per-micro-batch means weighted short
 sequences up; see tests/test_trainer_step.py).
+
+Under DDP and FSDP2 every rank runs the same number of micro-batches (the most any rank packed, agreed
+with the token count in one all-gather): a rank short of work runs zero-weight micro-batches, so every
+FSDP2 all-gather / reduce-scatter and DDP all-reduce pairs up, and every rank syncs on the same index.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gkd.batching import MicroBatch, pack_micro_batches, zero_weight_micro_batch
 from gkd.dtypes import torch_dtype
 from gkd.kernels import fused_linear_token_logprobs, fused_linear_topk_distill_loss, sampled_reverse_kl_loss
 from gkd.rollout.types import GREEDY_BELOW, Sample
-from gkd.teacher.types import TeacherOutput
 
 __all__ = [
     "MicroBatch",
@@ -41,6 +46,8 @@ __all__ = [
     "loss_on_micro_batch",
     "lr_factor",
     "pack_micro_batches",
+    "StepPlan",
+    "agree_on_plan",
     "train_step",
     "union_request",
     "unwrap",
@@ -48,95 +55,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------ micro-batches
-
-
-@dataclass
-class MicroBatch:
-    """Right-padded sequences plus everything the loss needs, flattened to response positions.
-
-    Sequence b holds ``prompt + response[:-1]`` (the last response token predicts nothing we train on).
-    Response token j of sequence b is predicted by the hidden state at ``(rows[n], cols[n])`` with
-    ``cols = len(prompt) - 1 + j``; tokens are ordered sequence by sequence.
-    """
-
-    input_ids: torch.Tensor  # [B, L] int64, right-padded with pad_id
-    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
-    rows: torch.Tensor  # [N] int64, batch row of each response token
-    cols: torch.Tensor  # [N] int64, position whose hidden state predicts it
-    target_ids: torch.Tensor  # [N] int64, the sampled response tokens
-    teacher_ids: torch.Tensor  # [N, K] int32 teacher top-k ids
-    teacher_logprobs: torch.Tensor  # [N, K] float32; -inf marks an unused slot
-    teacher_token_logprobs: torch.Tensor  # [N] float32, log p(target) under the teacher
-    rollout_logprobs: torch.Tensor  # [N] float32, log mu(target) under the sampling policy
-    sample_index: list[int]  # which of the packed samples, in row order
-    response_lens: list[int]  # [B] response tokens per sequence
-
-    @property
-    def num_tokens(self) -> int:
-        """Response tokens (loss terms) in this micro-batch."""
-        return int(self.target_ids.shape[0])
-
-    @property
-    def padded_tokens(self) -> int:
-        """B * L: what the budget bounds."""
-        return int(self.input_ids.numel())
-
-    def to(self, device: torch.device | str) -> MicroBatch:
-        moved = {
-            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in self.__dict__.items()
-        }
-        return MicroBatch(**moved)
-
-
-def _check_pair(i: int, s: Sample, t: TeacherOutput) -> None:
-    r = len(s.response_ids)
-    if len(s.prompt_ids) == 0:
-        raise ValueError(f"sample {i}: empty prompt (the first response token needs a context)")
-    if t.num_tokens != r or t.token_logprobs.shape != (r,):
-        raise ValueError(
-            f"sample {i}: {r} response tokens but the teacher output has {t.num_tokens} rows and "
-            f"{tuple(t.token_logprobs.shape)} token log-probs (teacher and rollout batches out of step?)"
-        )
-    if s.response_logprobs.shape != (r,):
-        raise ValueError(
-            f"sample {i}: response_logprobs has shape {tuple(s.response_logprobs.shape)}, expected ({r},)"
-        )
-
-
-def _build(idx: list[int], samples, teachers, k: int, pad_id: int) -> MicroBatch:
-    lens = [len(samples[i].prompt_ids) + len(samples[i].response_ids) - 1 for i in idx]
-    width = max(lens)
-    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-    rows, cols, targets, t_ids, t_lp, t_tok, r_lp = [], [], [], [], [], [], []
-    for b, i in enumerate(idx):
-        s, t = samples[i], teachers[i]
-        p, r = len(s.prompt_ids), len(s.response_ids)
-        seq = torch.tensor(list(s.prompt_ids) + list(s.response_ids[:-1]), dtype=torch.long)
-        input_ids[b, : lens[b]] = seq
-        attention_mask[b, : lens[b]] = 1
-        rows.append(torch.full((r,), b, dtype=torch.long))
-        cols.append(torch.arange(p - 1, p - 1 + r, dtype=torch.long))
-        targets.append(torch.tensor(list(s.response_ids), dtype=torch.long))
-        ids, lp = t.padded(k)  # teachers answering with different K: unused (-inf) slots
-        t_ids.append(ids)
-        t_lp.append(lp)
-        t_tok.append(t.token_logprobs.to(torch.float32))
-        r_lp.append(s.response_logprobs.to(torch.float32))
-    return MicroBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        rows=torch.cat(rows),
-        cols=torch.cat(cols),
-        target_ids=torch.cat(targets),
-        teacher_ids=torch.cat(t_ids),
-        teacher_logprobs=torch.cat(t_lp),
-        teacher_token_logprobs=torch.cat(t_tok),
-        rollout_logprobs=torch.cat(r_lp),
-        sample_index=list(idx),
-        response_lens=[len(samples[i].response_ids) for i in idx],
-    )
 
 
 def union_request(samples: Sequence[Sample]) -> list[torch.Tensor]:
@@ -153,51 +71,6 @@ def union_request(samples: Sequence[Sample]) -> list[torch.Tensor]:
         sampled = torch.as_tensor(s.response_ids, dtype=torch.int32).reshape(-1, 1)
         out.append(torch.cat([s.topk_ids.to(torch.int32), sampled], dim=1))
     return out
-
-
-def pack_micro_batches(
-    samples: Sequence[Sample],
-    teacher_outputs: Sequence[TeacherOutput],
-    micro_batch_tokens: int,
-    *,
-    pad_id: int = 0,
-) -> list[MicroBatch]:
-    """Split one rank's samples into micro-batches whose padded size ``B * L`` is at most
-    ``micro_batch_tokens`` (``L`` = the longest ``prompt + response - 1`` in the micro-batch).
-
-    Samples are sorted longest first and filled greedily, so sequences of similar length share a
-    micro-batch (little padding); every response token appears in exactly one micro-batch. Samples with an
-    empty response are skipped (they have no loss term). A single sequence longer than the budget is an
-    error: raise ``data.micro_batch_tokens``.
-    """
-    if len(samples) != len(teacher_outputs):
-        raise ValueError(f"{len(samples)} samples but {len(teacher_outputs)} teacher outputs")
-    if micro_batch_tokens < 1:
-        raise ValueError(f"micro_batch_tokens={micro_batch_tokens} must be >= 1")
-    for i, (s, t) in enumerate(zip(samples, teacher_outputs, strict=True)):
-        _check_pair(i, s, t)
-    live = [i for i, s in enumerate(samples) if len(s.response_ids) > 0]
-    if not live:
-        return []
-    k = max(int(teacher_outputs[i].topk_ids.shape[1]) for i in live)
-
-    def length(i: int) -> int:
-        return len(samples[i].prompt_ids) + len(samples[i].response_ids) - 1
-
-    order = sorted(live, key=lambda i: (-length(i), i))
-    if length(order[0]) > micro_batch_tokens:
-        raise ValueError(
-            f"sample {order[0]} has {length(order[0])} tokens, more than data.micro_batch_tokens="
-            f"{micro_batch_tokens}; raise the budget to at least the longest prompt + response"
-        )
-    groups: list[list[int]] = []
-    for i in order:
-        # longest first: the group's width is its first member's length
-        if groups and (len(groups[-1]) + 1) * length(groups[-1][0]) <= micro_batch_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return [_build(g, samples, teacher_outputs, k, pad_id) for g in groups]
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -405,6 +278,43 @@ def _averages_grads(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What the data-parallel ranks agree on before the first backward of a step."""
+
+    rank_tokens: tuple[int, ...]  # response tokens (loss terms) of each rank
+    micro_batches: int  # the most micro-batches any rank packed: every DDP/FSDP2 rank runs that many
+
+    @property
+    def tokens(self) -> int:
+        """N_global: the step's response tokens over every rank (the loss normalisation)."""
+        return sum(self.rank_tokens)
+
+    @property
+    def imbalance(self) -> float:
+        """Max over ranks of response tokens / their mean (1.0 = even; ``actor/tokens_imbalance``)."""
+        mean = self.tokens / len(self.rank_tokens)
+        return max(self.rank_tokens) / mean if mean > 0 else 1.0
+
+
+def agree_on_plan(micro_batches: Sequence[MicroBatch], group=None, device=None) -> StepPlan:
+    """Each rank's (response tokens, micro-batches) by one all-gather over ``group``: a host sync.
+
+    A collective rather than a count each rank derives from the dealing plan: a rank's micro-batches are
+    whatever its caller packed (``train_step`` is called with any split), and a plan that differed on one
+    rank would hang the step in a collective instead of failing; the all-gather replaces the token-count
+    all-reduce the normalisation needed anyway."""
+    mine = [sum(mb.num_tokens for mb in micro_batches), len(micro_batches)]
+    world = _world(group)
+    if world == 1:
+        return StepPlan((mine[0],), mine[1])
+    local = torch.tensor(mine, dtype=torch.int64, device=device)
+    every = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(every, local, group=group)
+    rows = torch.stack(every).tolist()
+    return StepPlan(tuple(int(t) for t, _ in rows), max(int(n) for _, n in rows))
+
+
 def accumulate_gradients(
     model: nn.Module,
     micro_batches: Sequence[MicroBatch],
@@ -416,31 +326,31 @@ def accumulate_gradients(
     compute_dtype: torch.dtype | None = None,
     chunk_bytes: int | None = None,
     behaviour_temperature: float = 1.0,
+    plan: StepPlan | None = None,
 ) -> tuple[float, int]:
     """Backward over this rank's micro-batches; afterwards every rank holds the gradient of
     ``sum over all ranks' tokens of loss / N_global``. Returns (global loss sum, N_global).
 
     Works with a plain module (gradients all-reduced here when ``group`` spans several ranks), DDP (sync
     only on the last micro-batch; the loss is scaled by the world size because DDP averages) and FSDP2
-    (same scaling). Host syncs: the token-count all-reduce, and the loss sum at the end. ``compute_dtype``
+    (same scaling). Under DDP/FSDP2 a rank with fewer micro-batches than ``plan.micro_batches`` (even
+    none: a batch smaller than the world) runs zero-weight ones (loss x 0) up to that count, so the
+    wrappers' collectives pair up and ``last`` is the same index on every rank. Host syncs: the plan's
+    all-gather (``plan``: already agreed by the caller), and the loss sum at the end. ``compute_dtype``
     and ``chunk_bytes``: see :func:`loss_on_micro_batch`.
     """
     world = _world(group)
     if device is None:
         device = next(unwrap(model).parameters()).device
-    local = sum(mb.num_tokens for mb in micro_batches)
-    count = torch.tensor([float(local)], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(count, group=group)
-    n_global = int(count.item())
+    if plan is None:
+        plan = agree_on_plan(micro_batches, group, device)
+    n_global = plan.tokens
     if n_global == 0:
         raise ValueError("no response tokens in this step on any rank: nothing to train on")
     wrapped = _averages_grads(model)
-    if wrapped and world > 1 and not micro_batches:
-        raise ValueError(
-            "this rank has no micro-batch but its DDP/FSDP peers will wait for its gradients; give every "
-            "rank at least one sample (data.train_batch_size >= data-parallel world size)"
-        )
+    micro_batches = list(micro_batches)
+    if wrapped and world > 1:
+        micro_batches += [zero_weight_micro_batch()] * (plan.micro_batches - len(micro_batches))
     scale = (world if wrapped else 1) / n_global
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -459,8 +369,10 @@ def accumulate_gradients(
                 chunk_bytes=chunk_bytes,
                 behaviour_temperature=behaviour_temperature,
             )
-            (total * scale).backward()
-        loss_sum += total.detach().to(torch.float64)
+            # padding: a finite loss times 0 gives exactly zero gradients, through the same collectives
+            (total * (0.0 if mb.zero_weight else scale)).backward()
+        if not mb.zero_weight:
+            loss_sum += total.detach().to(torch.float64)
     if world > 1 and not wrapped:
         for p in unwrap(model).parameters():
             if not p.requires_grad:  # frozen (a LoRA student's base)
@@ -516,12 +428,15 @@ def train_step(
     only) -> optimizer step -> LR step. Every rank of ``group`` must call it. Returns ``actor/kl_loss``
     (global token mean), ``actor/grad_norm`` (before clipping), ``actor/lr`` (used by this step),
     ``response_seq_len/{mean,max,min}``, ``actor/response_tokens``, ``actor/total_tokens``,
-    ``actor/num_sequences``, ``actor/micro_batches`` (this rank's).
+    ``actor/num_sequences``, ``actor/micro_batches`` (what each rank ran, zero-weight padding included:
+    equal on every DDP/FSDP2 rank) and ``actor/tokens_imbalance`` (max over ranks of response tokens /
+    their mean; 1.0 = even).
     """
     if device is None:
         device = next(unwrap(model).parameters()).device
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
+    plan = agree_on_plan(batch, group, device)
     loss_sum, n_tokens = accumulate_gradients(
         model,
         batch,
@@ -532,6 +447,7 @@ def train_step(
         compute_dtype=autocast_dtype(model, cfg, device),
         chunk_bytes=getattr(cfg.loss, "chunk_bytes", None),
         behaviour_temperature=_sampling_temperature(cfg),
+        plan=plan,
     )
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
@@ -545,7 +461,8 @@ def train_step(
         "actor/grad_norm": float(grad_norm),
         "actor/lr": lr,
         "actor/response_tokens": n_tokens,
-        "actor/micro_batches": len(batch),
+        "actor/micro_batches": plan.micro_batches if _averages_grads(model) else len(batch),
+        "actor/tokens_imbalance": plan.imbalance,
     }
     metrics.update(_seq_stats(batch, group, device))
     return metrics

@@ -36,6 +36,7 @@ from concurrent.futures import Future
 
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.teacher.types import TeacherOutput
+from gkd.vocab import stop_token_ids
 
 __all__ = ["Evaluations", "PendingValidation", "Validator", "evaluation_due", "val_prompts"]
 
@@ -80,7 +81,8 @@ class Validator:
             max_new_tokens=v.max_new_tokens or cfg.rollout.max_new_tokens,
             temperature=v.temperature,
             top_p=v.top_p,
-            stop_token_ids=(eos_id,) if eos_id is not None else (),
+            # the tokenizer's eos and every generation-config eos id of the student (end-of-turn tokens)
+            stop_token_ids=stop_token_ids(cfg.model.student_path, eos_id),
             seed=v.seed,
             return_topk=cfg.rollout.return_topk,
         )

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gkd import _ext
+from gkd.channel_auth import mac
 from gkd.flatten import DTYPES, Bucket, TensorMeta
 
 log = logging.getLogger("gkd.weights")
@@ -26,7 +27,9 @@ _OP_WEIGHTS = 0
 _STOP = "stop"
 _REFORM = "reform"
 _ABANDONED = "abandoned"  # set by the sender in an abandoned group's store: receivers leave its collectives
-_TRAILER_BYTES = 32
+_CHECK_BYTES = 32  # int64 [version, index, kind, checksum]
+_MAC_BYTES = 32  # with a channel key: HMAC-SHA256 of the bucket after the checksum
+_TRAILER_BYTES = _CHECK_BYTES + _MAC_BYTES  # the most a trailer takes (buffers are sized for it)
 _MAX_METADATA_BYTES = 64 << 20
 # trailer kinds: crc32 on host bytes (C++/zlib), wsum (gkd._ext.device_checksum) where the bytes live
 CHECKSUMS = {"crc32": 0, "wsum": 1}
@@ -57,6 +60,8 @@ class WeightGroup:
     # raises WeightSyncError when a member is known dead (gkd.channel: missed heartbeats); polled while
     # the sender waits in the store for the receivers
     liveness: Callable[[], None] | None = None
+    # the run's channel key (gkd.channel_auth): every bucket carries a MAC with it; None: checksums only
+    key: bytes | None = None
 
     def broadcast(self, tensor: torch.Tensor) -> dist.Work:
         opts = dist.BroadcastOptions()
@@ -87,7 +92,7 @@ class WeightGroup:
             while not work.is_completed() and time.monotonic() < deadline:
                 if time.monotonic() - checked >= 0.05:
                     checked = time.monotonic()
-                    if self.store.check([_ABANDONED]):
+                    if self.store.check([_ABANDONED]) and _genuine(self.store, _ABANDONED):
                         raise ChannelReform(f"the sender abandoned the weight channel during the {what}")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.005)
@@ -193,9 +198,12 @@ def make_process_group(
     raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
 
 
-def _write_trailer(buf: torch.Tensor, nbytes: int, version: int, index: int, kind: str) -> None:
+def _write_trailer(
+    buf: torch.Tensor, nbytes: int, version: int, index: int, kind: str, key: bytes | None = None
+) -> None:
     """Checksum ``buf[:nbytes]`` and write the trailer after it. The word sum is computed and written on
-    the buffer's device with no host sync (a GPU sender does not wait for its own kernels)."""
+    the buffer's device with no host sync (a GPU sender does not wait for its own kernels). With ``key``
+    the trailer also carries :func:`bucket_mac` (computed on host bytes: a GPU bucket is copied down)."""
     trailer = torch.empty(4, dtype=torch.int64, device=buf.device)
     for i, value in enumerate((version, index, CHECKSUMS[kind])):
         trailer[i].fill_(value)  # device-side fills: torch.tensor(...).to(cuda) would sync
@@ -203,13 +211,39 @@ def _write_trailer(buf: torch.Tensor, nbytes: int, version: int, index: int, kin
         trailer[3].copy_(_ext.device_checksum(buf, 0, nbytes))
     else:
         trailer[3].fill_(_ext.checksum(buf, 0, nbytes))
-    buf[nbytes : nbytes + _TRAILER_BYTES].copy_(trailer.view(torch.uint8))
+    buf[nbytes : nbytes + _CHECK_BYTES].copy_(trailer.view(torch.uint8))
+    if key is not None:
+        tag = torch.frombuffer(bytearray(bucket_mac(key, buf, nbytes, version, index)), dtype=torch.uint8)
+        buf[nbytes + _CHECK_BYTES : nbytes + _TRAILER_BYTES].copy_(tag)
 
 
-def _metadata_bytes(buckets: Sequence[Bucket], alignment: int, dtype: torch.dtype | None = None) -> bytes:
+def trailer_bytes(key: bytes | None) -> int:
+    """A bucket's trailer: the checksum words, and the MAC when the channel has a key."""
+    return _CHECK_BYTES + (_MAC_BYTES if key is not None else 0)
+
+
+def bucket_mac(key: bytes, buf: torch.Tensor, nbytes: int, version: int, index: int) -> bytes:
+    """HMAC-SHA256 of bucket ``index`` of ``version``: its bytes and where they belong."""
+    data = buf[:nbytes]
+    if data.device.type != "cpu":
+        data = data.cpu()  # GPU-only: the MAC is computed on host bytes
+    where = version.to_bytes(8, "big", signed=True) + index.to_bytes(8, "big")
+    return mac(key, where, data.numpy().data)
+
+
+def _genuine(store, name: str) -> bool:
+    """``name``'s value is signed with the channel key (a plain store: always)."""
+    verified = getattr(store, "verified", None)
+    return verified is None or verified(name) is not None
+
+
+def _metadata_bytes(
+    buckets: Sequence[Bucket], alignment: int, dtype: torch.dtype | None = None, mac: bool = False
+) -> bytes:
     names = {v: k for k, v in DTYPES.items()}
     doc = {
         "v": PROTOCOL_VERSION,
+        "mac": mac,  # buckets carry a MAC (the sender has the run's channel key): receivers need it too
         "alignment": alignment,
         "dtype": None if dtype is None else names[dtype],  # floating weights were cast to it (None: not)
         "buckets": [{"nbytes": b.nbytes, "tensors": [m.to_json() for m in b.metas]} for b in buckets],

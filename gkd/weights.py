@@ -20,11 +20,14 @@ Protocol, all broadcasts from rank 0; nothing is pickled, metadata is JSON bytes
    ``gkd.channel`` forms the next generation of the channel with the current workers).
 3. Then a header ``int64 [magic, version, n_buckets, op]``; each bucket as one broadcast of exactly its
    bytes (verl sends the full bucket capacity every time) plus a 32-byte trailer ``int64 [version, index,
-   kind, checksum]``; then an all-reduce of per-rank status. ``kind`` says which checksum: CRC-32 (host
-   buffers, the C++ extension) or the device word sum (:func:`gkd._ext.device_checksum`, computed where a
-   GPU bucket lives: no copy to the host, and on the sender no host sync). The receiver computes the same
-   kind over its own bytes. A receiver that sees a bad checksum keeps its previous weights and raises
-   :class:`WeightSyncError`; so does the sender.
+   kind, checksum]`` (and 32 bytes of MAC with a channel key); then an all-reduce of per-rank status.
+   ``kind`` says which checksum: CRC-32 (host buffers, the C++ extension) or the device word sum
+   (:func:`gkd._ext.device_checksum`, computed where a GPU bucket lives: no copy to the host, and on the
+   sender no host sync). The receiver computes the same kind over its own bytes. With the run's channel
+   key (``group.key``, :mod:`gkd.channel_auth`) the MAC is HMAC-SHA256 over the bucket's version, index
+   and bytes, and it decides (a checksum catches corruption, not forgery); it is computed on host bytes,
+   so a GPU bucket is copied down for it. A receiver that sees a bad checksum
+   or MAC keeps its previous weights and raises :class:`WeightSyncError`; so does the sender.
 4. ``close()`` announces ``stop``: receivers' ``receive()`` returns None; ``abandon()`` announces
    ``reform``: receivers' ``receive()`` raises :class:`ChannelReform`.
 
@@ -34,6 +37,8 @@ they are gathered), so a bf16 engine receives bf16 bytes from fp32 master weight
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +53,7 @@ from gkd import _ext
 from gkd.flatten import Bucket, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, plan_buckets
 from gkd.weight_wire import (  # the channel's group, constants and wire helpers; public names re-exported
     _ABANDONED,
+    _CHECK_BYTES,
     _CHECKSUM_NAMES,
     _MAGIC,
     _MAX_METADATA_BYTES,
@@ -65,8 +71,10 @@ from gkd.weight_wire import (  # the channel's group, constants and wire helpers
     _metadata_bytes,
     _parse_metadata_doc,
     _write_trailer,
+    bucket_mac,
     init_weight_group,
     make_process_group,
+    trailer_bytes,
 )
 
 __all__ = [
@@ -108,15 +116,18 @@ def _wire_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 def _gather_to_root(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Full tensor of a DTensor on mesh rank 0 (None elsewhere), cast to its wire dtype first (a bf16
-    engine: half the gather traffic). Dim-0 shards (FSDP2) go through one ``gather`` to rank 0 only;
-    other placements fall back to ``full_tensor()`` (an all-gather)."""
-    from torch.distributed.tensor import Shard
+    engine: half the gather traffic). Dim-0 shards (FSDP2; HSDP: replicated across the first mesh dims)
+    go through one ``gather`` to rank 0 within its shard group only; other placements fall back to
+    ``full_tensor()`` (an all-gather)."""
+    from torch.distributed.tensor import Replicate, Shard
 
-    mesh = t.device_mesh
-    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+    mesh, coordinate = t.device_mesh, t.device_mesh.get_coordinate()
+    if t.placements[-1] != Shard(0) or any(p != Replicate() for p in t.placements[:-1]):
         full = t.full_tensor()
-        return full if mesh.get_local_rank() == 0 else None
-    pg = mesh.get_group()
+        return full if not any(coordinate) else None
+    if any(coordinate[:-1]):  # HSDP: another shard group holds the same tensor; the root's group sends it
+        return None
+    pg = mesh.get_group(mesh.ndim - 1)
     world, me = pg.size(), dist.get_rank(pg)
     rows = -(-t.shape[0] // world)  # torch.chunk's chunk size, which FSDP2 shards by
     local = t.to_local()
@@ -194,7 +205,7 @@ class WeightSender:
         if self.group is None:
             return
         g = self.group
-        meta = _metadata_bytes(self.buckets, self.alignment, self.dtype)
+        meta = _metadata_bytes(self.buckets, self.alignment, self.dtype, mac=g.key is not None)
         payload = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
         g.wait(
             g.broadcast(torch.tensor([payload.numel()], dtype=torch.int64, device=g.device)), "handshake size"
@@ -292,9 +303,9 @@ class WeightSender:
                 slot = bucket.index % len(self._buffers)
                 if in_flight[slot] is not None:  # the buffer's previous bucket must have left
                     g.wait(in_flight[slot], f"version {version} bucket {bucket.index - len(self._buffers)}")
-                buf = self._buffers[slot][: bucket.nbytes + _TRAILER_BYTES]
+                buf = self._buffers[slot][: bucket.nbytes + trailer_bytes(g.key)]
                 FlatBuffer(buf, bucket.metas).write(full, cast=True)
-                _write_trailer(buf, bucket.nbytes, version, bucket.index, self.checksum)
+                _write_trailer(buf, bucket.nbytes, version, bucket.index, self.checksum, g.key)
                 if self.bucket_hook is not None:
                     self.bucket_hook(bucket.index, buf)
                 in_flight[slot] = g.broadcast(buf)
@@ -382,6 +393,7 @@ class WeightReceiver:
         self._staging: list[FlatBuffer] = []
         self._slots: list[torch.Tensor] = []
         self._announced = 0  # announcements consumed
+        self._trailer = _CHECK_BYTES  # a bucket's trailer size, known from the handshake
         self.staged_version: int | None = None
         self.applied_version: int | None = None
         self._handshaken = False
@@ -400,7 +412,13 @@ class WeightReceiver:
         g.wait(g.broadcast(payload), "handshake metadata")
         problem = None
         try:
-            buckets, cast = _parse_metadata_doc(payload.cpu().numpy().tobytes())
+            raw = payload.cpu().numpy().tobytes()
+            buckets, cast = _parse_metadata_doc(raw)
+            if bool(json.loads(raw).get("mac")) != (g.key is not None):
+                raise WeightSyncError(
+                    "the trainer and this worker disagree on bucket MACs: give both the same secret "
+                    "(rollout.auth_secret_file for the trainer, --auth-secret-file for the rollout) or neither"
+                )
             diff = diff_metas(self.expected, [m for b in buckets for m in b.metas])
             if diff is not None:
                 hint = (
@@ -418,12 +436,13 @@ class WeightReceiver:
             raise WeightSyncError(f"weight handshake failed on ranks {failed}; see their errors")
         self.buckets, self.sender_dtype = buckets, cast
         pin = self.pin and self.staging_device.type == "cpu"
+        self._trailer = trailer_bytes(g.key)
         self._staging = [
-            FlatBuffer.empty(b.metas, b.nbytes + _TRAILER_BYTES, pin=pin, device=self.staging_device)
+            FlatBuffer.empty(b.metas, b.nbytes + self._trailer, pin=pin, device=self.staging_device)
             for b in buckets
         ]
         if self.bounce:
-            biggest = max((b.nbytes for b in buckets), default=0) + _TRAILER_BYTES
+            biggest = max((b.nbytes for b in buckets), default=0) + self._trailer
             self._slots = [
                 torch.zeros(biggest, dtype=torch.uint8, device=g.device) for _ in range(min(2, len(buckets)))
             ]
@@ -492,7 +511,7 @@ class WeightReceiver:
         bad = []
         for bucket, fb, work in zip(self.buckets, self._staging, works, strict=True):
             g.wait(work, f"version {version} bucket {bucket.index}")
-            bad += self._verify(version, bucket, fb.buffer)
+            bad += self._verify(version, bucket, fb.buffer, g.key)
         return bad
 
     def _receive_bounced(self, version: int) -> list[str]:
@@ -502,27 +521,31 @@ class WeightReceiver:
         g = self.group
         n_slots = len(self._slots)
         works = [
-            g.broadcast(self._slots[i][: b.nbytes + _TRAILER_BYTES])
+            g.broadcast(self._slots[i][: b.nbytes + self._trailer])
             for i, b in enumerate(self.buckets[:n_slots])
         ]
         bad = []
         for bucket, fb in zip(self.buckets, self._staging, strict=True):
             slot = self._slots[bucket.index % n_slots]
             g.wait(works[bucket.index], f"version {version} bucket {bucket.index}")
-            landed = slot[: bucket.nbytes + _TRAILER_BYTES]
-            bad += self._verify(version, bucket, landed)
+            landed = slot[: bucket.nbytes + self._trailer]
+            bad += self._verify(version, bucket, landed, g.key)
             fb.buffer.copy_(landed, non_blocking=fb.pinned)
             following = bucket.index + n_slots
             if following < len(self.buckets):
-                works.append(g.broadcast(slot[: self.buckets[following].nbytes + _TRAILER_BYTES]))
+                works.append(g.broadcast(slot[: self.buckets[following].nbytes + self._trailer]))
         if g.device.type == "cuda":
             torch.cuda.current_stream(g.device).synchronize()  # staging complete before apply reads it
         return bad
 
     @staticmethod
-    def _verify(version: int, bucket: Bucket, buf: torch.Tensor) -> list[str]:
+    def _verify(version: int, bucket: Bucket, buf: torch.Tensor, key: bytes | None = None) -> list[str]:
         # The trailer follows the exact payload, so it may sit at any byte offset: copy before the view.
-        trailer = buf[bucket.nbytes : bucket.nbytes + _TRAILER_BYTES].cpu().clone().view(torch.int64)
+        trailer = buf[bucket.nbytes : bucket.nbytes + _CHECK_BYTES].cpu().clone().view(torch.int64)
+        if key is not None:  # with the channel key, the MAC decides (a checksum can be forged to match)
+            tag = bytes(buf[bucket.nbytes + _CHECK_BYTES : bucket.nbytes + _TRAILER_BYTES].cpu().numpy())
+            if not hmac.compare_digest(tag, bucket_mac(key, buf, bucket.nbytes, version, bucket.index)):
+                return [f"bucket {bucket.index} fails its MAC (not sent with this run's channel token)"]
         got_version, index, kind, sent = trailer.tolist()
         if (got_version, index) != (version, bucket.index):
             return [f"bucket {bucket.index} is tagged version {got_version} bucket {index}"]

@@ -1,22 +1,28 @@
-"""Run the benchmark suite and compare every ratio it reports with the committed baselines.
+"""Run the benchmark suite and compare every ratio it reports with this machine's committed baselines.
 
-    scripts/bench_check.sh [--quick] [--json OUT] [--baselines FILE] [--update] [-- extra pytest args]
+    scripts/bench_check.sh [--quick] [--json OUT] [--baselines FILE] [--machine FP] [--update]
+                           [-- extra pytest args]
 
-Every benchmark stores machine-independent figures as ``benchmark.extra_info["ratios"] = {name: value}``,
-each higher-is-better. A ratio's key is ``<file>::<test>[<params>]::<name>``, e.g.
+Every benchmark stores figures as ``benchmark.extra_info["ratios"] = {name: value}``, each higher-is-better.
+A ratio's key is ``<file>::<test>[<params>]::<name>``, e.g.
 ``bench_losses.py::test_fused_vs_naive_cpu[vocab8k]::fused_bucket_speedup`` (parametrize ids must not
-depend on quick/full mode). The baselines file maps keys to ``{"expected": x, "tolerance": t}``:
+depend on quick/full mode). Ratios still depend on the CPU (its vector units, caches and memory), so the
+baselines file keys them by machine: ``{"machines": {fingerprint: {key: {"expected": x, "tolerance": t}}}}``
+with the fingerprint of :func:`machine_fingerprint` (CPU model, architecture, ISA level, CPU count); a
+file without ``machines`` is one machine's table, used on any machine. Verdicts:
 
-- PASS     measured >= expected * (1 - t)        (only lower is worse)
-- FAIL     measured <  expected * (1 - t)
-- NEW      measured, no baseline                 (reported, not a failure)
-- MISSING  a baseline, its ratio not produced    (a failure; its test ran, failed or was not collected)
-- SKIP     a baseline whose test was skipped     (with the reason; not a failure)
-- NOT RUN  a baseline whose test the extra pytest args did not select (not a failure)
+- PASS         measured >= expected * (1 - t)        (only lower is worse)
+- FAIL         measured <  expected * (1 - t)
+- NEW          measured, no baseline                 (reported, not a failure)
+- MISSING      a baseline, its ratio not produced    (a failure; its test ran, failed or was not collected)
+- SKIP         a baseline whose test was skipped     (with the reason; not a failure)
+- NOT RUN      a baseline whose test the extra pytest args did not select (not a failure)
+- NO-BASELINE  the file has no table for this CPU     (every ratio; not a failure: run --calibrate)
 
 Exit status 1 on any FAIL or MISSING, or when pytest itself failed; ``--update`` writes the measured
-values as the new expectations (tolerances kept; new keys get DEFAULT_TOLERANCE) and exits 0 unless pytest
-failed. ``--calibrate RUN.json ...`` sets expectations and tolerances from several runs' JSON instead.
+values as this machine's expectations (tolerances kept; new keys get DEFAULT_TOLERANCE) and exits 0 unless
+pytest failed. ``--calibrate RUN.json ...`` sets this machine's expectations and tolerances from several
+runs' JSON instead.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +42,47 @@ DEFAULT_BASELINES = ROOT / "bench" / "baselines" / "cpu.json"
 DEFAULT_TOLERANCE = 0.3
 MAX_TOLERANCE = 0.45  # a 2x regression (the ratio halves) must still fail
 FAILING = ("FAIL", "MISSING")
+NO_BASELINE_NOTE = "no baseline for this CPU: run with --calibrate"
+#: x86 ISA levels, best first, as torch names its CPU capability: the flags each needs (/proc/cpuinfo).
+ISA_LEVELS = (("AVX512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}), ("AVX2", {"avx2", "fma"}))
+
+
+def machine_fingerprint(cpuinfo: str | None = None, cpus: int | None = None) -> str:
+    """``"<CPU model> | <architecture> <ISA level> | <n> CPUs"``, e.g. ``"AMD EPYC | x86_64 AVX2 | 2 CPUs"``:
+    what a baseline table is keyed by (a virtual machine may name only the CPU family, so the CPU count
+    tells a 2-core VM from a 64-core host). ``cpuinfo``: the text of /proc/cpuinfo (default: read it;
+    absent off Linux); ``cpus``: default ``os.cpu_count()``."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() not in fields:
+            fields[name.strip()] = value.strip()
+    model = fields.get("model name") or fields.get("Model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    isa = next((level for level, need in ISA_LEVELS if need <= flags), "DEFAULT" if flags else "")
+    arch = f"{platform.machine()} {isa}".rstrip()
+    return f"{' '.join(model.split())} | {arch} | {cpus or os.cpu_count()} CPUs"
+
+
+def machine_table(content: dict, fingerprint: str) -> dict | None:
+    """This machine's baselines in a baselines file's ``content`` (None: the file has none for it)."""
+    if "machines" not in content:
+        return content
+    return content["machines"].get(fingerprint)
+
+
+def with_machine_table(content: dict, fingerprint: str, table: dict) -> dict:
+    """``content`` with this machine's table replaced by ``table`` (a new file gets the ``machines`` map)."""
+    if content and "machines" not in content:
+        return table
+    out = dict(content)
+    out["machines"] = {**content.get("machines", {}), fingerprint: table}
+    return out
 
 
 def short_test_id(nodeid: str) -> str:
@@ -54,14 +102,27 @@ def collect_ratios(bench_json: dict) -> dict[str, float]:
 
 def compare(
     measured: dict[str, float],
-    baselines: dict[str, dict],
+    baselines: dict[str, dict] | None,
     session: dict | None = None,
     narrowed: bool = False,
 ) -> list[dict]:
     """One row per key (sorted): key, ratio, expected, tolerance, verdict, note.
 
+    ``baselines``: this machine's table, or None when there is none (every ratio NO-BASELINE).
     ``session``: conftest's record (``selected``, ``skipped`` {test: reason}); ``narrowed``: the run
     selected a subset (extra pytest args), so baselines of tests it did not select are NOT RUN."""
+    if baselines is None:
+        return [
+            {
+                "key": k,
+                "ratio": v,
+                "expected": None,
+                "tolerance": None,
+                "verdict": "NO-BASELINE",
+                "note": NO_BASELINE_NOTE,
+            }  # fmt: skip
+            for k, v in sorted(measured.items())
+        ]
     session = session or {}
     selected, skipped = set(session.get("selected", [])), session.get("skipped", {})
     rows = []
@@ -172,16 +233,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RUN_JSON",
         help="set --baselines from several runs' JSON (median, 3x spread); run nothing",
     )
+    p.add_argument(
+        "--machine",
+        default=None,
+        metavar="FINGERPRINT",
+        help="use this machine's baselines (default: this CPU's fingerprint, printed by every run)",
+    )
     args = p.parse_args(argv)
     args.pytest_args = extra
+    machine = args.machine or machine_fingerprint()
     if args.baselines.exists() or not (args.update or args.calibrate):
-        baselines = _load_json(args.baselines, "--baselines")
+        content = _load_json(args.baselines, "--baselines")
     else:
-        baselines = {}
+        content = {}
+    baselines = machine_table(content, machine)
     if args.calibrate:
         runs = [collect_ratios(_load_json(f, "--calibrate")) for f in args.calibrate]
-        args.baselines.write_text(json.dumps(calibrate(runs, baselines), indent=2) + "\n")
-        print(f"bench_check: wrote {args.baselines} from {len(runs)} runs")
+        table = calibrate(runs, baselines or {})
+        args.baselines.write_text(json.dumps(with_machine_table(content, machine, table), indent=2) + "\n")
+        print(f"bench_check: wrote {args.baselines} ({machine!r}) from {len(runs)} runs")
         return 0
 
     rc, session = 0, {}
@@ -196,24 +266,32 @@ def main(argv: list[str] | None = None) -> int:
         session = json.loads(session_json.read_text()) if session_json.exists() else {}
     measured = collect_ratios(bench_json)
     rows = compare(measured, baselines, session, narrowed=bool(extra))
-    print()
-    print(format_table(rows))
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "NEW", "MISSING", "SKIP")}
-    summary = ", ".join(f"{n} {v}" for v, n in counts.items())
-    print(f"bench_check: {summary} (baselines {args.baselines})")
-    if session.get("plants"):
-        print(f"bench_check: PLANTED REGRESSION active: GKD_BENCH_PLANT={','.join(session['plants'])}")
-    for test in session.get("failed", []):
-        print(f"bench_check: benchmark FAILED: {test} (see the pytest output above)")
+    _report(rows, session, f"baselines {args.baselines}, machine {machine!r}")
     if rc != 0:  # 5: nothing collected
         print(f"bench_check: pytest exited with status {rc}")
         return 1
     if args.update:
         args.baselines.parent.mkdir(parents=True, exist_ok=True)
-        args.baselines.write_text(json.dumps(updated(baselines, measured), indent=2) + "\n")
-        print(f"bench_check: wrote {len(measured)} ratios into {args.baselines}")
+        table = updated(baselines or {}, measured)
+        args.baselines.write_text(json.dumps(with_machine_table(content, machine, table), indent=2) + "\n")
+        print(f"bench_check: wrote {len(measured)} ratios into {args.baselines} ({machine!r})")
         return 0
     return 1 if any(r["verdict"] in FAILING for r in rows) else 0
+
+
+def _report(rows: list[dict], session: dict, where: str) -> None:
+    print()
+    print(format_table(rows))
+    verdicts = ("PASS", "FAIL", "NEW", "MISSING", "SKIP", "NO-BASELINE")
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in verdicts}
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n or v != "NO-BASELINE")
+    print(f"bench_check: {summary} ({where})")
+    if counts["NO-BASELINE"]:
+        print(f"bench_check: {NO_BASELINE_NOTE} (scripts/bench_check.py --calibrate RUN.json ...)")
+    if session.get("plants"):
+        print(f"bench_check: PLANTED REGRESSION active: GKD_BENCH_PLANT={','.join(session['plants'])}")
+    for test in session.get("failed", []):
+        print(f"bench_check: benchmark FAILED: {test} (see the pytest output above)")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = ROOT / ".whl"
 STEPS_PY = "scripts/gpu_check_steps.py"
 KERNELS_PY = "bench/gpu_kernels.py"
+KERNELS_PARTS = ["bench/gpu_kernels_fused.py", "bench/gpu_kernels_util.py"]  # modules it imports
 # tests/kernels/test_gpu_kernels_script.py is left out: it checks bench/gpu_kernels.py's CPU smoke mode.
 TESTS = [
     "tests/kernels/test_fused_linear.py",
+    "tests/kernels/test_fused_memory.py",
     "tests/kernels/test_losses.py",
     "tests/kernels/test_losses_edge.py",
     "tests/kernels/test_topk_torch.py",
@@ -109,7 +111,7 @@ def plan(work: Path, python: str) -> list[Step]:
             70,
             [python, KERNELS_PY, "--out", str(work / "kernels.json")],
             figures_json=False,
-            needs=[KERNELS_PY],
+            needs=[KERNELS_PY, *KERNELS_PARTS],
         ),
         Step(
             "5",

@@ -125,7 +125,20 @@ def _e2e_run(paths: dict, out: Path, scheduler: str, port_base: int, timeout: fl
         "generate_s": med("timing/generate"),
         "teacher_s": med("timing/get_teacher_knowledge"),
         "peak_gib": med("perf/max_memory_allocated_gb"),
+        # perf/mfu and the peak it divides by, with its source (datasheet / trainer.peak_tflops / measured)
+        "mfu": med("perf/mfu"),
+        "mfu_peak": _mfu_peak_line(out / "logs" / "trainer.log"),
     }
+
+
+def _mfu_peak_line(log: Path) -> str | None:
+    """The trainer's "perf/mfu against ... TFLOP/s per trainer device (source)" log line, from "against"."""
+    if not log.is_file():
+        return None
+    for line in log.read_text(errors="replace").splitlines():
+        if "perf/mfu against" in line:
+            return line[line.index("perf/mfu against") :]
+    return None
 
 
 def run(args) -> dict:
@@ -148,7 +161,7 @@ def run(args) -> dict:
     ok = all(figs[f"k{k}"]["exit_code"] == 0 and figs[f"k{k}"]["steps"] == STEPS for k in (0, 2))
     headline = "; ".join(
         f"k={k}: {figs[f'k{k}']['steps']}/{STEPS} steps, {figs[f'k{k}']['s_per_step']} s/step, "
-        f"{figs[f'k{k}']['tokens_per_s']} tok/s, sync {figs[f'k{k}']['sync_s']} s"
+        f"{figs[f'k{k}']['tokens_per_s']} tok/s, sync {figs[f'k{k}']['sync_s']} s, mfu {figs[f'k{k}']['mfu']}"
         for k in (0, 2)
     )
     return {**figs, "status": "PASS" if ok else "FAIL", "headline": headline}

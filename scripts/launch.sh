@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One node of a multi-node gkd trainer: torchrun with a c10d rendezvous, `python -m gkd.train` per process.
+# For trainer-only nodes with services you start yourself; `gkd train --nnodes N --node-rank R
+# --rdzv-endpoint HOST:PORT` (or scripts/slurm/gkd.sbatch) starts a node's trainer and services together.
 # Run it on every trainer node with the same config and rendezvous endpoint; only the node rank differs.
 # The teacher and rollout services are started separately (their own nodes, `gkd teacher serve` /
 # `gkd rollout serve --weight-channel NODE0:rollout.weight_port`); the config points at them

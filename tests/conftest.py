@@ -1,4 +1,5 @@
-"""Test setup: Triton runs in its interpreter when there is no CUDA device, RNGs are seeded.
+"""Test setup: Triton runs in its interpreter when there is no CUDA device, RNGs are seeded, the hub is
+offline.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before gkd.kernels
 is imported by a test module, which is why it happens here at import time of conftest.
@@ -6,6 +7,11 @@ is imported by a test module, which is why it happens here at import time of con
 
 import os
 import random
+
+# Tests never reach the network: hub ids resolve from local caches only (set before huggingface_hub and
+# datasets read it at import; subprocesses inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import numpy as np
 import pytest

@@ -48,7 +48,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "train-student-hub-id": (
         _train("model.student_path=HuggingFaceTB/SmolLM2-135M"),
-        "never downloaded from a hub",
+        "model.student_path=HuggingFaceTB/SmolLM2-135M: no local folder of that name, and the hub model "
+        "not in the local cache and HF_HUB_OFFLINE=1",
     ),
     "train-student-no-config": (
         _train("model.student_path={tmp}"),

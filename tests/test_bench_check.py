@@ -114,13 +114,77 @@ def test_main_exit_status_from_a_json_file(bc, tmp_path, capsys):
 
 
 def test_committed_baselines_are_valid_and_catch_a_2x_regression(bc):
-    baselines = json.loads(bc.DEFAULT_BASELINES.read_text())
-    assert "_comment" in baselines
-    for key, base in baselines.items():
-        if key.startswith("_"):
-            continue
-        assert key.count("::") >= 2, key
-        assert base["expected"] > 0 and 0 < base["tolerance"] < 0.5, key
+    content = json.loads(bc.DEFAULT_BASELINES.read_text())
+    assert "_comment" in content and content["machines"]
+    for machine, baselines in content["machines"].items():
+        assert " | " in machine and "_comment" in baselines, machine
+        for key, base in baselines.items():
+            if key.startswith("_"):
+                continue
+            assert key.count("::") >= 2, key
+            assert base["expected"] > 0 and 0 < base["tolerance"] < 0.5, key
+
+
+EPYC = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC  7B13\n"
+    "flags\t\t: fpu sse4_1 avx avx2 fma\n"
+)
+
+
+def test_machine_fingerprint_is_cpu_model_and_isa_level(bc, monkeypatch):
+    monkeypatch.setattr(bc.platform, "machine", lambda: "x86_64")
+    assert bc.machine_fingerprint(EPYC, 2) == "AMD EPYC 7B13 | x86_64 AVX2 | 2 CPUs"
+    assert bc.machine_fingerprint(EPYC, 64) == "AMD EPYC 7B13 | x86_64 AVX2 | 64 CPUs"
+    avx512 = EPYC.replace("fma", "fma avx512f avx512bw avx512vl avx512dq").replace("AMD EPYC  7B13", "Xeon")
+    assert bc.machine_fingerprint(avx512, 8) == "Xeon | x86_64 AVX512 | 8 CPUs"
+    assert (
+        bc.machine_fingerprint(EPYC.replace(" avx avx2 fma", ""), 2)
+        == "AMD EPYC 7B13 | x86_64 DEFAULT | 2 CPUs"
+    )
+    fp = bc.machine_fingerprint()  # this machine: the same every call
+    assert fp == bc.machine_fingerprint() and " | " in fp
+
+
+def test_an_unknown_cpu_reads_no_baseline_and_exits_0(bc, tmp_path, capsys):
+    base = tmp_path / "base.json"
+    table = {"bench_a.py::test_x[p1]::speedup": {"expected": 2.0, "tolerance": 0.3}}
+    base.write_text(json.dumps({"_comment": "c", "machines": {"Known CPU | x86_64 AVX512": table}}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_bench_json({"bench_a.py::test_x[p1]": {"speedup": 0.9, "other": 1.0}})))
+    argv = ["--baselines", str(base), "--input", str(bad)]
+    assert bc.main([*argv, "--machine", "Other CPU | x86_64 AVX2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("bench_a.py")]
+    assert len(rows) == 2 and all(
+        "NO-BASELINE  (no baseline for this CPU: run with --calibrate)" in r for r in rows
+    )
+    assert "2 NO-BASELINE" in out and "0 FAIL" in out
+    assert bc.main([*argv, "--machine", "Known CPU | x86_64 AVX512"]) == 1  # its own machine still fails
+    assert "1 FAIL" in capsys.readouterr().out
+    # calibrating the unknown machine adds its table and leaves the known one alone
+    assert (
+        bc.main(["--baselines", str(base), "--machine", "Other CPU | x86_64 AVX2", "--calibrate", str(bad)])
+        == 0
+    )
+    content = json.loads(base.read_text())
+    assert content["machines"]["Known CPU | x86_64 AVX512"] == table
+    assert (
+        content["machines"]["Other CPU | x86_64 AVX2"]["bench_a.py::test_x[p1]::speedup"]["expected"] == 0.9
+    )
+    assert content["_comment"] == "c"
+    assert bc.main([*argv, "--machine", "Other CPU | x86_64 AVX2"]) == 0
+    assert "2 PASS" in capsys.readouterr().out
+
+
+def test_update_writes_this_machines_table_of_a_new_file(bc, tmp_path):
+    base, run = tmp_path / "new.json", tmp_path / "run.json"
+    run.write_text(json.dumps(_bench_json({"bench_a.py::test_x[p1]": {"speedup": 1.5}})))
+    assert (
+        bc.main(["--baselines", str(base), "--input", str(run), "--update", "--machine", "M | x86_64 AVX2"])
+        == 0
+    )
+    table = json.loads(base.read_text())["machines"]["M | x86_64 AVX2"]
+    assert table == {"bench_a.py::test_x[p1]::speedup": {"expected": 1.5, "tolerance": bc.DEFAULT_TOLERANCE}}
 
 
 # ------------------------------------------------------------------------ the real check, one benchmark
@@ -137,7 +201,10 @@ def _check(plant: str | None, out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_bench_check_fails_on_a_planted_regression_and_passes_without(tmp_path):
+def test_bench_check_fails_on_a_planted_regression_and_passes_without(bc, tmp_path):
+    machine = bc.machine_fingerprint()
+    if machine not in json.loads(bc.DEFAULT_BASELINES.read_text())["machines"]:
+        pytest.skip(f"no committed baselines for this CPU ({machine!r}): scripts/bench_check.py --calibrate")
     clean = _check(None, tmp_path / "clean.json")
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-2000:]
     assert "::fused_bucket_speedup" in clean.stdout and " PASS" in clean.stdout

@@ -182,7 +182,10 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
     print("  weight channel re-forms:", *reforms, sep="\n     ")
     print("  service restarts:", *restarts, sep="\n     ")
 
-    retries = sum(r.get("scheduler/retries", 0) for r in records)
+    # the brokers re-queue a dead worker's request, so the scheduler never retries a generation: every
+    # batch is the one a fault-free run generates, and the final student is the same, bit for bit
+    retries = sum(r["scheduler/retries"] for r in records)  # every step reports its retries
+    assert retries == 0, [(r["step"], r["scheduler/retries"]) for r in records if r["scheduler/retries"]]
     clean = tmp_path / "clean"
     proc, _ = _start(tiny, clean)
     _finish(proc, clean)
@@ -190,6 +193,4 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
     b = load_file(str(clean / "final" / "model.safetensors"))
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     print(f"  scheduler retries: {retries:g}; max |chaos - fault-free| over the final weights: {diff:.3g}")
-    if retries == 0:
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), diff

@@ -1,5 +1,5 @@
-"""``gkd teacher serve`` in a subprocess (2 worker processes, auth, free ports, SIGTERM shutdown) checked with
-``gkd teacher ping`` and a TeacherClient."""
+"""``gkd teacher serve`` in a subprocess (2 worker processes, auth, free ports, stack dumps on SIGUSR1,
+SIGTERM shutdown) checked with ``gkd teacher ping`` and a TeacherClient."""
 
 import contextlib
 import os
@@ -93,13 +93,24 @@ def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
             got = client.score(seqs, top_k=6, temperature=0.9)
         assert_outputs_equal(got, HFTeacherEngine.from_pretrained(tiny_model_dir).score(seqs, 6, 0.9))
 
+        # kill -USR1 of the service and of a worker: each writes its threads' stacks and runs on
+        serve.send_signal(signal.SIGUSR1)
+        os.kill(pids[0], signal.SIGUSR1)
+        with TeacherClient(address, timeout_s=30, auth=auth) as client:
+            assert_outputs_equal(client.score(seqs, top_k=6, temperature=0.9), got)
+
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(20) == 0
         deadline = time.monotonic() + 10
         while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(pid_alive(p) for p in pids), "worker processes outlived serve"
-        assert "teacher service stopped" in serve.stderr.read()
+        err = serve.stderr.read()
+        assert "teacher service stopped" in err
+        stacks = err.split("Current thread 0x")[1:]  # one per dump: the interrupted thread's stack
+        assert len(stacks) == 2, err[-4000:]
+        assert any("in supervise" in s for s in stacks)  # the service (its workers' supervisor)
+        assert any("gkd/transport/worker.py" in s for s in err.split("(most recent call first)"))  # a worker
     finally:
         if serve.poll() is None:
             serve.kill()

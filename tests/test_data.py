@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gkd.data import DataError, PromptDataset, PromptLoader, expand_files, inspect_files
+from gkd.data import DataError, PromptDataset, PromptLoader, Source, expand_files, inspect_files
 from gkd.demo.tiny import tokenizer as tiny_tokenizer
 
 
@@ -185,9 +188,7 @@ def test_inspect_files_reads_footers_only_and_names_the_problem(tmp_path, monkey
     a, b = _strings(tmp_path, 2, "a.parquet"), _write(tmp_path / "b.parquet", pa.array([], pa.string()))
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("inspect_files read a table"))
     assert inspect_files(str(tmp_path / "*.parquet"), "prompt") == [a, b]
-    with pytest.raises(
-        FileNotFoundError, match=r"is a folder; name its parquet files, e\.g\. .*/\*\.parquet"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"is a folder; name its files, e\.g\. .*/\*\.parquet"):
         inspect_files(str(tmp_path), "prompt")
     with pytest.raises(DataError, match=r"a\.parquet has no column 'question'"):
         inspect_files(a, "question")
@@ -196,3 +197,144 @@ def test_inspect_files_reads_footers_only_and_names_the_problem(tmp_path, monkey
     (tmp_path / "c.txt").write_text("text")
     with pytest.raises(DataError, match=r"c\.txt: cannot read as parquet"):
         inspect_files(str(tmp_path / "c.txt"), "prompt")
+
+
+# ------------------------------------------------------------------- formats, templates, mixtures
+
+
+def _jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_jsonl_json_and_saved_datasets_read_like_parquet(tmp_path, tok):
+    chat = [{"role": "user", "content": "the dog"}]
+    j = _jsonl(tmp_path / "a.jsonl", [{"prompt": "fox 0", "x": 1}, {"prompt": chat}])
+    arr = tmp_path / "b.json"
+    arr.write_text(json.dumps([{"question": "fox 1"}, {"question": "fox 2"}]))
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"prompt": ["fox 3"]}),
+            "test": datasets.Dataset.from_dict({"prompt": ["x"]}),
+        }
+    ).save_to_disk(str(saved))
+    ds = PromptDataset([j, Source(str(arr), "question"), str(saved), _strings(tmp_path, 1)], tok)
+    assert [tok.decode(ds[i]) for i in range(len(ds))] == [
+        "<s>user: fox 0\n<s>assistant:", "<s>user: the dog\n<s>assistant:", "<s>user: fox 1\n<s>assistant:",
+        "<s>user: fox 2\n<s>assistant:", "<s>user: fox 3\n<s>assistant:", "<s>user: fox 0\n<s>assistant:",
+    ]  # fmt: skip
+    assert ds.where(3) == (str(arr), 1) and ds.where(4) == (str(saved), 0)
+    with pytest.raises(DataError, match=r"a\.jsonl, record 1: no field 'question'"):
+        PromptDataset([Source(j, "question")], tok)
+    with pytest.raises(DataError, match=r"saved has no split 'validation'; splits: train, test"):
+        PromptDataset([Source(str(saved), split="validation")], tok)
+
+
+def test_system_prompt_and_chat_template_kwargs(tmp_path, tok):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" + (
+        "{% if add_generation_prompt %}assistant:{% if enable_thinking is defined and not enable_thinking %}"
+        " <no-think>{% endif %}{% endif %}"
+    )
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    own = [{"role": "system", "content": "own"}, {"role": "user", "content": "dog"}]
+    f = _jsonl(tmp_path / "p.jsonl", [{"prompt": "fox"}, {"prompt": own}])
+    ds = PromptDataset(f, t, system_prompt="Be brief.", chat_template_kwargs={"enable_thinking": False})
+    assert t.decode(ds[0]) == "system: Be brief.\nuser: fox\nassistant: <no-think>"
+    assert t.decode(ds[1]) == "system: own\nuser: dog\nassistant: <no-think>"  # its own system message kept
+    assert t.decode(PromptDataset(f, t)[0]) == "user: fox\nassistant:"
+    from gkd.config import load_config
+
+    cfg = load_config([], ["model.student_path=x", f"data.train_files={f}", "data.system_prompt=Be brief.",
+                           "data.chat_template_kwargs={enable_thinking: false}"])  # fmt: skip
+    assert PromptDataset.from_config(cfg.data, t)[0] == ds[0]
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="data.system_prompt need a tokenizer with a chat template"):
+        PromptDataset(f, plain, system_prompt="x")
+
+
+def _mixture(tmp_path, tok, weights=(3.0, 1.0)):
+    a = _write(tmp_path / "a.parquet", [f"fox a{i}" for i in range(4)])
+    b = _jsonl(tmp_path / "b.jsonl", [{"q": f"fox b{i}"} for i in range(30)])
+    return PromptDataset([Source(a, weight=weights[0]), Source(b, "q", weight=weights[1])], tok)
+
+
+def test_weighted_sources_mix_by_weight_and_each_cycles_its_own_epochs(tmp_path, tok):
+    ds = _mixture(tmp_path, tok)
+    assert ds.groups == [(0, 4), (4, 30)] and ds.weights == [3.0, 1.0]
+    loader = PromptLoader(ds, 8, seed=5)
+    rows = [r for _ in range(100) for r in next(loader).rows]
+    share = sum(r < 4 for r in rows) / len(rows)
+    assert 0.7 < share < 0.8  # 3 : 1, although source a is 7.5x smaller
+    a_stream = [r for r in rows if r < 4]
+    for e in range(len(a_stream) // 4):  # the small source: every epoch holds each of its rows once
+        assert sorted(a_stream[4 * e : 4 * e + 4]) == [0, 1, 2, 3]
+    assert a_stream[:4] != a_stream[4:8] or a_stream[4:8] != a_stream[8:12]  # reshuffled per epoch
+    again = PromptLoader(_mixture(tmp_path, tok), 8, seed=5)
+    assert [r for _ in range(100) for r in next(again).rows] == rows  # deterministic
+    other = PromptLoader(ds, 8, seed=6)
+    assert [r for _ in range(10) for r in next(other).rows] != rows[:80]
+
+
+@pytest.mark.parametrize("stop", [1, 7, 13])
+def test_a_mixture_resumes_exactly(tmp_path, tok, stop):
+    ds = _mixture(tmp_path, tok)
+    reference = [PromptLoader(ds, 6, seed=2).batch(b).rows for b in range(20)]
+    first = PromptLoader(ds, 6, seed=2)
+    got = [next(first).rows for _ in range(stop)]
+    resumed = PromptLoader(_mixture(tmp_path, tok), 6, seed=2)  # a fresh process: only the state survives
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [next(resumed).rows for _ in range(20 - stop)]
+    assert got == reference
+    with pytest.raises(DataError, match="mixture="):  # other weights: resuming would not continue the stream
+        PromptLoader(_mixture(tmp_path, tok, (1.0, 1.0)), 6, seed=2).load_state_dict(first.state_dict())
+
+
+def test_sources_from_config_and_comma_lists(tmp_path, tok):
+    from gkd.config import load_config
+
+    ds = _mixture(tmp_path, tok)
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")
+    cfg = load_config([], ["model.student_path=x", f"data.sources=[{{path: '{a}', weight: 3}}, "
+                                                   f"{{path: '{b}', prompt_key: q}}]"])  # fmt: skip
+    via_cfg = PromptDataset.from_config(cfg.data, tok)
+    assert via_cfg.groups == ds.groups and via_cfg.weights == [3.0, 1.0]
+    assert [via_cfg[i] for i in range(len(ds))] == [ds[i] for i in range(len(ds))]
+    c = _write(tmp_path / "c.parquet", ["fox c"])
+    cfg = load_config([], ["model.student_path=x", f"data.train_files={a},{c}"])
+    assert cfg.data.train_files == [a, c]
+    assert len(PromptDataset.from_config(cfg.data, tok)) == 5
+
+
+def test_preflight_reads_headers_of_jsonl_and_names_the_source(tmp_path, monkeypatch):
+    from gkd.config import load_config
+    from gkd.preflight import InputError, check_run
+
+    good = _jsonl(tmp_path / "good.jsonl", [{"prompt": "fox"}])
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "fox"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert inspect_files([good], "prompt") == [good]
+    with pytest.raises(DataError, match=r"bad\.jsonl has no column 'prompt' .*available columns: question"):
+        inspect_files([bad], "prompt")
+    with pytest.raises(DataError, match=r"empty\.jsonl have no rows"):
+        inspect_files([str(empty)], "prompt")
+    # only the first line is read: a broken later line is the trainer's to report
+    (tmp_path / "late.jsonl").write_text('{"prompt": "fox"}\nnot json\n')
+    assert inspect_files([str(tmp_path / "late.jsonl")], "prompt")
+
+    def run(*overrides):
+        cfg = load_config([], ["model.student_path=x", f"trainer.output_dir={tmp_path}/out", *overrides])
+        monkeypatch.setattr("gkd.preflight.model_folder", lambda *a, **k: None)
+        check_run(cfg)
+
+    run(f"data.sources=[{{path: '{good}'}}, {{path: '{bad}', prompt_key: question}}]")
+    with pytest.raises(
+        InputError, match=r"^data.sources\[1\]: data file .*bad\.jsonl has no column 'prompt'"
+    ):
+        run(f"data.sources=[{{path: '{good}'}}, {{path: '{bad}'}}]")
+    with pytest.raises(InputError, match=r"^data.sources\[0\]: data source .*empty\.jsonl has no rows"):
+        run(f"data.sources=[{{path: '{empty}'}}]")

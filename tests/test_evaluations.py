@@ -151,3 +151,33 @@ def test_paced_validation_sends_one_answer_request_at_a_time():
     log.clear()
     v.start(min_version=0, paced=False)  # waited for: every answer request at once
     assert [name for name, _ in log] == ["answer"] * 3
+
+
+def test_val_kl_is_the_training_loss_per_token_on_answers_of_different_lengths():
+    """``val/kl`` through the trainer's own evaluation (``Trainer.evaluate_on``) equals the training loss of
+    the same weights on the same answers, normalised per response token (``accumulate_gradients``: loss
+    sum over the global token count), on answers of 1, 4 and 9 tokens, where a per-sequence mean differs."""
+    from gkd.config import Config
+    from gkd.trainer import Trainer
+    from gkd.trainer_step import accumulate_gradients, pack_micro_batches
+    from gkd.validation import Validator
+    from tests.test_trainer_step import teacher_outputs, tiny_llama
+
+    g = torch.Generator().manual_seed(5)
+    samples = [
+        Sample([3, 4, 5], torch.randint(0, 60, (r,), generator=g).tolist(), torch.zeros(r), "length", 2)
+        for r in (1, 4, 9)
+    ]
+    outputs = teacher_outputs(tiny_llama(1), samples)
+    cfg = Config()
+    trainer = Trainer(cfg)
+    trainer.model, trainer.pad_id, trainer.device = tiny_llama(0), 0, torch.device("cpu")
+    validator = Validator(cfg, [[1]], None, None, trainer.evaluate_on)
+    got = validator.measure(samples, outputs, 0.0)
+
+    micro = pack_micro_batches(samples, outputs, cfg.data.micro_batch_tokens)
+    loss_sum, tokens = accumulate_gradients(trainer.model, micro, cfg.loss)
+    assert tokens == 14
+    assert got["val/kl"] == pytest.approx(loss_sum / tokens, rel=1e-6)
+    assert abs(loss_sum / len(samples) - loss_sum / tokens) > 0.5 * loss_sum / tokens  # the test can fail
+    assert got["val/response_len/mean"] == pytest.approx(14 / 3) and got["val/policy_version"] == 2

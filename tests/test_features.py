@@ -108,7 +108,13 @@ def test_service_throughput_and_flops():
     m = service_throughput(samples, outs)
     assert m["perf/rollout_tokens_per_s"] == pytest.approx(8 / 1.0)
     assert m["perf/teacher_tokens_per_s"] == pytest.approx(14 / 0.5)
-    assert service_throughput([_sample([1], [2], [0.0])], [_teacher([[0]], [[0.0]], [0.0])]) == {}
+    assert m["teacher/support_width"] == 1.0 and m["teacher/union_share"] == 0.0
+    unreported = service_throughput([_sample([1], [2], [0.0])], [_teacher([[0]], [[0.0]], [0.0])])
+    assert not [k for k in unreported if k.startswith("perf/")]  # no seconds reported: no throughput
+    union = _teacher([[0, 1, 2]] * 2, [[0.0] * 3] * 2, [0.0] * 2)
+    union.support = "union"
+    m = service_throughput(samples[:2], [union, outs[1]])
+    assert m["teacher/support_width"] == 3.0 and m["teacher/union_share"] == 0.5
     # a count by hand: h=4, 1 head of 4, ffn 8, vocab 10
     cfg = SimpleNamespace(hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
                           vocab_size=10)  # fmt: skip

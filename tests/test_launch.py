@@ -57,8 +57,8 @@ def test_commands_carry_the_config():
     assert t[t.index("--top-k") + 1] == "16"
 
 
-def test_multi_node_trainer_is_refused_with_the_torchrun_flags():
-    with pytest.raises(LaunchError, match="--nnodes N --node-rank R --rdzv-endpoint"):
+def test_multi_node_config_without_this_nodes_place_is_refused():
+    with pytest.raises(LaunchError, match="--node-rank R --rdzv-endpoint NODE0:PORT"):
         overrides = [
             "model.student_path=S",
             "data.train_files=[p]",
@@ -333,6 +333,7 @@ def test_services_hand_each_worker_its_slice(monkeypatch, name, overrides, slice
         return spawned[-1]
 
     monkeypatch.setattr(module.subprocess, "Popen", popen)
+    monkeypatch.setattr(module, "check_vllm_imports", lambda: None)  # vLLM is not installed here
     monkeypatch.setattr(module, "stop_on_signals", _stop_after(1.5))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # the flag wins over the inherited list
     assert args.func(args) == 0  # stopped by its (timed) signal, every worker still running
@@ -399,18 +400,21 @@ _FAIL = "import sys, time; time.sleep({delay}); print('Traceback (most recent ca
 def test_a_dying_service_stops_the_run_with_one_line(tmp_path, capfd):
     """The watch returns as soon as a service exits; the console line says what died, how, its last error
     and where its log is; the traceback stays in the log."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from gkd.launch import watch
 
     rollout = _child(tmp_path, "rollout", _FAIL.format(delay=0.5, name="rollout", status=3))
-    trainer = _child(tmp_path, "trainer", "import time; time.sleep(60)")
+    trainer = _child(tmp_path, "trainer", "import time; time.sleep(600)")  # far beyond the 60 s below
+    pool = ThreadPoolExecutor(1)
     try:
-        start = time.monotonic()
-        assert watch([rollout, trainer], interval_s=0.1) == 1
-        assert time.monotonic() - start < 10
+        assert pool.submit(watch, [rollout, trainer], interval_s=0.1).result(timeout=60) == 1
+        assert trainer.proc.poll() is None  # the rollout's exit ended the watch, the trainer still runs
     finally:
         for c in (trainer, rollout):
             c.proc.kill()
             c.proc.wait()
+        pool.shutdown()
     err = capfd.readouterr().err
     line = next(x for x in err.splitlines() if "exited" in x)
     assert "the rollout service exited with status 3" in line and "ValueError: boom rollout" in line
@@ -528,7 +532,7 @@ def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_p
         "pathlib.Path(sys.argv[1]).write_text(json.dumps({**seen, 'now': time.time()}))\n"
     )
 
-    def fake_commands(*_args):
+    def fake_commands(*_args, **_kwargs):
         return [
             Command("teacher", [sys.executable, "-c", service, str(tmp_path / "teacher.up")]),
             Command("rollout", [sys.executable, "-c", service, str(tmp_path / "rollout.up")]),
@@ -536,7 +540,7 @@ def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_p
         ]
 
     monkeypatch.setattr(launch, "commands", fake_commands)
-    monkeypatch.setattr(launch, "check_launch", lambda cfg: None)
+    monkeypatch.setattr(launch, "check_launch", lambda *_a, **_k: None)
     overrides = ["model.student_path=S", "data.train_files=[p]", "teacher.model_path=T"]
     started = time.time()
     status = run(["configs/cpu_tiny.yaml"], [*overrides, f"trainer.output_dir={tmp_path / 'run'}"],

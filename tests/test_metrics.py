@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from gkd.cli import main as cli_main
 from gkd.metrics import (
@@ -96,10 +97,27 @@ def test_tensorboard_scalars(tmp_path):
     assert [e.value for e in acc.Scalars("actor/kl_loss")] == [0.0, 1.0, 2.0]
 
 
-def test_memory_helpers_are_plausible():
-    used = cpu_memory_used_gb()
-    assert 0.01 < used < 1 << 14
-    assert 0.001 < max_memory_allocated_gb() < 1 << 14
+def test_memory_helpers_agree_with_the_kernel_and_follow_an_allocation():
+    """``cpu_memory_used_gb`` is MemTotal - MemAvailable (psutil reads the same /proc/meminfo); on CPU
+    ``max_memory_allocated_gb`` is this process's peak RSS (VmHWM) and grows by a 256 MiB buffer once its
+    pages are touched."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    assert cpu_memory_used_gb() == pytest.approx((vm.total - vm.available) / 2**30, abs=0.25)
+
+    def vm_hwm_gb() -> float:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024 / 2**30
+
+    assert max_memory_allocated_gb() == pytest.approx(vm_hwm_gb(), abs=0.01)
+    rss = psutil.Process().memory_info().rss / 2**30
+    buf = torch.ones(64 << 20)  # 256 MiB of float32, every page written
+    peak = max_memory_allocated_gb()
+    del buf
+    assert peak == pytest.approx(vm_hwm_gb(), abs=0.01)
+    assert peak >= rss + 0.24  # the peak holds what was resident before plus the buffer
 
 
 def test_pack_lanes():
@@ -198,3 +216,98 @@ def test_timeline_cli_and_errors(tmp_path, capsys):
     (tmp_path / "empty.json").write_text('{"traceEvents": []}')
     with pytest.raises(ValueError, match="no spans"):
         read_rows(tmp_path / "empty.json")
+
+
+# ------------------------------------------------------------------------------------------ perf/mfu
+
+
+@pytest.mark.parametrize(
+    "name,table_name,bf16",
+    [
+        ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989.4),
+        ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756.5),
+        ("NVIDIA H100 NVL", "NVIDIA H100 NVL", 835.5),
+        ("NVIDIA H200", "NVIDIA H200 SXM", 989.4),
+        ("NVIDIA H200 NVL", "NVIDIA H200 NVL", 835.5),
+        ("NVIDIA GH200 480GB", "NVIDIA GH200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312.0),
+        ("NVIDIA A100-PCIE-40GB", "NVIDIA A100", 312.0),
+        ("NVIDIA A100 80GB PCIe", "NVIDIA A100", 312.0),
+        ("NVIDIA L40S", "NVIDIA L40S", 362.05),
+        ("NVIDIA L40", "NVIDIA L40", 181.05),
+        ("NVIDIA L4", "NVIDIA L4", 121.0),
+        ("NVIDIA A10", "NVIDIA A10", 125.0),
+        ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4090", 165.2),
+        ("NVIDIA B200", "NVIDIA B200 (HGX)", 2250.0),
+        ("AMD Instinct MI300X", "AMD Instinct MI300X", 1307.4),
+    ],
+)
+def test_datasheet_peak_by_device_name(name, table_name, bf16):
+    from gkd.peak_flops import datasheet_peak
+
+    peak = datasheet_peak(name)
+    assert peak is not None and peak.name == table_name and peak.bf16 == bf16
+    assert peak.fp32 < peak.bf16 and (peak.tf32 is None or peak.tf32 <= peak.bf16)
+
+
+@pytest.mark.parametrize(
+    "name", ["NVIDIA A10G", "NVIDIA GeForce RTX 4090 D", "NVIDIA GB200", "NVIDIA Tesla T4", "Some GPU"]
+)
+def test_unknown_device_names_are_not_guessed(name):
+    from gkd.peak_flops import datasheet_peak
+
+    assert datasheet_peak(name) is None
+
+
+def test_peak_sources_override_datasheet_measured(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from gkd import peak_flops
+
+    measured = []
+    monkeypatch.setattr(peak_flops, "measure_peak_tflops", lambda dev, dt: measured.append((dev, dt)) or 42.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(peak_flops, "tf32_allowed", lambda: False)
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="gkd.peak_flops"):
+        assert peak_flops.resolve_peak_tflops(cuda, torch.bfloat16, 700.0) == 700.0
+        assert "700 TFLOP/s" in caplog.text and "(trainer.peak_tflops)" in caplog.text
+        assert peak_flops.resolve_peak_tflops(cuda, torch.bfloat16) == 989.4
+        assert "datasheet: NVIDIA H100 SXM, bf16/fp16 dense" in caplog.text
+        assert peak_flops.resolve_peak_tflops(cuda, torch.float32) == 67.0  # TF32 off: plain FP32
+        monkeypatch.setattr(peak_flops, "tf32_allowed", lambda: True)
+        assert peak_flops.resolve_peak_tflops(cuda, torch.float32) == 494.7
+        assert measured == []
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
+        assert peak_flops.resolve_peak_tflops(cuda, torch.bfloat16) == 42.0
+        assert measured == [(cuda, torch.bfloat16)]
+        assert "'NVIDIA A10G' is not in gkd.peak_flops.DATASHEET" in caplog.text
+        # CPU: measured, never a device-name lookup
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: pytest.fail("CPU asked"))
+        assert peak_flops.resolve_peak_tflops(torch.device("cpu"), torch.float32) == 42.0
+        assert "(CPU; set trainer.peak_tflops)" in caplog.text
+
+
+def test_measured_peak_leaves_the_rng_alone():
+    import torch
+
+    from gkd.peak_flops import measure_peak_tflops
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    assert measure_peak_tflops("cpu", torch.float32, size=64, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # the draws a seeded run expects
+
+
+def test_mfu_formula():
+    from gkd.peak_flops import mfu
+
+    # 6 TFLOP in 2 s on 2 devices of 1.5 TFLOP/s each: exactly their peak
+    assert mfu(6e12, 2.0, 1.5, 2) == pytest.approx(1.0)
+    assert mfu(6e12, 4.0, 1.5, 2) == pytest.approx(0.5)
+    assert mfu(1e12, 0.0, 1.0, 1) > 0  # a zero duration stays finite

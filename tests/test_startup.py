@@ -4,6 +4,8 @@ starting: it polls until their workers register, and does not wait for services 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,10 +20,22 @@ from gkd.startup import (
 )
 
 
-def test_process_start_time_is_this_process_start():
-    started = process_start_time()
-    assert started <= time.time()
-    assert time.time() - started < 24 * 3600  # a plausible wall-clock time, not ticks since boot
+def test_process_start_time_is_the_process_start():
+    """The same instant psutil computes (from the same kernel fields, its own arithmetic), for this
+    process and for a child started within the test (whose start lies after ``before``, less the up to
+    1 s that the kernel's whole-second boot time drops)."""
+    import psutil
+
+    assert process_start_time() == pytest.approx(psutil.Process().create_time(), abs=0.02)
+    before = time.time()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = process_start_time(child.pid)
+        assert started == pytest.approx(psutil.Process(child.pid).create_time(), abs=0.02)
+        assert started >= before - 1.05
+    finally:
+        child.kill()
+        child.wait(10)
 
 
 def test_startup_clock_phases_add_up_from_the_launch(monkeypatch):

@@ -191,8 +191,15 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tiny, tmp_path)
             killed.wait()
     steps_before = len(_records(out))
     assert 6 <= steps_before < 30, steps_before
+    saved = [int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")]
+    newest = max(saved)  # complete saves only carry this name (written under .tmp-*, then renamed)
+    assert newest % 4 == 0 and 4 <= newest <= steps_before, (saved, steps_before)
 
-    got = _train(tiny, out, *common)  # trainer.resume=auto: the newest checkpoint
+    proc = _run(tiny, out, *common)  # trainer.resume=auto: the newest checkpoint
+    resumed = [line for line in proc.stderr.splitlines() if " resumed from " in line]
+    where = out / "checkpoints" / f"step_{newest:06d}"
+    assert len(resumed) == 1 and resumed[0].endswith(f"resumed from {where} at step {newest}"), resumed
+    got = _records(out)
     assert [r["step"] for r in got] == list(range(30))  # no gap, no repeat
     assert all(not [n for n in metric_names(0) if n not in r] for r in got)
     _check_staleness(got, k=0)

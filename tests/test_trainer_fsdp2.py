@@ -1,6 +1,7 @@
 """``trainer.strategy=fsdp2`` on 2 gloo ranks (CPU): ``fully_shard`` per decoder layer + root gives the same
-losses, gradient norms and weights as DDP on the same batches (fp32; tolerance for the different reduction
-order only), and its checkpoints hold full state dicts: saved from shards, loaded back into shards (the
+losses, gradient norms and weights as DDP on the same batches, dealt as the trainer deals them (fp32;
+tolerance for the different reduction order only); both pad a rank's micro-batches to the most any rank
+packed; and its checkpoints hold full state dicts: saved from shards, loaded back into shards (the
 next step's loss matches the run that never stopped) and into an unsharded model; ``export_hf`` of the
 gathered state is a loadable Hugging Face folder."""
 
@@ -12,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from gkd.batching import rank_micro_batches
 from gkd.checkpoint import export_hf, full_state_dicts, is_sharded, load_checkpoint, save_checkpoint
 from gkd.config import LossConfig, ModelConfig, OptimConfig
 from gkd.trainer import shard_fsdp2
-from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+from gkd.trainer_step import build_optimizer, train_step
 from tests.ranks import gloo_group, rank0_result
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
 
@@ -47,12 +49,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         cfg = _cfg()
         samples = make_samples(3, 8)
         teacher = teacher_outputs(tiny_llama(1), samples)
-        mbs = pack_micro_batches(samples[rank::2], teacher[rank::2], 24)  # several micro-batches per rank
-        res: dict = {"micro_batches": len(mbs)}
+        mbs = rank_micro_batches(samples, teacher, rank, 2, 24)  # the trainer's dealing; several per rank
+        packed = [0, 0]
+        dist.all_gather_object(packed, len(mbs))  # test-side only: what each rank packed
+        res: dict = {"micro_batches": len(mbs), "packed": packed}
         for strategy in ("ddp", "fsdp2"):
             model = _model(strategy)
             opt, sched = build_optimizer(model, cfg.optim, STEPS + 1)
             history = [train_step(model, opt, sched, mbs, cfg) for _ in range(STEPS)]
+            assert all(m["actor/micro_batches"] == max(packed) for m in history)  # padded to the most
             res[strategy] = {
                 "loss": torch.tensor([m["actor/kl_loss"] for m in history], dtype=torch.float64),
                 "grad_norm": torch.tensor([m["actor/grad_norm"] for m in history], dtype=torch.float64),

@@ -95,3 +95,30 @@ def test_union_error_falls_as_m_grows(table):
         for k in KS:
             grads = [ug for lo, kk, _, _, _, _, ug in table if lo == loss and kk == k]
             assert grads == sorted(grads, reverse=True), (loss, k, grads)
+
+
+def _readme_rows() -> dict[tuple[str, int, int], tuple[float, float, float, float]]:
+    """The README's table (section "Which divergence, on which support"): (loss, K, m) -> the top-k value
+    and gradient errors, then the union's."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[0].startswith(("reverse_kl", "jsd (β=0.5)")):
+            continue
+        loss = "jsd" if cells[0].startswith("jsd") else "reverse_kl"
+        figures = [float(x) for cell in cells[3:] for x in cell.split("/")]
+        rows[(loss, int(cells[1]), int(cells[2]))] = tuple(figures)
+    return rows
+
+
+def test_the_readme_table_holds_at_the_fixed_seeds(table):
+    """Every row the README publishes, within 5 % (it prints two significant digits) of what this file
+    measures at its fixed seeds."""
+    published = _readme_rows()
+    assert len(published) == 4, published
+    measured = {(loss, k, m): figures for loss, k, m, *figures in table}
+    for key, want in published.items():
+        assert measured[key] == pytest.approx(want, rel=0.05), key

@@ -141,11 +141,9 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
         assert receiver.apply(_Engine(model) if rank == 2 else model) == 3
         assert torch.equal(_logits(model), _fetch(group, "logits/3", v1))
         assert receiver.receive() is None  # sender closed
-        if rank == 1:  # nothing more comes: the wait ends at its timeout with an error
-            start = time.monotonic()
+        if rank == 1:  # nothing more comes: the wait ends at its own 1 s timeout (not the group's 60 s)
             with pytest.raises(WeightSyncError, match="waiting for the next version: not there after 1s"):
                 receiver.receive(timeout=timedelta(seconds=1))
-            assert time.monotonic() - start < 10
             group.store.set("timeout-checked", "1")
         receiver.close()
 
@@ -262,8 +260,9 @@ def _pair(port: int, timeout: timedelta):
         return [f.result(timeout=60) for f in ranks]
 
 
-def _in_thread(fn):
-    """Run ``fn`` on a thread; the returned callable joins it and re-raises its exception."""
+def _in_thread(fn, join_s: float = _TEST_TIMEOUT):
+    """Run ``fn`` on a thread; the returned callable joins it (at most ``join_s``) and re-raises its
+    exception."""
     box: dict = {}
 
     def run():
@@ -276,8 +275,8 @@ def _in_thread(fn):
     t.start()
 
     def join():
-        t.join(_TEST_TIMEOUT)
-        assert not t.is_alive(), "the other rank did not finish"
+        t.join(join_s)
+        assert not t.is_alive(), f"the other rank did not finish within {join_s:.0f} s"
         if "error" in box:
             raise box["error"]
         return box.get("value")
@@ -311,9 +310,7 @@ def test_an_idle_gap_longer_than_the_group_timeout_times_nothing_out(caplog):
         assert receiver.receive() == 1
         receiver.apply(engine)
         assert torch.equal(engine["w"], torch.arange(12.0).reshape(3, 4))
-        start = time.monotonic()
-        assert receiver.receive() == 2  # waited ~4.5 s in the store
-        assert time.monotonic() - start > 2 * group_timeout.total_seconds()
+        assert receiver.receive() == 2  # waited out the sender's 4.5 s gap in the store, no error
         receiver.apply(engine)
         assert receiver.receive() is None
     done()
@@ -326,15 +323,16 @@ def test_a_receiver_inside_a_collective_leaves_an_abandoned_group_at_once():
     """A gloo peer learns that the sender gave a group up only when a connection closes, and an abandoned
     group's stay open (the sender lives on): the receiver watches the store while it waits in a collective
     and leaves at once, not at the group timeout, so it can join the channel's next generation in time."""
-    tx, rx = _pair(_free_port(), timedelta(seconds=4))  # what the pending collective costs at exit
+    # the group timeout (what the receiver's collective would wait without the store's flag) is far above
+    # the 30 s the test gives the receiver to leave
+    tx, rx = _pair(_free_port(), timedelta(seconds=120))
     receiver = WeightReceiver(rx, {"w": torch.zeros(4)})
-    done = _in_thread(receiver.handshake)  # waits in the size broadcast, which the sender never posts
+    done = _in_thread(receiver.handshake, join_s=30)  # waits in the size broadcast, which is never posted
     time.sleep(0.5)
-    start = time.monotonic()
     WeightSender(tx, {"w": torch.zeros(4)}).abandon()
     with pytest.raises(ChannelReform, match="abandoned the weight channel during the handshake size"):
         done()
-    assert time.monotonic() - start < 2
+    rx.pg.abort()  # the receiver's side of the abandoned group: its pending broadcast ends now, not at exit
 
 
 def test_gpu_path_on_cpu_tensors_casts_to_the_engine_dtype_and_the_word_sum_catches_a_flipped_byte():

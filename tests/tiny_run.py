@@ -11,12 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_cpu_tiny():
-    """The module ``scripts/make_cpu_tiny.py`` (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("make_cpu_tiny", ROOT / "scripts" / "make_cpu_tiny.py")
+def load_script(name: str):
+    """The module ``scripts/<name>.py`` (scripts/ is not a package), registered in ``sys.modules`` (its
+    dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def make_cpu_tiny():
+    return load_script("make_cpu_tiny")
 
 
 def build_tiny(folder: Path, num_prompts: int) -> dict[str, str]:

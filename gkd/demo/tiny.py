@@ -12,8 +12,9 @@ TEMPLATE = (
 )
 
 
-def tokenizer():
-    """A byte-level BPE (300 tokens) trained on a synthetic corpus, with a chat template."""
+def tokenizer(vocab_size: int = 300):
+    """A byte-level BPE (``vocab_size`` tokens, at least 259) trained on a synthetic corpus, with a chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -22,7 +23,7 @@ def tokenizer():
     tok.decoder = decoders.ByteLevel()
     corpus = [f"user assistant: the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=vocab_size,
         special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )

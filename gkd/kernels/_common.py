@@ -171,37 +171,6 @@ def default_chunk_rows(vocab: int, n: int) -> int:
     return max(1, min(rows, max(n, 1)))
 
 
-# CUDA default budget of the fused loss's [rows, V] logits chunk: >= 4096 rows of bf16 logits at V = 152k
-# (few chunks, each GEMM large enough to run at full speed), a small share of an 80 GB GPU.
-CUDA_CHUNK_BYTES = 5 << 28
-
-
-def fused_chunk_rows(
-    vocab: int, n: int, itemsize: int, device: torch.device, chunk_size: int | None, chunk_bytes: int | None
-) -> int:
-    """Rows per chunk of the fused losses: ``chunk_size`` if given; else the most rows whose ``[rows, V]``
-    logits (``itemsize`` bytes each) fit ``chunk_bytes`` (default CUDA_CHUNK_BYTES on CUDA), the chunks
-    balanced (N=16384 in 4096-row chunks, not 4416 + 4416 + 4416 + 3136) and a multiple of 16 when that
-    still fits; on CPU without ``chunk_bytes``, default_chunk_rows."""
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size} must be >= 1 (rows per chunk), or None")
-        return chunk_size
-    if chunk_bytes is None and device.type != "cuda":
-        return default_chunk_rows(vocab, n)
-    budget = CUDA_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    if budget < 1:
-        raise ValueError(
-            f"chunk_bytes={chunk_bytes} must be >= 1 (bytes of one [rows, V] logits chunk), or None"
-        )
-    most = max(1, budget // (max(vocab, 1) * itemsize))
-    if n <= most:
-        return max(n, 1)
-    rows = -(-n // -(-n // most))  # ceil(n / number of chunks)
-    rows16 = -(-rows // 16) * 16
-    return rows16 if rows16 <= most else rows
-
-
 def weighted_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
     """``total / weight_sum``, or 0 when nothing is weighted (an all-masked batch), never NaN."""
     positive = weight_sum > 0

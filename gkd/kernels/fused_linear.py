@@ -9,17 +9,11 @@ from typing import NamedTuple
 
 import torch
 
-from gkd.kernels._common import (
-    REDUCTIONS,
-    ChunkKernel,
-    LossSpec,
-    check_choice,
-    fused_chunk_rows,
-    row_weights,
-    take_eager_grads,
-)
+from gkd.kernels._common import REDUCTIONS, ChunkKernel, LossSpec, check_choice, row_weights, take_eager_grads
 from gkd.kernels.functional import _prepare, _reduce, chunk_kernel
 from gkd.kernels.functional import compute_dtype as _acc_dtype
+from gkd.kernels.grad_accumulate import weight_accumulator
+from gkd.kernels.memory import FusedShape, fused_chunk_rows
 
 
 def _check_linear(hidden, weight, bias, cdt):
@@ -70,34 +64,6 @@ def _cast_inputs(hidden, weight, bias, cdt):
     return tuple(None if t is None else t.to(cdt) for t in (hidden, weight, bias))
 
 
-class _WideAccumulator:
-    """``acc += a @ b`` where ``acc`` (the weight gradient) may be wider than ``a`` and ``b``.
-
-    Same dtype: ``addmm_`` in place. bf16/fp16 products into an fp32 ``acc``: on CUDA one GEMM that
-    accumulates into ``acc`` itself (``addmm(..., out_dtype=float32, out=acc)``; no product buffer);
-    where that is missing (CPU, or a torch whose fp32-output addmm wants ``self`` in the input dtype)
-    the chunk product goes to one reused [V, H] buffer in the input dtype and is summed in fp32.
-    """
-
-    def __init__(self, acc: torch.Tensor):
-        self.acc = acc
-        self.fused = acc.is_cuda
-        self.prod = None
-
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if a.dtype == self.acc.dtype:
-            self.acc.addmm_(a, b)
-            return
-        if self.fused:
-            try:
-                torch.addmm(self.acc, a, b, out_dtype=self.acc.dtype, out=self.acc)
-                return
-            except (RuntimeError, TypeError):  # raised by the argument checks, before any work is queued
-                self.fused = False
-        self.prod = torch.mm(a, b, out=self.prod) if self.prod is not None else a @ b
-        self.acc += self.prod
-
-
 class _PassOptions(NamedTuple):
     spec: LossSpec
     chunk: int  # rows per chunk
@@ -110,11 +76,10 @@ def _linear_pass(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptions
     Returns (values [N], grad_hidden, grad_weight, grad_bias), the gradients of ``sum(values)`` in the
     inputs' dtypes (None where not requested).
 
-    Peak memory beyond inputs and gradients: one [C, V] logits/dlogits chunk in ``cdt`` (the torch and
-    Triton loss passes work in place; the torch path adds an fp32 copy for bf16/fp16 chunks), the
-    compute-dtype copies of hidden and weight when ``cdt`` differs from theirs, and the fp32 weight-gradient
-    accumulator when ``cdt`` is bf16/fp16 (plus a [V, H] product buffer in ``cdt`` where the fp32-output
-    GEMM is missing: see _WideAccumulator)."""
+    Peak memory beyond inputs and gradients (gkd.kernels.memory models it): one [C, V] logits/dlogits
+    chunk in ``cdt`` (the torch and Triton loss passes work in place; the torch path adds an fp32 copy for
+    bf16/fp16 chunks), the compute-dtype copies of hidden and weight when ``cdt`` differs from theirs, and
+    what the weight-gradient accumulator holds beyond the gradient (gkd.kernels.grad_accumulate)."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts, grads)
 
@@ -128,9 +93,8 @@ def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptio
     h_all, w_c, b_c = _cast_inputs(hidden, weight, bias, cdt)
     values = torch.empty(n, dtype=acc, device=hidden.device)
     g_h = torch.empty_like(hidden) if need_h else None
-    g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-    w_acc = _WideAccumulator(g_w) if need_w else None
+    w_acc = weight_accumulator(weight, cdt, acc, -(-n // chunk)) if need_w else None
     # one logits buffer for all chunks; the chunk functions overwrite it with dlogits in place
     size = min(chunk, n) * weight.shape[0]
     buf = torch.empty(size, dtype=cdt, device=hidden.device) if n else None
@@ -145,7 +109,8 @@ def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptio
         values[sl], d = kernel.run(z, ids[sl], lp[sl], valid[sl], scale[sl], spec, need_grad)
         if not need_grad:
             continue
-        d = d.to(cdt)  # [C, V]
+        if d.dtype != cdt:  # the torch loss's fp32 copy: back into the chunk buffer, no new [C, V]
+            d = z.copy_(d)
         if need_h:
             if g_h.dtype == cdt:
                 torch.mm(d, w_c, out=g_h[sl])
@@ -155,9 +120,8 @@ def _linear_chunks(hidden, weight, bias, ids, lp, valid, scale, opts: _PassOptio
             w_acc.add(d.t(), h)
         if need_b:
             g_b += d.sum(0, dtype=acc)
-        del d  # (a view of buf, or an fp32 copy for low-precision inputs: free it before the next GEMM)
-    if g_w is not None:
-        g_w = g_w.to(weight.dtype)
+        del d
+    g_w = None if w_acc is None else w_acc.result().to(weight.dtype)
     if g_b is not None:
         g_b = g_b.to(bias.dtype)
     return values, g_h, g_w, g_b
@@ -199,13 +163,12 @@ class FusedLinearTopKDistillFunction(torch.autograd.Function):
         return (g_h, g_w, g_b) + (None,) * 6
 
 
-def _compute_setup(hidden, weight, bias, compute_dtype, chunk_size, chunk_bytes):
-    """Checks; (compute dtype, rows per chunk)."""
+def _compute_setup(hidden, weight, bias, compute_dtype, chunk_size, chunk_bytes, path):
+    """Checks; (compute dtype, rows per chunk). ``path``: the loss path (gkd.kernels.memory.PATHS)."""
     _check_linear(hidden, weight, bias, compute_dtype)
     cdt = compute_dtype or hidden.dtype
-    n, vocab = hidden.shape[0], weight.shape[0]
-    itemsize = torch.empty((), dtype=cdt).element_size()
-    return cdt, fused_chunk_rows(vocab, n, itemsize, hidden.device, chunk_size, chunk_bytes)
+    shape = FusedShape.of(hidden, weight, bias, cdt, path)
+    return cdt, fused_chunk_rows(shape, hidden.device, chunk_size, chunk_bytes)
 
 
 def fused_linear_topk_distill_loss(
@@ -230,19 +193,25 @@ def fused_linear_topk_distill_loss(
 ) -> torch.Tensor:
     """``topk_distill_loss(hidden @ lm_head_weight.T + lm_head_bias, ...)`` without materialising the
     logits: rows are processed a chunk at a time (``chunk_size`` rows; else as many as ``chunk_bytes`` of
-    logits allow; default: 1.25 GiB of logits on CUDA, about N/8 rows and >= 4M logits on CPU).
+    logits allow; default on CUDA: the largest chunks that keep the call's whole extra memory within
+    1.375 GiB, gkd.kernels.memory; about N/8 rows and >= 4M logits on CPU).
 
     ``compute_dtype`` (e.g. torch.bfloat16 with fp32 master weights): hidden, weight and bias are cast
-    to it once per call and the three GEMMs run in it; the loss arithmetic stays fp32, the weight
-    gradient is accumulated in fp32, and every gradient is returned in its input's dtype. No host sync
-    with ``check_inputs=False``."""
+    to it once per call and the three GEMMs run in it; the loss arithmetic stays fp32, and every gradient
+    is returned in its input's dtype. The weight gradient sums its chunks in fp32 (in the fp32 gradient
+    itself, or for bf16/fp16 weights as the bf16/fp16 gradient plus a bf16/fp16 correction term:
+    gkd.kernels.grad_accumulate). No host sync with ``check_inputs=False``."""
     spec = LossSpec(loss=loss, tail=tail, beta=beta, normalize_jsd=normalize_jsd, temperature=temperature)
     check_choice("reduction", reduction, REDUCTIONS)
-    cdt, chunk = _compute_setup(hidden, lm_head_weight, lm_head_bias, compute_dtype, chunk_size, chunk_bytes)
+    kernel = chunk_kernel(backend, hidden.device, reused_buffer=True)
+    path = f"topk_{kernel.name}"
+    cdt, chunk = _compute_setup(
+        hidden, lm_head_weight, lm_head_bias, compute_dtype, chunk_size, chunk_bytes, path
+    )
     n, vocab = hidden.shape[0], lm_head_weight.shape[0]
     ids, lp, valid = _prepare(vocab, n, teacher_ids, teacher_logprobs, mask, hidden.device, check_inputs, cdt)
     w = row_weights(mask, n, hidden.device, reduction, lp.dtype)
-    opts = _PassOptions(spec, chunk, chunk_kernel(backend, hidden.device, reused_buffer=True), cdt)
+    opts = _PassOptions(spec, chunk, kernel, cdt)
     return FusedLinearTopKDistillFunction.apply(
         hidden, lm_head_weight, lm_head_bias, ids, lp, valid, w, reduction, opts
     )
@@ -274,9 +243,9 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         cdt, inv_t = ctx.cdt, ctx.inv_t
         acc = _acc_dtype(cdt)
         g_h = torch.empty_like(hidden) if need_h else None
-        g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         g_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        w_acc = _WideAccumulator(g_w) if need_w else None
+        n = hidden.shape[0]
+        w_acc = weight_accumulator(weight, cdt, acc, -(-n // ctx.chunk)) if need_w else None
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w_c, b_c = _cast_inputs(hidden, weight, bias, cdt)
             for start in range(0, hidden.shape[0], ctx.chunk):
@@ -292,9 +261,10 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
                     w_acc.add(d.t(), h)
                 if need_b:
                     g_b += d.sum(0, dtype=acc)
+                del d  # before the next chunk's logits
         return (
             g_h,
-            None if g_w is None else g_w.to(weight.dtype),
+            None if w_acc is None else w_acc.result().to(weight.dtype),
             None if g_b is None else g_b.to(bias.dtype),
             None,
             None,
@@ -325,7 +295,9 @@ def fused_linear_token_logprobs(
     """[N] fp32 log q(token_ids) under softmax((hidden W^T + b) / T), differentiable, without full logits.
     ``chunk_size`` / ``chunk_bytes`` / ``compute_dtype`` as in fused_linear_topk_distill_loss;
     ``check_inputs=False`` skips the id range check (a host sync)."""
-    cdt, chunk = _compute_setup(hidden, lm_head_weight, lm_head_bias, compute_dtype, chunk_size, chunk_bytes)
+    cdt, chunk = _compute_setup(
+        hidden, lm_head_weight, lm_head_bias, compute_dtype, chunk_size, chunk_bytes, "token_logprobs"
+    )
     n, vocab = hidden.shape[0], lm_head_weight.shape[0]
     if token_ids.shape != (n,):
         raise ValueError(f"token_ids must have shape [N={n}], got {tuple(token_ids.shape)}")

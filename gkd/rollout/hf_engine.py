@@ -29,10 +29,12 @@ from gkd.rollout.llama_decode import (
     pack_weight,
     packed_linear,
     packing_available,
+    packing_for,
     unsupported_reason,
 )
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 from gkd.transport.worker import check_cancelled
+from gkd.vocab import has_tokenizer, load_tokenizer, stop_token_ids
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Weights with fewer elements stay on ``F.linear``: packing gains nothing measurable for them at decode
@@ -274,9 +276,14 @@ def gqa_decode_attention(model):
 class HFRolloutEngine:
     """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` on a transformers model.
 
-    ``prepack``: packed weights for the decode steps (None: on CPU when oneDNN is available).
+    ``prepack``: packed weights for the decode steps (None: on CPU when its oneDNN can pack the model's
+    dtype; never where it cannot, see :func:`~gkd.rollout.llama_decode.packing_unsupported`).
     ``fused``: decode Llama-family models through :class:`FusedLlamaSteps` (None: when the model is one);
     False runs every step through the transformers model (with :class:`PackedLinears` when ``prepack``).
+    ``token_ids``: the real vocabulary (``len(tokenizer)``; None: every embedding row): padded rows past it
+    are never sampled nor among the top-m. ``stop_ids``: ids that end every response besides a request's
+    own ``stop_token_ids`` (:meth:`from_pretrained`: the model's generation-config eos ids and the
+    tokenizer's eos).
     """
 
     def __init__(
@@ -288,6 +295,8 @@ class HFRolloutEngine:
         pad_token_id: int = 0,
         prepack: bool | None = None,
         fused: bool | None = None,
+        token_ids: int | None = None,
+        stop_ids: Sequence[int] = (),
     ):
         self.model = model.eval()
         self.device = torch.device(device)
@@ -295,10 +304,14 @@ class HFRolloutEngine:
         self.pad_token_id = int(pad_token_id)
         self.policy_version = 0
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.token_ids = min(int(token_ids), self.vocab_size) if token_ids else self.vocab_size
+        self.stop_ids = tuple(int(i) for i in stop_ids)
         # prompt + response positions the model supports (the rollout service refuses longer requests)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 31))
-        if prepack is None:
-            prepack = self.device.type == "cpu" and PackedLinears.available()
+        if prepack is None and self.device.type != "cpu":
+            prepack = False
+        # packed copies only where this CPU's oneDNN can make them (bf16 needs AVX-512 or AVX-NE-CONVERT)
+        prepack = packing_for(model.dtype, prepack)
         # Llama-family models decode through FusedLlamaSteps (packed fused weights on CPU); others through
         # the transformers model, with PackedLinears swapped in for its large float32 linears
         if fused is None:
@@ -308,8 +321,7 @@ class HFRolloutEngine:
                 f"fused=True: this model cannot use the fused decode steps: {unsupported_reason(model)}"
             )
         self.fused = fused
-        packable = prepack and model.dtype in (torch.float32, torch.bfloat16)
-        self.fused_weights = FusedWeights(model) if self.fused and packable else None
+        self.fused_weights = FusedWeights(model) if self.fused and prepack else None
         self.linears = PackedLinears(model, prepack and not self.fused)
 
     @classmethod
@@ -319,6 +331,9 @@ class HFRolloutEngine:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {sorted(TORCH_DTYPES)}")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device)
+        tok = load_tokenizer(path) if has_tokenizer(path) else None
+        kwargs.setdefault("token_ids", len(tok) if tok is not None else None)
+        kwargs.setdefault("stop_ids", stop_token_ids(path, tok.eos_token_id if tok is not None else None))
         return cls(model, device=device, **kwargs)
 
     def parameters_spec(self) -> dict[str, torch.Tensor]:
@@ -393,8 +408,9 @@ class HFRolloutEngine:
         gens = None
         if sampling.seed is not None and not greedy:
             gens = [torch.Generator(device=dev).manual_seed(sampling.seed + seed_base + i) for i in range(b)]
-        stop = torch.tensor(sampling.stop_token_ids, device=dev) if sampling.stop_token_ids else None
-        m = min(sampling.return_topk, self.vocab_size)
+        stop_ids = tuple(dict.fromkeys((*sampling.stop_token_ids, *self.stop_ids)))
+        stop = torch.tensor(stop_ids, device=dev) if stop_ids else None
+        m = min(sampling.return_topk, self.token_ids)
         toks = torch.zeros(b, n, dtype=torch.long, device=dev)
         lps = torch.zeros(b, n, dtype=torch.float32, device=dev)
         tops = torch.zeros(b, n, m, dtype=torch.int32, device=dev) if m else None
@@ -409,6 +425,8 @@ class HFRolloutEngine:
         next_pos = pos[:, -1:] + 1
         for step in range(n):
             check_cancelled()  # the broker withdrew this request (its client gave up): stop here
+            if self.token_ids < logits.shape[1]:  # padded embedding rows are no tokens
+                logits[:, self.token_ids :] = float("-inf")
             uniforms = None
             if gens is not None:
                 uniforms = torch.cat(

@@ -18,10 +18,22 @@ Results match the transformers forward up to float rounding (tests/test_llama_de
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FusedLlamaSteps", "FusedWeights", "unsupported_reason"]
+__all__ = ["FusedLlamaSteps", "FusedWeights", "packing_unsupported", "unsupported_reason"]
+
+log = logging.getLogger("gkd.rollout")
+#: Set to 1 to treat this CPU as one whose oneDNN cannot pack bfloat16 weights (an AVX2-only x86-64 CPU),
+#: so that machines with AVX-512 exercise the fallback too.
+NO_BF16_PACKING_ENV = "GKD_NO_BF16_PACKING"
+#: CPU flags (``/proc/cpuinfo``) with which oneDNN packs bfloat16 weights: AVX-NE-CONVERT, or AVX-512
+#: BW + VL + DQ (torch's ``mkldnn_bf16_device_check``); float32 packing runs on any x86-64 (SSE4.1 up).
+BF16_PACKING_FLAGS = ({"avx_ne_convert"}, {"avx512bw", "avx512vl", "avx512dq"})
 
 #: transformers ``model_type`` values whose decoder layers have Llama's structure: RMSNorm, q/k/v/o
 #: projections (biases allowed), rotary embedding from the model's ``rotary_emb``, a SiLU-gated MLP; qwen3
@@ -92,6 +104,61 @@ def packing_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first processor's ``flags`` line of ``path`` (empty where there is none: not Linux x86)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def packing_unsupported(dtype: torch.dtype, flags: frozenset[str] | None = None) -> str | None:
+    """Why this CPU cannot run :func:`pack_weight` / :func:`packed_linear` on ``dtype`` weights (None when
+    it can). ``flags``: the CPU's flags (default :func:`cpu_flags`)."""
+    if not packing_available():
+        return "oneDNN's linear ops are not in this torch build"
+    if dtype == torch.float32:
+        return None
+    if dtype != torch.bfloat16:
+        return f"no packed {dtype} products"
+    if os.environ.get(NO_BF16_PACKING_ENV) == "1":
+        return f"{NO_BF16_PACKING_ENV}=1"
+    flags = cpu_flags() if flags is None else flags
+    if flags and not any(need <= flags for need in BF16_PACKING_FLAGS):
+        return "bfloat16 packing needs AVX-NE-CONVERT or AVX-512 BW/VL/DQ; this CPU has neither"
+    if not flags and not _packs(torch.bfloat16):  # no flags to read (not Linux): ask oneDNN itself
+        return "oneDNN refused to pack a bfloat16 weight on this CPU"
+    return None
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    try:
+        packed_linear(torch.ones(2, 16, dtype=dtype), pack_weight(torch.ones(16, 16, dtype=dtype)))
+    except RuntimeError:
+        return False
+    return True
+
+
+def packing_for(dtype: torch.dtype, wanted: bool | None) -> bool:
+    """Whether an engine packs its ``dtype`` weights: ``wanted`` (None: whenever the CPU can), and never
+    where the CPU cannot (one log line saying why, the engine runs unpacked products)."""
+    if wanted is False:
+        return False
+    reason = packing_unsupported(dtype)
+    if reason is not None:
+        if wanted or dtype in (torch.float32, torch.bfloat16):
+            log.info(
+                "rollout: %s weights unpacked (plain products): %s", str(dtype).removeprefix("torch."), reason
+            )
+        return False
+    return True
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:

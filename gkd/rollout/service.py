@@ -19,17 +19,18 @@ from typing import Any
 
 from gkd import service
 from gkd.channel import ChannelMember
+from gkd.channel_auth import TOKEN_ENV, read_token_file
 from gkd.dtypes import DTYPE_NAMES
 from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
 from gkd.rollout.types import check_prompts
 from gkd.rollout.versioned import VersionedEngine, WeightChannel, parse_host_port
-from gkd.rollout.wire import LIMITS, OPS, pack_reply, unpack_request
+from gkd.rollout.wire import LIMITS, OPS, REPLY_LIMITS, pack_reply, unpack_request
 from gkd.service import BACKENDS, ServiceKind
 from gkd.transport import Auth, Broker, Worker
 from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.rollout")
-ROLLOUT = ServiceKind("rollout", OPS, LIMITS, port=15557, backend_port=15558, log=log)
+ROLLOUT = ServiceKind("rollout", OPS, LIMITS, 15557, 15558, log, reply_limits=REPLY_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def make_worker(
         limits=LIMITS,
         auth=auth,
         available=lambda: versioned.available,
+        failure=versioned.failure,
         **kwargs,
     )
     worker.versioned = versioned
@@ -246,6 +248,7 @@ def join(
             weight_timeout_s,
             weight_idle_timeout_s,
             weight_staging,
+            bucket_macs=auth_secret_file is not None,  # a secret: the weights' bytes are MACed too
         )
     # a worker that starts after the trainer sent a version (a restart) serves only once it holds it
     sent = None if channel is None else ChannelMember.sent_version(channel.host, channel.port)
@@ -282,8 +285,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rollout engine")
     g.add_argument("--model", required=True, help="student model folder (transformers layout)")
     g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
+    g.add_argument(
+        "--dtype",
+        choices=(*DTYPE_NAMES, "auto"),
+        default="auto",
+        help="engine precision (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument("--device", default="auto", help="hf engine: torch device (default auto: cuda if present)")
     g.add_argument("--max-batch-size", type=int, default=64, help="hf engine: prompts per decoding batch")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
     g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
@@ -296,6 +304,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="the trainer's weight-channel store (trainer rank 0 is rank 0); off when omitted",
     )
     w.add_argument("--weight-backend", choices=("gloo", "nccl"), default=None, help="default: nccl with CUDA")
+    w.add_argument(
+        "--channel-token-file",
+        default=None,
+        metavar="FILE",
+        help="the run's weight-channel token (`gkd train` writes <output_dir>/channel.token; its own "
+        f"workers get it in {TOKEN_ENV})",
+    )
     w.add_argument(
         "--weight-timeout",
         type=float,
@@ -318,6 +333,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(args: argparse.Namespace) -> RolloutSpec:
+    if args.channel_token_file:  # the workers this process starts inherit it
+        os.environ[TOKEN_ENV] = read_token_file(args.channel_token_file)
     vllm = VLLMOptions.from_args(args)
     return RolloutSpec(args.model, args.backend, args.dtype, args.device, args.max_batch_size, vllm)
 

@@ -18,6 +18,8 @@ A rollout worker (``gkd.rollout.service.make_worker``) wraps its engine in a :cl
   rejoin is not listed at the broker: a request waiting for a version it lacks is handed back
   (``HandBack``: the broker gives it to another worker), and it takes requests again once it is back in
   the channel. A restarted worker registers only once it holds the version the trainer last sent.
+- A worker whose weight-channel thread died (``failed``: an error other than a re-form) leaves the broker
+  and its process exits (``failure()``), so its service restarts it and it joins the channel anew.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class WeightChannel:
     timeout_s: float = 600.0  # rendezvous and every collective (posted only once both sides are ready)
     idle_timeout_s: float = 86400.0  # the wait for the next version's announcement in the store
     staging: str = "host"  # where a received version waits: host (pinned with CUDA) | device (GPU copy)
+    bucket_macs: bool = False  # HMAC every bucket with the channel token (on with --auth-secret-file)
 
     def __post_init__(self):
         if not 1 <= self.rank < self.world_size:
@@ -99,7 +102,13 @@ class VersionedEngine:
     @property
     def available(self) -> bool:
         """False while this worker waits to rejoin the weight channel: it takes no requests then."""
-        return self.state != "rejoining"
+        return self.state not in ("rejoining", "failed")
+
+    def failure(self) -> str | None:
+        """Why this worker's weight channel is gone for good (its thread died), or None: the worker then
+        leaves the broker and its process exits to be restarted, so no request waits on a version that
+        will never come."""
+        return f"weight channel failed: {self.error}" if self.state == "failed" else None
 
     def wait_for(self, min_version: int, timeout_s: float, *, hand_back: bool = True) -> int:
         """Block until the engine holds at least ``min_version``; ``TimeoutError`` after ``timeout_s`` or
@@ -155,6 +164,7 @@ class VersionedEngine:
                 backend=ch.backend,
                 timeout=timedelta(seconds=ch.timeout_s),
                 idle_timeout=timedelta(seconds=ch.idle_timeout_s),
+                bucket_macs=ch.bucket_macs,
             )
             while True:  # one generation of the channel per pass; a member's death re-forms it
                 group, _ = member.join()

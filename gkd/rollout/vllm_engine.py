@@ -21,7 +21,9 @@ Student top-m (``SamplingConfig.return_topk = m``): ``SamplingParams.logprobs = 
 returns per generated position the sampled token first, then the top-m ids, from the same raw (scaled)
 logits it sampled from, so they are the top-m of softmax(logits / T) at no extra forward.
 
-Stops: ``ignore_eos=True``, so only ``SamplingConfig.stop_token_ids`` end a response (as in the HF engine);
+Stops: ``ignore_eos=True``, so only ``SamplingConfig.stop_token_ids`` and the model folder's own end ids
+(every ``generation_config.json`` eos id and the tokenizer's eos: :func:`gkd.vocab.stop_token_ids`) end a
+response (as in the HF engine);
 the stop token is the last of ``response_ids`` and the finish reason is ``"stop"``, else ``"length"``.
 Seeds: request i gets ``SamplingParams.seed = seed + seed_offset + i`` (vLLM samples a seeded request
 with its own generator), so seeded results do not depend on how prompts were batched.
@@ -104,6 +106,14 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _folder_stop_ids(model: str, no_tokenizer: bool) -> tuple[int, ...]:
+    """The model folder's end ids: its generation-config eos ids and its tokenizer's eos."""
+    from gkd.vocab import load_tokenizer, stop_token_ids
+
+    eos = None if no_tokenizer else load_tokenizer(model).eos_token_id
+    return stop_token_ids(model, eos)
+
+
 class VLLMRolloutEngine:
     """``generate(prompts, sampling) -> list[Sample]`` and strict ``load_weights`` with vLLM.
 
@@ -128,6 +138,7 @@ class VLLMRolloutEngine:
         config = self.llm.llm_engine.model_config
         self.model_name = model
         self.vocab_size = int(config.get_vocab_size())
+        self.stop_ids = _folder_stop_ids(model, kwargs.get("skip_tokenizer_init", False))
         self.max_len = int(config.max_model_len)  # prompt + response tokens
         self.policy_version = 0
         self.on_cpu = bool(platform.is_cpu())
@@ -226,7 +237,7 @@ class VLLMRolloutEngine:
             top_k=0 if greedy else s.top_k,
             top_p=1.0 if greedy else s.top_p,
             seed=None if greedy or s.seed is None else s.seed + index,
-            stop_token_ids=list(s.stop_token_ids),
+            stop_token_ids=list(dict.fromkeys((*s.stop_token_ids, *self.stop_ids))),
             ignore_eos=True,  # only the caller's stop tokens end a response
             logprobs=min(s.return_topk, self.vocab_size),  # the sampled token's, then the top-m
             detokenize=False,

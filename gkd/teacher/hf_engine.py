@@ -13,6 +13,7 @@ import torch
 
 from gkd.dtypes import torch_dtype
 from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_score_request, union_rows
+from gkd.vocab import real_vocab_size
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -31,7 +32,11 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 class HFTeacherEngine:
     """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` with a
     transformers model. ``requested_ids`` (one ``[R, M]`` integer tensor per sequence): each row then
-    covers the union of the top-k and those ids, gathered exactly from the same log-softmax."""
+    covers the union of the top-k and those ids, gathered exactly from the same log-softmax.
+
+    ``token_ids``: the real vocabulary (``len(tokenizer)``; None: every embedding row). Rows past it (an
+    embedding padded to a multiple of 64 or 128) get log-prob -inf: never among the top-k, so a student
+    whose embedding is padded less never receives an id it has no logit for."""
 
     def __init__(
         self,
@@ -43,6 +48,7 @@ class HFTeacherEngine:
         max_top_k: int = 128,
         logprob_dtype: str = "float32",
         max_len: int | None = None,
+        token_ids: int | None = None,
     ):
         if logprob_dtype not in LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
@@ -54,6 +60,7 @@ class HFTeacherEngine:
         self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
         config = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.token_ids = min(int(token_ids), self.vocab_size) if token_ids else self.vocab_size
         self.max_len = int(max_len or getattr(config, "max_position_embeddings", 4096))
         self.model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
 
@@ -64,12 +71,16 @@ class HFTeacherEngine:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **extra)
         model.to(kwargs.get("device", "cpu"))
+        if not gguf_file and "token_ids" not in kwargs:  # the tokenizer's length, when shorter
+            rows = int(model.get_output_embeddings().weight.shape[0])
+            kwargs["token_ids"] = real_vocab_size(path, rows)
         return cls(model, dtype=dtype, **kwargs)
 
     def info(self) -> dict:
         return {
             "model": self.model_name,
             "vocab_size": self.vocab_size,
+            "token_ids": self.token_ids,
             "max_top_k": self.max_top_k,
             "max_len": self.max_len,
             "engine": "hf",
@@ -118,6 +129,8 @@ class HFTeacherEngine:
         logits = self.model.get_output_embeddings()(selected).float()  # [sum R, V]
         if temperature != 1.0:
             logits.div_(temperature)
+        if self.token_ids < logits.shape[1]:  # padded embedding rows are no tokens
+            logits[:, self.token_ids :] = float("-inf")
         logp = torch.log_softmax(logits, dim=-1)
         if wanted is None:
             top_lp, top_ids = logp.topk(top_k, dim=-1)

@@ -26,12 +26,12 @@ from gkd import service
 from gkd.dtypes import DTYPE_NAMES
 from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
 from gkd.service import BACKENDS, ServiceKind
-from gkd.teacher.wire import LIMITS, OPS, make_handler
+from gkd.teacher.wire import LIMITS, OPS, REPLY_LIMITS, make_handler
 from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
 from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.teacher")
-TEACHER = ServiceKind("teacher", OPS, LIMITS, port=15555, backend_port=15556, log=log)
+TEACHER = ServiceKind("teacher", OPS, LIMITS, 15555, 15556, log, reply_limits=REPLY_LIMITS)
 # vLLM's prompt-logprobs path allocates [tokens, vocab] logits plus an fp32 log-softmax outside what its
 # memory profiler counts (~7.5 GiB at 8192 tokens x 152k vocab), so the teacher leaves more headroom
 # than vLLM's own 0.9.
@@ -224,7 +224,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load instead")
     g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default: hf)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    g.add_argument(
+        "--dtype",
+        choices=(*DTYPE_NAMES, "auto"),
+        default="auto",
+        help="engine precision (default auto: bfloat16 on CUDA, float32 on CPU)",
+    )
     g.add_argument("--top-k", type=int, default=64, help="maximum (and default) top-k served (default 64)")
     g.add_argument("--temperature", type=float, default=1.0, help="default teacher temperature")
     g.add_argument(
@@ -234,7 +239,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="top-k log-probs on the wire (token log-probs are always float32)",
     )
     g.add_argument("--max-batch-tokens", type=int, default=8192, help="hf engine: padded tokens per batch")
-    g.add_argument("--device", default="cpu", help="hf engine: torch device (default cpu)")
+    g.add_argument("--device", default="auto", help="hf engine: torch device (default auto: cuda if present)")
     g.add_argument("--workers", type=int, default=1, help="engine processes to start (default 1)")
     g.add_argument("--auth-secret-file", default=None, help="shared secret; clients need the same file")
     VLLMOptions.add_args(p, memory_default=GPU_MEMORY_UTILIZATION)

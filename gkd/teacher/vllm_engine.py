@@ -25,6 +25,11 @@ next prompt token, and the ``[positions, vocab]`` scores never leave that method
 processors skip prompt positions) sees them. Gathering other ids would mean replacing that private method
 in every worker. This engine instead answers with its top-(K + M) (one larger ``prompt_logprobs``, same
 forward) and ``support="topk"`` in the reply: the requested ids are covered where they rank that high.
+
+Padded vocabulary: vLLM ranks every embedding row, and a model whose embedding is padded past its
+tokenizer (Qwen2.5-7B: 152064 rows, 151665 tokens) could name a padded row among its top-K. Such entries
+become unused slots (id 0, log-prob -inf; :func:`mask_padded_ids`), which the losses skip, so a student
+padded less never receives an id it has no logit for.
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ import torch
 
 from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_score_request
 from gkd.vllm_support import import_vllm, set_logit_scale
+from gkd.vocab import real_vocab_size
+
+
+def mask_padded_ids(out: TeacherOutput, token_ids: int) -> TeacherOutput:
+    """``out`` with every top-k entry whose id is ``>= token_ids`` (a padded embedding row) made an unused
+    slot: id 0, log-prob -inf (in place; ``out`` is returned)."""
+    bad = out.topk_ids >= token_ids  # [R, K]
+    if bool(bad.any()):
+        out.topk_ids.masked_fill_(bad, 0)
+        out.topk_logprobs.masked_fill_(bad, float("-inf"))
+    return out
 
 
 class VLLMTeacherEngine:
@@ -78,6 +94,8 @@ class VLLMTeacherEngine:
         self.llm = vllm.LLM(model=path, **kwargs)
         config = self.llm.llm_engine.model_config
         self.vocab_size = int(config.get_vocab_size())
+        # ids past the tokenizer's length are padded rows (module docstring)
+        self.token_ids = self.vocab_size if gguf_file else real_vocab_size(model, self.vocab_size)
         self.max_len = int(config.max_model_len) - 1  # room for the one generated token
         self.max_top_k = int(max_top_k)
         self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
@@ -88,6 +106,7 @@ class VLLMTeacherEngine:
         return {
             "model": self.model_name,
             "vocab_size": self.vocab_size,
+            "token_ids": self.token_ids,
             "max_top_k": self.max_top_k,
             "max_len": self.max_len,
             "engine": "vllm",
@@ -123,7 +142,7 @@ class VLLMTeacherEngine:
         prompts = [self._TokensPrompt(prompt_token_ids=[*map(int, p), *map(int, r)]) for p, r in sequences]
         results = self.llm.generate(prompts, params, use_tqdm=False)
         return [
-            self._rows(res.prompt_logprobs, len(p), r, top_k)
+            mask_padded_ids(self._rows(res.prompt_logprobs, len(p), r, top_k), self.token_ids)
             for res, (p, r) in zip(results, sequences, strict=True)
         ]
 

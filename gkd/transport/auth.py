@@ -19,8 +19,17 @@ prefixes make frame boundaries part of the MAC (moving bytes between frames is d
 the direction of the hop (``client>broker``, ``broker>client``, ``worker>broker``, ``broker>worker``) so a
 message cannot be reflected back as another kind. Replay is bounded: a receiver accepts a timestamp within
 ``max_skew_s`` of its own clock and remembers every accepted nonce for ``2 * max_skew_s``, so a captured
-message can be replayed neither later nor twice. Each hop is signed separately (the broker verifies, then
-re-signs what it forwards), so a re-queued request is a fresh message to the next worker.
+message can be replayed neither later nor twice; and it refuses a message stamped before it was created
+(``Auth`` is made once per process start), so a message captured before a broker restart cannot be
+replayed to the new one whose nonce memory is empty. (A peer whose clock lags by ``d`` seconds is
+refused for the first ``d`` seconds after a restart; its retries then pass.) Each hop is signed separately
+(the broker verifies, then re-signs what it forwards), so a re-queued request is a fresh message to the
+next worker.
+
+Order of the checks: the MAC first, then the timestamp and the nonce. The timestamp is only trusted once
+the MAC says it is the sender's: a made-up fresh timestamp gets a message no further than the MAC, and
+what the MAC costs is bounded by the socket's message size limit (``MAXMSGSIZE``) and receive queue
+(``RCVHWM``) and by the broker's per-turn byte budget.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class Auth:
             raise ValueError(f"the shared secret must be at least {MIN_SECRET_BYTES} bytes")
         self._key = secret
         self.max_skew_ns = int(max_skew_s * 1e9)
+        self.created_ns = time.time_ns()  # nothing stamped earlier is accepted (replays across restarts)
         self._seen: set[bytes] = set()
         self._expiry: collections.deque[tuple[int, bytes]] = collections.deque()
         self._lock = threading.Lock()
@@ -94,15 +104,19 @@ class Auth:
         if len(trailer) != _TRAILER or not trailer.startswith(MAGIC):
             raise AuthError("message has no valid authentication trailer")
         stamp, tag = trailer[len(MAGIC) : -32], trailer[-32:]
-        # The cheap check first: a stale or far-future stamp is refused without hashing the payload (up to
-        # a message's size limit), so a flood of old or made-up messages costs no HMAC work.
+        body = list(frames[:-1])
+        # The MAC first: the timestamp is the sender's only if the MAC says so (see the module docstring).
+        if not hmac.compare_digest(tag, self._mac(label, stamp, body)):
+            raise AuthError("bad MAC (wrong secret, wrong direction or modified message)")
         (sent_ns,) = struct.unpack(">Q", stamp[:8])
         now = time.time_ns()
         if abs(now - sent_ns) > self.max_skew_ns:
             raise AuthError(f"timestamp is {(now - sent_ns) / 1e9:+.1f}s off (clock skew or replay)")
-        body = list(frames[:-1])
-        if not hmac.compare_digest(tag, self._mac(label, stamp, body)):
-            raise AuthError("bad MAC (wrong secret, wrong direction or modified message)")
+        if sent_ns < self.created_ns:
+            raise AuthError(
+                f"timestamp is {(self.created_ns - sent_ns) / 1e9:.1f}s before this process started "
+                "(a replay across a restart, or a lagging clock)"
+            )
         nonce = stamp[8:]
         with self._lock:
             while self._expiry and self._expiry[0][0] < now:

@@ -20,10 +20,16 @@ Routing (see ``protocol.py`` for the envelopes):
 - ``cancel`` from a client withdraws one of its requests (after the client's own timeout), so a request
   nobody waits for does not keep a worker busy.
 - The queue is bounded in requests (``max_queue``) and in bytes (``max_queue_bytes``, queued and running).
+  Before that, each socket bounds what a peer can make it hold: messages up to the service's limits
+  (``limits`` on the frontend, ``reply_limits`` on the backend; ``MAXMSGSIZE``), at most ``receive_hwm``
+  unread per peer (``RCVHWM``); each loop turn reads at most 256 messages or 64 MiB per socket, so a flood
+  (junk failing authentication is dropped and counted: ``auth_failures``) cannot hold up heartbeats.
 - A frontend or backend bound beyond loopback without ``auth`` logs a warning: anyone who can reach the
   backend port can register as a worker, read the prompts and return forged results.
 - No workers: requests wait up to ``no_worker_grace_s`` (since start, or since the last worker left) for
-  one to join; after that queued and new requests fail with ``no_workers``.
+  one to join; after that queued and new requests fail with ``no_workers``. While a worker is known to be
+  (re)starting (``note_restart``: its supervisor spawned it) they wait up to ``worker_restart_grace_s``
+  instead: a single worker that reloads a large engine for minutes does not end the run.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ log = logging.getLogger("gkd.broker")
 
 _MAX_INFO_BYTES = 1 << 16
 _DRAIN = 256  # messages read per socket per loop turn, so neither side starves the other
+_DRAIN_BYTES = 64 << 20  # and at most this many bytes (each is MAC'd): heartbeats keep their pace in a flood
 
 
 @dataclass
@@ -106,7 +113,8 @@ class _Stats:
     bad_requests: int = 0
     bad_backend_messages: int = 0
     busy_rejections: int = 0
-    auth_failures: int = 0
+    auth_failures: int = 0  # messages dropped unanswered: they failed authentication
+    reads_deferred: int = 0  # loop turns that left messages queued in a socket (read budget spent)
     requeued: int = 0
     late_replies_dropped: int = 0
     workers_lost: int = 0
@@ -140,7 +148,9 @@ class Broker(Serving):
         heartbeat_interval_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         no_worker_grace_s: float = 30.0,
+        worker_restart_grace_s: float = 600.0,
         max_attempts: int = 3,
+        receive_hwm: int = 64,
         context: zmq.Context | None = None,
     ):
         clash = set(ops) & (set(INFO_OPS) | set(REPLY_OPS) | {CANCEL_OP})
@@ -153,7 +163,11 @@ class Broker(Serving):
         self.max_queue, self.max_attempts = max_queue, max_attempts
         self.max_queue_bytes, self.job_timeout_s = max_queue_bytes, job_timeout_s
         self.heartbeat_interval_s, self.heartbeat_timeout_s = heartbeat_interval_s, heartbeat_timeout_s
-        self.no_worker_grace_s = no_worker_grace_s
+        self.no_worker_grace_s, self.worker_restart_grace_s = no_worker_grace_s, worker_restart_grace_s
+        self.receive_hwm = receive_hwm
+        # until when requests wait for a worker known to be (re)starting (see note_restart); set from the
+        # supervisor's thread, read in the broker's (a float assignment is atomic)
+        self._restart_until = 0.0
         self._ctx = context
         self.frontend_address: str | None = None
         self.backend_address: str | None = None
@@ -178,6 +192,9 @@ class Broker(Serving):
                 s.setsockopt(zmq.LINGER, 0)
                 # libzmq drops the connection of a peer that sends a bigger frame, before we read it.
                 s.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + 4096)
+                # at most this many unread messages per peer; past it libzmq stops reading that peer's
+                # connection (its sends block), so memory is bounded before anything is authenticated
+                s.setsockopt(zmq.RCVHWM, self.receive_hwm)
             self.frontend_address = bind(front, self.host, self.frontend_port)
             self.backend_address = bind(back, self.backend_host, self.backend_port)
             self._warn_if_exposed()
@@ -191,6 +208,16 @@ class Broker(Serving):
             back.close(0)
             if self._ctx is None:
                 ctx.term()
+
+    def note_restart(self) -> None:
+        """A worker of this service is (re)starting (its supervisor just spawned it): without workers,
+        requests wait for it up to ``worker_restart_grace_s`` rather than ``no_worker_grace_s`` (loading a
+        large engine takes minutes). Ends when a worker registers. Callable from any thread."""
+        self._restart_until = time.monotonic() + self.worker_restart_grace_s
+
+    def _out_of_grace(self, now: float) -> bool:
+        """No worker, and none is worth waiting for any longer."""
+        return now - self._no_worker_since > self.no_worker_grace_s and now > self._restart_until
 
     def _warn_if_exposed(self) -> None:
         exposed = [
@@ -228,8 +255,8 @@ class Broker(Serving):
             self._expire_without_workers(now)
             self._dispatch()
 
-    @staticmethod
-    def _drain(sock: zmq.Socket, handle) -> None:
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        budget = _DRAIN_BYTES
         for _ in range(_DRAIN):
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -237,6 +264,10 @@ class Broker(Serving):
                 return
             if len(msg) >= 2:  # a ROUTER always prepends the identity; anything less is not a message
                 handle(msg[0].bytes, msg[1:])
+            budget -= sum(len(f) for f in msg)
+            if budget <= 0:
+                break
+        self.stats.reads_deferred += 1
 
     # ------------------------------------------------------------------------------------ frontend
 
@@ -281,7 +312,7 @@ class Broker(Serving):
                 f"{self.max_queue} requests, {self.max_queue_bytes} bytes); retry later",
             )
             return
-        if not self._workers and time.monotonic() - self._no_worker_since > self.no_worker_grace_s:
+        if not self._workers and self._out_of_grace(time.monotonic()):
             self._error(client, rid, "no_workers", self._no_workers_message())
             return
         jid, self._next_jid = self._epoch | (self._next_jid & 0xFFFFFFFF), self._next_jid + 1
@@ -336,6 +367,7 @@ class Broker(Serving):
             "queue": len(self._queue),
             "in_flight": sum(w.job is not None for w in self._workers.values()),
             "auth": self.auth is not None,
+            "restarting_s": round(max(0.0, self._restart_until - now), 1),  # a worker awaited this long
             "stats": stats,
         }
 
@@ -393,6 +425,7 @@ class Broker(Serving):
             self._remove(worker, lost=False)  # re-announced (e.g. restarted): forget its old state
         self._workers[ident] = _Worker(ident, info, time.monotonic())
         self._idle.append(ident)
+        self._restart_until = 0.0  # whoever was awaited is here (or another worker is)
 
     def _remove(self, worker: _Worker, lost: bool = False) -> None:
         del self._workers[worker.ident]
@@ -454,7 +487,7 @@ class Broker(Serving):
                 self._requeue(job.jid)
 
     def _expire_without_workers(self, now: float) -> None:
-        if self._workers or not self._queue or now - self._no_worker_since <= self.no_worker_grace_s:
+        if self._workers or not self._queue or not self._out_of_grace(now):
             return
         message = self._no_workers_message()
         while self._queue:

@@ -101,10 +101,12 @@ def supervise(
     *,
     max_restarts: int = 5,
     window_s: float = 600.0,
+    on_restart: Callable[[], None] | None = None,
 ) -> int:
     """Wait for a stop signal (-> 0); restart a child that exits with ``respawn(slot)``, at most
     ``max_restarts`` times within ``window_s`` seconds over all slots; past that (or without ``respawn``,
-    once every child has exited) the service is unhealthy (-> 1, with the reason). Then stop the rest."""
+    once every child has exited) the service is unhealthy (-> 1, with the reason). Then stop the rest.
+    ``on_restart()`` is called right after each restart (the broker then holds requests for it)."""
     restarts: list[float] = []  # when each restart happened (monotonic)
     reported: set[int] = set()
     children = list(children)
@@ -133,6 +135,8 @@ def supervise(
                     return 1
                 restarts.append(now)
                 children[slot] = respawn(slot)
+                if on_restart is not None:
+                    on_restart()
                 log.warning(
                     "worker %d (process %d) exited (%s); restarted as process %d (restart %d of %d within "
                     "%.0f s)",
@@ -173,13 +177,20 @@ def auth_from_file(auth_secret_file: str | None) -> Auth | None:
     return Auth.from_file(auth_secret_file) if auth_secret_file else None
 
 
-def run_until_stopped(worker, stop: threading.Event) -> int:
-    """Run a started-to-be transport worker until ``stop`` is set (-> 0) or the supervisor is gone (-> 1)."""
+def run_until_stopped(worker, stop: threading.Event, poll_s: float = 0.5) -> int:
+    """Run a started-to-be transport worker until ``stop`` is set (-> 0), the supervisor is gone or the
+    worker's ``failure()`` names a reason (-> 1: its supervisor restarts it)."""
     worker.start()
     try:
-        while not stop.wait(0.5):
+        while not stop.wait(poll_s):
             if orphaned():
                 log.error("worker %d: supervisor is gone; exiting", os.getpid())
+                return 1
+            why = worker.failure() if hasattr(worker, "failure") else None
+            if why:
+                log.error(
+                    "worker %d: cannot serve any longer (%s); exiting to be restarted", os.getpid(), why
+                )
                 return 1
         return 0
     finally:
@@ -215,6 +226,7 @@ def serve_broker(
         what,
     )
     children = [spawn(backend_local, i) for i in range(workers)]
+    broker.note_restart()  # requests wait for the first load as for a reload
     try:
         return supervise(
             children,
@@ -222,6 +234,7 @@ def serve_broker(
             lambda i: spawn(backend_local, i),
             max_restarts=max_restarts,
             window_s=restart_window_s,
+            on_restart=broker.note_restart,
         )
     finally:
         broker.stop()
@@ -240,7 +253,8 @@ def dump_stacks_on_sigusr1() -> None:
 
 def add_restart_args(p) -> None:
     """``--max-restarts`` / ``--restart-window`` of ``gkd teacher serve`` and ``gkd rollout serve``
-    (:func:`supervise`'s bound; ``teacher.*`` / ``rollout.max_worker_restarts``, ``restart_window_s``)."""
+    (:func:`supervise`'s bound; ``teacher.*`` / ``rollout.max_worker_restarts``, ``restart_window_s``) and
+    ``--restart-grace`` (the broker's ``worker_restart_grace_s``; ``*.worker_restart_grace_s``)."""
     p.add_argument(
         "--max-restarts",
         type=int,
@@ -248,6 +262,13 @@ def add_restart_args(p) -> None:
         help="worker restarts allowed within --restart-window (default 5)",
     )
     p.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
+    p.add_argument(
+        "--restart-grace",
+        type=float,
+        default=600.0,
+        help="seconds requests wait at the broker for a restarting worker when none is up (a large engine "
+        "reloads for minutes; default 600; otherwise they fail after 30 s without workers)",
+    )
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -18,7 +18,10 @@ drops that reply if the request was given to someone else meanwhile.
 A worker can step away from the broker without going away: while its ``available()`` returns False it
 is not listed (BYE; it keeps heartbeating and comes back with READY), and a handler that cannot serve its
 request here for now raises ``HandBack``: the worker says BYE, so the broker gives the request to another
-worker (the rollout service: a worker that lost its weight channel and waits to rejoin it).
+worker (the rollout service: a worker that lost its weight channel and waits to rejoin it). A worker
+whose ``failure()`` names a reason is broken for good (the rollout service: its weight-channel thread
+died): it is not listed either, and its process exits so that its supervisor restarts it
+(``gkd.transport.process.run_until_stopped``).
 
 Cancellation is cooperative: when the broker takes a running job back (its client gave up, or it ran
 past the job deadline) it sends CANCEL; the job's event is set and a handler that calls
@@ -129,9 +132,11 @@ class Worker(Serving):
         heartbeat_timeout_s: float = 5.0,
         context: zmq.Context | None = None,
         available: Callable[[], bool] | None = None,
+        failure: Callable[[], str | None] | None = None,
     ):
         self.address = tcp_address(address)
         self.available = available  # False: not listed at the broker (see the module docstring)
+        self._failure = failure
         self.handler = handler
         self.ops = frozenset(ops)
         self.info = {
@@ -149,6 +154,14 @@ class Worker(Serving):
         self.reconnects = 0
         # start() (serve in a daemon thread), stop(), with: Serving
 
+    def failure(self) -> str | None:
+        """Why this worker can serve no longer (its process should exit and be restarted), or None.
+        A failed worker is not listed at the broker."""
+        return None if self._failure is None else self._failure()
+
+    def _listable(self) -> bool:
+        return (self.available is None or self.available()) and self.failure() is None
+
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
@@ -164,7 +177,7 @@ class Worker(Serving):
         # socket, back from a pause); listed: the broker has us as a worker
         announce, listed = True, False
         try:
-            if self.available is None or self.available():
+            if self._listable():
                 self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
                 announce, listed = False, True
             if ready is not None:
@@ -219,7 +232,7 @@ class Worker(Serving):
                     poller.register(sock, zmq.POLLIN)
                     self.reconnects += 1
                     announce, listed, last_heard = True, False, now
-                available = self.available is None or self.available()
+                available = self._listable()
                 if listed and not available and job is None:
                     self._send(sock, [BYE])
                     announce, listed = True, False

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -69,9 +68,8 @@ def test_smollm2_is_materialised_once_then_reused(tmp_path, monkeypatch):
         raise AssertionError("the cached teacher must be reused, not converted again")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    t = time.monotonic()
-    assert materialise_teacher(tmp_path) == folder
-    assert time.monotonic() - t < 5 and weights.stat().st_mtime_ns == stamp
+    assert materialise_teacher(tmp_path) == folder  # without a conversion (refused above)
+    assert weights.stat().st_mtime_ns == stamp
     monkeypatch.undo()
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -115,17 +113,22 @@ def test_gkd_demo_tiny_leaves_a_complete_run_folder(tmp_path):
 
 
 def test_gkd_demo_tiny_runs_reverse_kl_on_the_union_support(tmp_path):
-    """The options of the support comparison reach the run: the trainer requests the student's top-m plus
-    the sampled token (it fails without them), and the summary carries both KL directions and the
-    teacher's log-prob of the student's greedy answers."""
+    """The options of the support comparison reach the run: every training step's teacher replies were
+    scored on the union (width K + m + 1: the teacher's top-k, the student's top-m and the sampled token),
+    and the summary carries both KL directions and the teacher's log-prob of the student's greedy answers."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GKD_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "gkd.cli", "demo", "--tiny", "--out", str(out), "--steps", "4"]
     cmd += ["--loss", "reverse_kl", "--support", "union", "--return-topk", "4", "--is-correction", "token"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: KL did not fall
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = (out / "config.yaml").read_text()
     assert "support: union" in config and "return_topk: 4" in config and "is_correction: token" in config
+    top_k = int(next(line for line in config.splitlines() if line.strip().startswith("top_k:")).split(":")[1])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for r in records:
+        assert r["teacher/union_share"] == 1.0 and r["teacher/support_width"] == top_k + 4 + 1, r
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_steps"] == 4
     rev = summary["reverse_kl"]["on_policy"]

@@ -7,8 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.kernels import fused_linear, fused_linear_token_logprobs, fused_linear_topk_distill_loss
-from gkd.kernels._common import CUDA_CHUNK_BYTES, default_chunk_rows, fused_chunk_rows
+from gkd.kernels import (
+    fused_linear,
+    fused_linear_token_logprobs,
+    fused_linear_topk_distill_loss,
+    grad_accumulate,
+)
+from gkd.kernels._common import default_chunk_rows
+from gkd.kernels.memory import FusedShape, fused_chunk_rows
 from gkd.kernels.reference import topk_distill_loss_reference as reference
 from tests.kernels.helpers import rand_mask, teacher_topk
 
@@ -138,7 +144,9 @@ def test_chunk_bytes_sets_the_chunks_not_the_result(monkeypatch, backend):
 
     seen = _chunk_rows_seen(monkeypatch)
     default = run()
-    assert seen == [N]  # the default (CPU: about N/8 rows but >= 4M logits; CUDA: 1.25 GiB) is one chunk here
+    assert seen == [
+        N
+    ]  # the default (CPU: about N/8 rows but >= 4M logits; CUDA: 1.375 GiB in all) is one chunk here
     seen.clear()
     budget = run(chunk_bytes=V * 4 * 9)  # nine fp32 rows: 41 rows -> 5 balanced chunks of <= 9
     assert seen == [9, 9, 9, 9, 5]
@@ -157,20 +165,25 @@ def test_chunk_bytes_token_logprobs(monkeypatch):
     assert len(seen) == 1 and _normwise(a, b.double()) < 1e-6
 
 
+def _shape(vocab, n, dtype=torch.bfloat16, hidden=1024):
+    return FusedShape(n, vocab, hidden, dtype, dtype, dtype, "topk_triton")
+
+
 def test_fused_chunk_rows():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    # the CUDA default: 16384 tokens at V = 152k in bf16 run as four 4096-row chunks
-    assert fused_chunk_rows(151936, 16384, 2, cuda, None, None) == 4096
-    assert fused_chunk_rows(151936, 100, 2, cuda, None, None) == 100
-    assert CUDA_CHUNK_BYTES // (151936 * 2) >= 4096
+    # the CUDA default keeps the whole call within 1.375 GiB: 16384 tokens at V = 152k, H = 1024 in bf16
+    # run as five 3280-row chunks (a 0.29 GiB weight-gradient correction beside them)
+    assert fused_chunk_rows(_shape(151936, 16384), cuda, None, None) == 3280
+    assert fused_chunk_rows(_shape(151936, 100), cuda, None, None) == 100
     # CPU keeps its default unless a budget is given; chunk_size wins over both
-    assert fused_chunk_rows(151936, 16384, 4, cpu, None, None) == default_chunk_rows(151936, 16384)
-    assert fused_chunk_rows(1000, 100, 4, cpu, None, 4000 * 30) == 25  # 30 rows fit: 4 chunks of 25
-    assert fused_chunk_rows(1000, 100, 4, cpu, 7, 4000 * 30) == 7
-    assert fused_chunk_rows(1000, 100, 4, cpu, None, 1) == 1  # less than a row: one row per chunk
+    f32 = torch.float32
+    assert fused_chunk_rows(_shape(151936, 16384, f32), cpu, None, None) == default_chunk_rows(151936, 16384)
+    assert fused_chunk_rows(_shape(1000, 100, f32), cpu, None, 4000 * 30) == 25  # 30 rows fit: 4 of 25
+    assert fused_chunk_rows(_shape(1000, 100, f32), cpu, 7, 4000 * 30) == 7
+    assert fused_chunk_rows(_shape(1000, 100, f32), cpu, None, 1) == 1  # less than a row: one row a chunk
     for bad in ({"chunk_bytes": 0}, {"chunk_size": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            fused_chunk_rows(1000, 100, 4, cpu, bad.get("chunk_size"), bad.get("chunk_bytes"))
+            fused_chunk_rows(_shape(1000, 100, f32), cpu, bad.get("chunk_size"), bad.get("chunk_bytes"))
 
 
 def test_wide_accumulator_paths(monkeypatch):
@@ -178,7 +191,7 @@ def test_wide_accumulator_paths(monkeypatch):
     a, b = (torch.randn(m, 16, generator=g).bfloat16() for m in (30, 20))
     want = a.double() @ b.double().t() * 2
     # where the fp32-output GEMM is missing (CPU, older torch): one reused bf16 product buffer
-    acc = fused_linear._WideAccumulator(torch.zeros(30, 20))
+    acc = grad_accumulate._WideAccumulator(torch.zeros(30, 20))
     acc.fused = True  # try it first, as on CUDA: the CPU refuses and the fallback takes over
     acc.add(a, b.t())
     acc.add(a, b.t())
@@ -190,8 +203,8 @@ def test_wide_accumulator_paths(monkeypatch):
         assert inp is out and out.dtype == out_dtype == torch.float32
         return out.add_(m1.float() @ m2.float())
 
-    monkeypatch.setattr(fused_linear.torch, "addmm", fp32_addmm)
-    acc = fused_linear._WideAccumulator(torch.zeros(30, 20))
+    monkeypatch.setattr(grad_accumulate.torch, "addmm", fp32_addmm)
+    acc = grad_accumulate._WideAccumulator(torch.zeros(30, 20))
     acc.fused = True
     acc.add(a, b.t())
     acc.add(a, b.t())

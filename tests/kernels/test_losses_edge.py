@@ -53,6 +53,28 @@ def test_teacher_mass_one_and_student_mass_near_one_stay_finite(loss):
     assert max_err(g, g_ref) <= 1e-5
 
 
+def test_the_teacher_bucket_floor_is_1e_6_by_hand():
+    """Reverse KL on the bucket support, written out by hand: the teacher's top-2 hold all of its mass
+    (S = 1), so its bucket is the floor 1e-6 (a literal here: the reference reads the library's constant),
+    and the student's bucket holds what its two ids leave."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2]])
+    p = [0.75, 0.25]
+    lp = torch.tensor([[math.log(p[0]), math.log(p[1])]], dtype=torch.float64)
+    z = [2.0, 1.0, 0.5, -1.0]
+    total = sum(math.exp(v) for v in z)
+    q = [math.exp(z[0]) / total, math.exp(z[2]) / total]
+    q_tail = 1.0 - q[0] - q[1]
+    want = q[0] * math.log(q[0] / p[0]) + q[1] * math.log(q[1] / p[1]) + q_tail * math.log(q_tail / 1e-6)
+    for fn in (topk_distill_loss, reference):
+        got = fn(logits, ids, lp, loss="reverse_kl", tail="bucket", reduction="sum")
+        assert got.item() == pytest.approx(want, rel=1e-12), fn.__name__
+    fwd = topk_distill_loss(logits, ids, lp, loss="forward_kl", tail="bucket", reduction="sum")
+    # forward KL: the teacher's bucket contributes 1e-6 * log(1e-6 / q_tail)
+    want_fwd = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1]) + 1e-6 * math.log(1e-6 / q_tail)
+    assert fwd.item() == pytest.approx(want_fwd, rel=1e-12)
+
+
 @pytest.mark.parametrize("loss,tail,red", GRID)
 def test_all_masked_and_empty(loss, tail, red):
     n, vocab, k = 7, 30, 3

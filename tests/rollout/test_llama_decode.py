@@ -2,11 +2,18 @@
 tokens and log-probs for Llama, Qwen2 and Qwen3 (query/key norms) models, padded batches, rows leaving the
 batch (down to the unpacked few-row path), biases, weight updates, bfloat16, and the models it refuses."""
 
+import logging
+
 import pytest
 import torch
 
 from gkd.rollout.hf_engine import HFRolloutEngine
-from gkd.rollout.llama_decode import packing_available, unsupported_reason
+from gkd.rollout.llama_decode import (
+    NO_BF16_PACKING_ENV,
+    packing_available,
+    packing_unsupported,
+    unsupported_reason,
+)
 from gkd.rollout.types import SamplingConfig
 from tests.tiny_llama import tiny_config, tiny_llama
 
@@ -97,17 +104,48 @@ def test_fused_weights_follow_loads_and_in_place_updates():
     _assert_same(engine.generate(PROMPTS, s), want)
 
 
-@needs_packing
-def test_bfloat16_fused_steps_stay_close_to_the_transformers_forward():
-    model = tiny_llama(0, 320, 256, heads=4, kv_heads=2).to(torch.bfloat16)
+def _bfloat16_close(fused, plain):
     s = SamplingConfig(max_new_tokens=1, temperature=1.0, seed=1)
-    fused, plain = HFRolloutEngine(model), HFRolloutEngine(model, fused=False)
-    assert fused.fused_weights is not None
     _assert_same(fused.generate(PROMPTS, s), plain.generate(PROMPTS, s), atol=2e-2)
     s = SamplingConfig(max_new_tokens=2, temperature=0.0)
     for a, b in zip(fused.generate(PROMPTS, s), plain.generate(PROMPTS, s), strict=True):
         if a.response_ids[0] == b.response_ids[0]:  # the decode step proper (greedy ties may differ)
             torch.testing.assert_close(a.response_logprobs, b.response_logprobs, atol=5e-2, rtol=0)
+
+
+def test_bfloat16_fused_steps_stay_close_to_the_transformers_forward():
+    """Packed where this CPU's oneDNN packs bfloat16, the unpacked fused steps elsewhere (AVX2-only)."""
+    model = tiny_llama(0, 320, 256, heads=4, kv_heads=2).to(torch.bfloat16)
+    fused, plain = HFRolloutEngine(model), HFRolloutEngine(model, fused=False)
+    assert fused.fused
+    assert (fused.fused_weights is not None) == (packing_unsupported(torch.bfloat16) is None)
+    _bfloat16_close(fused, plain)
+
+
+def test_a_cpu_without_bfloat16_packing_runs_unpacked_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setenv(NO_BF16_PACKING_ENV, "1")  # this CPU as an AVX2-only one
+    model = tiny_llama(0, 320, 256, heads=4, kv_heads=2).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="gkd.rollout"):
+        fused = HFRolloutEngine(model, prepack=True)  # asked for, refused: no crash
+    assert fused.fused and fused.fused_weights is None
+    lines = [r.getMessage() for r in caplog.records if "unpacked" in r.getMessage()]
+    assert len(lines) == 1 and f"{NO_BF16_PACKING_ENV}=1" in lines[0]
+    _bfloat16_close(fused, HFRolloutEngine(model, fused=False))
+    f32 = HFRolloutEngine(tiny_llama(0, 320, 256, heads=4, kv_heads=2))  # float32 packs on any x86-64
+    assert (f32.fused_weights is not None) == packing_available()
+
+
+def test_bfloat16_packing_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.delenv(NO_BF16_PACKING_ENV, raising=False)
+    if not packing_available():
+        pytest.skip("oneDNN linear ops unavailable in this torch")
+    avx2 = frozenset({"sse4_1", "avx", "avx2", "fma"})
+    assert "AVX-512" in packing_unsupported(torch.bfloat16, avx2)
+    assert packing_unsupported(torch.float32, avx2) is None
+    assert packing_unsupported(torch.bfloat16, avx2 | {"avx512bw", "avx512vl", "avx512dq"}) is None
+    assert packing_unsupported(torch.bfloat16, avx2 | {"avx_ne_convert"}) is None
+    assert packing_unsupported(torch.bfloat16, avx2 | {"avx512bw", "avx512vl"}) is not None
+    assert packing_unsupported(torch.float16, avx2) is not None
 
 
 def test_other_models_run_through_transformers():

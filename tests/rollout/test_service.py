@@ -3,7 +3,6 @@ the same seeds whatever the split, bad input gets an error naming the prompt whi
 serving, and a ``min_version`` the worker does not reach ends in a clear error after its wait."""
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
@@ -125,14 +124,12 @@ def test_min_version_that_never_arrives_times_out_with_a_clear_error(service, en
     client = service.client(min_version_wait_s=0.3)
     prompts = random_prompts(2, seed=4)
     s = SamplingConfig(max_new_tokens=4, temperature=0)
-    start = time.monotonic()
-    with pytest.raises(
+    with pytest.raises(  # the 0.3 s wait ended it, not the client's 30 s timeout
         RemoteError,
         match=r"policy version 1 did not arrive within 0.3s \(this worker holds "
         r"version 0; this worker has no weight channel",
     ):
         client.generate(prompts, s, min_version=1)
-    assert time.monotonic() - start < 5
     got = client.generate(prompts, s, min_version=0)  # already there: no wait
     assert_samples_equal(got, engine.generate(prompts, s))
     assert all(x.policy_version == 0 for x in got)

@@ -95,11 +95,10 @@ def test_busy_is_retried_with_backoff(make_service):
 
 def test_no_workers_is_a_clear_error_within_the_timeout(make_service):
     svc = make_service(no_worker_grace_s=0.2)
-    client = svc.client(timeout_s=3.0)
-    start = time.monotonic()
+    client = svc.client(timeout_s=60.0, retries=0)  # the broker's 0.2 s grace ends it, not this timeout
     with pytest.raises(RemoteError, match="no workers connected") as err:
         client.call("sum", None, tensors_for(1))
-    assert err.value.code == "no_workers" and time.monotonic() - start < 3.0
+    assert err.value.code == "no_workers" and svc.info()["stats"]["errors_sent"] == 1
 
 
 def test_queued_request_waits_for_a_late_worker_within_grace(make_service):
@@ -176,7 +175,6 @@ def test_busy_worker_keeps_heartbeating_and_is_not_declared_dead(service):
 
 def test_client_times_out_cleanly_without_a_broker():
     with Client("127.0.0.1:1", timeout_s=0.2, retries=1) as client:  # nothing listens on port 1
-        start = time.monotonic()
         with pytest.raises(TimeoutError, match=r"no reply .* \(2 attempt"):
             client.call("sum", None, tensors_for(1))
-        assert time.monotonic() - start < 2.0 and client.stats["reconnects"] == 2
+        assert client.stats["reconnects"] == 2 and client.stats["retries"] == 1

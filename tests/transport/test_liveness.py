@@ -43,21 +43,20 @@ def service_process():
 
 
 def test_a_dead_service_surfaces_within_60s_in_one_line(service_process):
-    """Default settings: a request of a service that is SIGKILLed mid-request fails well inside a minute
-    (not after timeout_s x attempts), with one line that names the address."""
+    """Default settings: a request of a service that is SIGKILLed mid-request fails through the liveness
+    pings (15 s), not after timeout_s x attempts (600 s x 3), with one line that names the address."""
     proc, address = service_process
     with Client(address, timeout_s=600, retries=2) as client:
         assert client.call("sum", {"tag": 0}, tensors_for(0)).fields["tag"] == 0
         fut = client.submit("sum", {"tag": 1, "sleep": 300}, tensors_for(1))
         time.sleep(0.5)
-        start = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         with pytest.raises(ServiceUnavailable) as err:
             fut.result(timeout=60)
-        took = time.monotonic() - start
-    assert took < 60 and took >= client.liveness_timeout_s - 1, took
+        assert client.stats["unavailable"] == 1 and client.stats["retries"] == 0
     text = str(err.value)
     assert "\n" not in text and address in text and "down or unreachable" in text
+    assert f"liveness_timeout_s={client.liveness_timeout_s:g}" in text
 
 
 def test_a_long_request_on_a_live_service_is_not_a_dead_one(make_service):
@@ -75,9 +74,8 @@ def test_a_worker_that_heartbeats_but_never_answers_loses_the_job(make_service):
     hung = svc.add_worker("hung", delay_s=30)  # registered first: gets the request; heartbeats on
     svc.add_worker("good")
     client = svc.client(timeout_s=20, retries=0)  # no client retry: the broker must move the job
-    start = time.monotonic()
-    msg = client.call("sum", {"tag": 1}, tensors_for(1))
-    assert msg.fields["worker"] == "good" and time.monotonic() - start < 5
+    msg = client.call("sum", {"tag": 1}, tensors_for(1))  # the hung worker would hold it for 30 s
+    assert msg.fields["worker"] == "good"
     assert svc.info()["stats"]["jobs_timed_out"] == 1
     assert hung.served == 0
 
