@@ -166,7 +166,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "resume: the RNG states are restored",
-        "gkd/checkpoint.py",
+        "gkd/checkpoint_rng.py",
         '    torch.set_rng_state(state["torch"])\n',
         "    torch.get_rng_state()\n",
         ("tests/test_checkpoint.py::test_rng_state_survives_weights_only_load",),
