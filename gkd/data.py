@@ -261,10 +261,11 @@ class PromptLoader:
         self.shuffle = shuffle
         self.next_batch = 0  # the iterator's position, as a global batch index
         self._perms: dict[tuple[int, int], np.ndarray] = {}
-        weights = dataset.weights
+        weights = getattr(dataset, "weights", None)  # any sequence of prompts is one unweighted source
         self._p = None if weights is None else np.asarray(weights, dtype=np.float64) / float(sum(weights))
         # mixture: picks of each source before batch b, for b = 0 .. len - 1 (grown as batches are asked)
-        self._counts = [np.zeros(len(dataset.groups), dtype=np.int64)]
+        self._sources = len(getattr(dataset, "groups", ()))
+        self._counts = [np.zeros(self._sources, dtype=np.int64)]
 
     @classmethod
     def from_config(cls, dataset: PromptDataset, data_cfg) -> PromptLoader:
@@ -281,7 +282,7 @@ class PromptLoader:
                 n, seed = self.dataset.groups[source][1], [self.seed, _MIX_TAG, source, epoch]
             perm = np.random.default_rng(seed).permutation(n) if self.shuffle else np.arange(n)
             # batches touch at most two epochs of each source; keep a few for look-ahead
-            if len(self._perms) >= 4 * len(self.dataset.groups) + 4:
+            if len(self._perms) >= 4 * self._sources + 4:
                 self._perms.pop(next(iter(self._perms)))
             self._perms[key] = perm
         return self._perms[key]
