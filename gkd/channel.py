@@ -408,16 +408,19 @@ class ChannelMember:
             log.info("weight channel heartbeat stopped: %s", exc)
 
     def _terms(self) -> dict:
-        """The trainer's terms (``terms`` in the store); waits for them at most ``timeout``."""
+        """The trainer's terms (``terms`` in the store), waiting at most ``timeout`` for them to appear;
+        empty when the record is not signed with this worker's token (the trainer then skips its join
+        record as forged and this worker learns nothing more)."""
         start = time.monotonic()
-        while (raw := self.store.verified("terms")) is None:
+        while not self.store.check(["terms"]):
             if time.monotonic() - start > self.timeout.total_seconds():
                 raise WeightSyncError(
                     f"weight channel {self.host}:{self.port}: the trainer announced no terms within "
                     f"{self.timeout.total_seconds():g}s (is it a gkd trainer of the same version?)"
                 )
             time.sleep(0.05)
-        return json.loads(raw)
+        raw = self.store.verified("terms")
+        return {} if raw is None else json.loads(raw)
 
     def join(self) -> tuple[WeightGroup, int | None]:
         """Ask for the next generation until one includes this worker; returns its group and the version
@@ -428,8 +431,9 @@ class ChannelMember:
         if self.backend is None:  # no choice of its own: the trainer's
             self.backend = terms.get("backend")
         problems = [
-            mismatch_line(field, terms.get(field), ours, self.id)
+            mismatch_line(field, terms[field], ours, self.id)
             for field, ours in (("backend", self.backend), ("protocol", PROTOCOL_VERSION))
+            if field in terms
         ]
         problem = next((p for p in problems if p is not None), None)
         record = json.dumps(

@@ -303,7 +303,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the trainer's weight-channel store (trainer rank 0 is rank 0); off when omitted",
     )
-    w.add_argument("--weight-backend", choices=("gloo", "nccl"), default=None, help="default: nccl with CUDA")
+    w.add_argument(
+        "--weight-backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="default: the one the trainer announces (rollout.weight_backend); another one fails at once",
+    )
     w.add_argument(
         "--channel-token-file",
         default=None,

@@ -45,7 +45,7 @@ class WeightChannel:
     port: int
     rank: int
     world_size: int
-    backend: str | None = None  # gloo | nccl; default: NCCL when CUDA is available
+    backend: str | None = None  # gloo | nccl; default: the trainer's (announced in the channel's store)
     timeout_s: float = 600.0  # rendezvous and every collective (posted only once both sides are ready)
     idle_timeout_s: float = 86400.0  # the wait for the next version's announcement in the store
     staging: str = "host"  # where a received version waits: host (pinned with CUDA) | device (GPU copy)
@@ -165,6 +165,7 @@ class VersionedEngine:
                 timeout=timedelta(seconds=ch.timeout_s),
                 idle_timeout=timedelta(seconds=ch.idle_timeout_s),
                 bucket_macs=ch.bucket_macs,
+                staging=ch.staging,
             )
             while True:  # one generation of the channel per pass; a member's death re-forms it
                 group, _ = member.join()
