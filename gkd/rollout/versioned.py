@@ -95,9 +95,23 @@ class VersionedEngine:
 
     def start(self) -> VersionedEngine:
         if self.channel is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._receive_loop, name="gkd-weights", daemon=True)
+            # a vLLM engine whose own workers receive the weights: this thread only tells them when to load
+            inside = getattr(self.engine, "receives_in_workers", False)
+            target = self._follow_workers if inside else self._receive_loop
+            self._thread = threading.Thread(target=target, name="gkd-weights", daemon=True)
             self._thread.start()
         return self
+
+    def _follow_workers(self) -> None:
+        from gkd.rollout.vllm_worker import follow_workers
+
+        try:
+            follow_workers(self)
+        except Exception as e:  # as in _receive_loop: the worker keeps serving its current version
+            log.exception(
+                "weight channel %s failed in the vLLM workers; no further updates", self.channel.address
+            )
+            self._notify(state="failed", error=f"{type(e).__name__}: {e}")
 
     @property
     def available(self) -> bool:
