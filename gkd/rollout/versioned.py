@@ -39,7 +39,8 @@ log = logging.getLogger("gkd.rollout")
 @dataclass(frozen=True)
 class WeightChannel:
     """This worker's place in the weight channel (``gkd.weights``): trainer rank 0 hosts the TCPStore on
-    ``host:port``; rollout workers are ranks ``1..world_size-1``."""
+    ``host:port``; rollout members are ranks ``1..world_size-1``. A worker takes ``ranks`` of them from
+    ``rank`` on: one, or ``tensor_parallel_size`` for a vLLM engine whose workers each receive."""
 
     host: str
     port: int
@@ -50,10 +51,14 @@ class WeightChannel:
     idle_timeout_s: float = 86400.0  # the wait for the next version's announcement in the store
     staging: str = "host"  # where a received version waits: host (pinned with CUDA) | device (GPU copy)
     bucket_macs: bool = False  # HMAC every bucket with the channel token (on with --auth-secret-file)
+    ranks: int = 1  # weight ranks rank .. rank + ranks - 1 (a tensor-parallel vLLM engine's workers)
 
     def __post_init__(self):
-        if not 1 <= self.rank < self.world_size:
-            raise ValueError(f"weight rank {self.rank} must lie in [1, {self.world_size}) (0 is the trainer)")
+        last = self.rank + self.ranks - 1
+        if not 1 <= self.rank <= last < self.world_size:
+            raise ValueError(
+                f"weight ranks {self.rank}..{last} must lie in [1, {self.world_size}) (0 is the trainer)"
+            )
 
     @property
     def address(self) -> str:

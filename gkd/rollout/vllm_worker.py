@@ -170,7 +170,7 @@ class WeightReceiverExtension:
     the vLLM worker: ``self.rank`` its rank in the engine, ``self.model_runner`` its model."""
 
     def gkd_start_weights(self, channel: dict[str, Any], rows: list, reload_path: bool) -> str:
-        ch = WeightChannel(**{**channel, "rank": int(channel["rank"]) + int(self.rank)})
+        ch = WeightChannel(**{**channel, "rank": int(channel["rank"]) + int(self.rank), "ranks": 1})
         fn = reload if reload_path else load_in_place
         self._gkd_weights = StagedVersions(lambda weights: fn(self, weights), rows, ch).start()
         return f"weight rank {ch.rank} of {ch.world_size}"
