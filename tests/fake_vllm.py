@@ -35,6 +35,7 @@ class FakeLLM:
 
     created: list[FakeLLM] = []
     device = torch.device("cuda", 0)
+    model_factory = None  # a callable: each worker gets a model of its own (default: one shared FakeModel)
 
     def __init__(self, model: str, **kwargs):
         self.model, self.kwargs = model, kwargs
@@ -51,7 +52,8 @@ class FakeLLM:
         self.workers = []
         for rank in range(int(kwargs.get("tensor_parallel_size", 1))):
             worker = worker_class()
-            worker.rank, worker.model_runner = rank, SimpleNamespace(get_model=lambda: model_obj)
+            own = model_obj if FakeLLM.model_factory is None else FakeLLM.model_factory()
+            worker.rank, worker.model_runner = rank, SimpleNamespace(get_model=lambda own=own: own)
             self.workers.append(worker)
         self.worker = self.workers[0]
         self.rpcs: list = []  # (method name, args) of every call by name

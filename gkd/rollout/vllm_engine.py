@@ -166,6 +166,10 @@ class VLLMRolloutEngine:
         self.llm.collective_rpc("gkd_apply_weights", args=(int(version),))
         self._after_update(version)
 
+    def stop_weight_receivers(self) -> None:
+        """Every worker leaves the weight channel (the engine gave up on it)."""
+        self.llm.collective_rpc("gkd_stop_weights")
+
     def _after_update(self, version: int | None) -> None:
         # Cached KV blocks hold the old weights' keys and values. vLLM refuses the reset (False) while
         # blocks are in use; serving after that would mix versions, so this engine stops serving.

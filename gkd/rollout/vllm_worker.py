@@ -132,6 +132,7 @@ class StagedVersions(VersionedEngine):
     def __init__(self, load, rows: Sequence[Sequence], channel: WeightChannel, *, pin: bool | None = None):
         super().__init__(_Target(load, rows), channel, pin=pin)
         self.staged: int | None = None
+        self._stopping = False
 
     def _receive_versions(self, receiver) -> bool:
         self._notify(staged=None)
@@ -147,7 +148,9 @@ class StagedVersions(VersionedEngine):
             with self._changed:
                 self.staged = version
                 self._changed.notify_all()
-                self._changed.wait_for(lambda: self.staged is None)
+                self._changed.wait_for(lambda: self.staged is None or self._stopping)
+                if self._stopping:  # the engine gave up on this channel: leave it (the heartbeat stops)
+                    return True
 
     def apply(self, version: int) -> int:
         """Load the staged ``version`` (which every rank of the engine staged); returns it."""
@@ -160,6 +163,11 @@ class StagedVersions(VersionedEngine):
             self._changed.notify_all()
         log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
         return version
+
+    def stop(self) -> None:
+        """Leave the channel once the receive thread is back from the store (a staged version waiting
+        for its apply: at once); the engine calls it when it gives up on the channel."""
+        self._notify(_stopping=True)
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "staged": self.staged, "version": self.version, "error": self.error}
@@ -180,6 +188,9 @@ class WeightReceiverExtension:
 
     def gkd_apply_weights(self, version: int) -> int:
         return self._gkd_weights.apply(int(version))
+
+    def gkd_stop_weights(self) -> None:
+        self._gkd_weights.stop()
 
     def gkd_set_logit_scale(self, factor: float) -> float:
         return set_logit_scale(self, factor)
@@ -205,7 +216,8 @@ def follow_workers(versioned: VersionedEngine, poll_s: float = POLL_S) -> None:
         with versioned._batch:
             ranks = engine.weight_status()
         failed = [f"rank {i}: {s['error']}" for i, s in enumerate(ranks) if s["state"] == "failed"]
-        if failed:
+        if failed:  # the other ranks leave too: this worker exits and is restarted
+            engine.stop_weight_receivers()
             raise RuntimeError("a vLLM worker's weight channel failed: " + "; ".join(failed))
         if all(s["state"] == "closed" for s in ranks):
             versioned._notify(state="closed")
@@ -216,7 +228,11 @@ def follow_workers(versioned: VersionedEngine, poll_s: float = POLL_S) -> None:
             version = staged.pop()
             start = time.perf_counter()
             with versioned._batch:  # the batch boundary
-                engine.apply_staged(version)
+                try:
+                    engine.apply_staged(version)
+                except Exception:  # ranks may now differ: no rank takes another version
+                    engine.stop_weight_receivers()
+                    raise
                 versioned._notify(state="ready")
             log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
             continue
