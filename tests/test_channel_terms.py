@@ -90,3 +90,20 @@ def test_a_worker_of_another_protocol_is_refused(monkeypatch):
     finally:
         member.close()
         host.close()
+
+
+def test_rollout_weight_backend_decides_and_is_checked():
+    from gkd.config import ConfigError, load_config
+    from gkd.placement import weight_backend
+
+    base = ["model.student_path=S", "data.train_files=[p]", "teacher.model_path=T"]
+    gpu = load_config(["configs/gpu_example.yaml"], base)
+    assert weight_backend(gpu) == "nccl"  # auto: both on GPUs
+    forced = load_config(["configs/gpu_example.yaml"], [*base, "rollout.weight_backend=gloo"])
+    assert weight_backend(forced) == "gloo"
+    with pytest.raises(
+        ConfigError, match="rollout.weight_backend='nccl': nccl needs the trainer and the rollout"
+    ):
+        load_config(["configs/cpu_tiny.yaml"], [*base, "rollout.weight_backend=nccl"])
+    with pytest.raises(ConfigError, match="rollout.weight_backend"):
+        load_config(["configs/cpu_tiny.yaml"], [*base, "rollout.weight_backend=mpi"])
