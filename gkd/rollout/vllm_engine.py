@@ -172,6 +172,10 @@ class VLLMRolloutEngine:
         self.llm.collective_rpc("gkd_apply_weights", args=(int(version),))
         self._after_update(version)
 
+    def discard_staged(self) -> None:
+        """Every rank drops its staged version unapplied (one rank lost it and re-joins the channel)."""
+        self.llm.collective_rpc("gkd_discard_weights")
+
     def stop_weight_receivers(self) -> None:
         """Every worker leaves the weight channel (the engine gave up on it)."""
         self.llm.collective_rpc("gkd_stop_weights")

@@ -129,10 +129,25 @@ class StagedVersions(VersionedEngine):
     and then waits until :meth:`apply` (called by the engine between model steps) loaded it. ``load``
     gets the full tensors, as views into the staging (it must copy them)."""
 
-    def __init__(self, load, rows: Sequence[Sequence], channel: WeightChannel, *, pin: bool | None = None):
+    def __init__(
+        self,
+        load,
+        rows: Sequence[Sequence],
+        channel: WeightChannel,
+        *,
+        pin: bool | None = None,
+        device: int | None = None,
+    ):
         super().__init__(_Target(load, rows), channel, pin=pin)
         self.staged: int | None = None
         self._stopping = False
+        # the worker's GPU: a new thread starts on device 0, and NCCL takes the current device
+        self._device = device
+
+    def _receive_loop(self) -> None:
+        if self._device is not None:
+            torch.cuda.set_device(self._device)
+        super()._receive_loop()
 
     def _receive_versions(self, receiver) -> bool:
         self._notify(staged=None)
@@ -148,6 +163,7 @@ class StagedVersions(VersionedEngine):
             with self._changed:
                 self.staged = version
                 self._changed.notify_all()
+                # None: applied, or discarded (another rank of the engine lost this version)
                 self._changed.wait_for(lambda: self.staged is None or self._stopping)
                 if self._stopping:  # the engine gave up on this channel: leave it (the heartbeat stops)
                     return True
@@ -163,6 +179,11 @@ class StagedVersions(VersionedEngine):
             self._changed.notify_all()
         log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
         return version
+
+    def discard(self) -> None:
+        """Drop the staged version unapplied: another rank of the engine did not get it (it re-joins the
+        channel); this one goes back to the store, where the trainer's re-form reaches it too."""
+        self._notify(staged=None)
 
     def stop(self) -> None:
         """Leave the channel once the receive thread is back from the store (a staged version waiting
@@ -180,7 +201,8 @@ class WeightReceiverExtension:
     def gkd_start_weights(self, channel: dict[str, Any], rows: list, reload_path: bool) -> str:
         ch = WeightChannel(**{**channel, "rank": int(channel["rank"]) + int(self.rank), "ranks": 1})
         fn = reload if reload_path else load_in_place
-        self._gkd_weights = StagedVersions(lambda weights: fn(self, weights), rows, ch).start()
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None  # set by vLLM
+        self._gkd_weights = StagedVersions(lambda weights: fn(self, weights), rows, ch, device=device).start()
         return f"weight rank {ch.rank} of {ch.world_size}"
 
     def gkd_weight_status(self) -> dict[str, Any]:
@@ -188,6 +210,9 @@ class WeightReceiverExtension:
 
     def gkd_apply_weights(self, version: int) -> int:
         return self._gkd_weights.apply(int(version))
+
+    def gkd_discard_weights(self) -> None:
+        self._gkd_weights.discard()
 
     def gkd_stop_weights(self) -> None:
         self._gkd_weights.stop()
@@ -237,6 +262,10 @@ def follow_workers(versioned: VersionedEngine, poll_s: float = POLL_S) -> None:
             log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
             continue
         states = {s["state"] for s in ranks}
+        if staged != {None} and "rejoining" in states:  # a rank lost the version its peers staged
+            with versioned._batch:
+                engine.discard_staged()
+            log.warning("a vLLM worker re-joins the weight channel: the others drop their staged version")
         state = "rejoining" if "rejoining" in states else "ready" if states <= {"ready"} else versioned.state
         if state != versioned.state:
             versioned._notify(state=state)

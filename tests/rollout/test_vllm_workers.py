@@ -132,3 +132,62 @@ def test_a_weight_channel_block_must_fit_the_world():
     assert WeightChannel("h", 1, 3, 5, ranks=2).rank == 3
     with pytest.raises(ValueError, match="weight ranks 4..5 must lie in"):
         WeightChannel("h", 1, 4, 5, ranks=2)
+
+
+class _ScriptedEngine:
+    """An engine whose ranks report the statuses in ``script``, one list per poll; records the calls."""
+
+    receives_in_workers = True
+    policy_version = 0
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), []
+
+    def start_weight_receivers(self, channel):
+        self.calls.append("start")
+        return ["rank 1", "rank 2"]
+
+    def weight_status(self):
+        return self.script.pop(0)
+
+    def apply_staged(self, version):
+        self.calls.append(f"apply {version}")
+        self.policy_version = version
+
+    def discard_staged(self):
+        self.calls.append("discard")
+
+    def stop_weight_receivers(self):
+        self.calls.append("stop")
+
+
+def _rank(state, staged=None, error=None):
+    return {"state": state, "staged": staged, "version": 0, "error": error}
+
+
+def test_ranks_apply_together_and_drop_a_version_one_of_them_lost():
+    from gkd.rollout.vllm_worker import follow_workers
+
+    engine = _ScriptedEngine(
+        [
+            [_rank("ready", 1), _rank("ready")],  # rank 2 still finishing: wait
+            [_rank("ready", 1), _rank("rejoining")],  # rank 2 lost version 1: rank 1 drops it
+            [_rank("rejoining"), _rank("rejoining")],
+            [_rank("ready", 2), _rank("ready", 2)],  # both staged 2: applied together
+            [_rank("closed"), _rank("closed")],
+        ]
+    )
+    versioned = VersionedEngine(engine, WeightChannel("h", 1, 1, 3, ranks=2))
+    follow_workers(versioned, poll_s=0)
+    assert engine.calls == ["start", "discard", "apply 2"] and versioned.state == "closed"
+    assert versioned.version == 2
+
+
+def test_a_failed_rank_stops_the_others_and_fails_the_worker():
+    from gkd.rollout.vllm_worker import follow_workers
+
+    engine = _ScriptedEngine([[_rank("ready"), _rank("failed", error="WeightSyncError: gone")]])
+    versioned = VersionedEngine(engine, WeightChannel("h", 1, 1, 3, ranks=2))
+    with pytest.raises(RuntimeError, match="rank 1: WeightSyncError: gone"):
+        follow_workers(versioned, poll_s=0)
+    assert engine.calls == ["start", "stop"]
