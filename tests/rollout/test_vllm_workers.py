@@ -191,3 +191,17 @@ def test_a_failed_rank_stops_the_others_and_fails_the_worker():
     with pytest.raises(RuntimeError, match="rank 1: WeightSyncError: gone"):
         follow_workers(versioned, poll_s=0)
     assert engine.calls == ["start", "stop"]
+
+
+def test_serve_gives_each_engine_a_block_of_tensor_parallel_ranks(monkeypatch):
+    from gkd import service
+    from gkd.placement import VLLMOptions
+    from gkd.rollout import service as rollout_service
+
+    seen = {}
+    monkeypatch.setattr(service, "serve", lambda kind, spec, **kw: seen.update(kw) or 0)
+    spec = rollout_service.RolloutSpec("m", "vllm", vllm=VLLMOptions(tensor_parallel_size=2))
+    rollout_service.serve(spec, workers=2, weight_channel="10.0.0.1:29600")
+    argv = [seen["worker_argv"](i) for i in range(2)]
+    blocks = [(a[a.index("--weight-rank") + 1], a[a.index("--weight-world-size") + 1]) for a in argv]
+    assert blocks == [("1", "5"), ("3", "5")]  # trainer rank 0, engine 0: ranks 1-2, engine 1: ranks 3-4
