@@ -18,6 +18,10 @@ A rollout worker (``gkd.rollout.service.make_worker``) wraps its engine in a :cl
   rejoin is not listed at the broker: a request waiting for a version it lacks is handed back
   (``HandBack``: the broker gives it to another worker), and it takes requests again once it is back in
   the channel. A restarted worker registers only once it holds the version the trainer last sent.
+- A vLLM engine whose own workers receive the weights (``engine.receives_in_workers``: vLLM's
+  multiprocessing, tensor parallelism) has each worker join the channel itself
+  (:mod:`gkd.rollout.vllm_worker`); the thread here then only polls their status between requests and
+  tells them to load a version every rank staged (:func:`gkd.rollout.vllm_worker.follow_workers`).
 - A worker whose weight-channel thread died (``failed``: an error other than a re-form) leaves the broker
   and its process exits (``failure()``), so its service restarts it and it joins the channel anew.
 """
