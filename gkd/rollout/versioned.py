@@ -246,8 +246,14 @@ class VersionedEngine:
             if version < self.version:  # versions never go back on a worker
                 log.warning("ignoring version %d: this worker holds %d", version, self.version)
                 continue
-            start = time.perf_counter()
-            with self._batch:  # the batch boundary
-                receiver.apply(_AtVersion(self.engine, version))
-                self._notify()
-            log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
+            if self._take(receiver, version):
+                return True
+
+    def _take(self, receiver, version: int) -> bool:
+        """Apply the staged ``version`` at the batch boundary; True: leave the channel."""
+        start = time.perf_counter()
+        with self._batch:  # the batch boundary
+            receiver.apply(_AtVersion(self.engine, version))
+            self._notify()
+        log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
+        return False

@@ -150,23 +150,17 @@ class StagedVersions(VersionedEngine):
         super()._receive_loop()
 
     def _receive_versions(self, receiver) -> bool:
-        self._notify(staged=None)
-        while True:
-            version = receiver.receive()
-            if version is None:
-                self._notify(state="closed")
-                log.info("weight channel closed by the sender; keeping version %d", self.version)
-                return True
-            if version < self.version:  # versions never go back on a worker
-                log.warning("ignoring version %d: this worker holds %d", version, self.version)
-                continue
-            with self._changed:
-                self.staged = version
-                self._changed.notify_all()
-                # None: applied, or discarded (another rank of the engine lost this version)
-                self._changed.wait_for(lambda: self.staged is None or self._stopping)
-                if self._stopping:  # the engine gave up on this channel: leave it (the heartbeat stops)
-                    return True
+        self._notify(staged=None)  # a new generation: nothing staged
+        return super()._receive_versions(receiver)
+
+    def _take(self, receiver, version: int) -> bool:
+        """Report ``version`` staged and wait until the engine applied (or discarded) it."""
+        with self._changed:
+            self.staged = version
+            self._changed.notify_all()
+            # None: applied, or discarded (another rank of the engine lost this version)
+            self._changed.wait_for(lambda: self.staged is None or self._stopping)
+            return self._stopping  # the engine gave up on the channel: leave it (the heartbeat stops)
 
     def apply(self, version: int) -> int:
         """Load the staged ``version`` (which every rank of the engine staged); returns it."""
