@@ -60,9 +60,8 @@ class WeightChannel:
     def __post_init__(self):
         last = self.rank + self.ranks - 1
         if not 1 <= self.rank <= last < self.world_size:
-            raise ValueError(
-                f"weight ranks {self.rank}..{last} must lie in [1, {self.world_size}) (0 is the trainer)"
-            )
+            what = f"weight rank {self.rank}" if self.ranks == 1 else f"weight ranks {self.rank}..{last}"
+            raise ValueError(f"{what} must lie in [1, {self.world_size}) (0 is the trainer)")
 
     @property
     def address(self) -> str:
