@@ -9,7 +9,8 @@ keys. Keys in the root (``gkd_weights/``) store:
   group backend and the weight protocol version of the run. A worker reads it before it asks to join; one
   with no backend of its own adopts the trainer's (``gkd rollout serve`` without ``--weight-backend``), one
   with another backend or protocol still writes its join record, then fails, and the trainer fails on
-  reading that record: both within a poll of the store, each with one line naming both values;
+  reading that record at start-up (later it leaves that worker out, logging the line): both within a poll
+  of the store, each with one line naming both values;
 - ``want/<g>/count`` and ``want/<g>/<i>``: join records of generation ``g``, JSON ``{"id", "backend",
   "protocol", "staging"}`` (a bare worker id is read as one with the trainer's terms);
 - ``gen/<g>``: JSON ``{"members": [ids], "version": v}`` (member i is rank i + 1; ``v``: the version sent
@@ -204,8 +205,11 @@ class ChannelHost:
             return None
         for field, ours in (("backend", self.backend), ("protocol", PROTOCOL_VERSION)):
             line = mismatch_line(field, ours, record.get(field), who)
-            if line is not None:
+            if line is not None and self.generation < 0:  # at start-up the run cannot go on as asked
                 raise ChannelMismatch(line)
+            if line is not None:  # later: a misconfigured extra worker does not stop a running job
+                log.error("%s (left out of generation %d)", line, g)
+                return None
         log.info(
             "weight channel generation %d: %s asks to join (staging in %s memory)",
             g,

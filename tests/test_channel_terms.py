@@ -107,3 +107,22 @@ def test_rollout_weight_backend_decides_and_is_checked():
         load_config(["configs/cpu_tiny.yaml"], [*base, "rollout.weight_backend=nccl"])
     with pytest.raises(ConfigError, match="rollout.weight_backend"):
         load_config(["configs/cpu_tiny.yaml"], [*base, "rollout.weight_backend=mpi"])
+
+
+def test_once_running_the_trainer_leaves_a_mismatched_worker_out_instead_of_failing():
+    port = _free_port()
+    host = ChannelHost("127.0.0.1", port, 1, backend="gloo", timeout=SLOW, key=KEY)
+    good = ChannelMember("127.0.0.1", port, "good", timeout=SLOW, idle_timeout=SLOW, key=KEY)
+    late = ChannelMember("127.0.0.1", port, "late", backend="nccl", timeout=SLOW, idle_timeout=SLOW, key=KEY)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            formed, joined = pool.submit(host.form), pool.submit(good.join)
+            joined.result(90)
+            formed.result(90)
+        with pytest.raises(ChannelMismatch, match="backend mismatch"):
+            late.join()  # asks for generation 1
+        assert host.pending() and host._join_record(1, 1) is None  # skipped, the run goes on
+    finally:
+        for m in (good, late):
+            m.close()
+        host.close()
