@@ -5,7 +5,14 @@ Trainer rank 0 hosts one TCPStore for the whole run (``rollout.weight_port``); e
 under a store prefix of its own generation ``g`` (``g<g>/``), so a new generation never sees an old one's
 keys. Keys in the root (``gkd_weights/``) store:
 
-- ``want/<g>/count`` and ``want/<g>/<i>``: worker ids asking to be members of generation ``g``;
+- ``terms``: JSON ``{"backend", "protocol"}``, written by the trainer before anyone joins: the process
+  group backend and the weight protocol version of the run. A worker reads it before it asks to join; one
+  with no backend of its own adopts the trainer's (``gkd rollout serve`` without ``--weight-backend``), one
+  with another backend or protocol still writes its join record, then fails, and the trainer fails on
+  reading that record at start-up (later it leaves that worker out, logging the line): both within a poll
+  of the store, each with one line naming both values;
+- ``want/<g>/count`` and ``want/<g>/<i>``: join records of generation ``g``, JSON ``{"id", "backend",
+  "protocol", "staging"}`` (a bare worker id is read as one with the trainer's terms);
 - ``gen/<g>``: JSON ``{"members": [ids], "version": v}`` (member i is rank i + 1; ``v``: the version sent
   right after the handshake, or null); ``latest``: the newest generation;
 - ``hb/<id>``: a counter each worker bumps every second from a thread of its own (liveness);
@@ -31,13 +38,20 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from gkd.channel_auth import LOOPBACK_NAMES, SignedStore, channel_key, listen_socket
-from gkd.weight_wire import ChannelReform, WeightGroup, WeightSyncError, make_process_group
+from gkd.weight_wire import (
+    PROTOCOL_VERSION,
+    ChannelReform,
+    WeightGroup,
+    WeightSyncError,
+    make_process_group,
+)
 from gkd.weights import WeightSender
 
-__all__ = ["ChannelHost", "ChannelMember", "ChannelReform", "member_id"]
+__all__ = ["ChannelHost", "ChannelMember", "ChannelMismatch", "ChannelReform", "member_id"]
 
 log = logging.getLogger("gkd.weights")
 
@@ -45,6 +59,24 @@ HEARTBEAT_INTERVAL_S = 1.0
 SETTLE_S = 2.0  # a re-form waits this long after the last worker asked for more to ask
 JOIN_RECORD_WAIT_S = 5.0  # a join count without its record after this long is skipped
 _PREFIX = "gkd_weights/"
+
+
+class ChannelMismatch(WeightSyncError):
+    """The trainer and a rollout worker disagree on the channel's terms (backend, protocol version)."""
+
+
+def mismatch_line(field: str, trainer, worker, who: str) -> str | None:
+    """The one line both sides print when ``field`` differs, or None when it agrees."""
+    if trainer == worker:
+        return None
+    fix = {
+        "backend": "set the same backend on both sides: rollout.weight_backend in the trainer's config, "
+        "--weight-backend for `gkd rollout serve|join` (or leave the flag out to follow the trainer)",
+        "protocol": "run the same gkd version on the trainer and the rollout workers",
+    }[field]
+    return (
+        f"weight channel {field} mismatch: the trainer uses {trainer}, rollout worker {who} {worker}; {fix}"
+    )
 
 
 def member_id(slot: int) -> str:
@@ -115,7 +147,8 @@ class ChannelHost:
         key: bytes | None = None,
         bucket_macs: bool = False,
     ):
-        self.host, self.expected, self.backend, self.timeout = host, expected, backend, timeout
+        self.host, self.expected, self.timeout = host, expected, timeout
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")  # as make_process_group
         self.reform_timeout, self.heartbeat_timeout_s, self.max_reforms = (
             reform_timeout,
             heartbeat_timeout_s,
@@ -134,6 +167,8 @@ class ChannelHost:
                 host,
                 port,
             )
+        # the run's terms, before any worker can ask to join (a worker reads them first)
+        self.store.set("terms", json.dumps({"backend": self.backend, "protocol": PROTOCOL_VERSION}))
         self.generation = -1
         self.members: list[str] = []
         self.group: WeightGroup | None = None
@@ -150,14 +185,38 @@ class ChannelHost:
 
     def _join_record(self, g: int, i: int) -> str | None:
         """Join record ``i`` of generation ``g``: a worker id, or None (missing or not signed with the
-        token: a count bumped by someone else)."""
+        token: a count bumped by someone else). A worker on other terms: :class:`ChannelMismatch`."""
         try:  # a worker bumps the count just before it writes its record
             self.store.wait([f"want/{g}/{i}"], timedelta(seconds=JOIN_RECORD_WAIT_S))
         except (RuntimeError, dist.DistError):
             log.warning("weight channel generation %d: join request %d came without a record; skipped", g, i)
             return None
         value = self.store.verified(f"want/{g}/{i}")
-        return None if value is None else value.decode(errors="replace")
+        if value is None:
+            return None
+        text = value.decode(errors="replace")
+        if not text.startswith("{"):
+            return text  # a bare id: a worker that takes the trainer's terms
+        try:
+            record = json.loads(text)
+            who = str(record["id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("weight channel generation %d: unreadable join record %d skipped", g, i)
+            return None
+        for field, ours in (("backend", self.backend), ("protocol", PROTOCOL_VERSION)):
+            line = mismatch_line(field, ours, record.get(field), who)
+            if line is not None and self.generation < 0:  # at start-up the run cannot go on as asked
+                raise ChannelMismatch(line)
+            if line is not None:  # later: a misconfigured extra worker does not stop a running job
+                log.error("%s (left out of generation %d)", line, g)
+                return None
+        log.info(
+            "weight channel generation %d: %s asks to join (staging in %s memory)",
+            g,
+            who,
+            record.get("staging", "?"),
+        )
+        return who
 
     def pending(self) -> bool:
         """A worker asks to join the next generation (a restarted worker, or a survivor of a failure)."""
@@ -310,8 +369,10 @@ class ChannelMember:
         idle_timeout: timedelta = timedelta(days=1),
         key: bytes | None = None,
         bucket_macs: bool = False,
+        staging: str = "host",
     ):
         self.host, self.port, self.id, self.backend = host, port, ident, backend
+        self.staging = staging  # reported in the join record (the trainer logs it)
         self.timeout, self.idle_timeout = timeout, idle_timeout
         self.key = key if key is not None else channel_key()  # default: the run's GKD_CHANNEL_TOKEN
         # the weights' bytes carry an HMAC only when asked (a secret configured: a pass over every byte on
@@ -350,14 +411,45 @@ class ChannelMember:
         except Exception as exc:  # noqa: BLE001 - the trainer is gone; the receive thread reports it
             log.info("weight channel heartbeat stopped: %s", exc)
 
+    def _terms(self) -> dict:
+        """The trainer's terms (``terms`` in the store), waiting at most ``timeout`` for them to appear;
+        empty when the record is not signed with this worker's token (the trainer then skips its join
+        record as forged and this worker learns nothing more)."""
+        start = time.monotonic()
+        while not self.store.check(["terms"]):
+            if time.monotonic() - start > self.timeout.total_seconds():
+                raise WeightSyncError(
+                    f"weight channel {self.host}:{self.port}: the trainer announced no terms within "
+                    f"{self.timeout.total_seconds():g}s (is it a gkd trainer of the same version?)"
+                )
+            time.sleep(0.05)
+        raw = self.store.verified("terms")
+        return {} if raw is None else json.loads(raw)
+
     def join(self) -> tuple[WeightGroup, int | None]:
         """Ask for the next generation until one includes this worker; returns its group and the version
-        the trainer sends right after the handshake (None: none)."""
+        the trainer sends right after the handshake (None: none). A worker on other terms than the
+        trainer's still writes its join record (so the trainer fails too), then raises
+        :class:`ChannelMismatch`."""
+        terms = self._terms()
+        if self.backend is None:  # no choice of its own: the trainer's
+            self.backend = terms.get("backend")
+        problems = [
+            mismatch_line(field, terms[field], ours, self.id)
+            for field, ours in (("backend", self.backend), ("protocol", PROTOCOL_VERSION))
+            if field in terms
+        ]
+        problem = next((p for p in problems if p is not None), None)
+        record = json.dumps(
+            {"id": self.id, "backend": self.backend, "protocol": PROTOCOL_VERSION, "staging": self.staging}
+        )
         while True:
             latest = self.store.verified("latest")
             g = max(-1 if latest is None else int(latest), self.generation) + 1
             n = int(self.store.add(f"want/{g}/count", 1))
-            self.store.set(f"want/{g}/{n}", self.id)
+            self.store.set(f"want/{g}/{n}", record)
+            if problem is not None:
+                raise ChannelMismatch(problem)
             start = time.monotonic()
             # only a generation record signed with the token counts: a forged one is ignored (logged once)
             while (raw_doc := self.store.verified(f"gen/{g}")) is None:
@@ -374,7 +466,9 @@ class ChannelMember:
             rank, world = doc["members"].index(self.id) + 1, len(doc["members"]) + 1
             raw, signed = _group_stores(self.raw, g, self.key, self.timeout)
             pg, device = make_process_group(raw, self.host, rank, world, self.backend, self.timeout)
-            self._groups.append(WeightGroup(pg, signed, rank, world, device, self.timeout, key=self.bucket_key))
+            self._groups.append(
+                WeightGroup(pg, signed, rank, world, device, self.timeout, key=self.bucket_key)
+            )
             return self._groups[-1], doc["version"]
 
     def close(self) -> None:

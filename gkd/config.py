@@ -143,6 +143,10 @@ class RolloutConfig:
     # where received weights wait before the in-place load: host (pinned memory; no second GPU copy
     # next to vLLM's reservation) | device (a GPU copy of the whole model; faster swap, more memory)
     weight_staging: str = _choice("host", "host", "device")
+    # the weight channel's torch.distributed backend; auto = nccl when trainer and rollout are both on
+    # GPUs they do not share, else gloo. The trainer announces it in the channel's store; a worker started
+    # with another --weight-backend fails at once naming both (one without the flag follows the trainer)
+    weight_backend: str = _choice("auto", "auto", "gloo", "nccl")
     # weight channel (seconds): rendezvous and each collective once both sides are posted (NCCL's watchdog
     # aborts a process after it, so nothing waits inside a collective: versions are announced in the store)
     weight_timeout_s: float = 600.0

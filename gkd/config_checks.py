@@ -81,6 +81,14 @@ def _check_engines_and_rollout(cfg: Config) -> None:
         r.n_gpus_per_node,
         "rollout.backend=vllm needs GPUs",
     )
+    gpus = cfg.trainer.n_gpus_per_node > 0 and r.n_gpus_per_node > 0
+    _check(
+        r.weight_backend != "nccl" or gpus,
+        "rollout.weight_backend",
+        r.weight_backend,
+        "nccl needs the trainer and the rollout on GPUs (trainer.n_gpus_per_node and rollout.n_gpus_per_node "
+        "> 0); use gloo or auto",
+    )
     for key in (
         "weight_timeout_s",
         "weight_ready_timeout_s",

@@ -59,7 +59,10 @@ class PlacementError(ValueError):
 
 def weight_backend(cfg: Config) -> str:
     """The weight channel's torch.distributed backend: NCCL only when trainer and rollout are both on GPUs
-    and may not share them (NCCL refuses two ranks on one GPU); gloo otherwise."""
+    and may not share them (NCCL refuses two ranks on one GPU); gloo otherwise. ``rollout.weight_backend``
+    other than auto decides."""
+    if cfg.rollout.weight_backend != "auto":
+        return cfg.rollout.weight_backend
     gpu = cfg.trainer.n_gpus_per_node > 0 and cfg.rollout.n_gpus_per_node > 0
     return "nccl" if gpu and not cfg.trainer.allow_shared_gpu else "gloo"
 

@@ -339,15 +339,14 @@ class Trainer:
         from gkd.weights import WeightSender
 
         cfg = self.cfg
+        members = self.n_rollout * cfg.rollout.tensor_parallel_size  # a vLLM engine: one per TP rank
         log.info(
-            "weight channel: waiting for %d rollout worker(s) on port %d",
-            self.n_rollout,
-            cfg.rollout.weight_port,
+            "weight channel: waiting for %d rollout member(s) on port %d", members, cfg.rollout.weight_port
         )
         self.channel = ChannelHost(
             _weight_host(cfg),
             cfg.rollout.weight_port,
-            self.n_rollout,
+            members,
             backend=weight_backend(cfg),
             timeout=timedelta(seconds=cfg.rollout.weight_timeout_s),
             reform_timeout=timedelta(seconds=cfg.rollout.weight_reform_timeout_s),

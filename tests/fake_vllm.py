@@ -1,5 +1,7 @@
 """A stand-in ``vllm`` module for CPU tests of the vLLM engines' plumbing (no vLLM installed): ``LLM``
-records its keyword arguments and runs ``collective_rpc`` functions against a fake worker, so the
+records its keyword arguments and runs ``collective_rpc`` functions against a fake worker (methods
+named by a string: on every one of ``tensor_parallel_size`` fake workers, which carry the
+``worker_extension_cls`` mixin as vLLM's do, and only with plain arguments: no tensor), so the
 settings an engine passes and the order of a weight update's steps (load, device sync, prefix-cache
 reset) can be checked. Install it with :func:`install` (``monkeypatch`` restores ``sys.modules``)."""
 
@@ -17,6 +19,7 @@ class FakeModel:
 
     def __init__(self, events: list, device: torch.device):
         self.events, self.device = events, device
+        self.logits_processor = SimpleNamespace(scale=1.0)
 
     def load_weights(self, weights):
         names = [name for name, _ in weights]
@@ -32,6 +35,7 @@ class FakeLLM:
 
     created: list[FakeLLM] = []
     device = torch.device("cuda", 0)
+    model_factory = None  # a callable: each worker gets a model of its own (default: one shared FakeModel)
 
     def __init__(self, model: str, **kwargs):
         self.model, self.kwargs = model, kwargs
@@ -42,15 +46,51 @@ class FakeLLM:
         )
         self.llm_engine = SimpleNamespace(model_config=config)
         model_obj = FakeModel(self.events, self.device)
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: model_obj))
+        extension = kwargs.get("worker_extension_cls")
+        bases = (resolve(extension),) if extension else ()
+        worker_class = type("FakeWorker", bases, {})
+        self.workers = []
+        for rank in range(int(kwargs.get("tensor_parallel_size", 1))):
+            worker = worker_class()
+            own = model_obj if FakeLLM.model_factory is None else FakeLLM.model_factory()
+            worker.rank, worker.model_runner = rank, SimpleNamespace(get_model=lambda own=own: own)
+            self.workers.append(worker)
+        self.worker = self.workers[0]
+        self.rpcs: list = []  # (method name, args) of every call by name
         FakeLLM.created.append(self)
 
     def collective_rpc(self, fn, args=()):
+        if isinstance(fn, str):  # vLLM's worker processes: the name and plain arguments cross a process
+            _check_plain(args)
+            self.rpcs.append((fn, args))
+            return [getattr(w, fn)(*args) for w in self.workers]
         return [fn(self.worker, *args)]
 
     def reset_prefix_cache(self):
         self.events.append("reset")
         return self.reset_ok
+
+
+def resolve(qualname: str):
+    """vLLM's ``resolve_obj_by_qualname``: ``package.module.Name``."""
+    import importlib
+
+    module, _, name = qualname.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_plain(value) -> None:
+    """What vLLM's multiprocess path sends cheaply: no tensor anywhere in the arguments."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError("a tensor in collective_rpc arguments would be pickled with its whole storage")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_plain(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_plain(item)
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        raise TypeError(f"collective_rpc argument of type {type(value).__name__} is not plain")
 
 
 def install(monkeypatch) -> type[FakeLLM]:

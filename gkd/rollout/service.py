@@ -124,7 +124,10 @@ def make_worker(
         "engine": spec.backend,
         "vocab_size": int(engine.vocab_size),
         "max_len": int(getattr(engine, "max_len", 0)) or None,
-        "weight_channel": None if channel is None else f"{channel.address} rank {channel.rank}",
+        "weight_channel": None
+        if channel is None
+        else f"{channel.address} rank {channel.rank}"
+        + (f"..{channel.rank + channel.ranks - 1}" if channel.ranks > 1 else ""),
     }
     handler = make_handler(versioned, max_wait_s=max_wait_s)
     worker = Worker(
@@ -152,7 +155,8 @@ def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = 
 def _channel_argv(
     address: str | None, rank: int, world_size: int, backend: str | None, timeout_s: float, **opts
 ):
-    """``join`` options for one worker's channel; ``opts``: ``idle_timeout_s``, ``staging``."""
+    """``join`` options for one worker's channel (its first weight rank ``rank``); ``opts``:
+    ``idle_timeout_s``, ``staging``."""
     if address is None:
         return []
     argv = ["--weight-channel", address, "--weight-rank", str(rank), "--weight-world-size", str(world_size)]
@@ -175,18 +179,21 @@ def serve(
 ) -> int:
     """``gkd rollout serve``: :func:`gkd.service.serve` with the rollout's ports (15557, 15558) by default
     (``options``: host, port, backend_port, auth_secret_file, gpus, max_restarts, restart_window_s); the
-    ``workers`` take weight slots 1..workers of a channel of ``workers + 1``, and a restarted worker joins
-    the weight channel's next generation before it takes requests."""
+    ``workers`` take weight ranks 1..workers x tp of a channel of ``workers x tp + 1`` (tp: the vLLM
+    engines' ``tensor_parallel_size``, each of whose workers is a member; worker i's block starts at
+    ``1 + i x tp``), and a restarted worker joins the weight channel's next generation before it takes
+    requests."""
     if weight_channel is not None:
         parse_host_port(weight_channel)
+    tp = spec.vllm.tensor_parallel_size
     return service.serve(
         ROLLOUT,
         spec,
         workers=workers,
         worker_argv=lambda i: _channel_argv(
             weight_channel,
-            i + 1,
-            workers + 1,
+            1 + i * tp,
+            1 + workers * tp,
             weight_backend,
             weight_timeout_s,
             idle_timeout_s=weight_idle_timeout_s,
@@ -213,11 +220,13 @@ def join(
     auth_secret_file: str | None = None,
     gpus: str | None = None,
 ) -> int:
-    """Serve ``spec`` behind ``broker``'s backend with ``workers`` engines (weight ranks ``weight_rank``,
-    ``weight_rank + 1``, ...) until stopped (``gpus`` as for :func:`serve`)."""
+    """Serve ``spec`` behind ``broker``'s backend with ``workers`` engines (first weight ranks
+    ``weight_rank``, ``weight_rank + tp``, ...; tp: ``tensor_parallel_size``) until stopped (``gpus`` as
+    for :func:`serve`)."""
     if workers < 1:
         raise ValueError("--workers must be >= 1")
-    world = weight_world_size if weight_world_size is not None else weight_rank + workers
+    tp = spec.vllm.tensor_parallel_size
+    world = weight_world_size if weight_world_size is not None else weight_rank + workers * tp
     if workers > 1:
         return service.join_supervised(
             ROLLOUT,
@@ -228,7 +237,7 @@ def join(
             gpus,
             lambda i: _channel_argv(
                 weight_channel,
-                weight_rank + i,
+                weight_rank + i * tp,
                 world,
                 weight_backend,
                 weight_timeout_s,
@@ -249,6 +258,7 @@ def join(
             weight_idle_timeout_s,
             weight_staging,
             bucket_macs=auth_secret_file is not None,  # a secret: the weights' bytes are MACed too
+            ranks=tp,
         )
     # a worker that starts after the trainer sent a version (a restart) serves only once it holds it
     sent = None if channel is None else ChannelMember.sent_version(channel.host, channel.port)
@@ -303,7 +313,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the trainer's weight-channel store (trainer rank 0 is rank 0); off when omitted",
     )
-    w.add_argument("--weight-backend", choices=("gloo", "nccl"), default=None, help="default: nccl with CUDA")
+    w.add_argument(
+        "--weight-backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="default: the one the trainer announces (rollout.weight_backend); another one fails at once",
+    )
     w.add_argument(
         "--channel-token-file",
         default=None,
@@ -366,7 +381,13 @@ def _join(spec: RolloutSpec, args: argparse.Namespace) -> int:
 
 
 def _add_join_args(j: argparse.ArgumentParser) -> None:
-    j.add_argument("--weight-rank", type=int, default=1, help="weight rank of the first worker (default 1)")
+    j.add_argument(
+        "--weight-rank",
+        type=int,
+        default=1,
+        help="weight rank of the first worker (default 1); a vLLM engine with --tensor-parallel-size N "
+        "takes N ranks",
+    )
     j.add_argument(
         "--weight-world-size",
         type=int,

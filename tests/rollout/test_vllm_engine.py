@@ -208,3 +208,33 @@ def test_weight_update_gives_exactly_the_new_model(engine, models):
             torch.testing.assert_close(
                 s.response_logprobs, _reference_logprobs(model, s, 0.8)[0], atol=ATOL, rtol=0
             )
+
+
+def test_weights_received_inside_the_vllm_worker_give_exactly_the_sent_model(engine, models):
+    """The receiver inside vLLM's worker (``worker_extension_cls``; in-process here, so its thread shares
+    this process): it joins a gloo channel, stages B, and reloads it when told by name; the engine then
+    serves exactly B. Under vLLM's multiprocessing the same methods run in the worker processes."""
+    import socket
+    from datetime import timedelta
+
+    from gkd.channel import ChannelHost
+    from gkd.rollout.versioned import VersionedEngine, WeightChannel
+    from gkd.weights import WeightSender
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = ChannelHost("127.0.0.1", port, 1, backend="gloo", timeout=timedelta(seconds=120))
+    engine.receives_in_workers = True  # what multiprocessing or tensor parallelism selects
+    try:
+        versioned = VersionedEngine(engine, WeightChannel("127.0.0.1", port, 1, 2, "gloo", 120.0)).start()
+        host.start(lambda group: WeightSender(group, models["B"][1]))
+        host.sync(5)
+        assert versioned.wait_for(5, 120, hand_back=False) == 5
+        prompts = _prompts()
+        got = engine.generate(prompts, GREEDY)
+        assert all(s.policy_version == 5 for s in got)
+        _assert_matches_hf(got, HFRolloutEngine(models["B"][1]).generate(prompts, GREEDY))
+    finally:
+        host.close()
+        engine.receives_in_workers = False
