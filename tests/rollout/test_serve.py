@@ -16,6 +16,7 @@ from gkd.channel import ChannelHost
 from gkd.rollout.client import RolloutClient
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
+from gkd.vocab import stop_token_ids
 from gkd.weights import WeightSender
 from tests.rollout.conftest import assert_samples_equal, random_prompts
 from tests.transport.helpers import free_port, pid_alive, wait_for
@@ -57,7 +58,8 @@ def test_serve_with_weight_channel_survives_a_sigkilled_worker_and_stops_cleanly
         pids = [w["info"]["pid"] for w in workers]
         assert all(w["info"]["weight_channel"].startswith(f"127.0.0.1:{weight_port} rank ") for w in workers)
 
-        reference = HFRolloutEngine(trainer)
+        # the served engines stop where from_pretrained says (the generation config's eos ids too)
+        reference = HFRolloutEngine(trainer, stop_ids=stop_token_ids(student_dir, None))
         reference.policy_version = 1
         s = SamplingConfig(max_new_tokens=100, temperature=1.0, seed=17)  # long enough to be killed mid-way
         requests = [random_prompts(3, seed=50 + i) for i in range(6)]
