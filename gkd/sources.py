@@ -84,10 +84,14 @@ def reference_answers(data_cfg, dataset, tokenizer, eos_id: int | None) -> list[
         try:
             values = _read_column(path, key)
         except DataError as e:
-            raise DataError(f"{e} (data.response_key={key!r}: the reference answers for loss.seq_kd=false)") from e
+            raise DataError(
+                f"{e} (data.response_key={key!r}: the reference answers for loss.seq_kd=false)"
+            ) from e
         for i, v in enumerate(values):
             if not isinstance(v, str) or not v.strip():
-                raise DataError(f"data file {path}, row {i}, column '{key}': expected a non-empty answer string")
+                raise DataError(
+                    f"data file {path}, row {i}, column '{key}': expected a non-empty answer string"
+                )
         enc = tokenizer(values, add_special_tokens=False)["input_ids"]
         tail = [eos_id] if eos_id is not None else []
         out.extend((list(ids) + tail)[: data_cfg.max_response_length] for ids in enc)
@@ -125,7 +129,12 @@ class BatchSources:
         if kind == "data":
             done: Future = Future()
             rows = [r for r in batch.rows for _ in range(n)]
-            done.set_result([fixed_answer_sample(p, self.references[r], "stop", "data") for p, r in zip(prompts, rows, strict=True)])
+            done.set_result(
+                [
+                    fixed_answer_sample(p, self.references[r], "stop", "data")
+                    for p, r in zip(prompts, rows, strict=True)
+                ]
+            )
             return done
         sampling = SamplingConfig(
             max_new_tokens=cfg.rollout.max_new_tokens,
@@ -179,6 +188,16 @@ class BatchSources:
         student = samples and samples[0].policy_version != NO_VERSION
         wanted = union_request(samples) if cfg.loss.support == "union" and student else None
         return self.teacher.submit(pairs, cfg.teacher.top_k, cfg.teacher.temperature, requested_ids=wanted)
+
+
+def required_metrics(staleness: int, mixed: bool) -> tuple[str, ...]:
+    """The metrics every step record must hold: a mixed run's teacher batches have no staleness."""
+    from gkd.metrics import metric_names
+
+    names = metric_names(staleness)
+    if not mixed:
+        return names
+    return tuple(n for n in names if not n.startswith("staleness") and n != "rollout/policy_version")
 
 
 def source_of(samples) -> str:

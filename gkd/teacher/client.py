@@ -92,7 +92,8 @@ class TeacherClient(ServiceClient[TeacherOutput]):
             sizes, max_items=self.max_sequences_per_request, max_tokens=self.max_tokens_per_request
         )
         parts = [
-            pack_generate_request([prompts[i] for i in c], settings, top_k, temperature, c.start) for c in chunks
+            pack_generate_request([prompts[i] for i in c], settings, top_k, temperature, c.start)
+            for c in chunks
         ]
         counts = [len(c) for c in chunks]
         n = settings.max_new_tokens

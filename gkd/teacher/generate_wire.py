@@ -74,7 +74,9 @@ def unpack_generate_request(
     if plens.numel() and int(plens.min()) < 0:
         raise ValueError("prompt lengths must be non-negative")
     if int(plens.long().sum()) != ids.numel():
-        raise ValueError(f"prompt_lens add up to {int(plens.long().sum())} tokens but input_ids has {ids.numel()}")
+        raise ValueError(
+            f"prompt_lens add up to {int(plens.long().sum())} tokens but input_ids has {ids.numel()}"
+        )
     stop = header.get("stop_ids", [])
     if not isinstance(stop, list) or not all(type(t) is int for t in stop):
         raise ValueError("field stop_ids must be a list of ints")
@@ -92,7 +94,9 @@ def unpack_generate_request(
     return prompts, settings
 
 
-def generate_reply(answers: Sequence[TeacherAnswer], top_k: int, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def generate_reply(
+    answers: Sequence[TeacherAnswer], top_k: int, out_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The reply tensors of ``answers`` (the worker side)."""
     outs = [a.output for a in answers]
     if answers:
@@ -128,9 +132,13 @@ def unpack_generate_reply(msg: Message, prompts: int, max_new_tokens: int) -> li
             f"{list(stopped.shape)} do not fit {prompts} prompts"
         )
     if prompts and (int(lens.min()) < 1 or int(lens.max()) > max_new_tokens):
-        raise ProtocolError(f"teacher generate reply: answer lengths outside [1, max_new_tokens={max_new_tokens}]")
+        raise ProtocolError(
+            f"teacher generate reply: answer lengths outside [1, max_new_tokens={max_new_tokens}]"
+        )
     if resp.dtype != torch.int32 or resp.shape != (int(lens.long().sum()),):
-        raise ProtocolError(f"teacher generate reply: response_ids {resp.dtype}{list(resp.shape)} do not fit the lengths")
+        raise ProtocolError(
+            f"teacher generate reply: response_ids {resp.dtype}{list(resp.shape)} do not fit the lengths"
+        )
     outputs = unpack_reply(msg, lens)
     return [
         TeacherAnswer(r.tolist(), "stop" if int(s) else "length", o)

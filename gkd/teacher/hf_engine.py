@@ -38,8 +38,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 class HFTeacherEngine:
     """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` and
-    ``generate(prompts, settings, top_k, temperature) -> list[TeacherAnswer]`` with a transformers model. ``requested_ids`` (one ``[R, M]`` integer tensor per sequence): each row then
-    covers the union of the top-k and those ids, gathered exactly from the same log-softmax."""
+    ``generate(prompts, settings, top_k, temperature) -> list[TeacherAnswer]`` with a transformers model.
+    ``requested_ids`` (one ``[R, M]`` integer tensor per sequence): each row then covers the union of the
+    top-k and those ids, gathered exactly from the same log-softmax."""
 
     def __init__(
         self,

@@ -22,7 +22,9 @@ from gkd.teacher.types import GenerateSettings, TeacherAnswer, TeacherOutput
 from gkd.transport.worker import check_cancelled
 
 
-def plan_prompt_batches(lengths: Sequence[int], max_new_tokens: int, max_batch_tokens: int) -> list[list[int]]:
+def plan_prompt_batches(
+    lengths: Sequence[int], max_new_tokens: int, max_batch_tokens: int
+) -> list[list[int]]:
     """Consecutive prompt indices grouped so each batch's padded width x rows stays within the budget."""
     batches: list[list[int]] = []
     width = 0
@@ -50,7 +52,9 @@ def generate_answers(
     out: list[TeacherAnswer] = []
     lengths = [len(p) for p in prompts]
     for batch in plan_prompt_batches(lengths, settings.max_new_tokens, engine.max_batch_tokens):
-        out.extend(_generate_batch(engine, [prompts[i] for i in batch], settings, top_k, temperature, batch[0]))
+        out.extend(
+            _generate_batch(engine, [prompts[i] for i in batch], settings, top_k, temperature, batch[0])
+        )
     return out
 
 
@@ -90,7 +94,11 @@ def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, tem
     for step in range(n):
         check_cancelled()  # the broker withdrew the request: stop here
         hidden = model.base_model(
-            input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True
+            input_ids=step_ids,
+            attention_mask=attn,
+            position_ids=step_pos,
+            past_key_values=cache,
+            use_cache=True,
         ).last_hidden_state[:, -1]
         logits = head(hidden).float()  # [B, V]
         tok, _, _ = sample_rows(logits, sampling, _uniforms(gens, b, greedy))
@@ -114,6 +122,8 @@ def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, tem
         output = TeacherOutput(
             top_ids[i, :r].clone(), top_lp[i, :r].to(engine.logprob_dtype), tok_lp[i, :r].clone()
         )
-        reason = "stop" if int(toks[i, r - 1]) in settings.stop_token_ids else "length"  # the first stop ends it
+        reason = (
+            "stop" if int(toks[i, r - 1]) in settings.stop_token_ids else "length"
+        )  # the first stop ends it
         answers.append(TeacherAnswer(toks[i, :r].tolist(), reason, output))
     return answers

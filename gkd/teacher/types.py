@@ -202,7 +202,9 @@ def check_prompts_for_generate(
     """Reject a ``generate`` request the engine cannot serve, naming the prompt by its index in the
     caller's batch: empty prompt, ids outside the vocabulary, prompt + max_new_tokens beyond ``max_len``."""
     if not 1 <= top_k <= engine.max_top_k:
-        raise ValueError(f"top_k={top_k} is outside [1, {engine.max_top_k}] (the maximum this teacher serves)")
+        raise ValueError(
+            f"top_k={top_k} is outside [1, {engine.max_top_k}] (the maximum this teacher serves)"
+        )
     for i, p in enumerate(prompts, start=index_offset):
         if len(p) == 0:
             raise ValueError(f"prompt {i}: empty (the first answer token needs a context)")

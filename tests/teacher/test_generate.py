@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from gkd.teacher.client import TeacherClient
-from gkd.teacher.generate_wire import generate_reply, pack_generate_request, unpack_generate_reply, unpack_generate_request
+from gkd.teacher.generate_wire import (
+    generate_reply,
+    pack_generate_request,
+    unpack_generate_reply,
+    unpack_generate_request,
+)
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.service import EngineSpec, make_broker, make_worker
 from gkd.teacher.types import GenerateSettings
@@ -22,13 +27,18 @@ def engine(tiny_model_dir):
 
 def _prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(1, VOCAB, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("gen_t,top_p,score_t", [(1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (1.3, 0.9, 0.7)])
 def test_generate_rows_equal_a_score_of_the_same_answers(engine, gen_t, top_p, score_t):
     prompts = _prompts(7, seed=3)
-    settings = GenerateSettings(max_new_tokens=10, temperature=gen_t, top_p=top_p, seed=11, stop_token_ids=(5, 17))
+    settings = GenerateSettings(
+        max_new_tokens=10, temperature=gen_t, top_p=top_p, seed=11, stop_token_ids=(5, 17)
+    )
     answers = engine.generate(prompts, settings, top_k=8, temperature=score_t)
     assert len(answers) == 7
     for a in answers:
@@ -98,7 +108,9 @@ def test_request_round_trip_and_reply_checks(engine):
 def test_generate_through_the_service(engine, tiny_model_dir):
     spec = EngineSpec(model=tiny_model_dir, top_k=16)
     broker = make_broker(host="127.0.0.1", port=0, backend_port=0, **FAST).start()
-    svc = ServiceThreads(broker, [make_worker(spec, broker.backend_address, engine=engine, **FAST).start()], TeacherClient)
+    svc = ServiceThreads(
+        broker, [make_worker(spec, broker.backend_address, engine=engine, **FAST).start()], TeacherClient
+    )
     try:
         client = svc.client(max_sequences_per_request=2)  # 5 prompts: 3 micro-requests, seeds by global index
         prompts = _prompts(5, seed=1)

@@ -53,7 +53,13 @@ def test_generate_request_and_reply_shaping(monkeypatch, tiny_model_dir):
         seen["requests"], seen["params"] = requests, params
         answers = [([7, 3], "stop"), ([4, 4, 4], "length")]
         return [
-            SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=why, logprobs=[entry(t, [4, 7]) for t in ids])])
+            SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        token_ids=ids, finish_reason=why, logprobs=[entry(t, [4, 7]) for t in ids]
+                    )
+                ]
+            )
             for ids, why in answers
         ]
 
