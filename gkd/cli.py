@@ -24,6 +24,7 @@ _GROUPS = {
     "timeline": ("gkd.timeline", "add_timeline_cli"),  # gkd timeline RUN_DIR -o PNG
     "train": ("gkd.launch", "add_train_cli"),  # gkd train --config X.yaml [k=v ...]
     "demo": ("gkd.demo.run", "add_demo_cli"),  # gkd demo [--tiny] [--steps N ...]
+    "eval": ("gkd.evaluate", "add_eval_cli"),  # gkd eval MODEL [--teacher T] [--data F] [--json OUT]
 }
 
 

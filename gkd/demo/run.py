@@ -226,17 +226,12 @@ logging:
 # ------------------------------------------------------------------------------------------- the run
 
 
-def _encode(tok, text: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(ids if isinstance(ids, list) else ids["input_ids"])
-
-
 def _teacher_answers(st: DemoSettings, teacher_dir: Path, teacher, held, gen_kw: dict) -> list[list[int]]:
     """The teacher's greedy answers to the held-out prompts; kept beside the cached teacher (they depend
     only on the teacher, the prompts and the generation settings)."""
     import hashlib
 
-    from gkd.demo.evaluate import generate
+    from gkd.evaluate import generate
 
     path = None
     if not st.tiny:
@@ -272,6 +267,8 @@ def _summary(
     seconds: tuple[float, float, float],
 ) -> dict:
     """What ``summary.json`` holds: settings, the held-out KLs before/after, the training record, samples."""
+    from gkd.evaluate import answer_stats
+
     teacher_dir, student_dir, layers, depth = models
     before, after = kl
     before_greedy, after_greedy = greedy
@@ -306,6 +303,8 @@ def _summary(
         },
         # the teacher's mean log-prob (nats/token) of the student's greedy answers to the held-out prompts
         "teacher_logprob_of_greedy": {"before": before_lp, "after": after_lp},
+        # repetition (share looping), looping (count), distinct_2, mean_length of the greedy answers
+        "greedy_stats": {"before": answer_stats(before_greedy), "after": answer_stats(after_greedy)},
         "train_steps": len(steps),
         "train_seconds": train_s,
         "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
@@ -337,8 +336,8 @@ def run_demo(st: DemoSettings) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gkd import launch
-    from gkd.demo.evaluate import evaluate, generate, teacher_logprob
     from gkd.demo.report import answers_table, kl_table
+    from gkd.evaluate import encode_prompt, evaluate, generate, teacher_logprob
     from gkd.timeline import draw_timeline
 
     t0 = time.monotonic()
@@ -360,7 +359,7 @@ def run_demo(st: DemoSettings) -> dict:
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = [tok.eos_token_id]
-    held = [_encode(tok, q) for q in held_texts]
+    held = [encode_prompt(tok, q) for q in held_texts]
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     student0 = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
     gen_kw = dict(max_new_tokens=st.max_new_tokens, stop=stop, pad_id=pad_id)
