@@ -80,6 +80,7 @@ class DemoSettings:
         if name != "quality":
             raise InputError(f"--preset {name}: the only preset is 'quality'")
         base = dict(
+            student_layers="0-9,24-29",  # the hard student: 16 of the 30 layers
             steps=40,
             lr=2e-4,
             lmbda=0.5,
