@@ -27,6 +27,7 @@ _GROUPS = {
     "export": ("gkd.export", "add_export_cli"),  # gkd export CHECKPOINT OUT [--dtype D]
     "train": ("gkd.launch", "add_train_cli"),  # gkd train --config X.yaml [k=v ...]
     "demo": ("gkd.demo.run", "add_demo_cli"),  # gkd demo [--tiny] [--steps N ...]
+    "eval": ("gkd.evaluate", "add_eval_cli"),  # gkd eval MODEL [--teacher T] [--data F] [--json OUT]
 }
 
 

@@ -78,6 +78,16 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherGenerateConfig:
+    """``teacher.generate``: how the teacher samples its own answers (``loss.lmbda < 1`` with
+    ``loss.seq_kd``); the answers' top-k rows are taken at ``teacher.temperature``, as for scoring."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # null = rollout.max_new_tokens
+
+
+@dataclass
 class TeacherConfig:
     server_ip: str = "127.0.0.1"
     server_port: int = 15555  # the teacher broker's client (frontend) port
@@ -112,6 +122,7 @@ class TeacherConfig:
     # while a worker restarts and none is up, the broker holds requests this long for it (the broker's
     # no_worker_grace_s, 30 s, otherwise): a large engine reloads for minutes
     worker_restart_grace_s: float = 600.0
+    generate: TeacherGenerateConfig = field(default_factory=TeacherGenerateConfig)
 
 
 @dataclass
@@ -238,6 +249,15 @@ class LossConfig:
     # bytes of the fused loss's [rows, vocab] logits chunk (null on CUDA: chunks that keep the whole call
     # within 1.375 GiB of extra memory, gkd/kernels/memory.py; on CPU about N/8 rows)
     chunk_bytes: int | None = None
+    # GKD's mixture (Agarwal et al. 2024): each batch's answers come from the student with probability lmbda
+    # (a draw seeded by (trainer.seed, batch), the same on resume), else from the teacher (seq_kd: true,
+    # teacher.generate.*) or the dataset's data.response_key column (seq_kd: false); the teacher scores all.
+    lmbda: float = 1.0  # 1 = on-policy only; 0 with seq_kd = sequence-level KD
+    seq_kd: bool = True
+    # linear: lmbda goes from lmbda_start (batch 0) to lmbda (batch lmbda_steps and after)
+    lmbda_schedule: str = _choice("constant", "constant", "linear")
+    lmbda_start: float = 0.0
+    lmbda_steps: int = 0
 
 
 @dataclass
@@ -274,6 +294,7 @@ class DataConfig:
     # passed to the tokenizer's apply_chat_template, e.g. {enable_thinking: false} (Qwen3)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None  # a system message before every prompt that has none
+    response_key: str | None = None  # column of reference answers (loss.seq_kd: false with loss.lmbda < 1)
     max_prompt_length: int = 512  # tokens, after the chat template
     max_response_length: int = 512  # tokens
     train_batch_size: int = 8  # prompts per step

@@ -181,12 +181,53 @@ def _check_loss(cfg: Config) -> None:
         "sampled_reverse_kl has its own importance ratio; use none",
     )
     _check(lo.is_clip > 0 and math.isfinite(lo.is_clip), "loss.is_clip", lo.is_clip, "must be finite and > 0")
+    _check_mixture(cfg)
     _check(0 <= r.return_topk <= 128, "rollout.return_topk", r.return_topk, "must lie in [0, 128] (0 = off)")
     _check(
         lo.chunk_bytes is None or lo.chunk_bytes > 0,
         "loss.chunk_bytes",
         lo.chunk_bytes,
         "must be > 0 bytes (or null for the default)",
+    )
+
+
+def _check_mixture(cfg: Config) -> None:
+    """loss.lmbda and its schedule, loss.seq_kd, teacher.generate.*."""
+    lo, g = cfg.loss, cfg.teacher.generate
+    _check(0 <= lo.lmbda <= 1, "loss.lmbda", lo.lmbda, "must lie in [0, 1] (the share of student batches)")
+    _check(0 <= lo.lmbda_start <= 1, "loss.lmbda_start", lo.lmbda_start, "must lie in [0, 1]")
+    linear = lo.lmbda_schedule == "linear"
+    _check(
+        not linear or lo.lmbda_steps >= 1,
+        "loss.lmbda_steps",
+        lo.lmbda_steps,
+        "loss.lmbda_schedule=linear needs lmbda_steps >= 1 (batches from lmbda_start to lmbda)",
+    )
+    mixed = min(lo.lmbda, lo.lmbda_start if linear else 1.0) < 1
+    _check(
+        not mixed or lo.seq_kd or bool(cfg.data.response_key),
+        "loss.seq_kd",
+        lo.seq_kd,
+        "false with loss.lmbda < 1 trains on the dataset's answers: set data.response_key to their column",
+    )
+    _check(
+        not mixed or lo.name != "sampled_reverse_kl",
+        "loss.lmbda",
+        lo.lmbda,
+        "sampled_reverse_kl needs the student's own samples: use lmbda 1, or forward_kl/reverse_kl/jsd",
+    )
+    _check(
+        math.isfinite(g.temperature) and g.temperature >= 0,
+        "teacher.generate.temperature",
+        g.temperature,
+        "must be a finite number >= 0 (0 = greedy)",
+    )
+    _check(0 < g.top_p <= 1, "teacher.generate.top_p", g.top_p, "must lie in (0, 1]")
+    _check(
+        g.max_new_tokens is None or g.max_new_tokens >= 1,
+        "teacher.generate.max_new_tokens",
+        g.max_new_tokens,
+        "must be >= 1 (or null: rollout.max_new_tokens)",
     )
 
 

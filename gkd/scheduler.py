@@ -32,6 +32,12 @@ scoring overlaps the update of earlier batches. Failed generate/score requests a
 callbacks too (at most ``max_retries`` times); then the run stops: ``on_failure(state, error)`` is called,
 and :class:`PhaseFailed` is raised. No batch is ever skipped: ``state`` resumes at the first untrained one.
 
+Batches the student does not answer (``source(b) != "student"``: GKD's teacher or dataset answers,
+``gkd.sources``) need no weight version: version ``t`` is sent (and the sync gate waited for) only when
+batch ``t + k`` is a student batch (the next student batch needs a later version anyway), so a teacher
+batch is submitted at its step without any wait on the gate, and the gate never waits for one; their
+staleness is not measured (their records hold no ``staleness*`` metrics; ``batch/student`` is 0).
+
 Staleness (``min_version`` makes ``staleness <= k`` hold always, whatever the rollout does). It is exactly
 ``k`` after warm-up (the first ``k`` batches of a run have ``b - s < k``: they all use version ``s``) when
 version ``t`` reaches the rollout only after the generation of batch ``t + k - 1`` has *started*: then that
@@ -134,6 +140,7 @@ class _Batch:
     index: int
     min_version: int
     run: int  # which run() made it: callbacks of an abandoned run are ignored
+    student: bool = True  # answered by the student's rollout (else: no version, no staleness)
     gen_attempts: int = 0
     gen_first: float = 0.0  # first submission (clock)
     gen_start: float = 0.0  # current attempt
@@ -168,6 +175,8 @@ class Scheduler:
     - ``clock``: seconds; ``idle``: called on the run thread when it must wait for a future (default: block
       until a callback arrives); a discrete-event simulation passes its "run the next event";
     - ``versions(rollout_result) -> list[int]``: the policy version of each sample;
+    - ``source(batch) -> str``: who answers the batch (default: ``"student"`` for all); any other source
+      is generated without a version (see the module docstring);
     - ``on_failure(state, error)``: called before :class:`PhaseFailed` is raised (checkpoint there; for an
       ``update`` failure the model may be partly updated);
     - ``initial_sync``: send version ``state.version`` before the first generation (default: when
@@ -189,6 +198,7 @@ class Scheduler:
         versions: Callable[[Any], list[int]] = sample_versions,
         sync_gate: str = "pipelined",
         initial_sync: bool | None = None,
+        source: Callable[[int], str] | None = None,
     ):
         if sync_gate not in ("pipelined", "strict"):
             raise ValueError(f"sync_gate must be 'pipelined' or 'strict', got {sync_gate!r}")
@@ -199,6 +209,7 @@ class Scheduler:
         self._clock, self._idle, self._versions = clock, idle, versions
         self.max_retries, self.on_failure = max_retries, on_failure
         self.sync_gate, self.initial_sync = sync_gate, initial_sync
+        self._source = source
         self._cond = threading.Condition()
         self._batches: dict[int, _Batch] = {}
         self._spans: list[Span] = []
@@ -254,7 +265,7 @@ class Scheduler:
             self._send(start)
         for t in range(start, end):
             waits = {"gen": 0.0, "teacher": 0.0}
-            if start < t <= end - 1 - k:  # some batch will be generated on version t
+            if start < t <= end - 1 - k and self._is_student(t + k):  # batch t + k is generated on version t
                 gate = t + k - 2 if self.sync_gate == "pipelined" else t + k - 1
                 waits["gen"] += self._wait(lambda g=gate: self._tried(g), "wait_gen", t)
                 self._send(t)
@@ -279,22 +290,21 @@ class Scheduler:
             yield Step(t, self._state, metrics, spans)
 
     def _metrics(self, rec: _Batch, t: int, waits: dict[str, float], update_s: float, step_s: float):
-        stale = [t - v for v in rec.versions]
-        m = {
-            "staleness": float(max(stale)),
-            "staleness/mean": sum(stale) / len(stale),
-            "staleness/max": float(max(stale)),
-            "rollout/policy_version": float(min(rec.versions)),
-            "rollout/min_version": float(rec.min_version),
-            "timing/step": step_s,
-            "timing/wait_prev_gen": waits["gen"],
-            "timing/wait_prev_teacher": waits["teacher"],
-            "timing/sync_rollout_weights": self._step_sync,
-            "timing/get_teacher_knowledge": rec.score_end - rec.score_first,
-            "timing/generate": rec.gen_end - rec.gen_first,
-            "timing/update_actor": update_s,
-            "scheduler/retries": float(rec.gen_attempts + rec.score_attempts - 2),
-        }
+        m: dict[str, float] = {"batch/student": float(rec.student)}
+        if rec.student:  # staleness is a student batch's: other answers have no policy version
+            stale = [t - v for v in rec.versions]
+            m["staleness"] = m["staleness/max"] = float(max(stale))
+            m["staleness/mean"] = sum(stale) / len(stale)
+            m["rollout/policy_version"] = float(min(rec.versions))
+            m["rollout/min_version"] = float(rec.min_version)
+        m["timing/step"] = step_s
+        m["timing/wait_prev_gen"] = waits["gen"]
+        m["timing/wait_prev_teacher"] = waits["teacher"]
+        m["timing/sync_rollout_weights"] = self._step_sync
+        m["timing/get_teacher_knowledge"] = rec.score_end - rec.score_first
+        m["timing/generate"] = rec.gen_end - rec.gen_first
+        m["timing/update_actor"] = update_s
+        m["scheduler/retries"] = float(rec.gen_attempts + rec.score_attempts - 2)
         if self.k >= 2:  # verl's two-step-off name for the same wait
             m["timing/wait_prev_prev_teacher"] = waits["teacher"]
         self._step_sync = 0.0
@@ -303,12 +313,15 @@ class Scheduler:
     def _tried(self, b: int) -> bool:
         """The first generation attempt of batch ``b`` ended: the rollout worker is past it."""
         rec = self._batches.get(b)
-        return rec is None or rec.tried  # None: before the start, or already trained
+        return rec is None or rec.tried or not rec.student  # None: before the start, or already trained
+
+    def _is_student(self, b: int) -> bool:
+        return self._source is None or self._source(b) == "student"
 
     def _submit_generations(self, version: int) -> None:
         while self._next_gen < self._end and self._next_gen - self.k <= version:
             b = self._next_gen
-            rec = _Batch(b, max(self._start, b - self.k), self._run_id)
+            rec = _Batch(b, max(self._start, b - self.k), self._run_id, self._is_student(b))
             with self._cond:
                 self._batches[b] = rec
             self._next_gen += 1
@@ -396,7 +409,9 @@ class Scheduler:
         result, versions, fatal = None, [], False
         if fut is not None:
             exc = _exception(fut)
-        if exc is None:
+        if exc is None and not rec.student:
+            result = fut.result()
+        elif exc is None:
             result = fut.result()
             try:
                 versions = list(self._versions(result))

@@ -66,15 +66,14 @@ from gkd.metrics import (
     completion_rows,
     cpu_memory_used_gb,
     max_memory_allocated_gb,
-    metric_names,
     mfu,
     resolve_peak_tflops,
     service_throughput,
     training_flops,
 )
 from gkd.preflight import check_run
-from gkd.rollout.types import SamplingConfig
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
+from gkd.sources import BatchSources, required_metrics, source_of
 from gkd.startup import StartupClock, service_info
 from gkd.trainer_ranks import (
     OP_EVAL,
@@ -106,7 +105,6 @@ from gkd.trainer_step import (
     pack_micro_batches,
     torch_dtype,
     train_step,
-    union_request,
     unwrap,
 )
 from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
@@ -378,7 +376,7 @@ class Trainer:
             start_step=self.state.next_batch,
             tensorboard=cfg.logging.tensorboard,
             progress=cfg.logging.progress_bar,
-            required=metric_names(self.k),
+            required=required_metrics(self.k, self.sources.mixed),
             wandb=open_wandb(cfg, self.out),
         )
         cleanup.callback(self.logger.close)
@@ -410,26 +408,11 @@ class Trainer:
         return self.evaluate_on(samples, outputs)
 
     def generate(self, b: int, min_version: int):
-        from gkd.data import batch_seed, repeat_prompts
-
-        cfg, eos, n = self.cfg, self.tokenizer.eos_token_id, self.cfg.rollout.n
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            stop_token_ids=(eos,) if eos is not None else (),
-            seed=batch_seed(cfg.trainer.seed, b, cfg.data.train_batch_size, n),
-            return_topk=cfg.rollout.return_topk,
-        )
-        # rollout.n: the copies of a prompt get distinct seeds (sample j of the batch: base + j)
-        prompts = repeat_prompts(self.loader.batch(b).prompt_ids, n)
-        return self.rollout.submit(prompts, sampling, min_version=min_version)
+        """Batch ``b``'s answers: the student's (rollout), the teacher's or the data's (``gkd.sources``)."""
+        return self.sources.generate(b, min_version)
 
     def score(self, b: int, samples):
-        cfg = self.cfg
-        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
-        wanted = union_request(samples) if cfg.loss.support == "union" else None
-        return self.teacher.submit(pairs, cfg.teacher.top_k, cfg.teacher.temperature, requested_ids=wanted)
+        return self.sources.score(b, samples)
 
     def update(self, b: int, samples, outputs) -> dict[str, float]:
         with self.others_in_collective():
@@ -444,9 +427,11 @@ class Trainer:
         metrics["perf/model_tflops"] = flops / 1e12
         metrics["perf/mfu"] = mfu(flops, seconds, self.peak, self.world)
         metrics["actor/num_prompts"] = len(samples) // self.cfg.rollout.n
+        source = source_of(samples)
+        metrics[f"actor/kl_loss_{source}"] = metrics["actor/kl_loss"]  # student | teacher | data
         metrics.update(service_throughput(samples, outputs))
         every = self.cfg.logging.completions_every
-        if every and (b + 1) % every == 0:
+        if every and (b + 1) % every == 0 and source == "student":
             rows = completion_rows(samples, outputs, self.tokenizer.decode, self.cfg.logging.completions_n)
             self.logger.log_completions(b, rows)
         return metrics
@@ -530,6 +515,7 @@ class Trainer:
         cleanup = contextlib.ExitStack()  # whatever is open when the run ends, however it ends
         try:
             self.open_services(cleanup)
+            self.sources = BatchSources(cfg, self.loader, self.tokenizer, self.rollout, self.teacher)
             self.startup.mark("services")
             self.open_channel()
             self.startup.mark("weight_channel")
@@ -543,6 +529,7 @@ class Trainer:
                 clock=time.time,
                 on_failure=self.on_failure,
                 sync_gate="pipelined" if self.n_rollout == 1 else "strict",
+                source=self.sources.source,
             )
             self.startup.mark("setup")
             log.info("%s", self.startup.summary())

@@ -207,8 +207,11 @@ def importance_weights(
 ) -> torch.Tensor:
     """[N] float32 loss weights ``min(ratio, clip)``: ``token`` takes each token's own ratio
     ``pi_current(y) / pi_behaviour(y)``; ``sequence`` the product over its sequence (one weight for all its
-    tokens). Computed in log space, so long sequences do not overflow before the clip."""
-    log_ratio = logq.float() - logmu.to(logq.device).float()
+    tokens). Computed in log space, so long sequences do not overflow before the clip. A NaN behaviour
+    log-prob (no behaviour policy) counts as ratio 1."""
+    logmu = logmu.to(logq.device).float()
+    # NaN: an answer the student did not sample (teacher / dataset answers, gkd.sources): weight 1
+    log_ratio = torch.where(logmu.isnan(), 0.0, logq.float() - logmu)
     if mode == "sequence":
         seq = torch.repeat_interleave(
             torch.arange(len(response_lens), device=log_ratio.device),

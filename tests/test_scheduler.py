@@ -459,3 +459,54 @@ def test_property_random_durations_and_failures(
         if s.batch not in retried | delayed:
             assert s.metrics["staleness"] == min(k, s.batch - start)
             assert first[s.batch] == max(start, s.batch - k)
+
+
+class FakeTeacherAnswers:
+    """The teacher's generate op: answers need no version; a serial worker of its own."""
+
+    def __init__(self, sim, duration):
+        self.sim, self.duration, self.free_at, self.submitted = sim, duration, 0.0, {}
+
+    def submit(self, b, min_version):
+        self.submitted[b] = self.sim.now
+        fut = Future()
+        start = max(self.sim.now, self.free_at)
+        self.free_at = start + self.duration
+        self.sim.at(self.free_at - self.sim.now, lambda: fut.set_result([FakeSample(-1)]))
+        return fut
+
+
+def _mixed(k, sources, **kw):
+    h = Harness(k, G=2, T=1, U=1, S=0.5, source=lambda b: sources[b], **kw)
+    answers = FakeTeacherAnswers(h.sim, 1.5)
+    rollout_submit = h.rollout.submit
+    h.sched._generate = lambda b, v: answers.submit(b, v) if sources[b] != "student" else rollout_submit(b, v)
+    return h, answers
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_teacher_batches_bypass_the_rollout_and_the_versions(k):
+    sources = ["student", "teacher", "teacher", "student", "teacher", "student", "student", "teacher"] * 2
+    h, answers = _mixed(k, sources)
+    steps = h.run(len(sources))
+    assert h.trained == list(range(len(sources)))
+    student = [b for b, s in enumerate(sources) if s == "student"]
+    assert sorted({b for b, *_ in h.rollout.log}) == student  # teacher batches never reach the rollout
+    assert sorted(answers.submitted) == [b for b in range(len(sources)) if b not in student]
+    for b, _, _, version, min_version in h.rollout.log:
+        assert min_version == max(0, b - k) and version >= min_version  # staleness <= k still holds
+    for s in steps:
+        assert s.metrics["batch/student"] == float(sources[s.batch] == "student")
+        assert ("staleness/max" in s.metrics) == (sources[s.batch] == "student")
+        if "staleness/max" in s.metrics:
+            assert s.metrics["staleness/max"] <= k
+    # a version is sent only for the student batch generated on it
+    assert h.synced == [t for t in range(1, len(sources) - k) if sources[t + k] == "student"]
+
+
+def test_an_all_teacher_run_sends_no_weights():
+    sources = ["teacher"] * 6
+    h, answers = _mixed(1, sources)
+    steps = h.run(6)
+    assert h.trained == list(range(6)) and h.synced == [] and h.rollout.log == []
+    assert all("staleness" not in s.metrics for s in steps)

@@ -37,6 +37,17 @@ def kl_table(summary: dict) -> str:
         t.add_row(
             "teacher log-prob of the student's greedy answers", f"{g['before']:.3f}", f"{g['after']:.3f}", ""
         )
+    st = summary.get("greedy_stats")
+    if st:
+        n = summary["heldout_prompts"]
+        b, a = st["before"], st["after"]
+        t.add_row(
+            "greedy answers looping (repeated 4-gram)",
+            f"{b['looping']:.0f}/{n}",
+            f"{a['looping']:.0f}/{n}",
+            "",
+        )
+        t.add_row("greedy answers' distinct-2", f"{b['distinct_2']:.3f}", f"{a['distinct_2']:.3f}", "")
     return _render(t)
 
 

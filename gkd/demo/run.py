@@ -57,6 +57,12 @@ class DemoSettings:
     seed: int = 0
     overwrite: bool = False
     threads: int = 1  # torch threads per child process (teacher, rollout, trainer)
+    # GKD's mixture (loss.lmbda ...): the share of batches the student answers, the rest the teacher's
+    lmbda: float = 1.0
+    lmbda_schedule: str = "constant"  # constant | linear (from lmbda_start to lmbda over lmbda_steps)
+    lmbda_start: float = 0.0
+    lmbda_steps: int = 0
+    teacher_temperature: float = 1.0  # teacher.generate.temperature: how the teacher samples its answers
 
     @classmethod
     def tiny_defaults(cls, **kw) -> DemoSettings:
@@ -66,6 +72,25 @@ class DemoSettings:
         )
         base.update(kw)
         return cls(tiny=True, **base)
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> DemoSettings:
+        """``--preset quality``: the settings docs/quality.md chose for the hard default student (a warm
+        start on the teacher's answers, then the student's own)."""
+        if name != "quality":
+            raise InputError(f"--preset {name}: the only preset is 'quality'")
+        base = dict(
+            student_layers="0-9,24-29",  # the hard student: 16 of the 30 layers
+            steps=40,
+            lr=2e-4,
+            lmbda=0.5,
+            lmbda_schedule="linear",
+            lmbda_start=0.0,
+            lmbda_steps=20,
+            teacher_temperature=0.7,
+        )
+        base.update(kw)
+        return cls(**base)
 
     def check(self) -> None:
         """Every setting, before anything is loaded or written: :class:`InputError` naming the flag."""
@@ -77,6 +102,16 @@ class DemoSettings:
             number(value, flag, minimum=1)
         number(self.lr, "--lr", minimum=0, strict=True)
         number(self.return_topk, "--return-topk", minimum=1)
+        for flag, value in (("--lmbda", self.lmbda), ("--lmbda-start", self.lmbda_start)):
+            if not 0 <= value <= 1:
+                raise InputError(
+                    f"{flag} {value}: must lie in [0, 1] (the share of batches the student answers)"
+                )
+        if self.lmbda_schedule not in ("constant", "linear"):
+            raise InputError(f"--lmbda-schedule {self.lmbda_schedule}: expected constant or linear")
+        if self.lmbda_schedule == "linear":
+            number(self.lmbda_steps, "--lmbda-steps", minimum=1)
+        number(self.teacher_temperature, "--teacher-temperature", minimum=0)
         try:
             parse_scheduler(self.scheduler)
         except ValueError as e:
@@ -173,6 +208,8 @@ teacher:
   top_k: {st.top_k}
   server_port: {t_port}
   backend_port: {t_back}
+  generate:
+    temperature: {st.teacher_temperature}
 rollout:
   launch: true
   backend: hf
@@ -201,6 +238,11 @@ loss:
   tail: bucket
   support: {st.support}
   is_correction: {st.is_correction}
+  lmbda: {st.lmbda}
+  seq_kd: true
+  lmbda_schedule: {st.lmbda_schedule}
+  lmbda_start: {st.lmbda_start}
+  lmbda_steps: {st.lmbda_steps}
 optim:
   lr: {st.lr}
   warmup_steps: 2
@@ -226,17 +268,12 @@ logging:
 # ------------------------------------------------------------------------------------------- the run
 
 
-def _encode(tok, text: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(ids if isinstance(ids, list) else ids["input_ids"])
-
-
 def _teacher_answers(st: DemoSettings, teacher_dir: Path, teacher, held, gen_kw: dict) -> list[list[int]]:
     """The teacher's greedy answers to the held-out prompts; kept beside the cached teacher (they depend
     only on the teacher, the prompts and the generation settings)."""
     import hashlib
 
-    from gkd.demo.evaluate import generate
+    from gkd.evaluate import generate
 
     path = None
     if not st.tiny:
@@ -272,6 +309,8 @@ def _summary(
     seconds: tuple[float, float, float],
 ) -> dict:
     """What ``summary.json`` holds: settings, the held-out KLs before/after, the training record, samples."""
+    from gkd.evaluate import answer_stats
+
     teacher_dir, student_dir, layers, depth = models
     before, after = kl
     before_greedy, after_greedy = greedy
@@ -306,6 +345,8 @@ def _summary(
         },
         # the teacher's mean log-prob (nats/token) of the student's greedy answers to the held-out prompts
         "teacher_logprob_of_greedy": {"before": before_lp, "after": after_lp},
+        # repetition (share looping), looping (count), distinct_2, mean_length of the greedy answers
+        "greedy_stats": {"before": answer_stats(before_greedy), "after": answer_stats(after_greedy)},
         "train_steps": len(steps),
         "train_seconds": train_s,
         "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
@@ -337,8 +378,8 @@ def run_demo(st: DemoSettings) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gkd import launch
-    from gkd.demo.evaluate import evaluate, generate, teacher_logprob
     from gkd.demo.report import answers_table, kl_table
+    from gkd.evaluate import encode_prompt, evaluate, generate, teacher_logprob
     from gkd.timeline import draw_timeline
 
     t0 = time.monotonic()
@@ -360,7 +401,7 @@ def run_demo(st: DemoSettings) -> dict:
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = [tok.eos_token_id]
-    held = [_encode(tok, q) for q in held_texts]
+    held = [encode_prompt(tok, q) for q in held_texts]
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     student0 = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
     gen_kw = dict(max_new_tokens=st.max_new_tokens, stop=stop, pad_id=pad_id)
@@ -421,8 +462,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     chosen = {k: v for k, v in vars(args).items() if k in DemoSettings.__dataclass_fields__ and v is not None}
-    st = DemoSettings.tiny_defaults(**chosen) if chosen.pop("tiny", False) else DemoSettings(**chosen)
     try:
+        if chosen.pop("tiny", False):
+            st = DemoSettings.tiny_defaults(**chosen)
+        elif args.preset:
+            st = DemoSettings.preset(args.preset, **chosen)
+        else:
+            st = DemoSettings(**chosen)
         summary = run_demo(st)
     except (DemoSetupError, ValueError, RuntimeError) as e:
         print(f"gkd demo: error: {e}", file=sys.stderr)
@@ -455,6 +501,19 @@ def add_demo_cli(sub: argparse._SubParsersAction) -> None:
         help=f"m, the student's top ids sent to the teacher with --support union (default {d.return_topk})",
     )
     p.add_argument("--is-correction", dest="is_correction", choices=("none", "token", "sequence"))
+    p.add_argument("--preset", help="quality: the settings docs/quality.md measured for the default student")
+    p.add_argument("--lmbda", type=float, help=f"share of batches the student answers (default {d.lmbda})")
+    p.add_argument("--lmbda-schedule", dest="lmbda_schedule", choices=("constant", "linear"))
+    p.add_argument("--lmbda-start", dest="lmbda_start", type=float, help="linear schedule: lmbda at step 0")
+    p.add_argument(
+        "--lmbda-steps", dest="lmbda_steps", type=int, help="linear schedule: steps to reach lmbda"
+    )
+    p.add_argument(
+        "--teacher-temperature",
+        dest="teacher_temperature",
+        type=float,
+        help=f"how the teacher samples its answers (default {d.teacher_temperature})",
+    )
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     p.add_argument(
         "--batch-size", dest="batch_size", type=int, help=f"prompts per step (default {d.batch_size})"

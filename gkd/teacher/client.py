@@ -3,6 +3,8 @@
     with TeacherClient("127.0.0.1:15555", timeout_s=60, retries=2) as teacher:
         fut = teacher.submit([(prompt_ids, response_ids), ...], top_k=64, temperature=1.0)
         outputs = fut.result()        # list[TeacherOutput], in the order of the sequences
+        answers = teacher.generate(prompts, GenerateSettings(max_new_tokens=64, seed=0), top_k=64).result()
+        # list[TeacherAnswer]: the teacher's sampled response_ids + the TeacherOutput a score of it gives
         teacher.info()                # broker info: workers (model, vocab_size, max_top_k...), counters
 
 A large batch is split into micro-requests of at most ``max_sequences_per_request`` sequences and
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from gkd.teacher.types import TeacherOutput
+from gkd.teacher.generate_wire import OP_GENERATE, pack_generate_request, unpack_generate_reply
+from gkd.teacher.types import GenerateSettings, TeacherAnswer, TeacherOutput
 from gkd.teacher.wire import OP_SCORE, REPLY_LIMITS, pack_request, unpack_reply
 from gkd.transport import Auth, plan_chunks
 from gkd.transport.service_client import ServiceClient, item_length
@@ -73,6 +76,28 @@ class TeacherClient(ServiceClient[TeacherOutput]):
         ]
         lens = [tensors["response_lens"] for _, tensors in parts]
         return self._submit_parts(OP_SCORE, parts, lambda i, msg: unpack_reply(msg, lens[i]))
+
+    def generate(
+        self,
+        prompts: Sequence[Any],
+        settings: GenerateSettings,
+        top_k: int | None = None,
+        temperature: float | None = None,
+    ) -> Future[list[TeacherAnswer]]:
+        """The teacher's own answers to ``prompts`` (sampled with ``settings``; prompt i seeded
+        ``settings.seed + i`` however the batch is split), each with its top-k rows at ``temperature`` (the
+        scoring temperature; None: the service's defaults, as for :meth:`submit`)."""
+        sizes = [item_length(p) + settings.max_new_tokens for p in prompts]
+        chunks = plan_chunks(
+            sizes, max_items=self.max_sequences_per_request, max_tokens=self.max_tokens_per_request
+        )
+        parts = [
+            pack_generate_request([prompts[i] for i in c], settings, top_k, temperature, c.start)
+            for c in chunks
+        ]
+        counts = [len(c) for c in chunks]
+        n = settings.max_new_tokens
+        return self._submit_parts(OP_GENERATE, parts, lambda i, msg: unpack_generate_reply(msg, counts[i], n))
 
     def score(self, sequences, top_k: int | None = None, temperature: float | None = None):
         """``submit(...).result()``."""

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 import torch
 
 from gkd.dtypes import torch_dtype
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_score_request, union_rows
+from gkd.teacher.types import (
+    LOGPROB_DTYPES,
+    GenerateSettings,
+    TeacherAnswer,
+    TeacherOutput,
+    check_prompts_for_generate,
+    check_score_request,
+    union_rows,
+)
 from gkd.vocab import real_vocab_size
 
 
@@ -30,9 +38,10 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 
 class HFTeacherEngine:
-    """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` with a
-    transformers model. ``requested_ids`` (one ``[R, M]`` integer tensor per sequence): each row then
-    covers the union of the top-k and those ids, gathered exactly from the same log-softmax.
+    """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` and
+    ``generate(prompts, settings, top_k, temperature) -> list[TeacherAnswer]`` with a transformers model.
+    ``requested_ids`` (one ``[R, M]`` integer tensor per sequence): each row then covers the union of the
+    top-k and those ids, gathered exactly from the same log-softmax.
 
     ``token_ids``: the real vocabulary (``len(tokenizer)``; None: every embedding row). Rows past it (an
     embedding padded to a multiple of 64 or 128) get log-prob -inf: never among the top-k, so a student
@@ -107,6 +116,23 @@ class HFTeacherEngine:
             ):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: GenerateSettings,
+        top_k: int,
+        temperature: float = 1.0,
+        index_offset: int = 0,
+    ) -> list[TeacherAnswer]:
+        """Sample an answer per prompt (``settings``) and return it with the top-k rows a ``score`` of it
+        would give at ``temperature``, from the same forward passes (``gkd.teacher.hf_generate``)."""
+        from gkd.teacher.hf_generate import generate_answers
+
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature={temperature} must be a positive finite number")
+        check_prompts_for_generate(self, prompts, settings, top_k, index_offset)
+        return generate_answers(self, prompts, settings, top_k, temperature, index_offset)
 
     def _score_batch(self, seqs, top_k: int, temperature: float, wanted=None) -> list[TeacherOutput]:
         width = max(len(p) + len(r) for p, r in seqs)

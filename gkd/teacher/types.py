@@ -161,3 +161,59 @@ def check_score_request(
             max_width=engine.max_top_k,
             index_offset=index_offset,
         )
+
+
+@dataclass
+class TeacherAnswer:
+    """One answer the teacher sampled (the ``generate`` op) with its own view of it: ``output`` is what a
+    ``score`` request of ``(prompt, response_ids)`` would return, taken from the same forward passes."""
+
+    response_ids: list[int]
+    finish_reason: str  # "stop" (ended with a stop token, included) | "length"
+    output: TeacherOutput
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How the teacher samples answers (``teacher.generate.*``): ``temperature`` 0 is greedy; the
+    answers' top-k rows are taken at the scoring temperature, not this one."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1")
+        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must lie in (0, 1]")
+        if self.seed is not None and type(self.seed) is not int:
+            raise ValueError(f"seed={self.seed!r} must be an int or None")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+def check_prompts_for_generate(
+    engine, prompts: Sequence[Sequence[int]], settings: GenerateSettings, top_k: int, index_offset: int = 0
+) -> None:
+    """Reject a ``generate`` request the engine cannot serve, naming the prompt by its index in the
+    caller's batch: empty prompt, ids outside the vocabulary, prompt + max_new_tokens beyond ``max_len``."""
+    if not 1 <= top_k <= engine.max_top_k:
+        raise ValueError(
+            f"top_k={top_k} is outside [1, {engine.max_top_k}] (the maximum this teacher serves)"
+        )
+    for i, p in enumerate(prompts, start=index_offset):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i}: empty (the first answer token needs a context)")
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= engine.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {engine.vocab_size})")
+        if len(p) + settings.max_new_tokens > engine.max_len:
+            raise ValueError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {settings.max_new_tokens} exceed the "
+                f"teacher's limit of {engine.max_len}"
+            )

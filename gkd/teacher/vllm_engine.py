@@ -40,7 +40,14 @@ from typing import Any
 
 import torch
 
-from gkd.teacher.types import LOGPROB_DTYPES, TeacherOutput, check_score_request
+from gkd.teacher.types import (
+    LOGPROB_DTYPES,
+    GenerateSettings,
+    TeacherAnswer,
+    TeacherOutput,
+    check_prompts_for_generate,
+    check_score_request,
+)
 from gkd.vllm_support import import_vllm, set_logit_scale
 from gkd.vocab import real_vocab_size
 
@@ -145,6 +152,54 @@ class VLLMTeacherEngine:
             mask_padded_ids(self._rows(res.prompt_logprobs, len(p), r, top_k), self.token_ids)
             for res, (p, r) in zip(results, sequences, strict=True)
         ]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: GenerateSettings,
+        top_k: int,
+        temperature: float = 1.0,
+        index_offset: int = 0,
+    ) -> list[TeacherAnswer]:
+        """Sampled answers with ``logprobs=top_k`` on the generated tokens: vLLM returns, per answer
+        position, the sampled token's log-prob and the top-k (the same flat layout as prompt log-probs,
+        without the empty first entry), from the logits it sampled from. Those log-probs are the raw
+        ones (``logprobs_mode`` raw_logprobs, vLLM's default): the logit scale set for the scoring
+        ``temperature`` makes them the score rows; the draw's temperature is divided by it so the answer
+        is sampled at ``settings.temperature``. Prompt ``i`` is seeded ``settings.seed + i``."""
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature={temperature} must be a positive finite number")
+        check_prompts_for_generate(self, prompts, settings, top_k, index_offset)
+        if not prompts:
+            return []
+        self._set_temperature(float(temperature))
+        params = [self._generate_params(settings, top_k, temperature, i) for i in range(len(prompts))]
+        requests = [self._TokensPrompt(prompt_token_ids=[*map(int, p)]) for p in prompts]
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        answers = []
+        for res in results:
+            out = res.outputs[0]
+            response = [int(t) for t in out.token_ids]
+            if not response:
+                raise RuntimeError("vLLM returned an empty answer (max_tokens >= 1 was asked)")
+            rows = self._rows(out.logprobs, 0, response, top_k)  # entry 0 is the first answer token
+            answers.append(TeacherAnswer(response, "stop" if out.finish_reason == "stop" else "length", rows))
+        return answers
+
+    def _generate_params(self, settings: GenerateSettings, top_k: int, temperature: float, i: int):
+        common = {
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature / temperature,  # on logits already scaled by 1 / temperature
+            "top_p": settings.top_p,
+            "seed": None if settings.seed is None else settings.seed + i,
+            "stop_token_ids": list(settings.stop_token_ids),
+            "logprobs": top_k,
+            "detokenize": False,
+        }
+        try:
+            return self._SamplingParams(**common, flat_logprobs=True)
+        except TypeError:  # vLLM without flat log-probs: per-position dicts
+            return self._SamplingParams(**common)
 
     def _sampling_params(self, top_k: int):
         common = {"max_tokens": 1, "prompt_logprobs": top_k, "temperature": 0.0, "detokenize": False}

@@ -1,6 +1,7 @@
 """The teacher service's wire format and its worker handler.
 
-One op, ``score``. Request (fields + int32 tensors, all flat)::
+Two ops: ``score`` (below) and ``generate`` (the teacher samples answers: ``gkd.teacher.generate_wire``).
+``score`` request (fields + int32 tensors, all flat)::
 
     fields   top_k: int | None, temperature: float | None   (None: the service's default)
              offset: int  (index of the first sequence in the caller's whole batch, for error messages)
@@ -39,7 +40,8 @@ from gkd.teacher.types import LOGPROB_DTYPES, SUPPORTS, TeacherOutput
 from gkd.transport import Limits, Message, ProtocolError
 
 OP_SCORE = "score"
-OPS = (OP_SCORE,)
+OP_GENERATE = "generate"
+OPS = (OP_SCORE, OP_GENERATE)
 
 #: Request bounds, enforced by the broker (before queueing) and the worker (before decoding): a request is
 #: int32 token ids plus two length vectors, so 8 MiB is ~2M tokens; the client splits bigger batches into
@@ -156,10 +158,11 @@ def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
 
 
 def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0, logprob_dtype: str):
-    """The worker handler around ``engine.score`` (one request at a time, as the Worker calls it)."""
+    """The worker handler around ``engine.score`` and ``engine.generate`` (one request at a time, as the
+    Worker calls it)."""
     out_dtype = LOGPROB_DTYPES[logprob_dtype]
 
-    def handle(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    def common(header: dict[str, Any]) -> tuple[int, float, int]:
         top_k = header.get("top_k")
         top_k = default_top_k if top_k is None else top_k
         temperature = header.get("temperature")
@@ -167,6 +170,25 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
         offset = header.get("offset", 0)
         if type(top_k) is not int or not isinstance(temperature, int | float) or type(offset) is not int:
             raise ValueError("fields top_k and offset must be ints and temperature a number")
+        return top_k, float(temperature), offset
+
+    def handle_generate(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        from gkd.teacher.generate_wire import generate_reply, unpack_generate_request
+
+        top_k, temperature, offset = common(header)
+        if not hasattr(engine, "generate"):
+            raise ValueError(f"the {type(engine).__name__} teacher engine does not serve generate")
+        prompts, settings = unpack_generate_request(header, tensors)
+        start = time.perf_counter()
+        answers = engine.generate(prompts, settings, top_k, temperature, index_offset=offset)
+        seconds = time.perf_counter() - start
+        fields = {"top_k": top_k, "temperature": temperature, "support": "topk", "service_s": seconds}
+        return fields, generate_reply(answers, top_k, out_dtype)
+
+    def handle(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        if header.get("op") == OP_GENERATE:
+            return handle_generate(header, tensors)
+        top_k, temperature, offset = common(header)
         sequences = unpack_request(header, tensors)
         requested = unpack_requested(tensors)
         start = time.perf_counter()

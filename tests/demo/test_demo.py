@@ -136,3 +136,35 @@ def test_gkd_demo_tiny_runs_reverse_kl_on_the_union_support(tmp_path):
     lp = summary["teacher_logprob_of_greedy"]
     assert lp["before"] < 0 and lp["after"] < 0
     assert "reverse KL" in proc.stdout and "greedy answers" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tiny", "--lmbda", "1.5"], "--lmbda 1.5: must lie in [0, 1]"),
+        (["--tiny", "--lmbda-schedule", "linear", "--lmbda-steps", "0"], "--lmbda-steps"),
+        (["--preset", "fast"], "--preset fast: the only preset is 'quality'"),
+    ],
+)
+def test_mixture_flags_are_checked_first(tmp_path, capsys, argv, message):
+    from gkd.cli import main
+
+    assert main(["demo", *argv, "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_quality_preset_writes_a_mixture_config(tmp_path):
+    from gkd.config import load_config
+    from gkd.demo.run import DemoSettings, write_config
+
+    st = DemoSettings.preset("quality", out=str(tmp_path), lr=3e-4)
+    assert st.lmbda_schedule == "linear" and st.lmbda_start == 0.0 and st.lr == 3e-4
+    path = write_config(st, tmp_path, tmp_path / "t", tmp_path / "s", tmp_path / "p.parquet")
+    cfg = load_config([str(path)])
+    assert (cfg.loss.lmbda, cfg.loss.lmbda_schedule, cfg.loss.lmbda_steps) == (
+        st.lmbda,
+        "linear",
+        st.lmbda_steps,
+    )
+    assert cfg.loss.seq_kd and cfg.teacher.generate.temperature == st.teacher_temperature

@@ -28,3 +28,50 @@ def test_standalone_serve_defaults_leave_prompt_logprob_headroom(monkeypatch, ti
     _engine_spec(args).build()
     assert fake.created[-1].kwargs["gpu_memory_utilization"] == 0.8
     assert "max_model_len" not in fake.created[-1].kwargs  # vLLM's default: the model's
+
+
+def test_generate_request_and_reply_shaping(monkeypatch, tiny_model_dir):
+    """The vLLM teacher's generate: one SamplingParams per prompt (seeds by index, logprobs=top_k, the draw's
+    temperature over the scoring one), and each answer's per-position dicts -> the score rows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gkd.teacher.types import GenerateSettings
+    from gkd.teacher.vllm_engine import VLLMTeacherEngine
+
+    fake_vllm.install(monkeypatch)
+    engine = VLLMTeacherEngine(tiny_model_dir, max_top_k=8)
+    seen = {}
+
+    def entry(actual, top):  # {id: Logprob}: the top-k with ranks 1..k, and the sampled token
+        d = {t: SimpleNamespace(logprob=-0.5 * (r + 1), rank=r + 1) for r, t in enumerate(top)}
+        d.setdefault(actual, SimpleNamespace(logprob=-9.0, rank=50))
+        return d
+
+    def generate(requests, params, use_tqdm=False):
+        seen["requests"], seen["params"] = requests, params
+        answers = [([7, 3], "stop"), ([4, 4, 4], "length")]
+        return [
+            SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        token_ids=ids, finish_reason=why, logprobs=[entry(t, [4, 7]) for t in ids]
+                    )
+                ]
+            )
+            for ids, why in answers
+        ]
+
+    engine.llm.generate = generate
+    settings = GenerateSettings(max_new_tokens=3, temperature=1.0, top_p=0.9, seed=5, stop_token_ids=(3,))
+    out = engine.generate([[1, 2], [9]], settings, top_k=2, temperature=1.0)
+    assert [r["prompt_token_ids"] for r in seen["requests"]] == [[1, 2], [9]]
+    assert [p["seed"] for p in seen["params"]] == [5, 6]
+    p = seen["params"][0]
+    assert p["logprobs"] == 2 and p["max_tokens"] == 3 and p["top_p"] == 0.9 and p["stop_token_ids"] == [3]
+    assert [a.response_ids for a in out] == [[7, 3], [4, 4, 4]]
+    assert [a.finish_reason for a in out] == ["stop", "length"]
+    assert torch.equal(out[0].output.topk_ids, torch.tensor([[4, 7], [4, 7]], dtype=torch.int32))
+    assert torch.allclose(out[0].output.token_logprobs, torch.tensor([-1.0, -9.0]))
+    assert torch.allclose(out[1].output.topk_logprobs, torch.tensor([[-0.5, -1.0]] * 3))
