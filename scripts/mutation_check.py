@@ -143,8 +143,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "staleness <= k: a batch is generated on version >= b - k",
         "gkd/scheduler.py",
-        "rec = _Batch(b, max(self._start, b - self.k), self._run_id)",
-        "rec = _Batch(b, max(self._start, b - self.k - 1), self._run_id)",
+        "rec = _Batch(b, max(self._start, b - self.k), self._run_id, self._is_student(b))",
+        "rec = _Batch(b, max(self._start, b - self.k - 1), self._run_id, self._is_student(b))",
         ("tests/test_scheduler.py::test_every_batch_once_in_order_with_exact_staleness",),
     ),
     Mutation(
