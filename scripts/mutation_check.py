@@ -119,8 +119,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "loss.support=union: the trainer asks the teacher for the student's top-m + the sampled token",
-        "gkd/trainer.py",
-        'wanted = union_request(samples) if cfg.loss.support == "union" else None',
+        "gkd/sources.py",
+        'wanted = union_request(samples) if cfg.loss.support == "union" and student else None',
         "wanted = None",
         ("tests/test_trainer.py::test_score_requests_the_students_top_m_and_the_sampled_token",),
     ),
