@@ -147,6 +147,7 @@ class PromptDataset:
         if isinstance(files, str):
             files = [files]
         sources = [f if isinstance(f, Source) else Source(str(f), prompt_key) for f in files]
+        self.inputs = sources  # what was read, in order (other columns of the same rows: gkd.sources)
         self.prompt_key = prompt_key
         self.num_truncated = 0
         self._template = {"system_prompt": system_prompt, "kwargs": dict(chat_template_kwargs or {})}

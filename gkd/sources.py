@@ -76,22 +76,24 @@ class AnsweredBatch(list):
 def reference_answers(data_cfg, dataset, tokenizer, eos_id: int | None) -> list[list[int]]:
     """Token ids of ``data.response_key`` for every row of ``dataset`` (the prompt dataset: the same files
     in the same order), ending with ``eos_id``, cut to ``data.max_response_length``."""
-    from gkd.data import DataError, _read_column
+    from dataclasses import replace
+
+    from gkd.data_sources import DataError, read_source
 
     key = data_cfg.response_key
     out: list[list[int]] = []
-    for path in dataset.files:
+    columns = []
+    for source in dataset.inputs:  # the same sources, files and rows as the prompts, in order
         try:
-            values = _read_column(path, key)
+            columns += read_source(replace(source, prompt_key=key))
         except DataError as e:
             raise DataError(
                 f"{e} (data.response_key={key!r}: the reference answers for loss.seq_kd=false)"
             ) from e
+    for where, values in columns:
         for i, v in enumerate(values):
             if not isinstance(v, str) or not v.strip():
-                raise DataError(
-                    f"data file {path}, row {i}, column '{key}': expected a non-empty answer string"
-                )
+                raise DataError(f"{where}, row {i}, column '{key}': expected a non-empty answer string")
         enc = tokenizer(values, add_special_tokens=False)["input_ids"]
         tail = [eos_id] if eos_id is not None else []
         out.extend((list(ids) + tail)[: data_cfg.max_response_length] for ids in enc)

@@ -301,12 +301,17 @@ def _topk_samples(m: int) -> list[Sample]:
 def test_score_requests_the_students_top_m_and_the_sampled_token(support):
     """``loss.support=union``: each score request carries, per response position, the student's top-m ids
     (from the rollout) followed by the sampled token; ``teacher_topk`` requests none."""
+    from types import SimpleNamespace
+
+    from gkd.sources import BatchSources
     from gkd.trainer import Trainer
 
     m = 3
     cfg = load_config(["configs/cpu_tiny.yaml"], [f"loss.support={support}", f"rollout.return_topk={m}"])
     trainer = Trainer(cfg)
     trainer.teacher = RecordingTeacher()
+    # what Trainer.train builds before the scheduler runs (answers from the student only: lmbda 1)
+    trainer.sources = BatchSources(cfg, None, SimpleNamespace(eos_token_id=0), None, trainer.teacher)
     samples = _topk_samples(m)
     assert trainer.score(0, samples) == "future"
     (call,) = trainer.teacher.calls
