@@ -417,7 +417,8 @@ class WeightReceiver:
             if bool(json.loads(raw).get("mac")) != (g.key is not None):
                 raise WeightSyncError(
                     "the trainer and this worker disagree on bucket MACs: give both the same secret "
-                    "(rollout.auth_secret_file for the trainer, --auth-secret-file for the rollout) or neither"
+                    "(rollout.auth_secret_file for the trainer, --auth-secret-file for the rollout) "
+                    "or neither"
                 )
             diff = diff_metas(self.expected, [m for b in buckets for m in b.metas])
             if diff is not None:
