@@ -5,7 +5,6 @@ behaviour log-probs, and tiny ``gkd train`` runs that train on student, teacher 
 import json
 import math
 import os
-import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,8 @@ import torch
 from gkd.config import ConfigError, load_config
 from gkd.sources import batch_source, lmbda_at, uniform_draw
 from gkd.trainer_step import importance_weights
-from tests.tiny_run import ROOT, build_tiny, train_argv
+from tests.tiny_run import ROOT, tiny_fixture, train_argv
+from tests.transport.helpers import free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 RUN_TIMEOUT_S = 300
@@ -76,19 +76,11 @@ def test_config_checks_name_the_key(overrides, key):
 # ------------------------------------------------------------------------------------- tiny runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=24)
+tiny = tiny_fixture()
 
 
 def _train(tiny, out: Path, *overrides: str) -> list[dict]:
-    ports = [_free_port() for _ in range(5)]
+    ports = [free_port() for _ in range(5)]
     common = ("teacher.top_k=8", "rollout.max_new_tokens=8", "optim.lr=5e-3", "logging.progress_bar=false")
     argv = train_argv(tiny, out, ports, *common, *overrides)
     proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)

@@ -17,7 +17,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,26 +26,19 @@ import pytest
 import torch
 
 from gkd.metrics import metric_names
-from tests.tiny_run import build_tiny, train_argv
+from tests.tiny_run import tiny_fixture, train_argv
+from tests.transport.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; spare the shared cores
 RUN_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=24)
+tiny = tiny_fixture()
 
 
 def _argv(tiny: dict[str, str], out: Path, *overrides: str) -> list[str]:
-    ports = [_free_port() for _ in range(5)]
+    ports = [free_port() for _ in range(5)]
     common = ("teacher.top_k=8", "rollout.max_new_tokens=8", "optim.lr=5e-3", "logging.progress_bar=false")
     return train_argv(tiny, out, ports, *common, *overrides)
 
@@ -237,7 +229,7 @@ def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
             children.append(subprocess.Popen(command(cfg), cwd=ROOT, env=ENV, stderr=subprocess.DEVNULL))
             with client_cls(f"127.0.0.1:{port}", timeout_s=5, retries=0) as client:
                 wait_healthy("service", children[-1], lambda c=client: c.info(timeout_s=2), workers, 120)
-        rdzv = f"127.0.0.1:{_free_port()}"
+        rdzv = f"127.0.0.1:{free_port()}"
         agents = []
         for node in range(2):
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]

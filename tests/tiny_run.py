@@ -47,3 +47,15 @@ def train_argv(tiny: dict[str, str], out: Path, ports: Sequence[int], *overrides
         f"rollout.weight_port={weights}",
         *overrides,
     ]
+
+
+def tiny_fixture(num_prompts: int = 24):
+    """A module-scoped ``tiny`` fixture: the CPU tiny models and prompts (:func:`build_tiny`), built once per
+    test module that assigns it (``tiny = tiny_fixture()``)."""
+    import pytest
+
+    @pytest.fixture(scope="module", name="tiny")
+    def _tiny(tmp_path_factory) -> dict[str, str]:
+        return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=num_prompts)
+
+    return _tiny
