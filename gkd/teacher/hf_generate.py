@@ -19,7 +19,7 @@ import torch
 from gkd.rollout.hf_engine import sample_rows
 from gkd.rollout.types import SamplingConfig
 from gkd.teacher.types import GenerateSettings, TeacherAnswer, TeacherOutput
-from gkd.transport.worker import check_cancelled
+from gkd.transport.cancel import check_cancelled
 
 
 def plan_prompt_batches(
