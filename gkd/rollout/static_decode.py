@@ -154,7 +154,8 @@ class StaticLlamaSteps(FusedLlamaSteps):
                 self.cur.copy_(at)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the rollout service's weight-receiving thread may poll its NCCL work meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.out = self._body()
         self.cur.copy_(at)
         self.graph = graph
