@@ -91,16 +91,22 @@ def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, tem
     lengths = torch.full((b,), n, dtype=torch.long)
     live = torch.ones(b, dtype=torch.bool)
     step_ids, step_pos = ids, pos
+    static, steps = getattr(engine, "static_steps", None), None  # gkd.rollout.static_decode, on a GPU
     for step in range(n):
         check_cancelled()  # the broker withdrew the request: stop here
-        hidden = model.base_model(
-            input_ids=step_ids,
-            attention_mask=attn,
-            position_ids=step_pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
-        logits = head(hidden).float()  # [B, V]
+        if steps is not None:  # one graph replay (after the prompt pass)
+            logits = steps.step(step_ids[:, 0], step_pos, attn)
+        else:
+            hidden = model.base_model(
+                input_ids=step_ids,
+                attention_mask=attn,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            logits = head(hidden).float()  # [B, V]
+            if static is not None:  # the prompt pass filled the cache: the static steps take over
+                steps = static.get(b, width + n).start(cache, attn)
         tok, _, _ = sample_rows(logits, sampling, _uniforms(gens, b, greedy))
         scaled = logits / temperature if temperature != 1.0 else logits
         logp = torch.log_softmax(scaled, dim=-1)
