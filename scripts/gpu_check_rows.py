@@ -62,6 +62,27 @@ def _tokens_per_s(engine, prompts, sampling, reps: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def _teacher_static_equal(model, dev: str, prompts, new: int) -> bool:
+    """The teacher's ``generate`` through the static steps gives the transformers path's greedy answers and
+    top-8 ids (log-probs within 1e-3)."""
+    import torch
+
+    from gkd.teacher.hf_engine import HFTeacherEngine
+    from gkd.teacher.types import GenerateSettings
+
+    settings = GenerateSettings(max_new_tokens=new, temperature=0.0)
+    got, want = [
+        HFTeacherEngine(model, device=dev, static_cache=flag).generate(prompts, settings, top_k=8)
+        for flag in (True, False)
+    ]
+    return all(
+        a.response_ids == b.response_ids
+        and torch.equal(a.output.topk_ids, b.output.topk_ids)
+        and bool((a.output.topk_logprobs - b.output.topk_logprobs).abs().max() <= 1e-3)
+        for a, b in zip(got, want, strict=True)
+    )
+
+
 def step_generation(args) -> dict:
     """Static-cache decode (CUDA graphs on a GPU) against the eager fused path on the e2e step's rollout
     shapes (Qwen2-0.5B-shaped, 16 prompts, 64 new tokens): greedy tokens equal in float32, tokens/s in
@@ -91,6 +112,7 @@ def step_generation(args) -> dict:
     greedy = SamplingConfig(max_new_tokens=new // 2, temperature=0.0)
     same, diff = _same_answers(static.generate(prompts, greedy), eager.generate(prompts, greedy))
     figs.update(fp32_greedy_rows_equal=f"{same}/{rows}", fp32_logprob_max_diff=diff)
+    figs["teacher_fp32_greedy_equal"] = _teacher_static_equal(model, dev, prompts, new // 2)
     del static, eager  # their graphs read the float32 weights
     model.to(torch.bfloat16)
     static, eager = engines()
@@ -104,7 +126,12 @@ def step_generation(args) -> dict:
     figs["static_over_eager"] = round(figs["static_tokens_per_s"] / figs["eager_tokens_per_s"], 2)
     figs["bf16_sampled_rows_equal"] = _same_answers(static.generate(prompts, sampling),
                                                     eager.generate(prompts, sampling))[0]  # fmt: skip
-    ok = same == rows and diff <= 1e-3 and (figs["static_over_eager"] > 1.0 or not gpu)
+    ok = (
+        same == rows
+        and diff <= 1e-3
+        and figs["teacher_fp32_greedy_equal"]
+        and (figs["static_over_eager"] > 1.0 or not gpu)
+    )
     headline = (
         f"{rows}x{new} tokens, bf16: static {figs['static_tokens_per_s']} tok/s vs eager "
         f"{figs['eager_tokens_per_s']} ({figs['static_over_eager']}x); fp32 greedy rows equal {same}/{rows}, "
