@@ -146,18 +146,19 @@ class StaticLlamaSteps(FusedLlamaSteps):
         of one step. ``cur`` is restored after each: the warm-up writes land at the position the first real
         step overwrites."""
         at = self.cur.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body()
-                self.cur.copy_(at)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the rollout service's weight-receiving thread may poll its NCCL work meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.out = self._body()
-        self.cur.copy_(at)
+        with torch.cuda.device(self.cur.device):  # the buffers' GPU, whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._body()
+                    self.cur.copy_(at)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the rollout service's weight-receiving thread may poll its NCCL work meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.out = self._body()
+            self.cur.copy_(at)
         self.graph = graph
 
 
