@@ -17,8 +17,9 @@ here fix every shape for a batch of ``B`` rows and ``capacity`` positions:
 On a CUDA device :meth:`StaticLlamaSteps.step` copies the step's inputs into the fixed buffers and
 replays a captured ``torch.cuda.CUDAGraph`` (captured on first use, after two warm-up runs on a side
 stream); elsewhere (CPU tests) it runs the same static-shape body eagerly, so everything but the capture
-and replay is tested without a GPU (tests/rollout/test_static_decode.py). The graph reads the layers' own
-parameters: weights loaded in place (``load_weights``, the weight receiver) are what the next replay uses.
+and replay is tested without a GPU (tests/rollout/test_static_decode.py). A capture that fails leaves one
+warning and those steps run eagerly. The graph reads the layers' own parameters: weights loaded in place
+(``load_weights``, the weight receiver) are what the next replay uses.
 An engine keeps its steps per ``(B, capacity)`` (:class:`StaticStepsCache`) and reuses them, with their
 graph, for every later batch of that shape.
 """
@@ -26,6 +27,7 @@ graph, for every later batch of that shape.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 
 import torch
@@ -33,6 +35,8 @@ import torch
 from gkd.rollout.llama_decode import FusedLlamaSteps
 
 __all__ = ["STATIC_CACHE_ENV", "StaticLlamaSteps", "StaticStepsCache", "static_cache_default"]
+
+log = logging.getLogger("gkd.rollout")
 
 #: Set to 0 to turn the static-cache decode path (and its CUDA graphs) off in every engine of a process
 #: tree (the services ``gkd train`` launches inherit it); engines then decode as on CPU.
@@ -75,6 +79,7 @@ class StaticLlamaSteps(FusedLlamaSteps):
         self.cols = torch.arange(capacity, device=dev)  # [C]
         self.graphs = dev.type == "cuda" if graphs is None else graphs
         self.graph = None
+        self.capture_error: str | None = None  # why the capture failed (the steps then run eagerly)
         self.out: torch.Tensor | None = None  # [B, V] float32 the graph's logits (overwritten per replay)
         self.padded = True  # the mask is always applied (it also hides positions past cur)
 
@@ -109,13 +114,22 @@ class StaticLlamaSteps(FusedLlamaSteps):
             )
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
-        if not self.graphs:
-            logits = self._body()
-        else:
-            if self.graph is None:
+        if self.graphs and self.graph is None:
+            try:
                 self._capture()
+            except RuntimeError as e:  # e.g. an operation CUDA refuses while capturing
+                self.graphs, self.capture_error = False, str(e).splitlines()[0] if str(e) else repr(e)
+                log.warning(
+                    "rollout: CUDA graph capture failed (%s); these decode steps run without a graph "
+                    "(%s=0 turns the static path off)",
+                    self.capture_error,
+                    STATIC_CACHE_ENV,
+                )
+        if self.graphs:
             self.graph.replay()
             logits = self.out
+        else:
+            logits = self._body()
         self.length += 1
         return logits
 
@@ -146,20 +160,22 @@ class StaticLlamaSteps(FusedLlamaSteps):
         of one step. ``cur`` is restored after each: the warm-up writes land at the position the first real
         step overwrites."""
         at = self.cur.clone()
-        with torch.cuda.device(self.cur.device):  # the buffers' GPU, whichever is current
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._body()
-                    self.cur.copy_(at)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the rollout service's weight-receiving thread may poll its NCCL work meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.out = self._body()
-            self.cur.copy_(at)
-        self.graph = graph
+        try:
+            with torch.cuda.device(self.cur.device):  # the buffers' GPU, whichever is current
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._body()
+                        self.cur.copy_(at)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the rollout service's weight thread may poll its NCCL work meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = self._body()
+        finally:
+            self.cur.copy_(at)  # however far a failed capture got
+        self.graph, self.out = graph, out
 
 
 class StaticStepsCache:

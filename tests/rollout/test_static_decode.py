@@ -116,3 +116,35 @@ def test_a_prompt_pass_that_does_not_fit_the_buffers_is_refused():
         dc.update(k, k, i)
     with pytest.raises(ValueError, match="2 rows x 64 positions got a prompt pass of"):
         steps.start(dc, torch.ones(3, 5, dtype=torch.long))
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_failed_capture_leaves_one_warning_and_the_steps_run_eagerly(monkeypatch, caplog):
+    """The capture path on CPU with CUDA's stream calls stubbed: the two warm-up steps run for real and
+    are undone, the capture itself fails as CUDA refuses an operation; the answers are the eager ones."""
+    import contextlib
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    model = tiny_llama(0, 320, 256, heads=4, kv_heads=2)
+    static = HFRolloutEngine(model, prepack=False, static_cache=True)
+    static.static_steps.graphs = True  # as on a GPU
+    eager = HFRolloutEngine(model, prepack=False, static_cache=False)
+    s = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=5)
+    with caplog.at_level("WARNING", logger="gkd.rollout"):
+        _assert_same(static.generate(PROMPTS, s), eager.generate(PROMPTS, s))
+    (steps,) = static.static_steps._steps.values()
+    assert steps.graph is None and not steps.graphs
+    assert steps.capture_error == "operation not permitted when stream is capturing"
+    assert [r.message.count("CUDA graph capture failed") for r in caplog.records] == [1]
