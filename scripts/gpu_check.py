@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,15 @@ FROM_PYPROJECT = ["pyzmq", "omegaconf"]
 #: gkd's dependencies the GPU image has (at its own versions: torch 2.11+cu130, transformers 5.17, ...).
 IMAGE_HAS = ["torch", "triton", "numpy", "msgpack", "transformers", "pyarrow", "huggingface_hub", "tqdm",
              "matplotlib", "rich"]  # fmt: skip
+#: What the image has of the wheels' own requirements (its package list: KINDS.md).
+IMAGE_PROVIDES = ["torch", "triton", "pyyaml", "pytest", "packaging", "zipp"]
+#: Wheels whose requirements ship inside them (setuptools/_vendor).
+VENDORS_ITS_REQUIREMENTS = ["setuptools"]
+#: The GPU machine, for the wheels' requirement markers: CPython 3.12 on x86-64 Linux, no extras.
+GPU_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
+               "platform_python_implementation": "CPython", "sys_platform": "linux",
+               "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+               "extra": ""}  # fmt: skip
 #: gkd's dependencies that no row imports (neither the image nor .whl/ has them): datasets is imported only
 #: for jsonl/json and Hugging Face data, and the e2e row reads parquet.
 NOT_IMPORTED = ["datasets"]
@@ -156,6 +166,40 @@ def check_wheels() -> list[str]:
     size = sum(f.stat().st_size for f in files)
     if size > MAX_WHEEL_BYTES:
         problems.append(f".whl/ holds {size / 2**20:.1f} MiB, over {MAX_WHEEL_BYTES >> 20} MiB")
+    return problems + unmet_requirements(files)
+
+
+def unmet_requirements(files: list[Path]) -> list[str]:
+    """The wheels' own requirements (``Requires-Dist``, markers evaluated for the GPU machine) that neither
+    .whl/ nor the image provides: pip installs them ``--no-deps`` there. Needs ``packaging`` (here, where
+    the wheels are downloaded; without it nothing is checked)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        return []
+    have = {_norm(f.name.split("-")[0]) for f in files} | {_norm(n) for n in IMAGE_PROVIDES}
+    problems = []
+    for f in files:
+        if _norm(f.name.split("-")[0]) in VENDORS_ITS_REQUIREMENTS:
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                meta = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+                text = z.read(meta[0]).decode() if meta else ""
+        except zipfile.BadZipFile:
+            problems.append(f".whl/{f.name} is not a wheel (rerun scripts/gpu_wheels.sh)")
+            continue
+        for line in text.splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.partition(":")[2].strip())
+            if req.marker is not None and not req.marker.evaluate(GPU_MARKERS):
+                continue
+            if _norm(req.name) not in have:
+                problems.append(
+                    f".whl/{f.name} needs {req}, which neither .whl/ nor the GPU image has: add it to the "
+                    "wheel list in scripts/gpu_check.py"
+                )
     return problems
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,15 +58,33 @@ def test_the_wheel_list_follows_the_pins():
 
 def test_check_wheels_flags_missing_extra_and_duplicate_wheels(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "WHEEL_DIR", tmp_path)
-    for spec in gpu_check.wheel_specs():
-        name, version = spec.split("==")
-        (tmp_path / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"x")
+    _fake_wheels(tmp_path)
     assert gpu_check.check_wheels() == []
-    (tmp_path / "pyzmq-1.0-cp312-abi3-manylinux_2_28_x86_64.whl").write_bytes(b"x")
-    (tmp_path / "rich-15.0.0-py3-none-any.whl").write_bytes(b"x")
+    _fake_wheel(tmp_path / "pyzmq-1.0-cp312-abi3-manylinux_2_28_x86_64.whl")
+    _fake_wheel(tmp_path / "rich-15.0.0-py3-none-any.whl")
     next(tmp_path.glob("omegaconf-*")).unlink()
     problems = " | ".join(gpu_check.check_wheels())
     assert "pyzmq==" in problems and "omegaconf==" in problems and "unexpected rich" in problems
+
+
+def test_check_wheels_flags_a_requirement_that_neither_the_wheels_nor_the_image_have(tmp_path, monkeypatch):
+    """Requires-Dist lines whose markers hold on the GPU machine (CPython 3.12, x86-64 Linux, no extras)
+    must be met by another wheel or by the image; pip installs the wheels --no-deps there."""
+    pytest.importorskip("packaging")
+    monkeypatch.setattr(gpu_check, "WHEEL_DIR", tmp_path)
+    _fake_wheels(tmp_path)
+    liger = next(tmp_path.glob("liger_kernel-*"))
+    needs = ["torch>=2.1.2", "PyYAML>=5", "jaraco.nope>=1", "ruff; extra == 'dev'",
+             "cffi; implementation_name == 'pypy'", "backports.tarfile; python_version < '3.12'",
+             "execnet>=2.1"]  # fmt: skip
+    _fake_wheel(liger, needs)
+    (problem,) = gpu_check.check_wheels()
+    assert (
+        problem.startswith(f".whl/{liger.name} needs jaraco.nope>=1, which neither")
+        and "wheel list" in problem
+    )
+    liger.write_bytes(b"not a zip")
+    assert gpu_check.check_wheels() == [f".whl/{liger.name} is not a wheel (rerun scripts/gpu_wheels.sh)"]
 
 
 _SLOW_STEP = (  # sleeps far beyond its 2 s step timeout and the test's 60 s wait for the run
@@ -121,10 +140,19 @@ def test_a_step_past_its_timeout_fails_and_its_process_group_is_killed(tmp_path,
         pytest.fail(f"the step's child {child} outlived the step's timeout")
 
 
+def _fake_wheel(path: Path, requires: list[str] = ()) -> None:
+    """A stand-in wheel: a zip holding only its METADATA (with ``requires`` as Requires-Dist lines)."""
+    name, version = path.name.split("-")[:2]
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+
+
 def _fake_wheels(folder: Path) -> None:
     for spec in gpu_check.wheel_specs():
         name, version = spec.split("==")
-        (folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"x")
+        _fake_wheel(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl")
 
 
 def test_the_dry_run_checks_the_wheels_and_prints_the_plan_starting_nothing(tmp_path, monkeypatch, capsys):
