@@ -90,6 +90,7 @@ class Step:
     needs: list[str] = field(default_factory=list)  # files the step runs
     min_s: int = 0  # the least time worth starting it with (less left: SKIP); 0: a third of timeout_s
     wheels: bool = False  # needs what setup installs from .whl/ (pyzmq, omegaconf): SKIP when setup failed
+    takes_rest: bool = False  # the last row: runs for all the time the earlier rows left, not timeout_s
 
     def least_s(self) -> int:
         return self.min_s or max(5, self.timeout_s // 3)
@@ -108,16 +109,16 @@ def plan(work: Path, python: str) -> list[Step]:
              [*steps_py, "environment"], needs=[STEPS_PY]),
         Step("2", "extension", "pinned 256 MB alloc_host, H2D GB/s vs pageable", 10,
              [*steps_py, "extension", "--log", str(work / "install.log")], needs=[STEPS_PY]),
-        Step("3", "generation", "static-cache CUDA-graph decode vs eager: fp32 tokens, bf16 tokens/s", 40,
+        Step("3", "generation", "static-cache CUDA-graph decode vs eager: fp32 tokens, bf16 tokens/s", 30,
              [*steps_py, "generation"], needs=[*rows, E2E_PY], min_s=25),
-        Step("4", "receive", "GPU receive path (gloo carrying CUDA tensors) into a static-cache engine", 20,
+        Step("4", "receive", "GPU receive path (gloo carrying CUDA tensors) into a static-cache engine", 25,
              [*steps_py, "receive"], needs=rows, min_s=12),
         Step("5", "guard", "fused loss refuses out-of-range ids; reply value checks on CUDA tensors", 20,
              [*steps_py, "guard"], needs=rows, min_s=12),
         Step("6", "checkpoint", "torchrun 1 GPU, NCCL + FSDP2: DCP save in the background, resume, "
-             "bitwise next losses", 30, [*steps_py, "checkpoint", "--work", str(work / "checkpoint")],
+             "bitwise next losses", 40, [*steps_py, "checkpoint", "--work", str(work / "checkpoint")],
              needs=rows, min_s=20, wheels=True),
-        Step("7", "trainer", "torchrun 1 GPU, NCCL + FSDP2, fp32 master / bf16 compute, lr 1e-6", 25,
+        Step("7", "trainer", "torchrun 1 GPU, NCCL + FSDP2, fp32 master / bf16 compute, lr 1e-6", 30,
              [*steps_py, "trainer"], needs=[STEPS_PY], min_s=20, wheels=True),
         Step("8", "weights", "NCCL channel 1 GB bf16; gloo into a CUDA model, pinned", 20,
              [*steps_py, "weights"], needs=[STEPS_PY], min_s=15),
@@ -127,8 +128,8 @@ def plan(work: Path, python: str) -> list[Step]:
         Step("10", "e2e", "gkd train on one shared GPU, 0.5B/1.5B-shaped, sync vs two_step_off", 140,
              [*steps_py, "e2e", "--work", str(work / "e2e")], needs=[STEPS_PY, E2E_PY], min_s=100,
              wheels=True),
-        Step("11", "tests", "pytest " + " ".join(TESTS), 60, [*steps_py, "tests", *TESTS],
-             needs=[STEPS_PY, *TESTS], min_s=30, wheels=True),
+        Step("11", "tests", "pytest " + " ".join(TESTS), 50, [*steps_py, "tests", *TESTS],
+             needs=[STEPS_PY, *TESTS], min_s=30, wheels=True, takes_rest=True),
     ]  # fmt: skip
 
 
@@ -366,7 +367,8 @@ def run(args) -> int:
             if why is not None:
                 entry.update(status="SKIP", seconds=0.0, why=why)
             else:
-                entry.update(_run_one(step, min(step.timeout_s, left), work, env, log))
+                timeout = left if step.takes_rest else min(step.timeout_s, left)
+                entry.update(_run_one(step, timeout, work, env, log))
                 if step.key == "setup" and entry["status"] != "PASS":
                     setup_failed = True
                     print(

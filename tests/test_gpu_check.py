@@ -256,7 +256,7 @@ def test_rows_past_the_budget_or_without_their_wheels_are_skipped_and_the_json_f
 ):
     """setup fails: the row that needs the wheels is skipped, the others run; the second row reads
     gpu_check.json as the driver left it after the first; a row that the remaining budget cannot fit is
-    skipped, not failed, and the report still has every row."""
+    skipped, not failed, and the report still has every row; the last row takes the time left."""
     out = tmp_path / "out"
 
     def step(num, key, code, timeout=20, **kw):
@@ -280,6 +280,14 @@ def test_rows_past_the_budget_or_without_their_wheels_are_skipped_and_the_json_f
             min_s=1,
         ),
         step("4", "too_long", "json.dump({'status': 'PASS'}, open(out, 'w'))", timeout=30, min_s=25),
+        step(  # the last row runs for the time left, past its own 1 s
+            "5",
+            "rest",
+            "import time; time.sleep(2); json.dump({'status': 'PASS'}, open(out, 'w'))",
+            timeout=1,
+            min_s=1,
+            takes_rest=True,
+        ),
     ]
     monkeypatch.setattr(gpu_check, "plan", lambda work, python: steps)
     monkeypatch.setattr(gpu_check, "TOTAL_BUDGET_S", 25)
@@ -288,7 +296,7 @@ def test_rows_past_the_budget_or_without_their_wheels_are_skipped_and_the_json_f
     report = json.loads((out / "gpu_check.json").read_text())
     status = {s["key"]: s["status"] for s in report["steps"]}
     assert status == {"setup": "FAIL", "needs_wheels": "SKIP", "first": "PASS", "reader": "PASS",
-                      "too_long": "SKIP"}  # fmt: skip
+                      "too_long": "SKIP", "rest": "PASS"}  # fmt: skip
     rows = {s["key"]: s for s in report["steps"]}
     assert rows["reader"]["figures"]["seen"] == ["setup", "needs_wheels", "first"]
     assert "setup failed" in rows["needs_wheels"]["why"] and "out of time" in rows["too_long"]["why"]
