@@ -64,24 +64,26 @@ def _tokens_per_s(engine, prompts, sampling, reps: int) -> tuple[float, float]:
 
 
 def _teacher_static_equal(model, dev: str, prompts, new: int) -> bool:
-    """The teacher's ``generate`` through the static steps gives the transformers path's greedy answers and
-    top-8 ids (log-probs within 1e-3)."""
+    """The teacher's ``generate`` through the static steps gives the transformers path's answers and
+    top-8 ids (log-probs within 1e-3), greedy and seeded-sampled (the row's uniforms on the model's
+    device)."""
     import torch
 
     from gkd.teacher.hf_engine import HFTeacherEngine
     from gkd.teacher.types import GenerateSettings
 
-    settings = GenerateSettings(max_new_tokens=new, temperature=0.0)
-    got, want = [
-        HFTeacherEngine(model, device=dev, static_cache=flag).generate(prompts, settings, top_k=8)
-        for flag in (True, False)
-    ]
-    return all(
-        a.response_ids == b.response_ids
-        and torch.equal(a.output.topk_ids, b.output.topk_ids)
-        and bool((a.output.topk_logprobs - b.output.topk_logprobs).abs().max() <= 1e-3)
-        for a, b in zip(got, want, strict=True)
-    )
+    engines = [HFTeacherEngine(model, device=dev, static_cache=flag) for flag in (True, False)]
+    for settings in (GenerateSettings(max_new_tokens=new, temperature=0.0),
+                     GenerateSettings(max_new_tokens=new, temperature=1.0, seed=3)):  # fmt: skip
+        got, want = [e.generate(prompts, settings, top_k=8) for e in engines]
+        if not all(
+            a.response_ids == b.response_ids
+            and torch.equal(a.output.topk_ids, b.output.topk_ids)
+            and bool((a.output.topk_logprobs - b.output.topk_logprobs).abs().max() <= 1e-3)
+            for a, b in zip(got, want, strict=True)
+        ):
+            return False
+    return True
 
 
 def step_generation(args) -> dict:
@@ -113,7 +115,7 @@ def step_generation(args) -> dict:
     greedy = SamplingConfig(max_new_tokens=new // 2, temperature=0.0)
     same, diff = _same_answers(static.generate(prompts, greedy), eager.generate(prompts, greedy))
     figs.update(fp32_greedy_rows_equal=f"{same}/{rows}", fp32_logprob_max_diff=diff)
-    figs["teacher_fp32_greedy_equal"] = _teacher_static_equal(model, dev, prompts, new // 2)
+    figs["teacher_fp32_equal"] = _teacher_static_equal(model, dev, prompts, new // 2)
     del static, eager  # their graphs read the float32 weights
     model.to(torch.bfloat16)
     static, eager = engines()
@@ -132,7 +134,7 @@ def step_generation(args) -> dict:
     ok = (
         same == rows
         and diff <= 1e-3
-        and figs["teacher_fp32_greedy_equal"]
+        and figs["teacher_fp32_equal"]
         and (figs["static_over_eager"] > 1.0 and figs["static_graphs"] == 1 or not gpu)
     )
     headline = (

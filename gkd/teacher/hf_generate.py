@@ -58,12 +58,13 @@ def generate_answers(
     return out
 
 
-def _uniforms(gens, rows: int, greedy: bool) -> torch.Tensor | None:
+def _uniforms(gens, rows: int, greedy: bool, device: torch.device) -> torch.Tensor | None:
+    """One uniform per row from the rows' CPU generators, on ``device`` (where the logits are)."""
     if greedy:
         return None
     if gens is None:
-        return torch.rand(rows, dtype=torch.float64)
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+        return torch.rand(rows, dtype=torch.float64).to(device)
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(device)
 
 
 def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, temperature: float, first: int):
@@ -107,7 +108,7 @@ def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, tem
             logits = head(hidden).float()  # [B, V]
             if static is not None:  # the prompt pass filled the cache: the static steps take over
                 steps = static.get(b, width + n).start(cache, attn)
-        tok, _, _ = sample_rows(logits, sampling, _uniforms(gens, b, greedy))
+        tok, _, _ = sample_rows(logits, sampling, _uniforms(gens, b, greedy, dev))
         scaled = logits / temperature if temperature != 1.0 else logits
         logp = torch.log_softmax(scaled, dim=-1)
         lp, ix = logp.topk(top_k, dim=-1)
