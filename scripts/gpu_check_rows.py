@@ -149,6 +149,36 @@ def step_generation(args) -> dict:
 # ------------------------------------------------------------------------------------------ receive
 
 
+def _send_one_version(tx, source, receivers) -> list[int]:
+    """Version 1 of ``source`` (fp32 on the wire) sent on ``tx`` from a thread; ``receivers`` handshake and
+    receive it in threads of their own. Returns the versions they staged (the sender's error is raised)."""
+    import torch
+
+    from gkd.weights import WeightSender
+
+    errors: list[BaseException] = []
+
+    def send():
+        try:
+            sender = WeightSender(tx, source, dtype=torch.float32, bucket_bytes=16 << 20)
+            sender.handshake()
+            sender.sync(1)
+            sender.close()
+        except BaseException as e:  # raised below, in the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    with ThreadPoolExecutor(len(receivers)) as pool:
+        for f in [pool.submit(r.handshake) for r in receivers]:
+            f.result(timeout=120)
+        versions = [f.result(timeout=120) for f in [pool.submit(r.receive) for r in receivers]]
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    return versions
+
+
 def step_receive(args) -> dict:
     """One weight version from a sender to two receivers over gloo carrying CUDA tensors, i.e. through the
     receive code of a GPU channel (NCCL needs two GPUs for two ranks): one stages in pinned host memory
@@ -158,7 +188,7 @@ def step_receive(args) -> dict:
 
     from gkd.rollout.hf_engine import HFRolloutEngine
     from gkd.rollout.types import SamplingConfig
-    from gkd.weights import WeightReceiver, WeightSender, init_weight_group
+    from gkd.weights import WeightReceiver, init_weight_group
 
     gpu, dev = _on_gpu(), _device()
     shape, vocab = (MID, 32000) if gpu else (SMALL, 512)
@@ -181,32 +211,13 @@ def step_receive(args) -> dict:
         WeightReceiver(rx_engine, target, staging="host", pin=gpu, bounce=True),
         WeightReceiver(rx_module, plain, staging="device"),
     ]
-    errors: list[BaseException] = []
-
-    def send():
-        try:
-            sender = WeightSender(tx, source, dtype=torch.float32, bucket_bytes=16 << 20)
-            sender.handshake()
-            sender.sync(1)
-            sender.close()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
     start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        for f in [pool.submit(r.handshake) for r in receivers]:
-            f.result(timeout=120)
-        versions = [f.result(timeout=120) for f in [pool.submit(r.receive) for r in receivers]]
+    versions = _send_one_version(tx, source, receivers)
     received = time.perf_counter() - start
     receivers[0].apply(engine)
     receivers[1].apply(plain)
     _sync()
     seconds = time.perf_counter() - start
-    thread.join(60)
-    if errors:
-        raise errors[0]
     want = dict(source.named_parameters())
     identical = [
         all(torch.equal(p.detach(), want[n].detach()) for n, p in m.named_parameters())
