@@ -13,11 +13,10 @@ import dataclasses
 import math
 import os
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gpu_check_steps import _free_port, _on_gpu, _sync, _tiny_qwen, random_batch
+from gpu_check_steps import _free_port, _on_gpu, _sync, _tiny_qwen, random_batch, start_sender
 
 #: The tiny model of the CPU smoke runs and of the GPU rows that need no realistic size.
 SMALL = dict(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2)
@@ -154,21 +153,7 @@ def _send_one_version(tx, source, receivers) -> list[int]:
     receive it in threads of their own. Returns the versions they staged (the sender's error is raised)."""
     import torch
 
-    from gkd.weights import WeightSender
-
-    errors: list[BaseException] = []
-
-    def send():
-        try:
-            sender = WeightSender(tx, source, dtype=torch.float32, bucket_bytes=16 << 20)
-            sender.handshake()
-            sender.sync(1)
-            sender.close()
-        except BaseException as e:  # raised below, in the caller
-            errors.append(e)
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
+    thread, errors = start_sender(tx, source, torch.float32)
     with ThreadPoolExecutor(len(receivers)) as pool:
         for f in [pool.submit(r.handshake) for r in receivers]:
             f.result(timeout=120)

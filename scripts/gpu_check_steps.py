@@ -458,12 +458,33 @@ def _nccl_channel() -> dict:
     return figs
 
 
+def start_sender(tx, source, dtype) -> tuple[threading.Thread, list[BaseException]]:
+    """Version 1 of ``source`` sent on the weight group ``tx`` (16 MiB buckets of ``dtype``) from a started
+    thread; returns it and the list its error lands in (for the receiving side to raise)."""
+    from gkd.weights import WeightSender
+
+    errors: list[BaseException] = []
+
+    def send():
+        try:
+            sender = WeightSender(tx, source, dtype=dtype, bucket_bytes=16 << 20)
+            sender.handshake()
+            sender.sync(1)
+            sender.close()
+        except BaseException as e:  # reported by the receiving side
+            errors.append(e)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread, errors
+
+
 def _gloo_into_cuda_model() -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from gkd.weights import WeightReceiver, WeightSender, init_weight_group
+    from gkd.weights import WeightReceiver, init_weight_group
 
     port = _free_port()
     with ThreadPoolExecutor(2) as pool:
@@ -476,19 +497,7 @@ def _gloo_into_cuda_model() -> dict:
     engine = _tiny_qwen(32000, hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2)
     engine = engine.to("cuda" if _on_gpu() else "cpu", torch.bfloat16)
     receiver = WeightReceiver(rx, engine, staging="host", pin=_on_gpu())
-    errors: list = []
-
-    def send():
-        try:
-            sender = WeightSender(tx, source, dtype=torch.bfloat16, bucket_bytes=16 << 20)
-            sender.handshake()
-            sender.sync(1)
-            sender.close()
-        except BaseException as e:  # reported by the receiving side
-            errors.append(e)
-
-    t = threading.Thread(target=send, daemon=True)
-    t.start()
+    t, errors = start_sender(tx, source, torch.bfloat16)
     receiver.handshake()
     start = time.perf_counter()
     version = receiver.receive()
@@ -538,17 +547,6 @@ def step_e2e(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 
-STEPS = {
-    "setup": step_setup,
-    "environment": step_environment,
-    "extension": step_extension,
-    "tests": step_tests,
-    "trainer": step_trainer,
-    "trainer-rank": step_trainer_rank,
-    "weights": step_weights,
-    "e2e": step_e2e,
-}
-
 
 def _row(name: str):
     """A step whose body lives in scripts/gpu_check_rows.py (imported when the step runs)."""
@@ -561,9 +559,17 @@ def _row(name: str):
     return run
 
 
-STEPS.update(
-    {name: _row(name) for name in ("generation", "receive", "guard", "checkpoint", "checkpoint-rank")}
-)
+STEPS = {
+    "setup": step_setup,
+    "environment": step_environment,
+    "extension": step_extension,
+    "tests": step_tests,
+    "trainer": step_trainer,
+    "trainer-rank": step_trainer_rank,
+    "weights": step_weights,
+    "e2e": step_e2e,
+    **{name: _row(name) for name in ("generation", "receive", "guard", "checkpoint", "checkpoint-rank")},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
