@@ -322,13 +322,30 @@ def step_trainer(args) -> dict:
     return json.loads(Path(args.json).read_text())
 
 
+def random_batch(vocab: int, k: int, seed: int, rows: int = 16) -> tuple[list, list]:
+    """``rows`` random samples (24 prompt + 96 response tokens) and teacher top-``k`` outputs for them."""
+    import torch
+
+    from gkd.rollout.types import Sample
+    from gkd.teacher.types import TeacherOutput
+
+    g = torch.Generator().manual_seed(seed)
+    samples, teachers = [], []
+    for _ in range(rows):
+        prompt = torch.randint(3, vocab, (24,), generator=g).tolist()
+        resp = torch.randint(3, vocab, (96,), generator=g).tolist()
+        samples.append(Sample(prompt, resp, torch.full((96,), -8.0), "length", 0))
+        ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(96)]).int()
+        lp = torch.log_softmax(torch.randn(96, k, generator=g) * 2, -1) - 0.05
+        teachers.append(TeacherOutput(ids, lp.sort(-1, descending=True).values, lp[:, 0]))
+    return samples, teachers
+
+
 def step_trainer_rank(args) -> dict:
     import torch
     import torch.distributed as dist
 
     from gkd.config import load_config
-    from gkd.rollout.types import Sample
-    from gkd.teacher.types import TeacherOutput
     from gkd.trainer import _init_distributed, shard_fsdp2
     from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
 
@@ -352,15 +369,7 @@ def step_trainer_rank(args) -> dict:
     model = _tiny_qwen(vocab, hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2).to(device)
     model = shard_fsdp2(model, device, torch.bfloat16)
     optimizer, lr_sched = build_optimizer(model, cfg.optim, total_steps=10)
-    g = torch.Generator().manual_seed(1)
-    samples, teachers = [], []
-    for _ in range(16):
-        prompt = torch.randint(3, vocab, (24,), generator=g).tolist()
-        resp = torch.randint(3, vocab, (96,), generator=g).tolist()
-        samples.append(Sample(prompt, resp, torch.full((96,), -8.0), "length", 0))
-        ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(96)]).int()
-        lp = torch.log_softmax(torch.randn(96, k, generator=g) * 2, -1) - 0.05
-        teachers.append(TeacherOutput(ids, lp.sort(-1, descending=True).values, lp[:, 0]))
+    samples, teachers = random_batch(vocab, k, seed=1)
     full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()  # noqa: E731
     before = {n: full(p).float().clone() for n, p in model.named_parameters()}
     micro = pack_micro_batches(samples, teachers, 4096, pad_id=0)
@@ -449,12 +458,33 @@ def _nccl_channel() -> dict:
     return figs
 
 
+def start_sender(tx, source, dtype) -> tuple[threading.Thread, list[BaseException]]:
+    """Version 1 of ``source`` sent on the weight group ``tx`` (16 MiB buckets of ``dtype``) from a started
+    thread; returns it and the list its error lands in (for the receiving side to raise)."""
+    from gkd.weights import WeightSender
+
+    errors: list[BaseException] = []
+
+    def send():
+        try:
+            sender = WeightSender(tx, source, dtype=dtype, bucket_bytes=16 << 20)
+            sender.handshake()
+            sender.sync(1)
+            sender.close()
+        except BaseException as e:  # reported by the receiving side
+            errors.append(e)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread, errors
+
+
 def _gloo_into_cuda_model() -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from gkd.weights import WeightReceiver, WeightSender, init_weight_group
+    from gkd.weights import WeightReceiver, init_weight_group
 
     port = _free_port()
     with ThreadPoolExecutor(2) as pool:
@@ -467,19 +497,7 @@ def _gloo_into_cuda_model() -> dict:
     engine = _tiny_qwen(32000, hidden=512, layers=4, intermediate=1408, heads=8, kv_heads=2)
     engine = engine.to("cuda" if _on_gpu() else "cpu", torch.bfloat16)
     receiver = WeightReceiver(rx, engine, staging="host", pin=_on_gpu())
-    errors: list = []
-
-    def send():
-        try:
-            sender = WeightSender(tx, source, dtype=torch.bfloat16, bucket_bytes=16 << 20)
-            sender.handshake()
-            sender.sync(1)
-            sender.close()
-        except BaseException as e:  # reported by the receiving side
-            errors.append(e)
-
-    t = threading.Thread(target=send, daemon=True)
-    t.start()
+    t, errors = start_sender(tx, source, torch.bfloat16)
     receiver.handshake()
     start = time.perf_counter()
     version = receiver.receive()
@@ -529,6 +547,18 @@ def step_e2e(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 
+
+def _row(name: str):
+    """A step whose body lives in scripts/gpu_check_rows.py (imported when the step runs)."""
+
+    def run(args) -> dict:
+        import gpu_check_rows
+
+        return getattr(gpu_check_rows, "step_" + name.replace("-", "_"))(args)
+
+    return run
+
+
 STEPS = {
     "setup": step_setup,
     "environment": step_environment,
@@ -538,6 +568,7 @@ STEPS = {
     "trainer-rank": step_trainer_rank,
     "weights": step_weights,
     "e2e": step_e2e,
+    **{name: _row(name) for name in ("generation", "receive", "guard", "checkpoint", "checkpoint-rank")},
 }
 
 
@@ -548,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", help="setup: the temp site dir (pip --target)")
     p.add_argument("--wheels", help="setup: the folder of wheels")
     p.add_argument("--log", help="setup: write the build log here; extension: read it")
-    p.add_argument("--work", help="e2e: scratch folder for models and runs")
+    p.add_argument("--work", help="e2e, checkpoint: scratch folder for models, runs and checkpoints")
     p.add_argument(
         "--budget",
         type=float,

@@ -32,8 +32,9 @@ from gkd.rollout.llama_decode import (
     packing_for,
     unsupported_reason,
 )
+from gkd.rollout.static_decode import StaticStepsCache, static_cache_default
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
-from gkd.transport.worker import check_cancelled
+from gkd.transport.cancel import check_cancelled
 from gkd.vocab import has_tokenizer, load_tokenizer, stop_token_ids
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -284,6 +285,10 @@ class HFRolloutEngine:
     are never sampled nor among the top-m. ``stop_ids``: ids that end every response besides a request's
     own ``stop_token_ids`` (:meth:`from_pretrained`: the model's generation-config eos ids and the
     tokenizer's eos).
+    ``static_cache``: decode Llama-family models through
+    :class:`~gkd.rollout.static_decode.StaticLlamaSteps` (fixed KV buffers and batch, one CUDA graph replay
+    per step on a GPU; None: on CUDA devices unless ``GKD_STATIC_CACHE=0``; on CPU, True runs the same
+    static-shape steps eagerly).
     """
 
     def __init__(
@@ -297,6 +302,7 @@ class HFRolloutEngine:
         fused: bool | None = None,
         token_ids: int | None = None,
         stop_ids: Sequence[int] = (),
+        static_cache: bool | None = None,
     ):
         self.model = model.eval()
         self.device = torch.device(device)
@@ -321,6 +327,13 @@ class HFRolloutEngine:
                 f"fused=True: this model cannot use the fused decode steps: {unsupported_reason(model)}"
             )
         self.fused = fused
+        if static_cache is None:
+            static_cache = self.fused and static_cache_default(self.device)
+        elif static_cache and not self.fused:
+            raise ValueError(
+                "static_cache=True needs the fused decode steps (fused=False, or an unsupported model)"
+            )
+        self.static_steps = StaticStepsCache(model) if static_cache else None
         self.fused_weights = FusedWeights(model) if self.fused and prepack else None
         self.linears = PackedLinears(model, prepack and not self.fused)
 
@@ -451,7 +464,7 @@ class HFRolloutEngine:
                 alive = int(live.sum())  # a host sync, once per step and only with stop tokens
                 if alive == 0:
                     break
-                if 2 * alive <= len(rows):  # drop finished rows from the batch and the KV cache
+                if 2 * alive <= len(rows) and steps.drops_rows:  # finished rows leave the batch and cache
                     keep = live.nonzero()[:, 0]
                     steps.select(keep)
                     rows = [rows[j] for j in keep.tolist()]
@@ -488,6 +501,9 @@ class HFRolloutEngine:
         hidden = self.model.model(
             input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
         ).last_hidden_state[:, -1]  # [B, H], after the final norm
+        if self.static_steps is not None:
+            steps = self.static_steps.get(ids.shape[0], capacity).start(cache, attn)
+            return self.model.get_output_embeddings()(hidden).float(), steps
         if weights is not None and in_packed_rows(hidden.shape[0]):
             logits = weights.logits(hidden)
         else:
@@ -497,6 +513,8 @@ class HFRolloutEngine:
 
 class ModelSteps:
     """Decode steps through the transformers model itself (any architecture), on a reserved cache."""
+
+    drops_rows = True
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache

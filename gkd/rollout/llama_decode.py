@@ -235,18 +235,7 @@ class FusedLlamaSteps:
     needed; without it SDPA runs unmasked)."""
 
     def __init__(self, model, weights: FusedWeights | None, cache, capacity: int, padded: bool):
-        cfg = model.config
-        self.model, self.w = model, weights
-        inner = model.model
-        self.layers, self.norm, self.rotary, self.embed = (
-            inner.layers,
-            inner.norm,
-            inner.rotary_emb,
-            inner.embed_tokens,
-        )
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.scale = self.head_dim**-0.5
+        self._bind(model, weights)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for layer in cache.layers:
@@ -260,6 +249,21 @@ class FusedLlamaSteps:
         self.length = cache.layers[0].keys.shape[2]
         self.padded = padded
 
+    def _bind(self, model, weights: FusedWeights | None) -> None:
+        """The model's modules and attention shapes the steps read."""
+        cfg = model.config
+        self.model, self.w = model, weights
+        inner = model.model
+        self.layers, self.norm, self.rotary, self.embed = (
+            inner.layers,
+            inner.norm,
+            inner.rotary_emb,
+            inner.embed_tokens,
+        )
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave)."""
         self.keys = [k.index_select(0, keep) for k in self.keys]
@@ -272,17 +276,43 @@ class FusedLlamaSteps:
         swapped = x.view(b, n, 2, d // 2).flip(2).view(b, n, d)
         return torch.addcmul(x * cos, swapped, sin_signed)
 
+    #: Whether :meth:`select` shrinks the batch (the static steps keep every row: their shapes are fixed).
+    drops_rows = True
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """``tokens`` [B] long, ``positions`` [B, 1] long, ``attn`` [B, length + 1] (1: a real position, 0:
         padding). Returns logits [B, V] float32."""
+        t = self.length
+        mask = attn[:, None, None, : t + 1].bool() if self.padded else None
+        logits = self.forward(tokens, positions, lambda i, q, k, v: self._attend(i, q, k, v, t, mask))
+        self.length = t + 1
+        return logits
+
+    def _attend(self, i: int, q, k, v, t: int, mask) -> torch.Tensor:
+        """Layer ``i``'s new key and value written at position ``t``, then SDPA of ``q`` [B, heads, D] over
+        positions ``0..t`` (``mask`` [B, 1, 1, t + 1] or None). Returns [B, heads * D]."""
+        self.keys[i][:, :, t] = k
+        self.values[i][:, :, t] = v
+        att = F.scaled_dot_product_attention(
+            q[:, :, None],
+            self.keys[i][:, :, : t + 1],
+            self.values[i][:, :, : t + 1],
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=self.heads != self.kv_heads,
+        )
+        return att.reshape(q.shape[0], -1)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """One decode step of every layer: ``attend(i, q [B, heads, D], k [B, kv_heads, D], v [B, kv_heads,
+        D])`` stores layer ``i``'s new key and value and returns its attention output [B, heads * D]. Returns
+        logits [B, V] float32."""
         b = tokens.shape[0]
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
-        t = self.length
         x = self.embed(tokens)  # [B, H]
         cos, sin = self.rotary(x[:, None], positions)  # [B, 1, D] each
         half = d // 2
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        mask = attn[:, None, None, : t + 1].bool() if self.padded else None
         packed = self.w is not None and in_packed_rows(b)
         for i, layer in enumerate(self.layers):
             wl = self.w.layers[i] if packed else None
@@ -299,16 +329,7 @@ class FusedLlamaSteps:
                 at = layer.self_attn
                 qk = torch.cat([_rms_norm(at.q_norm, qk[:, :h]), _rms_norm(at.k_norm, qk[:, h:])], dim=1)
             qk = self._rope(qk, cos, sin_signed)
-            self.keys[i][:, :, t] = qk[:, h:]
-            self.values[i][:, :, t] = qkv[:, (h + kvh) * d :].view(b, kvh, d)
-            att = F.scaled_dot_product_attention(
-                qk[:, :h, None],
-                self.keys[i][:, :, : t + 1],
-                self.values[i][:, :, : t + 1],
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=h != kvh,
-            ).reshape(b, h * d)
+            att = attend(i, qk[:, :h], qk[:, h:], qkv[:, (h + kvh) * d :].view(b, kvh, d))
             if packed:
                 x = x + packed_linear(att, wl["o"], wl["o_bias"])
                 gu = packed_linear(_rms_norm(layer.post_attention_layernorm, x), wl["gate_up"])
@@ -317,7 +338,6 @@ class FusedLlamaSteps:
             else:
                 x = x + layer.self_attn.o_proj(att)
                 x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
-        self.length = t + 1
         x = _rms_norm(self.norm, x)
         if packed:
             return packed_linear(x, self.w.lm_head).float()

@@ -37,6 +37,19 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     return batches
 
 
+def _static_steps(model, device: torch.device, wanted: bool | None):
+    """The engine's static decode steps for ``generate`` (None: it decodes through the transformers model)."""
+    from gkd.rollout.llama_decode import unsupported_reason
+    from gkd.rollout.static_decode import StaticStepsCache, static_cache_default
+
+    reason = unsupported_reason(model)
+    if wanted and reason is not None:
+        raise ValueError(f"static_cache=True: this model cannot use the static decode steps: {reason}")
+    if wanted is None:
+        wanted = reason is None and static_cache_default(device)
+    return StaticStepsCache(model) if wanted else None
+
+
 class HFTeacherEngine:
     """``score(sequences, top_k, temperature, requested_ids=None) -> list[TeacherOutput]`` and
     ``generate(prompts, settings, top_k, temperature) -> list[TeacherAnswer]`` with a transformers model.
@@ -45,7 +58,11 @@ class HFTeacherEngine:
 
     ``token_ids``: the real vocabulary (``len(tokenizer)``; None: every embedding row). Rows past it (an
     embedding padded to a multiple of 64 or 128) get log-prob -inf: never among the top-k, so a student
-    whose embedding is padded less never receives an id it has no logit for."""
+    whose embedding is padded less never receives an id it has no logit for.
+
+    ``static_cache``: ``generate`` decodes Llama-family models through
+    :class:`~gkd.rollout.static_decode.StaticLlamaSteps` (one CUDA graph replay per token on a GPU; None:
+    on CUDA devices unless ``GKD_STATIC_CACHE=0``; on CPU, True runs the same steps eagerly)."""
 
     def __init__(
         self,
@@ -58,6 +75,7 @@ class HFTeacherEngine:
         logprob_dtype: str = "float32",
         max_len: int | None = None,
         token_ids: int | None = None,
+        static_cache: bool | None = None,
     ):
         if logprob_dtype not in LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r} is not one of {sorted(LOGPROB_DTYPES)}")
@@ -72,6 +90,7 @@ class HFTeacherEngine:
         self.token_ids = min(int(token_ids), self.vocab_size) if token_ids else self.vocab_size
         self.max_len = int(max_len or getattr(config, "max_position_embeddings", 4096))
         self.model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+        self.static_steps = _static_steps(model, self.device, static_cache)
 
     @classmethod
     def from_pretrained(cls, path: str, *, gguf_file: str | None = None, dtype: str = "float32", **kwargs):

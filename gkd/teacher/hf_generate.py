@@ -19,7 +19,7 @@ import torch
 from gkd.rollout.hf_engine import sample_rows
 from gkd.rollout.types import SamplingConfig
 from gkd.teacher.types import GenerateSettings, TeacherAnswer, TeacherOutput
-from gkd.transport.worker import check_cancelled
+from gkd.transport.cancel import check_cancelled
 
 
 def plan_prompt_batches(
@@ -58,12 +58,13 @@ def generate_answers(
     return out
 
 
-def _uniforms(gens, rows: int, greedy: bool) -> torch.Tensor | None:
+def _uniforms(gens, rows: int, greedy: bool, device: torch.device) -> torch.Tensor | None:
+    """One uniform per row from the rows' CPU generators, on ``device`` (where the logits are)."""
     if greedy:
         return None
     if gens is None:
-        return torch.rand(rows, dtype=torch.float64)
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+        return torch.rand(rows, dtype=torch.float64).to(device)
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(device)
 
 
 def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, temperature: float, first: int):
@@ -91,17 +92,23 @@ def _generate_batch(engine, prompts, settings: GenerateSettings, top_k: int, tem
     lengths = torch.full((b,), n, dtype=torch.long)
     live = torch.ones(b, dtype=torch.bool)
     step_ids, step_pos = ids, pos
+    static, steps = getattr(engine, "static_steps", None), None  # gkd.rollout.static_decode, on a GPU
     for step in range(n):
         check_cancelled()  # the broker withdrew the request: stop here
-        hidden = model.base_model(
-            input_ids=step_ids,
-            attention_mask=attn,
-            position_ids=step_pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
-        logits = head(hidden).float()  # [B, V]
-        tok, _, _ = sample_rows(logits, sampling, _uniforms(gens, b, greedy))
+        if steps is not None:  # one graph replay (after the prompt pass)
+            logits = steps.step(step_ids[:, 0], step_pos, attn)
+        else:
+            hidden = model.base_model(
+                input_ids=step_ids,
+                attention_mask=attn,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            logits = head(hidden).float()  # [B, V]
+            if static is not None:  # the prompt pass filled the cache: the static steps take over
+                steps = static.get(b, width + n).start(cache, attn)
+        tok, _, _ = sample_rows(logits, sampling, _uniforms(gens, b, greedy, dev))
         scaled = logits / temperature if temperature != 1.0 else logits
         logp = torch.log_softmax(scaled, dim=-1)
         lp, ix = logp.topk(top_k, dim=-1)

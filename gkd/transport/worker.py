@@ -46,6 +46,7 @@ import zmq
 
 from gkd.transport import auth as _auth
 from gkd.transport.auth import Auth, AuthError
+from gkd.transport.cancel import Cancelled, _current, cancel_event, check_cancelled  # noqa: F401 (re-exported)
 from gkd.transport.codec import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
@@ -74,29 +75,10 @@ Handler = Callable[
 ]
 
 
-class Cancelled(RuntimeError):
-    """The broker withdrew the request this handler is running (raised by ``check_cancelled``)."""
-
-
 class HandBack(RuntimeError):
     """Raised by a handler that cannot serve its request on this worker for now: the worker leaves the
     broker (which re-queues the request for another worker, counting the attempt) and announces itself
     again once its ``available()`` is true."""
-
-
-_current = threading.local()  # the handler thread's job cancel event (each handler has its own thread)
-
-
-def cancel_event() -> threading.Event | None:
-    """The running request's cancel event, in a handler thread (None elsewhere)."""
-    return getattr(_current, "cancel", None)
-
-
-def check_cancelled() -> None:
-    """Raise ``Cancelled`` if the request this handler thread runs was withdrawn; a no-op elsewhere."""
-    event = cancel_event()
-    if event is not None and event.is_set():
-        raise Cancelled("request withdrawn by the broker (its client gave up, or the job deadline passed)")
 
 
 class _Job:
