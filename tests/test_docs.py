@@ -6,6 +6,7 @@ their own nodes run verbatim."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ import tomllib
 
 import pytest
 
-from tests.tiny_run import ROOT, load_script
+from tests.tiny_run import ROOT, load_script, tiny_fixture
 
 gen = load_script("gen_config_docs")
 
@@ -154,3 +155,111 @@ def test_the_generator_cli_reports_a_stale_file(tmp_path, monkeypatch):
     (tmp_path / "configuration.md").write_text("old\n")
     assert gen.main(["--check"]) == 1
     assert gen.main([]) == 0 and gen.main(["--check"]) == 0
+
+
+# ------------------------------------------------------------- services on machines of their own, verbatim
+
+SERVICES_MARK = "<!-- docs-test: services-on-their-own-machines"
+tiny = tiny_fixture(num_prompts=16)
+
+
+def marked_commands(text: str, mark: str = SERVICES_MARK) -> list[str]:
+    """The commands of the ```bash block right after ``mark``: comment lines dropped, continuation lines
+    joined, each command as written."""
+    after = text.split(mark, 1)[1].split("\n", 1)[1]
+    assert after.startswith("```bash\n"), f"{mark}: no ```bash block right after it"
+    block = after[len("```bash\n") :].split("```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.strip()
+        if current.endswith("\\"):
+            current = current[:-1].rstrip() + " "
+        else:
+            commands.append(current)
+            current = ""
+    return commands
+
+
+def test_the_marked_commands_are_read_as_written():
+    text = "x\n<!-- m -->\n```bash\n# a comment\ngkd a --b 1 \\\n  --c \"$D\"\n\ngkd e\n```\nafter\n"
+    assert marked_commands(text, "<!-- m -->") == ['gkd a --b 1 --c "$D"', "gkd e"]
+
+
+def _service_ports(commands: list[str]) -> dict[str, int]:
+    """The documented port numbers; they must be the config's defaults (the trainer line relies on it)."""
+    from gkd.config import RolloutConfig, TeacherConfig
+
+    teacher, rollout = shlex.split(commands[0]), shlex.split(commands[1])
+    ports = {
+        "teacher": int(_flag(teacher, "--port")),
+        "teacher_backend": int(_flag(teacher, "--backend-port")),
+        "rollout": int(_flag(rollout, "--port")),
+        "rollout_backend": int(_flag(rollout, "--backend-port")),
+        "weights": int(_flag(rollout, "--weight-channel").rsplit(":", 1)[1]),
+    }
+    t, r = TeacherConfig(), RolloutConfig()
+    assert ports == {"teacher": t.server_port, "teacher_backend": t.backend_port, "rollout": r.server_port,
+                     "rollout_backend": r.backend_port, "weights": r.weight_port}  # fmt: skip
+    return ports
+
+
+@pytest.mark.slow
+def test_services_on_their_own_machines_run_as_the_readme_says(tiny, tmp_path):
+    """The README's three commands (teacher, rollout, trainer on machines of their own), run verbatim with
+    every host 127.0.0.1, the tiny models and a config of the test's; only the documented port numbers are
+    moved to free ports (so parallel runs do not collide)."""
+    import re
+    import secrets
+
+    from gkd.config import load_config, to_yaml
+    from gkd.launch import wait_healthy
+    from gkd.rollout.client import RolloutClient
+    from gkd.teacher.client import TeacherClient
+    from gkd.transport.process import stop_children
+    from tests.transport.helpers import free_port
+
+    commands = marked_commands((ROOT / "README.md").read_text())
+    assert [c.split()[:3] for c in commands] == [["gkd", "teacher", "serve"], ["gkd", "rollout", "serve"],
+                                                 ["gkd", "train", "--config"]]  # fmt: skip
+    assert all("--host" in shlex.split(c) for c in commands[:2])
+    documented = _service_ports(commands)
+    ports = {name: free_port() for name in documented}
+    moved = {str(documented[n]): str(ports[n]) for n in documented}
+    commands = [re.sub(r"\b(\d{4,5})\b", lambda m: moved.get(m[1], m[1]), c) for c in commands]
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    overrides = [f"model.student_path={tiny['student']}", f"teacher.model_path={tiny['teacher']}",
+                 f"data.train_files=[{tiny['prompts']}]", f"trainer.output_dir={out}", "trainer.total_steps=2", "rollout.max_new_tokens=8",
+                 "trainer.nproc_per_node=1", "trainer.save_freq=0", "logging.progress_bar=false",
+                 f"teacher.server_port={ports['teacher']}", f"rollout.server_port={ports['rollout']}",
+                 f"rollout.weight_port={ports['weights']}"]  # fmt: skip
+    config.write_text(to_yaml(load_config(["configs/cpu_tiny.yaml"], overrides)))
+    bin_dir = tmp_path / "bin"  # `gkd` is this interpreter's gkd (the tree under test)
+    bin_dir.mkdir()
+    (bin_dir / "gkd").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m gkd.cli "$@"\n')
+    (bin_dir / "gkd").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TEACHER_HOST": "127.0.0.1", "ROLLOUT_HOST": "127.0.0.1",
+           "TRAINER_HOST": "127.0.0.1", "TEACHER": tiny["teacher"], "STUDENT": tiny["student"],
+           "CONFIG": str(config), "GKD_CHANNEL_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    services = []
+    try:
+        for command, client_cls, port in [(commands[0], TeacherClient, ports["teacher"]),
+                                          (commands[1], RolloutClient, ports["rollout"])]:  # fmt: skip
+            log = open(tmp_path / f"{command.split()[1]}.log", "wb")  # noqa: SIM115 (closed with the process)
+            services.append(subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path, env=env,
+                                             stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+            with client_cls(f"127.0.0.1:{port}", timeout_s=5, retries=0) as client:
+                wait_healthy(command.split()[1], services[-1], lambda c=client: c.info(timeout_s=2), 1, 180)
+        done = subprocess.run(["bash", "-c", commands[2]], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+    finally:
+        stop_children(list(reversed(services)))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "actor/kl_loss" in r]
+    assert [r["step"] for r in steps] == [0, 1]
+    assert (out / "final" / "model.safetensors").is_file()
