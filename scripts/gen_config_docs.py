@@ -137,7 +137,8 @@ def render() -> str:
         "",
         "Every key of a run's configuration, its type, its default and what it does. A run is the defaults",
         "below, then each YAML file given to `--config` (later files win), then `section.key=value`",
-        "overrides on the command line (lists as `a,b`); unknown keys are refused with the valid ones listed.",
+        "overrides on the command line (lists as `a,b`); unknown keys are refused with the valid ones",
+        "listed.",
         "",
     ]
     hints = typing.get_type_hints(config.Config)
@@ -154,7 +155,8 @@ def render() -> str:
     stale = sorted(set(config_help.HELP) - known)
     problems = [f"{k}: no description; add a comment on its line in gkd/config.py or an entry in "
                 "gkd/config_help.py's HELP" for k in missing]  # fmt: skip
-    problems += [f"{k}: gkd/config_help.py's HELP describes a key that does not exist; remove it" for k in stale]
+    problems += [f"{k}: gkd/config_help.py's HELP describes a key that does not exist; remove it"
+                 for k in stale]  # fmt: skip
     if problems:
         raise MissingHelp("\n".join(problems))
     return "\n".join(lines)

@@ -34,7 +34,8 @@ def _dry_run(config: str, gpus: int, tmp_path) -> dict:
     commands = {line.split(": ", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines
                 if line.split(":")[0] in ("trainer", "rollout", "teacher")}  # fmt: skip
     channel = next(line.rsplit(": ", 1)[1] for line in lines if "weight channel" in line)
-    return {"rows": [(r[0], r[-1]) for r in rows], "commands": commands, "channel": channel, "out": done.stdout}
+    rows = [(r[0], r[-1]) for r in rows]
+    return {"rows": rows, "commands": commands, "channel": channel, "out": done.stdout}
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -58,7 +59,8 @@ def _flag(argv: list[str], name: str) -> str:
 )  # fmt: skip
 def test_gpu_quick_starts_plan_as_documented(config, gpus, rows, channel, backends, models, tmp_path):
     plan = _dry_run(config, gpus, tmp_path)
-    assert plan["out"].startswith(f"GPU plan for this node: {gpus} GPU(s) (GKD_FAKE_GPUS={gpus})"), plan["out"]
+    first = f"GPU plan for this node: {gpus} GPU(s) (GKD_FAKE_GPUS={gpus})"
+    assert plan["out"].startswith(first), plan["out"]
     assert plan["rows"] == rows, plan["out"]
     assert plan["channel"] == channel
     cmds = plan["commands"]
@@ -74,7 +76,8 @@ def test_gpu_quick_starts_plan_as_documented(config, gpus, rows, channel, backen
     if gpus > 1:
         assert _flag(rollout, "--gpu-memory-utilization") == "0.85"  # a vLLM engine on a GPU of its own
     if gpus == 8:
-        assert _flag(trainer, "--nproc-per-node") == "4" and _flag(teacher, "--gpu-memory-utilization") == "0.8"
+        assert _flag(trainer, "--nproc-per-node") == "4"
+        assert _flag(teacher, "--gpu-memory-utilization") == "0.8"
 
 
 def _setup(word: str) -> subprocess.CompletedProcess:
@@ -121,7 +124,8 @@ def test_configuration_reference_lists_every_key_with_type_default_and_meaning()
     assert table["trainer.scheduler"][2] == "`one_step_off`"  # the default
     assert table["loss.name"][1].startswith("`forward_kl` \\| `reverse_kl`")  # the choices
     # meanings: the comment on the field's line, else gkd/config_help.py
-    assert table["data.sources[].weight"][3] == "relative share of the training prompts drawn from this source |"
+    weight = "relative share of the training prompts drawn from this source |"
+    assert table["data.sources[].weight"][3] == weight
     assert table["optim.lr"][3] == "peak learning rate |"
 
 
@@ -183,7 +187,7 @@ def marked_commands(text: str, mark: str = SERVICES_MARK) -> list[str]:
 
 
 def test_the_marked_commands_are_read_as_written():
-    text = "x\n<!-- m -->\n```bash\n# a comment\ngkd a --b 1 \\\n  --c \"$D\"\n\ngkd e\n```\nafter\n"
+    text = 'x\n<!-- m -->\n```bash\n# a comment\ngkd a --b 1 \\\n  --c "$D"\n\ngkd e\n```\nafter\n'
     assert marked_commands(text, "<!-- m -->") == ['gkd a --b 1 --c "$D"', "gkd e"]
 
 
@@ -232,8 +236,9 @@ def test_services_on_their_own_machines_run_as_the_readme_says(tiny, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     overrides = [f"model.student_path={tiny['student']}", f"teacher.model_path={tiny['teacher']}",
-                 f"data.train_files=[{tiny['prompts']}]", f"trainer.output_dir={out}", "trainer.total_steps=2", "rollout.max_new_tokens=8",
-                 "trainer.nproc_per_node=1", "trainer.save_freq=0", "logging.progress_bar=false",
+                 f"data.train_files=[{tiny['prompts']}]", f"trainer.output_dir={out}",
+                 "trainer.total_steps=2", "rollout.max_new_tokens=8", "trainer.nproc_per_node=1",
+                 "trainer.save_freq=0", "logging.progress_bar=false",
                  f"teacher.server_port={ports['teacher']}", f"rollout.server_port={ports['rollout']}",
                  f"rollout.weight_port={ports['weights']}"]  # fmt: skip
     config.write_text(to_yaml(load_config(["configs/cpu_tiny.yaml"], overrides)))
