@@ -268,3 +268,30 @@ def test_services_on_their_own_machines_run_as_the_readme_says(tiny, tmp_path):
     steps = [r for r in records if "actor/kl_loss" in r]
     assert [r["step"] for r in steps] == [0, 1]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for the headings of ``markdown``: lower case, punctuation dropped, spaces to -."""
+    import re
+
+    heads = [line.lstrip("#").strip() for line in markdown.splitlines() if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_links_between_the_documents_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists, and a heading in it."""
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.is_file(), f"{page.name}: link to {target}: no such file"
+            if anchor:
+                assert anchor in _anchors(file.read_text()), f"{page.name}: link to {target}: no such heading"
+            checked += 1
+    assert checked >= 10
