@@ -26,7 +26,8 @@ SECTIONS = {
 HELP = {
     "model.student_path": "required: the student, a transformers folder (weights, config, tokenizer) or a "
     "hub id (owner/name) that `gkd train` downloads once",
-    "teacher.backend": "the teacher engine: hf (transformers; CPU or one GPU) or vllm",
+    "teacher.backend": "the teacher engine that scores: hf (transformers; CPU or one GPU), vllm, or another "
+    "listed in the type column",
     "teacher.generate.top_p": "nucleus sampling threshold of the teacher's answers",
     "trainer.nnodes": "nodes that run trainer ranks (gkd train --nnodes and Slurm's node count win)",
     "trainer.total_epochs": "passes over the training prompts (when trainer.total_steps is null)",
