@@ -1,7 +1,7 @@
 """The documentation stays true: the GPU quick-start configs plan as their comments say (``--dry-run``
 with ``GKD_FAKE_GPUS``, nothing downloaded), ``scripts/setup.sh gpu`` installs the vllm extra,
-``docs/configuration.md`` matches the config dataclasses, and the commands the docs give for services on
-their own nodes run verbatim."""
+``docs/configuration.md`` matches the config dataclasses, the commands the README gives for services on
+machines of their own run verbatim, and the links between the documents resolve."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def _flag(argv: list[str], name: str) -> str:
     ],
 )  # fmt: skip
 def test_gpu_quick_starts_plan_as_documented(config, gpus, rows, channel, backends, models, tmp_path):
+    lines = (ROOT / config).read_text().splitlines()
+    assert lines[0] == f"# gkd train --config {config}"  # the command that runs it comes first
+    dry_run = f"GKD_FAKE_GPUS={gpus} gkd train --config {config} --dry-run"
+    assert any(dry_run in line for line in lines if line.startswith("#")), f"{config}: no {dry_run!r}"
+    assert f"`{config}`" in (ROOT / "README.md").read_text()  # in the README's table
     plan = _dry_run(config, gpus, tmp_path)
     first = f"GPU plan for this node: {gpus} GPU(s) (GKD_FAKE_GPUS={gpus})"
     assert plan["out"].startswith(first), plan["out"]
