@@ -217,6 +217,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "shared = total > found.count + 2\n",
         ("tests/test_placement.py::test_refusals_are_one_line_naming_the_counts",),
     ),
+    Mutation(
+        "configuration reference: a key without a description fails the generator",
+        "scripts/gen_config_docs.py",
+        "        if not meaning:\n            missing.append(key)\n",
+        "        if not meaning:\n            pass\n",
+        ("tests/test_docs.py::test_a_key_without_a_description_fails_the_generator",),
+    ),
+    Mutation(
+        "scripts/setup.sh gpu installs the vllm extra",
+        "scripts/setup.sh",
+        'gpu) extras="vllm,tensorboard" ;;',
+        'gpu) extras="tensorboard" ;;',
+        ("tests/test_docs.py::test_setup_gpu_installs_the_vllm_extra",),
+    ),
 )
 
 
