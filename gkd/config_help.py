@@ -65,6 +65,9 @@ HELP = {
     "rollout.restart_window_s": "as teacher.restart_window_s, for the rollout workers",
     "rollout.worker_restart_grace_s": "as teacher.worker_restart_grace_s, for the rollout workers",
     "trainer.fsdp": "FSDP2 layout (below)",
+    "trainer.allow_shared_gpu": "trainer, rollout and teacher may share GPUs when the node has fewer than "
+    "they ask for (configs/gpu_1x.yaml, gpu_2x.yaml); the weight channel is then gloo unless "
+    "rollout.weight_backend says nccl",
     "trainer.seed": "seeds the model's RNGs and GKD's per-batch mixture draw",
     "loss.is_clip": "the importance ratio's upper clip for loss.is_correction",
     "loss.seq_kd": "teacher-sampled answers (true) or the dataset's answers (false) for the batches "
