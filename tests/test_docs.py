@@ -20,6 +20,28 @@ from tests.tiny_run import ROOT, load_script, tiny_fixture
 gen = load_script("gen_config_docs")
 
 
+def _table_rows(lines: list[str]) -> list[tuple[str, str]]:
+    """(role, CUDA_VISIBLE_DEVICES) of each row of the printed plan, cut at the header's column starts (a
+    cell may hold a space: "ranks 0-3")."""
+    header = next(line for line in lines if line.split()[:2] == ["role", "worker"])
+    start, end = header.index("CUDA_VISIBLE_DEVICES"), None
+    rest = header[start:].split()
+    if len(rest) > 1:  # more columns after it
+        end = header.index(rest[1], start)
+    rows = [line for line in lines if line.startswith(("  trainer ", "  rollout ", "  teacher "))]
+    return [(row.split()[0], row[start:end].strip()) for row in rows]
+
+
+def _command(line: str) -> tuple[dict[str, str], list[str]]:
+    """A printed command: its leading NAME=value environment, then its argv."""
+    words = shlex.split(line)
+    env = {}
+    while words and "=" in words[0] and words[0].split("=", 1)[0].isupper():
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
+
+
 def _dry_run(config: str, gpus: int, tmp_path) -> dict:
     """``GKD_FAKE_GPUS=gpus gkd train --config config --dry-run`` offline, with an empty hub cache: the
     printed plan rows and commands."""
@@ -30,12 +52,10 @@ def _dry_run(config: str, gpus: int, tmp_path) -> dict:
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*")), "the dry run fetched"
     lines = done.stdout.splitlines()
-    rows = [line.split() for line in lines if line.startswith(("  trainer ", "  rollout ", "  teacher "))]
-    commands = {line.split(": ", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines
+    commands = {line.split(": ", 1)[0]: _command(line.split(": ", 1)[1]) for line in lines
                 if line.split(":")[0] in ("trainer", "rollout", "teacher")}  # fmt: skip
     channel = next(line.rsplit(": ", 1)[1] for line in lines if "weight channel" in line)
-    rows = [(r[0], r[-1]) for r in rows]
-    return {"rows": rows, "commands": commands, "channel": channel, "out": done.stdout}
+    return {"rows": _table_rows(lines), "commands": commands, "channel": channel, "out": done.stdout}
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -69,11 +89,12 @@ def test_gpu_quick_starts_plan_as_documented(config, gpus, rows, channel, backen
     assert plan["rows"] == rows, plan["out"]
     assert plan["channel"] == channel
     cmds = plan["commands"]
-    trainer, rollout, teacher = cmds["trainer"], cmds["rollout"], cmds["teacher"]
-    assert trainer[0] == f"CUDA_VISIBLE_DEVICES={rows[0][1]}"
-    for name, argv in (("rollout", rollout), ("teacher", teacher)):
+    (trainer_env, trainer), (_, rollout), (_, teacher) = cmds["trainer"], cmds["rollout"], cmds["teacher"]
+    assert trainer_env["CUDA_VISIBLE_DEVICES"] == rows[0][1]
+    for name in ("rollout", "teacher"):
+        env, argv = cmds[name]
         mine = ",".join(devices for role, devices in rows if role == name)
-        assert argv[0] == f"CUDA_VISIBLE_DEVICES={mine}" and _flag(argv, "--gpus") == mine, argv
+        assert env["CUDA_VISIBLE_DEVICES"] == mine and _flag(argv, "--gpus") == mine, argv
         assert _flag(argv, "--device") == "cuda" and _flag(argv, "--dtype") == "bfloat16"
     assert (_flag(rollout, "--backend"), _flag(teacher, "--backend")) == backends
     assert _flag(rollout, "--weight-backend") == channel
