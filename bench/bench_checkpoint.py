@@ -17,7 +17,7 @@ Each time is its variant's fastest round (the one least disturbed by whatever el
 the writeback of files a test suite just wrote).
 
 Not measured here: the write's own CPU time still competes with training and generation for the cores
-(on the 2-core demo machine the step after a save is ~2 s slower instead of ~2.5 s; see README).
+(on the 2-core demo machine the step after a save is ~2 s slower instead of ~2.5 s; see docs/performance.md).
 """
 
 from __future__ import annotations

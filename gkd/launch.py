@@ -307,7 +307,7 @@ def single_node(cfg: Config) -> NodeSpec:
     if cfg.trainer.nnodes > 1:
         raise LaunchError(
             f"trainer.nnodes={cfg.trainer.nnodes}: give this node's place, `gkd train --node-rank R "
-            "--rdzv-endpoint NODE0:PORT` (or run under Slurm: README, Multi-node)"
+            "--rdzv-endpoint NODE0:PORT` (or run under Slurm: docs/guide.md, Multi-node)"
         )
     return NodeSpec(1, 0, LOOPBACK, DEFAULT_RDZV_PORT, LOOPBACK, "config")
 

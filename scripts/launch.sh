@@ -5,7 +5,7 @@
 # Run it on every trainer node with the same config and rendezvous endpoint; only the node rank differs.
 # The teacher and rollout services are started separately (their own nodes, `gkd teacher serve` /
 # `gkd rollout serve --weight-channel NODE0:rollout.weight_port`); the config points at them
-# (teacher.server_ip, rollout.server_ip, launch=false). See README.md, "Multi-node".
+# (teacher.server_ip, rollout.server_ip, launch=false). See docs/guide.md, "Multi-node".
 #
 #   scripts/launch.sh --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29400 --config configs/X.yaml [key=value ...]
 #   NNODES=2 NODE_RANK=1 RDZV_ENDPOINT=10.0.0.1:29400 scripts/launch.sh --config configs/X.yaml [key=value ...]

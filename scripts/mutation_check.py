@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Planted-bug check: each README claim has a test that fails when the claim is broken.
+"""Planted-bug check: each documented claim (README.md, docs/) has a test that fails when it is broken.
 
 Every entry of ``MUTATIONS`` plants one bug (an exact piece of source text replaced by a wrong one) in a
 temporary copy of the repository (the git-tracked and untracked-but-not-ignored files plus the built C++
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Mutation:
-    claim: str  # the README claim the planted bug breaks
+    claim: str  # the documented claim the planted bug breaks
     file: str  # relative to the repository root
     original: str  # exact text, present exactly once in ``file``
     replacement: str  # the planted bug
@@ -216,6 +216,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "shared = total > found.count\n",
         "shared = total > found.count + 2\n",
         ("tests/test_placement.py::test_refusals_are_one_line_naming_the_counts",),
+    ),
+    Mutation(
+        "configuration reference: a key without a description fails the generator",
+        "scripts/gen_config_docs.py",
+        "        if not meaning:\n            missing.append(key)\n",
+        "        if not meaning:\n            pass\n",
+        ("tests/test_docs.py::test_a_key_without_a_description_fails_the_generator",),
+    ),
+    Mutation(
+        "scripts/setup.sh gpu installs the vllm extra",
+        "scripts/setup.sh",
+        'gpu) extras="vllm,tensorboard" ;;',
+        'gpu) extras="tensorboard" ;;',
+        ("tests/test_docs.py::test_setup_gpu_installs_the_vllm_extra",),
     ),
 )
 

@@ -97,12 +97,12 @@ def test_union_error_falls_as_m_grows(table):
             assert grads == sorted(grads, reverse=True), (loss, k, grads)
 
 
-def _readme_rows() -> dict[tuple[str, int, int], tuple[float, float, float, float]]:
-    """The README's table (section "Which divergence, on which support"): (loss, K, m) -> the top-k value
-    and gradient errors, then the union's."""
+def _published_rows() -> dict[tuple[str, int, int], tuple[float, float, float, float]]:
+    """docs/losses.md's table (section "Which divergence, on which support"): (loss, K, m) -> the top-k
+    value and gradient errors, then the union's."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -114,10 +114,10 @@ def _readme_rows() -> dict[tuple[str, int, int], tuple[float, float, float, floa
     return rows
 
 
-def test_the_readme_table_holds_at_the_fixed_seeds(table):
-    """Every row the README publishes, within 5 % (it prints two significant digits) of what this file
+def test_the_published_table_holds_at_the_fixed_seeds(table):
+    """Every row docs/losses.md publishes, within 5 % (it prints two significant digits) of what this file
     measures at its fixed seeds."""
-    published = _readme_rows()
+    published = _published_rows()
     assert len(published) == 4, published
     measured = {(loss, k, m): figures for loss, k, m, *figures in table}
     for key, want in published.items():
