@@ -122,6 +122,7 @@ class TeacherConfig:
     # while a worker restarts and none is up, the broker holds requests this long for it (the broker's
     # no_worker_grace_s, 30 s, otherwise): a large engine reloads for minutes
     worker_restart_grace_s: float = 600.0
+    threads: int = 0  # torch/OpenMP threads per teacher worker started here; 0 = auto (see trainer.threads)
     generate: TeacherGenerateConfig = field(default_factory=TeacherGenerateConfig)
 
 
@@ -178,6 +179,7 @@ class RolloutConfig:
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
     worker_restart_grace_s: float = 600.0
+    threads: int = 0  # torch/OpenMP threads per rollout worker started here; 0 = auto (see trainer.threads)
 
 
 @dataclass
@@ -221,6 +223,10 @@ class TrainerConfig:
     # an H100 in bf16); null = the datasheet figure for the GPU's name (gkd/peak_flops.py), else measured
     # once at start-up with a GEMM on the trainer's device
     peak_tflops: float | None = None
+    # torch/OpenMP threads per trainer process (OMP_NUM_THREADS of each child `gkd train` starts); 0 = auto:
+    # this node's cores (its CPU affinity) less the explicit *.threads, split evenly between the processes
+    # of the roles left on auto, at least 1 each
+    threads: int = 0
 
     @property
     def procs_per_node(self) -> int:

@@ -54,7 +54,6 @@ from gkd.multinode import check_nodes, dry_run_hosts, node_report, trainer_node_
 from gkd.nodes import DEFAULT_RDZV_PORT, NodeError, NodeSpec, node_spec
 from gkd.placement import (
     FAKE_GPUS_ENV,
-    VISIBLE_ENV,
     Found,
     PlacementError,
     Plan,
@@ -206,21 +205,18 @@ def commands(
     hosts: Sequence[str] = (LOOPBACK,),
 ) -> list[Command]:
     """Every child of node ``plan.node_rank`` (``node``; every node's address in ``hosts``), in start
-    order (the services launched there, then the trainer), with its GPUs."""
-
-    def visible(pool: Sequence[str]) -> dict[str, str]:
-        return {VISIBLE_ENV: ",".join(pool)} if pool else {}
-
+    order (the services launched there, then the trainer), with its GPUs and thread counts."""
     here = hosts[plan.node_rank]
     out = []
     if launched_here(cfg.teacher, plan.node_rank):
         pool = Plan.pool(plan.teacher)
-        out.append(Command("teacher", teacher_command(cfg, pool, here), visible(pool)))
+        out.append(Command("teacher", teacher_command(cfg, pool, here), plan.child_env("teacher", pool)))
     if launched_here(cfg.rollout, plan.node_rank):
         pool = Plan.pool(plan.rollout)
-        out.append(Command("rollout", rollout_command(cfg, pool, here, hosts[0]), visible(pool)))
+        argv = rollout_command(cfg, pool, here, hosts[0])
+        out.append(Command("rollout", argv, plan.child_env("rollout", pool)))
     trainer = trainer_command(cfg, config_paths, overrides, node, hosts)
-    out.append(Command("trainer", trainer, visible(plan.trainer)))
+    out.append(Command("trainer", trainer, plan.child_env("trainer", plan.trainer)))
     return out
 
 
@@ -259,7 +255,7 @@ def run(
     nothing). ``node``: this node of a multi-node run (default: the only one); ``health_timeout_s``: how
     long the trainer waits for the services' workers (and the nodes for each other); ``started_at``:
     ``time.time()`` when this run started (the trainer's start-up is measured from it; default now);
-    ``env``: added to every child's environment (e.g. thread counts)."""
+    ``env``: added to every child's environment (the plan's devices and thread counts win)."""
     started_at = time.time() if started_at is None else started_at
     cfg = load_config(config_paths, overrides)
     node = node or single_node(cfg)

@@ -235,7 +235,7 @@ def test_dry_run_prints_the_plan_and_commands_with_matching_devices():
         assert argv[argv.index("--gpus") + 1].split(",") == devices  # the service slices it per worker
         assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--dtype") + 1] == "bfloat16"
         rows = [line.split() for line in out.splitlines() if line.startswith(f"  {name} ")]
-        assert [r[-1] for r in rows] == devices  # the table shows the same slices
+        assert [r[3] for r in rows] == devices  # the table shows the same slices
     r, te = cmds["rollout"], cmds["teacher"]
     assert r[r.index("--weight-backend") + 1] == "nccl"
     assert te[te.index("--gpu-memory-utilization") + 1] == "0.8"
