@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "rollout_dtype",
     "teacher_dtype",
     "ConfigError",
+    "from_mapping",
     "load_config",
     "parse_scheduler",
     "to_yaml",
@@ -361,6 +362,30 @@ class Config:
     val: ValConfig = field(default_factory=ValConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """Sections may be given as mappings, ``Config(trainer={"total_steps": 3})`` (nested dataclasses
+        inside them too): checked like a YAML file's, an unknown key or a bad value is a ConfigError."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        raw = {name: value for name, value in given.items() if isinstance(value, Mapping)}
+        for name, value in given.items():
+            if name not in raw and not dataclasses.is_dataclass(value):
+                raise ConfigError(
+                    f"Config({name}=...): expected a mapping of {name}.* keys, got {value!r:.60}"
+                )
+        if raw:
+            built = from_mapping(raw, "Config(...)")
+            for name in raw:
+                setattr(self, name, getattr(built, name))
+
+    @classmethod
+    def load(cls, paths: Sequence[str] | str = (), overrides: Sequence[str] = ()) -> Config:
+        """:func:`load_config`: defaults, the YAML files, the ``key=value`` overrides; checked."""
+        return load_config(paths, overrides)
+
+    def override(self, *overrides: str) -> Config:
+        """A copy with ``key=value`` overrides applied (the command line's syntax), not checked yet."""
+        return _to_config(_merge(OmegaConf.structured(self), _parse_overrides(overrides), "override"))
+
 
 def parse_scheduler(value: str | int) -> int:
     """``sync`` -> 0, ``one_step_off`` -> 1, ``two_step_off`` -> 2, ``"3"`` or 3 -> 3."""
@@ -483,6 +508,25 @@ def _load_yaml(path: str) -> DictConfig:
     return raw
 
 
+def _to_config(cfg: DictConfig) -> Config:
+    try:
+        return typing.cast(Config, OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e.msg or e).splitlines()[0]} (key '{e.full_key}')") from None
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "config") -> Config:
+    """A Config from nested mappings (and dataclasses) of sections, ``{"model": {"student_path": ...}}``,
+    on top of the defaults; not checked (:func:`validate`). ``source`` names it in errors."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        created = OmegaConf.create(dict(raw))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {str(e.msg or e).splitlines()[0]}") from None
+    return _to_config(_merge(OmegaConf.structured(Config), created, source))
+
+
 def load_config(
     paths: Sequence[str] | str = (), overrides: Sequence[str] = (), *, check: bool = True
 ) -> Config:
@@ -495,10 +539,7 @@ def load_config(
         cfg = _merge(cfg, _load_yaml(str(path)), f"config file {path}")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command line override")
-    try:
-        obj = typing.cast(Config, OmegaConf.to_object(cfg))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config: {str(e.msg or e).splitlines()[0]} (key '{e.full_key}')") from None
+    obj = _to_config(cfg)
     if check:
         validate(obj)
     return obj

@@ -441,7 +441,7 @@ def test_a_failing_trainer_shows_its_output_but_not_its_traceback(tmp_path, capf
 
 
 def test_console_filter_keeps_ordinary_lines_and_drops_reports():
-    from gkd.launch import ConsoleFilter
+    from gkd.console import ConsoleFilter
 
     f = ConsoleFilter()
     lines = [
