@@ -104,8 +104,9 @@ def _group(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names (the first word that is not a top-level option), if it is one."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
-            next(words, None)
+        if word in GLOBAL_FLAGS:
+            for _ in range(GLOBAL_FLAGS[word]):
+                next(words, None)
         elif not word.startswith("-"):
             return word if word in _GROUPS else None
     return None
