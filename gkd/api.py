@@ -105,7 +105,7 @@ def _prepare(
     paths, built = _config_files(config)
     if built is None:
         return paths, overrides, load_config(paths, overrides)
-    cfg = built.override(*overrides) if overrides else built
+    cfg = built.override(*overrides)  # also checks the types of a Config built from dataclasses
     validate(cfg)
     folder = scratch if scratch is not None else Path(cfg.trainer.output_dir)
     folder.mkdir(parents=True, exist_ok=True)

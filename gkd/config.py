@@ -383,8 +383,14 @@ class Config:
         return load_config(paths, overrides)
 
     def override(self, *overrides: str) -> Config:
-        """A copy with ``key=value`` overrides applied (the command line's syntax), not checked yet."""
-        return _to_config(_merge(OmegaConf.structured(self), _parse_overrides(overrides), "override"))
+        """A copy with ``key=value`` overrides applied (the command line's syntax); the types are checked
+        (a section's dataclass holding a wrong value is a ConfigError), not the ranges (:func:`validate`)."""
+        try:
+            base = OmegaConf.structured(self)
+        except OmegaConfBaseException as e:
+            msg = str(e.msg or e).splitlines()[0]
+            raise ConfigError(f"Config: bad value for config key '{e.full_key}': {msg}") from None
+        return _to_config(_merge(base, _parse_overrides(overrides), "override"))
 
 
 def parse_scheduler(value: str | int) -> int:

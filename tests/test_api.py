@@ -80,6 +80,8 @@ def test_a_config_built_in_code_equals_the_yaml_with_the_same_values(tmp_path):
         (lambda: gkd.Config(model="x"), "Config(model=...): expected a mapping of model.* keys"),
         (lambda: gkd.Config().override("trainer.total_step=3"),
          "override: unknown config key 'trainer.total_step'; valid keys in 'trainer': "),
+        (lambda: gkd.Config(trainer=TrainerConfig(total_steps="three")).override(),
+         "Config: bad value for config key 'trainer.total_steps'"),
     ],
 )  # fmt: skip
 def test_a_bad_key_or_value_in_code_is_one_line_naming_it(make, message):
