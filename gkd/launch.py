@@ -322,7 +322,8 @@ def _run_children(
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    main = threading.current_thread() is threading.main_thread()  # gkd.distill may run in another thread
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     # Everything starts at once: the trainer's imports and student load overlap the services' model loads;
     # it then waits for their workers itself (a service that exits meanwhile ends the run in ``watch``).
     status = 1
@@ -346,7 +347,8 @@ def _run_children(
         stop_children([c.proc for c in reversed(children)])  # the trainer first, then the services
         for c in children:
             c.close()
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _why(children: Sequence[_Child], status: int) -> str:

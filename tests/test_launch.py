@@ -562,3 +562,20 @@ def test_one_ddp_trainer_process_runs_without_torchrun():
     for overrides in (["trainer.nproc_per_node=2"], ["trainer.nproc_per_node=1", "trainer.strategy=fsdp2"]):
         argv = trainer_command(_cfg(*overrides), ["c.yaml"], [])
         assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"], overrides
+
+
+def test_children_run_from_a_thread_other_than_the_main_one(tmp_path):
+    """``gkd.distill`` may be called from a worker thread (no signal handlers can be set there): the
+    children still start, are watched and stopped, and the trainer's status comes back."""
+    from gkd.launch import _run_children
+
+    service = Command("rollout", [sys.executable, "-c", "import time; time.sleep(60)"])
+    trainer = Command("trainer", [sys.executable, "-c", "print('trained')"])
+    got: list[int] = []
+    worker = threading.Thread(
+        target=lambda: got.append(_run_children([service, trainer], tmp_path, {}, {}, None))
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and got == [0]
+    assert "trained" in (tmp_path / "trainer.log").read_text()
