@@ -253,6 +253,9 @@ def test_dry_run_prints_the_plan_and_commands_with_matching_devices():
          "trainer.n_gpus_per_node=2 asks for GPUs, but CUDA is not available here"),
         # fake GPUs plan only
         (["--config", "configs/gpu_example.yaml"], {FAKE_GPUS_ENV: "8"}, "GKD_FAKE_GPUS=8 only plans"),
+        # a thread count is planned (and refused) with the GPUs, before anything starts
+        (["--config", "configs/cpu_tiny.yaml", "--dry-run", "teacher.threads=-1"], {},
+         "teacher.threads=-1: expected an integer >= 0"),
     ],
 )  # fmt: skip
 def test_gkd_train_refuses_in_one_line(args, env, message):
