@@ -170,7 +170,7 @@ def _failure(run_dir: Path, status: int, multi: bool, node_rank: int) -> str:
 
     logs = run_dir / "logs" / (f"node{node_rank}" if multi else "")
     last = last_error_line(logs / "trainer.log")
-    why = "interrupted" if status == 130 else f"failed (status {status})"
+    why = "was interrupted" if status == 130 else f"failed (status {status})"
     return f"the run {why}" + (f"; last error: {last}" if last else "") + f"; its logs: {logs}"
 
 
