@@ -9,6 +9,10 @@ and dispatches to a library function that does the work.
     gkd teacher ping  HOST:15555
     gkd train --config X.yaml [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT [--host ADDR]] [--dry-run]
               [key=value ...]
+
+The global flags (``--log-level``, ``--version``) may stand before or after the subcommand, and a
+subcommand that takes ``key=value`` overrides (``gkd train``) takes them anywhere after its name, between
+its flags too: ``gkd train --config X trainer.total_steps=3 --dry-run --log-level DEBUG optim.lr=1e-5``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import importlib
 import sys
 import traceback
 from collections.abc import Sequence
+
+# top-level flags accepted anywhere before a bare ``--``: flag -> how many values follow it
+GLOBAL_FLAGS = {"--log-level": 1, "--version": 0}
 
 # subcommand -> (module, its registration function), in --help order
 _GROUPS = {
@@ -36,6 +43,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     starts its children without importing torch or the services' modules)."""
     parser = argparse.ArgumentParser(prog="gkd", description="asynchronous on-policy knowledge distillation")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, register) in _GROUPS.items():
         if only in (None, name):
@@ -43,12 +51,62 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from gkd import __version__
+
+    return __version__
+
+
+def hoist_global_flags(words: Sequence[str]) -> list[str]:
+    """``words`` with every global flag (:data:`GLOBAL_FLAGS`, as ``--flag VALUE`` or ``--flag=VALUE``)
+    moved in front, where the top-level parser reads it; a bare ``--`` ends the search. A flag missing its
+    value stays where it is (:func:`parse` names it)."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            rest += words[i:]
+            break
+        name = word.split("=", 1)[0]
+        take = 1 if name not in GLOBAL_FLAGS or "=" in word else 1 + GLOBAL_FLAGS[name]
+        values = words[i + 1 : i + take]
+        whole = len(values) == take - 1 and not any(v.startswith("-") for v in values)
+        (front if name in GLOBAL_FLAGS and whole else rest).extend(words[i : i + take] if whole else [word])
+        i += take if whole else 1
+    return front + rest
+
+
+def _take_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Words argparse left over: ``key=value`` overrides after a flag join ``args.overrides`` (in line
+    order) for a subcommand that takes overrides; anything else is argparse's usual error."""
+    takes = isinstance(getattr(args, "overrides", None), list)
+    bad = [w for w in extra if not (takes and "=" in w and not w.startswith("-"))]
+    if any(w in GLOBAL_FLAGS for w in bad):
+        parser.error(f"argument {next(w for w in bad if w in GLOBAL_FLAGS)}: expected one argument")
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line as :func:`main` reads it: global flags anywhere, overrides between flags."""
+    words = hoist_global_flags(list(argv))
+    parser = build_parser(_group(words))
+    args, extra = parser.parse_known_args(words)
+    _take_overrides(parser, args, extra)
+    return args
+
+
 def _group(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names (the first word that is not a top-level option), if it is one."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
-            next(words, None)
+        if word in GLOBAL_FLAGS:
+            for _ in range(GLOBAL_FLAGS[word]):
+                next(words, None)
         elif not word.startswith("-"):
             return word if word in _GROUPS else None
     return None
@@ -66,8 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     DEBUG`` its traceback too. Anything else propagates: a traceback means a bug."""
     from gkd.preflight import InputError, check_service_args
 
-    words = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_group(words)).parse_args(words)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         if args.command in ("teacher", "rollout"):
             check_service_args(args)

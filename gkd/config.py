@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "rollout_dtype",
     "teacher_dtype",
     "ConfigError",
+    "from_mapping",
     "load_config",
     "parse_scheduler",
     "to_yaml",
@@ -122,6 +123,7 @@ class TeacherConfig:
     # while a worker restarts and none is up, the broker holds requests this long for it (the broker's
     # no_worker_grace_s, 30 s, otherwise): a large engine reloads for minutes
     worker_restart_grace_s: float = 600.0
+    threads: int = 0  # torch/OpenMP threads per teacher worker started here; 0 = auto (see trainer.threads)
     generate: TeacherGenerateConfig = field(default_factory=TeacherGenerateConfig)
 
 
@@ -178,6 +180,7 @@ class RolloutConfig:
     max_worker_restarts: int = 5
     restart_window_s: float = 600.0
     worker_restart_grace_s: float = 600.0
+    threads: int = 0  # torch/OpenMP threads per rollout worker started here; 0 = auto (see trainer.threads)
 
 
 @dataclass
@@ -221,6 +224,10 @@ class TrainerConfig:
     # an H100 in bf16); null = the datasheet figure for the GPU's name (gkd/peak_flops.py), else measured
     # once at start-up with a GEMM on the trainer's device
     peak_tflops: float | None = None
+    # torch/OpenMP threads per trainer process (OMP_NUM_THREADS of each child `gkd train` starts); 0 = auto:
+    # this node's cores (its CPU affinity) less the explicit *.threads, split evenly between the processes
+    # of the roles left on auto, at least 1 each
+    threads: int = 0
 
     @property
     def procs_per_node(self) -> int:
@@ -355,6 +362,36 @@ class Config:
     val: ValConfig = field(default_factory=ValConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """Sections may be given as mappings, ``Config(trainer={"total_steps": 3})`` (nested dataclasses
+        inside them too): checked like a YAML file's, an unknown key or a bad value is a ConfigError."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        raw = {name: value for name, value in given.items() if isinstance(value, Mapping)}
+        for name, value in given.items():
+            if name not in raw and not dataclasses.is_dataclass(value):
+                raise ConfigError(
+                    f"Config({name}=...): expected a mapping of {name}.* keys, got {value!r:.60}"
+                )
+        if raw:
+            built = from_mapping(raw, "Config(...)")
+            for name in raw:
+                setattr(self, name, getattr(built, name))
+
+    @classmethod
+    def load(cls, paths: Sequence[str] | str = (), overrides: Sequence[str] = ()) -> Config:
+        """:func:`load_config`: defaults, the YAML files, the ``key=value`` overrides; checked."""
+        return load_config(paths, overrides)
+
+    def override(self, *overrides: str) -> Config:
+        """A copy with ``key=value`` overrides applied (the command line's syntax); the types are checked
+        (a section's dataclass holding a wrong value is a ConfigError), not the ranges (:func:`validate`)."""
+        try:
+            base = OmegaConf.structured(self)
+        except OmegaConfBaseException as e:
+            msg = str(e.msg or e).splitlines()[0]
+            raise ConfigError(f"Config: bad value for config key '{e.full_key}': {msg}") from None
+        return _to_config(_merge(base, _parse_overrides(overrides), "override"))
+
 
 def parse_scheduler(value: str | int) -> int:
     """``sync`` -> 0, ``one_step_off`` -> 1, ``two_step_off`` -> 2, ``"3"`` or 3 -> 3."""
@@ -477,6 +514,25 @@ def _load_yaml(path: str) -> DictConfig:
     return raw
 
 
+def _to_config(cfg: DictConfig) -> Config:
+    try:
+        return typing.cast(Config, OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e.msg or e).splitlines()[0]} (key '{e.full_key}')") from None
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "config") -> Config:
+    """A Config from nested mappings (and dataclasses) of sections, ``{"model": {"student_path": ...}}``,
+    on top of the defaults; not checked (:func:`validate`). ``source`` names it in errors."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        created = OmegaConf.create(dict(raw))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {str(e.msg or e).splitlines()[0]}") from None
+    return _to_config(_merge(OmegaConf.structured(Config), created, source))
+
+
 def load_config(
     paths: Sequence[str] | str = (), overrides: Sequence[str] = (), *, check: bool = True
 ) -> Config:
@@ -489,10 +545,7 @@ def load_config(
         cfg = _merge(cfg, _load_yaml(str(path)), f"config file {path}")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command line override")
-    try:
-        obj = typing.cast(Config, OmegaConf.to_object(cfg))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config: {str(e.msg or e).splitlines()[0]} (key '{e.full_key}')") from None
+    obj = _to_config(cfg)
     if check:
         validate(obj)
     return obj

@@ -49,12 +49,12 @@ from typing import IO
 
 from gkd.channel_auth import ChannelAuthError, shared_token_env, token_env
 from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
+from gkd.console import console_stream, last_error_line, pump
 from gkd.hub import localize as localize_hub_ids
 from gkd.multinode import check_nodes, dry_run_hosts, node_report, trainer_node_argv, trainer_overrides
 from gkd.nodes import DEFAULT_RDZV_PORT, NodeError, NodeSpec, node_spec
 from gkd.placement import (
     FAKE_GPUS_ENV,
-    VISIBLE_ENV,
     Found,
     PlacementError,
     Plan,
@@ -206,21 +206,18 @@ def commands(
     hosts: Sequence[str] = (LOOPBACK,),
 ) -> list[Command]:
     """Every child of node ``plan.node_rank`` (``node``; every node's address in ``hosts``), in start
-    order (the services launched there, then the trainer), with its GPUs."""
-
-    def visible(pool: Sequence[str]) -> dict[str, str]:
-        return {VISIBLE_ENV: ",".join(pool)} if pool else {}
-
+    order (the services launched there, then the trainer), with its GPUs and thread counts."""
     here = hosts[plan.node_rank]
     out = []
     if launched_here(cfg.teacher, plan.node_rank):
         pool = Plan.pool(plan.teacher)
-        out.append(Command("teacher", teacher_command(cfg, pool, here), visible(pool)))
+        out.append(Command("teacher", teacher_command(cfg, pool, here), plan.child_env("teacher", pool)))
     if launched_here(cfg.rollout, plan.node_rank):
         pool = Plan.pool(plan.rollout)
-        out.append(Command("rollout", rollout_command(cfg, pool, here, hosts[0]), visible(pool)))
+        argv = rollout_command(cfg, pool, here, hosts[0])
+        out.append(Command("rollout", argv, plan.child_env("rollout", pool)))
     trainer = trainer_command(cfg, config_paths, overrides, node, hosts)
-    out.append(Command("trainer", trainer, visible(plan.trainer)))
+    out.append(Command("trainer", trainer, plan.child_env("trainer", plan.trainer)))
     return out
 
 
@@ -259,7 +256,7 @@ def run(
     nothing). ``node``: this node of a multi-node run (default: the only one); ``health_timeout_s``: how
     long the trainer waits for the services' workers (and the nodes for each other); ``started_at``:
     ``time.time()`` when this run started (the trainer's start-up is measured from it; default now);
-    ``env``: added to every child's environment (e.g. thread counts)."""
+    ``env``: added to every child's environment (the plan's devices and thread counts win)."""
     started_at = time.time() if started_at is None else started_at
     cfg = load_config(config_paths, overrides)
     node = node or single_node(cfg)
@@ -325,7 +322,8 @@ def _run_children(
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    main = threading.current_thread() is threading.main_thread()  # gkd.distill may run in another thread
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     # Everything starts at once: the trainer's imports and student load overlap the services' model loads;
     # it then waits for their workers itself (a service that exits meanwhile ends the run in ``watch``).
     status = 1
@@ -334,7 +332,7 @@ def _run_children(
             child = _start(c, log_dir, {**env, PARENT_ENV: str(os.getpid())})  # its workers watch this pid
             log.info("started the %s service (log: %s): %s", c.name, child.log_path, c.shell())
             children.append(child)
-        child = _start(cmds[-1], log_dir, trainer_env, console=sys.stderr.buffer)
+        child = _start(cmds[-1], log_dir, trainer_env, console=console_stream())
         log.info("started the trainer (log: %s): %s", child.log_path, cmds[-1].shell())
         children.append(child)
         status = watch(children, roster=roster)
@@ -349,7 +347,8 @@ def _run_children(
         stop_children([c.proc for c in reversed(children)])  # the trainer first, then the services
         for c in children:
             c.close()
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _why(children: Sequence[_Child], status: int) -> str:
@@ -412,7 +411,7 @@ def _start(c: Command, log_dir: Path, env: dict[str, str], console: IO[bytes] | 
     child = _Child(c.name, proc, path)
     if console is not None:
         child.pump = threading.Thread(
-            target=_pump, args=(proc.stdout, path, console), name=f"gkd-{c.name}-output", daemon=True
+            target=pump, args=(proc.stdout, path, console), name=f"gkd-{c.name}-output", daemon=True
         )
         child.pump.start()
     return child
@@ -466,74 +465,6 @@ def _node_line(roster: Roster, event: Event) -> str:
     if event.kind == "lost":
         return f"gkd train: lost {what}: {event.why}; stopping this node"
     return f"gkd train: {what} stopped ({event.why}); stopping this node"
-
-
-def last_error_line(path: Path, tail_bytes: int = 65536) -> str:
-    """The last line of a log that names an error (a logged ERROR or an exception), shortened."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        text = line.strip()
-        if (" ERROR " in text or "Error:" in text or "Exception:" in text) and "ChildFailedError" not in text:
-            return text if len(text) <= 300 else text[:297] + "..."
-    return ""
-
-
-class ConsoleFilter:
-    """Decides which of the trainer's output lines reach the console: everything but Python tracebacks and
-    torchrun's failure report (they stay in the log; the launcher prints one line instead)."""
-
-    _TB_CONTINUE = ("Traceback (most recent call last)", "During handling of", "The above exception")
-
-    def __init__(self) -> None:
-        self.in_traceback = False
-        self.muted = False  # torchrun reports a failure: the rest is its report and its teardown
-
-    def keep(self, line: str) -> bool:
-        text = line.rstrip("\r\n")
-        if self.muted:
-            return False
-        if (
-            "torch.distributed.elastic" in text
-            or "torch/distributed/elastic" in text
-            or text.startswith("=====")
-        ):
-            self.muted = True
-            return False
-        if text.startswith(self._TB_CONTINUE):
-            self.in_traceback = True
-            return False
-        if self.in_traceback:
-            if not text or text[0].isspace() or text.startswith("^"):
-                return False
-            self.in_traceback = False  # the exception line closes the traceback
-            return False
-        return True
-
-
-def _pump(stream: IO[bytes], log_path: Path, console: IO[bytes]) -> None:
-    """Copy a child's output into its log, and the lines ``ConsoleFilter`` keeps onto the console (a
-    ``\r`` ends a line too, so progress bars keep moving)."""
-    keep = ConsoleFilter()
-    pending = b""
-    with open(log_path, "ab") as log_file:
-        while chunk := os.read(stream.fileno(), 65536):
-            log_file.write(chunk)
-            log_file.flush()
-            pending += chunk
-            *lines, pending = pending.replace(b"\r", b"\r\0").replace(b"\n", b"\n\0").split(b"\0")
-            out = b"".join(line for line in lines if keep.keep(line.decode(errors="replace")))
-            if out:
-                console.write(out)
-                console.flush()
-        if pending and keep.keep(pending.decode(errors="replace")):
-            console.write(pending)
-            console.flush()
-    stream.close()
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -19,6 +19,11 @@ Refused:
   channel is gloo, but a NCCL group (the trainer's ranks, one tensor-parallel engine) still never has
   two members on one GPU.
 
+CPU threads: every process this node starts gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (torch's
+intra-op threads) from ``trainer.threads``, ``rollout.threads``, ``teacher.threads`` (per process); 0 =
+auto: the node's cores (this launcher's CPU affinity) less those of the explicit roles, split evenly
+between the processes of the roles left on auto, at least 1 each (:func:`plan_threads`).
+
 ``GKD_FAKE_GPUS=N`` is a testing knob read only by :func:`detect_gpus` (the launcher): plan for N GPUs on a
 machine without them (``gkd train --dry-run``).
 
@@ -43,14 +48,17 @@ __all__ = [
     "PlacementError",
     "VLLMOptions",
     "detect_gpus",
+    "available_cores",
     "launched_here",
     "plan",
+    "plan_threads",
     "weight_backend",
     "worker_gpus",
 ]
 
 FAKE_GPUS_ENV = "GKD_FAKE_GPUS"
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's intra-op pool reads them at start-up
 
 
 class PlacementError(ValueError):
@@ -111,6 +119,19 @@ class Plan:
     trainer_procs: int  # torchrun processes on this node
     cpu_services: tuple[tuple[str, int], ...] = ()  # (role, workers) of services started here on CPU
     node_rank: int = 0  # this node of trainer.nnodes; its trainer ranks follow the lower nodes'
+    threads: tuple[tuple[str, int], ...] = ()  # (role, torch threads per process) of the roles here
+    cores: int = 0  # CPU cores the threads were planned for
+
+    def threads_of(self, role: str) -> int | None:
+        """Torch threads per process of ``role`` (None: not planned, the child inherits the environment)."""
+        return dict(self.threads).get(role)
+
+    def child_env(self, role: str, devices: Sequence[str]) -> dict[str, str]:
+        """What a child of ``role`` on ``devices`` adds to the launcher's environment: its
+        ``CUDA_VISIBLE_DEVICES`` (when it has GPUs) and its thread counts."""
+        env = {VISIBLE_ENV: _ids(devices)} if devices else {}
+        n = self.threads_of(role)
+        return env if n is None else {**env, **{k: str(n) for k in THREAD_ENVS}}
 
     @staticmethod
     def pool(slices: Sequence[Sequence[str]]) -> tuple[str, ...]:
@@ -122,17 +143,25 @@ class Plan:
         source = {"cuda": "CUDA", FAKE_GPUS_ENV: f"{FAKE_GPUS_ENV}={self.found.count}", "none": "no CUDA"}
         source["unprobed"] = "not probed: no role asks for GPUs"
         lines = [f"GPU plan for {node}: {self.found.count} GPU(s) ({source[self.found.source]})"]
-        rows = [("role", "worker", "GPUs", "CUDA_VISIBLE_DEVICES")]
+        rows = [("role", "worker", "GPUs", "CUDA_VISIBLE_DEVICES", "threads")]
         n, first = self.trainer_procs, self.node_rank * self.trainer_procs
         ranks = f"rank {first}" if n == 1 else f"ranks {first}-{first + n - 1}"
+
+        def threads(role: str) -> str:
+            n = self.threads_of(role)
+            return "-" if n is None else str(n)
+
         if self.trainer:
-            rows.append(("trainer", ranks, str(len(self.trainer)), _ids(self.trainer)))
+            rows.append(("trainer", ranks, str(len(self.trainer)), _ids(self.trainer), threads("trainer")))
         else:
-            rows.append(("trainer", ranks, "cpu", "-"))
+            rows.append(("trainer", ranks, "cpu", "-", threads("trainer")))
         for name, slices in (("rollout", self.rollout), ("teacher", self.teacher)):
-            rows += [(name, str(i), str(len(s)), _ids(s)) for i, s in enumerate(slices)]
-        rows += [(name, "0" if n == 1 else f"0-{n - 1}", "cpu", "-") for name, n in self.cpu_services]
-        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+            rows += [(name, str(i), str(len(s)), _ids(s), threads(name)) for i, s in enumerate(slices)]
+        rows += [
+            (name, "0" if n == 1 else f"0-{n - 1}", "cpu", "-", threads(name))
+            for name, n in self.cpu_services
+        ]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         used = set(self.trainer) | set(self.pool(self.rollout)) | set(self.pool(self.teacher))
         idle = [d for d in self.found.ids if d not in used]
@@ -141,6 +170,11 @@ class Plan:
         if self.shared:
             lines.append("  roles share GPUs (trainer.allow_shared_gpu=true; single-GPU smoke runs only)")
         lines.append(f"  weight channel (trainer rank 0 -> rollout workers): {self.weight_backend}")
+        if self.cores:
+            lines.append(
+                f"  threads: OMP_NUM_THREADS per process ({self.cores} CPU cores here; "
+                "*.threads=0 splits them)"
+            )
         return "\n".join(lines)
 
 
@@ -197,9 +231,49 @@ def _check_pool(p: _Pool, backend: str) -> None:
         )
 
 
-def plan(cfg: Config, found: Found, node_rank: int = 0) -> Plan:
+def available_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (taskset, Slurm, cgroup cpusets), else
+    ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _role_processes(cfg: Config, node_rank: int) -> dict[str, int]:
+    """The compute processes of each role started on node ``node_rank``: the trainer's ranks, one per
+    engine GPU (a GPU service) or per worker (a CPU one)."""
+    out = {"trainer": cfg.trainer.procs_per_node}
+    for p in _pools(cfg, node_rank):
+        if p.launched:
+            out[p.role] = p.gpus or p.workers
+    return out
+
+
+def plan_threads(cfg: Config, node_rank: int, cores: int) -> dict[str, int]:
+    """Torch threads per process for each role node ``node_rank`` runs: ``<role>.threads`` when set; the
+    roles on 0 (auto) share the ``cores`` the others leave, evenly per process, at least 1 each."""
+    for role in ("trainer", "rollout", "teacher"):
+        n = getattr(cfg, role).threads
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PlacementError(
+                f"{role}.threads={n!r}: expected an integer >= 0 (torch threads per {role} process; 0 = "
+                f"auto, this node's {cores} core(s) split between its processes)"
+            )
+    procs = _role_processes(cfg, node_rank)
+    out = {role: getattr(cfg, role).threads for role in procs if getattr(cfg, role).threads}
+    auto = [role for role in procs if role not in out]
+    left = cores - sum(out[role] * procs[role] for role in out)
+    share = max(1, left // max(1, sum(procs[role] for role in auto)))
+    return {**out, **{role: share for role in auto}}
+
+
+def plan(cfg: Config, found: Found, node_rank: int = 0, cores: int | None = None) -> Plan:
     """Place the trainer and the services launched on node ``node_rank`` (``*.launch`` and
-    ``*.node_rank``) on ``found``'s GPUs; see the module docstring."""
+    ``*.node_rank``) on ``found``'s GPUs, and size each process's CPU threads for ``cores`` (default:
+    :func:`available_cores`); see the module docstring."""
+    cores = available_cores() if cores is None else cores
+    threads = plan_threads(cfg, node_rank, cores)
     tr = cfg.trainer
     pools = _pools(cfg, node_rank)
     backends = {"rollout": cfg.rollout.backend, "teacher": cfg.teacher.backend}
@@ -257,6 +331,8 @@ def plan(cfg: Config, found: Found, node_rank: int = 0) -> Plan:
         trainer_procs=tr.procs_per_node,
         cpu_services=tuple((p.role, p.workers) for p in pools if p.launched and p.gpus == 0),
         node_rank=node_rank,
+        threads=tuple(threads.items()),
+        cores=cores,
     )
 
 

@@ -235,7 +235,7 @@ def test_dry_run_prints_the_plan_and_commands_with_matching_devices():
         assert argv[argv.index("--gpus") + 1].split(",") == devices  # the service slices it per worker
         assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--dtype") + 1] == "bfloat16"
         rows = [line.split() for line in out.splitlines() if line.startswith(f"  {name} ")]
-        assert [r[-1] for r in rows] == devices  # the table shows the same slices
+        assert [r[3] for r in rows] == devices  # the table shows the same slices
     r, te = cmds["rollout"], cmds["teacher"]
     assert r[r.index("--weight-backend") + 1] == "nccl"
     assert te[te.index("--gpu-memory-utilization") + 1] == "0.8"
@@ -253,6 +253,9 @@ def test_dry_run_prints_the_plan_and_commands_with_matching_devices():
          "trainer.n_gpus_per_node=2 asks for GPUs, but CUDA is not available here"),
         # fake GPUs plan only
         (["--config", "configs/gpu_example.yaml"], {FAKE_GPUS_ENV: "8"}, "GKD_FAKE_GPUS=8 only plans"),
+        # a thread count is planned (and refused) with the GPUs, before anything starts
+        (["--config", "configs/cpu_tiny.yaml", "--dry-run", "teacher.threads=-1"], {},
+         "teacher.threads=-1: expected an integer >= 0"),
     ],
 )  # fmt: skip
 def test_gkd_train_refuses_in_one_line(args, env, message):
@@ -441,7 +444,7 @@ def test_a_failing_trainer_shows_its_output_but_not_its_traceback(tmp_path, capf
 
 
 def test_console_filter_keeps_ordinary_lines_and_drops_reports():
-    from gkd.launch import ConsoleFilter
+    from gkd.console import ConsoleFilter
 
     f = ConsoleFilter()
     lines = [
@@ -562,3 +565,20 @@ def test_one_ddp_trainer_process_runs_without_torchrun():
     for overrides in (["trainer.nproc_per_node=2"], ["trainer.nproc_per_node=1", "trainer.strategy=fsdp2"]):
         argv = trainer_command(_cfg(*overrides), ["c.yaml"], [])
         assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"], overrides
+
+
+def test_children_run_from_a_thread_other_than_the_main_one(tmp_path):
+    """``gkd.distill`` may be called from a worker thread (no signal handlers can be set there): the
+    children still start, are watched and stopped, and the trainer's status comes back."""
+    from gkd.launch import _run_children
+
+    service = Command("rollout", [sys.executable, "-c", "import time; time.sleep(60)"])
+    trainer = Command("trainer", [sys.executable, "-c", "print('trained')"])
+    got: list[int] = []
+    worker = threading.Thread(
+        target=lambda: got.append(_run_children([service, trainer], tmp_path, {}, {}, None))
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and got == [0]
+    assert "trained" in (tmp_path / "trainer.log").read_text()

@@ -142,7 +142,7 @@ def test_each_node_plans_its_trainer_ranks_and_its_own_services():
     r, trainer = rollout[0].argv, rollout[1].argv
     assert r[r.index("--host") + 1] == "h1" and r[r.index("--weight-channel") + 1] == "h0:29600"
     assert r[r.index("--dtype") + 1] == "bfloat16" and r[r.index("--device") + 1] == "cuda"
-    assert rollout[0].env == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert rollout[0].env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
     i = trainer.index("--nnodes")
     assert trainer[i : i + 12] == [
         "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "4",

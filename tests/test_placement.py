@@ -1,21 +1,25 @@
 """``gkd.placement``: the per-node GPU plan (layouts, tensor parallelism, fake and inherited GPUs, shared
-single-GPU runs), each refusal's one-line message, the services' per-worker slices and the vLLM knobs."""
+single-GPU runs), each refusal's one-line message, the services' per-worker slices and the vLLM knobs; the
+CPU threads of each process (auto split, explicit values, bad values)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
 
-from gkd.config import load_config
+from gkd.config import ConfigError, load_config
 from gkd.placement import (
     FAKE_GPUS_ENV,
     Found,
     PlacementError,
     VLLMOptions,
+    available_cores,
     detect_gpus,
     plan,
+    plan_threads,
     weight_backend,
     worker_gpus,
 )
@@ -196,3 +200,85 @@ def test_vllm_options_round_trip_through_flags():
     assert VLLMOptions().llm_kwargs() == {"tensor_parallel_size": 1}  # unset knobs: vLLM's defaults
     with pytest.raises(PlacementError, match=r"--gpu-memory-utilization 1.5 must lie in \(0, 1\]"):
         VLLMOptions(gpu_memory_utilization=1.5)
+
+
+# ------------------------------------------------------------------------------------------- CPU threads
+
+
+def _cpu_cfg(*overrides: str):
+    return load_config(["configs/cpu_tiny.yaml"], [*BASE, *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cores", "want"),
+    [
+        # the demo's shape on a 2-core machine: 3 roles, one process each -> one thread each
+        (["trainer.nproc_per_node=1"], 2, {"trainer": 1, "rollout": 1, "teacher": 1}),
+        # cpu_tiny: 2 trainer ranks + rollout + teacher = 4 processes on 16 cores
+        ([], 16, {"trainer": 4, "rollout": 4, "teacher": 4}),
+        # more processes than cores: still at least one each
+        (["rollout.workers=3"], 2, {"trainer": 1, "rollout": 1, "teacher": 1}),
+        # a service started elsewhere takes no share of this node's cores
+        (["trainer.nproc_per_node=1", "teacher.launch=false"], 8, {"trainer": 4, "rollout": 4}),
+        # explicit values are honoured; auto roles split what they leave (12 - 2 x 3 = 6 for 2 processes)
+        (["trainer.threads=3"], 12, {"trainer": 3, "rollout": 3, "teacher": 3}),
+        (["trainer.threads=1", "rollout.threads=6"], 12, {"trainer": 1, "rollout": 6, "teacher": 4}),
+        # explicit values beyond the cores are still what was asked for; auto keeps its floor of one
+        (["trainer.threads=8", "rollout.threads=8", "teacher.threads=8"], 2,
+         {"trainer": 8, "rollout": 8, "teacher": 8}),
+        (["trainer.threads=8"], 4, {"trainer": 8, "rollout": 1, "teacher": 1}),
+    ],
+)  # fmt: skip
+def test_threads_split_the_cores_between_the_processes_here(overrides, cores, want):
+    assert plan_threads(_cpu_cfg(*overrides), 0, cores) == want
+    p = plan(_cpu_cfg(*overrides), Found((), "none"), cores=cores)
+    assert {role: p.threads_of(role) for role in want} == want and p.cores == cores
+
+
+def test_threads_count_one_process_per_engine_gpu():
+    """The 8-GPU example: 4 trainer ranks, 2 rollout and 2 teacher engines = 8 processes on 64 cores."""
+    p = plan(_gpu_cfg(), _gpus(8), cores=64)
+    assert dict(p.threads) == {"trainer": 8, "rollout": 8, "teacher": 8}
+    assert p.child_env("rollout", ("4", "5")) == {
+        "CUDA_VISIBLE_DEVICES": "4,5",
+        "OMP_NUM_THREADS": "8",
+        "MKL_NUM_THREADS": "8",
+    }
+    table = p.table()
+    assert "trainer  ranks 0-3  4     0,1,2,3               8" in table, table
+    assert "64 CPU cores here" in table
+
+
+def test_cpu_plan_table_and_env_carry_the_threads():
+    p = plan(_cpu_cfg(), Found((), "none"), cores=8)
+    assert "trainer  ranks 0-1  cpu   -                     2" in p.table(), p.table()
+    assert p.child_env("trainer", ()) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+
+def test_the_demo_config_gets_the_demo_split_on_any_machine(tmp_path):
+    """``gkd train --config runs/demo/config.yaml`` plans the threads ``gkd demo`` runs with: one each."""
+    from gkd.demo.run import DemoSettings, write_config
+
+    path = write_config(DemoSettings(), tmp_path, tmp_path / "t", tmp_path / "s", tmp_path / "p.parquet")
+    cfg = load_config([str(path)], check=False)
+    for cores in (2, 64):
+        assert plan_threads(cfg, 0, cores) == {"trainer": 1, "rollout": 1, "teacher": 1}
+
+
+@pytest.mark.parametrize("key", ["trainer.threads", "rollout.threads", "teacher.threads"])
+def test_a_negative_thread_count_is_one_line_naming_the_key(key):
+    with pytest.raises(PlacementError) as e:
+        plan(_cpu_cfg(f"{key}=-2"), Found((), "none"), cores=4)
+    assert str(e.value).startswith(f"{key}=-2: expected an integer >= 0") and "\n" not in str(e.value)
+
+
+def test_a_thread_count_that_is_not_a_number_is_one_line_naming_the_key():
+    with pytest.raises(
+        ConfigError, match=r"^command line override: bad value for config key 'rollout.threads'"
+    ):
+        _cpu_cfg("rollout.threads=many")
+
+
+def test_available_cores_is_this_process_affinity(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert available_cores() == 3

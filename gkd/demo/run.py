@@ -205,6 +205,7 @@ teacher:
   model_path: {teacher}
   backend: hf
   workers: 1
+  threads: {st.threads}
   top_k: {st.top_k}
   server_port: {t_port}
   backend_port: {t_back}
@@ -215,6 +216,7 @@ rollout:
   backend: hf
   n_gpus_per_node: 0
   workers: 1
+  threads: {st.threads}
   temperature: 1.0
   max_new_tokens: {st.max_new_tokens}
   return_topk: {st.return_topk if st.support == "union" else 0}
@@ -225,6 +227,7 @@ trainer:
   scheduler: {st.scheduler}
   n_gpus_per_node: 0
   nproc_per_node: 1
+  threads: {st.threads}
   total_steps: {st.steps}
   save_freq: {st.steps}
   keep_last: 2
@@ -419,8 +422,7 @@ def run_demo(st: DemoSettings) -> dict:
 
     _stage(f"training: {st.steps} steps, {st.scheduler}, loss {st.loss} (gkd train --config {config})")
     t = time.monotonic()
-    threads_env = {k: str(st.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    status = launch.run([str(config)], [], env=threads_env)  # the children's thread counts
+    status = launch.run([str(config)], [])  # the children's thread counts: *.threads in the config
     train_s = time.monotonic() - t
     if status != 0:
         raise RuntimeError(f"training failed (gkd train exited with status {status}); see the log above")
