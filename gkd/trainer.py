@@ -73,6 +73,7 @@ from gkd.metrics import (
 )
 from gkd.preflight import check_run
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
+from gkd.skips import SkipGuard
 from gkd.sources import BatchSources, required_metrics, source_of
 from gkd.startup import StartupClock, service_info
 from gkd.trainer_ranks import (
@@ -196,6 +197,7 @@ class Trainer:
         self.k = cfg.trainer.staleness
         self.n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
         self.others_busy = False  # see others_in_collective
+        self.skips = SkipGuard(cfg.trainer.max_skipped_steps)  # rank 0: stops a run that only skips
 
     # ---- every rank
 
@@ -422,6 +424,7 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self.train_on(samples, outputs)
             seconds = time.perf_counter() - t0
+        self.skips.after(b, metrics)  # too many non-finite steps in a row: PhaseFailed("update"), no save
         lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
         flops = training_flops(unwrap(self.model).config, lens, int(metrics["actor/response_tokens"]))
         metrics["perf/model_tflops"] = flops / 1e12
