@@ -27,6 +27,7 @@ def validate(cfg: Config) -> None:
     _check_data(cfg)
     _check_features(cfg)
     _check_lora(cfg.model.lora)
+    _check_service_limits(cfg)
 
 
 def _check_choices(cfg: Config) -> None:
@@ -156,6 +157,16 @@ def _check_fsdp(tr) -> None:
         size,
         f"must divide the {world} trainer ranks (trainer.nnodes x processes per node); use a divisor or null",
     )
+
+
+def _check_service_limits(cfg: Config) -> None:
+    """The limits that cross services, where the config alone decides them (``gkd.service_limits``: a
+    service ``gkd train`` launches serves what the config says); the rest is checked at start-up."""
+    from gkd.service_limits import static_limits
+
+    problems = static_limits(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _check_loss(cfg: Config) -> None:
