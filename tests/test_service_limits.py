@@ -114,7 +114,7 @@ def test_the_hf_rollout_engine_bounds_request_lengths_and_keeps_serving():
     assert HFRolloutEngine(tiny_llama(0, 320, 32)).max_len == 32  # the model's own limit is the default
     with pytest.raises(ValueError, match="max_len"):
         HFRolloutEngine(tiny_llama(0, 320, 32), max_len=1)
-    with pytest.raises(ValueError, match="10 tokens \\+ max_new_tokens 31 exceed the engine's context of 40"):
+    with pytest.raises(ValueError, match=r"31 \+ the longest prompt's 10 tokens exceed this engine's max_len of 40"):
         engine.generate([list(range(10))], SamplingConfig(max_new_tokens=31, seed=1))
     handle = make_handler(VersionedEngine(engine, None))
     header, tensors = pack_request([list(range(10))], SamplingConfig(max_new_tokens=10**6, seed=1))

@@ -365,10 +365,14 @@ class HFRolloutEngine:
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed_offset: int = 0
     ) -> list[Sample]:
+        check_prompts(prompts, vocab_size=self.vocab_size)
         # the request's max_new_tokens sizes [B, N] buffers: bounded by max_len like vLLM's max_model_len
-        check_prompts(
-            prompts, vocab_size=self.vocab_size, max_len=self.max_len, max_new_tokens=sampling.max_new_tokens
-        )
+        longest = max(map(len, prompts), default=0)
+        if longest + sampling.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"max_new_tokens {sampling.max_new_tokens} + the longest prompt's {longest} tokens exceed this "
+                f"engine's max_len of {self.max_len} prompt + response tokens (--max-model-len)"
+            )
         out: list[Sample] = []
         version = self.policy_version  # one version for the whole call: weights change only between calls
         for start in range(0, len(prompts), self.max_batch_size):
