@@ -28,7 +28,9 @@ def weights_finite(tensors: Iterable[torch.Tensor]) -> bool:
     if not flags:
         return True
     if len({f.device for f in flags}) > 1:  # parameters on several devices: one sync per device
-        return all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in {f.device for f in flags})
+        return all(
+            bool(torch.stack([f for f in flags if f.device == d]).all()) for d in {f.device for f in flags}
+        )
     return bool(torch.stack(flags).all())
 
 

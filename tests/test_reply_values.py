@@ -70,7 +70,9 @@ def test_bad_logprobs_are_refused_naming_the_worker(name, index, value):
 
 
 def test_minus_inf_is_a_valid_topk_slot():
-    outs = unpack_reply(_score_msg(edit=_set("topk_logprobs", (1, 3), -math.inf)), LENS, top_k=K, vocab_size=V)
+    outs = unpack_reply(
+        _score_msg(edit=_set("topk_logprobs", (1, 3), -math.inf)), LENS, top_k=K, vocab_size=V
+    )
     assert outs[0].topk_logprobs[1, 3] == -math.inf
 
 
@@ -179,7 +181,9 @@ def test_rollout_topk_columns_other_than_asked_are_refused(sent, asked):
     msg = _rollout_msg(_samples(topk=sent))
     with pytest.raises(BadValues, match=f"top-k column\\(s\\) per token but return_topk={asked}"):
         unpack_rollout(msg, [[1, 2]] * 2, return_topk=asked, vocab_size=V)
-    assert len(unpack_rollout(_rollout_msg(_samples(topk=asked or None)), [[1, 2]] * 2, return_topk=asked)) == 2
+    assert (
+        len(unpack_rollout(_rollout_msg(_samples(topk=asked or None)), [[1, 2]] * 2, return_topk=asked)) == 2
+    )
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -209,7 +213,9 @@ def test_a_teacher_worker_refuses_to_send_nan_logprobs():
 def test_a_rollout_worker_refuses_to_send_nan_logprobs():
     samples = _samples()
     samples[1].response_logprobs[0] = math.nan
-    with pytest.raises(ValueError, match=f"rollout worker {worker_label()} refuses to send .*response_logprobs"):
+    with pytest.raises(
+        ValueError, match=f"rollout worker {worker_label()} refuses to send .*response_logprobs"
+    ):
         pack_reply(samples, 3)
 
 

@@ -67,7 +67,9 @@ def test_limits_within_what_the_services_serve_pass():
 
 
 def test_check_services_raises_the_limit_and_arms_the_value_checks(student_dir):  # noqa: F811
-    cfg = load_config([], [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", "teacher.top_k=8"])
+    cfg = load_config(
+        [], [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", "teacher.top_k=8"]
+    )
     rollout = FakeClient([{"vocab_size": 303, "max_len": 1024}])
     with pytest.raises(LimitError, match="teacher.top_k=8 exceeds .*max_top_k=4"):
         check_services(cfg, _teacher(student_dir, max_top_k=4), rollout, MODEL, 1)
@@ -96,12 +98,18 @@ def test_the_trainer_exits_2_on_a_limit(monkeypatch):
             r"return_topk \+ 1 = 9 ids per position, above the launched teacher's max_top_k=8",
         ),
         (
-            ["rollout.launch=true", "rollout.backend=vllm", "rollout.n_gpus_per_node=1", "rollout.max_model_len=300",
-             "data.max_prompt_length=200", "rollout.max_new_tokens=128"],
-            r"data.max_prompt_length=200 \+ rollout.max_new_tokens=128 exceed the launched rollout's max_len=300",
+            [
+                "rollout.launch=true",
+                "rollout.backend=vllm",
+                "rollout.n_gpus_per_node=1",
+                "rollout.max_model_len=300",
+                "data.max_prompt_length=200",
+                "rollout.max_new_tokens=128",
+            ],
+            r"max_prompt_length=200 \+ rollout.max_new_tokens=128 exceed the launched rollout's max_len=300",
         ),
     ],
-)  # fmt: skip
+)
 def test_limits_the_config_alone_decides_fail_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(*overrides)
@@ -114,7 +122,9 @@ def test_the_hf_rollout_engine_bounds_request_lengths_and_keeps_serving():
     assert HFRolloutEngine(tiny_llama(0, 320, 32)).max_len == 32  # the model's own limit is the default
     with pytest.raises(ValueError, match="max_len"):
         HFRolloutEngine(tiny_llama(0, 320, 32), max_len=1)
-    with pytest.raises(ValueError, match=r"31 \+ the longest prompt's 10 tokens exceed this engine's max_len of 40"):
+    with pytest.raises(
+        ValueError, match=r"31 \+ the longest prompt's 10 tokens exceed this engine's max_len of 40"
+    ):
         engine.generate([list(range(10))], SamplingConfig(max_new_tokens=31, seed=1))
     handle = make_handler(VersionedEngine(engine, None))
     header, tensors = pack_request([list(range(10))], SamplingConfig(max_new_tokens=10**6, seed=1))

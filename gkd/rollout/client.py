@@ -73,6 +73,7 @@ class RolloutClient(ServiceClient[Sample]):
             )
             for chunk in chunks
         ]
+
         def unpack(i: int, msg):
             mine = [prompts[j] for j in chunks[i]]
             return unpack_reply(msg, mine, return_topk=sampling.return_topk, vocab_size=self.vocab_size)

@@ -370,8 +370,8 @@ class HFRolloutEngine:
         longest = max(map(len, prompts), default=0)
         if longest + sampling.max_new_tokens > self.max_len:
             raise ValueError(
-                f"max_new_tokens {sampling.max_new_tokens} + the longest prompt's {longest} tokens exceed this "
-                f"engine's max_len of {self.max_len} prompt + response tokens (--max-model-len)"
+                f"max_new_tokens {sampling.max_new_tokens} + the longest prompt's {longest} tokens exceed "
+                f"this engine's max_len of {self.max_len} prompt + response tokens (--max-model-len)"
             )
         out: list[Sample] = []
         version = self.policy_version  # one version for the whole call: weights change only between calls
