@@ -13,6 +13,7 @@ One op, ``generate``. Request (fields + int32 tensors, all flat)::
 Reply::
 
     fields   policy_version: int   the one version that produced every sample of this reply
+             worker: str           "host pid N" (named in the client's value errors: ``gkd.reply_values``)
     tensors  response_ids       [sum R] int32
              response_lens      [S] int32
              response_logprobs  [sum R] float32   log softmax(logits / T) of each sampled token

@@ -13,7 +13,7 @@ Two ops: ``score`` (below) and ``generate`` (the teacher samples answers: ``gkd.
 
 Reply (response positions only; row j of a sequence predicts its response token j)::
 
-    fields   top_k, temperature (as applied)
+    fields   top_k, temperature (as applied); worker: "host pid N" (named in the client's value errors)
              support: "topk" | "union"   union: each row is the top-k then the requested ids not among
                       them, deduplicated, padded with (id 0, -inf) to W = min(K + M, V) slots; topk: an
                       engine that cannot gather arbitrary ids (vLLM) answers a request with ids with its
@@ -23,7 +23,9 @@ Reply (response positions only; row j of a sequence predicts its response token 
              token_logprobs  [sum R] float32
              response_lens   [S] int32 (echoed, so the client can check the reply fits its request)
 
-An input the engine refuses (``check_sequences``: ids outside the vocabulary, empty prompt/response, too
+Values are checked at both ends (``gkd.reply_values``): a worker answers with an error rather than send
+NaN/+inf/positive log-probs; the client refuses those, ids outside the vocabulary and columns other than
+asked (``BadValues`` naming the worker). An input the engine refuses (``check_sequences``: ids outside the vocabulary, empty prompt/response, too
 long, top_k above the served maximum) becomes an error reply whose message names the sequence by its
 index in the caller's batch; the worker keeps serving.
 """
