@@ -222,3 +222,38 @@ def test_a_rollout_worker_refuses_to_send_nan_logprobs():
 def test_replies_name_their_worker():
     fields, _ = pack_reply(_samples(), 3)
     assert fields["worker"] == worker_label()
+
+
+# ------------------------------------------------------------------------------------ through a service
+
+
+class _OutOfVocabTeacher:
+    """Finite log-probs (the worker sends them) but top-k ids past the student's vocabulary."""
+
+    def score(self, sequences, top_k, temperature, requested=None, index_offset=0):
+        outs = []
+        for _, r in sequences:
+            ids, lp, tok = _rows(len(r), top_k)
+            outs.append(TeacherOutput(ids + V, lp, tok))
+        return outs
+
+
+def test_a_teacher_client_refuses_a_reply_naming_the_worker_that_sent_it():
+    from gkd.teacher.client import TeacherClient
+    from gkd.teacher.service import make_broker
+    from gkd.teacher.wire import LIMITS, OPS
+    from gkd.transport.worker import Worker
+    from tests.transport.helpers import FAST, ServiceThreads
+
+    broker = make_broker(host="127.0.0.1", port=0, backend_port=0, **FAST).start()
+    handler = make_handler(_OutOfVocabTeacher(), default_top_k=K, logprob_dtype="float32")
+    worker = Worker(broker.backend_address, handler, ops=OPS, limits=LIMITS, **FAST).start()
+    svc = ServiceThreads(broker, [worker], TeacherClient)
+    try:
+        client = svc.client()
+        assert len(client.submit([([1, 2], [3, 4, 5])], top_k=K).result(timeout=30)) == 1  # ids >= 0 only
+        client.vocab_size = V  # what the trainer sets once it has checked the services
+        with pytest.raises(BadValues, match=f"teacher worker {worker_label()}: topk_ids has 12 out-of-range"):
+            client.submit([([1, 2], [3, 4, 5])], top_k=K).result(timeout=30)
+    finally:
+        svc.close()
