@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkd.checkpoint_prune import to_prune, weights_finite
 from gkd.checkpoint_rng import capture_rng_state, gather_rng_states, restore_rng_state
 from gkd.lora import adapter_state_dict, is_lora, merged_state_dict
 
@@ -351,7 +352,8 @@ def _write_small_files(tmp: Path, trainer_state: dict, config_yaml: str, step: i
 
 
 def _prune(output_dir: str | os.PathLike, keep_last: int) -> None:
-    for _, old in list_checkpoints(output_dir)[:-keep_last]:
+    """All but the newest ``keep_last``, never the newest with finite weights (``gkd.checkpoint_prune``)."""
+    for old in to_prune(list_checkpoints(output_dir), keep_last):
         shutil.rmtree(old)
 
 
@@ -370,14 +372,17 @@ def begin_sharded(output_dir: str | os.PathLike, step: int) -> Path:
 
 def finish_sharded(
     output_dir: str | os.PathLike, step: int, trainer_state: dict, config_yaml: str, *, lora: bool,
-    keep_last: int,
+    keep_last: int, weights_finite: bool = True,
 ) -> Path:  # fmt: skip
     """Rank 0, once every rank's shards are in :func:`sharded_tmp`: the small files, then the atomic
-    commit and the pruning; on failure the temporary folder is removed (no checkpoint)."""
+    commit and the pruning; on failure the temporary folder is removed (no checkpoint).
+    ``weights_finite``: every rank's shards were finite (recorded in meta.json for the pruning)."""
     tmp = sharded_tmp(output_dir, step)
     final = checkpoint_root(output_dir) / f"step_{step:06d}"
     try:
-        _write_small_files(tmp, trainer_state, config_yaml, step, layout="dcp", lora=lora)
+        _write_small_files(
+            tmp, trainer_state, config_yaml, step, layout="dcp", lora=lora, weights_finite=weights_finite
+        )
         _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,7 +393,8 @@ def finish_sharded(
 
 def write_snapshot(output_dir: str | os.PathLike, state: Snapshot, *, keep_last: int = 2) -> Path:
     """Write ``state`` as ``OUTPUT_DIR/checkpoints/step_{step:06d}`` (atomically: a temporary folder,
-    fsynced, renamed), then delete all but the newest ``keep_last`` complete checkpoints."""
+    fsynced, renamed), then delete all but the newest ``keep_last`` complete checkpoints (keeping the newest
+    with finite weights: meta.json records ``weights_finite``)."""
     from safetensors.torch import save_file
 
     if keep_last < 1:
@@ -401,8 +407,9 @@ def write_snapshot(output_dir: str | os.PathLike, state: Snapshot, *, keep_last:
         save_file(state.weights, str(tmp / state.weights_file), metadata=state.weights_metadata)
         if state.optimizer is not None:
             torch.save(state.optimizer, tmp / "optimizer.pt")
-        lora = state.weights_file == _ADAPTER_FILE
-        _write_small_files(tmp, state.trainer_state, state.config_yaml, state.step, layout="files", lora=lora)
+        lora, finite = state.weights_file == _ADAPTER_FILE, weights_finite(state.weights.values())
+        _write_small_files(tmp, state.trainer_state, state.config_yaml, state.step, layout="files", lora=lora,
+                           weights_finite=finite)  # fmt: skip
 
     path = _atomic_dir(root / f"step_{state.step:06d}", write)
     _prune(output_dir, keep_last)

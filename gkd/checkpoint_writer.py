@@ -44,6 +44,7 @@ from gkd.checkpoint import (
     snapshot,
     write_snapshot,
 )
+from gkd.checkpoint_prune import weights_finite
 
 log = logging.getLogger("gkd.checkpoint")
 
@@ -149,6 +150,8 @@ class CheckpointWriter:
                 failure = e
         ok = torch.tensor([int(failure is None)])
         dist.broadcast(ok, 0, group=checkpoint_group())  # also the barrier: the folder exists for everyone
+        finite = torch.tensor([int(weights_finite(model.parameters()))])  # this rank's shards, for pruning
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=checkpoint_group())
         if not ok.item():
             why = failure or "see rank 0's log"
             raise CheckpointError(f"{path}: rank 0 could not start the checkpoint ({why})")
@@ -170,7 +173,7 @@ class CheckpointWriter:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             return finish_sharded(output_dir, step, trainer_state, config_yaml, lora=not frozen,
-                                  keep_last=keep_last)  # fmt: skip
+                                  keep_last=keep_last, weights_finite=bool(finite.item()))  # fmt: skip
 
         if self._pool is None:
             commit()

@@ -202,7 +202,9 @@ class TrainerConfig:
     total_steps: int | None = None  # when set, wins over total_epochs
     total_epochs: int = 1
     save_freq: int = 100  # steps between checkpoints; 0 = only the final one
-    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    keep_last: int = 2  # checkpoints kept; older ones are deleted (never the newest with finite weights)
+    # optimizer steps skipped in a row (non-finite loss or gradient norm) before the run stops
+    max_skipped_steps: int = 3
     # copy the state to host memory and write the checkpoint on a background thread (false: write it
     # before training goes on); either way a checkpoint is committed atomically
     async_save: bool = True

@@ -27,6 +27,7 @@ def validate(cfg: Config) -> None:
     _check_data(cfg)
     _check_features(cfg)
     _check_lora(cfg.model.lora)
+    _check_service_limits(cfg)
 
 
 def _check_choices(cfg: Config) -> None:
@@ -131,6 +132,7 @@ def _check_trainer(cfg: Config) -> None:
     _check(tr.total_epochs >= 1, "trainer.total_epochs", tr.total_epochs, "must be >= 1")
     _check(tr.save_freq >= 0, "trainer.save_freq", tr.save_freq, "must be >= 0 (0 = final checkpoint only)")
     _check(tr.keep_last >= 1, "trainer.keep_last", tr.keep_last, "must be >= 1")
+    _check(tr.max_skipped_steps >= 0, "trainer.max_skipped_steps", tr.max_skipped_steps, "must be >= 0")
     _check(bool(tr.output_dir), "trainer.output_dir", tr.output_dir, "required")
     _check_fsdp(tr)
     _check(
@@ -155,6 +157,16 @@ def _check_fsdp(tr) -> None:
         size,
         f"must divide the {world} trainer ranks (trainer.nnodes x processes per node); use a divisor or null",
     )
+
+
+def _check_service_limits(cfg: Config) -> None:
+    """The limits that cross services, where the config alone decides them (``gkd.service_limits``: a
+    service ``gkd train`` launches serves what the config says); the rest is checked at start-up."""
+    from gkd.service_limits import static_limits
+
+    problems = static_limits(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _check_loss(cfg: Config) -> None:

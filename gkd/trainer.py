@@ -73,6 +73,8 @@ from gkd.metrics import (
 )
 from gkd.preflight import check_run
 from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
+from gkd.service_limits import service_limits
+from gkd.skips import SkipGuard
 from gkd.sources import BatchSources, required_metrics, source_of
 from gkd.startup import StartupClock, service_info
 from gkd.trainer_ranks import (
@@ -159,16 +161,14 @@ def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokeniz
                 f"teacher {w.get('model')} tokenizer {theirs} differs from the student's {mine}: "
                 "the same text would map to different ids"
             )
-        if int(w.get("max_top_k", cfg.teacher.top_k)) < cfg.teacher.top_k:
-            raise StartupError(
-                f"teacher.top_k={cfg.teacher.top_k} exceeds the teacher's {w.get('max_top_k')}"
-            )
     r_addr = f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}"
-    for w in _worker_infos(
-        rollout, "rollout", cfg.rollout, n_rollout, "`gkd rollout serve --weight-channel ...`"
-    ):
+    serve = "`gkd rollout serve --weight-channel ...`"
+    r_workers = _worker_infos(rollout, "rollout", cfg.rollout, n_rollout, serve)
+    for w in r_workers:
         if int(w.get("vocab_size", -1)) != vocab:
             raise StartupError(f"rollout worker vocabulary {w.get('vocab_size')} != the student's {vocab}")
+    service_limits(cfg, workers, r_workers)  # top-k, union width, lengths: LimitError (exit 2)
+    teacher.vocab_size = rollout.vocab_size = vocab  # replies' ids are checked against the student's rows
     log.info(
         "services ok: teacher %s (%d workers), rollout %s; %d rollout workers expected",
         t_addr,
@@ -196,6 +196,7 @@ class Trainer:
         self.k = cfg.trainer.staleness
         self.n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
         self.others_busy = False  # see others_in_collective
+        self.skips = SkipGuard(cfg.trainer.max_skipped_steps)  # rank 0: stops a run that only skips
 
     # ---- every rank
 
@@ -422,6 +423,7 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self.train_on(samples, outputs)
             seconds = time.perf_counter() - t0
+        self.skips.after(b, metrics)  # too many non-finite steps in a row: PhaseFailed("update"), no save
         lens = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples if s.response_ids]
         flops = training_flops(unwrap(self.model).config, lens, int(metrics["actor/response_tokens"]))
         metrics["perf/model_tflops"] = flops / 1e12
@@ -583,4 +585,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StartupError, PhaseFailed, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         # a problem the message explains: no traceback (torchrun tears down the other ranks)
         log.error("%s: %s", type(e).__name__, e)
-        return 1
+        return getattr(e, "exit_code", 1)  # 2: a limit that crosses services (gkd.service_limits)

@@ -414,6 +414,16 @@ def _sampling_temperature(cfg) -> float:
     return t if t >= GREEDY_BELOW else 1.0
 
 
+def any_rank(flag: bool, group=None, device: torch.device | str | None = None) -> bool:
+    """``flag`` or-ed over the ranks of ``group`` (one all-reduce of a scalar when it spans several), so
+    every rank takes the same branch."""
+    if _world(group) <= 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -428,8 +438,11 @@ def train_step(
     """One optimizer step on this rank's micro-batches (from :func:`pack_micro_batches`).
 
     zero grads -> accumulate (global-token normalisation) -> clip to ``cfg.optim.clip_grad`` (0 = measure
-    only) -> optimizer step -> LR step. Every rank of ``group`` must call it. Returns ``actor/kl_loss``
-    (global token mean), ``actor/grad_norm`` (before clipping), ``actor/lr`` (used by this step),
+    only) -> optimizer step -> LR step. A non-finite loss or gradient norm (on any rank: the ranks agree
+    through one all-reduce) skips the optimizer step: the gradients are dropped and the weights and the
+    optimizer state stay as they were; the LR schedule still advances. Every rank of ``group`` must call
+    it. Returns ``actor/kl_loss`` (global token mean), ``actor/grad_norm`` (before clipping),
+    ``actor/skipped_steps`` (1.0: this step was skipped, else 0.0), ``actor/lr`` (used by this step),
     ``response_seq_len/{mean,max,min}``, ``actor/response_tokens``, ``actor/total_tokens``,
     ``actor/num_sequences``, ``actor/micro_batches`` (what each rank ran, zero-weight padding included:
     equal on every DDP/FSDP2 rank) and ``actor/tokens_imbalance`` (max over ranks of response tokens /
@@ -457,11 +470,16 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (the norm over every rank's shards)
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    lr_scheduler.step()
+    skip = any_rank(not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))), group, device)
+    if skip:  # a NaN/inf would reach every weight through AdamW's moments: no update, the batch is spent
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    lr_scheduler.step()  # the schedule follows the batches, skipped or not (resume relies on it)
     metrics = {
         "actor/kl_loss": loss_sum / n_tokens,
         "actor/grad_norm": float(grad_norm),
+        "actor/skipped_steps": float(skip),
         "actor/lr": lr,
         "actor/response_tokens": n_tokens,
         "actor/micro_batches": plan.micro_batches if _averages_grads(model) else len(batch),

@@ -49,6 +49,8 @@ class RolloutClient(ServiceClient[Sample]):
         self.max_prompts_per_request = max_prompts_per_request
         self.max_tokens_per_request = max_tokens_per_request  # prompt + max_new_tokens per micro-request
         self.min_version_wait_s = timeout_s / 2 if min_version_wait_s is None else min_version_wait_s
+        #: replies' ids must lie in [0, vocab_size) (None: >= 0 only); the trainer sets the student's
+        self.vocab_size: int | None = None
         super().__init__(address, timeout_s, retries, auth, liveness_timeout_s)
 
     def submit(
@@ -71,9 +73,12 @@ class RolloutClient(ServiceClient[Sample]):
             )
             for chunk in chunks
         ]
-        return self._submit_parts(
-            OP_GENERATE, parts, lambda i, msg: unpack_reply(msg, [prompts[j] for j in chunks[i]])
-        )
+
+        def unpack(i: int, msg):
+            mine = [prompts[j] for j in chunks[i]]
+            return unpack_reply(msg, mine, return_topk=sampling.return_topk, vocab_size=self.vocab_size)
+
+        return self._submit_parts(OP_GENERATE, parts, unpack)
 
     def generate(self, prompts: Sequence[Any], sampling: SamplingConfig, min_version: int | None = None):
         """``submit(...).result()``."""

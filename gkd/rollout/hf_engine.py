@@ -303,6 +303,7 @@ class HFRolloutEngine:
         token_ids: int | None = None,
         stop_ids: Sequence[int] = (),
         static_cache: bool | None = None,
+        max_len: int | None = None,
     ):
         self.model = model.eval()
         self.device = torch.device(device)
@@ -312,8 +313,13 @@ class HFRolloutEngine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.token_ids = min(int(token_ids), self.vocab_size) if token_ids else self.vocab_size
         self.stop_ids = tuple(int(i) for i in stop_ids)
-        # prompt + response positions the model supports (the rollout service refuses longer requests)
+        # prompt + response positions served (vLLM's max_model_len): the model's own limit, or less when
+        # given; longer requests are refused before any buffer is sized by them
         self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 31))
+        if max_len is not None:
+            if max_len < 2:
+                raise ValueError(f"max_len={max_len} must be >= 2 (prompt + response tokens)")
+            self.max_len = min(self.max_len, int(max_len))
         if prepack is None and self.device.type != "cpu":
             prepack = False
         # packed copies only where this CPU's oneDNN can make them (bf16 needs AVX-512 or AVX-NE-CONVERT)
@@ -373,6 +379,13 @@ class HFRolloutEngine:
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed_offset: int = 0
     ) -> list[Sample]:
         check_prompts(prompts, vocab_size=self.vocab_size)
+        # the request's max_new_tokens sizes [B, N] buffers: bounded by max_len like vLLM's max_model_len
+        longest = max(map(len, prompts), default=0)
+        if longest + sampling.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"max_new_tokens {sampling.max_new_tokens} + the longest prompt's {longest} tokens exceed "
+                f"this engine's max_len of {self.max_len} prompt + response tokens (--max-model-len)"
+            )
         out: list[Sample] = []
         version = self.policy_version  # one version for the whole call: weights change only between calls
         for start in range(0, len(prompts), self.max_batch_size):

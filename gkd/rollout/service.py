@@ -66,7 +66,11 @@ class RolloutSpec:
         from gkd.rollout.hf_engine import HFRolloutEngine
 
         return HFRolloutEngine.from_pretrained(
-            self.model, dtype=self.dtype, device=self.device, max_batch_size=self.max_batch_size
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            max_batch_size=self.max_batch_size,
+            max_len=self.vllm.max_model_len,  # --max-model-len bounds the hf engine's requests too
         )
 
     def to_argv(self) -> list[str]:

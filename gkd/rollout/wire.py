@@ -13,6 +13,7 @@ One op, ``generate``. Request (fields + int32 tensors, all flat)::
 Reply::
 
     fields   policy_version: int   the one version that produced every sample of this reply
+             worker: str           "host pid N" (named in the client's value errors: ``gkd.reply_values``)
     tensors  response_ids       [sum R] int32
              response_lens      [S] int32
              response_logprobs  [sum R] float32   log softmax(logits / T) of each sampled token
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gkd.reply_values import BadValues, check_ids, check_logprobs, refuse_nonfinite, sender, worker_label
 from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
 from gkd.transport import Limits, Message, ProtocolError
 
@@ -158,7 +160,8 @@ def unpack_request(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
 def pack_reply(
     samples: Sequence[Sample], version: int, service_s: float | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``service_s``: the worker's own generation seconds for this request (``perf/rollout_tokens_per_s``)."""
+    """``service_s``: the worker's own generation seconds for this request (``perf/rollout_tokens_per_s``).
+    Raises ``ValueError`` naming this worker (an error reply) when a log-prob is NaN, infinite or > 0."""
     parts = [torch.as_tensor(s.response_ids, dtype=torch.int32).reshape(-1) for s in samples]
     lps = [s.response_logprobs.float().reshape(-1) for s in samples]
     tensors = {
@@ -174,14 +177,19 @@ def pack_reply(
     if tops and all(t is not None for t in tops):
         rows = [t.to(torch.int32).reshape(len(r), -1) for t, r in zip(tops, parts, strict=True)]
         tensors["topk_ids"] = torch.cat(rows)
-    fields: dict[str, Any] = {"policy_version": int(version)}
+    refuse_nonfinite("rollout", response_logprobs=(tensors["response_logprobs"], False))
+    fields: dict[str, Any] = {"policy_version": int(version), "worker": worker_label()}
     if service_s is not None:
         fields["service_s"] = float(service_s)
     return fields, tensors
 
 
-def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
-    """Reply -> one ``Sample`` per prompt (in order); raises ``ProtocolError`` if it does not fit."""
+def unpack_reply(
+    msg: Message, prompts: Sequence[Any], *, return_topk: int | None = None, vocab_size: int | None = None
+) -> list[Sample]:
+    """Reply -> one ``Sample`` per prompt (in order); raises ``ProtocolError`` if it does not fit, and
+    ``BadValues`` naming the worker when a log-prob is not finite and <= 0, an id is outside
+    ``[0, vocab_size)`` (``>= 0`` when None) or ``topk_ids`` has not ``return_topk`` columns (None: any)."""
     t = msg.tensors
     names = ("response_ids", "response_lens", "response_logprobs", "finish_codes", "policy_versions")
     missing = set(names) - set(t)
@@ -200,6 +208,11 @@ def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
         raise ProtocolError("rollout reply's response_lens do not fit its response tensors")
     if n and int(codes.max()) >= len(FINISH_REASONS):
         raise ProtocolError(f"rollout reply has an unknown finish code {int(codes.max())}")
+    who = sender("rollout", msg.header)
+    check_ids(who, "response_ids", ids, vocab_size)
+    check_logprobs(who, "response_logprobs", lps, allow_neg_inf=False)
+    top = t.get("topk_ids")
+    _check_topk(who, top, return_topk, vocab_size)
     counts = lens.tolist()
     samples = [
         Sample(_as_list(p), r.tolist(), lp, FINISH_REASONS[c], v)
@@ -207,7 +220,6 @@ def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
             prompts, ids.split(counts), lps.split(counts), codes.tolist(), versions.tolist(), strict=True
         )
     ]
-    top = t.get("topk_ids")
     if top is not None:
         if top.dtype != torch.int32 or top.dim() != 2 or top.shape[0] != ids.numel():
             raise ProtocolError(
@@ -220,6 +232,15 @@ def unpack_reply(msg: Message, prompts: Sequence[Any]) -> list[Sample]:
         for s in samples:
             s.extra["service_s"] = float(seconds) / n
     return samples
+
+
+def _check_topk(who: str, top: torch.Tensor | None, asked: int | None, vocab_size: int | None) -> None:
+    """``topk_ids`` present with ``asked`` columns exactly when ``asked > 0`` (None: not checked)."""
+    width = 0 if top is None else (top.shape[1] if top.dim() == 2 else -1)
+    if asked is not None and width != asked:
+        raise BadValues(f"{who}: the reply has {width} top-k column(s) per token but return_topk={asked}")
+    if top is not None and top.dim() == 2:
+        check_ids(who, "topk_ids", top, vocab_size)
 
 
 def _as_list(prompt: Any) -> list[int]:

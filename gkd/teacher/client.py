@@ -47,6 +47,8 @@ class TeacherClient(ServiceClient[TeacherOutput]):
     ):
         self.max_sequences_per_request = max_sequences_per_request
         self.max_tokens_per_request = max_tokens_per_request
+        #: replies' ids must lie in [0, vocab_size) (None: >= 0 only); the trainer sets the student's
+        self.vocab_size: int | None = None
         super().__init__(address, timeout_s, retries, auth, liveness_timeout_s)
 
     def submit(
@@ -75,7 +77,12 @@ class TeacherClient(ServiceClient[TeacherOutput]):
             for c in chunks
         ]
         lens = [tensors["response_lens"] for _, tensors in parts]
-        return self._submit_parts(OP_SCORE, parts, lambda i, msg: unpack_reply(msg, lens[i]))
+        m = int(parts[0][1]["requested_ids"].shape[1]) if parts and "requested_ids" in parts[0][1] else 0
+        return self._submit_parts(
+            OP_SCORE,
+            parts,
+            lambda i, msg: unpack_reply(msg, lens[i], top_k=top_k, requested=m, vocab_size=self.vocab_size),
+        )
 
     def generate(
         self,
@@ -97,7 +104,11 @@ class TeacherClient(ServiceClient[TeacherOutput]):
         ]
         counts = [len(c) for c in chunks]
         n = settings.max_new_tokens
-        return self._submit_parts(OP_GENERATE, parts, lambda i, msg: unpack_generate_reply(msg, counts[i], n))
+        return self._submit_parts(
+            OP_GENERATE,
+            parts,
+            lambda i, msg: unpack_generate_reply(msg, counts[i], n, top_k=top_k, vocab_size=self.vocab_size),
+        )
 
     def score(self, sequences, top_k: int | None = None, temperature: float | None = None):
         """``submit(...).result()``."""

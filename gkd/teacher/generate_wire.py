@@ -117,8 +117,18 @@ def generate_reply(
     }
 
 
-def unpack_generate_reply(msg: Message, prompts: int, max_new_tokens: int) -> list[TeacherAnswer]:
-    """Reply -> one :class:`TeacherAnswer` per prompt; ``ProtocolError`` when it does not fit the request."""
+def unpack_generate_reply(
+    msg: Message,
+    prompts: int,
+    max_new_tokens: int,
+    *,
+    top_k: int | None = None,
+    vocab_size: int | None = None,
+) -> list[TeacherAnswer]:
+    """Reply -> one :class:`TeacherAnswer` per prompt; ``ProtocolError`` when it does not fit the request
+    (``BadValues`` naming the worker for the values ``gkd.teacher.wire.unpack_reply`` checks, and answer
+    ids outside ``[0, vocab_size)``)."""
+    from gkd.reply_values import check_ids, sender
     from gkd.teacher.wire import unpack_reply
 
     t = msg.tensors
@@ -139,7 +149,8 @@ def unpack_generate_reply(msg: Message, prompts: int, max_new_tokens: int) -> li
         raise ProtocolError(
             f"teacher generate reply: response_ids {resp.dtype}{list(resp.shape)} do not fit the lengths"
         )
-    outputs = unpack_reply(msg, lens)
+    check_ids(sender("teacher", msg.header), "response_ids", resp, vocab_size)
+    outputs = unpack_reply(msg, lens, top_k=top_k, vocab_size=vocab_size)
     return [
         TeacherAnswer(r.tolist(), "stop" if int(s) else "length", o)
         for r, s, o in zip(resp.split(lens.tolist()), stopped, outputs, strict=True)

@@ -13,7 +13,7 @@ Two ops: ``score`` (below) and ``generate`` (the teacher samples answers: ``gkd.
 
 Reply (response positions only; row j of a sequence predicts its response token j)::
 
-    fields   top_k, temperature (as applied)
+    fields   top_k, temperature (as applied); worker: "host pid N" (named in the client's value errors)
              support: "topk" | "union"   union: each row is the top-k then the requested ids not among
                       them, deduplicated, padded with (id 0, -inf) to W = min(K + M, V) slots; topk: an
                       engine that cannot gather arbitrary ids (vLLM) answers a request with ids with its
@@ -23,7 +23,9 @@ Reply (response positions only; row j of a sequence predicts its response token 
              token_logprobs  [sum R] float32
              response_lens   [S] int32 (echoed, so the client can check the reply fits its request)
 
-An input the engine refuses (``check_sequences``: ids outside the vocabulary, empty prompt/response, too
+Values are checked at both ends (``gkd.reply_values``): a worker answers with an error rather than send
+NaN/+inf/positive log-probs; the client refuses those, ids outside the vocabulary and columns other than
+asked (``BadValues`` naming the worker). An input the engine refuses (``check_sequences``: ids outside the vocabulary, empty prompt/response, too
 long, top_k above the served maximum) becomes an error reply whose message names the sequence by its
 index in the caller's batch; the worker keeps serving.
 """
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from gkd.reply_values import BadValues, check_ids, check_logprobs, refuse_nonfinite, sender, worker_label
 from gkd.teacher.types import LOGPROB_DTYPES, SUPPORTS, TeacherOutput
 from gkd.transport import Limits, Message, ProtocolError
 
@@ -183,7 +186,13 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
         answers = engine.generate(prompts, settings, top_k, temperature, index_offset=offset)
         seconds = time.perf_counter() - start
         fields = {"top_k": top_k, "temperature": temperature, "support": "topk", "service_s": seconds}
-        return fields, generate_reply(answers, top_k, out_dtype)
+        reply = generate_reply(answers, top_k, out_dtype)
+        refuse_nonfinite(
+            "teacher",
+            topk_logprobs=(reply["topk_logprobs"], True),
+            token_logprobs=(reply["token_logprobs"], False),
+        )
+        return {**fields, "worker": worker_label()}, reply
 
     def handle(header: dict[str, Any], tensors: dict[str, torch.Tensor]):
         if header.get("op") == OP_GENERATE:
@@ -204,7 +213,10 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
             topk_ids, topk_lp = torch.empty(0, k, dtype=torch.int32), torch.empty(0, k, dtype=out_dtype)
             token_lp = torch.empty(0)
         support = outputs[0].support if outputs else ("topk" if requested is None else "union")
+        # an engine that computed NaN/inf (broken weights, an overflow) answers with an error, never numbers
+        refuse_nonfinite("teacher", topk_logprobs=(topk_lp, True), token_logprobs=(token_lp, False))
         fields = {"top_k": top_k, "temperature": float(temperature), "support": support, "service_s": seconds}
+        fields["worker"] = worker_label()
         reply = {
             "topk_ids": topk_ids,
             "topk_logprobs": topk_lp,
@@ -216,8 +228,20 @@ def make_handler(engine, *, default_top_k: int, default_temperature: float = 1.0
     return handle
 
 
-def unpack_reply(msg: Message, response_lens: torch.Tensor) -> list[TeacherOutput]:
-    """Reply -> one ``TeacherOutput`` per sequence (views into the received frames, no copy)."""
+def unpack_reply(
+    msg: Message,
+    response_lens: torch.Tensor,
+    *,
+    top_k: int | None = None,
+    requested: int | None = 0,
+    vocab_size: int | None = None,
+) -> list[TeacherOutput]:
+    """Reply -> one ``TeacherOutput`` per sequence (views into the received frames, no copy).
+
+    Checked besides shapes and dtypes (``BadValues``, naming the worker): log-probs finite and <= 0 (-inf
+    allowed in the top-k columns), ids in ``[0, vocab_size)`` (``>= 0`` when None), and the columns asked
+    for: ``top_k`` (None: the service's default, as the reply reports it) plus ``requested`` ids per row
+    (``K + M`` for support ``topk``, between ``K`` and ``K + M`` for ``union``; None: at least ``K``)."""
     t = msg.tensors
     missing = {"topk_ids", "topk_logprobs", "token_logprobs", "response_lens"} - set(t)
     if missing:
@@ -236,6 +260,11 @@ def unpack_reply(msg: Message, response_lens: torch.Tensor) -> list[TeacherOutpu
     support = msg.header.get("support", "topk")
     if support not in SUPPORTS:
         raise ProtocolError(f"teacher reply's support {support!r} is not one of {SUPPORTS}")
+    who = sender("teacher", msg.header)
+    _check_columns(who, ids.shape[1], msg.header.get("top_k"), top_k, requested, support)
+    check_ids(who, "topk_ids", ids, vocab_size)
+    check_logprobs(who, "topk_logprobs", lp, allow_neg_inf=True)
+    check_logprobs(who, "token_logprobs", tok, allow_neg_inf=False)
     counts = response_lens.tolist()
     seconds = msg.header.get("service_s")
     share = (
@@ -245,3 +274,27 @@ def unpack_reply(msg: Message, response_lens: torch.Tensor) -> list[TeacherOutpu
         TeacherOutput(a, b, c, support, share)
         for a, b, c in zip(ids.split(counts), lp.split(counts), tok.split(counts), strict=True)
     ]
+
+
+def _check_columns(
+    who: str, width: int, applied: Any, asked: int | None, requested: int | None, support: str
+) -> None:
+    """The reply's row width against the request: ``BadValues`` naming the worker when they differ. A reply
+    without ``top_k`` (older workers) is held to the asked one; with neither, nothing is checked."""
+    applied = asked if applied is None else applied
+    if applied is None:
+        return
+    if type(applied) is not int or applied < 1 or (asked is not None and applied != asked):
+        raise BadValues(f"{who}: the reply applied top_k={applied!r} but {asked} was asked for")
+    if requested is None:
+        low, high = applied, width
+    elif support == "topk" or requested == 0:
+        low = high = applied + requested
+    else:  # the union of the top-k and the requested ids, padded to min(K + M, V) (V: the teacher's rows)
+        low, high = applied, applied + requested
+    if not low <= width <= high:
+        span = str(low) if low == high else f"{low}..{high}"
+        raise BadValues(
+            f"{who}: the reply has {width} columns per row where top_k={applied} and {requested} requested "
+            f"id(s) with support {support!r} give {span}"
+        )

@@ -67,7 +67,7 @@ def test_requested_ids_round_trip_through_the_handler(engine):
     assert tensors["requested_ids"].dtype == torch.int32 and tensors["requested_ids"].shape[1] == m
     reply_fields, reply = handle(fields, tensors)
     msg = decode(encode(OP_SCORE, 1, reply_fields, reply), ops=[OP_SCORE], limits=REPLY_LIMITS)
-    outs = unpack_reply(msg, tensors["response_lens"])
+    outs = unpack_reply(msg, tensors["response_lens"], top_k=k, requested=m)
     want = engine.score(seqs, k, 1.0, requested_ids=wanted)
     for got, ref in zip(outs, want, strict=True):
         assert got.support == "union" and torch.equal(got.topk_ids, ref.topk_ids)
