@@ -98,7 +98,12 @@ class TeacherConfig:
     node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     model_path: str = ""  # required when launch; a hub id (owner/name) is downloaded once by `gkd train`
     revision: str | None = None  # the hub revision of teacher.model_path (branch, tag or commit)
-    backend: str = _choice("hf", "hf", "vllm")
+    # hf | vllm: a gkd teacher service; openai: an OpenAI-compatible server already running (vllm serve)
+    # at teacher.url, scored through /v1/completions (prompt_logprobs; temperature 1 only)
+    backend: str = _choice("hf", "hf", "vllm", "openai")
+    url: str | None = None  # teacher.backend=openai: the server's base address, http://HOST:PORT
+    api_key_file: str | None = None  # teacher.backend=openai: a file holding the server's API key
+    served_model: str | None = None  # teacher.backend=openai: the model name to request; null = the first
     workers: int = 1
     auth_secret_file: str | None = None
     # engine precision; auto = bfloat16 when the teacher has GPUs, float32 on CPU
