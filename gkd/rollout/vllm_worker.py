@@ -194,10 +194,14 @@ class WeightReceiverExtension:
 
     def gkd_start_weights(self, channel: dict[str, Any], rows: list, reload_path: bool) -> str:
         ch = WeightChannel(**{**channel, "rank": int(channel["rank"]) + int(self.rank), "ranks": 1})
-        fn = reload if reload_path else load_in_place
+        self._gkd_reload = bool(reload_path)
         device = torch.cuda.current_device() if torch.cuda.is_available() else None  # set by vLLM
-        self._gkd_weights = StagedVersions(lambda weights: fn(self, weights), rows, ch, device=device).start()
+        self._gkd_weights = StagedVersions(self._gkd_load, rows, ch, device=device).start()
         return f"weight rank {ch.rank} of {ch.world_size}"
+
+    def _gkd_load(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        """Load one version's full tensors (views into the staging) into this worker's model."""
+        return (reload if self._gkd_reload else load_in_place)(self, weights)
 
     def gkd_weight_status(self) -> dict[str, Any]:
         return self._gkd_weights.status()

@@ -28,8 +28,10 @@ def prompt_logprobs(model, ids: list[int], k: int) -> list:
         order = row.argsort(descending=True)
         ranks = torch.empty_like(order)
         ranks[order] = torch.arange(1, row.numel() + 1)
-        entry = {str(int(t)): {"logprob": float(row[t]), "rank": int(ranks[t]), "decoded_token": None}
-                 for t in order[:k]}
+        entry = {
+            str(int(t)): {"logprob": float(row[t]), "rank": int(ranks[t]), "decoded_token": None}
+            for t in order[:k]
+        }
         entry.setdefault(
             str(ids[i]), {"logprob": float(row[ids[i]]), "rank": int(ranks[ids[i]]), "decoded_token": None}
         )
@@ -38,7 +40,9 @@ def prompt_logprobs(model, ids: list[int], k: int) -> list:
 
 
 class FakeOpenAIServer:
-    def __init__(self, model, *, api_key: str | None = None, max_logprobs: int = 20, max_model_len: int = 256):
+    def __init__(
+        self, model, *, api_key: str | None = None, max_logprobs: int = 20, max_model_len: int = 256
+    ):
         self.model, self.api_key = model, api_key
         self.max_logprobs, self.max_model_len = max_logprobs, max_model_len
         self.faults: list[tuple[int, object]] = []

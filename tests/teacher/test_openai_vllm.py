@@ -105,13 +105,12 @@ def test_scores_through_vllm_serve(server, reference):
 
 
 def test_the_server_refusals_reach_the_caller(server):
+    from gkd.teacher.openai_engine import OpenAITeacherClient
     from gkd.transport import RemoteError
 
-    from gkd.teacher.openai_engine import OpenAITeacherClient
-
-    with OpenAITeacherClient(server, api_key=KEY, vocab_size=VOCAB) as client:
-        with pytest.raises(RemoteError, match="http_400.*greater than max allowed: 16"):
-            client.score([([1, 2], [3])], top_k=17)
-    with OpenAITeacherClient(server, api_key="wrong", vocab_size=VOCAB) as client:
-        with pytest.raises(RemoteError, match="http_401.*teacher.api_key_file"):
-            client.score([([1, 2], [3])], top_k=4)
+    client = OpenAITeacherClient(server, api_key=KEY, vocab_size=VOCAB)
+    with client, pytest.raises(RemoteError, match="http_400.*greater than max allowed: 16"):
+        client.score([([1, 2], [3])], top_k=17)
+    client = OpenAITeacherClient(server, api_key="wrong", vocab_size=VOCAB)
+    with client, pytest.raises(RemoteError, match="http_401.*teacher.api_key_file"):
+        client.score([([1, 2], [3])], top_k=4)
