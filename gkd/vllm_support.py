@@ -30,6 +30,15 @@ def import_vllm(role: str):
     return vllm, TokensPrompt, current_platform
 
 
+def final_only():
+    """vLLM's ``RequestOutputKind.FINAL_ONLY`` (a request's output once, when it finished), or None."""
+    try:
+        from vllm.sampling_params import RequestOutputKind
+    except ImportError:
+        return None
+    return RequestOutputKind.FINAL_ONLY
+
+
 def set_logit_scale(worker, factor: float) -> float:
     """Runs inside each vLLM worker (``collective_rpc``): the logits processor's scale becomes the model's
     own scale x ``factor`` (``1 / T``); returns the new scale."""
