@@ -98,9 +98,11 @@ class RequestPump:
             raise (cancelled() if cancelled else RuntimeError("request cancelled"))
         return job.outputs
 
-    def call(self, fn, *args):
-        """``fn(*args)`` on the engine thread, when no request is running (waiting ones wait for it)."""
+    def call(self, fn, *args, drain: bool = True):
+        """``fn(*args)`` on the engine thread between two steps; ``drain``: only once no request runs
+        (waiting ones wait for it: weight updates), else at the next step boundary (status polls)."""
         job = _Job(fn=fn, args=args)
+        job.drain = drain
         with self._cv:
             self._check_open()
             self._calls.append(job)
@@ -130,8 +132,8 @@ class RequestPump:
                 if self._closed:
                     self._fail_all(RuntimeError("the vLLM engine closed"))
                     return
-                calls = self._calls if not self._running else []
-                self._calls = [] if calls else self._calls
+                calls = [c for c in self._calls if not (c.drain and self._running)]
+                self._calls = [c for c in self._calls if c.drain and self._running]
                 aborted = [j for j in {id(j): j for j in self._running.values()}.values() if j.cancelled]
                 aborted += [j for j in self._waiting if j.cancelled]
                 self._waiting = [j for j in self._waiting if not j.cancelled]
@@ -153,7 +155,7 @@ class RequestPump:
         nothing runs); a job with another key stops admission until the running ones drained."""
         with self._cv:
             if self._calls or not self._waiting:
-                return  # a pending call: drain for it
+                return  # a pending call drains the engine first
             key = self._waiting[0].key if not self._running else self.key
             jobs = []
             for job in self._waiting:
@@ -233,6 +235,7 @@ class _Job:
         self.outputs = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.drain = True
         self.done = threading.Event()
 
     def finish(self, fn) -> None:

@@ -165,6 +165,24 @@ def test_calls_run_with_nothing_running_and_failures_reach_every_caller():
     assert pump.call(lambda: seen.append(len(engine.running)) or 7) == 7
     _join(threads)
     assert seen == [0]
+    cancel = threading.Event()
+    long = threading.Thread(
+        target=lambda: pytest.raises(
+            TimeoutError,
+            pump.run,
+            ["p"],
+            [SimpleNamespace(max_tokens=10**9)],
+            cancel=cancel,
+            cancelled=lambda: TimeoutError(),
+        ),
+        daemon=True,
+    )
+    long.start()
+    while not engine.running:
+        threading.Event().wait(0.01)
+    assert pump.call(lambda: len(engine.running), drain=False) == 1  # a status poll: no drain
+    cancel.set()
+    _join([long])
     engine.fail_next = True
     with pytest.raises(RuntimeError, match="engine core died"):
         pump.run(["p"], [SimpleNamespace(max_tokens=3)])

@@ -236,7 +236,7 @@ def follow_workers(versioned: VersionedEngine, poll_s: float = POLL_S) -> None:
         started = engine.start_weight_receivers(versioned.channel)
     log.info("weight receivers started in the vLLM workers: %s", ", ".join(map(str, started)))
     while True:
-        with versioned._batch:
+        with versioned._batch.shared():  # a status poll runs beside the requests (between engine steps)
             ranks = engine.weight_status()
         failed = [f"rank {i}: {s['error']}" for i, s in enumerate(ranks) if s["state"] == "failed"]
         if failed:  # the other ranks leave too: this worker exits and is restarted
