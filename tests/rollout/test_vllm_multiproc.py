@@ -37,10 +37,13 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models):
+    import vllm.envs
+
     from gkd.rollout.vllm_engine import VLLMRolloutEngine
 
     before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    vllm.envs.disable_envs_cache()  # an in-process engine of an earlier module froze vLLM's env reads
     try:
         engine = VLLMRolloutEngine(
             models["A"][0], enforce_eager=True, max_model_len=MAX_LEN, worker_extension_cls=EXTENSION
@@ -51,6 +54,7 @@ def engine(models):
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
     yield engine
+    engine.close()
     engine.llm.llm_engine.engine_core.shutdown()
 
 
@@ -60,6 +64,8 @@ def test_a_sync_with_multiprocessing_on_loads_the_trainers_weights_bit_for_bit(e
     from gkd.weights import WeightSender
 
     assert engine.receives_in_workers  # multiprocessing: tensors never cross collective_rpc
+    (worker_pid,) = engine._pump.call(engine.llm.collective_rpc, "gkd_pid")
+    assert worker_pid != os.getpid()  # the model lives in another process
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -71,9 +77,11 @@ def test_a_sync_with_multiprocessing_on_loads_the_trainers_weights_bit_for_bit(e
         host.sync(7)
         assert versioned.wait_for(7, TIMEOUT_S, hand_back=False) == 7
         want = {n: digest(p.to(engine.dtype)) for n, p in trainer.named_parameters()}
-        (loaded,) = engine.llm.collective_rpc("gkd_loaded_digests")
+        # through the engine's thread: vLLM's executor queue takes one caller at a time, and the weight
+        # thread's status polls go on meanwhile
+        (loaded,) = engine._pump.call(engine.llm.collective_rpc, "gkd_loaded_digests")
         assert loaded == want  # every tensor the worker loaded, bit for bit
-        (plain,) = engine.llm.collective_rpc("gkd_plain_digests")
+        (plain,) = engine._pump.call(engine.llm.collective_rpc, "gkd_plain_digests")
         assert plain and all(plain[n] == want[n] for n in plain)  # embedding + norms, read back
         got = engine.generate(_prompts(), GREEDY)
         assert all(s.policy_version == 7 for s in got)

@@ -7,6 +7,7 @@ process (``tests.rollout.vllm_digest.DigestExtension``)."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -27,6 +28,9 @@ class DigestExtension(WeightReceiverExtension):
     def _gkd_load(self, weights):
         self._gkd_digests = {name: digest(t) for name, t in weights}
         return super()._gkd_load(weights)
+
+    def gkd_pid(self) -> int:
+        return os.getpid()
 
     def gkd_loaded_digests(self) -> dict[str, str]:
         return getattr(self, "_gkd_digests", {})
