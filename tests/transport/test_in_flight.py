@@ -59,3 +59,14 @@ def test_a_withdrawn_request_is_cancelled_in_its_slot_only(service):
         hung.result(timeout=30)
     wait_for(lambda: outcomes == ["cancelled"], what="the cancel to reach the slot")
     assert patient.call("sum", {"tag": "after"}, tensors_for(1)).fields["tag"] == "after"
+
+
+def test_the_trainer_counts_worker_processes_not_slots():
+    from gkd.startup import worker_processes
+
+    def entry(pid, slot=None):
+        return {"info": {"host": "h", "pid": pid, **({} if slot is None else {"slot": slot, "slots": 4})}}
+
+    reply = {"workers": [entry(1, s) for s in range(4)] + [entry(2, 0), entry(3), entry(3)]}
+    assert worker_processes(reply) == 2 + 2  # pid 1 and 2 slotted; two plain entries
+    assert worker_processes({"workers": []}) == 0
