@@ -6,8 +6,10 @@ bench/bench_vllm_inflight.py --benchmark-only -s`` with ``VLLM_ENABLE_V1_MULTIPR
 The same engine serves 4 requests (a) one after another -- what a worker did when it held one request at
 a time -- and (b) from 4 threads at once, as a worker's 4 slots do: the request pump
 (:class:`gkd.vllm_support.RequestPump`) hands them to vLLM together, which batches them. Rounds are
-interleaved so machine noise hits both alike. Ratios (higher is better): ``rollout_concurrent_over_serial``
-(generated tokens/s) and ``teacher_concurrent_over_serial`` (scored tokens/s), medians over the rounds.
+interleaved so machine noise hits them alike. Ratios (higher is better): ``rollout_concurrent_over_serial``
+(generated tokens/s) and ``teacher_concurrent_over_serial`` (scored tokens/s), medians over the rounds;
+``rollout_unseeded_over_seeded``: the concurrent rollout without seeds over the same with a seed per
+sequence (what ``rollout.seeded: true`` costs).
 
 Model: a small Llama built from a config (vocab 2048, hidden 256, 4 layers, head_dim 32), float32, eager,
 on vLLM's CPU backend; a rollout request is 2 prompts x 48 new tokens (unseeded, as vLLM runs by default),
@@ -17,6 +19,7 @@ bench/results/vllm_inflight.json.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
@@ -60,17 +63,19 @@ def _requests(n_items: int, length: int, seed: int) -> list[list[list[int]]]:
     ]
 
 
-def _serial_and_concurrent(fn, requests) -> dict[str, list[float]]:
+def _serial_and_concurrent(fn, requests, seeded_fn=None) -> dict[str, list[float]]:
+    """Rounds of ``serial`` (one request after another), ``concurrent`` (all at once) and, with
+    ``seeded_fn``, ``concurrent_seeded`` (the same with a seed per sequence)."""
     pool = ThreadPoolExecutor(REQUESTS)
 
-    def serial():
-        return [fn(r) for r in requests]
+    def run_all(f):
+        return [done.result(timeout=600) for done in [pool.submit(f, r) for r in requests]]
 
-    def concurrent():
-        return [f.result(timeout=600) for f in [pool.submit(fn, r) for r in requests]]
-
+    variants = {"serial": lambda: [fn(r) for r in requests], "concurrent": lambda: run_all(fn)}
+    if seeded_fn is not None:
+        variants["concurrent_seeded"] = lambda: run_all(seeded_fn)
     try:
-        return interleaved_times({"serial": serial, "concurrent": concurrent}, ROUNDS)
+        return interleaved_times(variants, ROUNDS)
     finally:
         pool.shutdown()
 
@@ -84,8 +89,12 @@ def _report(benchmark, name: str, times: dict[str, list[float]], tokens: int) ->
         "all_s": rounded(times),
     }
     benchmark.extra_info.update(report)
-    benchmark.extra_info["ratios"] = {f"{name}_concurrent_over_serial": med["serial"] / med["concurrent"]}
-    print(f"\n{name}: {report['tokens_per_s']} tokens/s, ratio {med['serial'] / med['concurrent']:.2f}")
+    ratios = {f"{name}_concurrent_over_serial": med["serial"] / med["concurrent"]}
+    if "concurrent_seeded" in med:  # what rollout.seeded costs: unseeded tokens/s over seeded
+        ratios[f"{name}_unseeded_over_seeded"] = med["concurrent_seeded"] / med["concurrent"]
+    benchmark.extra_info["ratios"] = ratios
+    shown = {k: round(v, 2) for k, v in ratios.items()}
+    print(f"\n{name}: {report['tokens_per_s']} tokens/s, ratios {shown}")
     if not QUICK:
         record("vllm_inflight", name, {**report, "ratios": benchmark.extra_info["ratios"]})
 
@@ -98,7 +107,12 @@ def test_rollout_tokens_per_s(benchmark, model_dir):
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, stop_token_ids=())
     requests = _requests(2, 32, seed=1)
     try:
-        times = _serial_and_concurrent(lambda prompts: engine.generate(prompts, sampling), requests)
+        seeded = dataclasses.replace(sampling, seed=0)
+        times = _serial_and_concurrent(
+            lambda prompts: engine.generate(prompts, sampling),
+            requests,
+            seeded_fn=lambda prompts: engine.generate(prompts, seeded),
+        )
         benchmark.pedantic(engine.generate, args=(requests[0], sampling), rounds=1, iterations=1)
     finally:
         engine.close()
