@@ -99,7 +99,12 @@ class TeacherConfig:
     node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     model_path: str = ""  # required when launch; a hub id (owner/name) is downloaded once by `gkd train`
     revision: str | None = None  # the hub revision of teacher.model_path (branch, tag or commit)
-    backend: str = _choice("hf", "hf", "vllm")
+    # hf | vllm: a gkd teacher service; openai: an OpenAI-compatible server already running (vllm serve)
+    # at teacher.url, scored through /v1/completions (prompt_logprobs; temperature 1 only)
+    backend: str = _choice("hf", "hf", "vllm", "openai")
+    url: str | None = None  # teacher.backend=openai: the server's base address, http://HOST:PORT
+    api_key_file: str | None = None  # teacher.backend=openai: a file holding the server's API key
+    served_model: str | None = None  # teacher.backend=openai: the model name to request; null = the first
     workers: int = 1
     auth_secret_file: str | None = None
     # engine precision; auto = bfloat16 when the teacher has GPUs, float32 on CPU
@@ -144,6 +149,9 @@ class RolloutConfig:
     # m > 0: every sample also carries the student's top-m ids per response position (from the logits it
     # sampled from; int32 [R, m] on the wire); loss.support=union sends them to the teacher
     return_topk: int = 0
+    # each sample drawn with its own seed (trainer.seed, batch, index): reproducible, but vLLM then samples
+    # seeded requests one by one with their own generators; null = seeded on the hf engine, not on vllm
+    seeded: bool | None = None
     launch: bool = False  # start a local rollout service
     node_rank: int = 0  # several nodes: the `gkd train` node that starts it (when launch)
     auth_secret_file: str | None = None
@@ -418,6 +426,11 @@ def compute_dtype(cfg: Config) -> str:
 def rollout_dtype(cfg: Config) -> str:
     """``rollout.dtype`` resolved: auto = the trainer's compute dtype (weights are cast to it when packed)."""
     return compute_dtype(cfg) if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
+
+
+def rollout_seeded(cfg: Config) -> bool:
+    """``rollout.seeded`` resolved: null = seeded on the hf engine, unseeded on vllm (throughput)."""
+    return cfg.rollout.backend == "hf" if cfg.rollout.seeded is None else bool(cfg.rollout.seeded)
 
 
 def teacher_dtype(cfg: Config) -> str:

@@ -61,6 +61,31 @@ def _check_services(cfg: Config) -> None:
     _check(
         not t.launch or bool(t.model_path), "teacher.model_path", t.model_path, "required when teacher.launch"
     )
+    if t.backend == "openai":
+        _check_openai_teacher(cfg)
+
+
+def _check_openai_teacher(cfg: Config) -> None:
+    """``teacher.backend=openai``: a server already running at ``teacher.url``, scoring at temperature 1."""
+    t, lo = cfg.teacher, cfg.loss
+    url = t.url or ""
+    _check(
+        url.startswith(("http://", "https://")),
+        "teacher.url",
+        t.url,
+        "teacher.backend=openai needs http://HOST:PORT",
+    )
+    _check(not t.launch, "teacher.launch", t.launch, "teacher.backend=openai uses a server already running")
+    _check(
+        t.temperature == 1, "teacher.temperature", t.temperature, "teacher.backend=openai scores at 1 only"
+    )
+    _check(
+        lo.lmbda == 1 and (lo.lmbda_schedule != "linear" or lo.lmbda_start == 1) or not lo.seq_kd,
+        "loss.seq_kd",
+        lo.seq_kd,
+        "the teacher's own answers need a gkd teacher service (teacher.backend hf or vllm); "
+        "teacher.backend=openai only scores",
+    )
 
 
 def _check_engines_and_rollout(cfg: Config) -> None:

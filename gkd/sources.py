@@ -26,6 +26,7 @@ from concurrent.futures import Future
 
 import torch
 
+from gkd.config import rollout_seeded
 from gkd.rollout.types import Sample, SamplingConfig
 
 SOURCES = ("student", "teacher", "data")
@@ -143,7 +144,8 @@ class BatchSources:
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             stop_token_ids=(self.eos,) if self.eos is not None else (),
-            seed=self._seed(b),  # rollout.n: the copies of a prompt get distinct seeds (base + j)
+            # rollout.n: the copies of a prompt get distinct seeds (base + j); rollout.seeded: false = none
+            seed=self._seed(b) if rollout_seeded(cfg) else None,
             return_topk=cfg.rollout.return_topk,
         )
         return self.rollout.submit(prompts, sampling, min_version=min_version)

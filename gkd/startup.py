@@ -88,6 +88,14 @@ def service_wait_s() -> float:
         return 0.0
 
 
+def worker_processes(reply: dict) -> int:
+    """Worker processes in a broker's info reply: a worker with several requests in flight is listed once
+    per slot (``gkd.transport.worker``), so entries are counted by their ``host`` and ``pid``."""
+    infos = [w.get("info", {}) for w in reply.get("workers", [])]
+    slotted = {(i.get("host"), i.get("pid")) for i in infos if "slot" in i}
+    return len(slotted) + sum("slot" not in i for i in infos)
+
+
 def wait_for_workers(info: Callable[[], dict], want: int, timeout_s: float, *, poll_s: float = 0.1) -> dict:
     """Poll ``info()`` (a broker's info reply) until it lists ``want`` workers or ``timeout_s`` passes;
     returns the last reply. An unreachable broker (still starting) counts as no workers until the end,
@@ -100,7 +108,7 @@ def wait_for_workers(info: Callable[[], dict], want: int, timeout_s: float, *, p
             if time.monotonic() >= deadline:
                 raise
             reply = None
-        if reply is not None and (len(reply.get("workers", [])) >= want or time.monotonic() >= deadline):
+        if reply is not None and (worker_processes(reply) >= want or time.monotonic() >= deadline):
             return reply
         time.sleep(poll_s)
 

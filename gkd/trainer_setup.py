@@ -203,7 +203,15 @@ def open_clients(cfg: Config, *, timeout_s: float | None = None, retries: int = 
         )
 
     n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
-    teacher = client(TeacherClient, "teacher", cfg.teacher)
+    if cfg.teacher.backend == "openai":  # a server already running (gkd.teacher.openai_engine)
+        from gkd.teacher.openai_engine import OpenAITeacherClient
+
+        try:
+            teacher = OpenAITeacherClient.from_config(cfg, timeout_s=timeout_s, retries=retries)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+    else:
+        teacher = client(TeacherClient, "teacher", cfg.teacher)
     try:
         # one worker: a batch is one request (the pipelined sync gate's exactness needs it); several:
         # spread a batch over them and use the strict gate

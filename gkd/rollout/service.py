@@ -143,7 +143,8 @@ def make_worker(
         auth=auth,
         available=lambda: versioned.available,
         failure=versioned.failure,
-        **kwargs,
+        # an engine that batches concurrent calls itself (vLLM) takes several requests at once
+        **{"max_in_flight": int(getattr(engine, "max_in_flight", 1)), **kwargs},
     )
     worker.versioned = versioned
     return worker

@@ -6,9 +6,10 @@ A rollout worker (``gkd.rollout.service.make_worker``) wraps its engine in a :cl
   channel's store (not in a collective) for each new version's announcement, receives it into the
   ``WeightReceiver``'s staging buffers (``--weight-staging``: host memory, pinned with CUDA, or a GPU copy)
   while requests keep generating with the current weights, and then applies it at the next batch
-  boundary: it takes the engine lock, which a request holds from its first token to its last. A request
-  therefore never sees half-loaded or mixed weights, and every sample reports the single version that
-  produced it.
+  boundary: it takes the engine lock exclusively, while every request holds it shared from its first
+  token to its last (an engine with several requests in flight runs them side by side; a waiting update
+  holds new ones back). A request therefore never sees half-loaded or mixed weights, and every sample
+  reports the single version that produced it.
 - The receiver has one set of staging buffers, so the worker stages at most one version ahead: the
   trainer's ``sync(v + 2)`` waits until ``v + 1`` has been applied (at most one request's duration).
 - A request with ``min_version`` waits (at most ``wait_s``, capped by the worker's ``--max-wait``) until
@@ -28,6 +29,7 @@ A rollout worker (``gkd.rollout.service.make_worker``) wraps its engine in a :cl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -38,6 +40,42 @@ from typing import Any
 from gkd.transport import HandBack
 
 log = logging.getLogger("gkd.rollout")
+
+
+class SharedLock:
+    """``with lock:`` exclusive, ``with lock.shared():`` shared. A waiting exclusive holder keeps new
+    shared ones out, so an update is not starved by a stream of requests."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive holders waiting
+
+    def __enter__(self):
+        with self._cv:
+            self._waiting += 1
+            self._cv.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._waiting -= 1
+            self._exclusive = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._exclusive = False
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cv:
+            self._cv.wait_for(lambda: not self._exclusive and self._waiting == 0)
+            self._shared += 1
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._shared -= 1
+                self._cv.notify_all()
 
 
 @dataclass(frozen=True)
@@ -90,7 +128,7 @@ class VersionedEngine:
 
     def __init__(self, engine, channel: WeightChannel | None = None, *, pin: bool | None = None):
         self.engine, self.channel, self.pin = engine, channel, pin  # pin None: when CUDA is available
-        self._batch = threading.Lock()  # held for a whole request: weights change only between requests
+        self._batch = SharedLock()  # requests share it; a weight update takes it alone (between requests)
         self._changed = threading.Condition()
         self.state = "off" if channel is None else "connecting"  # -> ready -> closed | failed
         self.error: str | None = None
@@ -156,7 +194,7 @@ class VersionedEngine:
 
     def generate(self, prompts, sampling, *, seed_offset: int = 0):
         """``(samples, version)``; the staged next version cannot be applied until this returns."""
-        with self._batch:
+        with self._batch.shared():
             version = self.version
             samples = self.engine.generate(prompts, sampling, seed_offset=seed_offset) if prompts else []
         if any(s.policy_version != version for s in samples):  # the engine broke the contract; never ship it

@@ -19,8 +19,15 @@ for T != 1 with truncation. So the engine folds the temperature into the model's
 ``temperature=1`` with the requested top-k/top-p, and reads ``raw_logprobs``. Sampling is unchanged (top-k
 and top-p on logits / T are exactly what sampling at temperature T with those filters does) and the raw
 log-probs are then log softmax(logits / T) before truncation. Greedy (T = 0): scale 1, vLLM's greedy
-path, log-probs under T = 1, as ``Sample`` documents. The scale is per engine, which is fine because one
-``generate`` call has one ``SamplingConfig`` and the rollout worker runs one request at a time.
+path, log-probs under T = 1, as ``Sample`` documents. The scale is per engine: it is the key of the
+request pump (below), so requests at one temperature run together and one at another waits for them.
+
+Requests in flight: ``generate`` may be called from several threads at once (the rollout worker's
+``max_in_flight`` slots). Every call's prompts go to one :class:`gkd.vllm_support.RequestPump`, which feeds
+vLLM's engine from a queue: vLLM batches all callers' sequences (continuous batching) instead of gkd
+running one call after another, a withdrawn request is aborted in vLLM (the worker's cancel event), and
+every other use of the engine (weight loads, status polls, the prefix-cache reset) runs on the pump's
+thread between engine steps.
 
 Student top-m (``SamplingConfig.return_topk = m``): ``SamplingParams.logprobs = m``; vLLM's sampler then
 returns per generated position the sampled token first, then the top-m ids, from the same raw (scaled)
@@ -31,7 +38,9 @@ Stops: ``ignore_eos=True``, so only ``SamplingConfig.stop_token_ids`` and the mo
 response (as in the HF engine);
 the stop token is the last of ``response_ids`` and the finish reason is ``"stop"``, else ``"length"``.
 Seeds: request i gets ``SamplingParams.seed = seed + seed_offset + i`` (vLLM samples a seeded request
-with its own generator), so seeded results do not depend on how prompts were batched.
+with its own generator), so seeded results do not depend on how prompts were batched. A seed costs
+throughput (vLLM then samples those requests one by one), so the trainer sends none on vLLM unless
+``rollout.seeded: true``; ``SamplingConfig.seed = None`` samples from vLLM's batched sampler.
 
 Weight updates (``load_weights``), strict against :meth:`parameters_spec` -- the *Hugging Face* names,
 shapes and dtype of the student (what the trainer's ``named_parameters()`` sends; tied weights once). They
@@ -54,7 +63,8 @@ them (``qkv_proj``, ``gate_up_proj``) inside its ``load_weights``.
   If vLLM refuses the reset (it returns False), the update raises and the engine refuses every later
   ``generate`` rather than serve stale cache.
 
-Updates happen only between ``generate`` calls (the rollout worker holds a lock for a whole request).
+Updates happen only between requests: the rollout worker's requests share a lock that an update takes
+exclusively (:class:`gkd.rollout.versioned.VersionedEngine`).
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ import torch
 from gkd.dtypes import torch_dtype
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 from gkd.rollout.vllm_worker import EXTENSION, load_in_place, reload, start_receivers
-from gkd.vllm_support import import_vllm
+from gkd.vllm_support import RequestPump, final_only, import_vllm
 
 
 def _folder_stop_ids(model: str, no_tokenizer: bool) -> tuple[int, ...]:
@@ -87,7 +97,9 @@ class VLLMRolloutEngine:
     to ``vllm.LLM`` (e.g. ``enforce_eager``, ``max_model_len``, ``gpu_memory_utilization``).
     """
 
-    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
+    def __init__(
+        self, model: str, *, dtype: str = "float32", seed: int = 0, max_in_flight: int = 4, **llm_kwargs: Any
+    ):
         self.dtype = torch_dtype(dtype)  # checks the name before vLLM starts
         tp = int(llm_kwargs.get("tensor_parallel_size", 1))
         # tensors reach the model only when vLLM's single worker lives in this process
@@ -118,6 +130,10 @@ class VLLMRolloutEngine:
         self._scale_factor = 1.0
         self._spec: dict[str, torch.Tensor] | None = None
         self._broken: str | None = None  # set when an update could not clear the prefix cache
+        self.max_in_flight = int(max_in_flight)  # the rollout worker's slots (gkd.transport.worker)
+        self._pump = RequestPump(
+            self.llm.llm_engine, set_key=self._set_scale, final_only=final_only(), name="gkd-vllm-rollout"
+        )
 
     # --- weights ---------------------------------------------------------------------------------------
 
@@ -153,7 +169,8 @@ class VLLMRolloutEngine:
                 "(VLLM_ENABLE_V1_MULTIPROCESSING=0 and tensor_parallel_size 1); otherwise the weights reach "
                 "the workers over the weight channel (start_weight_receivers)"
             )
-        self.llm.collective_rpc(reload if self._reload_path else load_in_place, args=(weights,))
+        fn = reload if self._reload_path else load_in_place
+        self._pump.call(lambda: self.llm.collective_rpc(fn, args=(weights,)))
         self._after_update(version)
         return len(weights)
 
@@ -161,29 +178,29 @@ class VLLMRolloutEngine:
 
     def start_weight_receivers(self, channel) -> list:
         """Every vLLM worker joins the weight channel (``channel.rank`` + its rank in the engine)."""
-        return start_receivers(self.llm, channel, self.parameters_spec(), self._reload_path)
+        return self._pump.call(start_receivers, self.llm, channel, self.parameters_spec(), self._reload_path)
 
     def weight_status(self) -> list[dict]:
         """Per rank: ``{"state", "staged", "version", "error"}``."""
-        return self.llm.collective_rpc("gkd_weight_status")
+        return self._pump.call(self.llm.collective_rpc, "gkd_weight_status", drain=False)
 
     def apply_staged(self, version: int) -> None:
         """Every rank loads its staged ``version``; then the prefix cache is reset. Between requests."""
-        self.llm.collective_rpc("gkd_apply_weights", args=(int(version),))
+        self._pump.call(lambda: self.llm.collective_rpc("gkd_apply_weights", args=(int(version),)))
         self._after_update(version)
 
     def discard_staged(self) -> None:
         """Every rank drops its staged version unapplied (one rank lost it and re-joins the channel)."""
-        self.llm.collective_rpc("gkd_discard_weights")
+        self._pump.call(self.llm.collective_rpc, "gkd_discard_weights")
 
     def stop_weight_receivers(self) -> None:
         """Every worker leaves the weight channel (the engine gave up on it)."""
-        self.llm.collective_rpc("gkd_stop_weights")
+        self._pump.call(self.llm.collective_rpc, "gkd_stop_weights")
 
     def _after_update(self, version: int | None) -> None:
         # Cached KV blocks hold the old weights' keys and values. vLLM refuses the reset (False) while
         # blocks are in use; serving after that would mix versions, so this engine stops serving.
-        if self.llm.reset_prefix_cache() is False:
+        if self._pump.call(self.llm.reset_prefix_cache) is False:
             self._broken = (
                 f"vLLM refused to reset its prefix cache after loading policy version {version}; the cache "
                 "still holds the previous weights' KV blocks, so this engine no longer serves (restart the "
@@ -205,16 +222,28 @@ class VLLMRolloutEngine:
         )
         if not prompts:
             return []
-        version = self.policy_version  # weights change only between calls
+        from gkd.transport.worker import Cancelled, cancel_event
+
+        version = self.policy_version  # weights change only between requests
         greedy = sampling.temperature == 0
-        self._set_scale(1.0 if greedy else 1.0 / sampling.temperature)
         params = [self._params(sampling, seed_offset + i) for i in range(len(prompts))]
         requests = [self._TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        results = self.llm.generate(requests, params, use_tqdm=False)
+        results = self._pump.run(
+            requests,
+            params,
+            key=1.0 if greedy else 1.0 / sampling.temperature,
+            cancel=cancel_event(),
+            cancelled=lambda: Cancelled("request withdrawn by the broker; its vLLM requests were aborted"),
+        )
         m = min(sampling.return_topk, self.vocab_size)
         return [self._sample(p, res.outputs[0], version, m) for p, res in zip(prompts, results, strict=True)]
 
+    def close(self) -> None:
+        """Stop the pump's thread (the engine itself goes with the process)."""
+        self._pump.close()
+
     def _set_scale(self, factor: float) -> None:
+        """The pump's key: the logit scale ``1 / T`` in every worker (on the pump's thread)."""
         if factor != self._scale_factor:
             self.llm.collective_rpc("gkd_set_logit_scale", args=(factor,))  # every worker, by name
             self._scale_factor = factor

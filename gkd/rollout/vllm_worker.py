@@ -194,10 +194,14 @@ class WeightReceiverExtension:
 
     def gkd_start_weights(self, channel: dict[str, Any], rows: list, reload_path: bool) -> str:
         ch = WeightChannel(**{**channel, "rank": int(channel["rank"]) + int(self.rank), "ranks": 1})
-        fn = reload if reload_path else load_in_place
+        self._gkd_reload = bool(reload_path)
         device = torch.cuda.current_device() if torch.cuda.is_available() else None  # set by vLLM
-        self._gkd_weights = StagedVersions(lambda weights: fn(self, weights), rows, ch, device=device).start()
+        self._gkd_weights = StagedVersions(self._gkd_load, rows, ch, device=device).start()
         return f"weight rank {ch.rank} of {ch.world_size}"
+
+    def _gkd_load(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        """Load one version's full tensors (views into the staging) into this worker's model."""
+        return (reload if self._gkd_reload else load_in_place)(self, weights)
 
     def gkd_weight_status(self) -> dict[str, Any]:
         return self._gkd_weights.status()
@@ -232,7 +236,7 @@ def follow_workers(versioned: VersionedEngine, poll_s: float = POLL_S) -> None:
         started = engine.start_weight_receivers(versioned.channel)
     log.info("weight receivers started in the vLLM workers: %s", ", ".join(map(str, started)))
     while True:
-        with versioned._batch:
+        with versioned._batch.shared():  # a status poll runs beside the requests (between engine steps)
             ranks = engine.weight_status()
         failed = [f"rank {i}: {s['error']}" for i, s in enumerate(ranks) if s["state"] == "failed"]
         if failed:  # the other ranks leave too: this worker exits and is restarted

@@ -139,6 +139,8 @@ def make_worker(spec: EngineSpec, broker: str, *, auth: Auth | None = None, engi
         logprob_dtype=spec.logprob_dtype,
     )
     info = worker_info(spec, engine)
+    # an engine that batches concurrent calls itself (vLLM) takes several requests at once
+    kwargs.setdefault("max_in_flight", int(getattr(engine, "max_in_flight", 1)))
     return Worker(broker, handler, ops=OPS, info=info, limits=LIMITS, auth=auth, **kwargs)
 
 

@@ -14,9 +14,16 @@ Temperature: vLLM 0.32 computes prompt log-probs from the raw logits -- prompt p
 sampling processors, so ``SamplingParams.temperature`` does not reach them. The engine therefore sets the
 model's logit scale (``logits_processor.scale``, applied to the logits before the log-softmax, in every
 vLLM model) to ``base / temperature`` before each call. That is per engine, not per request, which is
-exactly how a teacher worker uses it (one request at a time); ``score`` restores nothing because every
-call sets the scale it needs. The scale is set through ``collective_rpc`` with a function, which works with
+the key of the request pump (below); ``score`` restores nothing because every call sets the scale it
+needs. The scale is set through ``collective_rpc`` with a function, which works with
 the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, made the default here).
+
+Requests in flight: ``score`` and ``generate`` may be called from several threads at once (the teacher
+worker runs ``max_in_flight`` slots, :mod:`gkd.transport.worker`). Their requests go to one
+:class:`gkd.vllm_support.RequestPump`, which feeds vLLM's engine from a queue, so vLLM batches the
+callers' sequences together (continuous batching) instead of gkd running one call after another; the
+logit scale is the pump's key (callers with another temperature wait until the running ones drained), and
+a request the broker withdraws is aborted in vLLM (the worker's cancel event).
 
 Requested ids (``score(..., requested_ids=[R, M] per sequence)``, the student's top-m for the union
 support): vLLM 0.32 gathers prompt log-probs in ``GPUModelRunner._get_prompt_logprobs_dict`` through
@@ -48,7 +55,7 @@ from gkd.teacher.types import (
     check_prompts_for_generate,
     check_score_request,
 )
-from gkd.vllm_support import import_vllm, set_logit_scale
+from gkd.vllm_support import RequestPump, final_only, import_vllm, set_logit_scale
 from gkd.vocab import real_vocab_size
 
 
@@ -75,6 +82,7 @@ class VLLMTeacherEngine:
         max_top_k: int = 128,
         logprob_dtype: str = "float32",
         max_len: int | None = None,
+        max_in_flight: int = 4,
         **llm_kwargs: Any,
     ):
         if logprob_dtype not in LOGPROB_DTYPES:
@@ -107,7 +115,11 @@ class VLLMTeacherEngine:
         self.max_top_k = int(max_top_k)
         self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
         self.model_name = model
+        self.max_in_flight = int(max_in_flight)  # the teacher worker's slots (gkd.transport.worker)
         self._scale_factor = 1.0
+        self._pump = RequestPump(
+            self.llm.llm_engine, set_key=self._apply_scale, final_only=final_only(), name="gkd-vllm-teacher"
+        )
 
     def info(self) -> dict:
         return {
@@ -119,17 +131,33 @@ class VLLMTeacherEngine:
             "engine": "vllm",
         }
 
-    def _set_temperature(self, temperature: float) -> None:
-        factor = 1.0 / temperature
+    def _apply_scale(self, factor: float) -> None:
+        """The pump's key: the logit scale ``1 / temperature`` in every worker (on the pump's thread)."""
         if factor != self._scale_factor:
             try:
                 self.llm.collective_rpc(set_logit_scale, args=(factor,))
             except TypeError as e:  # "Object of type function is not serializable"
                 raise ValueError(
-                    f"temperature={temperature} != 1 needs the vLLM engine in-process "
+                    f"temperature={1 / factor:g} != 1 needs the vLLM engine in-process "
                     "(VLLM_ENABLE_V1_MULTIPROCESSING=0, the default gkd sets)"
                 ) from e
             self._scale_factor = factor
+
+    def _run(self, prompts: list, params: list, temperature: float) -> list:
+        """Every prompt through the pump at ``temperature``'s logit scale; the worker's cancel honoured."""
+        from gkd.transport.worker import Cancelled, cancel_event
+
+        return self._pump.run(
+            prompts,
+            params,
+            key=1.0 / temperature,
+            cancel=cancel_event(),
+            cancelled=lambda: Cancelled("request withdrawn by the broker; its vLLM requests were aborted"),
+        )
+
+    def close(self) -> None:
+        """Stop the pump's thread (the engine itself goes with the process)."""
+        self._pump.close()
 
     def score(
         self,
@@ -144,10 +172,9 @@ class VLLMTeacherEngine:
             return []
         if requested_ids is not None:  # no exact gather in vLLM: a larger top-k (module docstring)
             top_k = min(top_k + int(requested_ids[0].shape[1]), self.vocab_size)
-        self._set_temperature(float(temperature))
-        params = self._sampling_params(top_k)
         prompts = [self._TokensPrompt(prompt_token_ids=[*map(int, p), *map(int, r)]) for p, r in sequences]
-        results = self.llm.generate(prompts, params, use_tqdm=False)
+        params = [self._sampling_params(top_k) for _ in prompts]
+        results = self._run(prompts, params, float(temperature))
         return [
             mask_padded_ids(self._rows(res.prompt_logprobs, len(p), r, top_k), self.token_ids)
             for res, (p, r) in zip(results, sequences, strict=True)
@@ -172,10 +199,9 @@ class VLLMTeacherEngine:
         check_prompts_for_generate(self, prompts, settings, top_k, index_offset)
         if not prompts:
             return []
-        self._set_temperature(float(temperature))
         params = [self._generate_params(settings, top_k, temperature, i) for i in range(len(prompts))]
         requests = [self._TokensPrompt(prompt_token_ids=[*map(int, p)]) for p in prompts]
-        results = self.llm.generate(requests, params, use_tqdm=False)
+        results = self._run(requests, params, float(temperature))
         answers = []
         for res in results:
             out = res.outputs[0]

@@ -1,4 +1,4 @@
-"""Worker base: serves one request at a time from a broker's backend through a handler callable.
+"""Worker base: serves requests from a broker's backend through a handler callable, one at a time per slot.
 
     def handle(header: dict, tensors: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor] | None]:
         ...  # header = the request's full header (header["op"], header["id"], op-specific fields)
@@ -22,6 +22,12 @@ worker (the rollout service: a worker that lost its weight channel and waits to 
 whose ``failure()`` names a reason is broken for good (the rollout service: its weight-channel thread
 died): it is not listed either, and its process exits so that its supervisor restarts it
 (``gkd.transport.process.run_until_stopped``).
+
+Several requests in flight (``max_in_flight`` n > 1, for engines that batch concurrent requests
+themselves, e.g. vLLM's): the worker runs n slots, each a socket of its own that the broker lists as a
+worker (its ``info`` adds ``slot`` and ``slots``), each holding at most one request; their handler threads
+call the one handler (and engine) concurrently. The broker needs no change: it gives each idle slot a
+request, least recently idle first.
 
 Cancellation is cooperative: when the broker takes a running job back (its client gave up, or it ran
 past the job deadline) it sends CANCEL; the job's event is set and a handler that calls
@@ -115,6 +121,7 @@ class Worker(Serving):
         context: zmq.Context | None = None,
         available: Callable[[], bool] | None = None,
         failure: Callable[[], str | None] | None = None,
+        max_in_flight: int = 1,
     ):
         self.address = tcp_address(address)
         self.available = available  # False: not listed at the broker (see the module docstring)
@@ -131,6 +138,9 @@ class Worker(Serving):
         self.limits, self.auth = limits, auth
         self.heartbeat_interval_s, self.heartbeat_timeout_s = heartbeat_interval_s, heartbeat_timeout_s
         self._ctx = context
+        # slots: each its own socket (its own entry at the broker) and its own request, one handler
+        self.max_in_flight = max(1, int(max_in_flight))
+        self._count = threading.Lock()
         self.served = 0
         self.auth_failures = 0
         self.reconnects = 0
@@ -147,8 +157,38 @@ class Worker(Serving):
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
-        """Serve until ``stop`` is set (checked at least every 100 ms); says BYE on the way out."""
+        """Serve until ``stop`` is set (checked at least every 100 ms); says BYE on the way out. With
+        ``max_in_flight`` n > 1, n slots serve side by side (module docstring); ``ready`` once all are."""
         stop = stop or threading.Event()
+        n = self.max_in_flight
+        if n == 1:
+            return self._run_slot(stop, ready, self.info)
+        readies = [threading.Event() for _ in range(n)]
+        threads = [
+            threading.Thread(
+                target=self._run_slot,
+                args=(stop, readies[i], {**self.info, "slot": i, "slots": n}),
+                name=f"{self.thread_name}-slot{i}",
+                daemon=True,
+            )
+            for i in range(1, n)
+        ]
+        for t in threads:
+            t.start()
+        if ready is not None:
+            threading.Thread(
+                target=lambda: all(r.wait() for r in readies) and ready.set(), daemon=True
+            ).start()
+        try:
+            self._run_slot(stop, readies[0], {**self.info, "slot": 0, "slots": n})
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    def _run_slot(self, stop: threading.Event, ready: threading.Event | None, info: dict) -> None:
+        """One slot: its own socket, at most one request at a time."""
+        hello = msgpack.packb(info, use_bin_type=True)
         ctx = self._ctx or zmq.Context()
         # The handler thread wakes the loop through this pair the moment a reply is ready.
         wake_r, wake_w = _socket.socketpair()
@@ -160,7 +200,7 @@ class Worker(Serving):
         announce, listed = True, False
         try:
             if self._listable():
-                self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
+                self._send(sock, [READY, hello])
                 announce, listed = False, True
             if ready is not None:
                 ready.set()
@@ -181,7 +221,8 @@ class Worker(Serving):
                         try:
                             frames = _auth.verify(self.auth, frames, _auth.BROKER_TO_WORKER)
                         except AuthError:
-                            self.auth_failures += 1
+                            with self._count:
+                                self.auth_failures += 1
                             continue
                         last_heard = time.monotonic()
                         kind = frames[0].bytes
@@ -201,7 +242,8 @@ class Worker(Serving):
                 if job is not None and job.done.is_set():
                     if not job.handed_back:
                         self._send(sock, [REPLY, job.jid, *job.frames])
-                        self.served += 1
+                        with self._count:
+                            self.served += 1
                     elif listed:  # the broker re-queues the job when its worker leaves
                         self._send(sock, [BYE])
                         announce, listed = True, False
@@ -212,14 +254,15 @@ class Worker(Serving):
                     sock.close(0)  # a silent broker: replace the socket, never keep a possibly-broken one
                     sock = self._connect(ctx)
                     poller.register(sock, zmq.POLLIN)
-                    self.reconnects += 1
+                    with self._count:
+                        self.reconnects += 1
                     announce, listed, last_heard = True, False, now
                 available = self._listable()
                 if listed and not available and job is None:
                     self._send(sock, [BYE])
                     announce, listed = True, False
                 if announce and available and job is None:
-                    self._send(sock, [READY, msgpack.packb(self.info, use_bin_type=True)])
+                    self._send(sock, [READY, hello])
                     announce, listed = False, True
                 if now >= next_beat:
                     self._send(sock, [HEARTBEAT])

@@ -160,6 +160,33 @@ def test_refuses_bad_prompts(engine):
     assert engine.generate([], GREEDY) == []
 
 
+def test_a_withdrawn_request_is_aborted_in_vllm_and_the_engine_serves_on(engine):
+    """The worker's cancel event (set: the broker withdrew the request) aborts the request's sequences in
+    vLLM instead of running them to the end; concurrent callers are unaffected."""
+    import threading
+
+    from gkd.transport import worker
+
+    long = SamplingConfig(max_new_tokens=400, temperature=1.0)
+    outcome = {}
+
+    def withdrawn():
+        worker._current.cancel = threading.Event()
+        worker._current.cancel.set()
+        try:
+            engine.generate([[1, 2, 3]], long)
+        except worker.Cancelled as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=withdrawn)
+    t.start()
+    other = engine.generate(_prompts()[:2], GREEDY)  # runs beside it
+    t.join(120)
+    assert not t.is_alive() and "withdrawn" in str(outcome["error"])
+    assert [len(s.response_ids) for s in other] == [16, 16]
+    assert engine._pump.call(engine.llm.llm_engine.get_num_unfinished_requests) == 0
+
+
 def test_parameters_spec_lists_the_hf_names(engine, models):
     spec = engine.parameters_spec()
     hf = dict(models["A"][1].named_parameters())

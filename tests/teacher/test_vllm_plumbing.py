@@ -63,7 +63,8 @@ def test_generate_request_and_reply_shaping(monkeypatch, tiny_model_dir):
             for ids, why in answers
         ]
 
-    engine.llm.generate = generate
+    engine._pump.close()  # the requests go to this stand-in instead of vLLM's engine
+    engine._pump = SimpleNamespace(run=lambda requests, params, **how: generate(requests, params))
     settings = GenerateSettings(max_new_tokens=3, temperature=1.0, top_p=0.9, seed=5, stop_token_ids=(3,))
     out = engine.generate([[1, 2], [9]], settings, top_k=2, temperature=1.0)
     assert [r["prompt_token_ids"] for r in seen["requests"]] == [[1, 2], [9]]
