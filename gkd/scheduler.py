@@ -81,7 +81,10 @@ from typing import Any
 
 from gkd.config import SCHEDULERS, parse_scheduler
 
-__all__ = ["STALENESS_NAMES", "PhaseFailed", "Scheduler", "SchedulerState", "Span", "Step", "parse_staleness"]
+__all__ = [
+    "STALENESS_NAMES", "Carried", "PhaseFailed", "Scheduler", "SchedulerState", "Span", "Step", "Stopped",
+    "parse_staleness",
+]  # fmt: skip
 
 log = logging.getLogger("gkd.scheduler")
 
@@ -102,6 +105,27 @@ class PhaseFailed(RuntimeError):
             f"{what} failed after {attempts} attempt(s): {type(cause).__name__}: {cause}. "
             "The run stopped without skipping any batch; resume from the last checkpoint."
         )
+
+
+class Stopped(PhaseFailed):
+    """The run was asked to stop (SIGTERM / SIGINT) before ``batch`` was trained; nothing failed."""
+
+    def __init__(self, batch: int, why: str):
+        RuntimeError.__init__(
+            self, f"{why}: the run stopped before batch {batch}; resume from the checkpoint of step {batch}"
+        )
+        self.phase, self.batch, self.cause, self.attempts = "stop", batch, None, 0
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A batch generated before a checkpoint but not yet trained (``k >= 1``: the next ``k`` batches are in
+    flight at every step): its answers and the ``min_version`` it was asked for. A checkpoint holds them
+    so that a resumed run trains exactly the batches an uninterrupted one would, on the same versions."""
+
+    batch: int
+    min_version: int
+    result: Any
 
 
 @dataclass(frozen=True)
@@ -180,7 +204,9 @@ class Scheduler:
     - ``on_failure(state, error)``: called before :class:`PhaseFailed` is raised (checkpoint there; for an
       ``update`` failure the model may be partly updated);
     - ``initial_sync``: send version ``state.version`` before the first generation (default: when
-      resuming, i.e. ``state.version > 0``; at version 0 the rollout loads the same initial weights).
+      resuming, i.e. ``state.version > 0``; at version 0 the rollout loads the same initial weights);
+    - ``stop_grace_s``: after :meth:`stop`, how long generations on their way may still complete (their
+      answers go into the stop's checkpoint, :meth:`in_flight`).
     """
 
     def __init__(
@@ -199,6 +225,7 @@ class Scheduler:
         sync_gate: str = "pipelined",
         initial_sync: bool | None = None,
         source: Callable[[int], str] | None = None,
+        stop_grace_s: float = 0.0,
     ):
         if sync_gate not in ("pipelined", "strict"):
             raise ValueError(f"sync_gate must be 'pipelined' or 'strict', got {sync_gate!r}")
@@ -209,8 +236,9 @@ class Scheduler:
         self._clock, self._idle, self._versions = clock, idle, versions
         self.max_retries, self.on_failure = max_retries, on_failure
         self.sync_gate, self.initial_sync = sync_gate, initial_sync
-        self._source = source
+        self._source, self.stop_grace_s = source, stop_grace_s
         self._cond = threading.Condition()
+        self._carried: dict[int, Carried] = {}
         self._batches: dict[int, _Batch] = {}
         self._spans: list[Span] = []
         self._failure: PhaseFailed | None = None
@@ -223,8 +251,12 @@ class Scheduler:
         return self._state
 
     # ------------------------------------------------------------------------------------------ the loop
-    def run(self, end: int, state: SchedulerState | None = None) -> Iterator[Step]:
-        """Train batches ``state.next_batch .. end - 1`` in order, yielding one :class:`Step` each."""
+    def run(
+        self, end: int, state: SchedulerState | None = None, carried: Sequence[Carried] = ()
+    ) -> Iterator[Step]:
+        """Train batches ``state.next_batch .. end - 1`` in order, yielding one :class:`Step` each.
+        ``carried``: batches a checkpoint held (:meth:`in_flight`), used instead of generating them again
+        (one whose ``min_version`` is more than ``k`` behind is dropped: generated again)."""
         state = state or SchedulerState()
         if state.version != state.next_batch or state.next_batch < 0:
             raise ValueError(
@@ -241,11 +273,16 @@ class Scheduler:
             self._state = state
         self._start, self._end = state.next_batch, end
         self._next_gen = self._start
+        self._carried = {
+            c.batch: c for c in carried if state.next_batch <= c.batch < end and c.batch - c.min_version <= self.k
+        }
         self._transfer: Future | None = None  # the latest async sync
         self._step_sync = 0.0
         try:
             yield from self._loop()
         except PhaseFailed as err:
+            if isinstance(err, Stopped) and self.stop_grace_s > 0:  # answers on their way are worth keeping
+                self._settle(self.stop_grace_s)
             self._close()
             if self.on_failure is not None:
                 try:
@@ -325,7 +362,52 @@ class Scheduler:
             with self._cond:
                 self._batches[b] = rec
             self._next_gen += 1
-            self._submit_gen(rec)
+            if b in self._carried:
+                self._use_carried(rec, self._carried.pop(b))
+            else:
+                self._submit_gen(rec)
+
+    def _use_carried(self, rec: _Batch, carried: Carried) -> None:
+        """A batch a checkpoint held: generated already (on ``carried.min_version``), to be scored."""
+        now = self._clock()
+        with self._cond:
+            rec.min_version, rec.rollout, rec.gen_attempts = carried.min_version, carried.result, 1
+            rec.versions = list(self._versions(carried.result)) if rec.student else []
+            rec.generated = rec.tried = True
+            rec.gen_first = rec.gen_start = rec.gen_end = now
+        self._submit_score(rec)
+
+    # ------------------------------------------------------------------------ stopping, checkpoints
+    def stop(self, why: str) -> None:
+        """Ask the run to stop (any thread, or a signal handler on the run thread): the current update
+        finishes; the next wait raises :class:`Stopped` (``on_failure`` saves the last trained step)."""
+        with self._cond:
+            if not self._closed:
+                self._fail(Stopped(self._state.next_batch, why))
+
+    def in_flight(self, timeout_s: float | None = None) -> list[Carried]:
+        """The batches after the resume point that were generated (a checkpoint keeps them: see
+        :class:`Carried`), waiting up to ``timeout_s`` (None: until each has its answers or the run
+        failed) for those still being generated. Call on the run thread between steps, or from
+        ``on_failure``."""
+        self._settle(timeout_s)
+        with self._cond:
+            recs = sorted(self._batches.values(), key=lambda r: r.index)
+            return [
+                Carried(r.index, r.min_version, r.rollout)
+                for r in recs
+                if r.generated and r.index >= self._state.next_batch
+            ]
+
+    def _settle(self, timeout_s: float | None) -> None:
+        """Wait until every submitted generation has its answers, or a real failure, or ``timeout_s``."""
+
+        def settled() -> bool:
+            real = self._failure is not None and not isinstance(self._failure, Stopped)
+            return real or all(r.generated for r in self._batches.values())
+
+        with self._cond:
+            self._cond.wait_for(settled, timeout_s)
 
     def _send(self, version: int) -> None:
         """Wait for the previous transfer, then call ``sync(version)``; runs on the trainer thread."""
@@ -431,15 +513,16 @@ class Scheduler:
             self._spans.append(
                 Span("generate" if ok else "generate_failed", "rollout", rec.index, rec.gen_start, now)
             )
-            if self._closed or rec.run != self._run_id:
+            if rec.run != self._run_id:
                 return
-            if not ok:
-                if fatal or rec.gen_attempts > self.max_retries:
-                    self._fail(PhaseFailed("generate", rec.index, exc, rec.gen_attempts))
-                    return
-            else:
+            if ok:  # kept even after a stop: the stop's checkpoint carries it
                 rec.rollout, rec.versions, rec.generated, rec.gen_end = result, versions, True, now
                 self._cond.notify_all()
+            if self._closed:
+                return
+            if not ok and (fatal or rec.gen_attempts > self.max_retries):
+                self._fail(PhaseFailed("generate", rec.index, exc, rec.gen_attempts))
+                return
         if ok:
             self._submit_score(rec)
         else:
