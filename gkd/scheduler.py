@@ -114,7 +114,7 @@ class Stopped(PhaseFailed):
         RuntimeError.__init__(
             self, f"{why}: the run stopped before batch {batch}; resume from the checkpoint of step {batch}"
         )
-        self.phase, self.batch, self.cause, self.attempts = "stop", batch, None, 0
+        self.phase, self.batch, self.cause, self.attempts, self.why = "stop", batch, None, 0, why
 
 
 @dataclass(frozen=True)
@@ -280,9 +280,12 @@ class Scheduler:
         self._step_sync = 0.0
         try:
             yield from self._loop()
-        except PhaseFailed as err:
-            if isinstance(err, Stopped) and self.stop_grace_s > 0:  # answers on their way are worth keeping
-                self._settle(self.stop_grace_s)
+        except PhaseFailed as failed:
+            err = failed
+            if isinstance(err, Stopped):  # the update running when it was asked for finished
+                err = Stopped(self._state.next_batch, err.why)
+                if self.stop_grace_s > 0:  # answers on their way are worth keeping (in_flight)
+                    self._settle(self.stop_grace_s)
             self._close()
             if self.on_failure is not None:
                 try:
@@ -290,7 +293,9 @@ class Scheduler:
                 except Exception as e:  # the phase's failure is the cause to report, not the save's
                     log.error("on_failure after %s failed too: %s: %s", err.phase, type(e).__name__, e)
                     err.add_note(f"the failure handler (checkpoint) failed too: {type(e).__name__}: {e}")
-            raise
+            if err is failed:
+                raise
+            raise err from None
         finally:
             self._close()
 
@@ -406,8 +411,16 @@ class Scheduler:
             real = self._failure is not None and not isinstance(self._failure, Stopped)
             return real or all(r.generated for r in self._batches.values())
 
-        with self._cond:
-            self._cond.wait_for(settled, timeout_s)
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        while True:
+            with self._cond:
+                left = None if deadline is None else deadline - self._clock()
+                if settled() or (left is not None and left <= 0):
+                    return
+                if self._idle is None:
+                    self._cond.wait_for(settled, left)
+                    continue
+            self._idle()
 
     def _send(self, version: int) -> None:
         """Wait for the previous transfer, then call ``sync(version)``; runs on the trainer thread."""
