@@ -97,7 +97,9 @@ def plan_run(resume: str, output_dir: str | os.PathLike) -> tuple[Path | None, s
     recorded = read_run_id(out)
     if resume == "auto" and recorded is None and every:  # run_id file lost: the newest checkpoint's run
         recorded = checkpoint_run_id(every[-1][1])
-    path = resolve_resume(resume, out) if resume != "auto" or recorded is None else _newest_of(every, recorded)
+    path = (
+        resolve_resume(resume, out) if resume != "auto" or recorded is None else _newest_of(every, recorded)
+    )
     if resume == "never":
         recorded = None  # a new run
     run_id = (checkpoint_run_id(path) if path is not None else None) or recorded or uuid.uuid4().hex[:16]
@@ -105,7 +107,8 @@ def plan_run(resume: str, output_dir: str | os.PathLike) -> tuple[Path | None, s
     if foreign:
         raise CheckpointError(
             f"trainer.output_dir={out} holds checkpoints of another run ({', '.join(foreign[:3])}"
-            f"{' ...' if len(foreign) > 3 else ''}, not run {run_id}): use another output_dir or move them away"
+            f"{' ...' if len(foreign) > 3 else ''}, not run {run_id}): use another output_dir or move "
+            "them away"
         )
     return path, run_id
 

@@ -274,7 +274,9 @@ class Scheduler:
         self._start, self._end = state.next_batch, end
         self._next_gen = self._start
         self._carried = {
-            c.batch: c for c in carried if state.next_batch <= c.batch < end and c.batch - c.min_version <= self.k
+            c.batch: c
+            for c in carried
+            if state.next_batch <= c.batch < end and c.batch - c.min_version <= self.k
         }
         self._transfer: Future | None = None  # the latest async sync
         self._step_sync = 0.0

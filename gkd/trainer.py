@@ -446,7 +446,9 @@ class Trainer:
             return self.evaluations.for_record(done, self.val_version)
         except Exception as e:  # a validation request that failed, a broken reply...
             self.evaluations.pending = None
-            log.error("the evaluation after step %d failed (%s: %s); training goes on", done, type(e).__name__, e)
+            log.error(
+                "the evaluation after step %d failed (%s: %s); training goes on", done, type(e).__name__, e
+            )
             return {}
 
     def val_version(self, done: int) -> int:

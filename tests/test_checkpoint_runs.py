@@ -118,7 +118,9 @@ def test_carried_batches_round_trip_through_a_weights_only_checkpoint(tmp_path):
     s = Sample([1, 2], [3, 4, 5], torch.tensor([-0.5, -1.0, -0.25]), "stop", 7, {"service_s": 0.5})
     t = Sample([1], [6], torch.tensor([-2.0]), "length", 7, {"source": "teacher"}, torch.tensor([[6, 2]]))
     carried = [Carried(9, 7, [s, t])]
-    path = _save(tmp_path, 9, scheduler_state={"next_batch": 9, "version": 9, "carried": encode_carried(carried)})
+    path = _save(
+        tmp_path, 9, scheduler_state={"next_batch": 9, "version": 9, "carried": encode_carried(carried)}
+    )
     back = decode_carried(load_checkpoint(path, model=nn.Linear(2, 2)).scheduler_state["carried"])
     assert [(c.batch, c.min_version) for c in back] == [(9, 7)]
     for a, b in zip(back[0].result, [s, t], strict=True):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,10 +127,8 @@ def test_a_rollout_stall_longer_than_the_collective_timeout_does_not_tear_the_ra
         code = proc.wait(RUN_TIMEOUT_S)
     finally:
         for pid in stopped:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)

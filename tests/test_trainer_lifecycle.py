@@ -38,7 +38,9 @@ class FakeEvaluations:
 
 def _trainer(events: list, fail_at=()) -> Trainer:
     t = Trainer.__new__(Trainer)
-    t.cfg = load_config([str(ROOT / "configs" / "cpu_tiny.yaml")], ["trainer.save_freq=2", f"trainer.total_steps={TOTAL}"])
+    t.cfg = load_config(
+        [str(ROOT / "configs" / "cpu_tiny.yaml")], ["trainer.save_freq=2", f"trainer.total_steps={TOTAL}"]
+    )
     t.total, t.device, t.startup, t.commands = TOTAL, torch.device("cpu"), None, None
     t.saver = SimpleNamespace(poll=lambda: None)
     t.spans = SimpleNamespace(add=lambda *a, **k: None)
