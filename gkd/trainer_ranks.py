@@ -79,13 +79,6 @@ def broadcast_batch(
     return out_s, out_t
 
 
-def exchange_command(op: int, step: int, device) -> tuple[int, int]:
-    """Rank 0 sends (op, step); every other rank receives it (a collective: :class:`Commands` is what the
-    trainer uses)."""
-    got = broadcast_tensor(torch.tensor([op, step], dtype=torch.int64), device).tolist()
-    return int(got[0]), int(got[1])
-
-
 class Commands:
     """Rank 0's commands, numbered, as keys of the default group's store (``gkd/cmd/<n>``); the others
     poll for the next number (``store.check``, backing off from 1 ms to ``max_poll_s``: no wait times out,

@@ -116,3 +116,32 @@ def test_a_stop_signal_before_training_interrupts_and_later_ones_call_back():
             _signal_self(signal.SIGINT)
     finally:
         stop.uninstall()
+
+
+def test_commands_travel_through_the_store_in_order_and_a_stop_request_reaches_rank_0():
+    import torch.distributed as dist
+
+    from gkd.trainer_ranks import OP_SAVE, OP_STOP, OP_TRAIN, Commands
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=__import__("datetime").timedelta(seconds=10))
+    rank0, other = Commands(store), Commands(store)
+    got: list = []
+
+    def follow() -> None:
+        while not got or got[-1][0] != OP_STOP:
+            got.append(other.receive())
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    time.sleep(0.3)  # the other rank polls: a wait between commands is no collective and has no timeout
+    for n, (op, step) in enumerate(((OP_TRAIN, 0), (OP_TRAIN, 1), (OP_SAVE, 2), (OP_STOP, 0))):
+        rank0.send(op, step)
+        deadline = time.monotonic() + 10
+        while len(got) <= n and time.monotonic() < deadline:  # in the trainer: the command's collective
+            time.sleep(0.01)
+    reader.join(10)
+    assert got == [(OP_TRAIN, 0), (OP_TRAIN, 1), (OP_SAVE, 2), (OP_STOP, 0)]
+    assert not store.check(["gkd/cmd/0"]) and store.check(["gkd/cmd/3"])  # read ones are deleted
+    assert not rank0.stop_asked()
+    other.ask_stop()
+    assert rank0.stop_asked()
