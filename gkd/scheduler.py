@@ -63,6 +63,14 @@ batch used version ``<= t - 1`` and, by ``min_version``, ``>= t - 1``. The sync 
   attempts only, because a retry is queued behind later batches, which may need the very version the gate
   holds back (waiting for the retry would deadlock).
 
+Resume and stop. A run resumed at batch ``s`` holds version ``s`` only, so batches ``s .. s + k - 1``
+would all be generated on it; an uninterrupted run generated them on ``s - k .. s - 1``. A checkpoint
+therefore carries the batches generated but not yet trained (:meth:`Scheduler.in_flight`,
+:class:`Carried`), and ``run(end, state, carried)`` scores them instead of generating them again: every
+batch trains on the version an uninterrupted run uses. :meth:`Scheduler.stop` (a stop signal) lets the
+update in progress finish and ends the run at the next wait with :class:`Stopped` (``on_failure`` saves);
+generations on their way get ``stop_grace_s`` to arrive, so the stop's checkpoint can carry them.
+
 Steady-state step time (constant durations, async sync): ``max(G, T, U, S, (G + T + U + S) / (k + 1))``,
 as every phase is started as soon as its inputs exist; ``k = 0``: ``G + T + U + S``; ``k = 2``:
 ``max(G, T, U)`` when ``S`` is small; ``k = 1``: at most ``max(U, G + T)`` (DESIGN.md's figure assumes the
