@@ -295,7 +295,7 @@ class Scheduler:
             if isinstance(err, Stopped):  # the update running when it was asked for finished
                 err = Stopped(self._state.next_batch, err.why)
                 if self.stop_grace_s > 0:  # answers on their way are worth keeping (in_flight)
-                    self._settle(self.stop_grace_s)
+                    self._settle(self.stop_grace_s, through_stop=True)
             self._close()
             if self.on_failure is not None:
                 try:
@@ -402,9 +402,9 @@ class Scheduler:
 
     def in_flight(self, timeout_s: float | None = None) -> list[Carried]:
         """The batches after the resume point that were generated (a checkpoint keeps them: see
-        :class:`Carried`), waiting up to ``timeout_s`` (None: until each has its answers or the run
-        failed) for those still being generated. Call on the run thread between steps, or from
-        ``on_failure``."""
+        :class:`Carried`), waiting up to ``timeout_s`` (None: until each has its answers, the run failed
+        or was asked to stop) for those still being generated. Call on the run thread between steps, or
+        from ``on_failure``."""
         self._settle(timeout_s)
         with self._cond:
             recs = sorted(self._batches.values(), key=lambda r: r.index)
@@ -414,12 +414,13 @@ class Scheduler:
                 if r.generated and r.index >= self._state.next_batch
             ]
 
-    def _settle(self, timeout_s: float | None) -> None:
-        """Wait until every submitted generation has its answers, or a real failure, or ``timeout_s``."""
+    def _settle(self, timeout_s: float | None, *, through_stop: bool = False) -> None:
+        """Wait until every submitted generation has its answers, or a failure (a stop too, unless
+        ``through_stop``), or ``timeout_s``."""
 
         def settled() -> bool:
-            real = self._failure is not None and not isinstance(self._failure, Stopped)
-            return real or all(r.generated for r in self._batches.values())
+            failed = self._failure is not None and not (through_stop and isinstance(self._failure, Stopped))
+            return failed or all(r.generated for r in self._batches.values())
 
         deadline = None if timeout_s is None else self._clock() + timeout_s
         while True:

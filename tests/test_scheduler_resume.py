@@ -82,3 +82,15 @@ def test_stop_during_an_update_finishes_it_and_ends_the_run_with_a_checkpoint():
     assert state == SchedulerState(4, 4) and kind is Stopped
     # the generations on their way when the stop came were let finish (stop_grace_s): both carried
     assert [(c.batch, c.min_version) for c in carried] == [(4, 2), (5, 3)]
+
+
+def test_a_stop_ends_the_wait_of_a_periodic_checkpoint_for_the_in_flight_answers():
+    h = Harness(2, G=5, T=1, U=1, S=0.25)
+    run = h.sched.run(END)
+    next(run)  # batch 0 trained; batches 1 and 2 are being generated
+    h.sched.stop("SIGTERM received")
+    now = h.sim.now
+    carried = h.sched.in_flight()  # would otherwise run the clock on until both are generated
+    assert h.sim.now == now and all(c.batch > 0 for c in carried)
+    with pytest.raises(Stopped, match="before batch 1"):
+        next(run)
