@@ -252,8 +252,7 @@ class Trainer:
             OP_EXPORT: lambda step: full_state_dicts(self.model),
             OP_EVAL: lambda step: self.evaluate_on(*broadcast_batch(None, None, self.device)),
         }
-        self.stop.training = True  # a signal here is passed on to rank 0, which stops every rank
-        self.stop.install()
+        self.stop.training = True  # a signal from now on is passed on to rank 0, which stops every rank
 
         def pass_on_stop() -> None:
             if self.stop.requested:
