@@ -131,6 +131,9 @@ def _check_trainer(cfg: Config) -> None:
     _check(tr.total_epochs >= 1, "trainer.total_epochs", tr.total_epochs, "must be >= 1")
     _check(tr.save_freq >= 0, "trainer.save_freq", tr.save_freq, "must be >= 0 (0 = final checkpoint only)")
     _check(tr.keep_last >= 1, "trainer.keep_last", tr.keep_last, "must be >= 1")
+    for key in ("stop_grace_s", "collective_timeout_s"):
+        v = getattr(tr, key)
+        _check(0 < v < float("inf"), f"trainer.{key}", v, "must be a positive number of seconds")
     _check(bool(tr.output_dir), "trainer.output_dir", tr.output_dir, "required")
     _check_fsdp(tr)
     _check(

@@ -145,3 +145,11 @@ def test_commands_travel_through_the_store_in_order_and_a_stop_request_reaches_r
     assert not rank0.stop_asked()
     other.ask_stop()
     assert rank0.stop_asked()
+
+
+@pytest.mark.parametrize("key", ["trainer.stop_grace_s", "trainer.collective_timeout_s"])
+def test_stop_grace_and_collective_timeout_must_be_positive(key):
+    from gkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key}=0.0: must be a positive number of seconds"):
+        load_config([str(ROOT / "configs" / "cpu_tiny.yaml")], [f"{key}=0"])
