@@ -180,6 +180,7 @@ class _Batch:
     rollout: Any = None
     versions: list[int] = field(default_factory=list)
     generated: bool = False
+    given_up: bool = False  # its generation failed after the run began to stop: not retried
     tried: bool = False  # the first generation attempt ended, successfully or not
     score_attempts: int = 0
     score_first: float = 0.0
@@ -420,7 +421,7 @@ class Scheduler:
 
         def settled() -> bool:
             failed = self._failure is not None and not (through_stop and isinstance(self._failure, Stopped))
-            return failed or all(r.generated for r in self._batches.values())
+            return failed or all(r.generated or r.given_up for r in self._batches.values())
 
         deadline = None if timeout_s is None else self._clock() + timeout_s
         while True:
@@ -541,11 +542,15 @@ class Scheduler:
                 return
             if ok:  # kept even after a stop: the stop's checkpoint carries it
                 rec.rollout, rec.versions, rec.generated, rec.gen_end = result, versions, True, now
-                self._cond.notify_all()
+            elif self._closed or self._failure is not None:  # stopping: no retry
+                rec.given_up = True
+            self._cond.notify_all()
             if self._closed:
                 return
             if not ok and (fatal or rec.gen_attempts > self.max_retries):
                 self._fail(PhaseFailed("generate", rec.index, exc, rec.gen_attempts))
+                return
+            if rec.given_up:
                 return
         if ok:
             self._submit_score(rec)

@@ -94,3 +94,14 @@ def test_a_stop_ends_the_wait_of_a_periodic_checkpoint_for_the_in_flight_answers
     assert h.sim.now == now and all(c.batch > 0 for c in carried)
     with pytest.raises(Stopped, match="before batch 1"):
         next(run)
+
+
+def test_a_generation_that_fails_after_a_stop_is_not_retried():
+    h = Harness(2, G=2, T=1, U=1, S=0.25, gen_fails={(2, 0)}, stop_grace_s=30.0)
+    run = h.sched.run(END)
+    next(run)  # batch 0 trained; batch 2's first attempt is on its way and will fail
+    h.sched.stop("SIGTERM received")
+    with pytest.raises(Stopped):
+        next(run)
+    assert h.rollout.attempts[2] == 1  # stopping: no retry of a failed generation
+    assert h.sim.now < 30  # the stop's wait for answers ended when none was left to come
