@@ -153,3 +153,14 @@ def test_stop_grace_and_collective_timeout_must_be_positive(key):
 
     with pytest.raises(ConfigError, match=f"{key}=0.0: must be a positive number of seconds"):
         load_config([str(ROOT / "configs" / "cpu_tiny.yaml")], [f"{key}=0"])
+
+
+def test_a_stop_asked_by_another_rank_stops_rank_0s_scheduler():
+    events: list = []
+    t = _trainer(events)
+    asked: list = []
+    t.stop = StopRequest()
+    t.commands = SimpleNamespace(stop_asked=lambda: True, send=lambda *a: None)
+    t.scheduler = SimpleNamespace(in_flight=lambda: [], stop=asked.append)
+    t.finish_step(_step(0))
+    assert asked == ["a stop signal on another trainer rank"] and t.stop.exit_status == 143
