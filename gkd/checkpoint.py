@@ -141,14 +141,21 @@ def _is_complete(path: Path) -> bool:
     return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / "meta.json").is_file()
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, path), oldest first."""
+def list_checkpoints(output_dir: str | os.PathLike, *, run: bool | None = True) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, path), oldest first. ``run=True``: those of the run named in
+    ``OUTPUT_DIR/run_id`` only (``gkd.checkpoint_runs``; checkpoints without a run id count as its own);
+    ``None``: every one in the folder."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
     found = [
         (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and _is_complete(p)
     ]
+    if run:
+        from gkd.checkpoint_runs import checkpoint_run_id, read_run_id
+
+        if (mine := read_run_id(output_dir)) is not None:
+            found = [(s, p) for s, p in found if checkpoint_run_id(p) in (None, mine)]
     return sorted(found)
 
 
@@ -347,7 +354,12 @@ def _write_small_files(tmp: Path, trainer_state: dict, config_yaml: str, step: i
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     files = sorted(p.name for p in tmp.iterdir())
+    from gkd.checkpoint_runs import read_run_id
+
+    run_id = read_run_id(tmp.parent.parent)  # OUTPUT_DIR/checkpoints/.tmp-*: the run writing it
     meta = {"format_version": FORMAT_VERSION, **meta, "step": step, "files": files, "time": time.time()}
+    if run_id is not None:
+        meta["run_id"] = run_id
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 

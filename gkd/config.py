@@ -218,6 +218,12 @@ class TrainerConfig:
     async_save: bool = True
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | PATH to a checkpoint
     output_dir: str = "runs/gkd"
+    # SIGTERM / SIGINT, or a service that died: gkd train gives the trainer this long to save the last
+    # trained step (SIGTERM first; SIGKILL after it), then stops the services
+    stop_grace_s: float = 120.0
+    # the trainer ranks' collectives (one step's batch broadcast, gradient all-reduce, a checkpoint's
+    # gathers); waits between steps are not collectives and have no such limit
+    collective_timeout_s: float = 1800.0
     # dtype of the final Hugging Face export (output_dir/final; `gkd export` takes it as its default): auto =
     # the dtype the student's own config.json names (bf16 for a bf16 hub model, not the fp32 master weights)
     export_dtype: str = _choice("auto", "auto", *_DTYPE_NAMES)

@@ -158,6 +158,9 @@ def _check_trainer(cfg: Config) -> None:
     _check(tr.save_freq >= 0, "trainer.save_freq", tr.save_freq, "must be >= 0 (0 = final checkpoint only)")
     _check(tr.keep_last >= 1, "trainer.keep_last", tr.keep_last, "must be >= 1")
     _check(tr.max_skipped_steps >= 0, "trainer.max_skipped_steps", tr.max_skipped_steps, "must be >= 0")
+    for key in ("stop_grace_s", "collective_timeout_s"):
+        v = getattr(tr, key)
+        _check(0 < v < float("inf"), f"trainer.{key}", v, "must be a positive number of seconds")
     _check(bool(tr.output_dir), "trainer.output_dir", tr.output_dir, "required")
     _check_fsdp(tr)
     _check(

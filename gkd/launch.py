@@ -25,8 +25,9 @@ Slurm's environment: ``gkd.nodes``).
    last error line, where its log is; or which node was lost). Each child's full output goes to
    ``trainer.output_dir/logs/<name>.log`` (``logs/node<R>/`` on several nodes); the trainer's also
    streams here, without tracebacks and torchrun's failure report (they stay in the log).
-6. On exit, error, Ctrl-C or SIGTERM: tell the other nodes (done, or failed and why), stop every child
-   (SIGTERM, then SIGKILL after a grace period). The children get a parent-death signal (``prctl``), so
+6. On exit, error, Ctrl-C or SIGTERM: tell the other nodes (done, or failed and why), stop the trainer
+   first and gracefully (it saves its last trained step, within ``trainer.stop_grace_s``), then the
+   services (``gkd.launch_stop``). The children get a parent-death signal (``prctl``), so
    ``kill -9`` of this launcher stops them too (and the other nodes notice its closed connection); the
    trainer's ranks watch their torchrun agent.
 """
@@ -51,6 +52,7 @@ from gkd.channel_auth import ChannelAuthError, shared_token_env, token_env
 from gkd.config import Config, RolloutConfig, TeacherConfig, load_config, rollout_dtype, teacher_dtype
 from gkd.console import console_stream, last_error_line, pump
 from gkd.hub import localize as localize_hub_ids
+from gkd.launch_stop import check_output_dir, stop_run, trainer_stop_env, why_stopped
 from gkd.multinode import check_nodes, dry_run_hosts, node_report, trainer_node_argv, trainer_overrides
 from gkd.nodes import DEFAULT_RDZV_PORT, NodeError, NodeSpec, node_spec
 from gkd.placement import (
@@ -72,7 +74,6 @@ from gkd.transport.process import (
     _describe_exit,
     configure_logging,
     set_parent_death_signal,
-    stop_children,
 )
 
 log = logging.getLogger("gkd.launch")
@@ -277,6 +278,8 @@ def run(
         )
     # models, data, output folder, ports: one line each (a dry run plans for any machine)
     check_launch(cfg, node.node_rank, node.host, torch_port=node.torch_port if node.multi else None)
+    if node.node_rank == 0:  # another run's checkpoints, a resume that changes the data
+        check_output_dir(cfg)
     # the weight channel's token: made by node 0 before the others can meet it, read by them after
     token = token_env(cfg.trainer.output_dir) if node.node_rank == 0 else {}
     roster = form_roster(node, digest, join_timeout_s=health_timeout_s) if node.multi else None
@@ -290,10 +293,10 @@ def run(
             log_dir = log_dir / f"node{node.node_rank}"  # one folder per node (a shared file system)
         log_dir.mkdir(parents=True, exist_ok=True)
         env = {**token, **(env or {})}  # the weight channel's token, for every child
-        trainer_env = {**env, LAUNCH_T0_ENV: repr(started_at)}
+        trainer_env = {**env, LAUNCH_T0_ENV: repr(started_at), **trainer_stop_env(cfg.trainer.stop_grace_s)}
         if cfg.teacher.launch or cfg.rollout.launch:
             trainer_env[SERVICE_WAIT_ENV] = repr(health_timeout_s)
-        return _run_children(cmds, log_dir, env, trainer_env, roster)
+        return _run_children(cmds, log_dir, env, trainer_env, roster, cfg.trainer.stop_grace_s)
     finally:
         if roster is not None:
             roster.close()
@@ -315,8 +318,10 @@ def _run_children(
     env: dict[str, str],
     trainer_env: dict[str, str],
     roster: Roster | None,
+    stop_grace_s: float = 120.0,
 ) -> int:
-    """Start ``cmds`` (services, then the trainer), watch them (and the other nodes), stop them all."""
+    """Start ``cmds`` (services, then the trainer), watch them (and the other nodes), stop them all (the
+    trainer first, given ``stop_grace_s`` to save its last step: ``gkd.launch_stop``)."""
     children: list[_Child] = []
 
     def terminate(signum, _frame):  # SIGTERM: unwind like Ctrl-C so the finally stops the children
@@ -343,21 +348,14 @@ def _run_children(
         return status
     finally:
         if roster is not None:
-            roster.announce("done" if status == 0 else "failed", _why(children, status))
-        stop_children([c.proc for c in reversed(children)])  # the trainer first, then the services
+            roster.announce("done" if status == 0 else "failed", why_stopped(children, status))
+        trainer = [c.proc for c in children if c.name == "trainer"]
+        services = [c.proc for c in children if c.name != "trainer"]
+        stop_run(services, trainer[0] if trainer else None, stop_grace_s)  # the trainer first
         for c in children:
             c.close()
         if main:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _why(children: Sequence[_Child], status: int) -> str:
-    """Why this node stops, for the other nodes: the first child that failed, or an interruption."""
-    for c in children:
-        code = c.proc.poll()
-        if code is not None and (code != 0 or c.name != "trainer"):
-            return f"{c.what} {'was ' if code < 0 else 'exited with '}{_describe_exit(code)}"
-    return "it was interrupted" if status == 130 else "it stopped after another node's loss or failure"
 
 
 def _probe_gpus(cfg: Config) -> Found:

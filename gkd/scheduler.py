@@ -63,6 +63,14 @@ batch used version ``<= t - 1`` and, by ``min_version``, ``>= t - 1``. The sync 
   attempts only, because a retry is queued behind later batches, which may need the very version the gate
   holds back (waiting for the retry would deadlock).
 
+Resume and stop. A run resumed at batch ``s`` holds version ``s`` only, so batches ``s .. s + k - 1``
+would all be generated on it; an uninterrupted run generated them on ``s - k .. s - 1``. A checkpoint
+therefore carries the batches generated but not yet trained (:meth:`Scheduler.in_flight`,
+:class:`Carried`), and ``run(end, state, carried)`` scores them instead of generating them again: every
+batch trains on the version an uninterrupted run uses. :meth:`Scheduler.stop` (a stop signal) lets the
+update in progress finish and ends the run at the next wait with :class:`Stopped` (``on_failure`` saves);
+generations on their way get ``stop_grace_s`` to arrive, so the stop's checkpoint can carry them.
+
 Steady-state step time (constant durations, async sync): ``max(G, T, U, S, (G + T + U + S) / (k + 1))``,
 as every phase is started as soon as its inputs exist; ``k = 0``: ``G + T + U + S``; ``k = 2``:
 ``max(G, T, U)`` when ``S`` is small; ``k = 1``: at most ``max(U, G + T)`` (DESIGN.md's figure assumes the
@@ -81,7 +89,10 @@ from typing import Any
 
 from gkd.config import SCHEDULERS, parse_scheduler
 
-__all__ = ["STALENESS_NAMES", "PhaseFailed", "Scheduler", "SchedulerState", "Span", "Step", "parse_staleness"]
+__all__ = [
+    "STALENESS_NAMES", "Carried", "PhaseFailed", "Scheduler", "SchedulerState", "Span", "Step", "Stopped",
+    "parse_staleness",
+]  # fmt: skip
 
 log = logging.getLogger("gkd.scheduler")
 
@@ -102,6 +113,27 @@ class PhaseFailed(RuntimeError):
             f"{what} failed after {attempts} attempt(s): {type(cause).__name__}: {cause}. "
             "The run stopped without skipping any batch; resume from the last checkpoint."
         )
+
+
+class Stopped(PhaseFailed):
+    """The run was asked to stop (SIGTERM / SIGINT) before ``batch`` was trained; nothing failed."""
+
+    def __init__(self, batch: int, why: str):
+        RuntimeError.__init__(
+            self, f"{why}: the run stopped before batch {batch}; resume from the checkpoint of step {batch}"
+        )
+        self.phase, self.batch, self.cause, self.attempts, self.why = "stop", batch, None, 0, why
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A batch generated before a checkpoint but not yet trained (``k >= 1``: the next ``k`` batches are in
+    flight at every step): its answers and the ``min_version`` it was asked for. A checkpoint holds them
+    so that a resumed run trains exactly the batches an uninterrupted one would, on the same versions."""
+
+    batch: int
+    min_version: int
+    result: Any
 
 
 @dataclass(frozen=True)
@@ -148,6 +180,7 @@ class _Batch:
     rollout: Any = None
     versions: list[int] = field(default_factory=list)
     generated: bool = False
+    given_up: bool = False  # its generation failed after the run began to stop: not retried
     tried: bool = False  # the first generation attempt ended, successfully or not
     score_attempts: int = 0
     score_first: float = 0.0
@@ -180,7 +213,9 @@ class Scheduler:
     - ``on_failure(state, error)``: called before :class:`PhaseFailed` is raised (checkpoint there; for an
       ``update`` failure the model may be partly updated);
     - ``initial_sync``: send version ``state.version`` before the first generation (default: when
-      resuming, i.e. ``state.version > 0``; at version 0 the rollout loads the same initial weights).
+      resuming, i.e. ``state.version > 0``; at version 0 the rollout loads the same initial weights);
+    - ``stop_grace_s``: after :meth:`stop`, how long generations on their way may still complete (their
+      answers go into the stop's checkpoint, :meth:`in_flight`).
     """
 
     def __init__(
@@ -199,6 +234,7 @@ class Scheduler:
         sync_gate: str = "pipelined",
         initial_sync: bool | None = None,
         source: Callable[[int], str] | None = None,
+        stop_grace_s: float = 0.0,
     ):
         if sync_gate not in ("pipelined", "strict"):
             raise ValueError(f"sync_gate must be 'pipelined' or 'strict', got {sync_gate!r}")
@@ -209,8 +245,9 @@ class Scheduler:
         self._clock, self._idle, self._versions = clock, idle, versions
         self.max_retries, self.on_failure = max_retries, on_failure
         self.sync_gate, self.initial_sync = sync_gate, initial_sync
-        self._source = source
+        self._source, self.stop_grace_s = source, stop_grace_s
         self._cond = threading.Condition()
+        self._carried: dict[int, Carried] = {}
         self._batches: dict[int, _Batch] = {}
         self._spans: list[Span] = []
         self._failure: PhaseFailed | None = None
@@ -223,8 +260,12 @@ class Scheduler:
         return self._state
 
     # ------------------------------------------------------------------------------------------ the loop
-    def run(self, end: int, state: SchedulerState | None = None) -> Iterator[Step]:
-        """Train batches ``state.next_batch .. end - 1`` in order, yielding one :class:`Step` each."""
+    def run(
+        self, end: int, state: SchedulerState | None = None, carried: Sequence[Carried] = ()
+    ) -> Iterator[Step]:
+        """Train batches ``state.next_batch .. end - 1`` in order, yielding one :class:`Step` each.
+        ``carried``: batches a checkpoint held (:meth:`in_flight`), used instead of generating them again
+        (one whose ``min_version`` is more than ``k`` behind is dropped: generated again)."""
         state = state or SchedulerState()
         if state.version != state.next_batch or state.next_batch < 0:
             raise ValueError(
@@ -241,11 +282,21 @@ class Scheduler:
             self._state = state
         self._start, self._end = state.next_batch, end
         self._next_gen = self._start
+        self._carried = {
+            c.batch: c
+            for c in carried
+            if state.next_batch <= c.batch < end and c.batch - c.min_version <= self.k
+        }
         self._transfer: Future | None = None  # the latest async sync
         self._step_sync = 0.0
         try:
             yield from self._loop()
-        except PhaseFailed as err:
+        except PhaseFailed as failed:
+            err = failed
+            if isinstance(err, Stopped):  # the update running when it was asked for finished
+                err = Stopped(self._state.next_batch, err.why)
+                if self.stop_grace_s > 0:  # answers on their way are worth keeping (in_flight)
+                    self._settle(self.stop_grace_s, through_stop=True)
             self._close()
             if self.on_failure is not None:
                 try:
@@ -253,7 +304,9 @@ class Scheduler:
                 except Exception as e:  # the phase's failure is the cause to report, not the save's
                     log.error("on_failure after %s failed too: %s: %s", err.phase, type(e).__name__, e)
                     err.add_note(f"the failure handler (checkpoint) failed too: {type(e).__name__}: {e}")
-            raise
+            if err is failed:
+                raise
+            raise err from None
         finally:
             self._close()
 
@@ -325,7 +378,61 @@ class Scheduler:
             with self._cond:
                 self._batches[b] = rec
             self._next_gen += 1
-            self._submit_gen(rec)
+            if b in self._carried:
+                self._use_carried(rec, self._carried.pop(b))
+            else:
+                self._submit_gen(rec)
+
+    def _use_carried(self, rec: _Batch, carried: Carried) -> None:
+        """A batch a checkpoint held: generated already (on ``carried.min_version``), to be scored."""
+        now = self._clock()
+        with self._cond:
+            rec.min_version, rec.rollout, rec.gen_attempts = carried.min_version, carried.result, 1
+            rec.versions = list(self._versions(carried.result)) if rec.student else []
+            rec.generated = rec.tried = True
+            rec.gen_first = rec.gen_start = rec.gen_end = now
+        self._submit_score(rec)
+
+    # ------------------------------------------------------------------------ stopping, checkpoints
+    def stop(self, why: str) -> None:
+        """Ask the run to stop (any thread, or a signal handler on the run thread): the current update
+        finishes; the next wait raises :class:`Stopped` (``on_failure`` saves the last trained step)."""
+        with self._cond:
+            if not self._closed:
+                self._fail(Stopped(self._state.next_batch, why))
+
+    def in_flight(self, timeout_s: float | None = None) -> list[Carried]:
+        """The batches after the resume point that were generated (a checkpoint keeps them: see
+        :class:`Carried`), waiting up to ``timeout_s`` (None: until each has its answers, the run failed
+        or was asked to stop) for those still being generated. Call on the run thread between steps, or
+        from ``on_failure``."""
+        self._settle(timeout_s)
+        with self._cond:
+            recs = sorted(self._batches.values(), key=lambda r: r.index)
+            return [
+                Carried(r.index, r.min_version, r.rollout)
+                for r in recs
+                if r.generated and r.index >= self._state.next_batch
+            ]
+
+    def _settle(self, timeout_s: float | None, *, through_stop: bool = False) -> None:
+        """Wait until every submitted generation has its answers, or a failure (a stop too, unless
+        ``through_stop``), or ``timeout_s``."""
+
+        def settled() -> bool:
+            failed = self._failure is not None and not (through_stop and isinstance(self._failure, Stopped))
+            return failed or all(r.generated or r.given_up for r in self._batches.values())
+
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        while True:
+            with self._cond:
+                left = None if deadline is None else deadline - self._clock()
+                if settled() or (left is not None and left <= 0):
+                    return
+                if self._idle is None:
+                    self._cond.wait_for(settled, left)
+                    continue
+            self._idle()
 
     def _send(self, version: int) -> None:
         """Wait for the previous transfer, then call ``sync(version)``; runs on the trainer thread."""
@@ -431,15 +538,20 @@ class Scheduler:
             self._spans.append(
                 Span("generate" if ok else "generate_failed", "rollout", rec.index, rec.gen_start, now)
             )
-            if self._closed or rec.run != self._run_id:
+            if rec.run != self._run_id:
                 return
-            if not ok:
-                if fatal or rec.gen_attempts > self.max_retries:
-                    self._fail(PhaseFailed("generate", rec.index, exc, rec.gen_attempts))
-                    return
-            else:
+            if ok:  # kept even after a stop: the stop's checkpoint carries it
                 rec.rollout, rec.versions, rec.generated, rec.gen_end = result, versions, True, now
-                self._cond.notify_all()
+            elif self._closed or self._failure is not None:  # stopping: no retry
+                rec.given_up = True
+            self._cond.notify_all()
+            if self._closed:
+                return
+            if not ok and (fatal or rec.gen_attempts > self.max_retries):
+                self._fail(PhaseFailed("generate", rec.index, exc, rec.gen_attempts))
+                return
+            if rec.given_up:
+                return
         if ok:
             self._submit_score(rec)
         else:

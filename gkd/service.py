@@ -35,6 +35,10 @@ from gkd.transport.process import (
 )
 
 BACKENDS = ("hf", "vllm")  # the engines both services build: transformers (any device) or vLLM (GPU)
+# Fault injection for tests: a worker that ``serve`` restarted waits this many seconds before it loads
+# its engine (a large engine's slow reload, without the engine). Inherited through the environment.
+RELOAD_DELAY_ENV = "GKD_INJECT_RELOAD_DELAY_S"
+RESTARTED_ENV = "GKD_WORKER_RESTARTED"  # set by serve for a worker it restarted
 
 
 @dataclass(frozen=True)
@@ -117,13 +121,18 @@ def serve(
         worker_restart_grace_s=worker_restart_grace_s,
     )
     auth = f"auth {'on' if auth_secret_file else 'off'}"
+    started: set[int] = set()
+
+    def spawn(backend: str, i: int) -> subprocess.Popen:
+        env = worker_env(slices, i) | ({RESTARTED_ENV: "1"} if i in started else {})
+        started.add(i)
+        return spawn_join(kind, spec, backend, worker_argv(i), auth_secret_file, env)
+
     return serve_broker(
         kind.name,
         broker,
         workers,
-        lambda backend, i: spawn_join(
-            kind, spec, backend, worker_argv(i), auth_secret_file, worker_env(slices, i)
-        ),
+        spawn,
         stop,
         what=f"{spec.backend} worker(s) for {spec.model}",
         detail=f"{auth}, {detail}" if detail else auth,
@@ -163,6 +172,13 @@ def join_one(
     engine's worker, wait until ``ready(worker)`` (False: status 1), then serve until SIGINT/SIGTERM."""
     stop = stop_on_signals()
     apply_worker_gpus(engine_slices(spec, gpus, 1), kind.log)
+    delay = float(os.environ.get(RELOAD_DELAY_ENV) or 0) if os.environ.get(RESTARTED_ENV) else 0.0
+    if delay > 0:
+        kind.log.warning(
+            "worker %d: restarted; waiting %.0fs before loading (%s)", os.getpid(), delay, RELOAD_DELAY_ENV
+        )
+        if stop.wait(delay):
+            return 0
     kind.log.info("worker %d: loading the %s", os.getpid(), spec.describe())
     start = time.monotonic()
     worker = build()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -56,6 +57,8 @@ from gkd.checkpoint import (
     resolve_resume,
     should_save,
 )
+from gkd.checkpoint_carried import decode_carried, encode_carried
+from gkd.checkpoint_runs import check_drift, start_run
 from gkd.checkpoint_writer import CheckpointWriter
 from gkd.config import Config, compute_dtype, load_config, rollout_dtype, to_yaml
 from gkd.export import export_checkpoint, export_dtype
@@ -72,11 +75,11 @@ from gkd.metrics import (
     training_flops,
 )
 from gkd.preflight import check_run
-from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState
-from gkd.service_limits import service_limits
+from gkd.scheduler import Carried, PhaseFailed, Scheduler, SchedulerState, Stopped
 from gkd.skips import SkipGuard
 from gkd.sources import BatchSources, required_metrics, source_of
-from gkd.startup import StartupClock, service_info
+from gkd.startup import StartupClock
+from gkd.trainer_checks import check_services
 from gkd.trainer_ranks import (
     OP_EVAL,
     OP_EXPORT,
@@ -84,13 +87,12 @@ from gkd.trainer_ranks import (
     OP_STOP,
     OP_SYNC,
     OP_TRAIN,
+    Commands,
     broadcast_batch,
     broadcast_tensor,
-    exchange_command,
 )
 from gkd.trainer_setup import (  # re-exported: the building blocks' public home stays gkd.trainer
     StartupError,
-    _auth_hint,
     _init_distributed,
     _load_student,
     _weight_host,
@@ -109,6 +111,7 @@ from gkd.trainer_step import (
     train_step,
     unwrap,
 )
+from gkd.trainer_stop import StopBeforeTraining, StopRequest
 from gkd.transport.process import dump_stacks_on_sigusr1, exit_with_parent
 
 __all__ = [
@@ -117,66 +120,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("gkd.trainer")
-
-STARTUP_TIMEOUT_S = 10.0  # a broker answers info itself (no worker involved): slow means unreachable
-
-
-# ------------------------------------------------------------------------------------------ start-up checks
-
-
-def _worker_infos(client, name: str, section, expected: int, serve_command: str) -> list[dict]:
-    """The ``info`` of each worker of the ``name`` service (waiting for ``expected`` workers of a service
-    this run launched); an unreachable service is a StartupError saying how to start it."""
-    try:
-        info = service_info(client, expected, section.launch, STARTUP_TIMEOUT_S)
-    except Exception as e:
-        raise StartupError(
-            f"{name} service at {section.server_ip}:{section.server_port} is not reachable "
-            f"({type(e).__name__}: {e}); start it with {serve_command} or set {name}.launch=true"
-            + _auth_hint(name, section.auth_secret_file)
-        ) from e
-    return [w.get("info", {}) for w in info.get("workers", [])]
-
-
-def check_services(cfg: Config, teacher, rollout, model, n_rollout: int, tokenizer=None) -> None:
-    """Teacher reachable and on the student's vocabulary; rollout reachable with its workers. Services
-    that ``gkd train`` started with the trainer (``*.launch``) are waited for until their workers are up."""
-    from gkd.teacher.service import tokenizer_fingerprint
-
-    vocab = int(unwrap(model).config.vocab_size)
-    t_addr = f"{cfg.teacher.server_ip}:{cfg.teacher.server_port}"
-    workers = _worker_infos(teacher, "teacher", cfg.teacher, cfg.teacher.workers, "`gkd teacher serve`")
-    if not workers:
-        raise StartupError(f"teacher service at {t_addr} has no workers; start some with `gkd teacher join`")
-    mine = tokenizer_fingerprint(cfg.model.student_path, tokenizer=tokenizer)
-    for w in workers:
-        if int(w.get("token_ids", w.get("vocab_size", -1))) > vocab:  # embedding padding may differ
-            raise StartupError(
-                f"teacher {w.get('model')} serves ids below {w.get('token_ids', w.get('vocab_size'))}, the "
-                f"student {cfg.model.student_path} has {vocab} rows: distillation needs one shared vocabulary"
-            )
-        theirs = str(w.get("tokenizer", "none"))
-        if mine.startswith("sha256:") and theirs.startswith("sha256:") and theirs != mine:
-            raise StartupError(
-                f"teacher {w.get('model')} tokenizer {theirs} differs from the student's {mine}: "
-                "the same text would map to different ids"
-            )
-    r_addr = f"{cfg.rollout.server_ip}:{cfg.rollout.server_port}"
-    serve = "`gkd rollout serve --weight-channel ...`"
-    r_workers = _worker_infos(rollout, "rollout", cfg.rollout, n_rollout, serve)
-    for w in r_workers:
-        if int(w.get("vocab_size", -1)) != vocab:
-            raise StartupError(f"rollout worker vocabulary {w.get('vocab_size')} != the student's {vocab}")
-    service_limits(cfg, workers, r_workers)  # top-k, union width, lengths: LimitError (exit 2)
-    teacher.vocab_size = rollout.vocab_size = vocab  # replies' ids are checked against the student's rows
-    log.info(
-        "services ok: teacher %s (%d workers), rollout %s; %d rollout workers expected",
-        t_addr,
-        len(workers),
-        r_addr,
-        n_rollout,
-    )
-
 
 # ------------------------------------------------------------------------------------------ the recipe
 
@@ -197,15 +140,21 @@ class Trainer:
         self.n_rollout = cfg.rollout.workers * cfg.rollout.nnodes
         self.others_busy = False  # see others_in_collective
         self.skips = SkipGuard(cfg.trainer.max_skipped_steps)  # rank 0: stops a run that only skips
+        self.stop = StopRequest()  # SIGTERM / SIGINT: gkd.trainer_stop
+        self.carried: list[Carried] = []  # batches the resumed checkpoint generated already
+        self.scheduler: Scheduler | None = None
 
     # ---- every rank
 
     def setup(self) -> None:
         cfg = self.cfg
         self.rank, self.world, self.device = _init_distributed(cfg)
+        self.commands = Commands() if self.world > 1 else None  # rank 0's orders, through the store
         self.startup.mark("distributed")
         # model folder, prompt files, output folder: one line, before loading
         check_run(cfg, data=self.rank == 0)
+        if self.rank == 0:  # leftovers removed, another run's checkpoints refused, the run id written
+            start_run(cfg.trainer.resume, self.out)
         torch.manual_seed(cfg.trainer.seed + self.rank)
         self.model, self.tokenizer = _load_student(cfg, self.device, sharded=self.sharded)  # FSDP2: on meta
         if self.sharded:  # before the optimizer: it holds the shards
@@ -243,16 +192,18 @@ class Trainer:
             self.total = int(broadcast_tensor(torch.tensor([self.total]), self.device).item())
 
     def resume(self) -> SchedulerState:
-        """Every rank loads the model, optimizer, LR schedule and its own RNG state; rank 0 the data state."""
+        """Every rank loads the model, optimizer, LR schedule and its own RNG state; rank 0 the data state
+        and the batches the checkpoint carries. A changed data key is refused, other changes warned."""
         path = resolve_resume(self.cfg.trainer.resume, self.out)
         if path is None:
             return SchedulerState()
+        check_drift(path, self.cfg, warn=self.rank == 0)
         ck = load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, rank=self.rank
         )
-        state = (
-            SchedulerState(**ck.scheduler_state) if ck.scheduler_state else SchedulerState(ck.step, ck.step)
-        )
+        saved = dict(ck.scheduler_state or {"next_batch": ck.step, "version": ck.step})
+        self.carried = decode_carried(saved.pop("carried", None))
+        state = SchedulerState(**saved)
         if self.loader is not None and ck.data_state:
             self.loader.load_state_dict(ck.data_state)
         log.info("rank %d resumed from %s at step %d", self.rank, path, state.next_batch)
@@ -272,13 +223,14 @@ class Trainer:
         micro = pack_micro_batches(samples, outputs, self.cfg.data.micro_batch_tokens, pad_id=self.pad_id)
         return eval_loss(self.model if self.sharded else unwrap(self.model), micro, self.cfg, self.device)
 
-    def checkpoint(self, done: int, sched_state: SchedulerState) -> None:
-        """Every rank gives its RNG state; rank 0 writes step ``done`` (sharded: every rank its shards)."""
+    def checkpoint(self, done: int, sched_state: SchedulerState, carried: list[Carried] = ()) -> None:
+        """Every rank gives its RNG state; rank 0 writes step ``done`` (sharded: every rank its shards),
+        with the ``carried`` batches (generated for the next steps: an exact resume at k >= 1)."""
         rngs, keep, small, b = gather_rng_states(), self.cfg.trainer.keep_last, None, sched_state.next_batch
         if self.rank == 0:
+            sched = {"next_batch": b, "version": sched_state.version, "carried": encode_carried(carried)}
             small = dict(lr_scheduler=self.lr_scheduler, rng_states=rngs, config_yaml=to_yaml(self.cfg),
-                         data_state=self.loader.state_dict_at(b),
-                         scheduler_state={"next_batch": b, "version": sched_state.version})  # fmt: skip
+                         data_state=self.loader.state_dict_at(b), scheduler_state=sched)  # fmt: skip
         if self.sharded:  # DCP: each rank its shards, never a full copy
             path = self.saver.save_sharded(self.out, done, model=self.model, optimizer=self.optimizer,
                                            frozen=not self.lora, keep_last=keep, rank0=small)  # fmt: skip
@@ -302,19 +254,25 @@ class Trainer:
             OP_EXPORT: lambda step: full_state_dicts(self.model),
             OP_EVAL: lambda step: self.evaluate_on(*broadcast_batch(None, None, self.device)),
         }
-        while (command := exchange_command(0, 0, self.device))[0] in obey:
+        self.stop.training = True  # a signal from now on is passed on to rank 0, which stops every rank
+
+        def pass_on_stop() -> None:
+            if self.stop.requested:
+                self.commands.ask_stop()
+
+        while (command := self.commands.receive(idle=pass_on_stop))[0] in obey:
             op, step = command
             obey[op](step)
         self.saver.close()  # this rank's shards of the last checkpoint are written
         dist.destroy_process_group()
-        return 0
+        return self.stop.exit_status if self.stop.requested else 0
 
     # ---- rank 0: the driver
 
     def tell(self, op: int, step: int = 0) -> None:
         """Send the other ranks a command (nothing to do in a one-process run)."""
-        if self.world > 1:
-            exchange_command(op, step, self.device)
+        if self.commands is not None:
+            self.commands.send(op, step)
 
     @contextlib.contextmanager
     def others_in_collective(self):
@@ -461,12 +419,12 @@ class Trainer:
         if has_checkpoint(self.out, sched_state.next_batch):  # the periodic save of this step is there
             log.info("checkpoint of step %d already saved", sched_state.next_batch)
             return
-        self.save(sched_state.next_batch, sched_state)
+        self.save(sched_state.next_batch, sched_state, self.scheduler.in_flight(timeout_s=0))
         self.saver.wait()
 
-    def save(self, done: int, sched_state: SchedulerState) -> None:
+    def save(self, done: int, sched_state: SchedulerState, carried: list[Carried] = ()) -> None:
         self.tell(OP_SAVE, done)
-        self.checkpoint(done, sched_state)
+        self.checkpoint(done, sched_state, carried)
 
     def step_metrics(self, step) -> dict[str, float]:
         """A finished step's record: the scheduler's timings, throughput, memory, the start-up breakdown
@@ -479,9 +437,21 @@ class Trainer:
         if self.startup is not None:
             m.update(self.startup.metrics())
             self.startup = None
-        if self.evaluations is not None:
-            m.update(self.evaluations.for_record(step.batch + 1, self.val_version))
         return m
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        """The ``val/*`` metrics due in the record of step ``done`` (none if no evaluation is due or
+        finished). An evaluation that fails is logged and dropped: it never stops training."""
+        if self.evaluations is None:
+            return {}
+        try:
+            return self.evaluations.for_record(done, self.val_version)
+        except Exception as e:  # a validation request that failed, a broken reply...
+            self.evaluations.pending = None
+            log.error(
+                "the evaluation after step %d failed (%s: %s); training goes on", done, type(e).__name__, e
+            )
+            return {}
 
     def val_version(self, done: int) -> int:
         """The version an evaluation after ``done`` steps asks for (the final one: the final weights)."""
@@ -522,7 +492,7 @@ class Trainer:
             self.open_channel()
             self.startup.mark("weight_channel")
             self.open_logging(cleanup)
-            scheduler = Scheduler(
+            self.scheduler = scheduler = Scheduler(
                 self.k,
                 self.generate,
                 self.score,
@@ -532,37 +502,72 @@ class Trainer:
                 on_failure=self.on_failure,
                 sync_gate="pipelined" if self.n_rollout == 1 else "strict",
                 source=self.sources.source,
+                stop_grace_s=cfg.trainer.stop_grace_s / 4,  # generations on their way: the rest to save
             )
             self.startup.mark("setup")
             log.info("%s", self.startup.summary())
             if self.validator is not None and cfg.trainer.val_before_train and self.state.next_batch == 0:
                 self.logger.log(-1, self.validator.run(min_version=0), check=False)  # the initial weights
-            for step in scheduler.run(self.total, self.state):
-                self.saver.poll()  # a background checkpoint write that failed stops the run here
-                self.logger.log(step.batch, self.step_metrics(step))
-                for s in step.spans:
-                    self.spans.add(s.name, s.start, s.end, process=s.lane, lane=s.name, batch=s.batch)
-                done = step.batch + 1
-                if should_save(done, cfg.trainer.save_freq, self.total):
-                    self.save(done, step.state)
-            self.export()
+            self.stop.on_stop, self.stop.training = scheduler.stop, True
+            if self.stop.requested:  # arrived while setting up
+                self.stop.fire()
+            for step in scheduler.run(self.total, self.state, self.carried):
+                self.finish_step(step)
+            if self.total == self.state.next_batch:  # resumed at the end: nothing trained, still exported
+                self.export()
             self.saver.wait()  # the last checkpoint is committed (or its failure raised) before a clean exit
             self.channel.close()  # the rollout workers keep their last version
             status = 0
+        except Stopped as e:
+            log.warning("%s", e)
+            status = self.stop.exit_status
         finally:
+            self.stop.on_stop = None
             cleanup.close()
-            if self.world > 1 and not self.others_busy:  # else torchrun tears down the ranks in a collective
-                exchange_command(OP_STOP, 0, self.device)
+            if self.commands is not None and not self.others_busy:  # else torchrun tears the ranks down
+                self.commands.send(OP_STOP)
             if dist.is_initialized():
                 dist.destroy_process_group()
         return status
 
+    def finish_step(self, step) -> None:
+        """A trained step: its record and spans, a checkpoint when due (with the batches generated for the
+        next steps). After the last step the checkpoint and the export come first, the final evaluation
+        (whose failure is only logged) last."""
+        self.saver.poll()  # a background checkpoint write that failed stops the run here
+        done, cfg = step.batch + 1, self.cfg
+        m = self.step_metrics(step)
+        for s in step.spans:
+            self.spans.add(s.name, s.start, s.end, process=s.lane, lane=s.name, batch=s.batch)
+        if done < self.total:
+            m.update(self.evaluate(done))
+            self.logger.log(step.batch, m)
+        if should_save(done, cfg.trainer.save_freq, self.total):
+            self.save(done, step.state, self.scheduler.in_flight() if done < self.total else [])
+        if done == self.total:
+            self.export()
+            m.update(self.evaluate(done))
+            self.logger.log(step.batch, m)
+        if self.commands is not None and self.commands.stop_asked():  # another rank got a stop signal
+            self.stop.signum = self.stop.signum or signal.SIGTERM
+            self.scheduler.stop("a stop signal on another trainer rank")
+
 
 def train(cfg: Config) -> int:
-    """One rank of a run (every rank calls it; rank 0 drives). Returns the exit status."""
+    """One rank of a run (every rank calls it; rank 0 drives). Returns the exit status (128 + the signal
+    number after SIGTERM / SIGINT: ``gkd.trainer_stop``)."""
     trainer = Trainer(cfg)
-    trainer.setup()
-    return trainer.train() if trainer.rank == 0 else trainer.follow()
+    trainer.stop.install()
+    try:
+        trainer.setup()
+        return trainer.train() if trainer.rank == 0 else trainer.follow()
+    except StopBeforeTraining as e:
+        log.warning("%s: stopping (nothing trained yet in this run)", e)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return trainer.stop.exit_status
+    finally:
+        trainer.stop.uninstall()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,15 @@
 """What trainer rank 0 tells the other ranks: a command (op, step) and, for a training or evaluation
-step, the batch as flat tensors (the others rebuild the samples and the teacher outputs from them)."""
+step, the batch as flat tensors (the others rebuild the samples and the teacher outputs from them).
+
+Commands travel through the process group's store (:class:`Commands`), not a collective: rank 0 may wait
+far longer between two commands than the group's timeout (a weight version the rollout waits for, a
+service restarting a worker, a channel re-forming) and the other ranks must not give up meanwhile; they
+poll the store for the next command, then take part in its collectives, which follow at once."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,7 +79,43 @@ def broadcast_batch(
     return out_s, out_t
 
 
-def exchange_command(op: int, step: int, device) -> tuple[int, int]:
-    """Rank 0 sends (op, step); every other rank receives it."""
-    got = broadcast_tensor(torch.tensor([op, step], dtype=torch.int64), device).tolist()
-    return int(got[0]), int(got[1])
+class Commands:
+    """Rank 0's commands, numbered, as keys of the default group's store (``gkd/cmd/<n>``); the others
+    poll for the next number (``store.check``, backing off from 1 ms to ``max_poll_s``: no wait times out,
+    whatever rank 0 waits for). Every command but ``STOP`` is followed by a collective, so when rank 0
+    sends command n every rank has read n - 2, which is deleted. Another rank asks rank 0 to stop (it got
+    SIGTERM / SIGINT) with :meth:`ask_stop`; rank 0 sees it with :meth:`stop_asked`."""
+
+    STOP_KEY = "gkd/stop_asked"
+
+    def __init__(self, store=None, *, max_poll_s: float = 0.05) -> None:
+        import torch.distributed.distributed_c10d as c10d
+
+        self.store = store if store is not None else c10d._get_default_store()
+        self.seq, self.max_poll_s, self._asked = 0, max_poll_s, False
+
+    def send(self, op: int, step: int = 0) -> None:
+        self.store.set(f"gkd/cmd/{self.seq}", f"{op} {step}")
+        if self.seq >= 2:
+            self.store.delete_key(f"gkd/cmd/{self.seq - 2}")
+        self.seq += 1
+
+    def receive(self, idle: Callable[[], None] | None = None) -> tuple[int, int]:
+        """The next command; ``idle()`` is called between polls (e.g. to pass on a stop request)."""
+        key, pause = f"gkd/cmd/{self.seq}", 0.001
+        while not self.store.check([key]):
+            if idle is not None:
+                idle()
+            time.sleep(pause)
+            pause = min(2 * pause, self.max_poll_s)
+        op, step = self.store.get(key).decode().split()
+        self.seq += 1
+        return int(op), int(step)
+
+    def ask_stop(self) -> None:
+        if not self._asked:
+            self.store.set(self.STOP_KEY, "1")
+            self._asked = True
+
+    def stop_asked(self) -> bool:
+        return self.store.check([self.STOP_KEY])

@@ -43,7 +43,8 @@ def _init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(minutes=30))
+        timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timeout)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device

@@ -43,7 +43,9 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=24)
 
 
-def _start(tiny: dict[str, str], out: Path) -> tuple[subprocess.Popen, dict[str, int]]:
+def _start(
+    tiny: dict[str, str], out: Path, *extra: str, env: dict[str, str] = ENV
+) -> tuple[subprocess.Popen, dict[str, int]]:
     names = ("teacher", "teacher_backend", "rollout", "rollout_backend", "weights")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     argv = train_argv(
@@ -62,9 +64,10 @@ def _start(tiny: dict[str, str], out: Path) -> tuple[subprocess.Popen, dict[str,
         "trainer.save_freq=0",
         "optim.lr=5e-3",
         "logging.progress_bar=false",
+        *extra,  # later keys win
     )
-    log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log
     return proc, ports
 
@@ -109,16 +112,16 @@ def _wait(cond, timeout_s: float, what: str, proc: subprocess.Popen):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def _finish(proc: subprocess.Popen, out: Path) -> str:
+def _finish(proc: subprocess.Popen, out: Path, want: int = 0, timeout_s: float = RUN_TIMEOUT_S) -> str:
     try:
-        code = proc.wait(RUN_TIMEOUT_S)
+        code = proc.wait(timeout_s)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         proc.log.close()
     text = (out.parent / f"{out.name}.log").read_text()
-    assert code == 0, text[-8000:]
+    assert (code == 0) == (want == 0), (code, text[-8000:])
     return text
 
 
@@ -194,3 +197,73 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     print(f"  scheduler retries: {retries:g}; max |chaos - fault-free| over the final weights: {diff:.3g}")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), diff
+
+
+RELOAD_S = 40  # the injected reload: above the broker's no_worker_grace_s (30 s), which used to end the run
+SINGLE_STEPS = 24
+
+
+@pytest.mark.slow
+def test_single_workers_wait_out_a_slow_reload_and_a_sigterm_keeps_the_last_step(tiny, tmp_path):
+    """One rollout and one teacher worker; each is SIGKILLed once and its restart waits ``RELOAD_S``
+    before loading (``GKD_INJECT_RELOAD_DELAY_S``, standing in for a 7B engine's minutes-long reload):
+    the broker holds the requests (``worker_restart_grace_s``), the weight channel re-forms, the run goes
+    on. Then SIGTERM to ``gkd train``: the trainer saves its last trained step and exits non-zero;
+    ``resume=auto`` trains the rest, every batch once. ``pytest -s`` prints the timeline."""
+    out = tmp_path / "single"
+    single = ("teacher.workers=1", "rollout.workers=1", f"trainer.total_steps={SINGLE_STEPS}")
+    proc, ports = _start(tiny, out, *single, env={**ENV, "GKD_INJECT_RELOAD_DELAY_S": str(RELOAD_S)})
+    start, timeline = time.monotonic(), []
+    try:
+        for service, step in (("rollout", 4), ("teacher", 9)):
+            backend = ports[f"{service}_backend"]
+            (victim,) = _wait(lambda b=backend: len(_workers(b)) == 1 and _workers(b), 120, service, proc)
+            _wait(lambda s=step: _steps_done(out) >= s, 150, f"step {step}", proc)
+            killed_at, at_step = time.monotonic(), _steps_done(out)
+            os.kill(victim, signal.SIGKILL)
+            # k = 1: two batches may be answered already; the third needs the restarted worker
+            _wait(lambda s=at_step: _steps_done(out) >= s + 3, RELOAD_S + 120, "the run going on", proc)
+            timeline.append(
+                {
+                    "kill": f"{service} worker",
+                    "at_s": round(killed_at - start, 1),
+                    "at_step": at_step,
+                    "trained_again_after_s": round(time.monotonic() - killed_at, 1),
+                }
+            )
+        _wait(lambda: _steps_done(out) >= 14, 150, "step 14", proc)
+        term_at, at_step = time.monotonic(), _steps_done(out)
+        proc.send_signal(signal.SIGTERM)
+        _finish(proc, out, want=1, timeout_s=180)
+        timeline.append(
+            {
+                "sigterm": "gkd train",
+                "at_s": round(term_at - start, 1),
+                "at_step": at_step,
+                "exited_after_s": round(time.monotonic() - term_at, 1),
+            }
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    stopped_at = _steps_done(out)
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == [f"step_{stopped_at:06d}"], (saved, stopped_at)
+    for t in timeline[:2]:  # the reload is waited out: at least RELOAD_S until training goes on
+        assert t["trained_again_after_s"] >= RELOAD_S, timeline
+    services = "".join((out / "logs" / f"{n}.log").read_text() for n in ("rollout", "teacher"))
+    assert services.count("before loading (GKD_INJECT_RELOAD_DELAY_S)") == 2, services[-4000:]
+
+    resumed_at = time.monotonic()
+    proc, _ = _start(tiny, out, *single)
+    _finish(proc, out)
+    records = _records(out)
+    assert [r["step"] for r in records] == list(range(SINGLE_STEPS))  # each batch once, in order
+    assert all(r["staleness/max"] <= 1 for r in records)
+    timeline.append(
+        {"resume": f"from step {stopped_at}", "finished_after_s": round(time.monotonic() - resumed_at, 1)}
+    )
+    print(f"\nsingle-worker chaos timeline (reload delay {RELOAD_S}s; seconds from the first launch):")
+    for t in timeline:
+        print("  ", t)

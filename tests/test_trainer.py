@@ -170,13 +170,14 @@ def test_authenticated_services_need_the_same_secret_file(tmp_path, student_dir,
     """Brokers started with a secret: the trainer's clients (``open_clients``) reach them with the same
     ``*.auth_secret_file``; without it the startup check fails with a message that names the key."""
     import gkd.trainer
+    import gkd.trainer_checks
     from gkd.trainer import open_clients
     from gkd.transport import Auth
     from gkd.transport.broker import Broker
 
     secret = tmp_path / "secret"
     secret.write_text("0123456789abcdef0123456789abcdef\n")
-    monkeypatch.setattr(gkd.trainer, "STARTUP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(gkd.trainer_checks, "STARTUP_TIMEOUT_S", 1.0)
     auth = Auth.from_file(secret)
     with (
         Broker(("score",), frontend_port=0, backend_port=0, auth=auth) as teacher_broker,
@@ -216,6 +217,7 @@ def test_authenticated_services_need_the_same_secret_file(tmp_path, student_dir,
 
 def test_gpus_asked_without_cuda_is_one_clear_line(student_dir, monkeypatch, caplog):
     import gkd.trainer
+    import gkd.trainer_checks
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU host
     argv = [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", "trainer.n_gpus_per_node=2"]

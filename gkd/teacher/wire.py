@@ -25,9 +25,9 @@ Reply (response positions only; row j of a sequence predicts its response token 
 
 Values are checked at both ends (``gkd.reply_values``): a worker answers with an error rather than send
 NaN/+inf/positive log-probs; the client refuses those, ids outside the vocabulary and columns other than
-asked (``BadValues`` naming the worker). An input the engine refuses (``check_sequences``: ids outside the vocabulary, empty prompt/response, too
-long, top_k above the served maximum) becomes an error reply whose message names the sequence by its
-index in the caller's batch; the worker keeps serving.
+asked (``BadValues`` naming the worker). An input the engine refuses (``check_sequences``: ids outside
+the vocabulary, empty prompt/response, too long, top_k above the served maximum) becomes an error
+reply whose message names the sequence by its index in the caller's batch; the worker keeps serving.
 """
 
 from __future__ import annotations
