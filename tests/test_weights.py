@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from gkd import _ext
 from gkd.flatten import FlatBuffer, MetadataMismatch
 from gkd.weights import ChannelReform, WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from tests.ranks import PRELOAD
 from tests.tiny_llama import tiny_llama
 
 _GROUP_TIMEOUT = timedelta(seconds=60)
@@ -35,19 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Workers fork from one server process that has imported these once: on a 2-core machine, three
-# processes each importing torch and transformers cost more than the tests themselves.
-_PRELOAD = [
-    "torch",
-    "torch.distributed.fsdp",
-    "transformers",
-    "transformers.models.llama.modeling_llama",
-    "gkd.weights",
-]
-
-
 def _spawn(fn, nprocs: int, *args) -> None:
-    mp.set_forkserver_preload(_PRELOAD)
+    # the forkserver of tests.ranks (its modules imported once, workers forked from it)
+    mp.set_forkserver_preload(PRELOAD)
     ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
     deadline = time.monotonic() + _TEST_TIMEOUT
     try:
