@@ -31,12 +31,6 @@ if settings is not None:
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (-n N) each worker takes its share of the cores: N full OpenMP teams oversubscribe
-# the machine, and a team that waits for a descheduled thread makes tiny matmuls many times slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
