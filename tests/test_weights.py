@@ -17,11 +17,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gkd import _ext
 from gkd.flatten import FlatBuffer, MetadataMismatch
 from gkd.weights import ChannelReform, WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from tests.ranks import run_ranks
 from tests.tiny_llama import tiny_llama
 
 _GROUP_TIMEOUT = timedelta(seconds=60)
@@ -33,31 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# Workers fork from one server process that has imported these once: on a 2-core machine, three
-# processes each importing torch and transformers cost more than the tests themselves.
-_PRELOAD = [
-    "torch",
-    "torch.distributed.fsdp",
-    "transformers",
-    "transformers.models.llama.modeling_llama",
-    "gkd.weights",
-]
-
-
-def _spawn(fn, nprocs: int, *args) -> None:
-    mp.set_forkserver_preload(_PRELOAD)
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
-    deadline = time.monotonic() + _TEST_TIMEOUT
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{fn.__name__} did not finish in {_TEST_TIMEOUT}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
 
 
 def _tiny_lm(seed: int, intermediate: int = 64, layers: int = 2):
@@ -168,7 +143,7 @@ def _lm_worker(rank: int, port: int, port2: int) -> None:
 
 def test_sync_tiny_lm_one_sender_two_receivers():
     pytest.importorskip("transformers")
-    _spawn(_lm_worker, 3, _free_port(), _free_port())
+    run_ranks(_lm_worker, _free_port(), _free_port(), nprocs=3, timeout_s=_TEST_TIMEOUT)
 
 
 def _fsdp_worker(rank: int, trainer_port: int, weight_port: int) -> None:
@@ -218,7 +193,7 @@ def _fsdp_worker(rank: int, trainer_port: int, weight_port: int) -> None:
 
 
 def test_fsdp2_gather_to_root():
-    _spawn(_fsdp_worker, 3, _free_port(), _free_port())
+    run_ranks(_fsdp_worker, _free_port(), _free_port(), nprocs=3, timeout_s=_TEST_TIMEOUT)
 
 
 def test_metadata_round_trip_and_rejection():
@@ -460,7 +435,7 @@ def _nccl_worker(rank: int, port: int) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="an NCCL channel needs two GPUs (one per rank)")
 def test_nccl_channel_idle_gap_cast_and_host_staging():
-    _spawn(_nccl_worker, 2, _free_port())
+    run_ranks(_nccl_worker, _free_port(), nprocs=2, timeout_s=_TEST_TIMEOUT)
 
 
 def test_a_sharded_sender_whose_broadcast_fails_still_gathers_every_bucket(monkeypatch):

@@ -3,12 +3,16 @@ of ``scripts/make_cpu_tiny.py`` (nothing downloaded) and ``configs/cpu_tiny.yaml
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_BUILT: dict[int, tuple[Path, dict[str, str]]] = {}  # num_prompts -> (folder built once here, its paths)
 
 
 def load_script(name: str):
@@ -26,8 +30,16 @@ def make_cpu_tiny():
 
 
 def build_tiny(folder: Path, num_prompts: int) -> dict[str, str]:
-    """``scripts/make_cpu_tiny.py``'s ``build``: paths of ``student``, ``teacher``, ``prompts``..."""
-    return make_cpu_tiny().build(folder, num_prompts=num_prompts)
+    """``scripts/make_cpu_tiny.py``'s ``build`` into ``folder``: paths of ``student``, ``teacher``,
+    ``prompts``... Built once per process and ``num_prompts`` (the builder is deterministic: a tokenizer
+    trained on a fixed corpus, seeded weights), copied for every later call (a test may change its copy)."""
+    if num_prompts not in _BUILT:
+        cache = Path(tempfile.mkdtemp(prefix="gkd-tiny-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        _BUILT[num_prompts] = (cache, make_cpu_tiny().build(cache, num_prompts=num_prompts))
+    cache, paths = _BUILT[num_prompts]
+    shutil.copytree(cache, folder, dirs_exist_ok=True)
+    return {name: str(Path(folder) / Path(path).relative_to(cache)) for name, path in paths.items()}
 
 
 def train_argv(tiny: dict[str, str], out: Path, ports: Sequence[int], *overrides: str) -> list[str]:
