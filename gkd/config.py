@@ -230,8 +230,8 @@ class TrainerConfig:
     strategy: str = _choice("ddp", "ddp", "fsdp2")
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     seed: int = 0
-    # single-GPU smoke runs only: trainer, rollout and teacher may share GPUs (the weight channel then
-    # uses gloo, since NCCL refuses two ranks on one GPU)
+    # trainer, rollout and teacher may share GPUs (configs/gpu_1x.yaml, gpu_2x.yaml: they split the memory;
+    # the weight channel is gloo when the rollout shares the trainer's GPU: NCCL refuses two ranks on one)
     allow_shared_gpu: bool = False
     # validation on data.val_files every test_freq steps and after the last (0 = off; needs val_files)
     test_freq: int = 0

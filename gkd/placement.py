@@ -15,9 +15,9 @@ Refused:
   ``n_gpus_per_node / tensor_parallel_size`` (the trainer sizes the weight channel from ``workers``, so
   the launcher does not silently derive it);
 - an oversubscribed node (the roles' GPUs add up to more than are present), unless
-  ``trainer.allow_shared_gpu`` (single-GPU smoke runs): roles then share GPUs round-robin and the weight
-  channel is gloo, but a NCCL group (the trainer's ranks, one tensor-parallel engine) still never has
-  two members on one GPU.
+  ``trainer.allow_shared_gpu`` (one or two GPUs: configs/gpu_1x.yaml, gpu_2x.yaml): roles then share
+  GPUs round-robin and the weight channel is gloo where the rollout shares the trainer's GPU, but a
+  NCCL group (the trainer's ranks, one tensor-parallel engine) still never has two members on one GPU.
 
 CPU threads: every process this node starts gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (torch's
 intra-op threads) from ``trainer.threads``, ``rollout.threads``, ``teacher.threads`` (per process); 0 =
@@ -168,7 +168,7 @@ class Plan:
         if idle:
             lines.append(f"  idle: {_ids(idle)}")
         if self.shared:
-            lines.append("  roles share GPUs (trainer.allow_shared_gpu=true; single-GPU smoke runs only)")
+            lines.append("  roles share GPUs (trainer.allow_shared_gpu=true: they split each GPU's memory)")
         lines.append(f"  weight channel (trainer rank 0 -> rollout workers): {self.weight_backend}")
         if self.cores:
             lines.append(
@@ -298,7 +298,7 @@ def plan(cfg: Config, found: Found, node_rank: int = 0, cores: int | None = None
         raise PlacementError(
             f"node oversubscribed: {counts} = {total} GPUs asked, {found.count} present; lower the "
             "*.n_gpus_per_node keys (roles may not share a GPU: NCCL refuses two ranks on one; "
-            "trainer.allow_shared_gpu=true lets them share for a single-GPU smoke run)"
+            "trainer.allow_shared_gpu=true lets them share, as configs/gpu_1x.yaml does)"
         )
     for role, n in asked:  # shared or not, one NCCL group never has two members on one GPU
         per_group = n if role == "trainer" else next(p.tp for p in local if p.role == role)
