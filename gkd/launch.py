@@ -404,7 +404,7 @@ def _start(c: Command, log_dir: Path, env: dict[str, str], console: IO[bytes] | 
             env={**os.environ, **env, **c.env},
             stdout=subprocess.PIPE if console is not None else log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=set_parent_death_signal,  # noqa: PLW1509 - only a prctl call, from the main thread
+            preexec_fn=set_parent_death_signal,  # noqa: PLW1509 - one prctl call, looked up before the fork
         )
     child = _Child(c.name, proc, path)
     if console is not None:

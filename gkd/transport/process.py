@@ -49,19 +49,30 @@ def orphaned() -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
-    """Ask the kernel to send ``sig`` to this process when the thread that started it exits (Linux
-    ``prctl(PR_SET_PDEATHSIG)``, kept across exec). Safe as a ``Popen(preexec_fn=...)`` from a parent's
-    main thread; returns False where there is no prctl."""
+def _find_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, looked up once at import, in the parent: a child forked from a process with
+    threads runs ``preexec_fn`` before exec, where loading a library (``dlopen``) may find the loader's
+    lock held by a thread that did not survive the fork and crash or hang."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``sig`` to this process when the thread that started it exits (Linux
+    ``prctl(PR_SET_PDEATHSIG)``, kept across exec). Safe as a ``Popen(preexec_fn=...)``: it only calls
+    the function looked up at import; returns False where there is no prctl."""
+    if _PRCTL is None:
         return False
+    return _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def exit_with_parent(poll_s: float = 0.5) -> None:
