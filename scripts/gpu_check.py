@@ -67,8 +67,9 @@ GPU_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "imple
                "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
                "extra": ""}  # fmt: skip
 #: gkd's dependencies that no row imports (neither the image nor .whl/ has them): datasets is imported only
-#: for jsonl/json and Hugging Face data, and the e2e row reads parquet.
-NOT_IMPORTED = ["datasets"]
+#: for jsonl/json and Hugging Face data, and the e2e row reads parquet; httpx only by the OpenAI-compatible
+#: teacher client (teacher.backend: openai), which no row uses.
+NOT_IMPORTED = ["datasets", "httpx"]
 #: What the rows with ``wheels=False`` must import without (tests/test_gpu_check.py blocks them): what
 #: .whl/ brings, and what the image lacks.
 WHEEL_MODULES = ["zmq", "omegaconf", "liger_kernel", "xdist", "execnet", "datasets"]

@@ -45,7 +45,7 @@ def tiny_llama(vocab: int, *, hidden: int, layers: int, seed: int, head_scale: f
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=128,
+        max_position_embeddings=256,  # the demo's prompts (max_prompt_length 128) plus their answers
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
