@@ -73,7 +73,7 @@ from gkd.transport.process import (
     PARENT_ENV,
     _describe_exit,
     configure_logging,
-    set_parent_death_signal,
+    with_parent_death_signal,
 )
 
 log = logging.getLogger("gkd.launch")
@@ -400,11 +400,10 @@ def _start(c: Command, log_dir: Path, env: dict[str, str], console: IO[bytes] | 
     path = log_dir / f"{c.name}.log"
     with open(path, "ab") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            c.argv,
+            with_parent_death_signal(c.argv),  # the same pid, running c.argv once the signal is set
             env={**os.environ, **env, **c.env},
             stdout=subprocess.PIPE if console is not None else log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=set_parent_death_signal,  # noqa: PLW1509 - one prctl call, looked up before the fork
         )
     child = _Child(c.name, proc, path)
     if console is not None:

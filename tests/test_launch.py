@@ -491,13 +491,18 @@ def test_parent_death_signal_reaches_a_child_of_a_killed_parent(tmp_path):
     """The launcher's children get SIGTERM when it dies, even by SIGKILL (Linux prctl)."""
     pidfile = tmp_path / "child.pid"
     child = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    parent_code = (
-        "import subprocess, sys, time\n"
-        "from gkd.transport.process import set_parent_death_signal\n"
-        f"subprocess.Popen([sys.executable, '-c', {child!r}], preexec_fn=set_parent_death_signal)\n"
-        "time.sleep(60)\n"
-    )
-    assert not _grandchild_outlives_a_killed_parent(pidfile, parent_code)
+    for spawn in (  # the launcher's exec wrapper (no Python in the forked copy), and the preexec_fn form
+        f"subprocess.Popen(with_parent_death_signal([sys.executable, '-c', {child!r}]))",
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], preexec_fn=set_parent_death_signal)",
+    ):
+        parent_code = (
+            "import subprocess, sys, time\n"
+            "from gkd.transport.process import set_parent_death_signal, with_parent_death_signal\n"
+            f"{spawn}\n"
+            "time.sleep(60)\n"
+        )
+        pidfile.unlink(missing_ok=True)
+        assert not _grandchild_outlives_a_killed_parent(pidfile, parent_code), spawn
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")

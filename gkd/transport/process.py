@@ -75,6 +75,28 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     return _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
+#: Run by a fresh interpreter between fork and the child's own program: set the parent-death signal,
+#: give up if the parent is already gone, then exec the real command (the signal survives exec).
+_PDEATH_EXEC = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[2]):\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
+)
+
+
+def with_parent_death_signal(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """``argv`` behind a small exec wrapper that asks for ``sig`` when this process's starting thread
+    exits (Linux ``PR_SET_PDEATHSIG``). Unlike ``Popen(preexec_fn=...)``, no Python runs in the forked
+    copy of a process with threads (at-fork handlers there have crashed children); the wrapper is a new
+    interpreter (``-I``: no site packages, no environment variables read) that execs ``argv`` in place,
+    so the child keeps its pid. Elsewhere than Linux ``argv`` is returned unchanged."""
+    if _PRCTL is None:
+        return list(argv)
+    return [sys.executable, "-I", "-c", _PDEATH_EXEC, str(int(sig)), str(os.getpid()), *argv]
+
+
 def exit_with_parent(poll_s: float = 0.5) -> None:
     """Exit when the parent process goes (a SIGKILLed torchrun agent must not leave its ranks running):
     a daemon thread watches the parent pid, sends this process SIGTERM when it changes, and ends it
