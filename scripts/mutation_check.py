@@ -231,6 +231,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         'gpu) extras="tensorboard" ;;',
         ("tests/test_docs.py::test_setup_gpu_installs_the_vllm_extra",),
     ),
+    Mutation(
+        "replies: a NaN log-prob from a worker is refused",
+        "gkd/reply_values.py",
+        "bad = torch.isnan(x) | (x > LOGPROB_SLACK)",
+        "bad = x > LOGPROB_SLACK",
+        ("tests/test_reply_values.py::test_bad_logprobs_are_refused_naming_the_worker",),
+    ),
+    Mutation(
+        "a non-finite gradient norm skips the optimizer step",
+        "gkd/trainer_step.py",
+        "skip = any_rank(not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))), group, device)",
+        "skip = any_rank(not math.isfinite(loss_sum), group, device)",
+        ("tests/test_skipped_steps.py::test_a_nan_gradient_skips_the_step_and_leaves_the_weights_unchanged",),
+    ),
 )
 
 
