@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from gkd.checkpoint import list_checkpoints, read_meta
-from gkd.demo.run import free_ports
 from tests.test_chaos import _records, _steps_done, _wait, _workers
+from tests.test_chaos import _start as start_chaos_run
 from tests.test_train_values import nan_norm_copy
-from tests.tiny_run import tiny_fixture, train_argv
+from tests.tiny_run import tiny_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -36,26 +36,19 @@ tiny = tiny_fixture()
 
 
 def _start(tiny: dict[str, str], teacher: Path, out: Path) -> tuple[subprocess.Popen, dict[str, int]]:
-    names = ("teacher", "teacher_backend", "rollout", "rollout_backend", "weights")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    argv = train_argv(
+    """The chaos run (``tests.test_chaos._start``) with one worker per service, the given teacher folder
+    and checkpoints every 2 steps written in the foreground."""
+    return start_chaos_run(
         {**tiny, "teacher": str(teacher)},
         out,
-        list(ports.values()),
-        "teacher.top_k=8",
-        "rollout.max_new_tokens=8",
-        "trainer.scheduler=one_step_off",
-        "trainer.nproc_per_node=1",
+        "teacher.workers=1",
+        "rollout.workers=1",
         f"trainer.total_steps={STEPS}",
         "trainer.save_freq=2",
         "trainer.keep_last=2",
         "trainer.async_save=false",
-        "logging.progress_bar=false",
+        env=ENV,
     )
-    log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed by the test
-    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log
-    return proc, ports
 
 
 @pytest.mark.slow
