@@ -68,7 +68,7 @@ def _start(
     )
     log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log
+    proc.log, proc.out = log, out
     return proc, ports
 
 
@@ -109,7 +109,16 @@ def _wait(cond, timeout_s: float, what: str, proc: subprocess.Popen):
         if proc.poll() is not None:
             raise AssertionError(f"gkd train exited with {proc.returncode} while waiting for {what}")
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{_log_tails(proc.out)}")
+
+
+def _log_tails(out: Path, lines: int = 25) -> str:
+    """The last lines of each service's and the trainer's log: what a timed-out wait was stuck on."""
+    parts = [f"{_steps_done(out)} steps in metrics.jsonl"]
+    for path in sorted((out / "logs").glob("*.log")) if (out / "logs").is_dir() else ():
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {path.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def _finish(proc: subprocess.Popen, out: Path, want: int = 0, timeout_s: float = RUN_TIMEOUT_S) -> str:
@@ -222,7 +231,7 @@ def test_single_workers_wait_out_a_slow_reload_and_a_sigterm_keeps_the_last_step
             killed_at, at_step = time.monotonic(), _steps_done(out)
             os.kill(victim, signal.SIGKILL)
             # k = 1: two batches may be answered already; the third needs the restarted worker
-            _wait(lambda s=at_step: _steps_done(out) >= s + 3, RELOAD_S + 120, "the run going on", proc)
+            _wait(lambda s=at_step: _steps_done(out) >= s + 3, RELOAD_S + 240, "the run going on", proc)
             timeline.append(
                 {
                     "kill": f"{service} worker",
