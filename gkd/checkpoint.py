@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkd.checkpoint_folders import (  # the folder side has no torch: `gkd train` checks it before starting
+    _TMP_PREFIX,
+    CheckpointError,
+    checkpoint_root,
+    has_checkpoint,
+    latest,
+    list_checkpoints,
+    resolve_resume,
+    should_save,
+)
 from gkd.checkpoint_prune import to_prune, weights_finite
 from gkd.checkpoint_rng import capture_rng_state, gather_rng_states, restore_rng_state
 from gkd.lora import adapter_state_dict, is_lora, merged_state_dict
@@ -72,12 +81,6 @@ __all__ = [
 
 FORMAT_VERSION = 2  # 2: meta.json names the layout (files | dcp); 1: files only
 _READABLE = (1, 2)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, read or used; the message names the path."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -127,73 +130,6 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
 
 
 _ADAPTER_FILE = "adapter.safetensors"
-
-
-# ------------------------------------------------------------------------------------------ discovery
-
-
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    """Where a run's checkpoints live: ``OUTPUT_DIR/checkpoints``."""
-    return Path(output_dir) / "checkpoints"
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / "meta.json").is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike, *, run: bool | None = True) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, path), oldest first. ``run=True``: those of the run named in
-    ``OUTPUT_DIR/run_id`` only (``gkd.checkpoint_runs``; checkpoints without a run id count as its own);
-    ``None``: every one in the folder."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and _is_complete(p)
-    ]
-    if run:
-        from gkd.checkpoint_runs import checkpoint_run_id, read_run_id
-
-        if (mine := read_run_id(output_dir)) is not None:
-            found = [(s, p) for s, p in found if checkpoint_run_id(p) in (None, mine)]
-    return sorted(found)
-
-
-def has_checkpoint(output_dir: str | os.PathLike, step: int) -> bool:
-    """A complete checkpoint of ``step`` exists (a failure save after a periodic save of the same step
-    has nothing to add and must not collide with it)."""
-    return _is_complete(checkpoint_root(output_dir) / f"step_{step:06d}")
-
-
-def latest(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
-
-
-def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """``trainer.resume``: ``never`` -> None; ``auto`` -> :func:`latest` (None for a fresh run); otherwise
-    a checkpoint directory, or a run directory whose newest checkpoint is used."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest(output_dir)
-    path = Path(resume)
-    if (path / "meta.json").is_file():
-        return path
-    newest = latest(path)
-    if newest is None:
-        raise CheckpointError(
-            f"trainer.resume={resume}: not a checkpoint (no meta.json) and no complete checkpoint under "
-            f"{checkpoint_root(path)}; pass a step_* directory, auto or never"
-        )
-    return newest
-
-
-def should_save(step: int, save_freq: int, total_steps: int) -> bool:
-    """After optimizer step ``step`` (1-based count of steps done): every ``save_freq`` steps and at the
-    end (``save_freq=0``: only at the end)."""
-    return step == total_steps or (save_freq > 0 and step % save_freq == 0)
 
 
 # ----------------------------------------------------------------------------------------------- save

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gkd.checkpoint import CheckpointError, checkpoint_root, list_checkpoints, resolve_resume
+from gkd.checkpoint_folders import CheckpointError, checkpoint_root, list_checkpoints, resolve_resume
 
 log = logging.getLogger("gkd.checkpoint")
 

@@ -28,7 +28,7 @@ SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun's wait for i
 def check_output_dir(cfg) -> None:
     """Node 0, before anything starts: the checks trainer rank 0 makes on the output folder
     (``gkd.checkpoint_runs.check_resume``), raised as the launcher's one-line errors."""
-    from gkd.checkpoint import CheckpointError
+    from gkd.checkpoint_folders import CheckpointError
     from gkd.checkpoint_runs import check_resume
     from gkd.launch import LaunchError
 

@@ -4,7 +4,11 @@
   the tokenizer's length (its real vocabulary: the ids ``0 .. len - 1`` it can produce). Two models with
   equal fingerprints map text to the same ids even when their embedding matrices are padded to different
   sizes (``config.vocab_size``: Qwen2.5-7B pads to 152064, Qwen2.5-1.5B to 151936, both tokenizers 151665).
-- :func:`check_same_tokenizer`: the student/teacher check preflight runs before any model loads.
+- :func:`check_same_tokenizer`: the student/teacher check preflight runs before any model loads. Folders
+  whose tokenizer files are the same bytes need no tokenizer loaded (transformers' import alone takes
+  seconds, before the first child of `gkd train` could start): the embeddings are checked against an
+  upper bound of the tokenizer's length read from its JSON files, and only a folder below that bound is
+  loaded for the exact length.
 - :func:`real_vocab_size`: what the engines restrict their ids to (a teacher's top-k never names a padded
   row, a rollout never samples one), so the loss never sees an id beyond the smaller model's vocabulary.
 - :func:`stop_token_ids`: every id of ``generation_config.eos_token_id`` (an int or a list: Qwen, Llama 3 and
@@ -79,12 +83,70 @@ def _identity(folder, key: str) -> TokenizerIdentity:
         raise ValueError(f"{key}={folder}: cannot read its tokenizer ({reason})") from e
 
 
+#: The files AutoTokenizer builds a tokenizer from; two folders holding the same bytes in each (and the same
+#: ones missing) load the same vocabulary and special tokens.
+_DEFINING_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def _same_tokenizer_files(a: Path, b: Path) -> bool:
+    for name in _DEFINING_FILES:
+        fa, fb = a / name, b / name
+        if fa.is_file() != fb.is_file():
+            return False
+        if fa.is_file() and (fa.stat().st_size != fb.stat().st_size or fa.read_bytes() != fb.read_bytes()):
+            return False
+    return (a / "tokenizer.json").is_file()
+
+
+def _length_bound(folder: Path) -> int | None:
+    """At least ``len(tokenizer)``, from ``tokenizer.json`` and the special-token files alone: one past the
+    largest id they name, plus one for every special token named only by its text (transformers would add
+    it). None when the files do not parse as expected."""
+    try:
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        known = set(vocab) if isinstance(vocab, dict) else {str(v[0]) for v in vocab}
+        for tok in spec.get("added_tokens") or []:
+            ids.append(int(tok["id"]))
+            known.add(str(tok["content"]))
+        named = set()
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = folder / name
+            data = json.loads(path.read_text()) if path.is_file() else {}
+            ids += [int(i) for i in data.get("added_tokens_decoder") or {}]
+            for key, value in data.items():
+                if key.endswith("_token") or key == "additional_special_tokens":
+                    for v in value if isinstance(value, list) else [value]:
+                        text = v.get("content") if isinstance(v, dict) else v
+                        if isinstance(text, str):
+                            named.add(text)
+        return max(ids, default=-1) + 1 + len(named - known)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def check_same_tokenizer(
     student: str | Path, teacher: str | Path, student_key: str, teacher_key: str
 ) -> None:
     """Raise ``ValueError`` (one line naming both folders) unless the two folders' tokenizers have the same
     vocabulary and special tokens, and each model's embedding has a row for every token. Different
-    ``config.vocab_size`` (embedding padding) is fine: the engines keep to the tokenizer's ids."""
+    ``config.vocab_size`` (embedding padding) is fine: the engines keep to the tokenizer's ids. Same
+    tokenizer files and embeddings above :func:`_length_bound`: decided without loading a tokenizer."""
+    if _same_tokenizer_files(Path(student), Path(teacher)):
+        bound = _length_bound(Path(student))
+        rows = [_config_vocab_size(Path(f)) for f in (student, teacher)]
+        if bound is not None and all(r is None or r >= bound for r in rows):
+            return
     s_id, t_id = _identity(student, student_key), _identity(teacher, teacher_key)
     if s_id.fingerprint != t_id.fingerprint:
         raise ValueError(

@@ -180,7 +180,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "resume: trainer.resume=auto takes the newest complete checkpoint",
-        "gkd/checkpoint.py",
+        "gkd/checkpoint_folders.py",
         "return found[-1][1] if found else None",
         "return found[0][1] if found else None",
         ("tests/test_checkpoint.py::test_resolve_resume",),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from gkd.rollout.types import SamplingConfig
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.types import TeacherOutput
 from gkd.teacher.vllm_engine import mask_padded_ids
-from gkd.vocab import stop_token_ids, tokenizer_identity
+from gkd.vocab import _length_bound, load_tokenizer, stop_token_ids, tokenizer_identity
 from tests.tiny_run import ROOT, train_argv
 
 TOKENS = 262  # the tokenizer's length; the student's embedding has 264 rows, the teacher's 320
@@ -76,6 +77,25 @@ def test_preflight_compares_tokenizers_not_embedding_sizes(pair):
     assert "different tokenizers" in line and f"{TOKENS} tokens vs" in line
     a, b = tokenizer_identity(pair["student"]), tokenizer_identity(pair["teacher"])
     assert a == b and a.length == TOKENS
+
+
+def test_the_same_tokenizer_files_are_checked_without_loading_a_tokenizer(pair, tmp_path, monkeypatch):
+    """transformers' import alone takes seconds before `gkd train` could start a child: same bytes in the
+    tokenizer files, embeddings above the bound read from them: no tokenizer loaded."""
+    assert _length_bound(Path(pair["student"])) >= TOKENS == len(load_tokenizer(pair["student"]))
+    special = tmp_path / "special"  # a special token named only by its text counts towards the bound
+    shutil.copytree(pair["student"], special)
+    cfg = json.loads((special / "tokenizer_config.json").read_text())
+    (special / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": "<my-pad>"}))
+    assert _length_bound(special) == _length_bound(Path(pair["student"])) + 1
+
+    def no_loading(folder):
+        raise AssertionError(f"a tokenizer was loaded: {folder}")
+
+    monkeypatch.setattr("gkd.vocab.load_tokenizer", no_loading)
+    check_tokenizers(_cfg(pair["student"], pair["teacher"]))  # 264 and 320 rows >= the bound
+    with pytest.raises(AssertionError, match="a tokenizer was loaded"):  # other files: the full check
+        check_tokenizers(_cfg(pair["student"], pair["other"]))
 
 
 def test_preflight_refuses_an_embedding_smaller_than_the_tokenizer(pair, tmp_path):

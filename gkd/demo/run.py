@@ -48,7 +48,8 @@ class DemoSettings:
     is_correction: str = "none"  # loss.is_correction: none | token | sequence
     lr: float = 1e-4
     batch_size: int = 8
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # the training answers' length (rollout, teacher answers)
+    eval_max_new_tokens: int | None = None  # the held-out greedy answers' length (None: max_new_tokens)
     top_k: int = 64
     heldout: int = 16  # held-out prompts evaluated before and after
     samples_shown: int = 3
@@ -100,6 +101,8 @@ class DemoSettings:
             number(value, flag, minimum=1)
         for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--heldout", self.heldout)):
             number(value, flag, minimum=1)
+        if self.eval_max_new_tokens is not None:
+            number(self.eval_max_new_tokens, "--eval-max-new-tokens", minimum=1)
         number(self.lr, "--lr", minimum=0, strict=True)
         number(self.return_topk, "--return-topk", minimum=1)
         for flag, value in (("--lmbda", self.lmbda), ("--lmbda-start", self.lmbda_start)):
@@ -407,7 +410,7 @@ def run_demo(st: DemoSettings) -> dict:
     held = [encode_prompt(tok, q) for q in held_texts]
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     student0 = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
-    gen_kw = dict(max_new_tokens=st.max_new_tokens, stop=stop, pad_id=pad_id)
+    gen_kw = dict(max_new_tokens=st.eval_max_new_tokens or st.max_new_tokens, stop=stop, pad_id=pad_id)
     eval_kw = dict(gen_kw, temperature=1.0, seed=st.seed + 12345)
 
     _stage(f"evaluation before training ({len(held)} held-out prompts)")
@@ -520,7 +523,18 @@ def add_demo_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", dest="batch_size", type=int, help=f"prompts per step (default {d.batch_size})"
     )
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help=f"default {d.max_new_tokens}")
+    p.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help=f"training answers (default {d.max_new_tokens})",
+    )
+    p.add_argument(
+        "--eval-max-new-tokens",
+        dest="eval_max_new_tokens",
+        type=int,
+        help="held-out greedy answers (default: --max-new-tokens), kept apart so runs compare",
+    )
     p.add_argument("--heldout", type=int, help=f"held-out prompts evaluated (default {d.heldout})")
     p.add_argument("--cache-dir", dest="cache_dir", help="where the teacher/students are kept (~/.cache/gkd)")
     p.add_argument("--seed", type=int)
