@@ -120,10 +120,12 @@ def test_gkd_demo_tiny_runs_reverse_kl_on_the_union_support(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GKD_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "gkd.cli", "demo", "--tiny", "--out", str(out), "--steps", "4"]
     cmd += ["--loss", "reverse_kl", "--support", "union", "--return-topk", "4", "--is-correction", "token"]
+    cmd += ["--eval-max-new-tokens", "5"]  # held-out answers shorter than the training answers (12)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = (out / "config.yaml").read_text()
     assert "support: union" in config and "return_topk: 4" in config and "is_correction: token" in config
+    assert "max_new_tokens: 12" in config
     top_k = int(next(line for line in config.splitlines() if line.strip().startswith("top_k:")).split(":")[1])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
@@ -135,6 +137,7 @@ def test_gkd_demo_tiny_runs_reverse_kl_on_the_union_support(tmp_path):
     assert rev["before"] > 0 and rev["after"] > 0
     lp = summary["teacher_logprob_of_greedy"]
     assert lp["before"] < 0 and lp["after"] < 0
+    assert all(0 < g["mean_length"] <= 5 for g in summary["greedy_stats"].values()), summary["greedy_stats"]
     assert "reverse KL" in proc.stdout and "greedy answers" in proc.stdout
 
 
@@ -144,6 +147,7 @@ def test_gkd_demo_tiny_runs_reverse_kl_on_the_union_support(tmp_path):
         (["--tiny", "--lmbda", "1.5"], "--lmbda 1.5: must lie in [0, 1]"),
         (["--tiny", "--lmbda-schedule", "linear", "--lmbda-steps", "0"], "--lmbda-steps"),
         (["--preset", "fast"], "--preset fast: the only preset is 'quality'"),
+        (["--tiny", "--eval-max-new-tokens", "0"], "--eval-max-new-tokens"),
     ],
 )
 def test_mixture_flags_are_checked_first(tmp_path, capsys, argv, message):
@@ -158,13 +162,14 @@ def test_quality_preset_writes_a_mixture_config(tmp_path):
     from gkd.config import load_config
     from gkd.demo.run import DemoSettings, write_config
 
-    st = DemoSettings.preset("quality", out=str(tmp_path), lr=3e-4)
-    assert st.lmbda_schedule == "linear" and st.lmbda_start == 0.0 and st.lr == 3e-4
+    st = DemoSettings.preset(
+        "quality", out=str(tmp_path), lr=3e-4, lmbda=0.5, lmbda_schedule="linear", lmbda_steps=9
+    )
+    assert st.steps == 40 and st.lr == 3e-4 and st.lmbda == 0.5  # the flags given win over the preset
     path = write_config(st, tmp_path, tmp_path / "t", tmp_path / "s", tmp_path / "p.parquet")
     cfg = load_config([str(path)])
-    assert (cfg.loss.lmbda, cfg.loss.lmbda_schedule, cfg.loss.lmbda_steps) == (
-        st.lmbda,
-        "linear",
-        st.lmbda_steps,
-    )
-    assert cfg.loss.seq_kd and cfg.teacher.generate.temperature == st.teacher_temperature
+    assert (cfg.loss.lmbda, cfg.loss.lmbda_schedule, cfg.loss.lmbda_steps) == (0.5, "linear", 9)
+    assert cfg.loss.seq_kd and cfg.teacher.generate.temperature == st.teacher_temperature == 0.5
+    quality = DemoSettings.preset("quality", out=str(tmp_path))
+    cfg = load_config([str(write_config(quality, tmp_path, tmp_path / "t", tmp_path / "s", tmp_path / "p"))])
+    assert (cfg.loss.lmbda, cfg.optim.lr, cfg.trainer.total_steps) == (0.0, 1e-3, 40)
