@@ -47,6 +47,7 @@ class DemoSettings:
     return_topk: int = 16  # the student's top-m sent to the teacher with --support union
     is_correction: str = "none"  # loss.is_correction: none | token | sequence
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # optim.schedule: constant | cosine (to 0 at the last step)
     batch_size: int = 8
     max_new_tokens: int = 32  # the training answers' length (rollout, teacher answers)
     eval_max_new_tokens: int | None = None  # the held-out greedy answers' length (None: max_new_tokens)
@@ -250,6 +251,7 @@ loss:
 optim:
   lr: {st.lr}
   warmup_steps: 2
+  schedule: {st.lr_schedule}
   clip_grad: 1.0
 data:
   train_files: [{train_file}]
@@ -518,6 +520,12 @@ def add_demo_cli(sub: argparse._SubParsersAction) -> None:
         help=f"how the teacher samples its answers (default {d.teacher_temperature})",
     )
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    p.add_argument(
+        "--lr-schedule",
+        dest="lr_schedule",
+        choices=("constant", "cosine"),
+        help=f"after the 2 warm-up steps (default {d.lr_schedule})",
+    )
     p.add_argument(
         "--batch-size", dest="batch_size", type=int, help=f"prompts per step (default {d.batch_size})"
     )

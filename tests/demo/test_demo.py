@@ -173,3 +173,6 @@ def test_quality_preset_writes_a_mixture_config(tmp_path):
     quality = DemoSettings.preset("quality", out=str(tmp_path))
     cfg = load_config([str(write_config(quality, tmp_path, tmp_path / "t", tmp_path / "s", tmp_path / "p"))])
     assert (cfg.loss.lmbda, cfg.optim.lr, cfg.trainer.total_steps) == (0.0, 1e-3, 40)
+    cosine = DemoSettings(out=str(tmp_path), lr_schedule="cosine")
+    cfg = load_config([str(write_config(cosine, tmp_path, tmp_path / "t", tmp_path / "s", tmp_path / "p"))])
+    assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == 2
