@@ -86,12 +86,9 @@ def _identity(folder, key: str) -> TokenizerIdentity:
 #: The files AutoTokenizer builds a tokenizer from; two folders holding the same bytes in each (and the same
 #: ones missing) load the same vocabulary and special tokens.
 _DEFINING_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
+    *TOKENIZER_FILES,
     "vocab.txt",
     "merges.txt",
-    "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
 )

@@ -3,8 +3,9 @@
 A supervisor (``gkd teacher serve`` / ``gkd rollout serve``) starts its workers as child processes and
 passes its pid in ``GKD_PARENT_PID``; a child whose parent is gone exits by itself, so a SIGKILLed
 supervisor does not leave engines holding memory. ``gkd train`` starts its children with a parent-death
-signal (``set_parent_death_signal``) and the trainer's ranks watch their torchrun agent
-(``exit_with_parent``), so ``kill -9`` of the launcher leaves nothing running.
+signal (``with_parent_death_signal``: an exec wrapper, no Python in the forked copy) and the trainer's
+ranks watch their torchrun agent (``exit_with_parent``), so ``kill -9`` of the launcher leaves nothing
+running.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
 #: give up if the parent is already gone, then exec the real command (the signal survives exec).
 _PDEATH_EXEC = (
     "import ctypes, os, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[1]), 0, 0, 0)\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, int(sys.argv[1]), 0, 0, 0)\n"
     "if os.getppid() != int(sys.argv[2]):\n"
     "    sys.exit(1)\n"
     "os.execvp(sys.argv[3], sys.argv[3:])\n"
