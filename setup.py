@@ -1,7 +1,7 @@
 """Builds gkd's optional C++ extension through CMake (CMakeLists.txt is the one source of truth).
 
 The extension is optional: with ``GKD_SKIP_EXT=1``, or when ``csrc/`` holds no sources, the package
-installs as pure Python and ``gkd._ext`` falls back to torch code. A failed configure or compile prints
+installs as pure Python and ``gkd.weights.native`` falls back to torch code. A failed configure or compile prints
 one warning and installs without it, unless ``GKD_REQUIRE_EXT=1`` (CI) makes that an error.
 ``CMAKE`` names the cmake executable (default: ``cmake`` on PATH).
 """

@@ -5,9 +5,9 @@ Run: ``.venv/bin/python -m pytest bench/bench_checkpoint.py --benchmark-only -s`
 
 A stack of fp32 linear layers with AdamW state (the demo's student size by default: 84 M parameters,
 0.34 GB of weights + 0.67 GB of optimizer state; ``GKD_BENCH_QUICK=1``: 8 M) is saved with
-:func:`gkd.checkpoint.save_checkpoint` (written, fsynced and renamed before it returns) and with
-:meth:`gkd.checkpoint_writer.CheckpointWriter.save` (returns once the state is copied into its reused host
-buffers; the write is waited for outside the timed region). Ratios (higher is better):
+:func:`gkd.trainer.checkpoint.save_checkpoint` (written, fsynced and renamed before it returns) and with
+:meth:`gkd.trainer.checkpoint.writer.CheckpointWriter.save` (returns once the state is copied into its reused
+host buffers; the write is waited for outside the timed region). Ratios (higher is better):
 
 - ``async_save_speedup``: the synchronous save's time over the background save's on-path time;
 - ``host_copy_of_bound``: the background save's on-path bytes/s over one ``copy_`` of the same number of
@@ -28,8 +28,8 @@ import time
 import pytest
 import torch
 
-from gkd.checkpoint import save_checkpoint
-from gkd.checkpoint_writer import CheckpointWriter
+from gkd.trainer.checkpoint import save_checkpoint
+from gkd.trainer.checkpoint.writer import CheckpointWriter
 
 QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
 LAYERS, WIDTH = (8, 1024) if QUICK else (20, 2048)  # 8.4 M / 84 M parameters

@@ -39,9 +39,9 @@ import pytest
 import torch
 
 from bench._common import QUICK, interleaved_times, record, rounded
-from gkd.flatten import FlatBuffer, TensorMeta, plan_buckets
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
+from gkd.weights.flat import FlatBuffer, TensorMeta, plan_buckets
 from tests.tiny_llama import tiny_llama
 
 ROUNDS = int(os.environ.get("GKD_BENCH_ROUNDS", "3" if QUICK else "5"))

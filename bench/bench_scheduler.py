@@ -15,8 +15,8 @@ transfer). G:T:U ratios 1:1:1, 1:3:1 and 3:1:1 times the unit.
 
 Two baselines, from the same phase durations: DESIGN.md's ideal (``max(G, T, U)`` for k=2,
 ``max(U, G + T)`` for k=1, ``G + T + U + S`` for k=0; the target is <= 1.05) and the exact lower bound
-of this schedule, ``max(G, T, U, S, (G + T + U + S) / (k + 1))`` (see ``gkd.scheduler``): for k=1 it is
-below DESIGN.md's figure, because generation of batch t+1 starts as soon as version t lands, not when
+of this schedule, ``max(G, T, U, S, (G + T + U + S) / (k + 1))`` (see ``gkd.trainer.scheduler``): for k=1 it
+is below DESIGN.md's figure, because generation of batch t+1 starts as soon as version t lands, not when
 update t starts. Step time is the mean over the steady state (after warm-up, before the drain).
 
 Third part, the demo task (``test_demo_task_step_time``, full mode only): ``gkd train`` with ``gkd demo``'s
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import pytest
 
-from gkd.scheduler import Scheduler
+from gkd.trainer.scheduler import Scheduler
 
 QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
 UNIT = float(os.environ.get("GKD_BENCH_UNIT_MS", "20" if QUICK else "50")) / 1000

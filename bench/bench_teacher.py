@@ -30,11 +30,11 @@ import pytest
 import torch
 
 from bench._common import QUICK, interleaved_times, record, rounded
+from gkd.services.transport import encode
 from gkd.teacher.client import TeacherClient
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.service import EngineSpec, make_broker
 from gkd.teacher.wire import make_handler, pack_request
-from gkd.transport import encode
 from tests.tiny_llama import tiny_llama
 
 K = 64

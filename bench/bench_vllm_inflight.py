@@ -5,7 +5,7 @@ bench/bench_vllm_inflight.py --benchmark-only -s`` with ``VLLM_ENABLE_V1_MULTIPR
 
 The same engine serves 4 requests (a) one after another -- what a worker did when it held one request at
 a time -- and (b) from 4 threads at once, as a worker's 4 slots do: the request pump
-(:class:`gkd.vllm_support.RequestPump`) hands them to vLLM together, which batches them. Rounds are
+(:class:`gkd.services.vllm.RequestPump`) hands them to vLLM together, which batches them. Rounds are
 interleaved so machine noise hits them alike. Ratios (higher is better): ``rollout_concurrent_over_serial``
 (generated tokens/s) and ``teacher_concurrent_over_serial`` (scored tokens/s), medians over the rounds;
 ``rollout_unseeded_over_seeded``: the concurrent rollout without seeds over the same with a seed per

@@ -42,9 +42,9 @@ import torch
 import torch.multiprocessing as mp
 
 from bench._common import interleaved_times
-from gkd import _ext
-from gkd.flatten import FlatBuffer, TensorMeta, layout, plan_buckets
-from gkd.weights import WeightReceiver, WeightSender, init_weight_group
+from gkd.weights import native as _ext
+from gkd.weights.flat import FlatBuffer, TensorMeta, layout, plan_buckets
+from gkd.weights.transfer import WeightReceiver, WeightSender, init_weight_group
 
 QUICK = os.environ.get("GKD_BENCH_QUICK") == "1"
 SMALL = QUICK or os.environ.get("GKD_BENCH_SIZE", "full") == "small"

@@ -127,11 +127,11 @@ def distill(
     more YAML paths; ``overrides``: ``key=value`` strings applied last; ``out``: the run folder
     (``trainer.output_dir``). ``dry_run``: print the plan and the commands, start nothing (the result has
     no metrics). Raises :class:`DistillError` (one line) when the run cannot start or fails."""
-    from gkd import launch
-    from gkd.channel_auth import ChannelAuthError
-    from gkd.nodes import NodeError
-    from gkd.placement import PlacementError
-    from gkd.roster import RosterError
+    from gkd.launch import run as launch
+    from gkd.launch.nodes import NodeError
+    from gkd.launch.placement import PlacementError
+    from gkd.launch.roster import RosterError
+    from gkd.weights.membership import ChannelAuthError
 
     refused = (ConfigError, launch.LaunchError, PlacementError, NodeError, RosterError, ChannelAuthError)
     with contextlib.ExitStack() as stack:
@@ -152,7 +152,7 @@ def distill(
 
 def _node(cfg: Config):
     """This node, as ``gkd train`` without node flags finds it (Slurm's environment, else the config)."""
-    from gkd.nodes import node_spec
+    from gkd.launch.nodes import node_spec
 
     return node_spec(
         nnodes=None,
@@ -166,7 +166,7 @@ def _node(cfg: Config):
 
 def _failure(run_dir: Path, status: int, multi: bool, node_rank: int) -> str:
     """One line for a run that stopped: its status, the trainer log's last error line, where the logs are."""
-    from gkd.launch import last_error_line
+    from gkd.launch.run import last_error_line
 
     logs = run_dir / "logs" / (f"node{node_rank}" if multi else "")
     last = last_error_line(logs / "trainer.log")
@@ -181,7 +181,7 @@ def _result(run_dir: Path, cfg: Config, paths: Sequence[str]) -> DistillResult:
     final_eval = {k: v for k, v in evaluated[-1].items() if k.startswith("val/")} if evaluated else {}
     checkpoints: tuple[Path, ...] = ()
     if (run_dir / "checkpoints").is_dir():
-        from gkd.checkpoint import list_checkpoints
+        from gkd.trainer.checkpoint import list_checkpoints
 
         checkpoints = tuple(p for _, p in list_checkpoints(run_dir))
 

@@ -1,5 +1,5 @@
 """``gkd`` command line. Each subcommand group is registered by its own module (``gkd.teacher.service``
-for ``gkd teacher ...``, ``gkd.rollout.service`` for ``gkd rollout ...``, both through ``gkd.service``)
+for ``gkd teacher ...``, ``gkd.rollout.service`` for ``gkd rollout ...``, both through ``gkd.services.host``)
 and dispatches to a library function that does the work.
 
     gkd teacher serve --model PATH [--backend hf|vllm] [--workers N] [--port 15555] [--backend-port 15556]
@@ -30,9 +30,9 @@ GLOBAL_FLAGS = {"--log-level": 1, "--version": 0}
 _GROUPS = {
     "teacher": ("gkd.teacher.service", "add_teacher_cli"),  # gkd teacher serve|join|ping
     "rollout": ("gkd.rollout.service", "add_rollout_cli"),  # gkd rollout serve|join
-    "timeline": ("gkd.timeline", "add_timeline_cli"),  # gkd timeline RUN_DIR -o PNG
-    "export": ("gkd.export", "add_export_cli"),  # gkd export CHECKPOINT OUT [--dtype D]
-    "train": ("gkd.launch", "add_train_cli"),  # gkd train --config X.yaml [k=v ...]
+    "timeline": ("gkd.metrics.timeline", "add_timeline_cli"),  # gkd timeline RUN_DIR -o PNG
+    "export": ("gkd.trainer.export", "add_export_cli"),  # gkd export CHECKPOINT OUT [--dtype D]
+    "train": ("gkd.launch.run", "add_train_cli"),  # gkd train --config X.yaml [k=v ...]
     "demo": ("gkd.demo.run", "add_demo_cli"),  # gkd demo [--tiny] [--steps N ...]
     "eval": ("gkd.evaluate", "add_eval_cli"),  # gkd eval MODEL [--teacher T] [--data F] [--json OUT]
 }
@@ -119,10 +119,10 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, check the inputs of the service commands (:mod:`gkd.preflight`; the other commands check
+    """Parse, check the inputs of the service commands (:mod:`gkd.launch.preflight`; the other commands check
     theirs first thing), then run. A bad input is one line on stderr and status 2; with ``--log-level
     DEBUG`` its traceback too. Anything else propagates: a traceback means a bug."""
-    from gkd.preflight import InputError, check_service_args
+    from gkd.services.inputs import InputError, check_service_args
 
     args = parse(sys.argv[1:] if argv is None else argv)
     try:

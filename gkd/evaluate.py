@@ -34,6 +34,8 @@ import torch
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
 
+DEMO_PROMPTS = Path(__file__).resolve().parent / "demo" / "prompts.parquet"  # held-out split: the default
+
 Pair = tuple[list[int], list[int]]  # (prompt ids, response ids)
 
 
@@ -185,13 +187,13 @@ def load_model(path: str):
     """(model, tokenizer) from a Hugging Face folder or a gkd checkpoint folder; ``InputError`` otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gkd.preflight import InputError
+    from gkd.services.inputs import InputError
 
     folder = Path(path)
     if (folder / "meta.json").is_file():  # a gkd checkpoint: weights onto the run's student architecture
         import yaml
 
-        from gkd.checkpoint import load_checkpoint
+        from gkd.trainer.checkpoint import load_checkpoint
 
         if (folder / "adapter.safetensors").is_file():
             raise InputError(f"{path} is a LoRA checkpoint (adapter only): evaluate the run's final/ folder")
@@ -229,12 +231,10 @@ def read_prompts(data: str | None, n: int, prompt_key: str = "prompt") -> list[s
     """The first ``n`` prompts of the parquet file ``data`` (default: the demo's held-out prompts)."""
     import pyarrow.parquet as pq
 
-    from gkd.preflight import InputError
+    from gkd.services.inputs import InputError
 
     if data is None:
-        from gkd.demo.run import PROMPTS
-
-        rows = pq.read_table(PROMPTS).to_pylist()
+        rows = pq.read_table(DEMO_PROMPTS).to_pylist()
         return [r["prompt"] for r in rows if r["split"] == "heldout"][:n]
     if not Path(data).is_file():
         raise InputError(f"--data {data}: no such file (a parquet file with a '{prompt_key}' column)")
@@ -289,11 +289,19 @@ def measure(
     return report
 
 
+def render_table(table) -> str:
+    """A rich table as plain text (120 columns, no colour)."""
+    from rich.console import Console
+
+    console = Console(width=120, record=True, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get().rstrip()
+
+
 def report_text(report: dict, name: str) -> str:
     """The console tables of a :func:`measure` report."""
     from rich.table import Table
-
-    from gkd.demo.report import _render
 
     t = Table(
         title=f"gkd eval {name}: {report['prompts']} prompts, greedy answers of <= {report['max_new_tokens']}"
@@ -319,11 +327,11 @@ def report_text(report: dict, name: str) -> str:
         s.add_column(c, overflow="fold", ratio=1)
     for row in report["samples"]:
         s.add_row(*(row[c][:200] for c in cols))
-    return _render(t) + "\n" + _render(s)
+    return render_table(t) + "\n" + render_table(s)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gkd.preflight import InputError, number
+    from gkd.services.inputs import InputError, number
 
     number(args.n, "--n", minimum=1)
     number(args.max_new_tokens, "--max-new-tokens", minimum=1)

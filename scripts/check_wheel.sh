@@ -2,7 +2,7 @@
 # Packaging check (a CI stage): `python -m build` makes the sdist and, from it, the wheel, each in pip's
 # default isolated build environment (build-system.requires); the wheel goes into a clean venv with its
 # dependencies, and a small fused-loss computation runs there, outside the source tree, with the
-# compiled extension loaded (gkd._ext.HAS_EXT) when GKD_REQUIRE_EXT=1.
+# compiled extension loaded (gkd.weights.native.HAS_EXT) when GKD_REQUIRE_EXT=1.
 # Usage: scripts/check_wheel.sh [WORKDIR]  (default: a temp folder, removed afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."

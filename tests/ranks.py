@@ -25,9 +25,9 @@ PRELOAD = [
     "torch.distributed.checkpoint",
     "transformers",
     "transformers.models.llama.modeling_llama",
-    "gkd.checkpoint",
-    "gkd.trainer_step",
-    "gkd.weights",
+    "gkd.trainer.checkpoint",
+    "gkd.trainer.step",
+    "gkd.weights.transfer",
 ]
 
 

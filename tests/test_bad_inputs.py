@@ -1,5 +1,6 @@
 """Bad input to every ``gkd`` subcommand is one line on stderr naming the key, flag or file, exit status 2,
-no traceback, and nothing started: the checks of ``gkd.preflight`` run before any model is loaded.
+no traceback, and nothing started: the checks of ``gkd.services.inputs`` and ``gkd.launch.preflight`` run
+before any model is loaded.
 
 Every case runs through ``gkd.cli.main``; one per subcommand also as ``python -m gkd.cli ...`` in a
 subprocess. Stderr must be exactly one line: the failing checks run before anything logs, so no logging
@@ -277,9 +278,9 @@ def test_debug_log_level_adds_the_traceback(tmp_path):
 
 
 def test_trainer_checks_its_inputs_before_loading_the_student(tmp_path, caplog):
-    """``python -m gkd.train`` (what torchrun runs, e.g. from scripts/launch.sh): a stand-in student that
+    """``python -m gkd.trainer`` (what torchrun runs, e.g. from scripts/launch.sh): a stand-in student that
     no loader could read, and a missing prompt file: the error names the data key, not a load failure."""
-    from gkd.trainer import main
+    from gkd.trainer.recipe import main
 
     student = _model(tmp_path / "student", tokenizer=True)
     overrides = [

@@ -1,5 +1,5 @@
-"""Balanced dealing and equal micro-batch counts across data-parallel ranks (``gkd.batching``,
-``gkd.trainer_step.accumulate_gradients``), and HSDP (``trainer.fsdp.shard_size``).
+"""Balanced dealing and equal micro-batch counts across data-parallel ranks (``gkd.trainer.batching``,
+``gkd.trainer.step.accumulate_gradients``), and HSDP (``trainer.fsdp.shard_size``).
 
 The partition is checked against a brute-force optimum; the distributed tests run DDP, FSDP2 and HSDP on
 gloo ranks with batches whose naive round-robin dealing packs different micro-batch counts per rank (the
@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gkd.batching import (
+from gkd.config import ConfigError, LossConfig, ModelConfig, OptimConfig, load_config
+from gkd.rollout.types import Sample
+from gkd.trainer.batching import (
     balanced_partition,
     deal,
     pack_micro_batches,
@@ -24,13 +26,11 @@ from gkd.batching import (
     sequence_length,
     zero_weight_micro_batch,
 )
-from gkd.checkpoint import full_state_dicts, load_checkpoint, save_checkpoint
-from gkd.config import ConfigError, LossConfig, ModelConfig, OptimConfig, load_config
-from gkd.rollout.types import Sample
-from gkd.trainer import StartupError, Trainer, shard_fsdp2
-from gkd.trainer_setup import fsdp_mesh
-from gkd.trainer_step import accumulate_gradients, build_optimizer, loss_on_micro_batch, train_step
-from gkd.weights import _gather_to_root
+from gkd.trainer.checkpoint import full_state_dicts, load_checkpoint, save_checkpoint
+from gkd.trainer.recipe import StartupError, Trainer, shard_fsdp2
+from gkd.trainer.setup import fsdp_mesh
+from gkd.trainer.step import accumulate_gradients, build_optimizer, loss_on_micro_batch, train_step
+from gkd.weights.transfer import _gather_to_root
 from tests.ranks import gloo_group, run_ranks
 from tests.test_trainer_step import V, grads, teacher_outputs, tiny_llama
 from tests.tiny_llama import one_intra_op_thread

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gkd import _ext
-from gkd.channel import ChannelHost, ChannelMember
-from gkd.channel_auth import (
+from gkd.weights import native as _ext
+from gkd.weights.channel import ChannelHost, ChannelMember
+from gkd.weights.membership import (
     TOKEN_ENV,
     ChannelAuthError,
     channel_key,
@@ -26,8 +26,8 @@ from gkd.channel_auth import (
     read_token_file,
     token_env,
 )
-from gkd.weight_wire import _CHECK_BYTES, trailer_bytes
-from gkd.weights import WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from gkd.weights.transfer import WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from gkd.weights.wire import _CHECK_BYTES, trailer_bytes
 
 TIMEOUT = timedelta(seconds=30)
 KEY = channel_key("a" * 64)

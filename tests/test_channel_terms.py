@@ -11,8 +11,8 @@ from datetime import timedelta
 
 import pytest
 
-from gkd.channel import ChannelHost, ChannelMember, ChannelMismatch
-from gkd.channel_auth import channel_key
+from gkd.weights.channel import ChannelHost, ChannelMember, ChannelMismatch
+from gkd.weights.membership import channel_key
 
 KEY = channel_key("b" * 64)
 SLOW = timedelta(seconds=60)  # what the sides would wait without the check
@@ -74,7 +74,7 @@ def test_a_worker_without_a_backend_takes_the_trainers():
 
 
 def test_a_worker_of_another_protocol_is_refused(monkeypatch):
-    import gkd.channel as channel
+    import gkd.weights.channel as channel
 
     PROTOCOL = channel.PROTOCOL_VERSION
     port = _free_port()
@@ -94,7 +94,7 @@ def test_a_worker_of_another_protocol_is_refused(monkeypatch):
 
 def test_rollout_weight_backend_decides_and_is_checked():
     from gkd.config import ConfigError, load_config
-    from gkd.placement import weight_backend
+    from gkd.launch.placement import weight_backend
 
     base = ["model.student_path=S", "data.train_files=[p]", "teacher.model_path=T"]
     gpu = load_config(["configs/gpu_example.yaml"], base)

@@ -184,7 +184,9 @@ def test_killed_workers_are_replaced_and_the_run_finishes(tiny, tmp_path):
     for t in timeline:  # the slowest step after the kill: how long the run stalled
         after = [r["timing/step"] for r in records[t["at_step"] : t["at_step"] + 4]]
         t["slowest_step_after_s"] = round(max(after), 2)
-    reforms = [line.split("gkd.weights", 1)[-1].strip() for line in log.splitlines() if "formed in" in line]
+    reforms = [
+        line.split("gkd.weights.transfer", 1)[-1].strip() for line in log.splitlines() if "formed in" in line
+    ]
     services = "".join((out / "logs" / f"{name}.log").read_text() for name in ("rollout", "teacher"))
     restarts = [line.split("] ", 1)[-1] for line in services.splitlines() if "restarted as process" in line]
     assert len(restarts) >= 3 and len(reforms) >= 2, (restarts, reforms)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gkd.checkpoint import list_checkpoints, read_meta
+from gkd.trainer.checkpoint import list_checkpoints, read_meta
 from tests.test_chaos import _records, _steps_done, _wait, _workers
 from tests.test_chaos import _start as start_chaos_run
 from tests.test_train_values import nan_norm_copy

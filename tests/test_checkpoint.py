@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import gkd.checkpoint as ckpt
-from gkd.checkpoint import (
+import gkd.trainer.checkpoint.save as ckpt
+from gkd.config import Config, LossConfig, OptimConfig, to_yaml
+from gkd.data.prompts import PromptLoader
+from gkd.trainer.checkpoint import (
     CheckpointError,
     capture_rng_state,
     export_hf,
@@ -26,10 +28,8 @@ from gkd.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from gkd.checkpoint_writer import CheckpointWriter, HostCopy
-from gkd.config import Config, LossConfig, OptimConfig, to_yaml
-from gkd.data import PromptLoader
-from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+from gkd.trainer.checkpoint.writer import CheckpointWriter, HostCopy
+from gkd.trainer.step import build_optimizer, pack_micro_batches, train_step
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
 
 
@@ -269,7 +269,7 @@ def _same(a, b) -> bool:
 def _gated_writes(monkeypatch):
     """Hold every background write until the returned event is set (the test changes the live state
     first, so a snapshot that aliased it would show)."""
-    import gkd.checkpoint_writer as writer_module
+    import gkd.trainer.checkpoint.writer as writer_module
 
     gate, real = threading.Event(), writer_module.write_snapshot
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gkd.checkpoint import list_checkpoints, read_meta
-from gkd.checkpoint_prune import to_prune, weights_finite
-from gkd.checkpoint_writer import CheckpointWriter
+from gkd.trainer.checkpoint import list_checkpoints, read_meta
+from gkd.trainer.checkpoint.prune import to_prune, weights_finite
+from gkd.trainer.checkpoint.writer import CheckpointWriter
 from tests.test_checkpoint import _fresh, _save
 from tests.test_checkpoint_sharded import _small
 from tests.transport.helpers import free_port

@@ -1,7 +1,7 @@
-"""Run ids in an output folder (``gkd.checkpoint_runs``): checkpoints carry their run's id; pruning and
-``resume=auto`` see the folder's run only; another run's checkpoints are refused in one line (exit 2 from
-``gkd train``); leftovers of interrupted saves and exports are removed at start; a resume that changes
-data keys is refused, other changes are one warning line. The carried batches survive the checkpoint."""
+"""Run ids in an output folder (``gkd.trainer.checkpoint.runs``): checkpoints carry their run's id; pruning
+and ``resume=auto`` see the folder's run only; another run's checkpoints are refused in one line (exit 2 from
+``gkd train``); leftovers of interrupted saves and exports are removed at start; a resume that changes data
+keys is refused, other changes are one warning line. The carried batches survive the checkpoint."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import pytest
 import torch
 from torch import nn
 
-from gkd.checkpoint import CheckpointError, latest, list_checkpoints, load_checkpoint, save_checkpoint
-from gkd.checkpoint_carried import decode_carried, encode_carried
-from gkd.checkpoint_runs import (
+from gkd.config import load_config, to_yaml
+from gkd.rollout.types import Sample
+from gkd.trainer.checkpoint import CheckpointError, latest, list_checkpoints, load_checkpoint, save_checkpoint
+from gkd.trainer.checkpoint.carried import decode_carried, encode_carried
+from gkd.trainer.checkpoint.runs import (
     RUN_ID_FILE,
     checkpoint_run_id,
     config_drift,
     plan_run,
     start_run,
 )
-from gkd.config import load_config, to_yaml
-from gkd.rollout.types import Sample
-from gkd.scheduler import Carried
+from gkd.trainer.scheduler import Carried
 from tests.tiny_run import tiny_fixture, train_argv
 from tests.transport.helpers import free_port
 

@@ -15,18 +15,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import gkd.checkpoint as ckpt
-from gkd.checkpoint import (
+import gkd.trainer.checkpoint.save as ckpt
+from gkd.config import Config, LossConfig, ModelConfig, OptimConfig, to_yaml
+from gkd.trainer.checkpoint import (
     CheckpointError,
     full_state_dicts,
     gather_rng_states,
     load_checkpoint,
     save_checkpoint,
 )
-from gkd.checkpoint_writer import CheckpointWriter
-from gkd.config import Config, LossConfig, ModelConfig, OptimConfig, to_yaml
-from gkd.trainer import shard_fsdp2
-from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+from gkd.trainer.checkpoint.writer import CheckpointWriter
+from gkd.trainer.recipe import shard_fsdp2
+from gkd.trainer.step import build_optimizer, pack_micro_batches, train_step
 from tests.ranks import gloo_group, run_ranks
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
 from tests.transport.helpers import free_port
@@ -191,7 +191,7 @@ def test_four_ranks_resume_two_ranks_checkpoint(runs):
 def test_export_of_a_sharded_checkpoint_gives_the_trained_logits(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from gkd.export import export_checkpoint
+    from gkd.trainer.export import export_checkpoint
 
     path = runs.out / "a" / "checkpoints" / f"step_{BEFORE:06d}"
     trained = tiny_llama(5)
@@ -224,7 +224,7 @@ def _save_student(folder: Path, tie: bool) -> None:
 
 def _meta_load(rank: int, port: int, out: str) -> None:
     """The meta-device load (rank 0 reads, a few tensors per broadcast group) against the normal load."""
-    from gkd.trainer_setup import _load_student, materialize_student
+    from gkd.trainer.setup import _load_student, materialize_student
 
     torch.set_num_threads(1)
     cpu, ids, res = torch.device("cpu"), torch.tensor([[1, 5, 9, 2, 7, 3]]), {}
@@ -268,7 +268,7 @@ def test_meta_device_load_equals_the_normal_load(tmp_path):
 def test_meta_device_load_of_a_folder_with_other_names_fails_in_one_line(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from gkd.trainer_setup import StartupError, _load_student, materialize_student
+    from gkd.trainer.setup import StartupError, _load_student, materialize_student
 
     _save_student(tmp_path / "odd", tie=False)
     weights = load_file(str(tmp_path / "odd" / "model.safetensors"))

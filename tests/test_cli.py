@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gkd.cli import build_parser, main
+from gkd.services.transport import Auth
 from gkd.teacher.client import TeacherClient
 from gkd.teacher.hf_engine import HFTeacherEngine
-from gkd.transport import Auth
 from tests.teacher.conftest import assert_outputs_equal, random_sequences, save_tiny_model
 from tests.transport.helpers import free_port, pid_alive
 
@@ -110,7 +110,9 @@ def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
         stacks = err.split("Current thread 0x")[1:]  # one per dump: the interrupted thread's stack
         assert len(stacks) == 2, err[-4000:]
         assert any("in supervise" in s for s in stacks)  # the service (its workers' supervisor)
-        assert any("gkd/transport/worker.py" in s for s in err.split("(most recent call first)"))  # a worker
+        assert any(
+            "gkd/services/transport/worker.py" in s for s in err.split("(most recent call first)")
+        )  # a worker
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gkd.data import DataError, PromptDataset, PromptLoader, Source, expand_files, inspect_files
+from gkd.data.prompts import DataError, PromptDataset, PromptLoader, Source, expand_files, inspect_files
 from gkd.demo.tiny import tokenizer as tiny_tokenizer
 
 
@@ -311,7 +311,7 @@ def test_sources_from_config_and_comma_lists(tmp_path, tok):
 
 def test_preflight_reads_headers_of_jsonl_and_names_the_source(tmp_path, monkeypatch):
     from gkd.config import load_config
-    from gkd.preflight import InputError, check_run
+    from gkd.services.inputs import InputError, check_run
 
     good = _jsonl(tmp_path / "good.jsonl", [{"prompt": "fox"}])
     bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "fox"}])
@@ -328,7 +328,7 @@ def test_preflight_reads_headers_of_jsonl_and_names_the_source(tmp_path, monkeyp
 
     def run(*overrides):
         cfg = load_config([], ["model.student_path=x", f"trainer.output_dir={tmp_path}/out", *overrides])
-        monkeypatch.setattr("gkd.preflight.model_folder", lambda *a, **k: None)
+        monkeypatch.setattr("gkd.services.inputs.model_folder", lambda *a, **k: None)
         check_run(cfg)
 
     run(f"data.sources=[{{path: '{good}'}}, {{path: '{bad}', prompt_key: question}}]")

@@ -133,7 +133,7 @@ def test_setup_refuses_an_unknown_extra_in_one_line():
 
 
 def test_configuration_reference_is_current():
-    """docs/configuration.md equals what the generator writes from gkd/config.py now."""
+    """docs/configuration.md equals what the generator writes from gkd/config/schema.py now."""
     expected = gen.render()
     current = (ROOT / "docs" / "configuration.md").read_text()
     assert current == expected, f"docs/configuration.md is stale; run: {gen.COMMAND}"
@@ -149,7 +149,7 @@ def test_configuration_reference_lists_every_key_with_type_default_and_meaning()
     assert len(keys) > 100 and set(keys) == set(table)
     assert table["trainer.scheduler"][2] == "`one_step_off`"  # the default
     assert table["loss.name"][1].startswith("`forward_kl` \\| `reverse_kl`")  # the choices
-    # meanings: the comment on the field's line, else gkd/config_help.py
+    # meanings: the comment on the field's line, else gkd/config/help.py
     weight = "relative share of the training prompts drawn from this source |"
     assert table["data.sources[].weight"][3] == weight
     assert table["optim.lr"][3] == "peak learning rate |"
@@ -157,15 +157,15 @@ def test_configuration_reference_lists_every_key_with_type_default_and_meaning()
 
 def test_a_key_without_a_description_fails_the_generator(monkeypatch):
     """A new key with no comment and no HELP entry: the generator names it instead of writing a blank."""
-    import gkd.config_help as config_help
+    import gkd.config.help as config_help
 
     help_text = dict(config_help.HELP)
-    del help_text["trainer.nnodes"]  # trainer.nnodes has no comment in gkd/config.py
+    del help_text["trainer.nnodes"]  # trainer.nnodes has no comment in gkd/config/schema.py
     monkeypatch.setattr(config_help, "HELP", help_text)
     with pytest.raises(gen.MissingHelp, match=r"^trainer\.nnodes: no description; add a comment"):
         gen.render()
     monkeypatch.setattr(config_help, "HELP", {**config_help.HELP, "trainer.gone": "x"})
-    with pytest.raises(gen.MissingHelp, match=r"trainer\.gone: gkd/config_help.py's HELP describes a key"):
+    with pytest.raises(gen.MissingHelp, match=r"trainer\.gone: gkd/config/help.py's HELP describes a key"):
         gen.render()
 
     @dataclasses.dataclass
@@ -244,10 +244,10 @@ def test_services_on_their_own_machines_run_as_the_readme_says(tiny, tmp_path):
     import secrets
 
     from gkd.config import load_config, to_yaml
-    from gkd.launch import wait_healthy
+    from gkd.launch.run import wait_healthy
     from gkd.rollout.client import RolloutClient
+    from gkd.services.transport.process import stop_children
     from gkd.teacher.client import TeacherClient
-    from gkd.transport.process import stop_children
     from tests.transport.helpers import free_port
 
     commands = marked_commands((ROOT / "README.md").read_text())

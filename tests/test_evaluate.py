@@ -64,7 +64,7 @@ def test_gkd_eval_reports_the_figures_in_json(tiny, tmp_path, capsys):
 def test_gkd_eval_reads_a_gkd_checkpoint(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from gkd.checkpoint import save_checkpoint
+    from gkd.trainer.checkpoint import save_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny["student"], dtype=torch.float32)
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""Where evaluations run and which record holds each (gkd.validation.Evaluations), on fake services whose
-answers take a chosen number of step boundaries to come back; and the pipelined scoring of
+"""Where evaluations run and which record holds each (gkd.trainer.validation.Evaluations), on fake services
+whose answers take a chosen number of step boundaries to come back; and the pipelined scoring of
 PendingValidation."""
 
 from concurrent.futures import Future
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gkd.rollout.types import Sample
-from gkd.validation import Evaluations, PendingValidation, evaluation_due
+from gkd.trainer.validation import Evaluations, PendingValidation, evaluation_due
 
 
 class FakePending:
@@ -93,7 +93,7 @@ class FakeClient:
 
 def _validator(log, requests=2):
     from gkd.config import Config
-    from gkd.validation import Validator
+    from gkd.trainer.validation import Validator
 
     cfg = Config()
     cfg.data.val_batch_size = 2
@@ -158,9 +158,9 @@ def test_val_kl_is_the_training_loss_per_token_on_answers_of_different_lengths()
     the same weights on the same answers, normalised per response token (``accumulate_gradients``: loss
     sum over the global token count), on answers of 1, 4 and 9 tokens, where a per-sequence mean differs."""
     from gkd.config import Config
-    from gkd.trainer import Trainer
-    from gkd.trainer_step import accumulate_gradients, pack_micro_batches
-    from gkd.validation import Validator
+    from gkd.trainer.recipe import Trainer
+    from gkd.trainer.step import accumulate_gradients, pack_micro_batches
+    from gkd.trainer.validation import Validator
     from tests.test_trainer_step import teacher_outputs, tiny_llama
 
     g = torch.Generator().manual_seed(5)

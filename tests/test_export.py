@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gkd.checkpoint import save_checkpoint
 from gkd.cli import main as cli
 from gkd.config import Config, ConfigError, LoRAConfig, load_config, to_yaml
-from gkd.export import export_checkpoint
-from gkd.trainer_step import build_optimizer
+from gkd.trainer.checkpoint import save_checkpoint
+from gkd.trainer.export import export_checkpoint
+from gkd.trainer.step import build_optimizer
 from tests.test_checkpoint import CFG, _step
 from tests.test_checkpoint_sharded import _save_student
 from tests.test_trainer_step import tiny_llama
@@ -47,7 +47,7 @@ def _trained(
         AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16).save_pretrained(student)
     model = tiny_llama(3, tie=tie)
     if lora is not None:
-        from gkd.lora import apply_lora
+        from gkd.trainer.lora import apply_lora
 
         torch.manual_seed(0)
         model = apply_lora(model, lora)

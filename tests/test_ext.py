@@ -1,4 +1,4 @@
-"""gkd._ext: the extension and the torch fallback agree bit for bit; checks name their argument."""
+"""gkd.weights.native: the extension and the torch fallback agree bit for bit; checks name their argument."""
 
 import ctypes
 import os
@@ -11,7 +11,7 @@ import zlib
 import pytest
 import torch
 
-from gkd import _ext
+from gkd.weights import native as _ext
 
 PATHS = [
     pytest.param(False, id="fallback"),
@@ -106,13 +106,13 @@ def test_errors_name_the_argument(use_ext):
 
 @needs_ext
 def test_the_native_checks_raise_instead_of_crashing():
-    # gkd/_ext.py checks arguments before calling gkd._C; these calls skip that and reach its TORCH_CHECKs.
-    # A child process: an exception that crashes the interpreter (seen once on a CUDA torch) fails this
-    # test with the signal instead of taking the test run down.
+    # gkd/weights/native.py checks arguments before calling gkd._C; these calls skip that and reach its
+    # TORCH_CHECKs. A child process: an exception that crashes the interpreter (seen once on a CUDA torch)
+    # fails this test with the signal instead of taking the test run down.
     code = textwrap.dedent(
         """
         import torch
-        from gkd import _ext
+        from gkd.weights import native as _ext
         buf = torch.zeros(64, dtype=torch.uint8)
         for call in (
             lambda: _ext._C.pack([torch.ones(4, 4).t()], [0], buf, 1),
@@ -231,7 +231,7 @@ def test_alloc_host_memory_is_freed_with_the_tensor():
 _REFUSED_LOCK = textwrap.dedent("""
     import warnings
     import torch
-    from gkd import _ext
+    from gkd.weights import native as _ext
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mem = _ext.alloc_host(1 << 20, pin=True, use_ext=True)
@@ -271,8 +271,8 @@ _NO_EXT = textwrap.dedent("""
     import sys, warnings
     sys.modules["gkd._C"] = None  # as if installed with GKD_SKIP_EXT=1
     import torch
-    from gkd import _ext
-    from gkd.flatten import FlatBuffer
+    from gkd.weights import native as _ext
+    from gkd.weights.flat import FlatBuffer
     assert not _ext.HAS_EXT and "GKD_SKIP_EXT" in _ext.EXT_ERROR
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

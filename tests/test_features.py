@@ -1,6 +1,7 @@
 """The trainer's user-facing extras: Weights & Biases (offline), completion logs, throughput figures
-(``gkd.metrics``), several samples per prompt (``rollout.n``) and periodic validation (``gkd.validation``),
-the last two also through one ``gkd train`` run on tiny models (configs/cpu_tiny_full.yaml's keys).
+(``gkd.metrics.records``), several samples per prompt (``rollout.n``) and periodic validation
+(``gkd.trainer.validation``), the last two also through one ``gkd train`` run on tiny models
+(configs/cpu_tiny_full.yaml's keys).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gkd.data import batch_seed, repeat_prompts
-from gkd.metrics import MetricsLogger, WandbRun, completion_rows, service_throughput, training_flops
+from gkd.data.prompts import batch_seed, repeat_prompts
+from gkd.metrics.records import MetricsLogger, WandbRun, completion_rows, service_throughput, training_flops
 from gkd.rollout.types import Sample
 from gkd.teacher.types import TeacherOutput
-from gkd.validation import evaluation_due
+from gkd.trainer.validation import evaluation_due
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ def test_rollout_n_gives_distinct_responses_and_global_token_normalisation():
     from gkd.config import LossConfig, OptimConfig
     from gkd.rollout.hf_engine import HFRolloutEngine
     from gkd.rollout.types import SamplingConfig
-    from gkd.trainer_step import build_optimizer, loss_on_micro_batch, pack_micro_batches, train_step
+    from gkd.trainer.step import build_optimizer, loss_on_micro_batch, pack_micro_batches, train_step
     from tests.test_trainer_step import teacher_outputs, tiny_llama
 
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""gkd.flatten: bitwise round trips, strict copies, and bucket plans."""
+"""gkd.weights.flat: bitwise round trips, strict copies, and bucket plans."""
 
 import re
 
@@ -7,8 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gkd import _ext
-from gkd.flatten import DTYPES, FlatBuffer, MetadataMismatch, TensorMeta, diff_metas, layout, plan_buckets
+from gkd.weights import native as _ext
+from gkd.weights.flat import (
+    DTYPES,
+    FlatBuffer,
+    MetadataMismatch,
+    TensorMeta,
+    diff_metas,
+    layout,
+    plan_buckets,
+)
 
 PATHS = [
     pytest.param(False, id="fallback"),

@@ -222,9 +222,9 @@ def test_the_rows_without_wheels_run_on_cpu_without_zmq_or_omegaconf(tmp_path):
     rows = ["generation", "receive", "guard"]
     assert not any(steps[r].wheels for r in rows) and steps["checkpoint"].wheels and steps["e2e"].wheels
     body = (
-        "sys.path.insert(0, 'scripts'); import gpu_check_steps; out = sys.argv[1]\n"
+        "sys.path.insert(0, 'scripts'); import gpu_steps; out = sys.argv[1]\n"
         "for row in sys.argv[2:]:\n"
-        "    assert gpu_check_steps.main([row, '--json', f'{out}/{row}.json']) == 0\n"
+        "    assert gpu_steps.main([row, '--json', f'{out}/{row}.json']) == 0\n"
         "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n"
     )
     done = _blocked(gpu_check.WHEEL_MODULES, body, str(tmp_path), *rows, timeout=600)

@@ -1,5 +1,5 @@
-"""Hub ids (gkd/hub.py): models and datasets resolve through huggingface_hub's cache, populated here with a
-tiny model and a prompt file (HF_HUB_OFFLINE=1: nothing reaches the network), revisions pin snapshots,
+"""Hub ids (gkd/data/hub.py): models and datasets resolve through huggingface_hub's cache, populated here
+with a tiny model and a prompt file (HF_HUB_OFFLINE=1: nothing reaches the network), revisions pin snapshots,
 HF_HOME is honoured, an id that is not cached is one line naming the key."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from gkd.config import load_config
-from gkd.data import PromptDataset, Source
+from gkd.data.hub import HubError, is_hub_id, local_dataset, local_model, localize
+from gkd.data.prompts import PromptDataset, Source
 from gkd.demo.tiny import tiny_llama, tokenizer
-from gkd.hub import HubError, is_hub_id, local_dataset, local_model, localize
 
 MAIN, PINNED = "a" * 40, "b" * 40
 
@@ -117,7 +117,7 @@ def test_hf_home_is_honoured(tmp_path):
     snap = cache_repo(tmp_path / "home" / "hub", "model", "acme/tiny", _tiny_model(tmp_path / "m", 1), MAIN)
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    code = "from gkd.hub import local_model; print(local_model('acme/tiny'))"
+    code = "from gkd.data.hub import local_model; print(local_model('acme/tiny'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip().splitlines()[-1]) == snap

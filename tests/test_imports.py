@@ -18,9 +18,9 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_the_engine_contracts_and_the_step_do_not_import_zeromq():
-    loaded = _modules_after("import gkd.teacher.types, gkd.rollout.types, gkd.trainer_step")
+    loaded = _modules_after("import gkd.teacher.types, gkd.rollout.types, gkd.trainer.step")
     assert "zmq" not in loaded
-    assert not any(m.startswith("gkd.transport") for m in loaded)
+    assert not any(m.startswith("gkd.services.transport") for m in loaded)
 
 
 def test_clients_import_from_their_packages():
@@ -45,10 +45,10 @@ def test_an_unknown_attribute_is_still_an_attribute_error():
 def test_dtype_names_have_one_home():
     import torch
 
-    from gkd import config
-    from gkd.dtypes import DTYPE_NAMES, torch_dtype
+    from gkd.config import schema
+    from gkd.config.dtypes import DTYPE_NAMES, torch_dtype
 
-    assert config._DTYPE_NAMES is DTYPE_NAMES
+    assert schema._DTYPE_NAMES is DTYPE_NAMES
     assert [torch_dtype(n) for n in DTYPE_NAMES] == [torch.float32, torch.bfloat16, torch.float16]
     with pytest.raises(ValueError, match=r"^rollout.dtype='fp8' is not one of"):
         torch_dtype("fp8", key="rollout.dtype")

@@ -9,7 +9,7 @@ import torch
 from gkd.kernels import fused_linear_topk_distill_loss
 from gkd.rollout.types import Sample
 from gkd.teacher.types import TeacherOutput
-from gkd.trainer_step import importance_weights, loss_on_micro_batch, pack_micro_batches, union_request
+from gkd.trainer.step import importance_weights, loss_on_micro_batch, pack_micro_batches, union_request
 from tests.rollout.test_hf_engine import _tiny
 
 

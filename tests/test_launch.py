@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from gkd.config import load_config
-from gkd.launch import (
+from gkd.launch.placement import FAKE_GPUS_ENV, Found, plan
+from gkd.launch.run import (
     Command,
     LaunchError,
     commands,
@@ -29,7 +30,6 @@ from gkd.launch import (
     torchrun_command,
     wait_healthy,
 )
-from gkd.placement import FAKE_GPUS_ENV, Found, plan
 from tests.tiny_run import build_tiny, train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_commands_carry_the_config():
     argv = torchrun_command(cfg, ["configs/cpu_tiny.yaml"], ["trainer.total_steps=3"])
     assert argv[1:] == [
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "gkd.train", "--config", "configs/cpu_tiny.yaml", "trainer.total_steps=3",
+        "-m", "gkd.trainer", "--config", "configs/cpu_tiny.yaml", "trainer.total_steps=3",
     ]  # fmt: skip
     r = rollout_command(cfg)
     assert r[r.index("--weight-channel") + 1] == "127.0.0.1:29777"
@@ -186,7 +186,7 @@ def test_launch_sh_builds_the_torchrun_command_of_one_node():
                           "--rdzv-endpoint h0:1234"),
     ]:  # fmt: skip
         assert "-m torch.distributed.run " + want in out, out
-        assert out.rstrip().endswith("-m gkd.train --config configs/cpu_tiny.yaml trainer.total_steps=3 "
+        assert out.rstrip().endswith("-m gkd.trainer --config configs/cpu_tiny.yaml trainer.total_steps=3 "
                                      f"trainer.nnodes={want.split()[1]}"), out  # fmt: skip
     for extra, message in [
         (["--node-rank", "2"], "node rank 2 is not in 0..1"),
@@ -328,7 +328,7 @@ def test_services_hand_each_worker_its_slice(monkeypatch, name, overrides, slice
     )
     args = build_parser().parse_args(cmd.argv[3:])  # after `python -m gkd.cli`
     args.port = args.backend_port = 0  # free ports for the broker
-    module = importlib.import_module("gkd.service")  # both services spawn and stop through it
+    module = importlib.import_module("gkd.services.host")  # both services spawn and stop through it
     spawned: list[_Spawned] = []
 
     def popen(argv, env):
@@ -361,7 +361,7 @@ def test_a_single_worker_narrows_its_own_devices_before_loading(monkeypatch, nam
         raise InterruptedError("stop before loading anything")
 
     monkeypatch.setattr(module, "make_worker", make_worker)
-    monkeypatch.setattr("gkd.service.stop_on_signals", _stop_after_30s)  # the shared join path
+    monkeypatch.setattr("gkd.services.host.stop_on_signals", _stop_after_30s)  # the shared join path
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     with pytest.raises(InterruptedError):
         module.join(spec_class(model="M", device="cuda"), "127.0.0.1:1", gpus="3")
@@ -390,7 +390,7 @@ def test_bad_gpus_flag_is_one_line(capsys, tmp_path):
 
 
 def _child(tmp_path, name: str, code: str, console=None):
-    from gkd.launch import _start
+    from gkd.launch.run import _start
 
     return _start(Command(name, [sys.executable, "-c", code]), tmp_path, {}, console=console)
 
@@ -405,7 +405,7 @@ def test_a_dying_service_stops_the_run_with_one_line(tmp_path, capfd):
     and where its log is; the traceback stays in the log."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gkd.launch import watch
+    from gkd.launch.run import watch
 
     rollout = _child(tmp_path, "rollout", _FAIL.format(delay=0.5, name="rollout", status=3))
     trainer = _child(tmp_path, "trainer", "import time; time.sleep(600)")  # far beyond the 60 s below
@@ -428,11 +428,11 @@ def test_a_dying_service_stops_the_run_with_one_line(tmp_path, capfd):
 def test_a_failing_trainer_shows_its_output_but_not_its_traceback(tmp_path, capfd):
     import io
 
-    from gkd.launch import watch
+    from gkd.launch.run import watch
 
     console = io.BytesIO()
     code = "print('step 1 loss 0.5', flush=True); " + _FAIL.format(delay=0, name="trainer", status=1)
-    code += "\nprint('=' * 60); print('gkd.train FAILED')"
+    code += "\nprint('=' * 60); print('gkd.trainer FAILED')"
     trainer = _child(tmp_path, "trainer", code, console=console)
     assert watch([trainer], interval_s=0.1) == 1
     shown = console.getvalue().decode()
@@ -444,7 +444,7 @@ def test_a_failing_trainer_shows_its_output_but_not_its_traceback(tmp_path, capf
 
 
 def test_console_filter_keeps_ordinary_lines_and_drops_reports():
-    from gkd.console import ConsoleFilter
+    from gkd.launch.console import ConsoleFilter
 
     f = ConsoleFilter()
     lines = [
@@ -497,7 +497,7 @@ def test_parent_death_signal_reaches_a_child_of_a_killed_parent(tmp_path):
     ):
         parent_code = (
             "import subprocess, sys, time\n"
-            "from gkd.transport.process import set_parent_death_signal, with_parent_death_signal\n"
+            "from gkd.services.transport.process import set_parent_death_signal, with_parent_death_signal\n"
             f"{spawn}\n"
             "time.sleep(60)\n"
         )
@@ -511,7 +511,7 @@ def test_a_rank_exits_when_its_parent_is_killed(tmp_path):
     pidfile = tmp_path / "rank.pid"
     rank = (
         "import os, time\n"
-        "from gkd.transport.process import exit_with_parent\n"
+        "from gkd.services.transport.process import exit_with_parent\n"
         "exit_with_parent(0.1)\n"
         f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
         "time.sleep(60)\n"
@@ -530,7 +530,7 @@ def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_p
     itself, ``GKD_SERVICE_WAIT_S``), gets the launcher's start time, and the run ends when it exits."""
     import json
 
-    import gkd.launch as launch
+    import gkd.launch.run as launch
 
     service = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(120)"
     trainer = (
@@ -563,10 +563,10 @@ def test_the_trainer_starts_with_the_services_and_is_told_to_wait_for_them(tmp_p
 
 
 def test_one_ddp_trainer_process_runs_without_torchrun():
-    from gkd.launch import trainer_command
+    from gkd.launch.run import trainer_command
 
     one = trainer_command(_cfg("trainer.nproc_per_node=1"), ["c.yaml"], ["trainer.total_steps=3"])
-    assert one[1:] == ["-u", "-m", "gkd.train", "--config", "c.yaml", "trainer.total_steps=3"]
+    assert one[1:] == ["-u", "-m", "gkd.trainer", "--config", "c.yaml", "trainer.total_steps=3"]
     for overrides in (["trainer.nproc_per_node=2"], ["trainer.nproc_per_node=1", "trainer.strategy=fsdp2"]):
         argv = trainer_command(_cfg(*overrides), ["c.yaml"], [])
         assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"], overrides
@@ -575,7 +575,7 @@ def test_one_ddp_trainer_process_runs_without_torchrun():
 def test_children_run_from_a_thread_other_than_the_main_one(tmp_path):
     """``gkd.distill`` may be called from a worker thread (no signal handlers can be set there): the
     children still start, are watched and stopped, and the trainer's status comes back."""
-    from gkd.launch import _run_children
+    from gkd.launch.run import _run_children
 
     service = Command("rollout", [sys.executable, "-c", "import time; time.sleep(60)"])
     trainer = Command("trainer", [sys.executable, "-c", "print('trained')"])

@@ -1,4 +1,4 @@
-"""How ``gkd train`` stops a run (``gkd.launch_stop``): when a service dies, the trainer is stopped first
+"""How ``gkd train`` stops a run (``gkd.launch.stop``): when a service dies, the trainer is stopped first
 and gracefully (SIGTERM, then up to ``trainer.stop_grace_s`` to save its last step), the services last;
 a trainer that ignores SIGTERM is killed once the grace is over. The children are small Python
 programs that record when each got SIGTERM and when the trainer finished its "checkpoint"."""
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from gkd.launch import Command, _run_children
+from gkd.launch.run import Command, _run_children
 
 # a child that records (in FILE) the time it got SIGTERM; as a trainer it then "saves" for SAVE_S seconds
 _CHILD = """

@@ -104,7 +104,7 @@ def test_sigterm_saves_the_last_step_with_its_carried_batches_and_resume_is_exac
     # the carried batches: generated before the stop on versions done - 2 and done - 1, not regenerated
     assert [got[done], got[done + 1]] == [done - 2, done - 1], got
     # every batch on the version the uninterrupted run used (a loaded machine may let one batch of
-    # either run see its version early: gkd.scheduler's pipelined gate, assumption (d))
+    # either run see its version early: gkd.trainer.scheduler's pipelined gate, assumption (d))
     differ = [b for b in range(STEPS) if got[b] != want[b]]
     assert len(differ) <= 2, (differ, got, want)
     assert (out / "final" / "model.safetensors").is_file()

@@ -1,5 +1,6 @@
-"""LoRA students (``model.lora``, ``gkd.lora``) on the tiny Llama: only the adapter trains and sits in the
-optimizer, the base stays bitwise unchanged, the rollout engine receives peft's merge through the weight
+"""LoRA students (``model.lora``, ``gkd.trainer.lora``) on the tiny Llama: only the adapter trains and sits
+in the optimizer, the base stays bitwise unchanged, the rollout engine receives peft's merge through the
+weight
 channel (bit for bit in fp32, the bf16 cast of it in bf16) under the base model's names, checkpoints hold the
 adapter + optimizer and resume exactly, the export writes a merged Hugging Face folder and peft's adapter
 folder; FSDP2 and DDP agree on 2 gloo ranks (merged rows per shard, adapter-only checkpoints); and one
@@ -20,15 +21,15 @@ import torch.distributed as dist
 
 pytest.importorskip("peft")
 
-from gkd.checkpoint import (  # noqa: E402
+from gkd.config import ConfigError, LoRAConfig, LossConfig, ModelConfig, OptimConfig, load_config  # noqa: E402
+from gkd.trainer.checkpoint import (  # noqa: E402
     CheckpointError,
     export_hf,
     full_state_dicts,
     load_checkpoint,
     save_checkpoint,
 )
-from gkd.config import ConfigError, LoRAConfig, LossConfig, ModelConfig, OptimConfig, load_config  # noqa: E402
-from gkd.lora import (  # noqa: E402
+from gkd.trainer.lora import (  # noqa: E402
     MergedWeights,
     apply_lora,
     base_name,
@@ -36,7 +37,7 @@ from gkd.lora import (  # noqa: E402
     require_peft,
     weight_source,
 )
-from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step  # noqa: E402
+from gkd.trainer.step import build_optimizer, pack_micro_batches, train_step  # noqa: E402
 from tests.ranks import gloo_group  # noqa: E402
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama  # noqa: E402
 
@@ -72,7 +73,7 @@ def _adapter(model) -> dict[str, torch.Tensor]:
 
 def test_only_the_adapter_trains_and_the_engine_receives_the_merge():
     from gkd.rollout.hf_engine import HFRolloutEngine
-    from gkd.weights import WeightReceiver, WeightSender
+    from gkd.weights.transfer import WeightReceiver, WeightSender
     from tests.test_weights import _free_port, _in_thread, _pair
 
     student = apply_lora(tiny_llama(0), LORA)
@@ -197,8 +198,8 @@ def test_lora_config_errors_are_one_line(monkeypatch):
 
 
 def _ranks_worker(rank: int, port: int, out: str) -> None:
-    from gkd.trainer import shard_fsdp2
-    from gkd.weights import _gather_to_root
+    from gkd.trainer.recipe import shard_fsdp2
+    from gkd.weights.transfer import _gather_to_root
 
     torch.set_num_threads(1)
     with gloo_group(rank, port, timeout_s=120):

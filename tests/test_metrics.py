@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gkd.cli import main as cli_main
-from gkd.metrics import (
+from gkd.metrics.records import (
     METRIC_NAMES,
     MetricsLogger,
     SpanRecorder,
@@ -19,7 +19,7 @@ from gkd.metrics import (
     metric_names,
     pack_lanes,
 )
-from gkd.timeline import draw_timeline, read_rows
+from gkd.metrics.timeline import draw_timeline, read_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -243,7 +243,7 @@ def test_timeline_cli_and_errors(tmp_path, capsys):
     ],
 )
 def test_datasheet_peak_by_device_name(name, table_name, bf16):
-    from gkd.peak_flops import datasheet_peak
+    from gkd.metrics.flops import datasheet_peak
 
     peak = datasheet_peak(name)
     assert peak is not None and peak.name == table_name and peak.bf16 == bf16
@@ -254,7 +254,7 @@ def test_datasheet_peak_by_device_name(name, table_name, bf16):
     "name", ["NVIDIA A10G", "NVIDIA GeForce RTX 4090 D", "NVIDIA GB200", "NVIDIA Tesla T4", "Some GPU"]
 )
 def test_unknown_device_names_are_not_guessed(name):
-    from gkd.peak_flops import datasheet_peak
+    from gkd.metrics.flops import datasheet_peak
 
     assert datasheet_peak(name) is None
 
@@ -264,14 +264,14 @@ def test_peak_sources_override_datasheet_measured(monkeypatch, caplog):
 
     import torch
 
-    from gkd import peak_flops
+    from gkd.metrics import flops as peak_flops
 
     measured = []
     monkeypatch.setattr(peak_flops, "measure_peak_tflops", lambda dev, dt: measured.append((dev, dt)) or 42.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(peak_flops, "tf32_allowed", lambda: False)
     cuda = torch.device("cuda")
-    with caplog.at_level(logging.INFO, logger="gkd.peak_flops"):
+    with caplog.at_level(logging.INFO, logger="gkd.metrics.flops"):
         assert peak_flops.resolve_peak_tflops(cuda, torch.bfloat16, 700.0) == 700.0
         assert "700 TFLOP/s" in caplog.text and "(trainer.peak_tflops)" in caplog.text
         assert peak_flops.resolve_peak_tflops(cuda, torch.bfloat16) == 989.4
@@ -283,7 +283,7 @@ def test_peak_sources_override_datasheet_measured(monkeypatch, caplog):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
         assert peak_flops.resolve_peak_tflops(cuda, torch.bfloat16) == 42.0
         assert measured == [(cuda, torch.bfloat16)]
-        assert "'NVIDIA A10G' is not in gkd.peak_flops.DATASHEET" in caplog.text
+        assert "'NVIDIA A10G' is not in gkd.metrics.flops.DATASHEET" in caplog.text
         # CPU: measured, never a device-name lookup
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: pytest.fail("CPU asked"))
         assert peak_flops.resolve_peak_tflops(torch.device("cpu"), torch.float32) == 42.0
@@ -293,7 +293,7 @@ def test_peak_sources_override_datasheet_measured(monkeypatch, caplog):
 def test_measured_peak_leaves_the_rng_alone():
     import torch
 
-    from gkd.peak_flops import measure_peak_tflops
+    from gkd.metrics.flops import measure_peak_tflops
 
     torch.manual_seed(5)
     state = torch.get_rng_state()
@@ -305,7 +305,7 @@ def test_measured_peak_leaves_the_rng_alone():
 
 
 def test_mfu_formula():
-    from gkd.peak_flops import mfu
+    from gkd.metrics.flops import mfu
 
     # 6 TFLOP in 2 s on 2 devices of 1.5 TFLOP/s each: exactly their peak
     assert mfu(6e12, 2.0, 1.5, 2) == pytest.approx(1.0)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gkd.config import ConfigError, load_config
-from gkd.sources import batch_source, lmbda_at, uniform_draw
-from gkd.trainer_step import importance_weights
+from gkd.trainer.sources import batch_source, lmbda_at, uniform_draw
+from gkd.trainer.step import importance_weights
 from tests.tiny_run import ROOT, tiny_fixture, train_argv
 from tests.transport.helpers import free_port
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from gkd.config import load_config
-from gkd.launch import commands
-from gkd.multinode import check_nodes, node_report
-from gkd.nodes import DEFAULT_RDZV_PORT, NodeError, NodeSpec, expand_hostlist, node_spec, slurm_hosts
-from gkd.placement import FAKE_GPUS_ENV, Found, PlacementError, plan
-from gkd.roster import RosterError, form_roster
+from gkd.launch.multinode import check_nodes, node_report
+from gkd.launch.nodes import DEFAULT_RDZV_PORT, NodeError, NodeSpec, expand_hostlist, node_spec, slurm_hosts
+from gkd.launch.placement import FAKE_GPUS_ENV, Found, PlacementError, plan
+from gkd.launch.roster import RosterError, form_roster
+from gkd.launch.run import commands
 from tests.tiny_run import tiny_fixture, train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_roster_exchanges_addresses_and_names_a_lost_node():
 
 
 def test_a_silent_node_is_lost_after_the_liveness_timeout(monkeypatch):
-    monkeypatch.setattr("gkd.roster.PING_S", 60.0)  # nobody pings: both sides go silent
+    monkeypatch.setattr("gkd.launch.roster.PING_S", 60.0)  # nobody pings: both sides go silent
     rosters = _form(_nodes(2), ["d", "d"], liveness_s=0.5)
     try:
         event = rosters[1].next_event(10)

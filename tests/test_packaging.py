@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gkd import _ext
+from gkd.weights import native as _ext
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -70,7 +70,7 @@ def test_a_failed_extension_build_installs_the_torch_fallback_with_one_warning(s
     assert "torch fallback" in warnings[0] and "GKD_REQUIRE_EXT=1" in warnings[0]
     (wheel,) = tmp_path.glob("gkd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.endswith("gkd/_ext.py") for n in names), names
+    assert any(n.endswith("gkd/weights/native.py") for n in names), names
     assert not any(re.search(r"gkd/_C\.", n) for n in names), names
 
 

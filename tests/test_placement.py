@@ -1,6 +1,6 @@
-"""``gkd.placement``: the per-node GPU plan (layouts, tensor parallelism, fake and inherited GPUs, shared
-single-GPU runs), each refusal's one-line message, the services' per-worker slices and the vLLM knobs; the
-CPU threads of each process (auto split, explicit values, bad values)."""
+"""``gkd.launch.placement``: the per-node GPU plan (layouts, tensor parallelism, fake and inherited GPUs,
+shared single-GPU runs), each refusal's one-line message, the services' per-worker slices and the vLLM knobs;
+the CPU threads of each process (auto split, explicit values, bad values)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gkd.config import ConfigError, load_config
-from gkd.placement import (
+from gkd.launch.placement import (
     FAKE_GPUS_ENV,
     Found,
     PlacementError,

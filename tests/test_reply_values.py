@@ -1,4 +1,4 @@
-"""Value checks on decoded replies (gkd.reply_values): every score, teacher-generate and rollout reply is
+"""Value checks on decoded replies (gkd.services.values): every score, teacher-generate and rollout reply is
 refused, naming the worker that sent it, when a log-prob is NaN, +inf or > 0 (-inf only in top-k slots),
 an id lies outside [0, V) or the top-k columns are not the ones asked for; workers refuse to send
 non-finite log-probs at all (an error reply naming the worker instead)."""
@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
-from gkd.reply_values import BadValues, worker_label
 from gkd.rollout.types import Sample
 from gkd.rollout.wire import REPLY_LIMITS as ROLLOUT_REPLY_LIMITS
 from gkd.rollout.wire import pack_reply
 from gkd.rollout.wire import unpack_reply as unpack_rollout
+from gkd.services.transport.codec import decode, encode
+from gkd.services.values import BadValues, worker_label
 from gkd.teacher.generate_wire import OP_GENERATE, generate_reply, unpack_generate_reply
 from gkd.teacher.types import TeacherAnswer, TeacherOutput
 from gkd.teacher.wire import OP_SCORE, REPLY_LIMITS, make_handler, pack_request, unpack_reply
-from gkd.transport.codec import decode, encode
 
 V, K = 50, 4
 LENS = torch.tensor([3, 2], dtype=torch.int32)
@@ -239,10 +239,10 @@ class _OutOfVocabTeacher:
 
 
 def test_a_teacher_client_refuses_a_reply_naming_the_worker_that_sent_it():
+    from gkd.services.transport.worker import Worker
     from gkd.teacher.client import TeacherClient
     from gkd.teacher.service import make_broker
     from gkd.teacher.wire import LIMITS, OPS
-    from gkd.transport.worker import Worker
     from tests.transport.helpers import FAST, ServiceThreads
 
     broker = make_broker(host="127.0.0.1", port=0, backend_port=0, **FAST).start()

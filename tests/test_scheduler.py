@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gkd.scheduler import PhaseFailed, Scheduler, SchedulerState, parse_staleness
+from gkd.trainer.scheduler import PhaseFailed, Scheduler, SchedulerState, parse_staleness
 
 
 class Sim:

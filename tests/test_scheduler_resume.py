@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gkd.scheduler import Carried, SchedulerState, Stopped
+from gkd.trainer.scheduler import Carried, SchedulerState, Stopped
 from tests.test_scheduler import FakeSample, Harness
 
 END = 12

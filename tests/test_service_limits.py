@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from gkd.config import ConfigError, load_config
+from gkd.config.limits import LimitError, service_limits
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.service import VersionedEngine, make_handler
 from gkd.rollout.types import SamplingConfig
 from gkd.rollout.wire import pack_request
-from gkd.service_limits import LimitError, service_limits
-from gkd.trainer import check_services
+from gkd.trainer.recipe import check_services
 from tests.test_trainer import MODEL, FakeClient, _teacher, student_dir  # noqa: F401 - a fixture
 from tests.tiny_llama import tiny_llama
 
@@ -79,15 +79,15 @@ def test_check_services_raises_the_limit_and_arms_the_value_checks(student_dir):
 
 
 def test_the_trainer_exits_2_on_a_limit(monkeypatch):
-    import gkd.trainer
+    import gkd.trainer.recipe
 
     def fail(cfg):
         raise LimitError("teacher.top_k=16 exceeds teacher worker n1 pid 7's max_top_k=8")
 
-    monkeypatch.setattr(gkd.trainer, "train", fail)
-    monkeypatch.setattr(gkd.trainer, "load_config", lambda paths, overrides: None)
-    monkeypatch.setattr(gkd.trainer, "exit_with_parent", lambda: None)
-    assert gkd.trainer.main([]) == 2
+    monkeypatch.setattr(gkd.trainer.recipe, "train", fail)
+    monkeypatch.setattr(gkd.trainer.recipe, "load_config", lambda paths, overrides: None)
+    monkeypatch.setattr(gkd.trainer.recipe, "exit_with_parent", lambda: None)
+    assert gkd.trainer.recipe.main([]) == 2
 
 
 @pytest.mark.parametrize(

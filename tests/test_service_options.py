@@ -31,7 +31,7 @@ def _free_port() -> int:
 def test_auto_device_and_dtype(device, dtype, cuda, want):
     from argparse import Namespace
 
-    from gkd.service import resolve_auto
+    from gkd.services.host import resolve_auto
 
     args = Namespace(device=device, dtype=dtype)
     resolve_auto(args, cuda=cuda)
@@ -59,8 +59,8 @@ def _fake_model(folder: Path) -> Path:
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="needs an environment without vLLM")
 @pytest.mark.parametrize("service", ["teacher", "rollout"])
 def test_vllm_backend_without_vllm_is_one_line_before_any_worker(service, tmp_path, monkeypatch, capsys):
-    from gkd import service as service_module
     from gkd.cli import main
+    from gkd.services import host as service_module
 
     started = []
     monkeypatch.setattr(service_module, "spawn_join", lambda *a, **k: started.append(a))
@@ -76,8 +76,8 @@ def test_vllm_backend_without_vllm_is_one_line_before_any_worker(service, tmp_pa
 
 
 def test_vllm_check_passes_where_vllm_imports(tmp_path):
-    from gkd.preflight import InputError
-    from gkd.service import check_vllm_imports
+    from gkd.services.host import check_vllm_imports
+    from gkd.services.inputs import InputError
 
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text("")

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gkd.config import ConfigError, load_config
-from gkd.skips import SkipGuard, TooManySkippedSteps
-from gkd.trainer_step import any_rank, build_optimizer, pack_micro_batches, train_step
+from gkd.trainer.skips import SkipGuard, TooManySkippedSteps
+from gkd.trainer.step import any_rank, build_optimizer, pack_micro_batches, train_step
 from tests.test_trainer_step import _cfg, make_samples, teacher_outputs, tiny_llama
 from tests.tiny_llama import one_intra_op_thread
 from tests.transport.helpers import free_port

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gkd.startup import (
+from gkd.services.startup import (
     LAUNCH_T0_ENV,
     SERVICE_WAIT_ENV,
     StartupClock,

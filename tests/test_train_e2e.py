@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gkd.metrics import metric_names
+from gkd.metrics.records import metric_names
 from tests.tiny_run import tiny_fixture, train_argv
 from tests.transport.helpers import free_port
 
@@ -62,8 +62,8 @@ def _train(tiny: dict[str, str], out: Path, *overrides: str) -> list[dict]:
 def _check_staleness(records: list[dict], k: int, start: int = 0) -> None:
     """Staleness <= k on every step (min_version guarantees it), and exactly k after warm-up on nearly
     every step. Exactness with real processes rests on the scheduler's assumption (d) (a generate request
-    reaches the rollout worker before a weight transfer started after it ends; gkd.scheduler): on a loaded
-    machine a version can occasionally land first, and that batch is one version fresher."""
+    reaches the rollout worker before a weight transfer started after it ends; gkd.trainer.scheduler): on a
+    loaded machine a version can occasionally land first, and that batch is one version fresher."""
     fresher = []
     for r in records:
         b = r["step"]
@@ -132,7 +132,7 @@ def test_gkd_train_one_rank_two_step_off_sampled_reverse_kl(tiny, tmp_path):
 
 
 def _trainer_ranks(out: Path) -> list[int]:
-    """Pids of the torchrun workers (``-m gkd.train``, not the torchrun agent) of the run in ``out``."""
+    """Pids of the torchrun workers (``-m gkd.trainer``, not the torchrun agent) of the run in ``out``."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
@@ -140,7 +140,7 @@ def _trainer_ranks(out: Path) -> list[int]:
         except OSError:
             continue
         if (
-            b"gkd.train" in cmd
+            b"gkd.trainer" in cmd
             and b"torch.distributed.run" not in cmd
             and f"trainer.output_dir={out}".encode() in cmd
         ):
@@ -209,10 +209,10 @@ def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
     student is sharded over the two nodes (``trainer.strategy=fsdp2``): both ranks gather the shards for
     every weight sync, the checkpoint and the final export."""
     from gkd.config import load_config
-    from gkd.launch import rollout_command, teacher_command, wait_healthy
+    from gkd.launch.run import rollout_command, teacher_command, wait_healthy
     from gkd.rollout.client import RolloutClient
+    from gkd.services.transport.process import stop_children
     from gkd.teacher.client import TeacherClient
-    from gkd.transport.process import stop_children
 
     out = tmp_path / "run"
     overrides = _argv(tiny, out, "trainer.total_steps=4", "trainer.nnodes=2", "trainer.nproc_per_node=1",
@@ -234,7 +234,7 @@ def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
         for node in range(2):
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]
             argv += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv]
-            argv += ["-m", "gkd.train", "--config", "configs/cpu_tiny.yaml", *overrides]
+            argv += ["-m", "gkd.trainer", "--config", "configs/cpu_tiny.yaml", *overrides]
             agents.append(subprocess.Popen(argv, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True))
             children.append(agents[-1])
         for agent in agents:
@@ -252,7 +252,7 @@ def test_two_torchrun_agents_as_two_nodes(tiny, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from gkd.checkpoint import load_checkpoint
+    from gkd.trainer.checkpoint import load_checkpoint
 
     final = load_file(out / "final" / "model.safetensors")
     saved = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)  # then the DCP shards

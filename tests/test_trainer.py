@@ -17,7 +17,7 @@ from gkd.config import load_config
 from gkd.rollout.types import FINISH_REASONS, Sample
 from gkd.teacher.service import tokenizer_fingerprint
 from gkd.teacher.types import TeacherOutput
-from gkd.trainer import StartupError, broadcast_batch, check_services
+from gkd.trainer.recipe import StartupError, broadcast_batch, check_services
 from tests.ranks import gloo_group, run_ranks
 from tests.tiny_run import ROOT, build_tiny, make_cpu_tiny
 from tests.transport.helpers import free_port
@@ -141,10 +141,10 @@ def test_batch_broadcast_rebuilds_samples_and_padded_teacher_outputs_on_other_ra
 
 
 def test_unreachable_teacher_fails_fast_with_a_clear_message(tmp_path, student_dir):
-    """``python -m gkd.train`` alone (no torchrun: one process) against a port nobody serves."""
+    """``python -m gkd.trainer`` alone (no torchrun: one process) against a port nobody serves."""
     tiny = build_tiny(tmp_path / "tiny", num_prompts=4)
     port = free_port()
-    argv = [sys.executable, "-m", "gkd.train", "--config", "configs/cpu_tiny.yaml"]
+    argv = [sys.executable, "-m", "gkd.trainer", "--config", "configs/cpu_tiny.yaml"]
     argv += [f"model.student_path={tiny['student']}", f"data.train_files={tiny['prompts']}"]
     argv += [f"trainer.output_dir={tmp_path / 'out'}", "teacher.launch=false", "rollout.launch=false"]
     # the request timeout (600 s) and liveness (15 s) are far above the start-up check's own 10 s: the
@@ -169,15 +169,15 @@ def test_gkd_train_bad_key_is_an_error_naming_the_valid_keys(capsys):
 def test_authenticated_services_need_the_same_secret_file(tmp_path, student_dir, monkeypatch):
     """Brokers started with a secret: the trainer's clients (``open_clients``) reach them with the same
     ``*.auth_secret_file``; without it the startup check fails with a message that names the key."""
-    import gkd.trainer
-    import gkd.trainer_checks
-    from gkd.trainer import open_clients
-    from gkd.transport import Auth
-    from gkd.transport.broker import Broker
+    import gkd.trainer.checks
+    import gkd.trainer.recipe
+    from gkd.services.transport import Auth
+    from gkd.services.transport.broker import Broker
+    from gkd.trainer.recipe import open_clients
 
     secret = tmp_path / "secret"
     secret.write_text("0123456789abcdef0123456789abcdef\n")
-    monkeypatch.setattr(gkd.trainer_checks, "STARTUP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(gkd.trainer.checks, "STARTUP_TIMEOUT_S", 1.0)
     auth = Auth.from_file(secret)
     with (
         Broker(("score",), frontend_port=0, backend_port=0, auth=auth) as teacher_broker,
@@ -216,13 +216,13 @@ def test_authenticated_services_need_the_same_secret_file(tmp_path, student_dir,
 
 
 def test_gpus_asked_without_cuda_is_one_clear_line(student_dir, monkeypatch, caplog):
-    import gkd.trainer
-    import gkd.trainer_checks
+    import gkd.trainer.checks
+    import gkd.trainer.recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU host
     argv = [f"model.student_path={student_dir}", "data.train_files=[x.parquet]", "trainer.n_gpus_per_node=2"]
     with caplog.at_level("ERROR", logger="gkd.trainer"):
-        assert gkd.trainer.main(argv) == 1
+        assert gkd.trainer.recipe.main(argv) == 1
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     line = record.getMessage()
     assert line.startswith("StartupError: trainer.n_gpus_per_node=2 asks for GPUs, but CUDA is not available")
@@ -234,9 +234,9 @@ def _export_after_one_step(folder: Path, out: Path, param_dtype: str) -> dict[st
     with bf16 compute, export the Hugging Face folder; returns the exported weights."""
     from transformers import AutoModelForCausalLM
 
-    from gkd.checkpoint import export_hf
-    from gkd.trainer import _load_student
-    from gkd.trainer_step import build_optimizer, pack_micro_batches, train_step
+    from gkd.trainer.checkpoint import export_hf
+    from gkd.trainer.recipe import _load_student
+    from gkd.trainer.step import build_optimizer, pack_micro_batches, train_step
     from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
 
     overrides = [f"model.param_dtype={param_dtype}", "model.compute_dtype=bfloat16", "optim.lr=1e-6"]
@@ -304,8 +304,8 @@ def test_score_requests_the_students_top_m_and_the_sampled_token(support):
     (from the rollout) followed by the sampled token; ``teacher_topk`` requests none."""
     from types import SimpleNamespace
 
-    from gkd.sources import BatchSources
-    from gkd.trainer import Trainer
+    from gkd.trainer.recipe import Trainer
+    from gkd.trainer.sources import BatchSources
 
     m = 3
     cfg = load_config(["configs/cpu_tiny.yaml"], [f"loss.support={support}", f"rollout.return_topk={m}"])

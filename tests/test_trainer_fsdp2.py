@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gkd.batching import rank_micro_batches
-from gkd.checkpoint import export_hf, full_state_dicts, is_sharded, load_checkpoint, save_checkpoint
 from gkd.config import LossConfig, ModelConfig, OptimConfig
-from gkd.trainer import shard_fsdp2
-from gkd.trainer_step import build_optimizer, train_step
+from gkd.trainer.batching import rank_micro_batches
+from gkd.trainer.checkpoint import export_hf, full_state_dicts, is_sharded, load_checkpoint, save_checkpoint
+from gkd.trainer.recipe import shard_fsdp2
+from gkd.trainer.step import build_optimizer, train_step
 from tests.ranks import gloo_group, rank0_result
 from tests.test_trainer_step import make_samples, teacher_outputs, tiny_llama
 

@@ -1,5 +1,5 @@
 """The trainer's end of a step (``Trainer.finish_step``) and its stop signals, with fakes around a bare
-:class:`gkd.trainer.Trainer`: after the last step the checkpoint and the export come before the final
+:class:`gkd.trainer.recipe.Trainer`: after the last step the checkpoint and the export come before the final
 evaluation, and a failed evaluation is logged, never fatal; the peak-TFLOP/s measurement leaves the
 restored RNG streams alone; a stop signal before training ends the rank with 128 + signum."""
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from gkd.config import load_config
-from gkd.scheduler import SchedulerState, Step
-from gkd.trainer import Trainer
-from gkd.trainer_stop import StopBeforeTraining, StopRequest
+from gkd.trainer.recipe import Trainer
+from gkd.trainer.scheduler import SchedulerState, Step
+from gkd.trainer.stop import StopBeforeTraining, StopRequest
 
 TOTAL = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_a_failed_evaluation_is_logged_and_training_goes_on(caplog):
 
 
 def test_a_measured_peak_leaves_the_restored_rng_streams_alone():
-    from gkd.metrics import resolve_peak_tflops
+    from gkd.metrics.records import resolve_peak_tflops
 
     torch.manual_seed(1)
     before = torch.get_rng_state()
@@ -121,7 +121,7 @@ def test_a_stop_signal_before_training_interrupts_and_later_ones_call_back():
 def test_commands_travel_through_the_store_in_order_and_a_stop_request_reaches_rank_0():
     import torch.distributed as dist
 
-    from gkd.trainer_ranks import OP_SAVE, OP_STOP, OP_TRAIN, Commands
+    from gkd.trainer.ranks import OP_SAVE, OP_STOP, OP_TRAIN, Commands
 
     store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=__import__("datetime").timedelta(seconds=10))
     rank0, other = Commands(store), Commands(store)

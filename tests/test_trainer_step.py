@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaForCausalLM
 
-from gkd.checkpoint import gather_rng_states
 from gkd.config import LossConfig, OptimConfig
 from gkd.kernels.reference import topk_distill_loss_reference
 from gkd.kernels.sampled import sampled_reverse_kl_loss
 from gkd.rollout.types import Sample
 from gkd.teacher.types import TeacherOutput
-from gkd.trainer_step import (
+from gkd.trainer.checkpoint import gather_rng_states
+from gkd.trainer.step import (
     accumulate_gradients,
     build_optimizer,
     loss_on_micro_batch,
@@ -346,7 +346,7 @@ def _precision_cfg(param: str, compute: str, lr: float = 1e-6) -> SimpleNamespac
 
 
 def test_compute_dtype_resolution_and_fp32_on_cpu_is_bitwise_unchanged():
-    from gkd.trainer_step import autocast, autocast_dtype
+    from gkd.trainer.step import autocast, autocast_dtype
 
     fp32, bf16 = tiny_llama(0), tiny_llama(0, dtype=torch.bfloat16)
     assert autocast_dtype(fp32, _precision_cfg("float32", "auto")) is None  # auto on CPU = fp32: no autocast

@@ -1,4 +1,4 @@
-"""``gkd.vllm_support.RequestPump`` (one vLLM engine fed from a queue) on a stand-in ``LLMEngine``: requests
+"""``gkd.services.vllm.RequestPump`` (one vLLM engine fed from a queue) on a stand-in ``LLMEngine``: requests
 from several threads run in one batch, engine-wide keys (the logit scale) never mix within a batch,
 cancellation aborts only the cancelled caller's requests, calls run between steps with nothing running."""
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gkd.vllm_support import RequestPump
+from gkd.services.vllm import RequestPump
 
 WAIT_S = 30
 

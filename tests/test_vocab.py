@@ -1,4 +1,4 @@
-"""One tokenizer, embeddings padded to different sizes (gkd/vocab.py): preflight compares tokenizers, not
+"""One tokenizer, embeddings padded to different sizes (gkd/data/vocab.py): preflight compares tokenizers, not
 ``config.vocab_size``; the teacher never names a padded row and the rollout never samples one; a
 different tokenizer is refused in one line naming both folders; every generation-config eos id stops."""
 
@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from gkd.config import load_config
+from gkd.data.vocab import _length_bound, load_tokenizer, stop_token_ids, tokenizer_identity
 from gkd.demo.tiny import tiny_llama, tokenizer
-from gkd.preflight import InputError, check_tokenizers
+from gkd.launch.preflight import check_tokenizers
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
+from gkd.services.inputs import InputError
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.types import TeacherOutput
 from gkd.teacher.vllm_engine import mask_padded_ids
-from gkd.vocab import _length_bound, load_tokenizer, stop_token_ids, tokenizer_identity
 from tests.tiny_run import ROOT, train_argv
 
 TOKENS = 262  # the tokenizer's length; the student's embedding has 264 rows, the teacher's 320
@@ -92,7 +93,7 @@ def test_the_same_tokenizer_files_are_checked_without_loading_a_tokenizer(pair, 
     def no_loading(folder):
         raise AssertionError(f"a tokenizer was loaded: {folder}")
 
-    monkeypatch.setattr("gkd.vocab.load_tokenizer", no_loading)
+    monkeypatch.setattr("gkd.data.vocab.load_tokenizer", no_loading)
     check_tokenizers(_cfg(pair["student"], pair["teacher"]))  # 264 and 320 rows >= the bound
     with pytest.raises(AssertionError, match="a tokenizer was loaded"):  # other files: the full check
         check_tokenizers(_cfg(pair["student"], pair["other"]))
@@ -169,7 +170,7 @@ def test_every_generation_config_eos_id_stops_the_rollout(pair):
 
 def test_validation_and_the_vllm_rollout_stop_on_the_same_ids(pair):
     from gkd.rollout.vllm_engine import _folder_stop_ids
-    from gkd.validation import Validator
+    from gkd.trainer.validation import Validator
 
     cfg = load_config([], [f"model.student_path={pair['student']}", "data.train_files=[x.parquet]"])
     v = Validator(cfg, [[1, 2]], None, None, lambda s, o: (0.0, 1), eos_id=1)

@@ -1,6 +1,7 @@
-"""gkd.weights over gloo on 127.0.0.1: handshake, bucketed verified syncs, corruption, FSDP2 gather-to-root,
-versions announced in the store (an idle gap longer than the group timeout), the GPU path (device word
-sum, bucket buffers, cast to the engine dtype) run with CPU tensors, and the device checksum itself.
+"""gkd.weights.transfer over gloo on 127.0.0.1: handshake, bucketed verified syncs, corruption, FSDP2
+gather-to-root, versions announced in the store (an idle gap longer than the group timeout), the GPU path
+(device word sum, bucket buffers, cast to the engine dtype) run with CPU tensors, and the device checksum
+itself.
 
 The multi-process tests spawn their processes once and run several scenarios in them (process start and
 the ``transformers`` import dominate the cost); the others run the ranks as threads of the test process.
@@ -18,9 +19,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gkd import _ext
-from gkd.flatten import FlatBuffer, MetadataMismatch
-from gkd.weights import ChannelReform, WeightReceiver, WeightSender, WeightSyncError, init_weight_group
+from gkd.weights import native as _ext
+from gkd.weights.flat import FlatBuffer, MetadataMismatch
+from gkd.weights.transfer import (
+    ChannelReform,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+    init_weight_group,
+)
 from tests.ranks import run_ranks
 from tests.tiny_llama import tiny_llama
 
@@ -197,8 +204,8 @@ def test_fsdp2_gather_to_root():
 
 
 def test_metadata_round_trip_and_rejection():
-    from gkd.flatten import TensorMeta, plan_buckets
-    from gkd.weight_wire import _metadata_bytes, _parse_metadata
+    from gkd.weights.flat import TensorMeta, plan_buckets
+    from gkd.weights.wire import _metadata_bytes, _parse_metadata
 
     metas = [TensorMeta(f"w{i}", dt, (i + 1, 3)) for i, dt in enumerate([torch.bfloat16, torch.float32] * 3)]
     buckets = plan_buckets(metas, 64, alignment=16)
@@ -213,7 +220,7 @@ def test_metadata_round_trip_and_rejection():
         _parse_metadata(lying)
     with pytest.raises(ValueError, match="dtype"):
         _parse_metadata(_metadata_bytes(buckets, 16).replace(b'"bfloat16"', b'"object"'))
-    from gkd.weight_wire import _parse_metadata_doc
+    from gkd.weights.wire import _parse_metadata_doc
 
     assert _parse_metadata_doc(_metadata_bytes(buckets, 16, torch.bfloat16)) == (buckets, "bfloat16")
     with pytest.raises(WeightSyncError, match="dtype 'object'"):
@@ -441,7 +448,7 @@ def test_nccl_channel_idle_gap_cast_and_host_staging():
 def test_a_sharded_sender_whose_broadcast_fails_still_gathers_every_bucket(monkeypatch):
     """FSDP2: the other trainer ranks take part in every bucket's gather once told to sync, so rank 0 must
     gather them all even after its broadcast failed (else they sit in a gather until the group timeout)."""
-    import gkd.weights as weights
+    import gkd.weights.transfer as weights
 
     gathered = []
     monkeypatch.setattr(weights, "_gather_to_root", lambda t, dtype=None: gathered.append(t) or t)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
-def _render(table) -> str:
-    from rich.console import Console
-
-    console = Console(width=120, record=True, force_terminal=False, color_system=None)
-    with console.capture() as cap:
-        console.print(table)
-    return cap.get().rstrip()
+from gkd.evaluate import render_table
 
 
 def kl_table(summary: dict) -> str:
@@ -48,7 +41,7 @@ def kl_table(summary: dict) -> str:
             "",
         )
         t.add_row("greedy answers' distinct-2", f"{b['distinct_2']:.3f}", f"{a['distinct_2']:.3f}", "")
-    return _render(t)
+    return render_table(t)
 
 
 def answers_table(samples: Sequence[dict], width: int = 160) -> str:
@@ -60,4 +53,4 @@ def answers_table(samples: Sequence[dict], width: int = 160) -> str:
         t.add_column(col, overflow="fold", ratio=1)
     for s in samples:
         t.add_row(*(s[k][:width] for k in ("prompt", "student_before", "student_after", "teacher")))
-    return _render(t)
+    return render_table(t)

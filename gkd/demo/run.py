@@ -27,7 +27,8 @@ from pathlib import Path
 
 from gkd.config import load_config, parse_scheduler
 from gkd.demo.models import MARKER
-from gkd.preflight import InputError, check_launch, number, writable_folder
+from gkd.launch.preflight import check_launch
+from gkd.services.inputs import InputError, number, writable_folder
 
 log = logging.getLogger("gkd.demo")
 
@@ -383,10 +384,10 @@ def run_demo(st: DemoSettings) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gkd import launch
     from gkd.demo.report import answers_table, kl_table
     from gkd.evaluate import encode_prompt, evaluate, generate, teacher_logprob
-    from gkd.timeline import draw_timeline
+    from gkd.launch import run as launch
+    from gkd.metrics.timeline import draw_timeline
 
     t0 = time.monotonic()
     out = Path(st.out).resolve()
@@ -463,7 +464,7 @@ def run_demo(st: DemoSettings) -> dict:
 
 def _demo(args: argparse.Namespace) -> int:
     from gkd.demo.models import DemoSetupError
-    from gkd.transport.process import configure_logging
+    from gkd.services.transport.process import configure_logging
 
     configure_logging(args.log_level)
     chosen = {k: v for k, v in vars(args).items() if k in DemoSettings.__dataclass_fields__ and v is not None}

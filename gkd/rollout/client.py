@@ -24,8 +24,8 @@ from typing import Any
 
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.rollout.wire import OP_GENERATE, REPLY_LIMITS, pack_request, unpack_reply
-from gkd.transport import Auth, plan_chunks
-from gkd.transport.service_client import ServiceClient, item_length
+from gkd.services.transport import Auth, plan_chunks
+from gkd.services.transport.service_client import ServiceClient, item_length
 
 
 class RolloutClient(ServiceClient[Sample]):

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from gkd.data.vocab import has_tokenizer, load_tokenizer, stop_token_ids
 from gkd.rollout.llama_decode import (
     FusedLlamaSteps,
     FusedWeights,
@@ -34,8 +35,7 @@ from gkd.rollout.llama_decode import (
 )
 from gkd.rollout.static_decode import StaticStepsCache, static_cache_default
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
-from gkd.transport.cancel import check_cancelled
-from gkd.vocab import has_tokenizer, load_tokenizer, stop_token_ids
+from gkd.services.transport.cancel import check_cancelled
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Weights with fewer elements stay on ``F.linear``: packing gains nothing measurable for them at decode

@@ -17,17 +17,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gkd import service
-from gkd.channel import ChannelMember
-from gkd.channel_auth import TOKEN_ENV, read_token_file
-from gkd.dtypes import DTYPE_NAMES
-from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
+from gkd.config.dtypes import DTYPE_NAMES
 from gkd.rollout.types import check_prompts
 from gkd.rollout.versioned import VersionedEngine, WeightChannel, parse_host_port
 from gkd.rollout.wire import LIMITS, OPS, REPLY_LIMITS, pack_reply, unpack_request
-from gkd.service import BACKENDS, ServiceKind
-from gkd.transport import Auth, Broker, Worker
-from gkd.transport.process import auth_from_file
+from gkd.services import host as service
+from gkd.services.gpus import VLLMOptions, describe_engine, engine_on_gpu
+from gkd.services.host import BACKENDS, ServiceKind
+from gkd.services.transport import Auth, Broker, Worker
+from gkd.services.transport.process import auth_from_file
+from gkd.weights.channel import ChannelMember
+from gkd.weights.membership import TOKEN_ENV, read_token_file
 
 log = logging.getLogger("gkd.rollout")
 ROLLOUT = ServiceKind("rollout", OPS, LIMITS, 15557, 15558, log, reply_limits=REPLY_LIMITS)
@@ -182,12 +182,11 @@ def serve(
     weight_staging: str = "host",
     **options: Any,
 ) -> int:
-    """``gkd rollout serve``: :func:`gkd.service.serve` with the rollout's ports (15557, 15558) by default
-    (``options``: host, port, backend_port, auth_secret_file, gpus, max_restarts, restart_window_s); the
-    ``workers`` take weight ranks 1..workers x tp of a channel of ``workers x tp + 1`` (tp: the vLLM
-    engines' ``tensor_parallel_size``, each of whose workers is a member; worker i's block starts at
-    ``1 + i x tp``), and a restarted worker joins the weight channel's next generation before it takes
-    requests."""
+    """``gkd rollout serve``: :func:`gkd.services.host.serve` with the rollout's ports (15557, 15558) by
+    default (``options``: host, port, backend_port, auth_secret_file, gpus, max_restarts, restart_window_s);
+    the ``workers`` take weight ranks 1..workers x tp of a channel of ``workers x tp + 1`` (tp: the vLLM
+    engines' ``tensor_parallel_size``, each of whose workers is a member; worker i's block starts at ``1 + i x
+    tp``), and a restarted worker joins the weight channel's next generation before it takes requests."""
     if weight_channel is not None:
         parse_host_port(weight_channel)
     tp = spec.vllm.tensor_parallel_size

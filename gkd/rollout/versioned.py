@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from gkd.transport import HandBack
+from gkd.services.transport import HandBack
 
 log = logging.getLogger("gkd.rollout")
 
@@ -80,9 +80,9 @@ class SharedLock:
 
 @dataclass(frozen=True)
 class WeightChannel:
-    """This worker's place in the weight channel (``gkd.weights``): trainer rank 0 hosts the TCPStore on
-    ``host:port``; rollout members are ranks ``1..world_size-1``. A worker takes ``ranks`` of them from
-    ``rank`` on: one, or ``tensor_parallel_size`` for a vLLM engine whose workers each receive."""
+    """This worker's place in the weight channel (``gkd.weights.transfer``): trainer rank 0 hosts the
+    TCPStore on ``host:port``; rollout members are ranks ``1..world_size-1``. A worker takes ``ranks`` of them
+    from ``rank`` on: one, or ``tensor_parallel_size`` for a vLLM engine whose workers each receive."""
 
     host: str
     port: int
@@ -211,8 +211,8 @@ class VersionedEngine:
             self._changed.notify_all()
 
     def _receive_loop(self) -> None:
-        from gkd.channel import ChannelMember, member_id
-        from gkd.weights import ChannelReform, WeightReceiver, WeightSyncError
+        from gkd.weights.channel import ChannelMember, member_id
+        from gkd.weights.transfer import ChannelReform, WeightReceiver, WeightSyncError
 
         ch = self.channel
         member = None

@@ -23,7 +23,7 @@ path, log-probs under T = 1, as ``Sample`` documents. The scale is per engine: i
 request pump (below), so requests at one temperature run together and one at another waits for them.
 
 Requests in flight: ``generate`` may be called from several threads at once (the rollout worker's
-``max_in_flight`` slots). Every call's prompts go to one :class:`gkd.vllm_support.RequestPump`, which feeds
+``max_in_flight`` slots). Every call's prompts go to one :class:`gkd.services.vllm.RequestPump`, which feeds
 vLLM's engine from a queue: vLLM batches all callers' sequences (continuous batching) instead of gkd
 running one call after another, a withdrawn request is aborted in vLLM (the worker's cancel event), and
 every other use of the engine (weight loads, status polls, the prefix-cache reset) runs on the pump's
@@ -34,7 +34,7 @@ returns per generated position the sampled token first, then the top-m ids, from
 logits it sampled from, so they are the top-m of softmax(logits / T) at no extra forward.
 
 Stops: ``ignore_eos=True``, so only ``SamplingConfig.stop_token_ids`` and the model folder's own end ids
-(every ``generation_config.json`` eos id and the tokenizer's eos: :func:`gkd.vocab.stop_token_ids`) end a
+(every ``generation_config.json`` eos id and the tokenizer's eos: :func:`gkd.data.vocab.stop_token_ids`) end a
 response (as in the HF engine);
 the stop token is the last of ``response_ids`` and the finish reason is ``"stop"``, else ``"length"``.
 Seeds: request i gets ``SamplingParams.seed = seed + seed_offset + i`` (vLLM samples a seeded request
@@ -75,15 +75,15 @@ from typing import Any
 
 import torch
 
-from gkd.dtypes import torch_dtype
+from gkd.config.dtypes import torch_dtype
 from gkd.rollout.types import Sample, SamplingConfig, check_named_tensors, check_prompts
 from gkd.rollout.vllm_worker import EXTENSION, load_in_place, reload, start_receivers
-from gkd.vllm_support import RequestPump, final_only, import_vllm
+from gkd.services.vllm import RequestPump, final_only, import_vllm
 
 
 def _folder_stop_ids(model: str, no_tokenizer: bool) -> tuple[int, ...]:
     """The model folder's end ids: its generation-config eos ids and its tokenizer's eos."""
-    from gkd.vocab import load_tokenizer, stop_token_ids
+    from gkd.data.vocab import load_tokenizer, stop_token_ids
 
     eos = None if no_tokenizer else load_tokenizer(model).eos_token_id
     return stop_token_ids(model, eos)
@@ -130,7 +130,7 @@ class VLLMRolloutEngine:
         self._scale_factor = 1.0
         self._spec: dict[str, torch.Tensor] | None = None
         self._broken: str | None = None  # set when an update could not clear the prefix cache
-        self.max_in_flight = int(max_in_flight)  # the rollout worker's slots (gkd.transport.worker)
+        self.max_in_flight = int(max_in_flight)  # the rollout worker's slots (gkd.services.transport.worker)
         self._pump = RequestPump(
             self.llm.llm_engine, set_key=self._set_scale, final_only=final_only(), name="gkd-vllm-rollout"
         )
@@ -222,7 +222,7 @@ class VLLMRolloutEngine:
         )
         if not prompts:
             return []
-        from gkd.transport.worker import Cancelled, cancel_event
+        from gkd.services.transport.worker import Cancelled, cancel_event
 
         version = self.policy_version  # weights change only between requests
         greedy = sampling.temperature == 0

@@ -14,7 +14,7 @@ weights itself: :class:`WeightReceiverExtension` is mixed into vLLM's worker cla
 - ``gkd_weight_status()``: ``{"state", "staged", "version", "error"}`` of this rank;
 - ``gkd_apply_weights(v)``: load the staged version ``v`` into the model (the full tensors: vLLM's
   ``load_weights`` keeps this rank's shard of each), on the worker's main thread between model steps;
-- ``gkd_set_logit_scale(factor)``: the temperature hook (:func:`gkd.vllm_support.set_logit_scale`).
+- ``gkd_set_logit_scale(factor)``: the temperature hook (:func:`gkd.services.vllm.set_logit_scale`).
 
 In the gkd process, :func:`follow_workers` (the rollout worker's weight thread) polls the ranks' status
 between requests and, once every rank staged the same version, applies it on all of them at the batch
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from gkd.rollout.versioned import VersionedEngine, WeightChannel, _AtVersion
-from gkd.vllm_support import set_logit_scale
+from gkd.services.vllm import set_logit_scale
 
 log = logging.getLogger("gkd.rollout")
 

@@ -13,7 +13,7 @@ One op, ``generate``. Request (fields + int32 tensors, all flat)::
 Reply::
 
     fields   policy_version: int   the one version that produced every sample of this reply
-             worker: str           "host pid N" (named in the client's value errors: ``gkd.reply_values``)
+             worker: str           "host pid N" (named in the client's value errors: ``gkd.services.values``)
     tensors  response_ids       [sum R] int32
              response_lens      [S] int32
              response_logprobs  [sum R] float32   log softmax(logits / T) of each sampled token
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from gkd.reply_values import BadValues, check_ids, check_logprobs, refuse_nonfinite, sender, worker_label
 from gkd.rollout.types import FINISH_REASONS, Sample, SamplingConfig
-from gkd.transport import Limits, Message, ProtocolError
+from gkd.services.transport import Limits, Message, ProtocolError
+from gkd.services.values import BadValues, check_ids, check_logprobs, refuse_nonfinite, sender, worker_label
 
 OP_GENERATE = "generate"
 OPS = (OP_GENERATE,)

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from gkd.services.transport import Auth, plan_chunks
+from gkd.services.transport.service_client import ServiceClient, item_length
 from gkd.teacher.generate_wire import OP_GENERATE, pack_generate_request, unpack_generate_reply
 from gkd.teacher.types import GenerateSettings, TeacherAnswer, TeacherOutput
 from gkd.teacher.wire import OP_SCORE, REPLY_LIMITS, pack_request, unpack_reply
-from gkd.transport import Auth, plan_chunks
-from gkd.transport.service_client import ServiceClient, item_length
 
 
 class TeacherClient(ServiceClient[TeacherOutput]):

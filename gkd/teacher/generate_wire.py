@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from gkd.services.transport import Message, ProtocolError
 from gkd.teacher.types import GenerateSettings, TeacherAnswer
-from gkd.transport import Message, ProtocolError
 
 OP_GENERATE = "generate"
 
@@ -128,7 +128,7 @@ def unpack_generate_reply(
     """Reply -> one :class:`TeacherAnswer` per prompt; ``ProtocolError`` when it does not fit the request
     (``BadValues`` naming the worker for the values ``gkd.teacher.wire.unpack_reply`` checks, and answer
     ids outside ``[0, vocab_size)``)."""
-    from gkd.reply_values import check_ids, sender
+    from gkd.services.values import check_ids, sender
     from gkd.teacher.wire import unpack_reply
 
     t = msg.tensors

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gkd.dtypes import torch_dtype
+from gkd.config.dtypes import torch_dtype
+from gkd.data.vocab import real_vocab_size
 from gkd.teacher.types import (
     LOGPROB_DTYPES,
     GenerateSettings,
@@ -21,7 +22,6 @@ from gkd.teacher.types import (
     check_score_request,
     union_rows,
 )
-from gkd.vocab import real_vocab_size
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:

@@ -18,8 +18,8 @@ import torch
 
 from gkd.rollout.hf_engine import sample_rows
 from gkd.rollout.types import SamplingConfig
+from gkd.services.transport.cancel import check_cancelled
 from gkd.teacher.types import GenerateSettings, TeacherAnswer, TeacherOutput
-from gkd.transport.cancel import check_cancelled
 
 
 def plan_prompt_batches(

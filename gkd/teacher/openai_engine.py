@@ -50,10 +50,10 @@ from typing import Any
 import httpx
 import torch
 
+from gkd.services.transport import PROTOCOL_VERSION, ProtocolError, RemoteError, plan_chunks
+from gkd.services.transport.client import ServiceUnavailable
+from gkd.services.transport.service_client import item_length
 from gkd.teacher.types import TeacherOutput, check_sequences
-from gkd.transport import PROTOCOL_VERSION, ProtocolError, RemoteError, plan_chunks
-from gkd.transport.client import ServiceUnavailable
-from gkd.transport.service_client import item_length
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 BACKOFF_S = 0.5  # first retry after this, then doubled

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gkd import service
-from gkd.dtypes import DTYPE_NAMES
-from gkd.placement import VLLMOptions, describe_engine, engine_on_gpu
-from gkd.service import BACKENDS, ServiceKind
+from gkd.config.dtypes import DTYPE_NAMES
+from gkd.services import host as service
+from gkd.services.gpus import VLLMOptions, describe_engine, engine_on_gpu
+from gkd.services.host import BACKENDS, ServiceKind
+from gkd.services.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
+from gkd.services.transport.process import auth_from_file
 from gkd.teacher.wire import LIMITS, OPS, REPLY_LIMITS, make_handler
-from gkd.transport import PROTOCOL_VERSION, Auth, Broker, Client, ProtocolError, RemoteError, Worker
-from gkd.transport.process import auth_from_file
 
 log = logging.getLogger("gkd.teacher")
 TEACHER = ServiceKind("teacher", OPS, LIMITS, 15555, 15556, log, reply_limits=REPLY_LIMITS)
@@ -149,7 +149,7 @@ def make_broker(*, host: str, port: int, backend_port: int, auth: Auth | None = 
 
 
 def serve(spec: EngineSpec, **options: Any) -> int:
-    """``gkd teacher serve``: :func:`gkd.service.serve` with the teacher's ports (15555, 15556) by
+    """``gkd teacher serve``: :func:`gkd.services.host.serve` with the teacher's ports (15555, 15556) by
     default; ``options``: host, port, backend_port, workers, auth_secret_file, gpus, max_restarts,
     restart_window_s."""
     return service.serve(TEACHER, spec, **options)

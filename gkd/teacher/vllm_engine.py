@@ -19,8 +19,8 @@ needs. The scale is set through ``collective_rpc`` with a function, which works 
 the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, made the default here).
 
 Requests in flight: ``score`` and ``generate`` may be called from several threads at once (the teacher
-worker runs ``max_in_flight`` slots, :mod:`gkd.transport.worker`). Their requests go to one
-:class:`gkd.vllm_support.RequestPump`, which feeds vLLM's engine from a queue, so vLLM batches the
+worker runs ``max_in_flight`` slots, :mod:`gkd.services.transport.worker`). Their requests go to one
+:class:`gkd.services.vllm.RequestPump`, which feeds vLLM's engine from a queue, so vLLM batches the
 callers' sequences together (continuous batching) instead of gkd running one call after another; the
 logit scale is the pump's key (callers with another temperature wait until the running ones drained), and
 a request the broker withdraws is aborted in vLLM (the worker's cancel event).
@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from gkd.data.vocab import real_vocab_size
+from gkd.services.vllm import RequestPump, final_only, import_vllm, set_logit_scale
 from gkd.teacher.types import (
     LOGPROB_DTYPES,
     GenerateSettings,
@@ -55,8 +57,6 @@ from gkd.teacher.types import (
     check_prompts_for_generate,
     check_score_request,
 )
-from gkd.vllm_support import RequestPump, final_only, import_vllm, set_logit_scale
-from gkd.vocab import real_vocab_size
 
 
 def mask_padded_ids(out: TeacherOutput, token_ids: int) -> TeacherOutput:
@@ -115,7 +115,7 @@ class VLLMTeacherEngine:
         self.max_top_k = int(max_top_k)
         self.logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
         self.model_name = model
-        self.max_in_flight = int(max_in_flight)  # the teacher worker's slots (gkd.transport.worker)
+        self.max_in_flight = int(max_in_flight)  # the teacher worker's slots (gkd.services.transport.worker)
         self._scale_factor = 1.0
         self._pump = RequestPump(
             self.llm.llm_engine, set_key=self._apply_scale, final_only=final_only(), name="gkd-vllm-teacher"
@@ -145,7 +145,7 @@ class VLLMTeacherEngine:
 
     def _run(self, prompts: list, params: list, temperature: float) -> list:
         """Every prompt through the pump at ``temperature``'s logit scale; the worker's cancel honoured."""
-        from gkd.transport.worker import Cancelled, cancel_event
+        from gkd.services.transport.worker import Cancelled, cancel_event
 
         return self._pump.run(
             prompts,

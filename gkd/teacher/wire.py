@@ -23,7 +23,7 @@ Reply (response positions only; row j of a sequence predicts its response token 
              token_logprobs  [sum R] float32
              response_lens   [S] int32 (echoed, so the client can check the reply fits its request)
 
-Values are checked at both ends (``gkd.reply_values``): a worker answers with an error rather than send
+Values are checked at both ends (``gkd.services.values``): a worker answers with an error rather than send
 NaN/+inf/positive log-probs; the client refuses those, ids outside the vocabulary and columns other than
 asked (``BadValues`` naming the worker). An input the engine refuses (``check_sequences``: ids outside
 the vocabulary, empty prompt/response, too long, top_k above the served maximum) becomes an error
@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from gkd.reply_values import BadValues, check_ids, check_logprobs, refuse_nonfinite, sender, worker_label
+from gkd.services.transport import Limits, Message, ProtocolError
+from gkd.services.values import BadValues, check_ids, check_logprobs, refuse_nonfinite, sender, worker_label
 from gkd.teacher.types import LOGPROB_DTYPES, SUPPORTS, TeacherOutput
-from gkd.transport import Limits, Message, ProtocolError
 
 OP_SCORE = "score"
 OP_GENERATE = "generate"

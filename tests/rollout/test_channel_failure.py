@@ -9,12 +9,12 @@ from datetime import timedelta
 
 import pytest
 
-from gkd.channel import ChannelHost
 from gkd.rollout.service import WeightChannel, make_worker
 from gkd.rollout.types import SamplingConfig
 from gkd.rollout.versioned import VersionedEngine
-from gkd.transport.process import run_until_stopped
-from gkd.weights import WeightSender
+from gkd.services.transport.process import run_until_stopped
+from gkd.weights.channel import ChannelHost
+from gkd.weights.transfer import WeightSender
 from tests.rollout.conftest import random_prompts
 from tests.rollout.test_service import Service
 from tests.transport.helpers import free_port, wait_for

@@ -7,7 +7,7 @@ import torch
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import Sample, SamplingConfig
 from gkd.rollout.wire import OP_GENERATE, REPLY_LIMITS, pack_reply, pack_request, unpack_reply, unpack_request
-from gkd.transport.codec import ProtocolError, decode, encode
+from gkd.services.transport.codec import ProtocolError, decode, encode
 from tests.rollout.conftest import response_logits
 from tests.rollout.test_hf_engine import PROMPTS, _tiny
 

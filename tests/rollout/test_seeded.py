@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from gkd.config import load_config, rollout_seeded
-from gkd.sources import BatchSources
+from gkd.trainer.sources import BatchSources
 
 BASE = ["model.student_path=/m", "data.train_files=/d.parquet"]
 

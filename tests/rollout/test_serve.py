@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from gkd.channel import ChannelHost
+from gkd.data.vocab import stop_token_ids
 from gkd.rollout.client import RolloutClient
 from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.types import SamplingConfig
-from gkd.vocab import stop_token_ids
-from gkd.weights import WeightSender
+from gkd.weights.channel import ChannelHost
+from gkd.weights.transfer import WeightSender
 from tests.rollout.conftest import assert_samples_equal, random_prompts
 from tests.transport.helpers import free_port, pid_alive, wait_for
 

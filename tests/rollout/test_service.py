@@ -13,7 +13,7 @@ from gkd.rollout.hf_engine import HFRolloutEngine
 from gkd.rollout.service import RolloutSpec, WeightChannel, make_broker, make_worker
 from gkd.rollout.types import SamplingConfig
 from gkd.rollout.wire import OP_GENERATE, pack_request
-from gkd.transport import Client, RemoteError
+from gkd.services.transport import Client, RemoteError
 from tests.rollout.conftest import MAX_LEN, VOCAB, assert_samples_equal, random_prompts
 from tests.transport.helpers import FAST, ServiceThreads
 

@@ -165,7 +165,7 @@ def test_a_withdrawn_request_is_aborted_in_vllm_and_the_engine_serves_on(engine)
     vLLM instead of running them to the end; concurrent callers are unaffected."""
     import threading
 
-    from gkd.transport import worker
+    from gkd.services.transport import worker
 
     long = SamplingConfig(max_new_tokens=400, temperature=1.0)
     outcome = {}
@@ -244,9 +244,9 @@ def test_weights_received_inside_the_vllm_worker_give_exactly_the_sent_model(eng
     import socket
     from datetime import timedelta
 
-    from gkd.channel import ChannelHost
     from gkd.rollout.versioned import VersionedEngine, WeightChannel
-    from gkd.weights import WeightSender
+    from gkd.weights.channel import ChannelHost
+    from gkd.weights.transfer import WeightSender
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

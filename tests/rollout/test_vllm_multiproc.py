@@ -72,9 +72,9 @@ def engine(models, request):
 
 
 def test_a_sync_with_multiprocessing_on_loads_the_trainers_weights_bit_for_bit(engine, models):
-    from gkd.channel import ChannelHost
     from gkd.rollout.versioned import VersionedEngine, WeightChannel
-    from gkd.weights import WeightSender
+    from gkd.weights.channel import ChannelHost
+    from gkd.weights.transfer import WeightSender
 
     assert engine.receives_in_workers  # multiprocessing: tensors never cross collective_rpc
     tp = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size

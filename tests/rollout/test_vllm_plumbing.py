@@ -6,7 +6,7 @@ import torch
 
 from gkd.cli import build_parser
 from gkd.config import load_config
-from gkd.launch import rollout_command
+from gkd.launch.run import rollout_command
 from gkd.rollout.service import _spec
 from gkd.rollout.types import SamplingConfig
 from tests import fake_vllm

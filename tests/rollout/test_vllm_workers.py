@@ -12,9 +12,9 @@ from datetime import timedelta
 import pytest
 import torch
 
-from gkd.channel import ChannelHost
 from gkd.rollout.versioned import VersionedEngine, WeightChannel
-from gkd.weights import WeightSender
+from gkd.weights.channel import ChannelHost
+from gkd.weights.transfer import WeightSender
 from tests import fake_vllm
 
 TIMEOUT = timedelta(seconds=60)
@@ -194,9 +194,9 @@ def test_a_failed_rank_stops_the_others_and_fails_the_worker():
 
 
 def test_serve_gives_each_engine_a_block_of_tensor_parallel_ranks(monkeypatch):
-    from gkd import service
-    from gkd.placement import VLLMOptions
+    from gkd.launch.placement import VLLMOptions
     from gkd.rollout import service as rollout_service
+    from gkd.services import host as service
 
     seen = {}
     monkeypatch.setattr(service, "serve", lambda kind, spec, **kw: seen.update(kw) or 0)

@@ -10,10 +10,10 @@ from datetime import timedelta
 
 import torch
 
-from gkd.channel import ChannelHost
 from gkd.rollout.service import WeightChannel
 from gkd.rollout.types import SamplingConfig
-from gkd.weights import WeightSender
+from gkd.weights.channel import ChannelHost
+from gkd.weights.transfer import WeightSender
 from tests.rollout.conftest import random_prompts, response_logits
 from tests.rollout.test_service import Service
 from tests.transport.helpers import wait_for
@@ -180,7 +180,7 @@ def test_channel_settings_reach_each_worker_from_the_config():
     import argparse
 
     from gkd.config import load_config
-    from gkd.launch import rollout_command
+    from gkd.launch.run import rollout_command
     from gkd.rollout.service import _channel_argv, add_rollout_cli
 
     parser = argparse.ArgumentParser()

@@ -10,7 +10,7 @@ import torch
 from gkd.rollout.service import VersionedEngine, make_handler
 from gkd.rollout.types import SamplingConfig
 from gkd.rollout.wire import LIMITS, pack_request, unpack_request
-from gkd.transport.codec import ProtocolError, decode_header, encode
+from gkd.services.transport.codec import ProtocolError, decode_header, encode
 
 
 class _Engine:

@@ -5,6 +5,7 @@ not fit the request."""
 import pytest
 import torch
 
+from gkd.services.transport import Message, ProtocolError, RemoteError
 from gkd.teacher.client import TeacherClient
 from gkd.teacher.generate_wire import (
     generate_reply,
@@ -15,7 +16,6 @@ from gkd.teacher.generate_wire import (
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.service import EngineSpec, make_broker, make_worker
 from gkd.teacher.types import GenerateSettings
-from gkd.transport import Message, ProtocolError, RemoteError
 from tests.teacher.conftest import VOCAB, assert_outputs_equal
 from tests.transport.helpers import FAST, ServiceThreads
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gkd.services.transport import ProtocolError, RemoteError
+from gkd.services.transport.client import ServiceUnavailable
 from gkd.teacher.openai_engine import OpenAITeacherClient, parse_reply, read_api_key
-from gkd.transport import ProtocolError, RemoteError
-from gkd.transport.client import ServiceUnavailable
 from tests.teacher.conftest import VOCAB, assert_outputs_equal, random_sequences
 from tests.teacher.fake_openai import SERVED, FakeOpenAIServer
 

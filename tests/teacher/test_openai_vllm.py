@@ -105,8 +105,8 @@ def test_scores_through_vllm_serve(server, reference):
 
 
 def test_the_server_refusals_reach_the_caller(server):
+    from gkd.services.transport import RemoteError
     from gkd.teacher.openai_engine import OpenAITeacherClient
-    from gkd.transport import RemoteError
 
     client = OpenAITeacherClient(server, api_key=KEY, vocab_size=VOCAB)
     with client, pytest.raises(RemoteError, match="http_400.*greater than max allowed: 16"):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gkd.services.transport import Auth, RemoteError
 from gkd.teacher.client import TeacherClient
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.service import EngineSpec, make_broker, make_worker, tokenizer_fingerprint
-from gkd.transport import Auth, RemoteError
 from tests.teacher.conftest import MAX_LEN, VOCAB, assert_outputs_equal, random_sequences
 from tests.transport.helpers import FAST, ServiceThreads, wait_for
 
@@ -121,8 +121,8 @@ def test_bad_input_gets_an_error_naming_the_sequence_and_service_keeps_serving(
 
 
 def test_inconsistent_tensors_are_refused(service):
+    from gkd.services.transport import Client
     from gkd.teacher.wire import OP_SCORE, pack_request
-    from gkd.transport import Client
 
     fields, tensors = pack_request(random_sequences(2), 4, 1.0)
     tensors["prompt_lens"] = tensors["prompt_lens"] + 1  # lengths no longer add up to input_ids
@@ -240,7 +240,7 @@ def test_supervise_restarts_exited_workers_then_reports_unhealthy(caplog):
     import sys
     import threading
 
-    from gkd.transport.process import supervise
+    from gkd.services.transport.process import supervise
 
     spawned = []
 
@@ -267,7 +267,7 @@ def test_restart_bounds_reach_both_services_from_the_config(monkeypatch):
     and ``gkd rollout serve`` commands -> each service's supervisor."""
     from gkd import cli
     from gkd.config import load_config
-    from gkd.launch import rollout_command, teacher_command
+    from gkd.launch.run import rollout_command, teacher_command
     from gkd.rollout import service as rollout_service
     from gkd.teacher import service as teacher_service
 
@@ -275,8 +275,8 @@ def test_restart_bounds_reach_both_services_from_the_config(monkeypatch):
     cfg = load_config(
         [], ["model.student_path=S", "teacher.model_path=T", "data.train_files=[x.parquet]", *keys]
     )
-    monkeypatch.setattr("gkd.service.run_service", lambda name, spec, serve: serve(None))
-    monkeypatch.setattr("gkd.transport.process.configure_logging", lambda level: None)
+    monkeypatch.setattr("gkd.services.host.run_service", lambda name, spec, serve: serve(None))
+    monkeypatch.setattr("gkd.services.transport.process.configure_logging", lambda level: None)
     got = {}
     for name, module, argv in (
         ("teacher", teacher_service, teacher_command(cfg)),

@@ -4,10 +4,10 @@ the sampled token), deduplicated and padded to a fixed width, exactly (the trans
 import pytest
 import torch
 
+from gkd.services.transport.codec import decode, encode
 from gkd.teacher.hf_engine import HFTeacherEngine
 from gkd.teacher.types import union_rows
 from gkd.teacher.wire import OP_SCORE, REPLY_LIMITS, make_handler, pack_request, unpack_reply
-from gkd.transport.codec import decode, encode
 from tests.teacher.conftest import VOCAB, random_sequences
 
 

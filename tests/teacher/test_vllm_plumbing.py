@@ -3,7 +3,7 @@
 
 from gkd.cli import _engine_spec, build_parser
 from gkd.config import load_config
-from gkd.launch import teacher_command
+from gkd.launch.run import teacher_command
 from tests import fake_vllm
 
 

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from gkd.transport.broker import Broker
-from gkd.transport.client import Client
-from gkd.transport.worker import Worker
+from gkd.services.transport.broker import Broker
+from gkd.services.transport.client import Client
+from gkd.services.transport.worker import Worker
 
 OPS = ("sum",)
 FAST = {"heartbeat_interval_s": 0.05, "heartbeat_timeout_s": 0.4}

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gkd.transport.auth import CLIENT_TO_BROKER, WORKER_TO_BROKER, Auth, AuthError
-from gkd.transport.client import Client
-from gkd.transport.codec import encode
+from gkd.services.transport.auth import CLIENT_TO_BROKER, WORKER_TO_BROKER, Auth, AuthError
+from gkd.services.transport.client import Client
+from gkd.services.transport.codec import encode
 from tests.transport.helpers import tensors_for, wait_for
 
 SECRET = b"0123456789abcdef-test-secret"

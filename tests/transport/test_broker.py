@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import pytest
 import torch
 
-from gkd.transport.client import Client, RemoteError, plan_chunks
-from gkd.transport.codec import PROTOCOL_VERSION
+from gkd.services.transport.client import Client, RemoteError, plan_chunks
+from gkd.services.transport.codec import PROTOCOL_VERSION
 from tests.transport.helpers import tensors_for
 
 

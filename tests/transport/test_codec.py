@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gkd.transport.codec import (
+from gkd.services.transport.codec import (
     DTYPES,
     PROTOCOL_VERSION,
     Limits,

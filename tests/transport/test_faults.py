@@ -14,16 +14,16 @@ import msgpack
 import pytest
 import zmq
 
-from gkd.transport.broker import Broker
-from gkd.transport.client import RemoteError
-from gkd.transport.codec import reply_frames
-from gkd.transport.protocol import READY, REPLY, REQUEST, RESET
+from gkd.services.transport.broker import Broker
+from gkd.services.transport.client import RemoteError
+from gkd.services.transport.codec import reply_frames
+from gkd.services.transport.protocol import READY, REPLY, REQUEST, RESET
 from tests.transport.helpers import FAST, OPS, tensors_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_MAIN = """
 import sys
-from gkd.transport.worker import Worker
+from gkd.services.transport.worker import Worker
 from tests.transport.helpers import FAST, OPS, make_handler
 name = sys.argv[2]
 Worker(sys.argv[1], make_handler(name), ops=OPS, info={"name": name}, **FAST).run()

@@ -13,11 +13,11 @@ import zmq
 
 from gkd.rollout.service import ROLLOUT
 from gkd.rollout.wire import REPLY_LIMITS as ROLLOUT_REPLY_LIMITS
-from gkd.service import make_broker
+from gkd.services.host import make_broker
+from gkd.services.transport.auth import MAGIC, Auth
+from gkd.services.transport.codec import encode
 from gkd.teacher.service import TEACHER
 from gkd.teacher.wire import REPLY_LIMITS as TEACHER_REPLY_LIMITS
-from gkd.transport.auth import MAGIC, Auth
-from gkd.transport.codec import encode
 from tests.transport.helpers import Service, tensors_for, wait_for
 
 SECRET = b"flood-test-secret-0123456789"

@@ -8,8 +8,8 @@ import pytest
 import torch
 import zmq
 
-from gkd.transport.codec import PROTOCOL_VERSION, Limits, ProtocolError, decode_header, encode
-from gkd.transport.protocol import BYE, HEARTBEAT, READY, REPLY
+from gkd.services.transport.codec import PROTOCOL_VERSION, Limits, ProtocolError, decode_header, encode
+from gkd.services.transport.protocol import BYE, HEARTBEAT, READY, REPLY
 from tests.transport.helpers import OPS, tensors_for, wait_for
 
 N_FRONTEND = 10_000

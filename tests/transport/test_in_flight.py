@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from gkd.transport.client import RemoteError
-from gkd.transport.worker import Cancelled, Worker, cancel_event
+from gkd.services.transport.client import RemoteError
+from gkd.services.transport.worker import Cancelled, Worker, cancel_event
 from tests.transport.helpers import FAST, OPS, tensors_for, wait_for
 
 
@@ -62,7 +62,7 @@ def test_a_withdrawn_request_is_cancelled_in_its_slot_only(service):
 
 
 def test_the_trainer_counts_worker_processes_not_slots():
-    from gkd.startup import worker_processes
+    from gkd.services.startup import worker_processes
 
     def entry(pid, slot=None):
         return {"info": {"host": "h", "pid": pid, **({} if slot is None else {"slot": slot, "slots": 4})}}

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from gkd.transport.auth import Auth
-from gkd.transport.broker import Broker
-from gkd.transport.client import Client, RemoteError, ServiceUnavailable
-from gkd.transport.worker import check_cancelled
+from gkd.services.transport.auth import Auth
+from gkd.services.transport.broker import Broker
+from gkd.services.transport.client import Client, RemoteError, ServiceUnavailable
+from gkd.services.transport.worker import check_cancelled
 from tests.transport.helpers import FAST, OPS, tensors_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # broker and one worker in one process (as `gkd teacher serve` runs them); prints the frontend address
 SERVICE_MAIN = """
 import threading
-from gkd.transport.broker import Broker
-from gkd.transport.worker import Worker
+from gkd.services.transport.broker import Broker
+from gkd.services.transport.worker import Worker
 from tests.transport.helpers import FAST, OPS, make_handler
 broker = Broker(OPS, frontend_port=0, backend_port=0, **FAST).start()
 Worker(broker.backend_address, make_handler("w"), ops=OPS, **FAST).start()
@@ -91,7 +91,7 @@ def _cancellable_handler(header, tensors):
 
 def test_a_timed_out_request_is_cancelled_on_its_worker(make_service):
     svc = make_service()
-    from gkd.transport.worker import Worker
+    from gkd.services.transport.worker import Worker
 
     worker = Worker(svc.broker.backend_address, _cancellable_handler, ops=OPS, **FAST).start()
     svc.workers["cancellable"] = worker

@@ -15,10 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gkd.transport.broker import Broker
-from gkd.transport.client import Client
-from gkd.transport.process import serve_broker
-from gkd.transport.worker import Worker
+from gkd.services.transport.broker import Broker
+from gkd.services.transport.client import Client
+from gkd.services.transport.process import serve_broker
+from gkd.services.transport.worker import Worker
 from tests.transport.helpers import FAST, OPS, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
