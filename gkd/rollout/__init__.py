@@ -5,6 +5,8 @@
 - ``wire``: the ``generate`` op's request/reply layout.
 - ``client.RolloutClient``: ``submit(prompts, sampling) -> Future[list[Sample]]``.
 - ``service``: ``serve``/``join`` and the weight receiver (behind ``gkd rollout ...``).
+
+May import: ``gkd.config``, ``gkd.weights`` (the receiver), ``gkd.data`` (tokenizers), ``gkd.services``.
 """
 
 from gkd.rollout.types import Sample, SamplingConfig

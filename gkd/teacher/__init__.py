@@ -5,6 +5,9 @@
 - ``wire``: the ``score`` op's request/reply layout and the worker handler around an engine.
 - ``client.TeacherClient``: ``submit(sequences, top_k, temperature) -> Future[list[TeacherOutput]]``.
 - ``service``: ``EngineSpec``, ``serve``/``join``/``ping`` (behind ``gkd teacher ...``).
+
+May import: ``gkd.config``, ``gkd.data``, ``gkd.services``, and ``gkd.rollout``'s decoding (the hf
+engine's answers reuse it).
 """
 
 from gkd.teacher.types import TeacherOutput, check_sequences

@@ -4,7 +4,7 @@ Owns: flat byte buffers and bucket plans (``flat``), the compiled extension's br
 fallbacks (``native``), the channel's process group, protocol constants and per-bucket trailer
 (``wire``), its membership token and signed store values (``membership``), the generations of members
 that re-form when a worker dies or joins (``channel``), and the sender and receiver (``transfer``).
-May import: ``gkd.config`` only (and ``gkd._C``, the compiled extension).
+May import: nothing of gkd but ``gkd._C`` (the compiled extension, through ``native``).
 
     from gkd.weights import init_weight_group, WeightSender, WeightReceiver
 
