@@ -60,7 +60,6 @@ class DemoSettings:
     seed: int = 0
     overwrite: bool = False
     threads: int = 1  # torch threads per child process (teacher, rollout, trainer)
-    trainer_threads: int | None = None  # the trainer's own (None: threads); its update is the slowest phase
     # GKD's mixture (loss.lmbda ...): the share of batches the student answers, the rest the teacher's
     lmbda: float = 1.0
     lmbda_schedule: str = "constant"  # constant | linear (from lmbda_start to lmbda over lmbda_steps)
@@ -104,8 +103,6 @@ class DemoSettings:
             number(value, flag, minimum=1)
         if self.eval_max_new_tokens is not None:
             number(self.eval_max_new_tokens, "--eval-max-new-tokens", minimum=1)
-        if self.trainer_threads is not None:
-            number(self.trainer_threads, "--trainer-threads", minimum=1)
         number(self.lr, "--lr", minimum=0, strict=True)
         number(self.return_topk, "--return-topk", minimum=1)
         for flag, value in (("--lmbda", self.lmbda), ("--lmbda-start", self.lmbda_start)):
@@ -233,7 +230,7 @@ trainer:
   scheduler: {st.scheduler}
   n_gpus_per_node: 0
   nproc_per_node: 1
-  threads: {st.trainer_threads or st.threads}
+  threads: {st.threads}
   total_steps: {st.steps}
   save_freq: {st.steps}
   keep_last: 2
@@ -544,12 +541,6 @@ def add_demo_cli(sub: argparse._SubParsersAction) -> None:
         dest="eval_max_new_tokens",
         type=int,
         help="held-out greedy answers (default: --max-new-tokens), kept apart so runs compare",
-    )
-    p.add_argument(
-        "--trainer-threads",
-        dest="trainer_threads",
-        type=int,
-        help="the trainer's torch threads (default: 1, as the services'); the update is the slowest phase",
     )
     p.add_argument("--heldout", type=int, help=f"held-out prompts evaluated (default {d.heldout})")
     p.add_argument("--cache-dir", dest="cache_dir", help="where the teacher/students are kept (~/.cache/gkd)")
