@@ -93,10 +93,13 @@ def test_serve_ping_score_and_clean_shutdown(tiny_model_dir, tmp_path, capsys):
             got = client.score(seqs, top_k=6, temperature=0.9)
         assert_outputs_equal(got, HFTeacherEngine.from_pretrained(tiny_model_dir).score(seqs, 6, 0.9))
 
-        # kill -USR1 of the service and of a worker: each writes its threads' stacks and runs on
-        serve.send_signal(signal.SIGUSR1)
-        os.kill(pids[0], signal.SIGUSR1)
+        # kill -USR1 of the service and of a worker: each writes its threads' stacks and runs on. One at a
+        # time, a request through the service between them: both write to this one stderr, and two dumps
+        # written at once interleave byte by byte
         with TeacherClient(address, timeout_s=30, auth=auth) as client:
+            serve.send_signal(signal.SIGUSR1)
+            assert_outputs_equal(client.score(seqs, top_k=6, temperature=0.9), got)
+            os.kill(pids[0], signal.SIGUSR1)
             assert_outputs_equal(client.score(seqs, top_k=6, temperature=0.9), got)
 
         serve.send_signal(signal.SIGTERM)

@@ -1,9 +1,8 @@
 """LoRA students (``model.lora``, ``gkd.trainer.lora``) on the tiny Llama: only the adapter trains and sits
 in the optimizer, the base stays bitwise unchanged, the rollout engine receives peft's merge through the
-weight
-channel (bit for bit in fp32, the bf16 cast of it in bf16) under the base model's names, checkpoints hold the
-adapter + optimizer and resume exactly, the export writes a merged Hugging Face folder and peft's adapter
-folder; FSDP2 and DDP agree on 2 gloo ranks (merged rows per shard, adapter-only checkpoints); and one
+weight channel (bit for bit in fp32, the bf16 cast of it in bf16) under the base model's names, checkpoints
+hold the adapter + optimizer and resume exactly, the export writes a merged Hugging Face folder and peft's
+adapter folder; FSDP2 and DDP agree on 2 gloo ranks (merged rows per shard, adapter-only checkpoints); and one
 ``gkd train`` run with configs/cpu_tiny_lora.yaml (FSDP2, real services) lowers the KL."""
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ dataset's metadata), as preflight does before anything starts.
 
 What a path is: an existing folder with ``state.json`` or ``dataset_dict.json`` is a saved dataset; an
 ``owner/name`` that is no existing path (:func:`gkd.data.hub.is_hub_id`) a hub dataset; anything else a file
-or
-glob (by extension: ``.jsonl``/``.json`` are JSON lines or a JSON array of objects, anything else parquet).
+or glob (by extension: ``.jsonl``/``.json`` are JSON lines or a JSON array of objects, anything else parquet).
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@
   its own rows with the all-gathered ``A`` (``r x in``, small); the sender then gathers the merged rows
   (the whole merge up to rounding: each rank's rows are their own GEMM).
 - Checkpoints and export (``gkd.trainer.checkpoint``): the adapter (+ optimizer) only; the final export
-writes a
-  merged Hugging Face folder and the peft adapter folder.
+  writes a merged Hugging Face folder and the peft adapter folder.
 
 peft is imported lazily (``pip install 'gkd[lora]'``); without it a LoRA config is one error line.
 """

@@ -26,10 +26,9 @@ larger student fits: parameters, gradients and AdamW state are split over the ra
 ``trainer.fsdp.shard_size`` ranks, replicated across the groups: HSDP, ``gkd.trainer.setup.fsdp_mesh``).
 
 ``model.lora.enabled``: the student is a peft model (``gkd.trainer.lora``) whose base is frozen; the same
-units are
-sharded (FSDP2 shards per parameter, so a unit may mix frozen and trainable tensors: only the trainable ones
-get gradients and reduce-scatters, and they share one dtype), the rollout engines receive merged weights
-under the base names, checkpoints hold the adapter, the export both folders.
+units are sharded (FSDP2 shards per parameter, so a unit may mix frozen and trainable tensors: only the
+trainable ones get gradients and reduce-scatters, and they share one dtype), the rollout engines receive
+merged weights under the base names, checkpoints hold the adapter, the export both folders.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Cooperative cancellation of the request a handler thread runs, without the transport's sockets.
 
 The worker (``gkd.services.transport.worker``) sets the running job's event on this module's thread-local;
-engine
-code calls :func:`check_cancelled` once per generated token. This module imports neither zmq nor msgpack,
-so the engines (``gkd.rollout.hf_engine``, ``gkd.teacher.hf_generate``) import on a machine without them.
+engine code calls :func:`check_cancelled` once per generated token. This module imports neither zmq nor
+msgpack, so the engines (``gkd.rollout.hf_engine``, ``gkd.teacher.hf_generate``) import on a machine without
+them.
 """
 
 from __future__ import annotations
